@@ -1,0 +1,151 @@
+//! Egress allow-list: rule keys and values, counters and denied-call events.
+
+/// Protocol indices used in counters and events.
+pub const PROTO_TCP: u8 = 0;
+pub const PROTO_UDP: u8 = 1;
+/// Any other inet protocol that reaches the hooks (e.g. ICMP ping sockets).
+pub const PROTO_OTHER: u8 = 2;
+pub const NUM_PROTOS: usize = 3;
+
+/// Protocol bits in [`PortRange::protos`].
+pub const PROTO_BIT_TCP: u8 = 1 << PROTO_TCP;
+pub const PROTO_BIT_UDP: u8 = 1 << PROTO_UDP;
+pub const PROTO_BIT_OTHER: u8 = 1 << PROTO_OTHER;
+/// `any` in a rule: TCP, UDP and every other protocol.
+pub const PROTO_BITS_ANY: u8 = PROTO_BIT_TCP | PROTO_BIT_UDP | PROTO_BIT_OTHER;
+
+/// Verdict indices used in counters.
+pub const VERDICT_ALLOWED: u8 = 0;
+pub const VERDICT_DENIED: u8 = 1;
+/// Refused by an in-kernel rate cap.
+pub const VERDICT_CAPPED: u8 = 2;
+pub const NUM_VERDICTS: usize = 3;
+
+/// Which hook saw the call.
+pub const HOOK_CONNECT: u8 = 0;
+pub const HOOK_SENDMSG: u8 = 1;
+
+/// Most port ranges one destination prefix can carry. The userspace compiler folds the ranges of
+/// every shorter prefix that covers a prefix into it (so one longest-prefix lookup answers), and
+/// rejects a policy that needs more than this for one prefix.
+pub const MAX_PORT_RANGES: usize = 16;
+
+/// Key of the IPv4 rule trie: an agent's rule generation ([`crate::rule_scope`]) followed by the
+/// address in network byte order. The LPM prefix length is 32 (scope) + the CIDR length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleKeyV4 {
+    pub scope: u32,
+    pub addr: [u8; 4],
+}
+
+/// Key of the IPv6 rule trie; see [`RuleKeyV4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleKeyV6 {
+    pub scope: u32,
+    pub addr: [u8; 16],
+}
+
+/// Bits of the LPM prefix taken by [`RuleKeyV4::scope`].
+pub const SCOPE_BITS: u32 = 32;
+
+/// Inclusive port range with the protocols it admits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+    /// `PROTO_BIT_*` set.
+    pub protos: u8,
+    pub _pad: [u8; 3],
+    /// Index of the config rule this range came from (for per-rule counters).
+    pub rule: u32,
+}
+
+/// Value of a rule trie entry: everything allowed towards the destinations under its prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleValue {
+    /// Valid entries in `ranges`, `<= MAX_PORT_RANGES`.
+    pub count: u32,
+    pub _pad: u32,
+    pub ranges: [PortRange; MAX_PORT_RANGES],
+}
+
+impl RuleValue {
+    /// Does this value admit `port` for protocol index `proto`?
+    #[inline(always)]
+    pub fn admits(&self, proto: u8, port: u16) -> bool {
+        let bit = 1u8 << (proto & 7);
+        let mut i = 0;
+        while i < MAX_PORT_RANGES {
+            if i as u32 >= self.count {
+                break;
+            }
+            let r = &self.ranges[i];
+            if r.protos & bit != 0 && r.lo <= port && port <= r.hi {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+/// Per-agent counters, one copy per CPU; userspace sums them. Fields only grow at the end, in
+/// place of `_reserved`, so pinned maps of an older daemon stay readable.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentCounters {
+    /// Egress attempts, indexed by [`egress_slot`] (protocol x verdict).
+    pub egress: [u64; NUM_PROTOS * NUM_VERDICTS],
+    /// Calls seen by the connect hooks (any verdict).
+    pub connects: u64,
+    /// Calls seen by the sendmsg hooks (any verdict).
+    pub sends: u64,
+    pub _reserved: [u64; 9],
+}
+
+/// Index into [`AgentCounters::egress`].
+#[inline(always)]
+pub const fn egress_slot(proto: u8, verdict: u8) -> usize {
+    (proto as usize % NUM_PROTOS) * NUM_VERDICTS + (verdict as usize % NUM_VERDICTS)
+}
+
+/// A denied (or capped) egress attempt, as written to the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressEvent {
+    /// `EVENT_EGRESS_DENIED` or `EVENT_EGRESS_CAPPED`.
+    pub kind: u32,
+    /// Agent id, or [`crate::UNKNOWN_AGENT`].
+    pub agent: u32,
+    /// Thread id (kernel pid) of the caller.
+    pub pid: u32,
+    /// Process id (kernel tgid) of the caller.
+    pub tgid: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at the call.
+    pub ts_ns: u64,
+    pub comm: [u8; 16],
+    /// Destination address; an IPv4 address (also one mapped in IPv6) fills the first 4 bytes.
+    pub addr: [u8; 16],
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// 4 or 6: how the destination was judged (a v4-mapped v6 address is judged as 4).
+    pub family: u8,
+    /// `PROTO_*` index.
+    pub proto: u8,
+    /// `HOOK_*`.
+    pub hook: u8,
+    pub _pad: [u8; 3],
+}
+
+const _: () = assert!(core::mem::size_of::<RuleKeyV4>() == 8);
+const _: () = assert!(core::mem::size_of::<RuleKeyV6>() == 20);
+const _: () = assert!(core::mem::size_of::<PortRange>() == 12);
+const _: () = assert!(core::mem::size_of::<RuleValue>() == 8 + 12 * MAX_PORT_RANGES);
+const _: () = assert!(core::mem::size_of::<AgentCounters>() == 20 * 8);
+const _: () = assert!(core::mem::size_of::<EgressEvent>() == 64);
+const _: () = assert!(core::mem::offset_of!(EgressEvent, addr) == 40);
+const _: () = assert!(core::mem::offset_of!(EgressEvent, port) == 56);

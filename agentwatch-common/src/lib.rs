@@ -1,0 +1,65 @@
+//! Types that cross the kernel/userspace boundary.
+//!
+//! Every type here is `#[repr(C)]`, has no implicit padding (padding bytes in a hash or LPM key
+//! are uninitialised stack in the kernel and make lookups miss), and has its size asserted at
+//! compile time so that a change on one side cannot silently disagree with the other.
+#![no_std]
+
+pub mod egress;
+
+pub use egress::*;
+
+/// Largest number of agents one daemon guards. Agent ids index per-CPU arrays, so this bounds
+/// their size (and the kernel's memory: counters are per CPU).
+pub const MAX_AGENTS: u32 = 1024;
+
+/// How many cgroup levels the kernel programs walk up from the calling task to find its agent.
+/// Agents' cgroups may sit anywhere; processes below an agent's cgroup belong to that agent.
+pub const MAX_CGROUP_DEPTH: i32 = 32;
+
+/// Agent id of a call whose task could not be matched to any agent (a socket created inside an
+/// agent and used from outside it). Such calls are denied (fail closed) and counted in slot 0;
+/// real agents get ids from 1.
+pub const UNKNOWN_AGENT: u32 = 0;
+
+/// Per-agent state the kernel reads on every call, keyed by the agent cgroup's id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentState {
+    /// Index into the per-agent counter arrays, `1..MAX_AGENTS`.
+    pub id: u32,
+    /// Which of the two rule generations is live. A reload writes the other generation and
+    /// then flips this field in one map update, so no call ever sees a half-written policy.
+    pub generation: u32,
+    /// `AGENT_FLAG_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// All egress of the agent is denied whatever its rules say (kill switch, tripped breaker).
+pub const AGENT_FLAG_DENY_ALL: u32 = 1 << 0;
+
+/// The scope part of a rule key: one agent's one rule generation.
+#[inline(always)]
+pub const fn rule_scope(agent_id: u32, generation: u32) -> u32 {
+    (agent_id << 1) | (generation & 1)
+}
+
+/// Kinds of record in the event ring buffer; every record starts with this `u32`.
+pub const EVENT_EGRESS_DENIED: u32 = 1;
+pub const EVENT_EGRESS_CAPPED: u32 = 2;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], Copy, contain only integers and have no padding
+    // (asserted below), so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::AgentState {}
+    unsafe impl aya::Pod for super::AgentCounters {}
+    unsafe impl aya::Pod for super::RuleKeyV4 {}
+    unsafe impl aya::Pod for super::RuleKeyV6 {}
+    unsafe impl aya::Pod for super::RuleValue {}
+    unsafe impl aya::Pod for super::PortRange {}
+    unsafe impl aya::Pod for super::EgressEvent {}
+}
+
+const _: () = assert!(core::mem::size_of::<AgentState>() == 16);

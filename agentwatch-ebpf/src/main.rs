@@ -1,0 +1,19 @@
+//! agentwatch's kernel programs. One module per concern, named like its userspace half
+//! (`agentwatch/src/egress.rs` loads and feeds `egress.rs` here).
+#![no_std]
+#![no_main]
+
+mod agent;
+mod egress;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach this; it only exists to link.
+    loop {}
+}
+
+/// bpf_ringbuf_* and the cgroup helpers need a GPL-compatible licence.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,271 @@
+//! cgroup v2: finding the mount, creating, adopting, moving processes, freezing and killing.
+
+use std::{
+    fs,
+    io::{self, ErrorKind},
+    os::unix::fs::MetadataExt as _,
+    path::{Component, Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+/// Errors of cgroup operations, each naming the path involved.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no cgroup2 file system is mounted (looked in /proc/self/mountinfo)")]
+    NoCgroup2,
+    #[error("reading /proc/self/mountinfo: {0}")]
+    MountInfo(#[source] io::Error),
+    #[error("cgroup path `{0}` must be relative to the cgroup2 mount, without `..`")]
+    BadPath(String),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cgroup {path} still has processes after {waited:?}")]
+    NotEmpty { path: PathBuf, waited: Duration },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CgroupError + 'a {
+    move |source| CgroupError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The cgroup2 mount point, from /proc/self/mountinfo. On hybrid hosts it is not
+/// /sys/fs/cgroup (it is /sys/fs/cgroup/unified on the project's machines).
+pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
+    let info = fs::read_to_string("/proc/self/mountinfo").map_err(CgroupError::MountInfo)?;
+    parse_cgroup2_mount(&info).ok_or(CgroupError::NoCgroup2)
+}
+
+fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // "36 35 0:30 / /sys/fs/cgroup rw,... shared:1 - cgroup2 cgroup2 rw": the fields after
+        // " - " are fs type, source, options; field 5 (index 4) is the mount point.
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        left.split_whitespace()
+            .nth(4)
+            .map(|p| PathBuf::from(unescape(p)))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as \ooo.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len() + 1
+            && b.get(i + 1..i + 4)
+                .is_some_and(|o| o.iter().all(|c| (b'0'..=b'7').contains(c)))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Checks that `rel` is a relative path inside the cgroup tree (no `..`, not absolute).
+pub fn check_relative(rel: &str) -> Result<(), CgroupError> {
+    let p = Path::new(rel);
+    let ok = !rel.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)));
+    if ok {
+        Ok(())
+    } else {
+        Err(CgroupError::BadPath(rel.to_owned()))
+    }
+}
+
+/// A cgroup directory. Dropping it does nothing: removal is explicit ([`Cgroup::remove`]), since
+/// a daemon must not tear down an agent's cgroup by accident.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cgroup {
+    path: PathBuf,
+}
+
+impl Cgroup {
+    /// The cgroup at `path` (absolute), which must exist.
+    pub fn open(path: impl Into<PathBuf>) -> Result<Self, CgroupError> {
+        let path = path.into();
+        let procs = path.join("cgroup.procs");
+        fs::metadata(&procs).map_err(io_err("opening cgroup", &path))?;
+        Ok(Self { path })
+    }
+
+    /// Creates `path` (and missing parents); returns the cgroup and whether it was created now.
+    pub fn create(path: impl Into<PathBuf>) -> Result<(Self, bool), CgroupError> {
+        let path = path.into();
+        match fs::create_dir(&path) {
+            Ok(()) => Ok((Self { path }, true)),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok((Self::open(path)?, false)),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                if let Some(parent) = path.parent() {
+                    fs::create_dir_all(parent).map_err(io_err("creating cgroup", parent))?;
+                }
+                fs::create_dir(&path).map_err(io_err("creating cgroup", &path))?;
+                Ok((Self { path }, true))
+            }
+            Err(e) => Err(io_err("creating cgroup", &path)(e)),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The cgroup id the kernel reports (`bpf_get_current_cgroup_id`): the directory's inode.
+    pub fn id(&self) -> Result<u64, CgroupError> {
+        fs::metadata(&self.path)
+            .map(|m| m.ino())
+            .map_err(io_err("reading cgroup id of", &self.path))
+    }
+
+    /// An open directory handle, for attaching programs.
+    pub fn dir(&self) -> Result<fs::File, CgroupError> {
+        fs::File::open(&self.path).map_err(io_err("opening cgroup", &self.path))
+    }
+
+    /// Moves process `pid` (0: the caller) into this cgroup.
+    pub fn add_pid(&self, pid: u32) -> Result<(), CgroupError> {
+        let procs = self.path.join("cgroup.procs");
+        fs::write(&procs, pid.to_string()).map_err(io_err("moving a process into", &procs))
+    }
+
+    /// Processes directly in this cgroup.
+    pub fn pids(&self) -> Result<Vec<u32>, CgroupError> {
+        let procs = self.path.join("cgroup.procs");
+        let text = fs::read_to_string(&procs).map_err(io_err("reading", &procs))?;
+        Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+    }
+
+    /// Does this cgroup or any cgroup below it hold a process? (`populated` in cgroup.events.)
+    pub fn populated(&self) -> Result<bool, CgroupError> {
+        Ok(self.event("populated")? == Some(1))
+    }
+
+    /// Is the cgroup frozen (`frozen` in cgroup.events)?
+    pub fn frozen(&self) -> Result<bool, CgroupError> {
+        Ok(self.event("frozen")? == Some(1))
+    }
+
+    fn event(&self, key: &str) -> Result<Option<u64>, CgroupError> {
+        let events = self.path.join("cgroup.events");
+        let text = fs::read_to_string(&events).map_err(io_err("reading", &events))?;
+        Ok(text.lines().find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == key).then(|| v.trim().parse().ok()).flatten()
+        }))
+    }
+
+    /// Freezes (true) or thaws (false) every process in the subtree.
+    pub fn set_frozen(&self, frozen: bool) -> Result<(), CgroupError> {
+        let f = self.path.join("cgroup.freeze");
+        fs::write(&f, if frozen { "1" } else { "0" }).map_err(io_err("writing", &f))
+    }
+
+    /// SIGKILLs every process in the subtree at once (cgroup.kill, Linux 5.14+).
+    pub fn kill(&self) -> Result<(), CgroupError> {
+        let f = self.path.join("cgroup.kill");
+        fs::write(&f, "1").map_err(io_err("writing", &f))
+    }
+
+    /// Waits until no process is left in the subtree.
+    pub fn wait_empty(&self, timeout: Duration) -> Result<(), CgroupError> {
+        let start = Instant::now();
+        while self.populated()? {
+            if start.elapsed() > timeout {
+                return Err(CgroupError::NotEmpty {
+                    path: self.path.clone(),
+                    waited: timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// Removes the cgroup and every cgroup below it; they must hold no processes.
+    pub fn remove(&self) -> Result<(), CgroupError> {
+        remove_tree(&self.path)
+    }
+}
+
+fn remove_tree(path: &Path) -> Result<(), CgroupError> {
+    let entries = match fs::read_dir(path) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("listing", path)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_err("listing", path))?;
+        if entry.file_type().map_err(io_err("listing", path))?.is_dir() {
+            remove_tree(&entry.path())?;
+        }
+    }
+    // A cgroup whose last process just exited can report EBUSY for a moment.
+    let start = Instant::now();
+    loop {
+        match fs::remove_dir(path) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e)
+                if e.raw_os_error() == Some(libc::EBUSY)
+                    && start.elapsed() < Duration::from_secs(2) =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(io_err("removing cgroup", path)(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_hybrid_mountinfo() {
+        let info = "\
+25 30 0:23 / /sys rw,nosuid - sysfs sysfs rw
+32 25 0:27 / /sys/fs/cgroup ro shared:9 - tmpfs tmpfs ro,mode=755
+41 32 0:38 / /sys/fs/cgroup/unified rw,relatime shared:10 - cgroup2 cgroup2 rw
+42 32 0:39 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu
+";
+        assert_eq!(
+            parse_cgroup2_mount(info),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            parse_cgroup2_mount("25 30 0:23 / /sys rw - sysfs sysfs rw\n"),
+            None
+        );
+        let escaped = "41 32 0:38 / /mnt/my\\040cg rw - cgroup2 none rw\n";
+        assert_eq!(
+            parse_cgroup2_mount(escaped),
+            Some(PathBuf::from("/mnt/my cg"))
+        );
+    }
+
+    #[test]
+    fn relative_paths_only() {
+        assert!(check_relative("agentwatch/mailer").is_ok());
+        assert!(check_relative("system.slice/mailer.service").is_ok());
+        for bad in ["", "/abs", "a/../b", "..", "./a"] {
+            assert!(check_relative(bad).is_err(), "{bad}");
+        }
+    }
+}

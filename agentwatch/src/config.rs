@@ -1,0 +1,580 @@
+//! The TOML config: schema, defaults, and validation that reports every error with its place.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::SocketAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::{cgroup, egress::rules::Rule};
+
+/// Where the daemon looks when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/agentwatch/agentwatch.toml";
+
+/// The config used when there is no file: it runs, guards nothing, and serves metrics.
+pub const EMBEDDED_DEFAULT: &str = "# agentwatch embedded default: no agents.\n[daemon]\n";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    daemon: DaemonConfig,
+    #[serde(default)]
+    agents: Vec<RawAgent>,
+}
+
+/// `[daemon]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Agents live at `<cgroup2 mount>/<cgroup_parent>/<name>` unless they adopt a cgroup.
+    pub cgroup_parent: String,
+    /// Pinned programs, links and maps, so enforcement outlives the daemon.
+    pub pin_dir: PathBuf,
+    /// The control socket of the CLI.
+    pub control_socket: PathBuf,
+    /// Where Prometheus scrapes /metrics.
+    pub metrics_listen: SocketAddr,
+    /// JSON lines audit trail; `-` is stdout.
+    pub audit_log: PathBuf,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            // One subtree for everything agentwatch creates: easy to find, easy to clean.
+            cgroup_parent: "agentwatch".to_owned(),
+            // bpffs is the only place pins can live; one folder per daemon.
+            pin_dir: PathBuf::from("/sys/fs/bpf/agentwatch"),
+            // /run is root-owned tmpfs: the socket vanishes at reboot with the daemon.
+            control_socket: PathBuf::from("/run/agentwatch/control.sock"),
+            // Loopback only: metrics name agents, which is nobody else's business by default.
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9750)),
+            // Persistent and append-only; logrotate-friendly location.
+            audit_log: PathBuf::from("/var/log/agentwatch/audit.jsonl"),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    name: Spanned<String>,
+    #[serde(default)]
+    cgroup: Option<Spanned<String>>,
+    #[serde(default)]
+    egress: Vec<Spanned<String>>,
+    #[serde(default)]
+    exec_allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    limits: Option<Spanned<Limits>>,
+    #[serde(default)]
+    breaker: Option<Spanned<RawBreaker>>,
+    #[serde(default)]
+    monitor: Monitor,
+}
+
+/// `[agents.limits]`: hard caps per second, enforced in the kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub connects_per_second: Option<u32>,
+    pub sends_per_second: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    #[serde(default)]
+    warmup: Option<Spanned<String>>,
+    #[serde(default)]
+    window: Option<Spanned<String>>,
+    #[serde(default)]
+    trip_factor: Option<Spanned<f64>>,
+    #[serde(default)]
+    min_rate: Option<Spanned<f64>>,
+    #[serde(default)]
+    action: Option<Action>,
+    #[serde(default)]
+    require_approval: Option<bool>,
+}
+
+/// What a tripped breaker does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Alert,
+    Deny,
+    Freeze,
+    Kill,
+}
+
+/// `[agents.breaker]`, validated.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Breaker {
+    pub warmup: Duration,
+    pub window: Duration,
+    pub trip_factor: f64,
+    pub min_rate: f64,
+    pub action: Action,
+    pub require_approval: bool,
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Self {
+            // Long enough to see an agent's start-up, short enough to guard it soon.
+            warmup: Duration::from_secs(30),
+            window: Duration::from_secs(1),
+            // A 5x jump over the agent's own normal is well outside ordinary jitter.
+            trip_factor: 5.0,
+            // Below this absolute rate nothing is an emergency, whatever the ratio.
+            min_rate: 20.0,
+            // Pausing loses nothing and leaves a human to decide.
+            action: Action::Freeze,
+            require_approval: true,
+        }
+    }
+}
+
+/// `[agents.monitor]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Monitor {
+    /// Per-agent syscall counts; costs every syscall on the host a little.
+    #[serde(default)]
+    pub syscalls: bool,
+}
+
+/// One agent, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Agent {
+    pub name: String,
+    /// The cgroup relative to the cgroup2 mount.
+    pub cgroup: String,
+    /// True when the config names the cgroup (adopted, not created by agentwatch).
+    pub adopted: bool,
+    pub egress: Vec<Rule>,
+    pub exec_allow: Vec<PathBuf>,
+    pub limits: Limits,
+    pub breaker: Option<Breaker>,
+    pub monitor: Monitor,
+}
+
+/// A validated config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub daemon: DaemonConfig,
+    pub agents: Vec<Agent>,
+}
+
+/// One problem in a config file, with its 1-based line and column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors {
+    pub path: String,
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}:{}:{}: {}", self.path, e.line, e.col, e.message)?;
+        }
+        Ok(())
+    }
+}
+
+struct Collector<'a> {
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Collector<'_> {
+    fn at(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let (line, col) = line_col(self.text, span.start);
+        self.errors.push(ConfigError {
+            line,
+            col,
+            message: message.into(),
+        });
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
+    (line, col)
+}
+
+/// Is `name` a valid agent name: `[a-z0-9-]`, 1-63 characters, not starting with `-`?
+fn valid_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            path: shown.clone(),
+            errors: vec![ConfigError {
+                line: 1,
+                col: 1,
+                message: format!("cannot read the file: {e}"),
+            }],
+        })?;
+        Self::parse(&text, &shown)
+    }
+
+    /// Parses and validates `text`; `path` only names it in errors. The whole file is checked
+    /// and every error reported, not just the first.
+    pub fn parse(text: &str, path: &str) -> Result<Self, ConfigErrors> {
+        let mut c = Collector {
+            text,
+            errors: Vec::new(),
+        };
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                c.at(span, e.message().to_owned());
+                return Err(ConfigErrors {
+                    path: path.to_owned(),
+                    errors: c.errors,
+                });
+            }
+        };
+        let config = validate(raw, &mut c);
+        if c.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors {
+                path: path.to_owned(),
+                errors: c.errors,
+            })
+        }
+    }
+
+    /// The agent named `name`.
+    pub fn agent(&self, name: &str) -> Option<&Agent> {
+        self.agents.iter().find(|a| a.name == name)
+    }
+}
+
+fn validate(raw: RawConfig, c: &mut Collector<'_>) -> Config {
+    let daemon = raw.daemon;
+    // The daemon table carries no spans; a bad parent is reported at the top of the file.
+    if cgroup::check_relative(&daemon.cgroup_parent).is_err() {
+        c.at(
+            0..0,
+            format!(
+                "daemon.cgroup_parent `{}` must be a relative cgroup path without `..`",
+                daemon.cgroup_parent
+            ),
+        );
+    }
+    let mut seen_names: HashMap<String, Range<usize>> = HashMap::new();
+    let mut seen_cgroups: Vec<(String, Range<usize>)> = Vec::new();
+    let mut agents = Vec::new();
+    for a in raw.agents {
+        let name = a.name.get_ref().clone();
+        let name_span = a.name.span();
+        if !valid_name(&name) {
+            c.at(name_span.clone(), format!(
+                "agent name `{name}` must be 1-63 characters of a-z, 0-9 and `-`, not starting with `-`"
+            ));
+        }
+        let duplicate = seen_names.contains_key(&name);
+        if let Some(first) = seen_names.get(&name) {
+            let (l, _) = line_col(c.text, first.start);
+            c.at(
+                name_span.clone(),
+                format!("duplicate agent name `{name}` (first defined on line {l})"),
+            );
+        } else {
+            seen_names.insert(name.clone(), name_span.clone());
+        }
+        let (cgroup, adopted, cg_span) = match &a.cgroup {
+            Some(s) => (s.get_ref().clone(), true, s.span()),
+            None => (
+                format!("{}/{name}", daemon.cgroup_parent),
+                false,
+                name_span.clone(),
+            ),
+        };
+        if a.cgroup.is_some() && cgroup::check_relative(&cgroup).is_err() {
+            c.at(
+                cg_span.clone(),
+                format!("cgroup `{cgroup}` must be relative to the cgroup2 mount, without `..`"),
+            );
+        }
+        // A duplicate name without its own cgroup clashes by construction: said once above.
+        let derived_clash = duplicate && !adopted;
+        for (other, other_span) in &seen_cgroups {
+            if !derived_clash && nested(&cgroup, other) {
+                let (l, _) = line_col(c.text, other_span.start);
+                c.at(
+                    cg_span.clone(),
+                    format!(
+                        "cgroup `{cgroup}` overlaps cgroup `{other}` of the agent on line {l}: an \
+                     agent's processes must belong to exactly one agent"
+                    ),
+                );
+            }
+        }
+        seen_cgroups.push((cgroup.clone(), cg_span));
+        let mut egress = Vec::new();
+        for r in &a.egress {
+            match r.get_ref().parse::<Rule>() {
+                Ok(rule) => egress.push(rule),
+                Err(e) => c.at(r.span(), format!("egress rule `{}`: {e}", r.get_ref())),
+            }
+        }
+        if let Err(e) = crate::egress::compile(&egress) {
+            c.at(name_span.clone(), format!("agent `{name}`: {e}"));
+        }
+        let mut exec_allow = Vec::new();
+        for p in &a.exec_allow {
+            if p.get_ref().starts_with('/') {
+                exec_allow.push(PathBuf::from(p.get_ref()));
+            } else {
+                c.at(
+                    p.span(),
+                    format!(
+                        "exec_allow entry `{}` must be an absolute path",
+                        p.get_ref()
+                    ),
+                );
+            }
+        }
+        let limits = match &a.limits {
+            Some(l) => {
+                let v = *l.get_ref();
+                if v.connects_per_second == Some(0) || v.sends_per_second == Some(0) {
+                    c.at(
+                        l.span(),
+                        "limits of 0 per second would block the agent entirely; \
+                                    use an empty egress list to deny all egress",
+                    );
+                }
+                v
+            }
+            None => Limits::default(),
+        };
+        let breaker = a.breaker.as_ref().map(|b| breaker(b, c));
+        agents.push(Agent {
+            name,
+            cgroup,
+            adopted,
+            egress,
+            exec_allow,
+            limits,
+            breaker,
+            monitor: a.monitor,
+        });
+    }
+    Config { daemon, agents }
+}
+
+/// Is one cgroup path equal to, or below, the other?
+fn nested(a: &str, b: &str) -> bool {
+    let (a, b) = (a.trim_end_matches('/'), b.trim_end_matches('/'));
+    a == b || a.starts_with(&format!("{b}/")) || b.starts_with(&format!("{a}/"))
+}
+
+fn breaker(b: &Spanned<RawBreaker>, c: &mut Collector<'_>) -> Breaker {
+    let raw = b.get_ref();
+    let mut out = Breaker::default();
+    let mut duration = |d: &Option<Spanned<String>>, key: &str, slot: &mut Duration| {
+        if let Some(d) = d {
+            match humantime::parse_duration(d.get_ref()) {
+                Ok(v) if !v.is_zero() => *slot = v,
+                Ok(_) => c.at(d.span(), format!("breaker.{key} must be longer than 0")),
+                Err(e) => c.at(
+                    d.span(),
+                    format!(
+                        "breaker.{key} `{}`: {e} (e.g. \"30s\", \"2m\")",
+                        d.get_ref()
+                    ),
+                ),
+            }
+        }
+    };
+    duration(&raw.warmup, "warmup", &mut out.warmup);
+    duration(&raw.window, "window", &mut out.window);
+    if let Some(f) = &raw.trip_factor {
+        if f.get_ref().is_finite() && *f.get_ref() > 1.0 {
+            out.trip_factor = *f.get_ref();
+        } else {
+            c.at(f.span(), "breaker.trip_factor must be a number above 1.0");
+        }
+    }
+    if let Some(m) = &raw.min_rate {
+        if m.get_ref().is_finite() && *m.get_ref() >= 0.0 {
+            out.min_rate = *m.get_ref();
+        } else {
+            c.at(m.span(), "breaker.min_rate must be a number of at least 0");
+        }
+    }
+    if out.window > out.warmup {
+        c.at(
+            b.span(),
+            "breaker.window must not be longer than breaker.warmup",
+        );
+    }
+    if let Some(a) = raw.action {
+        out.action = a;
+    }
+    if let Some(r) = raw.require_approval {
+        out.require_approval = r;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid_and_empty() {
+        let c = Config::parse(EMBEDDED_DEFAULT, "default").unwrap();
+        assert!(c.agents.is_empty());
+        assert_eq!(c.daemon, DaemonConfig::default());
+        assert_eq!(c.daemon.metrics_listen.to_string(), "127.0.0.1:9750");
+    }
+
+    #[test]
+    fn parses_contract_example_without_hostnames() {
+        let text = r#"
+[daemon]
+cgroup_parent = "agentwatch"
+audit_log = "-"
+
+[[agents]]
+name = "mailer"
+cgroup = "system.slice/mailer.service"
+egress = ["tcp 10.1.2.3 443", "udp 127.0.0.53 53", "tcp 2001:db8::/32 *"]
+exec_allow = ["/usr/bin/python3"]
+
+[agents.limits]
+connects_per_second = 50
+
+[agents.breaker]
+warmup = "30s"
+window = "1s"
+trip_factor = 5.0
+min_rate = 20.0
+action = "kill"
+require_approval = false
+
+[agents.monitor]
+syscalls = true
+
+[[agents]]
+name = "coder"
+"#;
+        let c = Config::parse(text, "t.toml").unwrap();
+        assert_eq!(c.agents.len(), 2);
+        let m = &c.agents[0];
+        assert_eq!(m.cgroup, "system.slice/mailer.service");
+        assert!(m.adopted);
+        assert_eq!(m.egress.len(), 3);
+        assert_eq!(m.limits.connects_per_second, Some(50));
+        assert_eq!(m.breaker.unwrap().action, Action::Kill);
+        assert!(m.monitor.syscalls);
+        assert_eq!(c.agents[1].cgroup, "agentwatch/coder");
+        assert!(!c.agents[1].adopted);
+    }
+
+    #[test]
+    fn reports_every_error_with_line_and_column() {
+        let text = r#"[[agents]]
+name = "Bad_Name"
+egress = ["tcp 10.0.0.1 99999", "tcp 10.0.0.1 80"]
+
+[[agents]]
+name = "dup"
+
+[[agents]]
+name = "dup"
+cgroup = "agentwatch/dup/x"
+"#;
+        let e = Config::parse(text, "f.toml").unwrap_err();
+        let shown = e.to_string();
+        let lines: Vec<&str> = shown.lines().collect();
+        assert_eq!(lines.len(), 4, "{shown}");
+        assert!(
+            lines[0].starts_with("f.toml:2:8: agent name `Bad_Name`"),
+            "{shown}"
+        );
+        assert!(
+            lines[1].starts_with("f.toml:3:11: egress rule `tcp 10.0.0.1 99999`: bad port"),
+            "{shown}"
+        );
+        assert!(
+            lines[2]
+                .starts_with("f.toml:9:8: duplicate agent name `dup` (first defined on line 6)"),
+            "{shown}"
+        );
+        assert!(
+            lines[3].starts_with("f.toml:10:10: cgroup `agentwatch/dup/x` overlaps"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let e = Config::parse("[daemon]\npin_dri = \"/x\"\n", "f").unwrap_err();
+        assert_eq!(e.errors[0].line, 2);
+        assert!(
+            e.errors[0].message.contains("unknown field `pin_dri`"),
+            "{e}"
+        );
+        let e = Config::parse(
+            "[[agents]]\nname = \"a\"\n[agents.breaker]\nwarmup = \"soon\"\naction = \"explode\"\n",
+            "f",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown variant `explode`"), "{e}");
+        let e = Config::parse(
+            "[[agents]]\nname = \"a\"\n[agents.breaker]\nwarmup = \"soon\"\n",
+            "f",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with("f:4:10: breaker.warmup `soon`"),
+            "{e}"
+        );
+        let e = Config::parse("[[agents]]\nname = \"a\"\ncgroup = \"../etc\"\n", "f").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("f:3:10: cgroup `../etc` must be relative"),
+            "{e}"
+        );
+    }
+}

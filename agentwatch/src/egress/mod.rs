@@ -1,0 +1,155 @@
+//! Egress allow-list enforcement: the userspace half of `agentwatch-ebpf/src/egress.rs`.
+//!
+//! Attaches the four cgroup sock_addr programs to an agent's cgroup and writes its compiled
+//! rules into the kernel's LPM tries, one rule generation at a time.
+
+pub mod rules;
+
+use std::os::fd::AsFd as _;
+
+use ipnet::{Ipv4Net, Ipv6Net};
+
+use agentwatch_common::{RuleKeyV4, RuleKeyV6, RuleValue, SCOPE_BITS};
+use aya::{
+    Ebpf,
+    maps::{LpmTrie, MapData, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+};
+
+use crate::{
+    cgroup::Cgroup,
+    kernel::{KernelError, take_map},
+};
+pub use rules::{CompiledRules, Proto, Rule, RuleError, compile};
+
+/// The four egress programs, by their names in the object.
+pub const PROGRAMS: [&str; 4] = [
+    "egress_connect4",
+    "egress_connect6",
+    "egress_sendmsg4",
+    "egress_sendmsg6",
+];
+
+/// The rule tries.
+pub struct EgressMaps {
+    v4: LpmTrie<MapData, RuleKeyV4, RuleValue>,
+    v6: LpmTrie<MapData, RuleKeyV6, RuleValue>,
+}
+
+impl EgressMaps {
+    /// Takes the tries out of the object and loads (verifies) the programs.
+    pub(crate) fn load(ebpf: &mut Ebpf) -> Result<Self, KernelError> {
+        for name in PROGRAMS {
+            program(ebpf, name)?
+                .load()
+                .map_err(|source| KernelError::Program { name, source })?;
+        }
+        Ok(Self {
+            v4: take_map(ebpf, "RULES_V4")?,
+            v6: take_map(ebpf, "RULES_V6")?,
+        })
+    }
+
+    /// Writes `rules` under `scope` (an agent's rule generation). Entries are only added or
+    /// replaced, never removed, so a live scope never loses a rule it keeps.
+    pub(crate) fn write(&mut self, scope: u32, rules: &CompiledRules) -> Result<(), KernelError> {
+        for (net, value) in &rules.v4 {
+            let key = v4_key(scope, net);
+            self.v4
+                .insert(&key, value, 0)
+                .map_err(|source| KernelError::Map {
+                    name: "RULES_V4",
+                    source,
+                })?;
+        }
+        for (net, value) in &rules.v6 {
+            let key = v6_key(scope, net);
+            self.v6
+                .insert(&key, value, 0)
+                .map_err(|source| KernelError::Map {
+                    name: "RULES_V6",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Removes the entries of `rules` under `scope`. Missing entries are not an error (a
+    /// half-written generation is cleared the same way).
+    pub(crate) fn clear(&mut self, scope: u32, rules: &CompiledRules) -> Result<(), KernelError> {
+        for (net, _) in &rules.v4 {
+            let key = v4_key(scope, net);
+            ignore_missing(self.v4.remove(&key), "RULES_V4")?;
+        }
+        for (net, _) in &rules.v6 {
+            let key = v6_key(scope, net);
+            ignore_missing(self.v6.remove(&key), "RULES_V6")?;
+        }
+        Ok(())
+    }
+}
+
+/// LPM key of `net` under `scope`: the scope's 32 bits always match in full.
+fn v4_key(scope: u32, net: &Ipv4Net) -> Key<RuleKeyV4> {
+    let addr = net.network().octets();
+    Key::new(
+        SCOPE_BITS + u32::from(net.prefix_len()),
+        RuleKeyV4 { scope, addr },
+    )
+}
+
+fn v6_key(scope: u32, net: &Ipv6Net) -> Key<RuleKeyV6> {
+    let addr = net.network().octets();
+    Key::new(
+        SCOPE_BITS + u32::from(net.prefix_len()),
+        RuleKeyV6 { scope, addr },
+    )
+}
+
+fn ignore_missing(
+    r: Result<(), aya::maps::MapError>,
+    name: &'static str,
+) -> Result<(), KernelError> {
+    match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        Err(source) => Err(KernelError::Map { name, source }),
+    }
+}
+
+fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, KernelError> {
+    ebpf.program_mut(name)
+        .ok_or(KernelError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| KernelError::Program { name, source })
+}
+
+/// Attaches the egress programs to `cgroup` (single mode: nothing below it can override them)
+/// and returns the links; dropping them detaches.
+pub(crate) fn attach(ebpf: &mut Ebpf, cgroup: &Cgroup) -> Result<Vec<FdLink>, KernelError> {
+    let dir = cgroup.dir()?;
+    let mut links = Vec::with_capacity(PROGRAMS.len());
+    for name in PROGRAMS {
+        let attach_err = |source| KernelError::Attach {
+            name,
+            cgroup: cgroup.path().display().to_string(),
+            source,
+        };
+        let prog = program(ebpf, name)?;
+        let id = prog
+            .attach(dir.as_fd(), CgroupAttachMode::Single)
+            .map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        // Only kernels before 5.7 lack bpf_link; there the link is not fd-based.
+        let link = FdLink::try_from(link).map_err(|source| KernelError::Link { name, source })?;
+        links.push(link);
+    }
+    Ok(links)
+}

@@ -1,0 +1,440 @@
+//! Egress rules: parsing `PROTO DEST PORTS` strings and compiling them into trie entries.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
+
+use agentwatch_common::{
+    MAX_PORT_RANGES, PROTO_BIT_TCP, PROTO_BIT_UDP, PROTO_BITS_ANY, PortRange, RuleValue,
+};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+/// Protocols a rule can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    /// TCP, UDP and any other inet protocol.
+    Any,
+}
+
+impl Proto {
+    fn bits(self) -> u8 {
+        match self {
+            Self::Tcp => PROTO_BIT_TCP,
+            Self::Udp => PROTO_BIT_UDP,
+            Self::Any => PROTO_BITS_ANY,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Any => "any",
+        })
+    }
+}
+
+/// Inclusive port range; `*` is `0-65535`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Ports {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl fmt::Display for Ports {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.lo, self.hi) {
+            (0, u16::MAX) => f.write_str("*"),
+            (lo, hi) if lo == hi => write!(f, "{lo}"),
+            (lo, hi) => write!(f, "{lo}-{hi}"),
+        }
+    }
+}
+
+/// One egress rule, as written in the config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Rule {
+    pub proto: Proto,
+    /// Destination network. IPv4-mapped IPv6 networks (`::ffff:a.b.c.d/96+`) are stored as the
+    /// IPv4 network they name: the kernel judges such destinations by the IPv4 rules.
+    pub dest: IpNet,
+    pub ports: Ports,
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} {}", self.proto, self.dest, self.ports)
+    }
+}
+
+/// Why a rule string was refused. The message is meant for the person who wrote the rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    #[error("expected `PROTO DEST PORTS` (e.g. `tcp 10.0.0.0/8 443`), got {0} field(s)")]
+    FieldCount(usize),
+    #[error("unknown protocol `{0}`: expected tcp, udp or any")]
+    Proto(String),
+    #[error(
+        "destination `{0}` is a hostname: hostname rules need the DNS-aware enforcement that \
+         agentwatch does not have yet; list the addresses or CIDRs instead"
+    )]
+    Hostname(String),
+    #[error("bad destination `{0}`: expected an IPv4/IPv6 address or CIDR")]
+    Dest(String),
+    #[error("destination `{given}` has host bits set; did you mean `{network}`?")]
+    HostBits { given: String, network: String },
+    #[error("bad port `{0}`: expected a port 1-65535, a range LO-HI, or *")]
+    Port(String),
+    #[error("bad port range `{0}`: the low port is above the high port")]
+    PortOrder(String),
+}
+
+impl FromStr for Rule {
+    type Err = RuleError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let fields: Vec<&str> = s.split_whitespace().collect();
+        let [proto, dest, ports] = fields[..] else {
+            return Err(RuleError::FieldCount(fields.len()));
+        };
+        let proto = match proto {
+            "tcp" => Proto::Tcp,
+            "udp" => Proto::Udp,
+            "any" => Proto::Any,
+            other => return Err(RuleError::Proto(other.to_owned())),
+        };
+        Ok(Self {
+            proto,
+            dest: parse_dest(dest)?,
+            ports: parse_ports(ports)?,
+        })
+    }
+}
+
+fn parse_dest(s: &str) -> Result<IpNet, RuleError> {
+    let net = if s.contains('/') {
+        let net = IpNet::from_str(s).map_err(|_| dest_error(s))?;
+        if net.trunc() != net {
+            return Err(RuleError::HostBits {
+                given: s.to_owned(),
+                network: net.trunc().to_string(),
+            });
+        }
+        net
+    } else {
+        IpNet::from(IpAddr::from_str(s).map_err(|_| dest_error(s))?)
+    };
+    Ok(unmap(net))
+}
+
+fn dest_error(s: &str) -> RuleError {
+    let looks_like_host = s.starts_with("*.")
+        || (s.contains('.')
+            && s.chars().any(|c| c.is_ascii_alphabetic())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '*'));
+    if looks_like_host {
+        RuleError::Hostname(s.to_owned())
+    } else {
+        RuleError::Dest(s.to_owned())
+    }
+}
+
+/// `::ffff:a.b.c.d/N` with N >= 96 names IPv4 hosts; store it as the IPv4 network.
+fn unmap(net: IpNet) -> IpNet {
+    if let IpNet::V6(v6) = net
+        && v6.prefix_len() >= 96
+        && let Some(v4) = v6.network().to_ipv4_mapped()
+        && let Ok(v4net) = Ipv4Net::new(v4, v6.prefix_len() - 96)
+    {
+        return IpNet::V4(v4net);
+    }
+    net
+}
+
+fn parse_ports(s: &str) -> Result<Ports, RuleError> {
+    if s == "*" {
+        return Ok(Ports {
+            lo: 0,
+            hi: u16::MAX,
+        });
+    }
+    let port = |p: &str| match p.parse::<u16>() {
+        Ok(0) | Err(_) => Err(RuleError::Port(s.to_owned())),
+        Ok(n) => Ok(n),
+    };
+    let (lo, hi) = match s.split_once('-') {
+        Some((lo, hi)) => (port(lo)?, port(hi)?),
+        None => {
+            let p = port(s)?;
+            (p, p)
+        }
+    };
+    if lo > hi {
+        return Err(RuleError::PortOrder(s.to_owned()));
+    }
+    Ok(Ports { lo, hi })
+}
+
+/// Rules compiled for the kernel's longest-prefix-match tries: for every destination prefix,
+/// the port ranges of that prefix *and of every shorter prefix covering it*, so that the single
+/// longest match the kernel finds carries the whole answer.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CompiledRules {
+    pub v4: Vec<(Ipv4Net, RuleValue)>,
+    pub v6: Vec<(Ipv6Net, RuleValue)>,
+}
+
+/// A rule set that cannot be compiled (one prefix would need too many port ranges).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "destination {prefix} is covered by {count} distinct port ranges/protocols (the kernel's \
+     limit per destination prefix is {MAX_PORT_RANGES}); merge ports into ranges"
+)]
+pub struct CompileError {
+    pub prefix: IpNet,
+    pub count: usize,
+}
+
+/// Compiles `rules` (the index of each is its rule id).
+pub fn compile(rules: &[Rule]) -> Result<CompiledRules, CompileError> {
+    let mut by_prefix: HashMap<IpNet, Vec<PortRange>> = HashMap::new();
+    for (index, rule) in rules.iter().enumerate() {
+        by_prefix.entry(rule.dest).or_default().push(PortRange {
+            lo: rule.ports.lo,
+            hi: rule.ports.hi,
+            protos: rule.proto.bits(),
+            _pad: [0; 3],
+            rule: u32::try_from(index).unwrap_or(u32::MAX),
+        });
+    }
+    // BTreeMap: deterministic output order, which keeps kernel writes and tests reproducible.
+    let mut out: BTreeMap<IpNet, RuleValue> = BTreeMap::new();
+    for prefix in by_prefix.keys() {
+        let mut ranges = Vec::new();
+        for len in 0..=prefix.prefix_len() {
+            let covering = match prefix {
+                IpNet::V4(n) => Ipv4Net::new(n.network(), len).map(|n| IpNet::V4(n.trunc())),
+                IpNet::V6(n) => Ipv6Net::new(n.network(), len).map(|n| IpNet::V6(n.trunc())),
+            };
+            if let Ok(covering) = covering
+                && let Some(r) = by_prefix.get(&covering)
+            {
+                ranges.extend_from_slice(r);
+            }
+        }
+        let ranges = merge(ranges);
+        if ranges.len() > MAX_PORT_RANGES {
+            return Err(CompileError {
+                prefix: *prefix,
+                count: ranges.len(),
+            });
+        }
+        let mut value = RuleValue {
+            count: u32::try_from(ranges.len()).unwrap_or(0),
+            ..RuleValue::default()
+        };
+        value.ranges[..ranges.len()].copy_from_slice(&ranges);
+        out.insert(*prefix, value);
+    }
+    let mut compiled = CompiledRules::default();
+    for (prefix, value) in out {
+        match prefix {
+            IpNet::V4(n) => compiled.v4.push((n, value)),
+            IpNet::V6(n) => compiled.v6.push((n, value)),
+        }
+    }
+    Ok(compiled)
+}
+
+/// Merges overlapping or adjacent ranges that admit the same protocols. The merged range keeps
+/// the lowest rule id it absorbed.
+fn merge(mut ranges: Vec<PortRange>) -> Vec<PortRange> {
+    ranges.sort_by_key(|r| (r.protos, r.lo, r.hi, r.rule));
+    let mut out: Vec<PortRange> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        if let Some(last) = out.last_mut()
+            && last.protos == r.protos
+            && u32::from(r.lo) <= u32::from(last.hi) + 1
+        {
+            last.hi = last.hi.max(r.hi);
+            last.rule = last.rule.min(r.rule);
+            continue;
+        }
+        out.push(r);
+    }
+    // A range of a narrower protocol set wholly inside a wider one adds nothing.
+    let snapshot = out.clone();
+    out.retain(|r| {
+        !snapshot
+            .iter()
+            .any(|w| w != r && w.protos & r.protos == r.protos && w.lo <= r.lo && r.hi <= w.hi)
+    });
+    out
+}
+
+/// Does the compiled rule set admit this destination? The userspace twin of the kernel's
+/// decision, used by `check`-style tooling and tests of the compiler.
+pub fn admits(compiled: &CompiledRules, proto: u8, addr: IpAddr, port: u16) -> bool {
+    let addr = match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    let best = match addr {
+        IpAddr::V4(a) => longest_v4(&compiled.v4, a),
+        IpAddr::V6(a) => longest_v6(&compiled.v6, a),
+    };
+    best.is_some_and(|v| v.admits(proto, port))
+}
+
+fn longest_v4(entries: &[(Ipv4Net, RuleValue)], a: Ipv4Addr) -> Option<&RuleValue> {
+    entries
+        .iter()
+        .filter(|(n, _)| n.contains(&a))
+        .max_by_key(|(n, _)| n.prefix_len())
+        .map(|(_, v)| v)
+}
+
+fn longest_v6(entries: &[(Ipv6Net, RuleValue)], a: Ipv6Addr) -> Option<&RuleValue> {
+    entries
+        .iter()
+        .filter(|(n, _)| n.contains(&a))
+        .max_by_key(|(n, _)| n.prefix_len())
+        .map(|(_, v)| v)
+}
+
+#[cfg(test)]
+mod tests {
+    use agentwatch_common::{PROTO_OTHER, PROTO_TCP, PROTO_UDP};
+
+    use super::*;
+
+    fn rule(s: &str) -> Rule {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn parses_good_rules() {
+        let r = rule("tcp 10.1.2.3 443");
+        assert_eq!(r.proto, Proto::Tcp);
+        assert_eq!(r.dest, "10.1.2.3/32".parse::<IpNet>().unwrap());
+        assert_eq!(r.ports, Ports { lo: 443, hi: 443 });
+        let r = rule("  any   2001:db8::/32   *  ");
+        assert_eq!(r.proto, Proto::Any);
+        assert_eq!(r.dest, "2001:db8::/32".parse::<IpNet>().unwrap());
+        assert_eq!(r.ports, Ports { lo: 0, hi: 65535 });
+        assert_eq!(rule("udp ::1 53").dest, "::1/128".parse::<IpNet>().unwrap());
+        assert_eq!(
+            rule("tcp 10.0.0.0/8 80-443").ports,
+            Ports { lo: 80, hi: 443 }
+        );
+        assert_eq!(rule("tcp 0.0.0.0/0 1-1").ports, Ports { lo: 1, hi: 1 });
+        assert_eq!(
+            rule("tcp 10.0.0.0/8 80-443").to_string(),
+            "tcp 10.0.0.0/8 80-443"
+        );
+    }
+
+    #[test]
+    fn mapped_v6_rules_become_v4() {
+        assert_eq!(
+            rule("tcp ::ffff:127.0.0.1 80").dest,
+            "127.0.0.1/32".parse::<IpNet>().unwrap()
+        );
+        assert_eq!(
+            rule("tcp ::ffff:10.0.0.0/104 80").dest,
+            "10.0.0.0/8".parse::<IpNet>().unwrap()
+        );
+    }
+
+    #[test]
+    fn rejects_bad_rules_with_clear_errors() {
+        let err = |s: &str| s.parse::<Rule>().expect_err(s).to_string();
+        assert_eq!(
+            err("tcp 10.0.0.1"),
+            "expected `PROTO DEST PORTS` (e.g. `tcp 10.0.0.0/8 443`), got 2 field(s)"
+        );
+        assert_eq!(
+            err("icmp 10.0.0.1 1"),
+            "unknown protocol `icmp`: expected tcp, udp or any"
+        );
+        assert_eq!(
+            err("TCP 10.0.0.1 1"),
+            "unknown protocol `TCP`: expected tcp, udp or any"
+        );
+        assert!(err("tcp api.example.com 443").contains("is a hostname"));
+        assert!(err("tcp *.example.com 443").contains("is a hostname"));
+        assert_eq!(
+            err("tcp 10.0.0.300 1"),
+            "bad destination `10.0.0.300`: expected an IPv4/IPv6 address or CIDR"
+        );
+        assert_eq!(
+            err("tcp 10.0.0.0/33 1"),
+            "bad destination `10.0.0.0/33`: expected an IPv4/IPv6 address or CIDR"
+        );
+        assert_eq!(
+            err("tcp 10.1.2.3/8 1"),
+            "destination `10.1.2.3/8` has host bits set; did you mean `10.0.0.0/8`?"
+        );
+        assert_eq!(
+            err("tcp 10.0.0.1 0"),
+            "bad port `0`: expected a port 1-65535, a range LO-HI, or *"
+        );
+        assert!(err("tcp 10.0.0.1 65536").starts_with("bad port `65536`"));
+        assert!(err("tcp 10.0.0.1 80-").starts_with("bad port `80-`"));
+        assert!(err("tcp 10.0.0.1 http").starts_with("bad port `http`"));
+        assert_eq!(
+            err("tcp 10.0.0.1 443-80"),
+            "bad port range `443-80`: the low port is above the high port"
+        );
+        assert!(err("tcp 10.0.0.1 80 extra").contains("got 4 field(s)"));
+    }
+
+    #[test]
+    fn covering_prefixes_fold_into_longer_ones() {
+        let rules = [
+            rule("tcp 10.0.0.0/8 80"),
+            rule("tcp 10.1.2.3 443"),
+            rule("udp 0.0.0.0/0 53"),
+        ];
+        let c = compile(&rules).unwrap();
+        assert_eq!(c.v4.len(), 3);
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        // The /32 answers for 80 (from the /8) and 53/udp (from the /0) as well as its own 443.
+        assert!(admits(&c, PROTO_TCP, a("10.1.2.3"), 80));
+        assert!(admits(&c, PROTO_TCP, a("10.1.2.3"), 443));
+        assert!(admits(&c, PROTO_UDP, a("10.1.2.3"), 53));
+        assert!(!admits(&c, PROTO_UDP, a("10.1.2.3"), 443));
+        assert!(!admits(&c, PROTO_TCP, a("10.1.2.4"), 443));
+        assert!(admits(&c, PROTO_TCP, a("10.200.0.1"), 80));
+        assert!(!admits(&c, PROTO_TCP, a("11.0.0.1"), 80));
+        assert!(admits(&c, PROTO_UDP, a("11.0.0.1"), 53));
+        assert!(!admits(&c, PROTO_OTHER, a("11.0.0.1"), 53));
+        assert!(admits(&c, PROTO_TCP, a("::ffff:10.9.9.9"), 80));
+        assert!(!admits(&c, PROTO_TCP, a("::1"), 80));
+    }
+
+    #[test]
+    fn merges_ranges_and_limits_them() {
+        let rules = [
+            rule("tcp 10.0.0.1 80"),
+            rule("tcp 10.0.0.1 81-90"),
+            rule("any 10.0.0.1 85"),
+        ];
+        let c = compile(&rules).unwrap();
+        assert_eq!(c.v4[0].1.count, 2);
+        let many: Vec<Rule> = (1..=17)
+            .map(|p| rule(&format!("tcp 10.0.0.1 {}", p * 10)))
+            .collect();
+        let e = compile(&many).unwrap_err();
+        assert_eq!(e.count, 17);
+        assert!(compile(&many[..16]).is_ok());
+    }
+}

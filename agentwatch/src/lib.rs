@@ -1,0 +1,19 @@
+//! agentwatch: an egress and syscall monitor with a kill switch for AI agents on Linux.
+//!
+//! Each agent is one cgroup v2. Kernel programs (agentwatch-ebpf) attached to that cgroup judge
+//! every outbound connect/sendmsg against the agent's allow-list; this crate loads them, feeds
+//! them the policy and turns what they report into an audit trail.
+//!
+//! Modules follow the concerns, named like their kernel halves: [`agent`] (which agent is this
+//! call?), [`egress`] (allow-lists), plus the plumbing: [`kernel`] (the loaded object),
+//! [`cgroup`], [`config`], [`events`], [`audit`], [`daemon`], [`launch`].
+
+pub mod agent;
+pub mod audit;
+pub mod cgroup;
+pub mod config;
+pub mod daemon;
+pub mod egress;
+pub mod events;
+pub mod kernel;
+pub mod launch;

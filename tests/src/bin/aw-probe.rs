@@ -1,0 +1,126 @@
+//! Test workload for agentwatch's privileged tests.
+//!
+//! `aw-probe [--cgroup DIR] COMMAND...` first moves itself into DIR (as `agentwatch launch`
+//! does), then runs COMMAND and prints one JSON line per attempt on stdout:
+//!
+//! - `connect tcp|udp ADDR PORT [COUNT]`: connect (TCP: full handshake, 2 s timeout)
+//! - `sendto ADDR PORT [COUNT] [PAYLOAD]`: one UDP datagram per attempt
+//! - `exec PROGRAM [ARGS...]`: replace itself with PROGRAM
+//! - `exit CODE`: exit with CODE (to check exit-status passthrough)
+//! - `spin FILE`: increment a counter in FILE forever (for freeze tests)
+
+use std::{
+    io::Write as _,
+    net::{SocketAddr, TcpStream, UdpSocket},
+    os::unix::process::CommandExt as _,
+    process::{Command, ExitCode},
+    time::Duration,
+};
+
+fn main() -> ExitCode {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--cgroup") {
+        if args.len() < 2 {
+            return usage("--cgroup needs a directory");
+        }
+        let dir = args.remove(1);
+        args.remove(0);
+        if let Err(e) = std::fs::write(format!("{dir}/cgroup.procs"), "0") {
+            eprintln!("aw-probe: joining {dir}: {e}");
+            return ExitCode::from(100);
+        }
+    }
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    match a.as_slice() {
+        ["connect", proto, addr, port, rest @ ..] => {
+            let Some(dest) = dest(addr, port) else {
+                return usage("bad ADDR PORT");
+            };
+            let count = rest.first().and_then(|c| c.parse().ok()).unwrap_or(1);
+            for _ in 0..count {
+                let r = match *proto {
+                    "tcp" => TcpStream::connect_timeout(&dest, Duration::from_secs(2)).map(drop),
+                    "udp" => udp_socket(&dest).and_then(|s| s.connect(dest)),
+                    _ => return usage("proto must be tcp or udp"),
+                };
+                report("connect", proto, &dest, r);
+            }
+            ExitCode::SUCCESS
+        }
+        ["sendto", addr, port, rest @ ..] => {
+            let Some(dest) = dest(addr, port) else {
+                return usage("bad ADDR PORT");
+            };
+            let count = rest.first().and_then(|c| c.parse().ok()).unwrap_or(1);
+            let payload = rest.get(1).copied().unwrap_or("aw-probe");
+            let socket = match udp_socket(&dest) {
+                Ok(s) => s,
+                Err(e) => {
+                    report("sendto", "udp", &dest, Err(e));
+                    return ExitCode::from(101);
+                }
+            };
+            for _ in 0..count {
+                let r = socket.send_to(payload.as_bytes(), dest).map(drop);
+                report("sendto", "udp", &dest, r);
+            }
+            ExitCode::SUCCESS
+        }
+        ["exec", program, rest @ ..] => {
+            let err = Command::new(program).args(rest).exec();
+            eprintln!("aw-probe: exec {program}: {err}");
+            ExitCode::from(127)
+        }
+        ["exit", code] => code
+            .parse::<u8>()
+            .map_or_else(|_| usage("bad exit code"), ExitCode::from),
+        ["spin", file] => {
+            let mut n: u64 = 0;
+            loop {
+                n += 1;
+                if n.is_multiple_of(1000) {
+                    let _ = std::fs::write(file, n.to_string());
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+        _ => usage("unknown command"),
+    }
+}
+
+fn usage(why: &str) -> ExitCode {
+    eprintln!("aw-probe: {why}; see the source for usage");
+    ExitCode::from(2)
+}
+
+fn dest(addr: &str, port: &str) -> Option<SocketAddr> {
+    Some(SocketAddr::new(addr.parse().ok()?, port.parse().ok()?))
+}
+
+/// An unbound UDP socket of the destination's family (an AF_INET6 one for `::ffff:a.b.c.d`).
+fn udp_socket(dest: &SocketAddr) -> std::io::Result<UdpSocket> {
+    if dest.is_ipv6() {
+        UdpSocket::bind("[::]:0")
+    } else {
+        UdpSocket::bind("0.0.0.0:0")
+    }
+}
+
+fn report(op: &str, proto: &str, dest: &SocketAddr, r: std::io::Result<()>) {
+    let errno = r
+        .as_ref()
+        .err()
+        .map_or(0, |e| e.raw_os_error().unwrap_or(-1));
+    let line = serde_json::json!({
+        "op": op,
+        "proto": proto,
+        "dest": dest.to_string(),
+        "ok": r.is_ok(),
+        "errno": errno,
+        "pid": std::process::id(),
+        // SAFETY: getppid has no preconditions.
+        "ppid": unsafe { libc::getppid() },
+    });
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+}

@@ -1,0 +1,319 @@
+//! Helpers for agentwatch's privileged end-to-end tests, in the style of aya's test_helpers:
+//! guards that create kernel state (cgroups, network namespaces) and remove it on Drop, also
+//! when a test fails.
+
+use std::{
+    fs,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use agentwatch::{
+    cgroup::{self, Cgroup},
+    events::{self, EgressAttempt, Event},
+};
+use aya::maps::{MapData, RingBuf};
+
+/// Prefix of every cgroup and pin the tests create, so leftovers are easy to find.
+pub const TEST_PREFIX: &str = "agentwatch-test-";
+
+/// Decides whether privileged tests run. They run unless the developer set
+/// `AGENTWATCH_SKIP_PRIVILEGED=1` on purpose; without root or BPF they fail with the reason,
+/// never skip silently.
+pub fn require_privileged() -> bool {
+    if std::env::var("AGENTWATCH_SKIP_PRIVILEGED").is_ok_and(|v| v == "1") {
+        eprintln!("AGENTWATCH_SKIP_PRIVILEGED=1: skipping a privileged test");
+        return false;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "privileged tests need root (euid is {euid}); run them as root, or set \
+         AGENTWATCH_SKIP_PRIVILEGED=1 to skip them on purpose"
+    );
+    assert!(
+        Path::new("/sys/kernel/btf/vmlinux").exists()
+            || Path::new("/proc/sys/kernel/bpf_stats_enabled").exists(),
+        "this kernel shows no sign of BPF support (no /sys/kernel/btf/vmlinux, no \
+         /proc/sys/kernel/bpf_stats_enabled)"
+    );
+    true
+}
+
+/// Skips the calling test only when `AGENTWATCH_SKIP_PRIVILEGED=1`.
+#[macro_export]
+macro_rules! privileged {
+    () => {
+        if !$crate::require_privileged() {
+            return;
+        }
+    };
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this test process: `agentwatch-test-<pid>-<n>`.
+pub fn unique_name() -> String {
+    format!(
+        "{TEST_PREFIX}{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A cgroup the test created directly under the cgroup2 mount. On Drop it kills whatever runs
+/// in it (only processes the test started can be there) and removes it with its children.
+pub struct TestCgroup {
+    cgroup: Cgroup,
+}
+
+impl TestCgroup {
+    pub fn new() -> Self {
+        let mount = cgroup::cgroup2_mount().expect("cgroup2 mount");
+        Self::at(mount.join(unique_name()))
+    }
+
+    /// A cgroup at `path` (which must be below a cgroup this test created).
+    pub fn at(path: PathBuf) -> Self {
+        let (cgroup, created) = Cgroup::create(&path).expect("creating a test cgroup");
+        assert!(created, "{} already existed", path.display());
+        Self { cgroup }
+    }
+
+    /// A child cgroup `name` below this one.
+    pub fn child(&self, name: &str) -> Self {
+        Self::at(self.cgroup.path().join(name))
+    }
+
+    pub fn cgroup(&self) -> &Cgroup {
+        &self.cgroup
+    }
+
+    pub fn path(&self) -> &Path {
+        self.cgroup.path()
+    }
+}
+
+impl Default for TestCgroup {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        if !self.cgroup.path().exists() {
+            return;
+        }
+        // Thaw first: a frozen process cannot die until thawed on older kernels.
+        let _ = self.cgroup.set_frozen(false);
+        let _ = self.cgroup.kill();
+        if let Err(e) = self.cgroup.wait_empty(Duration::from_secs(5)) {
+            eprintln!("test cgroup cleanup: {e}");
+        }
+        if let Err(e) = self.cgroup.remove() {
+            eprintln!("test cgroup cleanup: {e}");
+        }
+    }
+}
+
+/// Runs the rest of the calling *thread* in a new network namespace with `lo` up; the thread's
+/// original namespace is restored on Drop. Processes spawned from this thread start in it.
+pub struct NetNsGuard {
+    original: fs::File,
+}
+
+impl NetNsGuard {
+    pub fn new() -> Self {
+        let original = fs::File::open("/proc/thread-self/ns/net").expect("opening own netns");
+        // SAFETY: unshare only affects this thread's namespace membership.
+        let ret = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            ret,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+        let guard = Self { original };
+        guard.ip(&["link", "set", "lo", "up"]);
+        guard
+    }
+
+    /// Runs `ip ARGS` inside the namespace; panics on failure.
+    pub fn ip(&self, args: &[&str]) {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .expect("running ip (iproute2)");
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Makes every address of `net` local to this namespace (AnyIP route on lo), so a listener
+    /// on the wildcard address answers for all of them.
+    pub fn local_route(&self, net: &str) {
+        if net.contains(':') {
+            self.ip(&["-6", "route", "add", "local", net, "dev", "lo"]);
+        } else {
+            self.ip(&["route", "add", "local", net, "dev", "lo"]);
+        }
+    }
+}
+
+impl Default for NetNsGuard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for NetNsGuard {
+    fn drop(&mut self) {
+        // SAFETY: setns with a valid namespace fd; affects this thread only. The new namespace
+        // goes away with its last user.
+        let ret = unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) };
+        if ret != 0 {
+            eprintln!(
+                "restoring the network namespace: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// One attempt reported by aw-probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    pub op: String,
+    pub dest: String,
+    pub ok: bool,
+    pub errno: i32,
+    pub pid: u32,
+    pub ppid: u32,
+}
+
+/// Path of the aw-probe binary.
+pub fn probe_bin() -> PathBuf {
+    // Integration tests of this package see CARGO_BIN_EXE_*; the helpers may run from elsewhere.
+    if let Some(p) = option_env!("CARGO_BIN_EXE_aw-probe") {
+        return PathBuf::from(p);
+    }
+    target_dir().join("aw-probe")
+}
+
+/// Path of the agentwatch binary (built by `cargo test --workspace`).
+pub fn agentwatch_bin() -> PathBuf {
+    target_dir().join("agentwatch")
+}
+
+/// target/<profile>: the test executable lives in target/<profile>/deps.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .expect("test executable is in target/<profile>/deps")
+}
+
+/// Runs aw-probe inside `cgroup` (or where the test runs, if None) and returns its output.
+pub fn run_probe(cgroup: Option<&Path>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(probe_bin());
+    if let Some(cg) = cgroup {
+        cmd.arg("--cgroup").arg(cg);
+    }
+    let out = cmd.args(args).output().expect("running aw-probe");
+    assert!(
+        out.status.success(),
+        "aw-probe {args:?} failed: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs aw-probe and parses its attempts.
+pub fn probe(cgroup: Option<&Path>, args: &[&str]) -> Vec<Attempt> {
+    parse_attempts(&run_probe(cgroup, args).stdout)
+}
+
+/// Parses aw-probe's JSON lines.
+pub fn parse_attempts(stdout: &[u8]) -> Vec<Attempt> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("aw-probe JSON");
+            Attempt {
+                op: v["op"].as_str().unwrap_or_default().to_owned(),
+                dest: v["dest"].as_str().unwrap_or_default().to_owned(),
+                ok: v["ok"].as_bool().unwrap_or(false),
+                errno: v["errno"]
+                    .as_i64()
+                    .and_then(|e| i32::try_from(e).ok())
+                    .unwrap_or(-1),
+                pid: v["pid"]
+                    .as_u64()
+                    .and_then(|p| u32::try_from(p).ok())
+                    .unwrap_or(0),
+                ppid: v["ppid"]
+                    .as_u64()
+                    .and_then(|p| u32::try_from(p).ok())
+                    .unwrap_or(0),
+            }
+        })
+        .collect()
+}
+
+/// The single attempt of a probe run that makes exactly one.
+pub fn one(attempts: Vec<Attempt>) -> Attempt {
+    assert_eq!(attempts.len(), 1, "expected one attempt: {attempts:?}");
+    attempts.into_iter().next().expect("one attempt")
+}
+
+/// Reads egress events until `n` arrived (or 5 s passed), then waits briefly for extras.
+pub fn read_events(ring: &mut RingBuf<MapData>, n: usize) -> Vec<EgressAttempt> {
+    let mut out = Vec::new();
+    let start = Instant::now();
+    let mut settled: Option<Instant> = None;
+    loop {
+        while let Some(item) = ring.next() {
+            match events::decode(&item) {
+                Event::Egress(e) => out.push(e),
+                Event::Unknown { kind, len } => panic!("unknown event kind {kind} ({len} bytes)"),
+            }
+        }
+        if out.len() >= n {
+            // Give stray extra events a moment to show up, so "exactly n" means something.
+            let since = *settled.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_millis(200) {
+                return out;
+            }
+        }
+        if start.elapsed() > Duration::from_secs(5) {
+            return out;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Cgroups named like test cgroups of this process that still exist under the cgroup2 mount.
+pub fn leftover_cgroups() -> Vec<PathBuf> {
+    let mount = cgroup::cgroup2_mount().expect("cgroup2 mount");
+    let mine = format!("{TEST_PREFIX}{}-", std::process::id());
+    fs::read_dir(&mount)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&mine))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub const EPERM: i32 = libc::EPERM;

@@ -1,0 +1,566 @@
+//! Kernel-enforced egress allow-lists, proven on the real kernel: real processes in real
+//! cgroups, real connects and datagrams, exact errnos and counts.
+
+use std::{
+    net::{TcpListener, UdpSocket},
+    time::Duration,
+};
+
+use agentwatch::{
+    agent::Agents,
+    egress::{CompiledRules, Rule, compile},
+};
+use agentwatch_common::{
+    AgentCounters, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED, VERDICT_DENIED, egress_slot,
+};
+use agentwatch_tests::{
+    EPERM, NetNsGuard, TestCgroup, one, parse_attempts, privileged, probe, probe_bin, read_events,
+    run_probe,
+};
+
+fn rules(list: &[&str]) -> CompiledRules {
+    let parsed: Vec<Rule> = list.iter().map(|r| r.parse().expect(r)).collect();
+    compile(&parsed).expect("compiling rules")
+}
+
+fn tcp_listener(addr: &str) -> (TcpListener, u16) {
+    let l = TcpListener::bind(addr).expect(addr);
+    let port = l.local_addr().expect("local_addr").port();
+    (l, port)
+}
+
+fn count(c: &AgentCounters, proto: u8, verdict: u8) -> u64 {
+    c.egress[egress_slot(proto, verdict)]
+}
+
+fn connect(cg: &TestCgroup, proto: &str, addr: &str, port: u16) -> agentwatch_tests::Attempt {
+    one(probe(
+        Some(cg.path()),
+        &["connect", proto, addr, &port.to_string()],
+    ))
+}
+
+#[test]
+fn allowed_tcp_connect_succeeds_and_unlisted_port_gets_eperm() {
+    privileged!();
+    let (_a, allowed4) = tcp_listener("127.0.0.1:0");
+    let (_b, other4) = tcp_listener("127.0.0.1:0");
+    let (_c, allowed6) = tcp_listener("[::1]:0");
+    let (_d, other6) = tcp_listener("[::1]:0");
+    let cg = TestCgroup::new();
+    let mut agents = Agents::load().expect("load");
+    agents
+        .guard(
+            "t1",
+            cg.cgroup().clone(),
+            rules(&[
+                &format!("tcp 127.0.0.1 {allowed4}"),
+                &format!("tcp ::1 {allowed6}"),
+            ]),
+        )
+        .expect("guard");
+
+    let r = connect(&cg, "tcp", "127.0.0.1", allowed4);
+    assert!(r.ok, "{r:?}");
+    let r = connect(&cg, "tcp", "127.0.0.1", other4);
+    assert_eq!((r.ok, r.errno), (false, EPERM), "{r:?}");
+    let r = connect(&cg, "tcp", "::1", allowed6);
+    assert!(r.ok, "{r:?}");
+    let r = connect(&cg, "tcp", "::1", other6);
+    assert_eq!((r.ok, r.errno), (false, EPERM), "{r:?}");
+
+    let c = agents.counters("t1").expect("counters");
+    assert_eq!(count(&c, PROTO_TCP, VERDICT_ALLOWED), 2);
+    assert_eq!(count(&c, PROTO_TCP, VERDICT_DENIED), 2);
+    assert_eq!(c.connects, 4);
+}
+
+#[test]
+fn cidr_and_port_range_rules_including_edges() {
+    privileged!();
+    let ns = NetNsGuard::new();
+    ns.local_route("10.20.0.0/16");
+    ns.local_route("fd00:20::/64");
+    // Dual-stack listeners on the wildcard answer every local address of the namespace.
+    let _listeners: Vec<TcpListener> = [7999u16, 8000, 8005, 8010, 8011, 9000, 9001]
+        .iter()
+        .map(|p| TcpListener::bind(("::", *p)).expect("bind"))
+        .collect();
+    let ranged = TestCgroup::new();
+    let everything = TestCgroup::new();
+    let mut agents = Agents::load().expect("load");
+    agents
+        .guard(
+            "ranged",
+            ranged.cgroup().clone(),
+            rules(&[
+                "tcp 10.20.0.0/16 8000-8010",
+                "tcp 10.20.5.5/32 9000",
+                "tcp fd00:20::/64 8000-8010",
+                "tcp fd00:20::7/128 9000",
+            ]),
+        )
+        .expect("guard");
+    agents
+        .guard(
+            "everything",
+            everything.cgroup().clone(),
+            rules(&["tcp 0.0.0.0/0 9001", "tcp ::/0 9001"]),
+        )
+        .expect("guard");
+
+    let cases: &[(&TestCgroup, &str, u16, bool)] = &[
+        // Range edges, inside a /16.
+        (&ranged, "10.20.1.1", 7999, false),
+        (&ranged, "10.20.1.1", 8000, true),
+        (&ranged, "10.20.1.1", 8005, true),
+        (&ranged, "10.20.1.1", 8010, true),
+        (&ranged, "10.20.1.1", 8011, false),
+        // /32: only that host gets 9000 (it keeps the /16's range too).
+        (&ranged, "10.20.5.5", 9000, true),
+        (&ranged, "10.20.5.5", 8010, true),
+        (&ranged, "10.20.5.6", 9000, false),
+        // IPv6 /64 and /128 alike.
+        (&ranged, "fd00:20::1", 8000, true),
+        (&ranged, "fd00:20::1", 8011, false),
+        (&ranged, "fd00:20::7", 9000, true),
+        (&ranged, "fd00:20::8", 9000, false),
+        // /0 admits every address, but only its port.
+        (&everything, "10.20.9.9", 9001, true),
+        (&everything, "127.0.0.1", 9001, true),
+        (&everything, "10.20.9.9", 9000, false),
+        (&everything, "fd00:20::99", 9001, true),
+        (&everything, "::1", 9001, true),
+        (&everything, "fd00:20::99", 9000, false),
+    ];
+    for (cg, addr, port, allowed) in cases {
+        let r = connect(cg, "tcp", addr, *port);
+        if *allowed {
+            assert!(r.ok, "{addr} {port} should be allowed: {r:?}");
+        } else {
+            assert_eq!(
+                (r.ok, r.errno),
+                (false, EPERM),
+                "{addr} {port} should be denied: {r:?}"
+            );
+        }
+    }
+    let c = agents.counters("ranged").expect("counters");
+    assert_eq!(count(&c, PROTO_TCP, VERDICT_ALLOWED), 7);
+    assert_eq!(count(&c, PROTO_TCP, VERDICT_DENIED), 5);
+    let c = agents.counters("everything").expect("counters");
+    assert_eq!(count(&c, PROTO_TCP, VERDICT_ALLOWED), 4);
+    assert_eq!(count(&c, PROTO_TCP, VERDICT_DENIED), 2);
+}
+
+#[test]
+fn udp_sendto_unlisted_gets_eperm_and_listed_datagram_arrives() {
+    privileged!();
+    let rx4 = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let rx6 = UdpSocket::bind("[::1]:0").expect("bind");
+    let (other4, other6) = (
+        UdpSocket::bind("127.0.0.1:0").expect("bind"),
+        UdpSocket::bind("[::1]:0").expect("bind"),
+    );
+    for s in [&rx4, &rx6, &other4, &other6] {
+        s.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+    }
+    let port = |s: &UdpSocket| s.local_addr().expect("addr").port().to_string();
+    let cg = TestCgroup::new();
+    let mut agents = Agents::load().expect("load");
+    agents
+        .guard(
+            "t3",
+            cg.cgroup().clone(),
+            rules(&[
+                &format!("udp 127.0.0.1 {}", port(&rx4)),
+                &format!("udp ::1 {}", port(&rx6)),
+            ]),
+        )
+        .expect("guard");
+
+    let r = one(probe(
+        Some(cg.path()),
+        &["sendto", "127.0.0.1", &port(&rx4), "1", "hello4"],
+    ));
+    assert!(r.ok, "{r:?}");
+    let r = one(probe(
+        Some(cg.path()),
+        &["sendto", "::1", &port(&rx6), "1", "hello6"],
+    ));
+    assert!(r.ok, "{r:?}");
+    let r = one(probe(
+        Some(cg.path()),
+        &["sendto", "127.0.0.1", &port(&other4), "1", "nope"],
+    ));
+    assert_eq!((r.ok, r.errno), (false, EPERM), "{r:?}");
+    let r = one(probe(
+        Some(cg.path()),
+        &["sendto", "::1", &port(&other6), "1", "nope"],
+    ));
+    assert_eq!((r.ok, r.errno), (false, EPERM), "{r:?}");
+    // A TCP rule does not admit UDP, and a UDP connect() is judged like a send.
+    let r = one(probe(
+        Some(cg.path()),
+        &["connect", "udp", "127.0.0.1", &port(&other4)],
+    ));
+    assert_eq!((r.ok, r.errno), (false, EPERM), "{r:?}");
+
+    let mut buf = [0u8; 64];
+    let n = rx4.recv(&mut buf).expect("datagram on the allowed v4 port");
+    assert_eq!(&buf[..n], b"hello4");
+    let n = rx6.recv(&mut buf).expect("datagram on the allowed v6 port");
+    assert_eq!(&buf[..n], b"hello6");
+    for s in [&other4, &other6] {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        assert!(s.recv(&mut buf).is_err(), "a denied datagram arrived");
+    }
+    let c = agents.counters("t3").expect("counters");
+    assert_eq!(count(&c, PROTO_UDP, VERDICT_ALLOWED), 2);
+    assert_eq!(count(&c, PROTO_UDP, VERDICT_DENIED), 3);
+    assert_eq!((c.sends, c.connects), (4, 1));
+}
+
+#[test]
+fn v4_mapped_v6_destinations_are_judged_by_ipv4_rules() {
+    privileged!();
+    let (_a, allowed) = tcp_listener("[::]:0");
+    let (_b, other) = tcp_listener("[::]:0");
+    let rx = UdpSocket::bind("[::]:0").expect("bind");
+    let udp_port = rx.local_addr().expect("addr").port().to_string();
+    let v4_only = TestCgroup::new();
+    let v6_all = TestCgroup::new();
+    let mut agents = Agents::load().expect("load");
+    agents
+        .guard(
+            "v4only",
+            v4_only.cgroup().clone(),
+            rules(&[&format!("tcp 127.0.0.1 {allowed}")]),
+        )
+        .expect("guard");
+    // Everything IPv6 is allowed, yet ::ffff:127.0.0.1 is an IPv4 host: no IPv4 rule, no entry.
+    agents
+        .guard("v6all", v6_all.cgroup().clone(), rules(&["any ::/0 *"]))
+        .expect("guard");
+
+    let r = connect(&v4_only, "tcp", "::ffff:127.0.0.1", allowed);
+    assert!(r.ok, "{r:?}");
+    let r = connect(&v4_only, "tcp", "::ffff:127.0.0.1", other);
+    assert_eq!((r.ok, r.errno), (false, EPERM), "{r:?}");
+    let r = connect(&v6_all, "tcp", "::ffff:127.0.0.1", allowed);
+    assert_eq!((r.ok, r.errno), (false, EPERM), "{r:?}");
+    let r = one(probe(
+        Some(v6_all.path()),
+        &["sendto", "::ffff:127.0.0.1", &udp_port],
+    ));
+    assert_eq!((r.ok, r.errno), (false, EPERM), "{r:?}");
+    let r = connect(&v6_all, "tcp", "::1", allowed);
+    assert!(r.ok, "{r:?}");
+
+    let mut ring = agents.take_events().expect("events");
+    let events = read_events(&mut ring, 3);
+    assert_eq!(events.len(), 3, "{events:?}");
+    // The audit trail shows the IPv4 destination that was judged.
+    assert_eq!(events[0].dest.to_string(), format!("127.0.0.1:{other}"));
+    assert_eq!(events[2].dest.to_string(), format!("127.0.0.1:{udp_port}"));
+}
+
+#[test]
+fn children_grandchildren_and_nested_cgroups_are_bound_by_the_agent_rules() {
+    privileged!();
+    let (_a, allowed) = tcp_listener("127.0.0.1:0");
+    let (_b, denied) = tcp_listener("127.0.0.1:0");
+    let cg = TestCgroup::new();
+    let mut agents = Agents::load().expect("load");
+    agents
+        .guard(
+            "t5",
+            cg.cgroup().clone(),
+            rules(&[&format!("tcp 127.0.0.1 {allowed}")]),
+        )
+        .expect("guard");
+    let probe_path = probe_bin();
+    let p = probe_path.display();
+    // aw-probe joins the cgroup and execs bash (another binary); bash forks children that exec
+    // aw-probe, and a second bash whose children are the grandchildren. The trailing `true`s
+    // keep bash from exec'ing its last command in place of forking it.
+    let script = format!(
+        "{p} connect tcp 127.0.0.1 {denied}; {p} connect tcp 127.0.0.1 {allowed}; \
+         /bin/bash -c '{p} connect tcp 127.0.0.1 {denied}; {p} connect tcp 127.0.0.1 {allowed}; true'; true"
+    );
+    let out = run_probe(Some(cg.path()), &["exec", "/bin/bash", "-c", &script]);
+    let attempts = parse_attempts(&out.stdout);
+    assert_eq!(attempts.len(), 4, "{attempts:?}");
+    for (i, a) in attempts.iter().enumerate() {
+        if i % 2 == 0 {
+            assert_eq!((a.ok, a.errno), (false, EPERM), "{a:?}");
+        } else {
+            assert!(a.ok, "{a:?}");
+        }
+    }
+    // The grandchildren's parent is the inner bash, itself a child of the agent's first process.
+    assert_eq!(attempts[0].ppid, attempts[1].ppid);
+    assert_eq!(attempts[2].ppid, attempts[3].ppid);
+    assert_ne!(attempts[0].ppid, attempts[2].ppid);
+
+    // A process in a cgroup the agent nests below its own is still the agent's.
+    let sub = cg.child("sub");
+    let nested = sub.child("deeper");
+    let r = connect(&nested, "tcp", "127.0.0.1", denied);
+    assert_eq!((r.ok, r.errno), (false, EPERM), "{r:?}");
+    let r = connect(&nested, "tcp", "127.0.0.1", allowed);
+    assert!(r.ok, "{r:?}");
+
+    let c = agents.counters("t5").expect("counters");
+    assert_eq!(count(&c, PROTO_TCP, VERDICT_ALLOWED), 3);
+    assert_eq!(count(&c, PROTO_TCP, VERDICT_DENIED), 3);
+    let mut ring = agents.take_events().expect("events");
+    let events = read_events(&mut ring, 3);
+    let pids: Vec<u32> = events.iter().map(|e| e.pid).collect();
+    assert_eq!(pids[..2], [attempts[0].pid, attempts[2].pid]);
+    assert!(
+        events
+            .iter()
+            .all(|e| e.agent_id == agents.info("t5").expect("info").id)
+    );
+}
+
+#[test]
+fn processes_outside_agent_cgroups_are_never_affected() {
+    privileged!();
+    let (_a, denied) = tcp_listener("127.0.0.1:0");
+    let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    rx.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let udp_port = rx.local_addr().expect("addr").port().to_string();
+    let agent = TestCgroup::new();
+    let bystander = TestCgroup::new();
+    let mut agents = Agents::load().expect("load");
+    agents
+        .guard("t6", agent.cgroup().clone(), rules(&[]))
+        .expect("guard");
+
+    let r = connect(&agent, "tcp", "127.0.0.1", denied);
+    assert_eq!((r.ok, r.errno), (false, EPERM), "{r:?}");
+    // Same destination from the test's own cgroup and from an unguarded sibling cgroup.
+    let r = one(probe(
+        None,
+        &["connect", "tcp", "127.0.0.1", &denied.to_string()],
+    ));
+    assert!(r.ok, "{r:?}");
+    let r = connect(&bystander, "tcp", "127.0.0.1", denied);
+    assert!(r.ok, "{r:?}");
+    let r = one(probe(
+        Some(bystander.path()),
+        &["sendto", "127.0.0.1", &udp_port, "1", "free"],
+    ));
+    assert!(r.ok, "{r:?}");
+    let mut buf = [0u8; 16];
+    let n = rx.recv(&mut buf).expect("bystander datagram");
+    assert_eq!(&buf[..n], b"free");
+    let c = agents.counters("t6").expect("counters");
+    assert_eq!(count(&c, PROTO_TCP, VERDICT_DENIED), 1);
+    assert_eq!(
+        count(&c, PROTO_TCP, VERDICT_ALLOWED) + count(&c, PROTO_UDP, VERDICT_ALLOWED),
+        0
+    );
+}
+
+#[test]
+fn n_attempts_are_counted_exactly_and_each_denied_one_is_one_event() {
+    privileged!();
+    let (_a, allowed) = tcp_listener("127.0.0.1:0");
+    let (_b, denied) = tcp_listener("[::1]:0");
+    let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let udp_ok = rx.local_addr().expect("addr").port();
+    let cg = TestCgroup::new();
+    let mut agents = Agents::load().expect("load");
+    agents
+        .guard(
+            "t7",
+            cg.cgroup().clone(),
+            rules(&[
+                &format!("tcp 127.0.0.1 {allowed}"),
+                &format!("udp 127.0.0.1 {udp_ok}"),
+            ]),
+        )
+        .expect("guard");
+    let mut ring = agents.take_events().expect("events");
+
+    let ok_tcp = probe(
+        Some(cg.path()),
+        &["connect", "tcp", "127.0.0.1", &allowed.to_string(), "5"],
+    );
+    let bad_tcp = probe(
+        Some(cg.path()),
+        &["connect", "tcp", "::1", &denied.to_string(), "7"],
+    );
+    let ok_udp = probe(
+        Some(cg.path()),
+        &["sendto", "127.0.0.1", &udp_ok.to_string(), "4"],
+    );
+    let bad_udp = probe(Some(cg.path()), &["sendto", "127.0.0.2", "5353", "3"]);
+    assert!(
+        ok_tcp.iter().all(|a| a.ok) && ok_tcp.len() == 5,
+        "{ok_tcp:?}"
+    );
+    assert!(
+        ok_udp.iter().all(|a| a.ok) && ok_udp.len() == 4,
+        "{ok_udp:?}"
+    );
+    assert!(
+        bad_tcp.iter().all(|a| a.errno == EPERM) && bad_tcp.len() == 7,
+        "{bad_tcp:?}"
+    );
+    assert!(
+        bad_udp.iter().all(|a| a.errno == EPERM) && bad_udp.len() == 3,
+        "{bad_udp:?}"
+    );
+
+    let c = agents.counters("t7").expect("counters");
+    assert_eq!(count(&c, PROTO_TCP, VERDICT_ALLOWED), 5);
+    assert_eq!(count(&c, PROTO_TCP, VERDICT_DENIED), 7);
+    assert_eq!(count(&c, PROTO_UDP, VERDICT_ALLOWED), 4);
+    assert_eq!(count(&c, PROTO_UDP, VERDICT_DENIED), 3);
+    assert_eq!((c.connects, c.sends), (12, 7));
+    assert_eq!(agents.kernel().events_lost().expect("lost"), 0);
+
+    let events = read_events(&mut ring, 10);
+    assert_eq!(events.len(), 10, "{events:?}");
+    let id = agents.info("t7").expect("info").id;
+    for e in &events[..7] {
+        assert_eq!(
+            (e.kind, e.proto, e.hook),
+            ("egress_denied", "tcp", "connect")
+        );
+        assert_eq!(e.dest.to_string(), format!("[::1]:{denied}"));
+        assert_eq!(e.pid, bad_tcp[0].pid);
+        assert_eq!(e.tid, bad_tcp[0].pid, "single-threaded probe: tid == pid");
+        assert_eq!((e.comm.as_str(), e.agent_id), ("aw-probe", id));
+    }
+    for e in &events[7..] {
+        assert_eq!(
+            (e.kind, e.proto, e.hook),
+            ("egress_denied", "udp", "sendmsg")
+        );
+        assert_eq!(e.dest.to_string(), "127.0.0.2:5353");
+        assert_eq!(e.pid, bad_udp[0].pid);
+        assert_eq!(e.comm, "aw-probe");
+    }
+    // Kernel timestamps are monotonic in emission order.
+    assert!(events.windows(2).all(|w| w[0].ts_ns <= w[1].ts_ns));
+}
+
+#[test]
+fn two_agents_do_not_see_each_others_rules() {
+    privileged!();
+    let (_a, port_x) = tcp_listener("127.0.0.1:0");
+    let (_b, port_y) = tcp_listener("127.0.0.1:0");
+    let x = TestCgroup::new();
+    let y = TestCgroup::new();
+    let mut agents = Agents::load().expect("load");
+    agents
+        .guard(
+            "x",
+            x.cgroup().clone(),
+            rules(&[&format!("tcp 127.0.0.1 {port_x}")]),
+        )
+        .expect("guard");
+    agents
+        .guard(
+            "y",
+            y.cgroup().clone(),
+            rules(&[&format!("tcp 127.0.0.0/8 {port_y}")]),
+        )
+        .expect("guard");
+
+    assert!(connect(&x, "tcp", "127.0.0.1", port_x).ok);
+    assert_eq!(connect(&x, "tcp", "127.0.0.1", port_y).errno, EPERM);
+    assert!(connect(&y, "tcp", "127.0.0.1", port_y).ok);
+    assert_eq!(connect(&y, "tcp", "127.0.0.1", port_x).errno, EPERM);
+    let cx = agents.counters("x").expect("counters");
+    let cy = agents.counters("y").expect("counters");
+    assert_eq!(
+        (
+            count(&cx, PROTO_TCP, VERDICT_ALLOWED),
+            count(&cx, PROTO_TCP, VERDICT_DENIED)
+        ),
+        (1, 1)
+    );
+    assert_eq!(
+        (
+            count(&cy, PROTO_TCP, VERDICT_ALLOWED),
+            count(&cy, PROTO_TCP, VERDICT_DENIED)
+        ),
+        (1, 1)
+    );
+}
+
+#[test]
+fn nothing_the_test_made_remains_afterwards() {
+    privileged!();
+    let (_a, port) = tcp_listener("127.0.0.1:0");
+    let (path, child_path, prog_ids, link_ids) = {
+        let cg = TestCgroup::new();
+        let child = cg.child("nested");
+        let mut agents = Agents::load().expect("load");
+        agents
+            .guard(
+                "t9",
+                cg.cgroup().clone(),
+                rules(&[&format!("tcp 127.0.0.1 {port}")]),
+            )
+            .expect("guard");
+        assert!(connect(&child, "tcp", "127.0.0.1", port).ok);
+        let link_ids = agents.link_ids("t9");
+        assert_eq!(link_ids.len(), 4, "one link per egress hook");
+        let prog_ids = agents.kernel().program_ids();
+        assert_eq!(prog_ids.len(), 4);
+        (
+            cg.path().to_owned(),
+            child.path().to_owned(),
+            prog_ids,
+            link_ids,
+        )
+        // agents (programs, links, maps) and then the cgroups drop here
+    };
+    assert!(!path.exists(), "{} remains", path.display());
+    assert!(!child_path.exists(), "{} remains", child_path.display());
+    // Programs are freed by the kernel after their last reference goes (RCU): poll briefly.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let live_links: Vec<u32> = aya::programs::loaded_links()
+            .filter_map(Result::ok)
+            .map(|l| l.id())
+            .filter(|id| link_ids.contains(id))
+            .collect();
+        let live_progs: Vec<u32> = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .map(|p| p.id())
+            .filter(|id| prog_ids.contains(id))
+            .collect();
+        if live_links.is_empty() && live_progs.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still loaded: links {live_links:?}, programs {live_progs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pins: Vec<_> = std::fs::read_dir("/sys/fs/bpf")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with("agentwatch-test-")
+                })
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(pins.is_empty(), "pins left: {pins:?}");
+}
