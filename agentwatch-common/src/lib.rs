@@ -38,6 +38,11 @@ pub struct AgentState {
 
 /// All egress of the agent is denied whatever its rules say (kill switch, tripped breaker).
 pub const AGENT_FLAG_DENY_ALL: u32 = 1 << 0;
+/// Userspace bookkeeping, ignored by the kernel but kept in its map so that it survives a daemon
+/// restart: the agent was killed with the kill switch and awaits `approve`.
+pub const AGENT_FLAG_KILLED: u32 = 1 << 8;
+/// Userspace bookkeeping as above: the agent's circuit breaker is open.
+pub const AGENT_FLAG_TRIPPED: u32 = 1 << 9;
 
 /// The scope part of a rule key: one agent's one rule generation.
 #[inline(always)]

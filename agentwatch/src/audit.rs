@@ -43,11 +43,26 @@ impl Audit {
         self.record_at(time::OffsetDateTime::now_utc(), agent, kind, fields)
     }
 
+    /// Writes a record about the daemon itself (policy reloads, lost events): `agent` is null.
+    pub fn record_daemon(&self, kind: &str, fields: Value) -> io::Result<()> {
+        self.write(time::OffsetDateTime::now_utc(), None, kind, fields)
+    }
+
     /// Like [`Audit::record`] with the time of the event itself.
     pub fn record_at(
         &self,
         ts: time::OffsetDateTime,
         agent: &str,
+        kind: &str,
+        fields: Value,
+    ) -> io::Result<()> {
+        self.write(ts, Some(agent), kind, fields)
+    }
+
+    fn write(
+        &self,
+        ts: time::OffsetDateTime,
+        agent: Option<&str>,
         kind: &str,
         fields: Value,
     ) -> io::Result<()> {

@@ -152,6 +152,43 @@ impl Cgroup {
         Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
     }
 
+    /// Processes in this cgroup and every cgroup below it.
+    pub fn all_pids(&self) -> Result<Vec<u32>, CgroupError> {
+        let mut pids = self.pids()?;
+        let entries = fs::read_dir(&self.path).map_err(io_err("listing", &self.path))?;
+        for entry in entries.filter_map(Result::ok) {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                match (Self { path: entry.path() }).all_pids() {
+                    Ok(more) => pids.extend(more),
+                    // A child cgroup removed while we walk is simply gone.
+                    Err(CgroupError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(pids)
+    }
+
+    /// Waits until cgroup.events reports `frozen` equal to `frozen`.
+    pub fn wait_frozen(&self, frozen: bool, timeout: Duration) -> Result<(), CgroupError> {
+        let start = Instant::now();
+        while self.frozen()? != frozen {
+            if start.elapsed() > timeout {
+                return Err(CgroupError::Io {
+                    op: if frozen { "freezing" } else { "thawing" },
+                    path: self.path.clone(),
+                    source: io::Error::new(
+                        ErrorKind::TimedOut,
+                        format!("not done after {timeout:?}"),
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
     /// Does this cgroup or any cgroup below it hold a process? (`populated` in cgroup.events.)
     pub fn populated(&self) -> Result<bool, CgroupError> {
         Ok(self.event("populated")? == Some(1))

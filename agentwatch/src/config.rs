@@ -43,6 +43,8 @@ pub struct DaemonConfig {
     pub metrics_listen: SocketAddr,
     /// JSON lines audit trail; `-` is stdout.
     pub audit_log: PathBuf,
+    /// Members of this group may use the control socket too (root always may).
+    pub admin_group: Option<String>,
 }
 
 impl Default for DaemonConfig {
@@ -58,6 +60,8 @@ impl Default for DaemonConfig {
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9750)),
             // Persistent and append-only; logrotate-friendly location.
             audit_log: PathBuf::from("/var/log/agentwatch/audit.jsonl"),
+            // Root only, unless ops choose a group.
+            admin_group: None,
         }
     }
 }
@@ -297,6 +301,25 @@ fn validate(raw: RawConfig, c: &mut Collector<'_>) -> Config {
                 daemon.cgroup_parent
             ),
         );
+    }
+    if let Some(g) = &daemon.admin_group
+        && crate::control::group_id(g).is_none()
+    {
+        c.at(
+            0..0,
+            format!("daemon.admin_group `{g}` is not a group on this host"),
+        );
+    }
+    for (key, path) in [
+        ("pin_dir", &daemon.pin_dir),
+        ("control_socket", &daemon.control_socket),
+    ] {
+        if !path.is_absolute() {
+            c.at(
+                0..0,
+                format!("daemon.{key} `{}` must be an absolute path", path.display()),
+            );
+        }
     }
     let mut seen_names: HashMap<String, Range<usize>> = HashMap::new();
     let mut seen_cgroups: Vec<(String, Range<usize>)> = Vec::new();

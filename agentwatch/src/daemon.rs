@@ -1,33 +1,73 @@
-//! `agentwatch run`: guard the configured agents until told to stop.
+//! `agentwatch run`: guard the configured agents, serve the control socket and /metrics, write
+//! the audit trail, reload the policy live.
+//!
+//! Enforcement lives in pinned kernel objects, not in this process: stopping or killing the
+//! daemon leaves every agent guarded, and a new daemon re-adopts the pins without detaching
+//! anything. `agentwatch run --cleanup` is the only thing that removes them.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
 
-use anyhow::{Context as _, Result};
+use agentwatch_common::{
+    AGENT_FLAG_DENY_ALL, AGENT_FLAG_KILLED, AGENT_FLAG_TRIPPED, NUM_PROTOS, VERDICT_ALLOWED,
+    VERDICT_CAPPED, VERDICT_DENIED, egress_slot,
+};
+use anyhow::{Context as _, Result, bail};
 use aya::maps::{MapData, RingBuf};
-use serde_json::json;
-use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader, unix::AsyncFd},
+    net::{UnixListener, UnixStream},
+    signal::unix::SignalKind,
+};
 
 use crate::{
-    agent::Agents,
+    agent::{Agents, Guarding},
     audit::{self, Audit},
     cgroup::{self, Cgroup},
     config::{Agent, Config},
+    control::{self, Request, Response},
     egress,
     events::{self, Event},
+    kernel::PinDir,
+    metrics::{self, AgentSnapshot, Snapshot},
 };
 
-/// Where the config came from, for the first log line.
+/// Where the config came from.
 #[derive(Debug, Clone)]
 pub enum ConfigSource {
     File(PathBuf),
     EmbeddedDefault,
 }
 
-/// A guarded agent's cgroup and whether the daemon made it (and so may remove it).
-struct Placed {
-    name: String,
-    cgroup: Cgroup,
-    created: bool,
+/// How long kill and freeze wait for the kernel before they report failure.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+const FREEZE_WAIT: Duration = Duration::from_secs(5);
+
+/// The daemon's state, shared by its tasks behind one lock (held only for short, bounded work).
+struct State {
+    config: Config,
+    source: ConfigSource,
+    mount: PathBuf,
+    agents: Agents,
+    audit: Audit,
+    reloads_ok: u64,
+    reloads_rejected: u64,
+    /// The config file's bytes last seen by the watcher (applied or rejected).
+    last_seen: Option<Vec<u8>>,
+}
+
+type Shared = Arc<Mutex<State>>;
+
+fn lock(state: &Shared) -> MutexGuard<'_, State> {
+    // A task that panicked while holding the lock left the state as it was; carry on with it.
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -37,10 +77,14 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
             tracing::info!(config = %p.display(), agents = config.agents.len(), "agentwatch starting")
         }
         ConfigSource::EmbeddedDefault => tracing::info!(
-            "agentwatch starting on its embedded default config (no config file given and none at {}): no agents",
-            crate::config::DEFAULT_PATH
+            "agentwatch starting on its embedded default config (no --config and nothing at {}): \
+             no agents, metrics on {}",
+            crate::config::DEFAULT_PATH,
+            config.daemon.metrics_listen
         ),
     }
+    let socket_path = config.daemon.control_socket.clone();
+    refuse_if_running(&socket_path)?;
     let mount = cgroup::cgroup2_mount()?;
     tracing::info!(mount = %mount.display(), "cgroup2 found");
     let audit = Audit::open(&config.daemon.audit_log).with_context(|| {
@@ -50,124 +94,528 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         )
     })?;
     tracing::info!(audit_log = %audit::describe(&config.daemon.audit_log).display(), "audit trail open");
-    let mut agents = Agents::load().context("loading the kernel programs")?;
-    // The parent of created agent cgroups is removed at exit only if this daemon made it.
-    let parent = mount.join(&config.daemon.cgroup_parent);
-    let parent_existed = parent.exists();
-    let mut placed = Vec::new();
-    let result = guard_all(&config, &mount, &mut agents, &audit, &mut placed);
-    let result = match result {
-        Ok(()) => serve(&mut agents, &audit).await,
-        Err(e) => Err(e),
-    };
-    shutdown(&mut agents, &audit, placed);
-    if !parent_existed && parent.exists() {
-        match Cgroup::open(&parent).and_then(|p| p.populated().map(|busy| (p, busy))) {
-            Ok((p, false)) => {
-                if let Err(e) = p.remove() {
-                    tracing::warn!("removing {}: {e}", parent.display());
-                }
-            }
-            Ok((_, true)) => {}
-            Err(e) => tracing::warn!("{e}"),
-        }
+    let pins = PinDir::new(&config.daemon.pin_dir);
+    ensure_bpffs(pins.root())?;
+    let adopting = pins.exists();
+    let mut agents = Agents::load_pinned(pins).context("loading the kernel programs")?;
+    if adopting {
+        tracing::info!(pin_dir = %config.daemon.pin_dir.display(), "re-adopting pinned maps and links");
     }
-    result
-}
-
-fn guard_all(
-    config: &Config,
-    mount: &std::path::Path,
-    agents: &mut Agents,
-    audit: &Audit,
-    placed: &mut Vec<Placed>,
-) -> Result<()> {
-    for agent in &config.agents {
-        let p = guard_one(agent, mount, agents)?;
-        let counters_note = agents.info(&agent.name).map(|i| i.id).unwrap_or_default();
-        tracing::info!(agent = %agent.name, cgroup = %p.cgroup.path().display(), id = counters_note, rules = agent.egress.len(), "agent guarded");
-        audit.record(
-            &agent.name,
-            "agent_guarded",
-            json!({
-                "cgroup": p.cgroup.path().display().to_string(),
-                "rules": agent.egress.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            }),
-        )?;
-        placed.push(p);
-    }
-    Ok(())
-}
-
-fn guard_one(agent: &Agent, mount: &std::path::Path, agents: &mut Agents) -> Result<Placed> {
-    let path = mount.join(&agent.cgroup);
-    let (cgroup, created) = if agent.adopted {
-        let cg = Cgroup::open(&path).with_context(|| {
-            format!(
-                "agent `{}` adopts cgroup {}, which does not exist",
-                agent.name,
-                path.display()
-            )
-        })?;
-        (cg, false)
-    } else {
-        Cgroup::create(&path)
-            .with_context(|| format!("creating the cgroup of agent `{}`", agent.name))?
-    };
-    let rules = egress::compile(&agent.egress)?;
-    agents
-        .guard(&agent.name, cgroup.clone(), rules)
-        .with_context(|| format!("guarding agent `{}`", agent.name))?;
-    Ok(Placed {
-        name: agent.name.clone(),
-        cgroup,
-        created,
-    })
-}
-
-async fn serve(agents: &mut Agents, audit: &Audit) -> Result<()> {
     let ring = agents
         .take_events()
         .context("the event ring buffer was already taken")?;
-    // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf, and
-    // always reports that same fd.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("polling the event ring buffer: {e}"))?;
+    let metrics_addr = config.daemon.metrics_listen;
+    let last_seen = match &source {
+        ConfigSource::File(p) => std::fs::read(p).ok(),
+        ConfigSource::EmbeddedDefault => None,
+    };
+    let mut state = State {
+        config: Config {
+            daemon: config.daemon.clone(),
+            agents: Vec::new(),
+        },
+        source,
+        mount,
+        agents,
+        audit,
+        reloads_ok: 0,
+        reloads_rejected: 0,
+        last_seen,
+    };
+    state.apply(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let stale = state.agents.forget_stale()?;
+    if stale.states > 0 || !stale.link_dirs.is_empty() {
+        tracing::info!(states = stale.states, links = ?stale.link_dirs, "removed what an earlier daemon left for agents no longer configured");
+    }
+    let state: Shared = Arc::new(Mutex::new(state));
+
+    let listener = bind_control(
+        &socket_path,
+        lock(&state).config.daemon.admin_group.as_deref(),
+    )?;
+    let metrics = tokio::net::TcpListener::bind(metrics_addr)
+        .await
+        .with_context(|| format!("binding metrics_listen {metrics_addr}"))?;
+    tracing::info!(control_socket = %socket_path.display(), metrics = %format!("http://{}/metrics", metrics.local_addr()?), "agentwatch running");
+
+    let admin_gid = lock(&state)
+        .config
+        .daemon
+        .admin_group
+        .as_deref()
+        .and_then(control::group_id);
+    let tasks = [
+        tokio::spawn(read_events(Arc::clone(&state), ring)),
+        tokio::spawn(serve_control(Arc::clone(&state), listener, admin_gid)),
+        tokio::spawn(serve_metrics(Arc::clone(&state), metrics)),
+        tokio::spawn(watch_config(Arc::clone(&state))),
+        tokio::spawn(watch_lost(Arc::clone(&state))),
+    ];
+    let result = wait_for_signals(&state).await;
+    for t in &tasks {
+        t.abort();
+    }
+    let _ = std::fs::remove_file(&socket_path);
+    let n = lock(&state).agents.names().count();
+    tracing::info!(
+        "agentwatch stopped; {n} agent(s) stay guarded by pinned programs (`agentwatch run --cleanup` removes them)"
+    );
+    result
+}
+
+async fn wait_for_signals(state: &Shared) -> Result<()> {
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut lost_seen = agents.kernel().events_lost()?;
-    tracing::info!("agentwatch running");
+    let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()); }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                drain(guard.get_inner_mut(), agents, audit);
-                guard.clear_ready();
-            }
-            _ = tick.tick() => {
-                // The kernel counts what it could not queue; say so, never drop it silently.
-                let lost = agents.kernel().events_lost()?;
-                if lost > lost_seen {
-                    tracing::warn!(lost = lost - lost_seen, "event ring buffer was full: events lost");
-                    audit.record("", "events_lost", json!({"count": lost - lost_seen, "total": lost}))?;
-                    lost_seen = lost;
-                }
+            _ = sighup.recv() => {
+                tracing::info!("SIGHUP: reloading");
+                let state = Arc::clone(state);
+                let _ = tokio::task::spawn_blocking(move || lock(&state).reload_from_disk()).await;
             }
         }
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, agents: &Agents, audit: &Audit) {
+/// Refuses to start a second daemon on the same control socket (and so the same pins).
+fn refuse_if_running(socket: &Path) -> Result<()> {
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        bail!(
+            "another agentwatch daemon is already running (its control socket {} answers)",
+            socket.display()
+        );
+    }
+    Ok(())
+}
+
+/// Pins need bpffs. Mount it at /sys/fs/bpf when the pin folder is below it and it is missing.
+fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let on_bpffs = |p: &Path| -> bool {
+        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+            return false;
+        };
+        // SAFETY: statfs with a valid C string and an out-pointer to a zeroed statfs.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; statfs writes only into `st`.
+        if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+            return false;
+        }
+        #[allow(
+            clippy::useless_conversion,
+            reason = "f_type is i64 on x86_64, narrower elsewhere"
+        )]
+        let f_type = i64::from(st.f_type);
+        f_type == BPF_FS_MAGIC
+    };
+    let existing = pin_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if on_bpffs(existing) {
+        return Ok(());
+    }
+    let bpffs = Path::new("/sys/fs/bpf");
+    if pin_dir.starts_with(bpffs) && bpffs.exists() && !on_bpffs(bpffs) {
+        tracing::info!("mounting bpffs at /sys/fs/bpf");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .context("running mount")?;
+        if status.success() && on_bpffs(bpffs) {
+            return Ok(());
+        }
+    }
+    bail!(
+        "pin_dir {} is not on a bpf file system; mount one (`mount -t bpf bpf /sys/fs/bpf`) or \
+         choose a pin_dir below one",
+        pin_dir.display()
+    )
+}
+
+fn bind_control(path: &Path, admin_group: Option<&str>) -> Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // A stale socket of a daemon that died (refuse_if_running found nobody answering).
+    let _ = std::fs::remove_file(path);
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let (mode, gid) = match admin_group.and_then(control::group_id) {
+        Some(gid) => (0o660, Some(gid)),
+        None => (0o600, None),
+    };
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, Some(0), Some(gid))
+            .with_context(|| format!("chown {}", path.display()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    Ok(listener)
+}
+
+impl State {
+    /// Applies `new` to the kernel: agents added are guarded, agents removed are unguarded
+    /// (their processes keep running, reported), agents whose rules changed get them swapped
+    /// atomically. Everything that can fail for reasons in the config is checked before the
+    /// first change, so a rejected config changes nothing.
+    fn apply(&mut self, new: Config) -> Result<String, String> {
+        // Pre-flight: adopted cgroups must exist; rules must compile.
+        let mut compiled = BTreeMap::new();
+        for a in &new.agents {
+            if a.adopted && !self.mount.join(&a.cgroup).join("cgroup.procs").exists() {
+                return Err(format!(
+                    "agent `{}` adopts cgroup {}, which does not exist",
+                    a.name,
+                    self.mount.join(&a.cgroup).display()
+                ));
+            }
+            compiled.insert(
+                a.name.clone(),
+                egress::compile(&a.egress).map_err(|e| format!("agent `{}`: {e}", a.name))?,
+            );
+        }
+        if new.daemon != self.config.daemon && !self.config.agents.is_empty() {
+            tracing::warn!("[daemon] settings changed: they take effect at the next restart");
+        }
+        let old: BTreeMap<String, Agent> = self
+            .config
+            .agents
+            .iter()
+            .map(|a| (a.name.clone(), a.clone()))
+            .collect();
+        let mut summary = Vec::new();
+        // Removed agents, and agents whose cgroup moved, first: a cgroup is never in two agents.
+        for (name, a) in &old {
+            let keep = new.agent(name).is_some_and(|n| n.cgroup == a.cgroup);
+            if !keep {
+                self.remove_agent(a);
+                summary.push(format!("-{name}"));
+            }
+        }
+        for a in &new.agents {
+            let rules = compiled.remove(&a.name).unwrap_or_default();
+            match old.get(&a.name) {
+                Some(o) if o.cgroup == a.cgroup => {
+                    if o.egress != a.egress {
+                        self.agents
+                            .set_rules(&a.name, rules)
+                            .map_err(|e| e.to_string())?;
+                        summary.push(format!("~{}", a.name));
+                    }
+                }
+                _ => {
+                    self.add_agent(a, rules)?;
+                    summary.push(format!("+{}", a.name));
+                }
+            }
+        }
+        self.config = Config {
+            daemon: self.config.daemon.clone(),
+            agents: new.agents,
+        };
+        Ok(summary.join(" "))
+    }
+
+    fn add_agent(&mut self, a: &Agent, rules: egress::CompiledRules) -> Result<(), String> {
+        let path = self.mount.join(&a.cgroup);
+        let cgroup = if a.adopted {
+            Cgroup::open(&path).map_err(|e| e.to_string())?
+        } else {
+            Cgroup::create(&path).map_err(|e| e.to_string())?.0
+        };
+        let how = self
+            .agents
+            .guard(&a.name, cgroup, rules)
+            .map_err(|e| format!("guarding agent `{}`: {e}", a.name))?;
+        let adopted = how == Guarding::Adopted;
+        tracing::info!(agent = %a.name, cgroup = %path.display(), rules = a.egress.len(), adopted, "agent guarded");
+        self.audit_agent(
+            &a.name,
+            "agent_guarded",
+            json!({
+                "cgroup": path.display().to_string(),
+                "rules": a.egress.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "readopted": adopted,
+            }),
+        );
+        Ok(())
+    }
+
+    fn remove_agent(&mut self, a: &Agent) {
+        let cgroup = match self.agents.unguard(&a.name) {
+            Ok(cg) => cg,
+            Err(e) => {
+                tracing::error!(agent = %a.name, "unguarding: {e}");
+                return;
+            }
+        };
+        let left = cgroup.all_pids().map(|p| p.len()).unwrap_or(0);
+        tracing::warn!(agent = %a.name, processes = left, "agent removed from the policy: its processes keep running, unguarded");
+        self.audit_agent(&a.name, "agent_removed", json!({ "processes": left }));
+        if !a.adopted && left == 0 {
+            let _ = cgroup.remove();
+        }
+    }
+
+    fn audit_agent(&self, agent: &str, kind: &str, fields: Value) {
+        if let Err(e) = self.audit.record(agent, kind, fields) {
+            tracing::error!("writing the audit trail: {e}");
+        }
+    }
+
+    fn audit_daemon(&self, kind: &str, fields: Value) {
+        if let Err(e) = self.audit.record_daemon(kind, fields) {
+            tracing::error!("writing the audit trail: {e}");
+        }
+    }
+
+    /// Re-reads the config file and applies it, or rejects it whole.
+    fn reload_from_disk(&mut self) -> Result<String, String> {
+        let ConfigSource::File(path) = &self.source else {
+            return Err(
+                "running on the embedded default config: there is no file to reload".into(),
+            );
+        };
+        let path = path.clone();
+        self.last_seen = std::fs::read(&path).ok();
+        let result = Config::load(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| self.apply(c));
+        match &result {
+            Ok(summary) => {
+                self.reloads_ok += 1;
+                tracing::info!(changes = %summary, "policy reloaded");
+                self.audit_daemon("policy_reloaded", json!({ "changes": summary }));
+            }
+            Err(e) => {
+                self.reloads_rejected += 1;
+                tracing::error!("policy rejected, the previous one stays in force:\n{e}");
+                self.audit_daemon("policy_rejected", json!({ "error": e }));
+            }
+        }
+        result
+    }
+
+    fn handle(&mut self, req: Request, uid: u32) -> Response {
+        let result = match req {
+            Request::Status => Ok(json!({ "agents": self.status() })),
+            Request::Reload => self
+                .reload_from_disk()
+                .map(|changes| json!({ "changes": changes })),
+            Request::Freeze { agent } => self.freeze(&agent, true, uid),
+            Request::Thaw { agent } => self.freeze(&agent, false, uid),
+            Request::Kill { agent } => self.kill(&agent, uid),
+            Request::Approve { agent } => self.approve(&agent, uid),
+            Request::Launch { agent } => self.launch(&agent),
+        };
+        match result {
+            Ok(data) => Response::ok(data),
+            Err(e) => Response::err(e),
+        }
+    }
+
+    fn cgroup_of(&self, agent: &str) -> Result<Cgroup, String> {
+        self.agents.cgroup(agent).cloned().ok_or_else(|| {
+            let known: Vec<&str> = self.agents.names().collect();
+            format!(
+                "unknown agent `{agent}` (guarded: {})",
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            )
+        })
+    }
+
+    fn freeze(&mut self, agent: &str, frozen: bool, uid: u32) -> Result<Value, String> {
+        let cg = self.cgroup_of(agent)?;
+        cg.set_frozen(frozen).map_err(|e| e.to_string())?;
+        cg.wait_frozen(frozen, FREEZE_WAIT)
+            .map_err(|e| e.to_string())?;
+        let kind = if frozen { "frozen" } else { "thawed" };
+        let processes = cg.all_pids().map(|p| p.len()).unwrap_or(0);
+        self.audit_agent(
+            agent,
+            kind,
+            json!({ "actor_uid": uid, "processes": processes }),
+        );
+        tracing::info!(agent, actor_uid = uid, processes, "{kind}");
+        Ok(json!({ "state": kind, "processes": processes }))
+    }
+
+    /// The kill switch: egress denied in the kernel first (nothing more leaves, even from a
+    /// process that survives a moment), then the whole tree killed at once.
+    fn kill(&mut self, agent: &str, uid: u32) -> Result<Value, String> {
+        let cg = self.cgroup_of(agent)?;
+        self.agents
+            .update_flags(agent, AGENT_FLAG_DENY_ALL | AGENT_FLAG_KILLED, 0)
+            .map_err(|e| e.to_string())?;
+        let before = cg.all_pids().map_err(|e| e.to_string())?;
+        cg.kill().map_err(|e| e.to_string())?;
+        cg.wait_empty(KILL_WAIT).map_err(|e| e.to_string())?;
+        // A frozen agent dies frozen; leave the cgroup thawed for whatever is approved next.
+        let _ = cg.set_frozen(false);
+        self.audit_agent(
+            agent,
+            "killed",
+            json!({ "actor_uid": uid, "processes": before.len() }),
+        );
+        tracing::warn!(agent, actor_uid = uid, processes = before.len(), "killed");
+        Ok(json!({ "processes": before.len() }))
+    }
+
+    fn approve(&mut self, agent: &str, uid: u32) -> Result<Value, String> {
+        let cg = self.cgroup_of(agent)?;
+        let info = self.agents.info(agent).ok_or("agent vanished")?;
+        let frozen = cg.frozen().map_err(|e| e.to_string())?;
+        let held =
+            info.state.flags & (AGENT_FLAG_KILLED | AGENT_FLAG_TRIPPED | AGENT_FLAG_DENY_ALL);
+        if held == 0 && !frozen {
+            return Err(format!(
+                "agent `{agent}` is not tripped, killed or frozen: nothing to approve"
+            ));
+        }
+        self.agents
+            .update_flags(
+                agent,
+                0,
+                AGENT_FLAG_KILLED | AGENT_FLAG_TRIPPED | AGENT_FLAG_DENY_ALL,
+            )
+            .map_err(|e| e.to_string())?;
+        if frozen {
+            cg.set_frozen(false).map_err(|e| e.to_string())?;
+            cg.wait_frozen(false, FREEZE_WAIT)
+                .map_err(|e| e.to_string())?;
+        }
+        self.audit_agent(agent, "approved", json!({ "actor_uid": uid }));
+        tracing::info!(agent, actor_uid = uid, "approved");
+        Ok(json!({ "state": "running" }))
+    }
+
+    fn launch(&self, agent: &str) -> Result<Value, String> {
+        let cg = self.cgroup_of(agent)?;
+        let flags = self.agents.info(agent).map_or(0, |i| i.state.flags);
+        if flags & AGENT_FLAG_KILLED != 0 {
+            return Err(format!(
+                "agent `{agent}` was killed; `agentwatch approve {agent}` first"
+            ));
+        }
+        if flags & AGENT_FLAG_TRIPPED != 0 {
+            return Err(format!(
+                "agent `{agent}`'s breaker is open; `agentwatch approve {agent}` first"
+            ));
+        }
+        Ok(json!({ "cgroup": cg.path().display().to_string() }))
+    }
+
+    fn agent_state(&self, name: &str, cg: &Cgroup) -> &'static str {
+        let flags = self.agents.info(name).map_or(0, |i| i.state.flags);
+        if flags & AGENT_FLAG_KILLED != 0 {
+            "killed"
+        } else if flags & AGENT_FLAG_TRIPPED != 0 {
+            "tripped"
+        } else if cg.frozen().unwrap_or(false) {
+            "frozen"
+        } else {
+            "running"
+        }
+    }
+
+    fn status(&self) -> Vec<Value> {
+        let mut rows = Vec::new();
+        for name in self.agents.names() {
+            let Some(cg) = self.agents.cgroup(name) else {
+                continue;
+            };
+            let c = self.agents.counters(name).unwrap_or_default();
+            let by_proto = |verdict: u8| -> u64 {
+                (0..NUM_PROTOS as u8)
+                    .map(|p| c.egress[egress_slot(p, verdict)])
+                    .sum()
+            };
+            let per_proto: serde_json::Map<String, Value> =
+                [(0u8, "tcp"), (1, "udp"), (2, "other")]
+                    .iter()
+                    .map(|(p, n)| {
+                        (
+                            n.to_string(),
+                            json!({
+                                "allowed": c.egress[egress_slot(*p, VERDICT_ALLOWED)],
+                                "denied": c.egress[egress_slot(*p, VERDICT_DENIED)],
+                                "capped": c.egress[egress_slot(*p, VERDICT_CAPPED)],
+                            }),
+                        )
+                    })
+                    .collect();
+            rows.push(json!({
+                "name": name,
+                "cgroup": cg.path().display().to_string(),
+                "processes": cg.all_pids().map(|p| p.len()).unwrap_or(0),
+                "state": self.agent_state(name, cg),
+                "egress_denied_all": self.agents.info(name).is_some_and(|i| i.state.flags & AGENT_FLAG_DENY_ALL != 0),
+                "allowed": by_proto(VERDICT_ALLOWED),
+                "denied": by_proto(VERDICT_DENIED),
+                "capped": by_proto(VERDICT_CAPPED),
+                "connects": c.connects,
+                "sends": c.sends,
+                "egress": per_proto,
+            }));
+        }
+        rows
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            agents: self
+                .agents
+                .names()
+                .map(|name| AgentSnapshot {
+                    name: name.to_owned(),
+                    counters: self.agents.counters(name).unwrap_or_default(),
+                    frozen: self
+                        .agents
+                        .cgroup(name)
+                        .is_some_and(|cg| cg.frozen().unwrap_or(false)),
+                })
+                .collect(),
+            events_lost: self.agents.kernel().events_lost().unwrap_or(0),
+            reloads_ok: self.reloads_ok,
+            reloads_rejected: self.reloads_rejected,
+        }
+    }
+}
+
+async fn read_events(state: Shared, ring: RingBuf<MapData>) -> Result<()> {
+    // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf, and
+    // always reports that same fd.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("polling the event ring buffer: {e}"))?;
+    loop {
+        // Events that arrived while no daemon ran are in the pinned buffer: drain first.
+        drain(ring.get_mut(), &state);
+        let mut guard = ring.readable_mut().await?;
+        drain(guard.get_inner_mut(), &state);
+        guard.clear_ready();
+    }
+}
+
+fn drain(ring: &mut RingBuf<MapData>, state: &Shared) {
     while let Some(item) = ring.next() {
-        match events::decode(&item) {
+        let event = events::decode(&item);
+        drop(item);
+        let s = lock(state);
+        match event {
             Event::Egress(e) => {
-                let agent = agents.name_of(e.agent_id).unwrap_or("");
-                let r = audit.record_at(
+                let agent = s.agents.name_of(e.agent_id).unwrap_or("").to_owned();
+                let r = s.audit.record_at(
                     events::wall_time(e.ts_ns),
-                    agent,
+                    &agent,
                     e.kind,
                     json!({
                         "pid": e.pid,
@@ -189,25 +637,181 @@ fn drain(ring: &mut RingBuf<MapData>, agents: &Agents, audit: &Audit) {
     }
 }
 
-/// Detaches every agent and removes the cgroups the daemon created, when empty. An agent whose
-/// processes still run keeps its cgroup (they are not killed) and is reported.
-fn shutdown(agents: &mut Agents, audit: &Audit, placed: Vec<Placed>) {
-    for p in placed {
-        if let Err(e) = agents.unguard(&p.name) {
-            tracing::error!(agent = %p.name, "detaching: {e}");
-        }
-        let _ = audit.record(&p.name, "agent_unguarded", json!({}));
-        match p.cgroup.populated() {
-            Ok(true) => tracing::warn!(agent = %p.name, cgroup = %p.cgroup.path().display(),
-                "agent processes keep running, no longer guarded"),
-            Ok(false) if p.created => {
-                if let Err(e) = p.cgroup.remove() {
-                    tracing::warn!(agent = %p.name, "removing its cgroup: {e}");
-                }
-            }
-            Ok(false) => {}
-            Err(e) => tracing::warn!(agent = %p.name, "{e}"),
+/// The kernel counts events it could not queue; report every increase, never drop silently.
+async fn watch_lost(state: Shared) -> Result<()> {
+    let mut seen = lock(&state).agents.kernel().events_lost()?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let s = lock(&state);
+        let lost = s.agents.kernel().events_lost()?;
+        if lost > seen {
+            tracing::warn!(
+                lost = lost - seen,
+                "event ring buffer was full: events lost"
+            );
+            s.audit_daemon(
+                "events_lost",
+                json!({ "count": lost - seen, "total": lost }),
+            );
+            seen = lost;
         }
     }
-    tracing::info!("agentwatch stopped");
+}
+
+/// Reloads when the config file's content changes (editors that replace the file included).
+async fn watch_config(state: Shared) -> Result<()> {
+    let ConfigSource::File(path) = lock(&state).source.clone() else {
+        return Ok(());
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Ok(now) = tokio::fs::read(&path).await else {
+            continue;
+        };
+        let state = Arc::clone(&state);
+        let _ = tokio::task::spawn_blocking(move || {
+            let mut s = lock(&state);
+            if s.last_seen.as_deref() != Some(now.as_slice()) {
+                tracing::info!("config file changed: reloading");
+                let _ = s.reload_from_disk();
+            }
+        })
+        .await;
+    }
+}
+
+async fn serve_control(
+    state: Shared,
+    listener: UnixListener,
+    admin_gid: Option<u32>,
+) -> Result<()> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            if let Err(e) = control_connection(state, stream, admin_gid).await {
+                tracing::debug!("control connection: {e:#}");
+            }
+        });
+    }
+}
+
+async fn control_connection(
+    state: Shared,
+    mut stream: UnixStream,
+    admin_gid: Option<u32>,
+) -> Result<()> {
+    let cred = stream.peer_cred()?;
+    let (uid, gid) = (cred.uid(), cred.gid());
+    if !control::authorized(uid, gid, cred.pid(), admin_gid) {
+        tracing::warn!(
+            uid,
+            gid,
+            "control socket: refused a peer that is not root or an admin"
+        );
+        let mut line = serde_json::to_vec(&Response::err(format!(
+            "permission denied: uid {uid} is not root{}",
+            if admin_gid.is_some() {
+                " or in the admin group"
+            } else {
+                ""
+            }
+        )))?;
+        line.push(b'\n');
+        stream.write_all(&line).await?;
+        return Ok(());
+    }
+    let (read, mut write) = stream.split();
+    let mut reader = BufReader::new(read.take(control::MAX_REQUEST as u64));
+    let mut line = String::new();
+    reader.read_line(&mut line).await?;
+    let response = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => {
+            tracing::debug!(?req, uid, "control request");
+            let state = Arc::clone(&state);
+            tokio::task::spawn_blocking(move || lock(&state).handle(req, uid)).await?
+        }
+        Err(e) => Response::err(format!("bad request: {e}")),
+    };
+    let mut out = serde_json::to_vec(&response)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    Ok(())
+}
+
+async fn serve_metrics(state: Shared, listener: tokio::net::TcpListener) -> Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let state = Arc::clone(&state);
+            async move {
+                let snapshot = tokio::task::spawn_blocking(move || lock(&state).snapshot()).await;
+                match snapshot
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| metrics::render(&s).map_err(|e| e.to_string()))
+                {
+                    Ok(text) => (
+                        axum::http::StatusCode::OK,
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        text,
+                    ),
+                    Err(e) => (
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        [(axum::http::header::CONTENT_TYPE, "text/plain")],
+                        e,
+                    ),
+                }
+            }
+        }),
+    );
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+/// `agentwatch run --cleanup`: detach and unpin everything under pin_dir, remove the agent
+/// cgroups agentwatch created (when empty) and the control socket. For uninstall.
+pub fn cleanup(config: &Config) -> Result<String> {
+    refuse_if_running(&config.daemon.control_socket)
+        .context("stop the daemon before `--cleanup`")?;
+    let pins = PinDir::new(&config.daemon.pin_dir);
+    let links = pins.remove_all()?;
+    let mount = cgroup::cgroup2_mount()?;
+    let mut removed = 0;
+    let mut kept = Vec::new();
+    for a in config.agents.iter().filter(|a| !a.adopted) {
+        let path = mount.join(&a.cgroup);
+        let Ok(cg) = Cgroup::open(&path) else {
+            continue;
+        };
+        if cg.populated().unwrap_or(true) {
+            kept.push(path.display().to_string());
+        } else if cg.remove().is_ok() {
+            removed += 1;
+        }
+    }
+    let parent = mount.join(&config.daemon.cgroup_parent);
+    if let Ok(cg) = Cgroup::open(&parent)
+        && !cg.populated().unwrap_or(true)
+        && std::fs::read_dir(&parent)
+            .is_ok_and(|d| !d.filter_map(Result::ok).any(|e| e.path().is_dir()))
+    {
+        let _ = cg.remove();
+    }
+    let _ = std::fs::remove_file(&config.daemon.control_socket);
+    let mut summary = format!(
+        "detached {links} link(s), removed the pins under {} and {removed} agent cgroup(s)",
+        config.daemon.pin_dir.display()
+    );
+    if !kept.is_empty() {
+        summary.push_str(&format!(
+            "; kept cgroups that still hold processes: {}",
+            kept.join(", ")
+        ));
+    }
+    Ok(summary)
 }

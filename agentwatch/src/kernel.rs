@@ -3,10 +3,15 @@
 //! One object holds every concern's programs; maps shared by all of them (agents, counters,
 //! events) live here, each concern's own maps in its module (`egress`).
 
-use agentwatch_common::{AgentCounters, AgentState};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use agentwatch_common::{AgentCounters, AgentState, RuleKeyV4, RuleKeyV6, RuleValue};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues, RingBuf},
     programs::ProgramError,
 };
 
@@ -55,6 +60,23 @@ pub enum KernelError {
         #[source]
         source: aya::programs::links::LinkError,
     },
+    #[error(
+        "pinned map {path} has key/value sizes {found:?}, this agentwatch needs {want:?}: it was \
+         pinned by another version; `agentwatch run --cleanup` removes the old pins"
+    )]
+    IncompatiblePin {
+        path: PathBuf,
+        found: (u32, u32),
+        want: (u32, u32),
+    },
+    #[error("pin {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("agent `{0}` is already guarded")]
+    AlreadyGuarded(String),
     #[error("unknown agent `{0}`")]
     UnknownAgent(String),
     #[error("all {0} agent slots are in use")]
@@ -71,6 +93,7 @@ pub struct Kernel {
     lost: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     pub(crate) egress: EgressMaps,
+    pins: Option<PinDir>,
 }
 
 pub(crate) fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
@@ -81,14 +104,63 @@ where
     T::try_from(map).map_err(|source| KernelError::Map { name, source })
 }
 
+/// Every map of the object with the key and value sizes this build expects of it. A pinned map
+/// of another layout (an older agentwatch) is refused rather than misread.
+const MAPS: [(&str, u32, u32); 6] = [
+    ("AGENTS", 8, size_of::<AgentState>() as u32),
+    ("COUNTERS", 4, size_of::<AgentCounters>() as u32),
+    ("EVENTS", 0, 0),
+    ("EVENTS_LOST", 4, 8),
+    (
+        "RULES_V4",
+        4 + size_of::<RuleKeyV4>() as u32,
+        size_of::<RuleValue>() as u32,
+    ),
+    (
+        "RULES_V6",
+        4 + size_of::<RuleKeyV6>() as u32,
+        size_of::<RuleValue>() as u32,
+    ),
+];
+
 impl Kernel {
-    /// Loads the embedded object and verifies every program (nothing is attached yet).
+    /// Loads the embedded object with private maps (gone when this value is dropped), and
+    /// verifies every program. Nothing is attached yet.
     pub fn load() -> Result<Self, KernelError> {
+        Self::load_with(None)
+    }
+
+    /// Loads the embedded object with its maps pinned under `pins` (reusing maps pinned there
+    /// by an earlier daemon: rules, agent state and counters carry over).
+    pub fn load_pinned(pins: PinDir) -> Result<Self, KernelError> {
+        Self::load_with(Some(pins))
+    }
+
+    fn load_with(pins: Option<PinDir>) -> Result<Self, KernelError> {
         if EBPF_OBJECT.is_empty() {
             return Err(KernelError::NoObject);
         }
         raise_memlock();
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+        let mut loader = EbpfLoader::new();
+        if let Some(pins) = &pins {
+            pins.create()?;
+            for (name, key, value) in MAPS {
+                let path = pins.map(name);
+                if path.exists() {
+                    let info = MapInfo::from_pin(&path)
+                        .map_err(|source| KernelError::Map { name, source })?;
+                    if (info.key_size(), info.value_size()) != (key, value) {
+                        return Err(KernelError::IncompatiblePin {
+                            path,
+                            found: (info.key_size(), info.value_size()),
+                            want: (key, value),
+                        });
+                    }
+                }
+                loader.map_pin_path(name, path);
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         let agents = take_map(&mut ebpf, "AGENTS")?;
         let counters = take_map(&mut ebpf, "COUNTERS")?;
         let lost = take_map(&mut ebpf, "EVENTS_LOST")?;
@@ -101,7 +173,13 @@ impl Kernel {
             lost,
             events,
             egress,
+            pins,
         })
+    }
+
+    /// Where this object's maps and links are pinned, if they are.
+    pub fn pins(&self) -> Option<&PinDir> {
+        self.pins.as_ref()
     }
 
     /// The event ring buffer; it has one reader, so it can be taken once.
@@ -129,6 +207,18 @@ impl Kernel {
         Ok(sum)
     }
 
+    /// Zeroes the counters of slot `id`, so an agent that later gets the slot starts at 0.
+    pub(crate) fn reset_counters(&mut self, id: u32) -> Result<(), KernelError> {
+        let err = |source| KernelError::Map {
+            name: "COUNTERS",
+            source,
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| err(MapError::IoError(e)))?;
+        let zero = PerCpuValues::try_from(vec![AgentCounters::default(); cpus])
+            .map_err(|e| err(MapError::IoError(e)))?;
+        self.counters.set(id, zero, 0).map_err(err)
+    }
+
     /// Events the kernel could not put in the ring buffer because it was full.
     pub fn events_lost(&self) -> Result<u64, KernelError> {
         let per_cpu = self.lost.get(&0, 0).map_err(|source| KernelError::Map {
@@ -138,12 +228,103 @@ impl Kernel {
         Ok(per_cpu.iter().sum())
     }
 
+    /// Agent state entries in the kernel: (cgroup id, state).
+    pub(crate) fn agent_states(&self) -> Vec<(u64, AgentState)> {
+        self.agents.iter().filter_map(Result::ok).collect()
+    }
+
     /// Kernel ids of the loaded programs (for diagnostics and leak checks).
     pub fn program_ids(&self) -> Vec<u32> {
         self.ebpf
             .programs()
             .filter_map(|(_, p)| p.info().ok().map(|i| i.id()))
             .collect()
+    }
+}
+
+/// The folder on bpffs where one daemon pins its maps (`maps/`) and links (`links/`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinDir {
+    root: PathBuf,
+}
+
+impl PinDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn map(&self, name: &str) -> PathBuf {
+        self.root.join("maps").join(name)
+    }
+
+    /// Folder of one agent's links; the cgroup id is part of the name, so the pins of a cgroup
+    /// that was removed and made again are not mistaken for the new one's.
+    pub(crate) fn agent_links(&self, name: &str, cgroup_id: u64) -> PathBuf {
+        self.root.join("links").join(format!("{name}@{cgroup_id}"))
+    }
+
+    pub(crate) fn links_root(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    /// Creates the folders; bpffs must be mounted at or above the root.
+    pub fn create(&self) -> Result<(), KernelError> {
+        for dir in [self.root.join("maps"), self.root.join("links")] {
+            fs::create_dir_all(&dir).map_err(|source| KernelError::Pin {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Is there anything pinned here?
+    pub fn exists(&self) -> bool {
+        self.root.join("maps").exists()
+    }
+
+    /// Detaches every pinned link and removes every pin and folder under the root. Returns the
+    /// number of links detached. Processes of the agents keep running, unguarded.
+    pub fn remove_all(&self) -> Result<usize, KernelError> {
+        let mut links = 0;
+        let pin_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| KernelError::Pin { path, source }
+        };
+        if let Ok(agents) = fs::read_dir(self.links_root()) {
+            for agent in agents.filter_map(Result::ok) {
+                for link in fs::read_dir(agent.path())
+                    .map_err(pin_err(&agent.path()))?
+                    .filter_map(Result::ok)
+                {
+                    // Removing the last reference to a link detaches it.
+                    fs::remove_file(link.path()).map_err(pin_err(&link.path()))?;
+                    links += 1;
+                }
+                fs::remove_dir(agent.path()).map_err(pin_err(&agent.path()))?;
+            }
+        }
+        for sub in ["links", "maps", "progs"] {
+            let dir = self.root.join(sub);
+            if let Ok(entries) = fs::read_dir(&dir) {
+                for e in entries.filter_map(Result::ok) {
+                    fs::remove_file(e.path()).map_err(pin_err(&e.path()))?;
+                }
+                fs::remove_dir(&dir).map_err(pin_err(&dir))?;
+            }
+        }
+        match fs::remove_dir(&self.root) {
+            Ok(()) => Ok(links),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(links),
+            Err(source) => Err(KernelError::Pin {
+                path: self.root.clone(),
+                source,
+            }),
+        }
     }
 }
 

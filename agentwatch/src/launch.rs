@@ -3,42 +3,44 @@
 use std::{
     ffi::OsString,
     os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::Path,
     process::Command,
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    cgroup::{self, Cgroup},
-    config::Config,
+    cgroup::Cgroup,
+    control::{self, Request},
 };
 
-/// Moves this process into agent `name`'s cgroup and execs `cmd`; returns only on failure.
-/// Refuses unless the cgroup exists *and* has the egress programs attached: an agent is never
-/// started unguarded.
-pub fn launch(config: &Config, name: &str, cmd: &[OsString]) -> Result<std::convert::Infallible> {
-    let agent = config.agent(name).with_context(|| {
-        let known: Vec<&str> = config.agents.iter().map(|a| a.name.as_str()).collect();
-        format!(
-            "unknown agent `{name}` (configured: {})",
-            if known.is_empty() {
-                "none".to_owned()
-            } else {
-                known.join(", ")
-            }
-        )
-    })?;
+/// Asks the daemon at `socket` where agent `name` lives, moves this process there and execs
+/// `cmd`; returns only on failure. Refuses unless the cgroup has the egress programs attached:
+/// an agent is never started unguarded.
+pub fn launch(socket: &Path, name: &str, cmd: &[OsString]) -> Result<std::convert::Infallible> {
     let (program, args) = cmd.split_first().context("no command given after `--`")?;
-    let path = cgroup::cgroup2_mount()?.join(&agent.cgroup);
-    let cg = Cgroup::open(&path).with_context(|| {
-        format!("agent `{name}` is not guarded: its cgroup {} does not exist (is `agentwatch run` running?)", path.display())
-    })?;
-    let guarded = attached_programs(&cg)?;
-    if guarded == 0 {
+    let response = control::call(
+        socket,
+        &Request::Launch {
+            agent: name.to_owned(),
+        },
+        Duration::from_secs(10),
+    )?;
+    if !response.ok {
         bail!(
-            "agent `{name}` is not guarded: no egress program is attached to {} (is `agentwatch run` running?)",
-            path.display()
+            "{}",
+            response
+                .error
+                .unwrap_or_else(|| "the daemon refused".into())
         );
+    }
+    let path = response.data["cgroup"]
+        .as_str()
+        .context("the daemon did not say where the agent lives")?;
+    let cg = Cgroup::open(path)?;
+    if attached_programs(&cg)? == 0 {
+        bail!("agent `{name}` is not guarded: no egress program is attached to {path}");
     }
     cg.add_pid(0)
         .with_context(|| format!("joining agent `{name}`"))?;

@@ -1,13 +1,15 @@
 //! The `agentwatch` command line.
 
-use std::{ffi::OsString, path::PathBuf, process::ExitCode};
+use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
 
 use agentwatch::{
     config::{self, Config},
+    control::{self, Request},
     daemon::{self, ConfigSource},
 };
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::Value;
 
 #[derive(Parser)]
 #[command(
@@ -19,6 +21,9 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    /// The daemon's control socket (commands that talk to the daemon).
+    #[arg(long, global = true, default_value = "/run/agentwatch/control.sock")]
+    socket: PathBuf,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -36,6 +41,10 @@ enum Cmd {
         /// Config file (default: /etc/agentwatch/agentwatch.toml, else the embedded default).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Instead of running: detach and remove every pin and the cgroups agentwatch created
+        /// (uninstall). The daemon must be stopped.
+        #[arg(long)]
+        cleanup: bool,
     },
     /// Validate a config file: exit 0, or exit 1 with `PATH:LINE:COL: message` per error.
     Check {
@@ -46,18 +55,30 @@ enum Cmd {
     Launch {
         #[arg(long)]
         agent: String,
-        /// The daemon's config file (same default as `run`).
-        #[arg(long)]
-        config: Option<PathBuf>,
         #[arg(last = true, required = true)]
         cmd: Vec<OsString>,
     },
+    /// One row per agent: cgroup, processes, state, egress counts.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause every process of the agent (cgroup.freeze); nothing is lost.
+    Freeze { agent: String },
+    /// Resume a frozen agent.
+    Thaw { agent: String },
+    /// Kill switch: deny all egress of the agent, then kill its whole process tree.
+    Kill { agent: String },
+    /// Close a tripped breaker / lift a kill: the agent may run and call out again.
+    Approve { agent: String },
+    /// Reload the daemon's config (same as SIGHUP).
+    Reload,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    match real_main(cli.command) {
+    match real_main(cli.command, cli.socket) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("agentwatch: {e:#}");
@@ -69,8 +90,10 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal; journald and log files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -98,30 +121,112 @@ fn load_config(path: Option<PathBuf>) -> Result<(Config, ConfigSource)> {
     }
 }
 
-fn real_main(cmd: Cmd) -> Result<ExitCode> {
-    match cmd {
-        Cmd::Run { config } => {
+fn real_main(cmd: Cmd, socket: PathBuf) -> Result<ExitCode> {
+    let request = match cmd {
+        Cmd::Run { config, cleanup } => {
             let (config, source) = load_config(config)?;
-            let rt = tokio::runtime::Builder::new_current_thread()
+            if cleanup {
+                println!("{}", daemon::cleanup(&config)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
             rt.block_on(daemon::run(config, source))?;
-            Ok(ExitCode::SUCCESS)
+            return Ok(ExitCode::SUCCESS);
         }
-        Cmd::Check { config } => match Config::load(&config) {
-            Ok(c) => {
-                println!("{}: ok ({} agent(s))", config.display(), c.agents.len());
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(e) => {
-                println!("{e}");
-                Ok(ExitCode::FAILURE)
-            }
-        },
-        Cmd::Launch { agent, config, cmd } => {
-            let (config, _) = load_config(config)?;
-            match agentwatch::launch::launch(&config, &agent, &cmd)? {}
+        Cmd::Check { config } => {
+            return match Config::load(&config) {
+                Ok(c) => {
+                    println!("{}: ok ({} agent(s))", config.display(), c.agents.len());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    println!("{e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            };
         }
+        Cmd::Launch { agent, cmd } => match agentwatch::launch::launch(&socket, &agent, &cmd)? {},
+        Cmd::Status { json } => {
+            let data = ask(&socket, Request::Status)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&data)?);
+            } else {
+                print_status(&data);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Freeze { agent } => Request::Freeze { agent },
+        Cmd::Thaw { agent } => Request::Thaw { agent },
+        Cmd::Kill { agent } => Request::Kill { agent },
+        Cmd::Approve { agent } => Request::Approve { agent },
+        Cmd::Reload => Request::Reload,
+    };
+    let what = describe(&request);
+    let data = ask(&socket, request)?;
+    match data.get("processes") {
+        Some(n) => println!("{what}: done ({n} process(es))"),
+        None => println!("{what}: done"),
+    }
+    if let Some(changes) = data.get("changes").and_then(Value::as_str) {
+        println!(
+            "changes: {}",
+            if changes.is_empty() { "none" } else { changes }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe(r: &Request) -> String {
+    match r {
+        Request::Freeze { agent } => format!("freeze {agent}"),
+        Request::Thaw { agent } => format!("thaw {agent}"),
+        Request::Kill { agent } => format!("kill {agent}"),
+        Request::Approve { agent } => format!("approve {agent}"),
+        Request::Reload => "reload".into(),
+        Request::Status => "status".into(),
+        Request::Launch { agent } => format!("launch {agent}"),
+    }
+}
+
+/// Sends `request`; a refusal becomes an error with the daemon's message.
+fn ask(socket: &std::path::Path, request: Request) -> Result<Value> {
+    // Kill waits for the whole tree to die; leave it room.
+    let response = control::call(socket, &request, Duration::from_secs(30))?;
+    if !response.ok {
+        bail!(
+            "{}",
+            response
+                .error
+                .unwrap_or_else(|| "the daemon refused".into())
+        );
+    }
+    Ok(response.data)
+}
+
+fn print_status(data: &Value) {
+    let rows = data["agents"].as_array().cloned().unwrap_or_default();
+    if rows.is_empty() {
+        println!("no agents");
+        return;
+    }
+    println!(
+        "{:<20} {:<8} {:>6} {:>10} {:>8} {:>8}  CGROUP",
+        "AGENT", "STATE", "PROCS", "ALLOWED", "DENIED", "CAPPED"
+    );
+    for r in rows {
+        println!(
+            "{:<20} {:<8} {:>6} {:>10} {:>8} {:>8}  {}",
+            r["name"].as_str().unwrap_or("?"),
+            r["state"].as_str().unwrap_or("?"),
+            r["processes"],
+            r["allowed"],
+            r["denied"],
+            r["capped"],
+            r["cgroup"].as_str().unwrap_or("?"),
+        );
     }
 }

@@ -317,3 +317,280 @@ pub fn leftover_cgroups() -> Vec<PathBuf> {
 }
 
 pub const EPERM: i32 = libc::EPERM;
+
+/// A scratch folder removed on Drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        let p = std::env::temp_dir().join(unique_name());
+        fs::create_dir_all(&p).expect("temp dir");
+        Self(p)
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A real `agentwatch run` daemon with its own cgroup parent, pin folder, control socket,
+/// audit log and metrics port. On Drop it kills the daemon, everything in its cgroups, and
+/// removes its pins and cgroups, also when the test failed.
+pub struct DaemonEnv {
+    pub dir: TempDir,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    pub audit: PathBuf,
+    pub pin_dir: PathBuf,
+    /// Absolute path of the agents' parent cgroup.
+    pub cgroup_parent: PathBuf,
+    parent_name: String,
+    log: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl DaemonEnv {
+    pub fn new() -> Self {
+        let dir = TempDir::new();
+        let name = unique_name();
+        let mount = cgroup::cgroup2_mount().expect("cgroup2 mount");
+        Self {
+            config: dir.0.join("agentwatch.toml"),
+            socket: dir.0.join("control.sock"),
+            audit: dir.0.join("audit.jsonl"),
+            log: dir.0.join("daemon.log"),
+            pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
+            cgroup_parent: mount.join(&name),
+            parent_name: name,
+            dir,
+            child: None,
+        }
+    }
+
+    /// The `[daemon]` section every config of this environment uses.
+    pub fn daemon_section(&self) -> String {
+        format!(
+            "[daemon]\ncgroup_parent = \"{}\"\npin_dir = \"{}\"\ncontrol_socket = \"{}\"\n\
+             metrics_listen = \"127.0.0.1:0\"\naudit_log = \"{}\"\n\n",
+            self.parent_name,
+            self.pin_dir.display(),
+            self.socket.display(),
+            self.audit.display()
+        )
+    }
+
+    /// Writes the config: the environment's `[daemon]` section followed by `agents`.
+    pub fn write_config(&self, agents: &str) {
+        // Write-then-rename, so the daemon's file watcher never reads half a file.
+        let tmp = self.dir.0.join("agentwatch.toml.tmp");
+        fs::write(&tmp, format!("{}{agents}", self.daemon_section())).expect("writing config");
+        fs::rename(&tmp, &self.config).expect("renaming config");
+    }
+
+    /// Starts the daemon and waits until it serves.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = Command::new(agentwatch_bin())
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting agentwatch run");
+        self.child = Some(child);
+        let runs_before = self.log().matches("agentwatch running").count();
+        let start = Instant::now();
+        while self.log().matches("agentwatch running").count() == runs_before {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("agentwatch run exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "daemon did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.pid().expect("daemon running")).expect("pid");
+        // SAFETY: signalling the daemon this test started.
+        unsafe { libc::kill(pid, signal) };
+    }
+
+    /// Sends `signal` and waits for the daemon to exit; returns its exit code.
+    pub fn stop_with(&mut self, signal: i32) -> Option<i32> {
+        self.signal(signal);
+        let mut child = self.child.take()?;
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status.code();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "daemon did not stop:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs `agentwatch --socket <this socket> ARGS`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(agentwatch_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("running agentwatch")
+    }
+
+    /// `agentwatch launch --agent AGENT -- aw-probe ARGS`.
+    pub fn launch_probe(&self, agent: &str, args: &[&str]) -> Output {
+        let probe = probe_bin();
+        let mut all = vec![
+            "launch",
+            "--agent",
+            agent,
+            "--",
+            probe.to_str().expect("utf8"),
+        ];
+        all.extend_from_slice(args);
+        self.cli(&all)
+    }
+
+    /// `agentwatch status --json`, parsed: agent name -> row.
+    pub fn status(&self) -> std::collections::BTreeMap<String, serde_json::Value> {
+        let out = self.cli(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+        v["agents"]
+            .as_array()
+            .expect("agents")
+            .iter()
+            .map(|r| (r["name"].as_str().unwrap_or_default().to_owned(), r.clone()))
+            .collect()
+    }
+
+    /// Absolute path of agent `name`'s cgroup (created by the daemon).
+    pub fn agent_cgroup(&self, name: &str) -> PathBuf {
+        self.cgroup_parent.join(name)
+    }
+
+    /// The audit trail, parsed.
+    pub fn audit_lines(&self) -> Vec<serde_json::Value> {
+        fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+            .collect()
+    }
+
+    /// Waits until the audit trail holds at least `n` lines of `kind`; returns those lines.
+    pub fn wait_audit(&self, kind: &str, n: usize) -> Vec<serde_json::Value> {
+        let start = Instant::now();
+        loop {
+            let lines: Vec<_> = self
+                .audit_lines()
+                .into_iter()
+                .filter(|l| l["kind"] == kind)
+                .collect();
+            if lines.len() >= n || start.elapsed() > Duration::from_secs(10) {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Scrapes /metrics (address from the daemon's last start-up log line).
+    pub fn metrics(&self) -> String {
+        use std::io::{Read as _, Write as _};
+        let log = self.log();
+        let addr = log
+            .rsplit("metrics=http://")
+            .next()
+            .and_then(|rest| rest.split('/').next())
+            .expect("metrics address in the log")
+            .to_owned();
+        let mut s = std::net::TcpStream::connect(&addr).expect("connecting to /metrics");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("response");
+        assert!(
+            text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+            "{text}"
+        );
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default()
+    }
+
+    /// The value of the metric line that starts with `series` (name and labels).
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+    }
+}
+
+impl Default for DaemonEnv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for DaemonEnv {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Ok(cg) = Cgroup::open(&self.cgroup_parent) {
+            let _ = cg.set_frozen(false);
+            let _ = cg.kill();
+            let _ = cg.wait_empty(Duration::from_secs(5));
+        }
+        if let Err(e) = agentwatch::kernel::PinDir::new(&self.pin_dir).remove_all() {
+            eprintln!("daemon env cleanup: {e}");
+        }
+        if let Ok(cg) = Cgroup::open(&self.cgroup_parent)
+            && let Err(e) = cg.remove()
+        {
+            eprintln!("daemon env cleanup: {e}");
+        }
+    }
+}

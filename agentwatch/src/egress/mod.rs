@@ -5,7 +5,10 @@
 
 pub mod rules;
 
-use std::os::fd::AsFd as _;
+use std::{
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
@@ -13,7 +16,10 @@ use agentwatch_common::{RuleKeyV4, RuleKeyV6, RuleValue, SCOPE_BITS};
 use aya::{
     Ebpf,
     maps::{LpmTrie, MapData, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr,
+        links::{FdLink, PinnedLink},
+    },
 };
 
 use crate::{
@@ -89,6 +95,33 @@ impl EgressMaps {
     }
 }
 
+impl EgressMaps {
+    /// Removes every entry under `scope`, whatever wrote it (rules of a generation this daemon
+    /// did not write itself: an earlier daemon's, or a half-finished write before a crash).
+    /// Scans the tries, so it is for start-up and adoption, not for every reload.
+    pub(crate) fn clear_scope(&mut self, scope: u32) -> Result<usize, KernelError> {
+        let v4: Vec<Key<RuleKeyV4>> = self
+            .v4
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().scope == scope)
+            .collect();
+        let v6: Vec<Key<RuleKeyV6>> = self
+            .v6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().scope == scope)
+            .collect();
+        for k in &v4 {
+            ignore_missing(self.v4.remove(k), "RULES_V4")?;
+        }
+        for k in &v6 {
+            ignore_missing(self.v6.remove(k), "RULES_V6")?;
+        }
+        Ok(v4.len() + v6.len())
+    }
+}
+
 /// LPM key of `net` under `scope`: the scope's 32 bits always match in full.
 fn v4_key(scope: u32, net: &Ipv4Net) -> Key<RuleKeyV4> {
     let addr = net.network().octets();
@@ -131,12 +164,88 @@ fn program<'a>(
         .map_err(|source| KernelError::Program { name, source })
 }
 
-/// Attaches the egress programs to `cgroup` (single mode: nothing below it can override them)
-/// and returns the links; dropping them detaches.
-pub(crate) fn attach(ebpf: &mut Ebpf, cgroup: &Cgroup) -> Result<Vec<FdLink>, KernelError> {
+/// One attached egress program. Dropping an owned link detaches it; a pinned one stays attached
+/// until its pin is removed ([`AgentLink::detach`]).
+#[derive(Debug)]
+pub struct AgentLink {
+    link: FdLink,
+    pin: Option<PathBuf>,
+    /// Attached by this process (not adopted from a pin).
+    fresh: bool,
+}
+
+impl AgentLink {
+    /// The kernel's id of the link.
+    pub fn id(&self) -> Option<u32> {
+        self.link.info().ok().map(|i| i.id())
+    }
+
+    /// Detaches the link: removes its pin, then drops the last reference.
+    pub fn detach(self) -> Result<(), std::io::Error> {
+        if let Some(pin) = &self.pin {
+            match std::fs::remove_file(pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        drop(self.link);
+        Ok(())
+    }
+
+    /// Closes this process's handle; a pinned link stays attached.
+    pub fn release(self) {
+        drop(self.link);
+    }
+}
+
+/// Attaches the egress programs to `cgroup` (single mode: nothing below it can override them).
+/// With `pin_dir`, each link is pinned there, and a link already pinned there by an earlier
+/// daemon is kept as it is: re-adopting an agent never detaches it, not even for an instant.
+pub(crate) fn attach(
+    ebpf: &mut Ebpf,
+    cgroup: &Cgroup,
+    pin_dir: Option<&Path>,
+) -> Result<Vec<AgentLink>, KernelError> {
     let dir = cgroup.dir()?;
+    if let Some(pin_dir) = pin_dir {
+        std::fs::create_dir_all(pin_dir).map_err(|source| KernelError::Pin {
+            path: pin_dir.to_owned(),
+            source,
+        })?;
+    }
     let mut links = Vec::with_capacity(PROGRAMS.len());
+    if let Err(e) = attach_each(ebpf, cgroup, &dir, pin_dir, &mut links) {
+        // No half-guarded agent: undo what this call attached (adopted pins stay).
+        for link in links.into_iter().filter(|l| l.fresh) {
+            let _ = link.detach();
+        }
+        return Err(e);
+    }
+    Ok(links)
+}
+
+fn attach_each(
+    ebpf: &mut Ebpf,
+    cgroup: &Cgroup,
+    dir: &std::fs::File,
+    pin_dir: Option<&Path>,
+    links: &mut Vec<AgentLink>,
+) -> Result<(), KernelError> {
     for name in PROGRAMS {
+        let pin = pin_dir.map(|d| d.join(name));
+        if let Some(pin) = &pin
+            && pin.exists()
+        {
+            let link =
+                PinnedLink::from_pin(pin).map_err(|source| KernelError::Link { name, source })?;
+            links.push(AgentLink {
+                link: FdLink::from(link),
+                pin: Some(pin.clone()),
+                fresh: false,
+            });
+            continue;
+        }
         let attach_err = |source| KernelError::Attach {
             name,
             cgroup: cgroup.path().display().to_string(),
@@ -149,7 +258,25 @@ pub(crate) fn attach(ebpf: &mut Ebpf, cgroup: &Cgroup) -> Result<Vec<FdLink>, Ke
         let link = prog.take_link(id).map_err(attach_err)?;
         // Only kernels before 5.7 lack bpf_link; there the link is not fd-based.
         let link = FdLink::try_from(link).map_err(|source| KernelError::Link { name, source })?;
+        let link = match pin {
+            Some(pin) => {
+                let pinned = link.pin(&pin).map_err(|e| KernelError::Pin {
+                    path: pin.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                AgentLink {
+                    link: FdLink::from(pinned),
+                    pin: Some(pin),
+                    fresh: true,
+                }
+            }
+            None => AgentLink {
+                link,
+                pin: None,
+                fresh: true,
+            },
+        };
         links.push(link);
     }
-    Ok(links)
+    Ok(())
 }

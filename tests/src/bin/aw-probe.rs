@@ -8,6 +8,11 @@
 //! - `exec PROGRAM [ARGS...]`: replace itself with PROGRAM
 //! - `exit CODE`: exit with CODE (to check exit-status passthrough)
 //! - `spin FILE`: increment a counter in FILE forever (for freeze tests)
+//! - `alternate GOOD_ADDR GOOD_PORT BAD_ADDR BAD_PORT STOP_FILE`: until STOP_FILE exists (60 s
+//!   at most), UDP-send and TCP-connect to GOOD (must succeed) and BAD (must get EPERM), and
+//!   print one summary line `{"attempts":N,"wrong":K,"first_wrong":...}`
+//! - `fork-tree CHILDREN GRANDCHILDREN`: fork CHILDREN children that each fork GRANDCHILDREN
+//!   grandchildren; everyone then sleeps until killed
 
 use std::{
     io::Write as _,
@@ -71,6 +76,19 @@ fn main() -> ExitCode {
             eprintln!("aw-probe: exec {program}: {err}");
             ExitCode::from(127)
         }
+        ["alternate", good_addr, good_port, bad_addr, bad_port, stop] => {
+            let (Some(good), Some(bad)) = (dest(good_addr, good_port), dest(bad_addr, bad_port))
+            else {
+                return usage("bad ADDR PORT");
+            };
+            alternate(good, bad, stop)
+        }
+        ["fork-tree", children, grandchildren] => {
+            let (Ok(c), Ok(g)) = (children.parse::<u32>(), grandchildren.parse::<u32>()) else {
+                return usage("bad counts");
+            };
+            fork_tree(c, g)
+        }
         ["exit", code] => code
             .parse::<u8>()
             .map_or_else(|_| usage("bad exit code"), ExitCode::from),
@@ -123,4 +141,80 @@ fn report(op: &str, proto: &str, dest: &SocketAddr, r: std::io::Result<()>) {
     });
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
+}
+
+fn alternate(good: SocketAddr, bad: SocketAddr, stop: &str) -> ExitCode {
+    let start = std::time::Instant::now();
+    let (mut attempts, mut wrong) = (0u64, 0u64);
+    let mut first_wrong = String::new();
+    let Ok(udp) = udp_socket(&good) else {
+        return ExitCode::from(101);
+    };
+    while !std::path::Path::new(stop).exists() && start.elapsed() < Duration::from_secs(60) {
+        let checks = [
+            ("udp good", udp.send_to(b"x", good).map(drop), true),
+            ("udp bad", udp.send_to(b"x", bad).map(drop), false),
+            (
+                "tcp good",
+                TcpStream::connect_timeout(&good, Duration::from_secs(2)).map(drop),
+                true,
+            ),
+            (
+                "tcp bad",
+                TcpStream::connect_timeout(&bad, Duration::from_secs(2)).map(drop),
+                false,
+            ),
+        ];
+        for (what, r, should_pass) in checks {
+            attempts += 1;
+            let right = if should_pass {
+                r.is_ok()
+            } else {
+                r.as_ref().err().and_then(std::io::Error::raw_os_error) == Some(libc::EPERM)
+            };
+            if !right {
+                wrong += 1;
+                if first_wrong.is_empty() {
+                    first_wrong = format!("{what}: {r:?}");
+                }
+            }
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"attempts": attempts, "wrong": wrong, "first_wrong": first_wrong})
+    );
+    ExitCode::SUCCESS
+}
+
+fn fork_tree(children: u32, grandchildren: u32) -> ExitCode {
+    for _ in 0..children {
+        // SAFETY: single-threaded process; the child only forks and pauses.
+        match unsafe { libc::fork() } {
+            0 => {
+                for _ in 0..grandchildren {
+                    // SAFETY: as above.
+                    if unsafe { libc::fork() } == 0 {
+                        sleep_forever();
+                    }
+                }
+                sleep_forever();
+            }
+            -1 => return ExitCode::from(102),
+            _ => {}
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"tree": 1 + children + children * grandchildren})
+    );
+    let _ = std::io::stdout().flush();
+    sleep_forever()
+}
+
+fn sleep_forever() -> ! {
+    loop {
+        // SAFETY: pause has no preconditions; it returns only when a signal is handled.
+        unsafe { libc::pause() };
+    }
 }
