@@ -104,7 +104,14 @@ pub struct AgentCounters {
     pub connects: u64,
     /// Calls seen by the sendmsg hooks (any verdict).
     pub sends: u64,
-    pub _reserved: [u64; 9],
+    /// System calls (only for agents with syscall monitoring).
+    pub syscalls: u64,
+    /// Execs allowed / killed by the exec allow-list.
+    pub execs: u64,
+    pub execs_denied: u64,
+    /// Tasks created (fork, clone, threads included).
+    pub forks: u64,
+    pub _reserved: [u64; 5],
 }
 
 /// Index into [`AgentCounters::egress`].

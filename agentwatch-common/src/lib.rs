@@ -6,8 +6,12 @@
 #![no_std]
 
 pub mod egress;
+pub mod exec;
+pub mod limits;
 
 pub use egress::*;
+pub use exec::*;
+pub use limits::*;
 
 /// Largest number of agents one daemon guards. Agent ids index per-CPU arrays, so this bounds
 /// their size (and the kernel's memory: counters are per CPU).
@@ -38,6 +42,12 @@ pub struct AgentState {
 
 /// All egress of the agent is denied whatever its rules say (kill switch, tripped breaker).
 pub const AGENT_FLAG_DENY_ALL: u32 = 1 << 0;
+/// Count this agent's syscalls (the sys_enter hook costs every process on the host a little, so
+/// it only counts agents that asked for it).
+pub const AGENT_FLAG_MONITOR_SYSCALLS: u32 = 1 << 1;
+/// The agent has an exec allow-list: an exec of a path not in [`crate::ExecKey`] entries is
+/// killed in the kernel.
+pub const AGENT_FLAG_EXEC_ALLOW: u32 = 1 << 2;
 /// Userspace bookkeeping, ignored by the kernel but kept in its map so that it survives a daemon
 /// restart: the agent was killed with the kill switch and awaits `approve`.
 pub const AGENT_FLAG_KILLED: u32 = 1 << 8;
@@ -53,6 +63,19 @@ pub const fn rule_scope(agent_id: u32, generation: u32) -> u32 {
 /// Kinds of record in the event ring buffer; every record starts with this `u32`.
 pub const EVENT_EGRESS_DENIED: u32 = 1;
 pub const EVENT_EGRESS_CAPPED: u32 = 2;
+pub const EVENT_EXEC: u32 = 3;
+pub const EVENT_EXEC_DENIED: u32 = 4;
+
+/// Daemon-wide settings the kernel programs read (slot 0 of the `SETTINGS` array).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// Shallowest and deepest cgroup level at which an agent's cgroup sits (0 is the root).
+    /// The programs look a task's agent up only at these ancestor levels: one or two hash
+    /// lookups per call, which matters on sys_enter. `max_level == 0`: no agent yet.
+    pub min_level: u32,
+    pub max_level: u32,
+}
 
 #[cfg(feature = "user")]
 mod pod {
@@ -65,6 +88,11 @@ mod pod {
     unsafe impl aya::Pod for super::RuleValue {}
     unsafe impl aya::Pod for super::PortRange {}
     unsafe impl aya::Pod for super::EgressEvent {}
+    unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::ExecKey {}
+    unsafe impl aya::Pod for super::ExecEvent {}
+    unsafe impl aya::Pod for super::AgentLimits {}
 }
 
 const _: () = assert!(core::mem::size_of::<AgentState>() == 16);
+const _: () = assert!(core::mem::size_of::<Settings>() == 8);

@@ -1,11 +1,15 @@
 //! Which agent is the current task? Shared by every hook.
 
-use agentwatch_common::{AgentCounters, AgentState, MAX_AGENTS, MAX_CGROUP_DEPTH};
+use agentwatch_common::{AgentCounters, AgentState, MAX_AGENTS, MAX_CGROUP_DEPTH, Settings};
 use aya_ebpf::{
-    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
+    helpers::generated::bpf_get_current_ancestor_cgroup_id,
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
+
+/// Daemon-wide settings (slot 0), written by the daemon.
+#[map]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
 /// Agent cgroup id -> state. Written by the daemon before it attaches anything to the cgroup.
 #[map]
@@ -19,32 +23,39 @@ pub static COUNTERS: PerCpuArray<AgentCounters> = PerCpuArray::with_max_entries(
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
+/// Breaker trips per agent and action (alert, deny, freeze, kill). The daemon writes it; it
+/// lives here so the counts persist with the other pinned maps across daemon restarts.
+#[map]
+pub static BREAKER_TRIPS: Array<[u64; 4]> = Array::with_max_entries(MAX_AGENTS, 0);
+
 /// Events that could not be reserved in [`EVENTS`] (slot 0).
 #[map]
 pub static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-/// Finds the agent of the calling task: its own cgroup in the common case, otherwise the first
-/// ancestor that is an agent's cgroup (processes may create nested cgroups below their agent's).
+/// Finds the agent of the calling task: the first ancestor cgroup (itself included) that is an
+/// agent's. Processes may create nested cgroups below their agent's; they still belong to it.
+/// Only the levels where agents sit are looked at (SETTINGS), so a task outside every agent
+/// costs one or two lookups, which matters on the sys_enter hook.
 #[inline(always)]
 pub fn current_agent() -> Option<AgentState> {
-    // SAFETY: helpers without pointer arguments.
-    let own = unsafe { bpf_get_current_cgroup_id() };
-    // SAFETY: AGENTS values are plain integers copied out at once.
-    if let Some(state) = unsafe { AGENTS.get(own) } {
-        return Some(*state);
-    }
-    let mut level = 1;
-    while level < MAX_CGROUP_DEPTH {
-        // SAFETY: as above.
+    let (min, max) = match SETTINGS.get(0) {
+        Some(s) if s.max_level > 0 => (s.min_level as i32, s.max_level as i32),
+        _ => return None,
+    };
+    let mut level = min;
+    let mut steps = 0;
+    while level <= max && steps < MAX_CGROUP_DEPTH {
+        // SAFETY: helper without pointer arguments.
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
-        if id == 0 || id == own {
+        if id == 0 {
             break;
         }
-        // SAFETY: as above.
+        // SAFETY: AGENTS values are plain integers copied out at once.
         if let Some(state) = unsafe { AGENTS.get(id) } {
             return Some(*state);
         }
         level += 1;
+        steps += 1;
     }
     None
 }

@@ -4,15 +4,18 @@
 //! the agent's live rule generation, admits its protocol and port. The daemon folds covering
 //! prefixes' ranges into each entry, so the one longest-prefix lookup is the whole answer.
 
+use core::intrinsics::{AtomicOrdering, atomic_cxchg};
+
 use agentwatch_common::{
-    AGENT_FLAG_DENY_ALL, EVENT_EGRESS_DENIED, EgressEvent, HOOK_CONNECT, HOOK_SENDMSG, PROTO_OTHER,
-    PROTO_TCP, PROTO_UDP, RuleKeyV4, RuleKeyV6, RuleValue, SCOPE_BITS, UNKNOWN_AGENT,
-    VERDICT_ALLOWED, VERDICT_DENIED, egress_slot, rule_scope,
+    AGENT_FLAG_DENY_ALL, AgentLimits, Cap, EVENT_EGRESS_CAPPED, EVENT_EGRESS_DENIED, EgressEvent,
+    HOOK_CONNECT, HOOK_SENDMSG, MAX_AGENTS, PROTO_OTHER, PROTO_TCP, PROTO_UDP, RuleKeyV4,
+    RuleKeyV6, RuleValue, SCOPE_BITS, UNKNOWN_AGENT, VERDICT_ALLOWED, VERDICT_CAPPED,
+    VERDICT_DENIED, egress_slot, rule_scope,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_ktime_get_ns},
     macros::{cgroup_sock_addr, map},
-    maps::{LpmTrie, lpm_trie::Key},
+    maps::{Array, LpmTrie, lpm_trie::Key},
     programs::SockAddrContext,
 };
 
@@ -27,6 +30,10 @@ static RULES_V4: LpmTrie<RuleKeyV4, RuleValue> = LpmTrie::with_max_entries(MAX_R
 
 #[map]
 static RULES_V6: LpmTrie<RuleKeyV6, RuleValue> = LpmTrie::with_max_entries(MAX_RULES, 0);
+
+/// Per-agent hard caps (connects, sends per second), indexed by agent id.
+#[map]
+static LIMITS: Array<AgentLimits> = Array::with_max_entries(MAX_AGENTS, 0);
 
 /// What the cgroup sock_addr hooks return.
 const ALLOW: i32 = 1;
@@ -111,7 +118,11 @@ fn judge(ctx: &SockAddrContext, hook: u8, v6_hook: bool) -> i32 {
         }
     };
     let id = agent.map_or(UNKNOWN_AGENT, |s| s.id);
-    let verdict = if allowed {
+    // The cap applies to calls the rules allow: a denied call is denied, not capped.
+    let capped = allowed && over_cap(id, hook);
+    let verdict = if capped {
+        VERDICT_CAPPED
+    } else if allowed {
         VERDICT_ALLOWED
     } else {
         VERDICT_DENIED
@@ -124,11 +135,67 @@ fn judge(ctx: &SockAddrContext, hook: u8, v6_hook: bool) -> i32 {
             c.sends += 1;
         }
     }
-    if allowed {
+    if verdict == VERDICT_ALLOWED {
         return ALLOW;
     }
-    emit(EVENT_EGRESS_DENIED, id, proto, hook, &dest);
+    let kind = if capped {
+        EVENT_EGRESS_CAPPED
+    } else {
+        EVENT_EGRESS_DENIED
+    };
+    emit(kind, id, proto, hook, &dest);
     DENY
+}
+
+/// Is this call over the agent's cap for its hook? Takes a slot of the cap if not.
+#[inline(always)]
+fn over_cap(id: u32, hook: u8) -> bool {
+    let Some(limits) = LIMITS.get_ptr_mut(id) else {
+        return false;
+    };
+    // SAFETY: a valid map value; only the atomic below writes tat_ns concurrently.
+    let cap: *mut Cap = unsafe {
+        if hook == HOOK_CONNECT {
+            &raw mut (*limits).connects
+        } else {
+            &raw mut (*limits).sends
+        }
+    };
+    // SAFETY: as above.
+    let (interval, tolerance) = unsafe { ((*cap).interval_ns, (*cap).tolerance_ns) };
+    if interval == 0 {
+        return false;
+    }
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: tat_ns is an aligned u64 inside the map value, which outlives this call.
+    let tat = unsafe { &raw mut (*cap).tat_ns };
+    // A few attempts under contention; if every one loses the race, refuse (fail closed).
+    // core's AtomicU64 has no compare_exchange on the BPF target (its spec predates ISA v3's
+    // cmpxchg), so the intrinsic is used directly (the kernel runs BPF_CMPXCHG from 5.12).
+    let mut tries = 0;
+    while tries < 4 {
+        // SAFETY: see above. An aligned 64-bit load is single-copy atomic on every JIT; the
+        // BPF backend has no "atomic load" below ISA v4, so it is a volatile read.
+        let old = unsafe { core::ptr::read_volatile(tat) };
+        let base = if old > now { old } else { now };
+        if base - now > tolerance {
+            return true;
+        }
+        // SAFETY: as above.
+        let (_, swapped) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::Relaxed }>(
+                tat,
+                old,
+                base + interval,
+            )
+        };
+        if swapped {
+            return false;
+        }
+        tries += 1;
+    }
+    true
 }
 
 #[inline(always)]

@@ -2,9 +2,17 @@
 //! (`agentwatch/src/egress.rs` loads and feeds `egress.rs` here).
 #![no_std]
 #![no_main]
+// Compare-and-swap for the in-kernel caps (see egress.rs).
+#![feature(core_intrinsics)]
+#![allow(
+    internal_features,
+    reason = "core_intrinsics: atomic cmpxchg on the BPF target"
+)]
 
 mod agent;
 mod egress;
+mod exec;
+mod syscalls;
 
 #[cfg(not(test))]
 #[panic_handler]

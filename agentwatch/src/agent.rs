@@ -1,30 +1,80 @@
 //! Guarded agents: the userspace half of `agentwatch-ebpf/src/agent.rs`.
 //!
 //! [`Agents`] owns the loaded kernel object and, per agent, its id, cgroup, live rule
-//! generation and links. The order of every operation is chosen so that no call of an agent is
-//! ever judged without a complete policy: state and rules are written before programs attach,
-//! a new rule generation is complete before one map write makes it live, and a daemon that
+//! generation, policy and links. The order of every operation is chosen so that no call of an
+//! agent is ever judged without a complete policy: state and rules are written before programs
+//! attach, a new rule generation is complete before one map write makes it live, exec paths
+//! allowed by both the old and the new list stay allowed throughout, and a daemon that
 //! re-adopts pinned agents never detaches anything.
 
-use std::collections::{BTreeMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::{Path, PathBuf},
+};
 
-use agentwatch_common::{AgentCounters, AgentState, MAX_AGENTS, rule_scope};
-use aya::maps::{MapData, RingBuf};
+use agentwatch_common::{
+    AGENT_FLAG_EXEC_ALLOW, AGENT_FLAG_MONITOR_SYSCALLS, AgentCounters, AgentLimits, AgentState,
+    Cap, ExecKey, MAX_AGENTS, Settings, rule_scope,
+};
+use aya::maps::{MapData, MapError, RingBuf};
 
 use crate::{
-    cgroup::Cgroup,
-    egress::{self, AgentLink, CompiledRules},
+    cgroup::{self, Cgroup},
+    egress::{self, CompiledRules},
+    exec,
     kernel::{Kernel, KernelError, PinDir},
+    link::Link,
+    syscalls,
 };
+
+/// Everything the kernel enforces for one agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub rules: CompiledRules,
+    /// Hard caps per second (None: no cap).
+    pub connects_per_second: Option<u32>,
+    pub sends_per_second: Option<u32>,
+    /// Exec allow-list (None: any exec is allowed; Some(empty): every exec is killed).
+    pub exec_allow: Option<Vec<PathBuf>>,
+    /// Count the agent's syscalls (attaches the host-wide sys_enter hook).
+    pub monitor_syscalls: bool,
+}
+
+impl From<CompiledRules> for Policy {
+    fn from(rules: CompiledRules) -> Self {
+        Self {
+            rules,
+            ..Self::default()
+        }
+    }
+}
+
+impl Policy {
+    fn flags(&self) -> u32 {
+        let mut f = 0;
+        if self.exec_allow.is_some() {
+            f |= AGENT_FLAG_EXEC_ALLOW;
+        }
+        if self.monitor_syscalls {
+            f |= AGENT_FLAG_MONITOR_SYSCALLS;
+        }
+        f
+    }
+}
+
+/// Flags owned by the policy (the rest belong to the kill switch and breaker).
+const POLICY_FLAGS: u32 = AGENT_FLAG_EXEC_ALLOW | AGENT_FLAG_MONITOR_SYSCALLS;
 
 /// One guarded agent.
 struct Guarded {
     id: u32,
     cgroup: Cgroup,
     cgroup_id: u64,
+    /// Depth of the cgroup below the cgroup2 root.
+    level: u32,
     state: AgentState,
-    rules: CompiledRules,
-    links: Vec<AgentLink>,
+    policy: Policy,
+    links: Vec<Link>,
 }
 
 /// What [`Agents::info`] reports about one agent.
@@ -56,24 +106,46 @@ pub struct Stale {
 /// The set of guarded agents and the kernel object that guards them.
 pub struct Agents {
     kernel: Kernel,
+    mount: PathBuf,
     by_name: BTreeMap<String, Guarded>,
+    /// Exec/fork tracepoints, attached host-wide for as long as this object lives.
+    host: Vec<Link>,
+    /// The sys_enter hook, while some agent monitors syscalls.
+    syscalls: Option<Link>,
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> KernelError {
+    move |source| KernelError::Map { name, source }
 }
 
 impl Agents {
     /// Loads the kernel object with private maps; links are owned and detach on drop.
     pub fn load() -> Result<Self, KernelError> {
-        Ok(Self {
-            kernel: Kernel::load()?,
-            by_name: BTreeMap::new(),
-        })
+        Self::new(Kernel::load()?)
     }
 
     /// Loads the kernel object with maps and links pinned under `pins`, so enforcement outlives
     /// this process; what an earlier daemon pinned there is reused.
     pub fn load_pinned(pins: PinDir) -> Result<Self, KernelError> {
+        Self::new(Kernel::load_pinned(pins)?)
+    }
+
+    fn new(mut kernel: Kernel) -> Result<Self, KernelError> {
+        let host_dir = kernel.pins().map(PinDir::host_links);
+        let host = exec::attach(&mut kernel.ebpf, host_dir.as_deref())?;
+        // An earlier daemon's sys_enter pin is adopted; sync_syscalls drops it if unneeded.
+        let syscalls = match &host_dir {
+            Some(dir) if syscalls::pinned(dir) => {
+                Some(syscalls::attach(&mut kernel.ebpf, Some(dir))?)
+            }
+            _ => None,
+        };
         Ok(Self {
-            kernel: Kernel::load_pinned(pins)?,
+            kernel,
+            mount: cgroup::cgroup2_mount()?,
             by_name: BTreeMap::new(),
+            host,
+            syscalls,
         })
     }
 
@@ -84,6 +156,11 @@ impl Agents {
     /// The event ring buffer (one reader).
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.kernel.take_events()
+    }
+
+    /// Is the host-wide sys_enter hook attached?
+    pub fn syscalls_hooked(&self) -> bool {
+        self.syscalls.is_some()
     }
 
     fn free_id(&self) -> Result<u32, KernelError> {
@@ -100,19 +177,32 @@ impl Agents {
             .ok_or(KernelError::NoAgentSlot(MAX_AGENTS - 1))
     }
 
-    /// Starts guarding `cgroup` as agent `name` with `rules`. An agent the kernel already knows
-    /// (pinned state of an earlier daemon) is adopted: same id, counters and flags, its pinned
-    /// links kept attached, its rules replaced atomically.
+    fn level_of(&self, cgroup: &Cgroup) -> u32 {
+        cgroup.path().strip_prefix(&self.mount).map_or(0, |rel| {
+            u32::try_from(rel.components().count()).unwrap_or(0)
+        })
+    }
+
+    /// Starts guarding `cgroup` as agent `name`. An agent the kernel already knows (pinned
+    /// state of an earlier daemon) is adopted: same id, counters and kill/breaker flags, its
+    /// pinned links kept attached, its policy replaced atomically.
     pub fn guard(
         &mut self,
         name: &str,
         cgroup: Cgroup,
-        rules: CompiledRules,
+        policy: impl Into<Policy>,
     ) -> Result<Guarding, KernelError> {
+        let policy = policy.into();
         if self.by_name.contains_key(name) {
             return Err(KernelError::AlreadyGuarded(name.to_owned()));
         }
         let cgroup_id = cgroup.id()?;
+        let level = self.level_of(&cgroup);
+        if level == 0 {
+            return Err(KernelError::Cgroup(cgroup::CgroupError::BadPath(
+                cgroup.path().display().to_string(),
+            )));
+        }
         let existing = self.kernel.agents.get(&cgroup_id, 0).ok();
         let (state, how) = match existing {
             Some(mut state) => {
@@ -120,8 +210,11 @@ impl Agents {
                 let next = rule_scope(state.id, state.generation ^ 1);
                 // The other generation may hold a half-written policy of a crashed daemon.
                 self.kernel.egress.clear_scope(next)?;
-                self.kernel.egress.write(next, &rules)?;
+                self.kernel.egress.write(next, &policy.rules)?;
+                self.write_limits(state.id, &policy)?;
+                self.sync_exec(state.id, policy.exec_allow.as_deref())?;
                 state.generation ^= 1;
+                state.flags = (state.flags & !POLICY_FLAGS) | policy.flags();
                 self.write_state(cgroup_id, state)?;
                 self.kernel.egress.clear_scope(old)?;
                 (state, Guarding::Adopted)
@@ -131,25 +224,33 @@ impl Agents {
                 let state = AgentState {
                     id,
                     generation: 0,
-                    flags: 0,
+                    flags: policy.flags(),
                     _pad: 0,
                 };
                 // Leftovers of an agent that had this slot when a daemon crashed.
                 self.kernel.egress.clear_scope(rule_scope(id, 0))?;
                 self.kernel.egress.clear_scope(rule_scope(id, 1))?;
                 self.kernel.reset_counters(id)?;
-                self.kernel.egress.write(rule_scope(id, 0), &rules)?;
+                self.kernel.reset_trips(id)?;
+                self.kernel.egress.write(rule_scope(id, 0), &policy.rules)?;
+                self.write_limits(id, &policy)?;
+                self.sync_exec(id, policy.exec_allow.as_deref())?;
                 self.write_state(cgroup_id, state)?;
                 (state, Guarding::New)
             }
         };
+        self.write_settings(Some(level))?;
         let pin_dir = self.kernel.pins().map(|p| p.agent_links(name, cgroup_id));
         let links = match egress::attach(&mut self.kernel.ebpf, &cgroup, pin_dir.as_deref()) {
             Ok(links) => links,
             Err(e) => {
                 if how == Guarding::New {
                     self.undo_state(cgroup_id);
-                    let _ = self.kernel.egress.clear(rule_scope(state.id, 0), &rules);
+                    let _ = self
+                        .kernel
+                        .egress
+                        .clear(rule_scope(state.id, 0), &policy.rules);
+                    let _ = self.sync_exec(state.id, None);
                 }
                 return Err(e);
             }
@@ -160,32 +261,53 @@ impl Agents {
                 id: state.id,
                 cgroup,
                 cgroup_id,
+                level,
                 state,
-                rules,
+                policy,
                 links,
             },
         );
+        self.sync_syscalls()?;
         Ok(how)
     }
 
-    /// Replaces the rules of agent `name` atomically: the new rules go into the agent's other
-    /// generation, one map write makes that generation live, then the old one is cleared. A
-    /// destination allowed (or denied) by both policies is allowed (denied) at every instant.
-    pub fn set_rules(&mut self, name: &str, rules: CompiledRules) -> Result<(), KernelError> {
+    /// Replaces the policy of agent `name`. Rules are swapped atomically: the new rules go into
+    /// the agent's other generation, one map write makes that generation live, then the old one
+    /// is cleared. A destination allowed (or denied) by both policies is allowed (denied) at
+    /// every instant; likewise an exec path on both allow-lists.
+    pub fn set_policy(&mut self, name: &str, policy: impl Into<Policy>) -> Result<(), KernelError> {
+        let policy = policy.into();
         let g = self.get(name)?;
         let (id, cgroup_id, mut state) = (g.id, g.cgroup_id, g.state);
         let old_scope = rule_scope(id, state.generation);
         let new_scope = rule_scope(id, state.generation ^ 1);
-        if let Err(e) = self.kernel.egress.write(new_scope, &rules) {
-            let _ = self.kernel.egress.clear(new_scope, &rules);
+        if let Err(e) = self.kernel.egress.write(new_scope, &policy.rules) {
+            let _ = self.kernel.egress.clear(new_scope, &policy.rules);
             return Err(e);
         }
+        self.write_limits(id, &policy)?;
+        // New exec paths go in before the flag can turn the list on; stale ones go after.
+        if let Some(paths) = &policy.exec_allow {
+            for p in paths {
+                self.insert_exec(id, p)?;
+            }
+        }
         state.generation ^= 1;
+        state.flags = (state.flags & !POLICY_FLAGS) | policy.flags();
         self.write_state(cgroup_id, state)?;
+        self.sync_exec(id, policy.exec_allow.as_deref())?;
         let g = self.get_mut(name)?;
         g.state = state;
-        let old_rules = std::mem::replace(&mut g.rules, rules);
-        self.kernel.egress.clear(old_scope, &old_rules)
+        let old = std::mem::replace(&mut g.policy, policy);
+        self.kernel.egress.clear(old_scope, &old.rules)?;
+        self.sync_syscalls()
+    }
+
+    /// Replaces only the rules of agent `name` (see [`Agents::set_policy`]).
+    pub fn set_rules(&mut self, name: &str, rules: CompiledRules) -> Result<(), KernelError> {
+        let mut policy = self.get(name)?.policy.clone();
+        policy.rules = rules;
+        self.set_policy(name, policy)
     }
 
     /// Sets and clears `AGENT_FLAG_*` bits of agent `name` in one map write.
@@ -205,7 +327,8 @@ impl Agents {
     }
 
     /// Stops guarding agent `name`: detaches its programs (removing their pins), then removes
-    /// its state, rules and counters. Its processes keep running, unguarded. Returns its cgroup.
+    /// its state, rules, caps, exec list and counters. Its processes keep running, unguarded.
+    /// Returns its cgroup.
     pub fn unguard(&mut self, name: &str) -> Result<Cgroup, KernelError> {
         let g = self
             .by_name
@@ -223,38 +346,31 @@ impl Agents {
         self.undo_state(g.cgroup_id);
         self.kernel
             .egress
-            .clear(rule_scope(g.id, g.state.generation), &g.rules)?;
-        self.kernel.reset_counters(g.id)?;
+            .clear(rule_scope(g.id, g.state.generation), &g.policy.rules)?;
+        self.forget_slot(g.id)?;
+        self.write_settings(None)?;
+        self.sync_syscalls()?;
         Ok(g.cgroup)
     }
 
     /// Removes what an earlier daemon left for agents that are not guarded now: kernel state
-    /// (and rules, counters) of other cgroups, and pinned links of other agents. Call it after
-    /// guarding every configured agent.
+    /// (and rules, caps, exec lists, counters) of other cgroups, and pinned links of other
+    /// agents. Call it after guarding every configured agent.
     pub fn forget_stale(&mut self) -> Result<Stale, KernelError> {
         let mut stale = Stale::default();
         if let Some(pins) = self.kernel.pins().cloned() {
-            let keep: HashSet<std::path::PathBuf> = self
+            let mut keep: HashSet<PathBuf> = self
                 .by_name
                 .iter()
                 .map(|(n, g)| pins.agent_links(n, g.cgroup_id))
                 .collect();
+            keep.insert(pins.host_links());
             if let Ok(dirs) = std::fs::read_dir(pins.links_root()) {
                 for dir in dirs.filter_map(Result::ok).map(|d| d.path()) {
                     if keep.contains(&dir) {
                         continue;
                     }
-                    let pin_err = |source| KernelError::Pin {
-                        path: dir.clone(),
-                        source,
-                    };
-                    for link in std::fs::read_dir(&dir)
-                        .map_err(pin_err)?
-                        .filter_map(Result::ok)
-                    {
-                        std::fs::remove_file(link.path()).map_err(pin_err)?;
-                    }
-                    std::fs::remove_dir(&dir).map_err(pin_err)?;
+                    remove_link_dir(&dir)?;
                     stale.link_dirs.push(
                         dir.file_name()
                             .map(|n| n.to_string_lossy().into_owned())
@@ -271,10 +387,25 @@ impl Agents {
             self.undo_state(cgroup_id);
             self.kernel.egress.clear_scope(rule_scope(state.id, 0))?;
             self.kernel.egress.clear_scope(rule_scope(state.id, 1))?;
-            self.kernel.reset_counters(state.id)?;
+            self.forget_slot(state.id)?;
             stale.states += 1;
         }
+        self.write_settings(None)?;
+        self.sync_syscalls()?;
         Ok(stale)
+    }
+
+    /// Counts a breaker trip of agent `name` (action index: alert, deny, freeze, kill).
+    pub fn count_trip(&mut self, name: &str, action: usize) -> Result<(), KernelError> {
+        let id = self.get(name)?.id;
+        self.kernel.count_trip(id, action)
+    }
+
+    /// Breaker trips of agent `name` by action (alert, deny, freeze, kill).
+    pub fn trips(&self, name: &str) -> [u64; 4] {
+        self.by_name
+            .get(name)
+            .map_or([0; 4], |g| self.kernel.trips(g.id))
     }
 
     /// The id, cgroup id and kernel state of agent `name`.
@@ -313,8 +444,17 @@ impl Agents {
     pub fn link_ids(&self, name: &str) -> Vec<u32> {
         self.by_name
             .get(name)
-            .map(|g| g.links.iter().filter_map(AgentLink::id).collect())
+            .map(|g| g.links.iter().filter_map(Link::id).collect())
             .unwrap_or_default()
+    }
+
+    /// Kernel ids of the host-wide links (exec/fork tracepoints, sys_enter while attached).
+    pub fn host_link_ids(&self) -> Vec<u32> {
+        self.host
+            .iter()
+            .chain(self.syscalls.iter())
+            .filter_map(Link::id)
+            .collect()
     }
 
     fn get(&self, name: &str) -> Result<&Guarded, KernelError> {
@@ -333,10 +473,7 @@ impl Agents {
         self.kernel
             .agents
             .insert(cgroup_id, state, 0)
-            .map_err(|source| KernelError::Map {
-                name: "AGENTS",
-                source,
-            })
+            .map_err(map_err("AGENTS"))
     }
 
     fn undo_state(&mut self, cgroup_id: u64) {
@@ -344,4 +481,126 @@ impl Agents {
             tracing::warn!(cgroup_id, "removing agent state: {e}");
         }
     }
+
+    /// Clears everything indexed by slot `id` so the next agent in it starts clean.
+    fn forget_slot(&mut self, id: u32) -> Result<(), KernelError> {
+        self.sync_exec(id, None)?;
+        self.kernel
+            .limits
+            .set(id, AgentLimits::default(), 0)
+            .map_err(map_err("LIMITS"))?;
+        self.kernel.reset_counters(id)?;
+        self.kernel.reset_trips(id)
+    }
+
+    /// Writes the caps, keeping each cap's running state (`tat`) so a reload grants no burst.
+    fn write_limits(&mut self, id: u32, policy: &Policy) -> Result<(), KernelError> {
+        let old = self.kernel.limits.get(&id, 0).unwrap_or_default();
+        let cap = |per_second: Option<u32>, old: Cap| Cap {
+            tat_ns: old.tat_ns,
+            ..Cap::per_second(per_second.unwrap_or(0))
+        };
+        let limits = AgentLimits {
+            connects: cap(policy.connects_per_second, old.connects),
+            sends: cap(policy.sends_per_second, old.sends),
+        };
+        self.kernel
+            .limits
+            .set(id, limits, 0)
+            .map_err(map_err("LIMITS"))
+    }
+
+    fn insert_exec(&mut self, id: u32, path: &Path) -> Result<(), KernelError> {
+        let key = exec::exec_key(id, path).map_err(|e| KernelError::Policy(e.to_string()))?;
+        self.kernel
+            .exec_allow
+            .insert(key, 1, 0)
+            .map_err(map_err("EXEC_ALLOW"))
+    }
+
+    /// Makes slot `id`'s exec allow-list exactly `paths` (None: empty): inserts first, then
+    /// removes what is no longer listed.
+    fn sync_exec(&mut self, id: u32, paths: Option<&[PathBuf]>) -> Result<(), KernelError> {
+        let mut want: HashSet<Vec<u8>> = HashSet::new();
+        for p in paths.unwrap_or_default() {
+            self.insert_exec(id, p)?;
+            want.insert(p.as_os_str().as_encoded_bytes().to_vec());
+        }
+        let stale: Vec<ExecKey> = self
+            .kernel
+            .exec_allow
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                let len = k.path.iter().position(|&b| b == 0).unwrap_or(k.path.len());
+                k.agent == id && !want.contains(&k.path[..len])
+            })
+            .collect();
+        for k in stale {
+            match self.kernel.exec_allow.remove(&k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err("EXEC_ALLOW")(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The levels the kernel looks agents up at: those of the guarded agents (`widen_with`:
+    /// plus one more, and, before stale state is forgotten, plus what is there already).
+    fn write_settings(&mut self, widen_with: Option<u32>) -> Result<(), KernelError> {
+        let mut levels: Vec<u32> = self.by_name.values().map(|g| g.level).collect();
+        if let Some(l) = widen_with {
+            levels.push(l);
+            let cur = self.kernel.settings.get(&0, 0).unwrap_or_default();
+            if cur.max_level > 0 {
+                levels.extend([cur.min_level, cur.max_level]);
+            }
+        }
+        let settings = match (levels.iter().min(), levels.iter().max()) {
+            (Some(&min_level), Some(&max_level)) => Settings {
+                min_level,
+                max_level,
+            },
+            _ => Settings::default(),
+        };
+        self.kernel
+            .settings
+            .set(0, settings, 0)
+            .map_err(map_err("SETTINGS"))
+    }
+
+    /// Attaches the sys_enter hook while some agent monitors syscalls; detaches it otherwise.
+    fn sync_syscalls(&mut self) -> Result<(), KernelError> {
+        let wanted = self.by_name.values().any(|g| g.policy.monitor_syscalls);
+        match (wanted, self.syscalls.is_some()) {
+            (true, false) => {
+                let dir = self.kernel.pins().map(PinDir::host_links);
+                self.syscalls = Some(syscalls::attach(&mut self.kernel.ebpf, dir.as_deref())?);
+            }
+            (false, true) => {
+                if let Some(link) = self.syscalls.take() {
+                    link.detach().map_err(|source| KernelError::Pin {
+                        path: PathBuf::from(syscalls::PROGRAM),
+                        source,
+                    })?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn remove_link_dir(dir: &Path) -> Result<(), KernelError> {
+    let pin_err = |source| KernelError::Pin {
+        path: dir.to_owned(),
+        source,
+    };
+    for link in std::fs::read_dir(dir)
+        .map_err(pin_err)?
+        .filter_map(Result::ok)
+    {
+        std::fs::remove_file(link.path()).map_err(pin_err)?;
+    }
+    std::fs::remove_dir(dir).map_err(pin_err)
 }

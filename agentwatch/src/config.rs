@@ -75,7 +75,7 @@ struct RawAgent {
     #[serde(default)]
     egress: Vec<Spanned<String>>,
     #[serde(default)]
-    exec_allow: Vec<Spanned<String>>,
+    exec_allow: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     limits: Option<Spanned<Limits>>,
     #[serde(default)]
@@ -107,6 +107,8 @@ struct RawBreaker {
     action: Option<Action>,
     #[serde(default)]
     require_approval: Option<bool>,
+    #[serde(default)]
+    cooldown: Option<Spanned<String>>,
 }
 
 /// What a tripped breaker does.
@@ -128,6 +130,8 @@ pub struct Breaker {
     pub min_rate: f64,
     pub action: Action,
     pub require_approval: bool,
+    /// Without `require_approval`: how long the breaker stays open before it half-opens.
+    pub cooldown: Duration,
 }
 
 impl Default for Breaker {
@@ -143,6 +147,8 @@ impl Default for Breaker {
             // Pausing loses nothing and leaves a human to decide.
             action: Action::Freeze,
             require_approval: true,
+            // Long enough for a human to look before the agent is let go again.
+            cooldown: Duration::from_secs(30),
         }
     }
 }
@@ -165,7 +171,8 @@ pub struct Agent {
     /// True when the config names the cgroup (adopted, not created by agentwatch).
     pub adopted: bool,
     pub egress: Vec<Rule>,
-    pub exec_allow: Vec<PathBuf>,
+    /// None: no exec allow-list; Some(list): an exec of anything else is killed.
+    pub exec_allow: Option<Vec<PathBuf>>,
     pub limits: Limits,
     pub breaker: Option<Breaker>,
     pub monitor: Monitor,
@@ -381,20 +388,26 @@ fn validate(raw: RawConfig, c: &mut Collector<'_>) -> Config {
         if let Err(e) = crate::egress::compile(&egress) {
             c.at(name_span.clone(), format!("agent `{name}`: {e}"));
         }
-        let mut exec_allow = Vec::new();
-        for p in &a.exec_allow {
-            if p.get_ref().starts_with('/') {
-                exec_allow.push(PathBuf::from(p.get_ref()));
-            } else {
-                c.at(
-                    p.span(),
-                    format!(
-                        "exec_allow entry `{}` must be an absolute path",
-                        p.get_ref()
-                    ),
-                );
+        let exec_allow = a.exec_allow.as_ref().map(|list| {
+            let mut paths = Vec::new();
+            for p in list {
+                let path = PathBuf::from(p.get_ref());
+                if !p.get_ref().starts_with('/') {
+                    c.at(
+                        p.span(),
+                        format!(
+                            "exec_allow entry `{}` must be an absolute path",
+                            p.get_ref()
+                        ),
+                    );
+                } else if let Err(e) = crate::exec::exec_key(0, &path) {
+                    c.at(p.span(), format!("exec_allow entry {e}"));
+                } else {
+                    paths.push(path);
+                }
             }
-        }
+            paths
+        });
         let limits = match &a.limits {
             Some(l) => {
                 let v = *l.get_ref();
@@ -450,6 +463,7 @@ fn breaker(b: &Spanned<RawBreaker>, c: &mut Collector<'_>) -> Breaker {
     };
     duration(&raw.warmup, "warmup", &mut out.warmup);
     duration(&raw.window, "window", &mut out.window);
+    duration(&raw.cooldown, "cooldown", &mut out.cooldown);
     if let Some(f) = &raw.trip_factor {
         if f.get_ref().is_finite() && *f.get_ref() > 1.0 {
             out.trip_factor = *f.get_ref();

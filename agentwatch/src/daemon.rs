@@ -9,7 +9,7 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use agentwatch_common::{
@@ -26,10 +26,11 @@ use tokio::{
 };
 
 use crate::{
-    agent::{Agents, Guarding},
+    agent::{Agents, Guarding, Policy},
     audit::{self, Audit},
+    breaker::{Monitor, Signal, State as BreakerState, Transition},
     cgroup::{self, Cgroup},
-    config::{Agent, Config},
+    config::{Action, Agent, Config},
     control::{self, Request, Response},
     egress,
     events::{self, Event},
@@ -59,6 +60,8 @@ struct State {
     reloads_rejected: u64,
     /// The config file's bytes last seen by the watcher (applied or rejected).
     last_seen: Option<Vec<u8>>,
+    /// Rates, baselines and breakers, per agent.
+    monitors: BTreeMap<String, Monitor>,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -121,6 +124,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         reloads_ok: 0,
         reloads_rejected: 0,
         last_seen,
+        monitors: BTreeMap::new(),
     };
     state.apply(config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let stale = state.agents.forget_stale()?;
@@ -150,6 +154,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         tokio::spawn(serve_metrics(Arc::clone(&state), metrics)),
         tokio::spawn(watch_config(Arc::clone(&state))),
         tokio::spawn(watch_lost(Arc::clone(&state))),
+        tokio::spawn(watch_behaviour(Arc::clone(&state))),
     ];
     let result = wait_for_signals(&state).await;
     for t in &tasks {
@@ -279,7 +284,7 @@ impl State {
                 egress::compile(&a.egress).map_err(|e| format!("agent `{}`: {e}", a.name))?,
             );
         }
-        if new.daemon != self.config.daemon && !self.config.agents.is_empty() {
+        if new.daemon != self.config.daemon {
             tracing::warn!("[daemon] settings changed: they take effect at the next restart");
         }
         let old: BTreeMap<String, Agent> = self
@@ -301,10 +306,13 @@ impl State {
             let rules = compiled.remove(&a.name).unwrap_or_default();
             match old.get(&a.name) {
                 Some(o) if o.cgroup == a.cgroup => {
-                    if o.egress != a.egress {
+                    if o != a {
                         self.agents
-                            .set_rules(&a.name, rules)
+                            .set_policy(&a.name, policy_of(a, rules))
                             .map_err(|e| e.to_string())?;
+                        if let Some(m) = self.monitors.get_mut(&a.name) {
+                            m.reconfigure(a.breaker);
+                        }
                         summary.push(format!("~{}", a.name));
                     }
                 }
@@ -330,9 +338,19 @@ impl State {
         };
         let how = self
             .agents
-            .guard(&a.name, cgroup, rules)
+            .guard(&a.name, cgroup, policy_of(a, rules))
             .map_err(|e| format!("guarding agent `{}`: {e}", a.name))?;
         let adopted = how == Guarding::Adopted;
+        let mut monitor = Monitor::new(a.breaker, Instant::now());
+        // A breaker that was open when the last daemon stopped is still open.
+        if self
+            .agents
+            .info(&a.name)
+            .is_some_and(|i| i.state.flags & AGENT_FLAG_TRIPPED != 0)
+        {
+            monitor.force_open(Instant::now());
+        }
+        self.monitors.insert(a.name.clone(), monitor);
         tracing::info!(agent = %a.name, cgroup = %path.display(), rules = a.egress.len(), adopted, "agent guarded");
         self.audit_agent(
             &a.name,
@@ -347,6 +365,7 @@ impl State {
     }
 
     fn remove_agent(&mut self, a: &Agent) {
+        self.monitors.remove(&a.name);
         let cgroup = match self.agents.unguard(&a.name) {
             Ok(cg) => cg,
             Err(e) => {
@@ -452,22 +471,110 @@ impl State {
     /// The kill switch: egress denied in the kernel first (nothing more leaves, even from a
     /// process that survives a moment), then the whole tree killed at once.
     fn kill(&mut self, agent: &str, uid: u32) -> Result<Value, String> {
+        let n = self.kill_tree(agent, AGENT_FLAG_KILLED)?;
+        self.audit_agent(agent, "killed", json!({ "actor_uid": uid, "processes": n }));
+        tracing::warn!(agent, actor_uid = uid, processes = n, "killed");
+        Ok(json!({ "processes": n }))
+    }
+
+    /// Egress denied in the kernel first (nothing more leaves, even from a process that
+    /// survives a moment), then the whole tree killed at once. Returns how many processes died.
+    fn kill_tree(&mut self, agent: &str, extra_flags: u32) -> Result<usize, String> {
         let cg = self.cgroup_of(agent)?;
         self.agents
-            .update_flags(agent, AGENT_FLAG_DENY_ALL | AGENT_FLAG_KILLED, 0)
+            .update_flags(agent, AGENT_FLAG_DENY_ALL | extra_flags, 0)
             .map_err(|e| e.to_string())?;
         let before = cg.all_pids().map_err(|e| e.to_string())?;
         cg.kill().map_err(|e| e.to_string())?;
         cg.wait_empty(KILL_WAIT).map_err(|e| e.to_string())?;
         // A frozen agent dies frozen; leave the cgroup thawed for whatever is approved next.
         let _ = cg.set_frozen(false);
-        self.audit_agent(
-            agent,
-            "killed",
-            json!({ "actor_uid": uid, "processes": before.len() }),
-        );
-        tracing::warn!(agent, actor_uid = uid, processes = before.len(), "killed");
-        Ok(json!({ "processes": before.len() }))
+        Ok(before.len())
+    }
+
+    /// Runs a breaker transition of `agent`: the trip's action at once, or its lifting.
+    fn on_transition(&mut self, agent: &str, t: Transition) {
+        match t {
+            Transition::Tripped {
+                signal,
+                rate,
+                baseline,
+                action,
+            } => {
+                let (name, index) = action_label(action);
+                tracing::warn!(
+                    agent,
+                    signal = signal.name(),
+                    rate,
+                    baseline,
+                    action = name,
+                    "breaker tripped"
+                );
+                if let Err(e) = self.agents.count_trip(agent, index) {
+                    tracing::error!(agent, "counting the trip: {e}");
+                }
+                let result = match action {
+                    Action::Alert => self.set_flags(agent, AGENT_FLAG_TRIPPED),
+                    Action::Deny => self.set_flags(agent, AGENT_FLAG_TRIPPED | AGENT_FLAG_DENY_ALL),
+                    Action::Freeze => self.set_flags(agent, AGENT_FLAG_TRIPPED).and_then(|()| {
+                        self.cgroup_of(agent)?
+                            .set_frozen(true)
+                            .map_err(|e| e.to_string())
+                    }),
+                    Action::Kill => self.kill_tree(agent, AGENT_FLAG_TRIPPED).map(drop),
+                };
+                let mut fields = json!({
+                    "signal": signal.name(),
+                    "rate": round(rate),
+                    "baseline": round(baseline),
+                    "action": name,
+                });
+                if let Err(e) = &result {
+                    tracing::error!(agent, "breaker action {name}: {e}");
+                    fields["action_error"] = json!(e);
+                }
+                self.audit_agent(agent, "breaker_tripped", fields);
+            }
+            Transition::HalfOpen => {
+                // Lift the action; the next window decides whether the breaker closes.
+                let _ = self.agents.update_flags(agent, 0, AGENT_FLAG_DENY_ALL);
+                if let Ok(cg) = self.cgroup_of(agent) {
+                    let _ = cg.set_frozen(false);
+                }
+                tracing::info!(agent, "breaker half-open");
+                self.audit_agent(agent, "breaker_half_open", json!({}));
+            }
+            Transition::Closed => {
+                let _ = self.agents.update_flags(agent, 0, AGENT_FLAG_TRIPPED);
+                tracing::info!(agent, "breaker closed");
+                self.audit_agent(agent, "breaker_closed", json!({}));
+            }
+        }
+    }
+
+    fn set_flags(&mut self, agent: &str, flags: u32) -> Result<(), String> {
+        self.agents
+            .update_flags(agent, flags, 0)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    /// One tick of the behaviour monitor: every agent's counters into its monitor.
+    fn tick(&mut self, now: Instant) {
+        let names: Vec<String> = self.agents.names().map(str::to_owned).collect();
+        for name in names {
+            let Ok(c) = self.agents.counters(&name) else {
+                continue;
+            };
+            let counts = [c.connects, c.sends, c.syscalls, c.execs + c.execs_denied];
+            let t = self
+                .monitors
+                .get_mut(&name)
+                .and_then(|m| m.observe(now, counts));
+            if let Some(t) = t {
+                self.on_transition(&name, t);
+            }
+        }
     }
 
     fn approve(&mut self, agent: &str, uid: u32) -> Result<Value, String> {
@@ -488,6 +595,9 @@ impl State {
                 AGENT_FLAG_KILLED | AGENT_FLAG_TRIPPED | AGENT_FLAG_DENY_ALL,
             )
             .map_err(|e| e.to_string())?;
+        if let Some(m) = self.monitors.get_mut(agent) {
+            m.approve();
+        }
         if frozen {
             cg.set_frozen(false).map_err(|e| e.to_string())?;
             cg.wait_frozen(false, FREEZE_WAIT)
@@ -564,6 +674,19 @@ impl State {
                 "capped": by_proto(VERDICT_CAPPED),
                 "connects": c.connects,
                 "sends": c.sends,
+                "syscalls": c.syscalls,
+                "execs": c.execs,
+                "execs_denied": c.execs_denied,
+                "forks": c.forks,
+                "breaker": self.monitors.get(name).map_or("none", |m| match (m.config(), m.state()) {
+                    (None, _) => "none",
+                    (Some(_), BreakerState::Closed) => "closed",
+                    (Some(_), BreakerState::Open { .. }) => "open",
+                    (Some(_), BreakerState::HalfOpen { .. }) => "half_open",
+                }),
+                "rates": self.monitors.get(name).map(|m| Signal::ALL.iter().map(|s| (s.name().to_owned(), json!(round(m.rate(*s))))).collect::<serde_json::Map<_, _>>()),
+                "baselines": self.monitors.get(name).map(|m| Signal::ALL.iter().map(|s| (s.name().to_owned(), json!(m.baseline(*s).map(round)))).collect::<serde_json::Map<_, _>>()),
+                "anomaly_score": self.monitors.get(name).map(|m| round(m.anomaly_score())),
                 "egress": per_proto,
             }));
         }
@@ -571,19 +694,28 @@ impl State {
     }
 
     fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            agents: self
-                .agents
-                .names()
-                .map(|name| AgentSnapshot {
+        let agents = self
+            .agents
+            .names()
+            .map(|name| {
+                let m = self.monitors.get(name);
+                AgentSnapshot {
                     name: name.to_owned(),
                     counters: self.agents.counters(name).unwrap_or_default(),
                     frozen: self
                         .agents
                         .cgroup(name)
                         .is_some_and(|cg| cg.frozen().unwrap_or(false)),
-                })
-                .collect(),
+                    rates: Signal::ALL.map(|s| m.map_or(0.0, |m| m.rate(s))),
+                    baselines: Signal::ALL.map(|s| m.and_then(|m| m.baseline(s))),
+                    anomaly_score: m.map_or(0.0, Monitor::anomaly_score),
+                    breaker_open: m.is_some_and(Monitor::is_open),
+                    trips: self.agents.trips(name),
+                }
+            })
+            .collect();
+        Snapshot {
+            agents,
             events_lost: self.agents.kernel().events_lost().unwrap_or(0),
             reloads_ok: self.reloads_ok,
             reloads_rejected: self.reloads_rejected,
@@ -630,10 +762,79 @@ fn drain(ring: &mut RingBuf<MapData>, state: &Shared) {
                     tracing::error!("writing the audit trail: {err}");
                 }
             }
+            Event::Exec(e) => {
+                let agent = s.agents.name_of(e.agent_id).unwrap_or("").to_owned();
+                // The kernel knows the parent only for forks it saw; ask /proc otherwise.
+                let ppid = if e.ppid != 0 {
+                    e.ppid
+                } else {
+                    proc_ppid(e.pid).unwrap_or(0)
+                };
+                let r = s.audit.record_at(
+                    events::wall_time(e.ts_ns),
+                    &agent,
+                    e.kind,
+                    json!({
+                        "pid": e.pid,
+                        "ppid": ppid,
+                        "comm": e.comm,
+                        "path": e.path,
+                    }),
+                );
+                if let Err(err) = r {
+                    tracing::error!("writing the audit trail: {err}");
+                }
+                if e.kind == "exec_denied" {
+                    tracing::warn!(agent, pid = e.pid, path = %e.path, "exec denied: killed");
+                }
+            }
             Event::Unknown { kind, len } => {
                 tracing::warn!(kind, len, "unknown event kind from the kernel");
             }
         }
+    }
+}
+
+/// The parent pid of `pid` from /proc (None if it is gone).
+fn proc_ppid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn round(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+/// Label and index (in BREAKER_TRIPS) of an action.
+fn action_label(a: Action) -> (&'static str, usize) {
+    match a {
+        Action::Alert => ("alert", 0),
+        Action::Deny => ("deny", 1),
+        Action::Freeze => ("freeze", 2),
+        Action::Kill => ("kill", 3),
+    }
+}
+
+/// The kernel policy of a configured agent.
+fn policy_of(a: &Agent, rules: egress::CompiledRules) -> Policy {
+    Policy {
+        rules,
+        connects_per_second: a.limits.connects_per_second,
+        sends_per_second: a.limits.sends_per_second,
+        exec_allow: a.exec_allow.clone(),
+        monitor_syscalls: a.monitor.syscalls,
+    }
+}
+
+/// Feeds every agent's counters to its behaviour monitor ten times a second.
+async fn watch_behaviour(state: Shared) -> Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let state = Arc::clone(&state);
+        tokio::task::spawn_blocking(move || lock(&state).tick(Instant::now())).await?;
     }
 }
 

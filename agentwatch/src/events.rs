@@ -3,13 +3,15 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use agentwatch_common::{
-    EVENT_EGRESS_CAPPED, EVENT_EGRESS_DENIED, EgressEvent, HOOK_CONNECT, PROTO_TCP, PROTO_UDP,
+    EVENT_EGRESS_CAPPED, EVENT_EGRESS_DENIED, EVENT_EXEC, EVENT_EXEC_DENIED, EgressEvent,
+    ExecEvent, HOOK_CONNECT, PROTO_TCP, PROTO_UDP,
 };
 
 /// A decoded record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Egress(EgressAttempt),
+    Exec(ExecRecord),
     /// A record this daemon does not know (a newer kernel object); counted, not dropped silently.
     Unknown {
         kind: u32,
@@ -36,6 +38,25 @@ pub struct EgressAttempt {
     pub ts_ns: u64,
 }
 
+/// An exec of an agent process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecRecord {
+    /// `exec` or `exec_denied` (killed by the allow-list).
+    pub kind: &'static str,
+    pub agent_id: u32,
+    pub pid: u32,
+    /// 0 when the fork predates the programs.
+    pub ppid: u32,
+    pub comm: String,
+    pub path: String,
+    pub ts_ns: u64,
+}
+
+fn c_string(bytes: &[u8]) -> String {
+    let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..len]).into_owned()
+}
+
 /// Decodes one ring buffer record.
 pub fn decode(bytes: &[u8]) -> Event {
     let kind = bytes
@@ -48,6 +69,23 @@ pub fn decode(bytes: &[u8]) -> Event {
             // read is unaligned.
             let e: EgressEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
             Event::Egress(egress(&e))
+        }
+        EVENT_EXEC | EVENT_EXEC_DENIED if bytes.len() >= size_of::<ExecEvent>() => {
+            // SAFETY: as above, for ExecEvent.
+            let e: ExecEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            Event::Exec(ExecRecord {
+                kind: if e.kind == EVENT_EXEC_DENIED {
+                    "exec_denied"
+                } else {
+                    "exec"
+                },
+                agent_id: e.agent,
+                pid: e.pid,
+                ppid: e.ppid,
+                comm: c_string(&e.comm),
+                path: c_string(&e.path),
+                ts_ns: e.ts_ns,
+            })
         }
         kind => Event::Unknown {
             kind,
@@ -62,7 +100,6 @@ fn egress(e: &EgressEvent) -> EgressAttempt {
     } else {
         IpAddr::V4(Ipv4Addr::new(e.addr[0], e.addr[1], e.addr[2], e.addr[3]))
     };
-    let comm_len = e.comm.iter().position(|&b| b == 0).unwrap_or(e.comm.len());
     EgressAttempt {
         kind: if e.kind == EVENT_EGRESS_CAPPED {
             "egress_capped"
@@ -72,7 +109,7 @@ fn egress(e: &EgressEvent) -> EgressAttempt {
         agent_id: e.agent,
         tid: e.pid,
         pid: e.tgid,
-        comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
+        comm: c_string(&e.comm),
         proto: proto_name(e.proto),
         dest: SocketAddr::new(ip, e.port),
         hook: if e.hook == HOOK_CONNECT {

@@ -8,10 +8,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agentwatch_common::{AgentCounters, AgentState, RuleKeyV4, RuleKeyV6, RuleValue};
+use agentwatch_common::{
+    AgentCounters, AgentLimits, AgentState, ExecKey, RuleKeyV4, RuleKeyV6, RuleValue, Settings,
+};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues, RingBuf},
+    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues, RingBuf},
     programs::ProgramError,
 };
 
@@ -75,6 +77,8 @@ pub enum KernelError {
         #[source]
         source: std::io::Error,
     },
+    #[error("policy: {0}")]
+    Policy(String),
     #[error("agent `{0}` is already guarded")]
     AlreadyGuarded(String),
     #[error("unknown agent `{0}`")]
@@ -93,6 +97,10 @@ pub struct Kernel {
     lost: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     pub(crate) egress: EgressMaps,
+    pub(crate) settings: Array<MapData, Settings>,
+    pub(crate) limits: Array<MapData, AgentLimits>,
+    pub(crate) exec_allow: HashMap<MapData, ExecKey, u8>,
+    trips: Array<MapData, [u64; 4]>,
     pins: Option<PinDir>,
 }
 
@@ -106,11 +114,17 @@ where
 
 /// Every map of the object with the key and value sizes this build expects of it. A pinned map
 /// of another layout (an older agentwatch) is refused rather than misread.
-const MAPS: [(&str, u32, u32); 6] = [
+const MAPS: [(&str, u32, u32); 12] = [
     ("AGENTS", 8, size_of::<AgentState>() as u32),
     ("COUNTERS", 4, size_of::<AgentCounters>() as u32),
     ("EVENTS", 0, 0),
     ("EVENTS_LOST", 4, 8),
+    ("SETTINGS", 4, size_of::<Settings>() as u32),
+    ("BREAKER_TRIPS", 4, 32),
+    ("LIMITS", 4, size_of::<AgentLimits>() as u32),
+    ("EXEC_ALLOW", size_of::<ExecKey>() as u32, 1),
+    ("PARENTS", 4, 4),
+    ("SCRATCH", 4, size_of::<ExecKey>() as u32),
     (
         "RULES_V4",
         4 + size_of::<RuleKeyV4>() as u32,
@@ -141,6 +155,7 @@ impl Kernel {
             return Err(KernelError::NoObject);
         }
         raise_memlock();
+        ensure_tracefs()?;
         let mut loader = EbpfLoader::new();
         if let Some(pins) = &pins {
             pins.create()?;
@@ -166,6 +181,12 @@ impl Kernel {
         let lost = take_map(&mut ebpf, "EVENTS_LOST")?;
         let events = Some(take_map(&mut ebpf, "EVENTS")?);
         let egress = EgressMaps::load(&mut ebpf)?;
+        let settings = take_map(&mut ebpf, "SETTINGS")?;
+        let limits = take_map(&mut ebpf, "LIMITS")?;
+        let exec_allow = take_map(&mut ebpf, "EXEC_ALLOW")?;
+        let trips = take_map(&mut ebpf, "BREAKER_TRIPS")?;
+        crate::exec::load(&mut ebpf)?;
+        crate::syscalls::load(&mut ebpf)?;
         Ok(Self {
             ebpf,
             agents,
@@ -173,6 +194,10 @@ impl Kernel {
             lost,
             events,
             egress,
+            settings,
+            limits,
+            exec_allow,
+            trips,
             pins,
         })
     }
@@ -203,8 +228,38 @@ impl Kernel {
             }
             sum.connects += c.connects;
             sum.sends += c.sends;
+            sum.syscalls += c.syscalls;
+            sum.execs += c.execs;
+            sum.execs_denied += c.execs_denied;
+            sum.forks += c.forks;
         }
         Ok(sum)
+    }
+
+    /// Breaker trips of agent `id` by action (alert, deny, freeze, kill).
+    pub fn trips(&self, id: u32) -> [u64; 4] {
+        self.trips.get(&id, 0).unwrap_or_default()
+    }
+
+    /// Counts one trip of agent `id` with action index `action` (0..4).
+    pub(crate) fn count_trip(&mut self, id: u32, action: usize) -> Result<(), KernelError> {
+        let mut t = self.trips(id);
+        if let Some(slot) = t.get_mut(action) {
+            *slot += 1;
+        }
+        self.trips.set(id, t, 0).map_err(|source| KernelError::Map {
+            name: "BREAKER_TRIPS",
+            source,
+        })
+    }
+
+    pub(crate) fn reset_trips(&mut self, id: u32) -> Result<(), KernelError> {
+        self.trips
+            .set(id, [0; 4], 0)
+            .map_err(|source| KernelError::Map {
+                name: "BREAKER_TRIPS",
+                source,
+            })
     }
 
     /// Zeroes the counters of slot `id`, so an agent that later gets the slot starts at 0.
@@ -242,6 +297,29 @@ impl Kernel {
     }
 }
 
+/// Name of the host-wide links' folder under `links/`.
+pub(crate) const HOST_LINKS: &str = "_host";
+
+/// Tracepoints need tracefs; mount it where the kernel expects it when it is missing.
+fn ensure_tracefs() -> Result<(), KernelError> {
+    let events = Path::new("/sys/kernel/tracing/events");
+    if events.exists() || Path::new("/sys/kernel/debug/tracing/events").exists() {
+        return Ok(());
+    }
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"])
+        .status();
+    match status {
+        Ok(s) if s.success() && events.exists() => Ok(()),
+        _ => Err(KernelError::Pin {
+            path: PathBuf::from("/sys/kernel/tracing"),
+            source: std::io::Error::other(
+                "tracefs is not mounted and mounting it failed (mount -t tracefs tracefs /sys/kernel/tracing)",
+            ),
+        }),
+    }
+}
+
 /// The folder on bpffs where one daemon pins its maps (`maps/`) and links (`links/`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PinDir {
@@ -269,6 +347,12 @@ impl PinDir {
 
     pub(crate) fn links_root(&self) -> PathBuf {
         self.root.join("links")
+    }
+
+    /// Folder of the host-wide links (exec/fork tracepoints, sys_enter). Agent names cannot
+    /// start with `_`, so it never clashes with an agent's folder.
+    pub(crate) fn host_links(&self) -> PathBuf {
+        self.root.join("links").join(HOST_LINKS)
     }
 
     /// Creates the folders; bpffs must be mounted at or above the root.

@@ -10,12 +10,16 @@
 
 pub mod agent;
 pub mod audit;
+pub mod breaker;
 pub mod cgroup;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod egress;
 pub mod events;
+pub mod exec;
 pub mod kernel;
 pub mod launch;
+pub mod link;
 pub mod metrics;
+pub mod syscalls;

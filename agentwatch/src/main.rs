@@ -214,18 +214,22 @@ fn print_status(data: &Value) {
         return;
     }
     println!(
-        "{:<20} {:<8} {:>6} {:>10} {:>8} {:>8}  CGROUP",
-        "AGENT", "STATE", "PROCS", "ALLOWED", "DENIED", "CAPPED"
+        "{:<20} {:<8} {:>6} {:>10} {:>8} {:>8} {:>10} {:>10} {:<9}  CGROUP",
+        "AGENT", "STATE", "PROCS", "ALLOWED", "DENIED", "CAPPED", "CONN/S", "BASE/S", "BREAKER"
     );
     for r in rows {
+        let num = |v: &Value| v.as_f64().map_or("-".to_owned(), |f| format!("{f:.1}"));
         println!(
-            "{:<20} {:<8} {:>6} {:>10} {:>8} {:>8}  {}",
+            "{:<20} {:<8} {:>6} {:>10} {:>8} {:>8} {:>10} {:>10} {:<9}  {}",
             r["name"].as_str().unwrap_or("?"),
             r["state"].as_str().unwrap_or("?"),
             r["processes"],
             r["allowed"],
             r["denied"],
             r["capped"],
+            num(&r["rates"]["connects"]),
+            num(&r["baselines"]["connects"]),
+            r["breaker"].as_str().unwrap_or("?"),
             r["cgroup"].as_str().unwrap_or("?"),
         );
     }

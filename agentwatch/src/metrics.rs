@@ -16,7 +16,17 @@ pub struct AgentSnapshot {
     pub name: String,
     pub counters: AgentCounters,
     pub frozen: bool,
+    /// Per signal (connects, sends, syscalls, execs): current rate and learned baseline.
+    pub rates: [f64; 4],
+    pub baselines: [Option<f64>; 4],
+    pub anomaly_score: f64,
+    pub breaker_open: bool,
+    /// Trips by action (alert, deny, freeze, kill).
+    pub trips: [u64; 4],
 }
+
+const SIGNALS: [&str; 4] = ["connects", "sends", "syscalls", "execs"];
+const ACTIONS: [&str; 4] = ["alert", "deny", "freeze", "kill"];
 
 /// What one scrape shows.
 #[derive(Debug, Clone, Default)]
@@ -108,17 +118,77 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
         "Always 1; the version label says which build runs",
         &["version"],
     )?;
+    let syscalls = counter_vec(
+        &r,
+        "agentwatch_syscalls_total",
+        "System calls of agents that monitor them",
+        &["agent"],
+    )?;
+    let execs = counter_vec(
+        &r,
+        "agentwatch_execs_total",
+        "Execs of agent processes, allowed or killed by the exec allow-list",
+        &["agent", "verdict"],
+    )?;
+    let rate = float_gauge_vec(
+        &r,
+        "agentwatch_rate_per_second",
+        "Current rate over the breaker window",
+        &["agent", "signal"],
+    )?;
+    let baseline = float_gauge_vec(
+        &r,
+        "agentwatch_baseline_per_second",
+        "Learned normal rate",
+        &["agent", "signal"],
+    )?;
+    let score = float_gauge_vec(
+        &r,
+        "agentwatch_anomaly_score",
+        "How many times its baseline the most abnormal signal runs at",
+        &["agent"],
+    )?;
+    let open = gauge_vec(
+        &r,
+        "agentwatch_breaker_open",
+        "1 while the agent's breaker is open",
+        &["agent"],
+    )?;
+    let trips = counter_vec(
+        &r,
+        "agentwatch_breaker_trips_total",
+        "Breaker trips by action",
+        &["agent", "action"],
+    )?;
     for a in &s.agents {
+        let n = a.name.as_str();
         for (p, pname) in PROTOS {
             for (v, vname) in VERDICTS {
                 egress
-                    .with_label_values(&[a.name.as_str(), pname, vname])
+                    .with_label_values(&[n, pname, vname])
                     .inc_by(a.counters.egress[egress_slot(p, v)]);
             }
         }
-        frozen
-            .with_label_values(&[a.name.as_str()])
-            .set(i64::from(a.frozen));
+        frozen.with_label_values(&[n]).set(i64::from(a.frozen));
+        syscalls.with_label_values(&[n]).inc_by(a.counters.syscalls);
+        execs
+            .with_label_values(&[n, "allowed"])
+            .inc_by(a.counters.execs);
+        execs
+            .with_label_values(&[n, "denied"])
+            .inc_by(a.counters.execs_denied);
+        for (i, signal) in SIGNALS.iter().enumerate() {
+            rate.with_label_values(&[n, signal]).set(a.rates[i]);
+            // No baseline before the first window: absent, rather than a misleading 0.
+            if let Some(b) = a.baselines[i] {
+                baseline.with_label_values(&[n, signal]).set(b);
+            }
+        }
+        score.with_label_values(&[n]).set(a.anomaly_score);
+        open.with_label_values(&[n]).set(i64::from(a.breaker_open));
+        for (i, action) in ACTIONS.iter().enumerate() {
+            trips.with_label_values(&[n, action]).inc_by(a.trips[i]);
+        }
     }
     lost.with_label_values(&[] as &[&str]).inc_by(s.events_lost);
     reloads.with_label_values(&["ok"]).inc_by(s.reloads_ok);
@@ -145,6 +215,11 @@ mod tests {
                 name: "mailer".into(),
                 counters,
                 frozen: true,
+                rates: [12.5, 0.0, 0.0, 0.0],
+                baselines: [Some(2.0), None, None, None],
+                anomaly_score: 6.25,
+                breaker_open: true,
+                trips: [0, 0, 1, 0],
             }],
             events_lost: 2,
             reloads_ok: 4,
@@ -161,6 +236,13 @@ mod tests {
             "agentwatch_policy_reloads_total{result=\"rejected\"} 1",
             "# TYPE agentwatch_egress_total counter",
             "# TYPE agentwatch_agent_frozen gauge",
+            "agentwatch_rate_per_second{agent=\"mailer\",signal=\"connects\"} 12.5",
+            "agentwatch_baseline_per_second{agent=\"mailer\",signal=\"connects\"} 2",
+            "agentwatch_anomaly_score{agent=\"mailer\"} 6.25",
+            "agentwatch_breaker_open{agent=\"mailer\"} 1",
+            "agentwatch_breaker_trips_total{action=\"freeze\",agent=\"mailer\"} 1",
+            "agentwatch_execs_total{agent=\"mailer\",verdict=\"denied\"} 0",
+            "agentwatch_syscalls_total{agent=\"mailer\"} 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -168,5 +250,12 @@ mod tests {
             );
         }
         assert!(text.contains("agentwatch_build_info{version=\""));
+        assert!(
+            !text.contains("signal=\"sends\"} 0\nagentwatch_baseline"),
+            "no baseline before learning"
+        );
+        assert!(
+            !text.contains("agentwatch_baseline_per_second{agent=\"mailer\",signal=\"sends\"}")
+        );
     }
 }

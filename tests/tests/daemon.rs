@@ -201,7 +201,7 @@ fn launch_runs_in_the_agent_denials_are_audited_and_cleanup_removes_everything()
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        String::from_utf8_lossy(&out.stdout).starts_with("detached 4 link(s)"),
+        String::from_utf8_lossy(&out.stdout).starts_with("detached 6 link(s)"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
@@ -459,7 +459,11 @@ fn sigkill_keeps_enforcement_and_a_restart_readopts_without_a_gap() {
     };
     check("daemon running");
     let links_before = link_ids(&env.pin_dir);
-    assert_eq!(links_before.len(), 4);
+    assert_eq!(
+        links_before.len(),
+        6,
+        "4 egress hooks + exec and fork tracepoints"
+    );
 
     env.stop_with(libc::SIGKILL);
     check("daemon killed");

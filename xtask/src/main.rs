@@ -36,6 +36,8 @@ enum Cmd {
     Test,
     /// rustfmt check, clippy -D warnings on the host crates and, separately, on the eBPF crate.
     Lint,
+    /// Set up, then run the benchmarks (release build) and print their numbers.
+    Bench,
 }
 
 /// bpf-linker release that matches the nightly's LLVM (see kernel-and-toolchain.md).
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
         Cmd::Run { args } => setup().and_then(|()| run(&args)),
         Cmd::Test => setup().and_then(|()| lint()).and_then(|()| test()),
         Cmd::Lint => setup().and_then(|()| lint()),
+        Cmd::Bench => setup().and_then(|()| bench()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -299,7 +302,11 @@ fn test() -> Result<()> {
     }
     // Build every binary the end-to-end tests run (agentwatch, aw-probe) before they start.
     cargo(&["build", "--bins"])?;
-    let mut child = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    // A watchdog against hangs (a test waiting on a process that stays frozen): CI would
+    // otherwise only stop at its own limit, with nothing said.
+    let mut child = Command::new("timeout")
+        .args(["--kill-after=30s", "40m"])
+        .arg(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["test", "--no-fail-fast"])
         .current_dir(workspace_root())
         .stdout(Stdio::piped())
@@ -327,6 +334,25 @@ fn test() -> Result<()> {
         bail!("cargo test ran no test");
     }
     Ok(())
+}
+
+fn bench() -> Result<()> {
+    if !is_root() {
+        bail!("the benchmarks load BPF programs and make cgroups: run them as root");
+    }
+    cargo(&["build", "--release", "--bins"])?;
+    cargo(&[
+        "test",
+        "--release",
+        "--package",
+        "agentwatch-tests",
+        "--test",
+        "bench_breaker",
+        "--",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
 }
 
 /// `N` in "ok. N passed; M failed; ..." for `what` = "passed".

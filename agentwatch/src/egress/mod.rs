@@ -5,10 +5,7 @@
 
 pub mod rules;
 
-use std::{
-    os::fd::AsFd as _,
-    path::{Path, PathBuf},
-};
+use std::{os::fd::AsFd as _, path::Path};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
@@ -16,15 +13,13 @@ use agentwatch_common::{RuleKeyV4, RuleKeyV6, RuleValue, SCOPE_BITS};
 use aya::{
     Ebpf,
     maps::{LpmTrie, MapData, lpm_trie::Key},
-    programs::{
-        CgroupAttachMode, CgroupSockAddr,
-        links::{FdLink, PinnedLink},
-    },
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 
 use crate::{
     cgroup::Cgroup,
     kernel::{KernelError, take_map},
+    link::Link,
 };
 pub use rules::{CompiledRules, Proto, Rule, RuleError, compile};
 
@@ -164,41 +159,6 @@ fn program<'a>(
         .map_err(|source| KernelError::Program { name, source })
 }
 
-/// One attached egress program. Dropping an owned link detaches it; a pinned one stays attached
-/// until its pin is removed ([`AgentLink::detach`]).
-#[derive(Debug)]
-pub struct AgentLink {
-    link: FdLink,
-    pin: Option<PathBuf>,
-    /// Attached by this process (not adopted from a pin).
-    fresh: bool,
-}
-
-impl AgentLink {
-    /// The kernel's id of the link.
-    pub fn id(&self) -> Option<u32> {
-        self.link.info().ok().map(|i| i.id())
-    }
-
-    /// Detaches the link: removes its pin, then drops the last reference.
-    pub fn detach(self) -> Result<(), std::io::Error> {
-        if let Some(pin) = &self.pin {
-            match std::fs::remove_file(pin) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-        }
-        drop(self.link);
-        Ok(())
-    }
-
-    /// Closes this process's handle; a pinned link stays attached.
-    pub fn release(self) {
-        drop(self.link);
-    }
-}
-
 /// Attaches the egress programs to `cgroup` (single mode: nothing below it can override them).
 /// With `pin_dir`, each link is pinned there, and a link already pinned there by an earlier
 /// daemon is kept as it is: re-adopting an agent never detaches it, not even for an instant.
@@ -206,77 +166,34 @@ pub(crate) fn attach(
     ebpf: &mut Ebpf,
     cgroup: &Cgroup,
     pin_dir: Option<&Path>,
-) -> Result<Vec<AgentLink>, KernelError> {
+) -> Result<Vec<Link>, KernelError> {
     let dir = cgroup.dir()?;
-    if let Some(pin_dir) = pin_dir {
-        std::fs::create_dir_all(pin_dir).map_err(|source| KernelError::Pin {
-            path: pin_dir.to_owned(),
-            source,
-        })?;
-    }
     let mut links = Vec::with_capacity(PROGRAMS.len());
-    if let Err(e) = attach_each(ebpf, cgroup, &dir, pin_dir, &mut links) {
-        // No half-guarded agent: undo what this call attached (adopted pins stay).
-        for link in links.into_iter().filter(|l| l.fresh) {
-            let _ = link.detach();
+    for name in PROGRAMS {
+        let link = Link::pinned_or_attach(pin_dir, name, || {
+            let attach_err = |source| KernelError::Attach {
+                name,
+                cgroup: cgroup.path().display().to_string(),
+                source,
+            };
+            let prog = program(ebpf, name)?;
+            let id = prog
+                .attach(dir.as_fd(), CgroupAttachMode::Single)
+                .map_err(attach_err)?;
+            let link = prog.take_link(id).map_err(attach_err)?;
+            // Only kernels before 5.7 lack bpf_link; there the link is not fd-based.
+            FdLink::try_from(link).map_err(|source| KernelError::Link { name, source })
+        });
+        match link {
+            Ok(link) => links.push(link),
+            Err(e) => {
+                // No half-guarded agent: undo what this call attached (adopted pins stay).
+                for link in links.into_iter().filter(Link::fresh) {
+                    let _ = link.detach();
+                }
+                return Err(e);
+            }
         }
-        return Err(e);
     }
     Ok(links)
-}
-
-fn attach_each(
-    ebpf: &mut Ebpf,
-    cgroup: &Cgroup,
-    dir: &std::fs::File,
-    pin_dir: Option<&Path>,
-    links: &mut Vec<AgentLink>,
-) -> Result<(), KernelError> {
-    for name in PROGRAMS {
-        let pin = pin_dir.map(|d| d.join(name));
-        if let Some(pin) = &pin
-            && pin.exists()
-        {
-            let link =
-                PinnedLink::from_pin(pin).map_err(|source| KernelError::Link { name, source })?;
-            links.push(AgentLink {
-                link: FdLink::from(link),
-                pin: Some(pin.clone()),
-                fresh: false,
-            });
-            continue;
-        }
-        let attach_err = |source| KernelError::Attach {
-            name,
-            cgroup: cgroup.path().display().to_string(),
-            source,
-        };
-        let prog = program(ebpf, name)?;
-        let id = prog
-            .attach(dir.as_fd(), CgroupAttachMode::Single)
-            .map_err(attach_err)?;
-        let link = prog.take_link(id).map_err(attach_err)?;
-        // Only kernels before 5.7 lack bpf_link; there the link is not fd-based.
-        let link = FdLink::try_from(link).map_err(|source| KernelError::Link { name, source })?;
-        let link = match pin {
-            Some(pin) => {
-                let pinned = link.pin(&pin).map_err(|e| KernelError::Pin {
-                    path: pin.clone(),
-                    source: std::io::Error::other(e.to_string()),
-                })?;
-                AgentLink {
-                    link: FdLink::from(pinned),
-                    pin: Some(pin),
-                    fresh: true,
-                }
-            }
-            None => AgentLink {
-                link,
-                pin: None,
-                fresh: true,
-            },
-        };
-        links.push(link);
-    }
-    Ok(())
 }

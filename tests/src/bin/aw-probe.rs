@@ -11,6 +11,13 @@
 //! - `alternate GOOD_ADDR GOOD_PORT BAD_ADDR BAD_PORT STOP_FILE`: until STOP_FILE exists (60 s
 //!   at most), UDP-send and TCP-connect to GOOD (must succeed) and BAD (must get EPERM), and
 //!   print one summary line `{"attempts":N,"wrong":K,"first_wrong":...}`
+//! - `pace MARKS tcp|udp ADDR PORT RATE:SECS...`: connects (tcp) or sends (udp) at RATE per
+//!   second for SECS, phase after phase; appends each phase's start (CLOCK_MONOTONIC ns) to
+//!   MARKS; prints `{"ok":N,"eperm":M,"other":K,"elapsed":SECS}` at the end
+//! - `fork-loop`: fork a child every 5 ms, forever; each child sleeps until killed
+//! - `spawn-each PROGRAM...`: fork+exec each program (no arguments, stdin closed), print one
+//!   line per child: `{"program":P,"exit":CODE,"signal":SIG}`
+//! - `getppid N`: call getppid() N times
 //! - `fork-tree CHILDREN GRANDCHILDREN`: fork CHILDREN children that each fork GRANDCHILDREN
 //!   grandchildren; everyone then sleeps until killed
 
@@ -88,6 +95,55 @@ fn main() -> ExitCode {
                 return usage("bad counts");
             };
             fork_tree(c, g)
+        }
+        ["pace", marks, proto, addr, port, phases @ ..] => {
+            let Some(dest) = dest(addr, port) else {
+                return usage("bad ADDR PORT");
+            };
+            let mut parsed = Vec::new();
+            for p in phases {
+                let Some((r, secs)) = p.split_once(':') else {
+                    return usage("phase is RATE:SECS");
+                };
+                let (Ok(r), Ok(secs)) = (r.parse::<f64>(), secs.parse::<f64>()) else {
+                    return usage("phase is RATE:SECS");
+                };
+                parsed.push((r, secs));
+            }
+            pace(marks, proto == &"udp", dest, &parsed)
+        }
+        ["fork-loop"] => loop {
+            // SAFETY: single-threaded process; the child only sleeps.
+            if unsafe { libc::fork() } == 0 {
+                sleep_forever();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        },
+        ["spawn-each", programs @ ..] => {
+            for program in programs {
+                let status = Command::new(program)
+                    .stdin(std::process::Stdio::null())
+                    .status();
+                let (code, signal) = match status {
+                    Ok(s) => (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)),
+                    Err(_) => (None, None),
+                };
+                println!(
+                    "{}",
+                    serde_json::json!({"program": program, "exit": code, "signal": signal})
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        ["getppid", n] => {
+            let Ok(n) = n.parse::<u64>() else {
+                return usage("bad count");
+            };
+            for _ in 0..n {
+                // SAFETY: getppid has no preconditions.
+                std::hint::black_box(unsafe { libc::getppid() });
+            }
+            ExitCode::SUCCESS
         }
         ["exit", code] => code
             .parse::<u8>()
@@ -217,4 +273,59 @@ fn sleep_forever() -> ! {
         // SAFETY: pause has no preconditions; it returns only when a signal is handled.
         unsafe { libc::pause() };
     }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime with a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+fn pace(marks: &str, udp: bool, dest: SocketAddr, phases: &[(f64, f64)]) -> ExitCode {
+    let (mut ok, mut eperm, mut other) = (0u64, 0u64, 0u64);
+    let began = std::time::Instant::now();
+    let Ok(socket) = udp_socket(&dest) else {
+        return ExitCode::from(101);
+    };
+    for &(rate, secs) in phases {
+        let start = std::time::Instant::now();
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(marks)
+        {
+            let _ = writeln!(f, "{}", monotonic_ns());
+        }
+        let total = (rate * secs).round() as u64;
+        for i in 0..total {
+            // Absolute schedule: call i is due at i / rate seconds into the phase.
+            let due = Duration::from_secs_f64(i as f64 / rate);
+            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            let r = if udp {
+                socket.send_to(b"p", dest).map(drop)
+            } else {
+                TcpStream::connect_timeout(&dest, Duration::from_secs(2)).map(drop)
+            };
+            match r {
+                Ok(()) => ok += 1,
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+                Err(_) => other += 1,
+            }
+        }
+        if let Some(rest) = Duration::from_secs_f64(secs).checked_sub(start.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+    let elapsed = began.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({"ok": ok, "eperm": eperm, "other": other, "elapsed": elapsed})
+    );
+    ExitCode::SUCCESS
 }

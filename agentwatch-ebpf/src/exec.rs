@@ -1,0 +1,130 @@
+//! Exec and fork telemetry and the exec allow-list (sched tracepoints).
+//!
+//! Attached host-wide, they act only on agents' tasks. An exec of a path that is not on an
+//! agent's allow-list gets SIGKILL from the tracepoint itself: the new image never runs a
+//! single user instruction, whatever the daemon is doing.
+
+use agentwatch_common::{
+    AGENT_FLAG_EXEC_ALLOW, EVENT_EXEC, EVENT_EXEC_DENIED, EXEC_PATH_MAX, ExecEvent, ExecKey,
+    MAX_AGENTS,
+};
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes,
+        generated::{bpf_ktime_get_ns, bpf_send_signal},
+    },
+    macros::{map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::TracePointContext,
+};
+
+use crate::agent::{BREAKER_TRIPS, EVENTS, count_lost_event, counters, current_agent};
+
+/// Allowed exec paths per agent (value unused).
+#[map]
+static EXEC_ALLOW: HashMap<ExecKey, u8> = HashMap::with_max_entries(MAX_AGENTS * 64, 0);
+
+/// Parent tgid of agent tasks, recorded at fork (the exec tracepoint does not carry it).
+#[map]
+static PARENTS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(65536, 0);
+
+/// Scratch key (too large for the 512-byte stack).
+#[map]
+static SCRATCH: PerCpuArray<ExecKey> = PerCpuArray::with_max_entries(1, 0);
+
+const SIGKILL: u32 = 9;
+
+/// Offsets in the tracepoints' records (/sys/kernel/tracing/events/sched/*/format).
+const EXEC_FILENAME_LOC: usize = 8;
+const FORK_CHILD_PID: usize = 20;
+
+#[tracepoint(category = "sched", name = "sched_process_exec")]
+pub fn exec_sched_process_exec(ctx: TracePointContext) -> u32 {
+    on_exec(&ctx);
+    0
+}
+
+#[tracepoint(category = "sched", name = "sched_process_fork")]
+pub fn exec_sched_process_fork(ctx: TracePointContext) -> u32 {
+    let Some(state) = current_agent() else {
+        return 0;
+    };
+    if let Some(c) = counters(state.id) {
+        c.forks += 1;
+    }
+    // BREAKER_TRIPS is the daemon's; one reference from a program keeps the linker from
+    // dropping it from the object (an array lookup on a rare event costs nothing).
+    let _ = BREAKER_TRIPS.get_ptr(state.id);
+    // SAFETY: reading the tracepoint's own record at an offset from its format.
+    if let Ok(child) = unsafe { ctx.read_at::<i32>(FORK_CHILD_PID) } {
+        let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+        let _ = PARENTS.insert(child as u32, parent, 0);
+    }
+    0
+}
+
+#[inline(always)]
+fn on_exec(ctx: &TracePointContext) {
+    let Some(state) = current_agent() else {
+        return;
+    };
+    let Some(key) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch slot, this program's alone while it runs.
+    let key = unsafe { &mut *key };
+    key.agent = state.id;
+    key.path = [0; EXEC_PATH_MAX + 1];
+    // SAFETY: reading the tracepoint's own record; __data_loc holds offset (low 16 bits).
+    let loc = unsafe { ctx.read_at::<u32>(EXEC_FILENAME_LOC) }.unwrap_or(0);
+    let filename = (loc & 0xffff) as usize;
+    // SAFETY: the string lies inside the tracepoint record.
+    let _ = unsafe {
+        bpf_probe_read_kernel_str_bytes(ctx.as_ptr().cast::<u8>().add(filename), &mut key.path)
+    };
+    // The key is passed by reference on purpose: by value it would be a 256-byte copy on the
+    // 512-byte stack; as is, the helper reads it straight from the scratch map.
+    #[allow(clippy::needless_borrows_for_generic_args, reason = "see above")]
+    // SAFETY: HashMap values are copied out at once.
+    let allowed =
+        state.flags & AGENT_FLAG_EXEC_ALLOW == 0 || unsafe { EXEC_ALLOW.get(&*key) }.is_some();
+    if !allowed {
+        // SAFETY: signals the current task, which is the agent's exec'ing process.
+        unsafe { bpf_send_signal(SIGKILL) };
+    }
+    if let Some(c) = counters(state.id) {
+        if allowed {
+            c.execs += 1;
+        } else {
+            c.execs_denied += 1;
+        }
+    }
+    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
+        count_lost_event();
+        return;
+    };
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: LRU values are plain integers copied out at once.
+    let ppid = unsafe { PARENTS.get(pid) }.copied().unwrap_or(0);
+    let event = entry.as_mut_ptr();
+    // SAFETY: writing every field of the reserved record before submitting it.
+    unsafe {
+        (*event).kind = if allowed {
+            EVENT_EXEC
+        } else {
+            EVENT_EXEC_DENIED
+        };
+        (*event).agent = state.id;
+        (*event).pid = pid;
+        (*event).ppid = ppid;
+        (*event).ts_ns = bpf_ktime_get_ns();
+        (*event).comm = bpf_get_current_comm().unwrap_or_default();
+        (*event).path = [0; EXEC_PATH_MAX + 1];
+        let _ = bpf_probe_read_kernel_str_bytes(
+            ctx.as_ptr().cast::<u8>().add(filename),
+            &mut (*event).path,
+        );
+    }
+    entry.submit(0);
+}

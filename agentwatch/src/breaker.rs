@@ -1,0 +1,376 @@
+//! Rates, learned baselines and the circuit breaker of one agent (pure logic, no I/O).
+//!
+//! Every tick the daemon feeds the agent's kernel counters in. Per signal (connects, sends,
+//! syscalls, execs) the rate is measured over the last `window` (sliding, so a burst is seen
+//! within a tick, not at the end of a window). Once per window the baseline learns from that
+//! window's rate with an EWMA, except from windows that look abnormal (above twice the
+//! baseline): an attacker who ramps up slowly does not teach the baseline his new normal faster
+//! than doubling per window. After `warmup`, a rate above `trip_factor` x baseline and above
+//! `min_rate` trips the breaker.
+
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
+
+use crate::config::{Action, Breaker as BreakerConfig};
+
+/// The signals a breaker watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Connects,
+    Sends,
+    Syscalls,
+    Execs,
+}
+
+impl Signal {
+    pub const ALL: [Self; 4] = [Self::Connects, Self::Sends, Self::Syscalls, Self::Execs];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Connects => "connects",
+            Self::Sends => "sends",
+            Self::Syscalls => "syscalls",
+            Self::Execs => "execs",
+        }
+    }
+}
+
+/// EWMA weight of a new window in the baseline.
+const ALPHA: f64 = 0.2;
+/// A window above this multiple of the baseline is not learned from.
+const LEARN_CEILING: f64 = 2.0;
+
+#[derive(Debug, Clone, Default)]
+struct Track {
+    /// (time, cumulative count), oldest first, covering at least one window.
+    samples: VecDeque<(Instant, u64)>,
+    rate: f64,
+    baseline: Option<f64>,
+}
+
+impl Track {
+    fn observe(&mut self, now: Instant, count: u64, window: Duration) {
+        self.samples.push_back((now, count));
+        // Keep one sample at or before now - window, so the rate spans a whole window.
+        while self.samples.len() > 2 && self.samples[1].0 + window <= now {
+            self.samples.pop_front();
+        }
+        if let Some(&(t0, c0)) = self.samples.front() {
+            let span = now.duration_since(t0).as_secs_f64();
+            self.rate = if span > 0.0 {
+                count.saturating_sub(c0) as f64 / span
+            } else {
+                0.0
+            };
+        }
+    }
+
+    fn learn(&mut self) {
+        match self.baseline {
+            None => self.baseline = Some(self.rate),
+            Some(b) if self.rate <= LEARN_CEILING * b.max(1.0) => {
+                self.baseline = Some(b + ALPHA * (self.rate - b));
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+/// Where the breaker stands.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum State {
+    /// Learning (until `warmup` has passed), then judging.
+    Closed,
+    /// Tripped at `since`; the action is in force.
+    Open { since: Instant },
+    /// Cool-down over, action lifted; the next window decides.
+    HalfOpen { since: Instant },
+}
+
+/// A change the daemon must act on (and audit).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transition {
+    Tripped {
+        signal: Signal,
+        rate: f64,
+        baseline: f64,
+        action: Action,
+    },
+    HalfOpen,
+    Closed,
+}
+
+/// Rates, baselines and (when configured) the breaker of one agent.
+#[derive(Debug, Clone)]
+pub struct Monitor {
+    config: Option<BreakerConfig>,
+    window: Duration,
+    started: Instant,
+    last_learned: Instant,
+    tracks: [Track; 4],
+    state: State,
+    /// How long an open breaker waits before half-opening (without require_approval).
+    cooldown: Duration,
+}
+
+impl Monitor {
+    /// A monitor starting at `now`; `config` None measures rates and baselines but never trips.
+    pub fn new(config: Option<BreakerConfig>, now: Instant) -> Self {
+        let window = config.map_or(Duration::from_secs(1), |c| c.window);
+        Self {
+            cooldown: config.map_or(Duration::from_secs(30), |c| c.cooldown),
+            config,
+            window,
+            started: now,
+            last_learned: now,
+            tracks: Default::default(),
+            state: State::Closed,
+        }
+    }
+
+    /// Takes a new configuration, keeping what was learned.
+    pub fn reconfigure(&mut self, config: Option<BreakerConfig>) {
+        self.window = config.map_or(Duration::from_secs(1), |c| c.window);
+        self.cooldown = config.map_or(Duration::from_secs(30), |c| c.cooldown);
+        self.config = config;
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    pub fn is_open(&self) -> bool {
+        matches!(self.state, State::Open { .. })
+    }
+
+    pub fn config(&self) -> Option<&BreakerConfig> {
+        self.config.as_ref()
+    }
+
+    /// Current rate of `signal`, per second.
+    pub fn rate(&self, signal: Signal) -> f64 {
+        self.tracks[signal as usize].rate
+    }
+
+    /// Learned baseline of `signal`, per second (None until a window has passed).
+    pub fn baseline(&self, signal: Signal) -> Option<f64> {
+        self.tracks[signal as usize].baseline
+    }
+
+    /// How many times its baseline the most abnormal signal runs at (1.0 is normal).
+    pub fn anomaly_score(&self) -> f64 {
+        self.tracks
+            .iter()
+            .map(|t| t.rate / t.baseline.unwrap_or(t.rate).max(1.0))
+            .fold(0.0, f64::max)
+    }
+
+    /// The breaker is open already (the kernel says so after a daemon restart).
+    pub fn force_open(&mut self, now: Instant) {
+        self.state = State::Open { since: now };
+    }
+
+    /// A human closed the breaker (`approve`): judge again from now, keeping the baseline.
+    pub fn approve(&mut self) {
+        self.state = State::Closed;
+    }
+
+    /// Feeds the cumulative counts (indexed like [`Signal::ALL`]) at `now`.
+    pub fn observe(&mut self, now: Instant, counts: [u64; 4]) -> Option<Transition> {
+        for (t, c) in self.tracks.iter_mut().zip(counts) {
+            t.observe(now, c, self.window);
+        }
+        let window_done = now.duration_since(self.last_learned) >= self.window;
+        let Some(cfg) = self.config else {
+            if window_done {
+                self.learn_all(now);
+            }
+            return None;
+        };
+        let warm = now.duration_since(self.started) >= cfg.warmup;
+        match self.state {
+            State::Closed => {
+                if warm && let Some(t) = self.trip(&cfg, now) {
+                    return Some(t);
+                }
+                if window_done {
+                    self.learn_all(now);
+                }
+                None
+            }
+            State::Open { since } => {
+                if !cfg.require_approval && now.duration_since(since) >= self.cooldown {
+                    self.state = State::HalfOpen { since: now };
+                    return Some(Transition::HalfOpen);
+                }
+                None
+            }
+            State::HalfOpen { since } => {
+                if let Some(t) = self.trip(&cfg, now) {
+                    return Some(t);
+                }
+                if now.duration_since(since) >= self.window {
+                    self.state = State::Closed;
+                    return Some(Transition::Closed);
+                }
+                None
+            }
+        }
+    }
+
+    fn learn_all(&mut self, now: Instant) {
+        for t in &mut self.tracks {
+            t.learn();
+        }
+        self.last_learned = now;
+    }
+
+    fn trip(&mut self, cfg: &BreakerConfig, now: Instant) -> Option<Transition> {
+        for signal in Signal::ALL {
+            let t = &self.tracks[signal as usize];
+            let baseline = t.baseline.unwrap_or(0.0);
+            if t.rate > cfg.trip_factor * baseline && t.rate > cfg.min_rate {
+                self.state = State::Open { since: now };
+                return Some(Transition::Tripped {
+                    signal,
+                    rate: t.rate,
+                    baseline,
+                    action: cfg.action,
+                });
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> BreakerConfig {
+        BreakerConfig {
+            warmup: Duration::from_secs(2),
+            window: Duration::from_millis(500),
+            trip_factor: 5.0,
+            min_rate: 20.0,
+            action: Action::Freeze,
+            require_approval: true,
+            cooldown: Duration::from_secs(3),
+        }
+    }
+
+    /// Runs `rate` connects per second for `secs`, ticking every 100 ms; returns transitions.
+    fn run(
+        m: &mut Monitor,
+        t: &mut Instant,
+        count: &mut f64,
+        rate: f64,
+        secs: f64,
+    ) -> Vec<Transition> {
+        let mut out = Vec::new();
+        for _ in 0..(secs * 10.0) as usize {
+            *t += Duration::from_millis(100);
+            *count += rate / 10.0;
+            out.extend(m.observe(*t, [*count as u64, 0, 0, 0]));
+        }
+        out
+    }
+
+    #[test]
+    fn steady_load_never_trips_and_is_learned() {
+        let t0 = Instant::now();
+        let (mut t, mut n) = (t0, 0.0);
+        let mut m = Monitor::new(Some(cfg()), t0);
+        assert!(run(&mut m, &mut t, &mut n, 10.0, 10.0).is_empty());
+        let b = m.baseline(Signal::Connects).unwrap();
+        assert!((b - 10.0).abs() < 1.0, "{b}");
+        assert!((m.rate(Signal::Connects) - 10.0).abs() < 1.0);
+    }
+
+    #[test]
+    fn a_burst_trips_within_a_few_ticks_and_stays_open_until_approved() {
+        let t0 = Instant::now();
+        let (mut t, mut n) = (t0, 0.0);
+        let mut m = Monitor::new(Some(cfg()), t0);
+        run(&mut m, &mut t, &mut n, 10.0, 5.0);
+        let before = t;
+        let tr = run(&mut m, &mut t, &mut n, 300.0, 1.0);
+        let Some(Transition::Tripped {
+            signal,
+            rate,
+            baseline,
+            action,
+        }) = tr.first().cloned()
+        else {
+            panic!("no trip: {tr:?}");
+        };
+        assert_eq!((signal, action), (Signal::Connects, Action::Freeze));
+        assert!(
+            rate > 50.0 && (baseline - 10.0).abs() < 1.0,
+            "{rate} {baseline}"
+        );
+        assert_eq!(tr.len(), 1);
+        assert!(
+            matches!(m.state(), State::Open { since } if since.duration_since(before) <= Duration::from_millis(300))
+        );
+        // require_approval: no half-open however long it waits.
+        assert!(run(&mut m, &mut t, &mut n, 0.0, 10.0).is_empty());
+        m.approve();
+        assert_eq!(m.state(), State::Closed);
+    }
+
+    #[test]
+    fn nothing_is_judged_during_warmup() {
+        let t0 = Instant::now();
+        let (mut t, mut n) = (t0, 0.0);
+        let mut m = Monitor::new(Some(cfg()), t0);
+        assert!(run(&mut m, &mut t, &mut n, 500.0, 1.9).is_empty());
+    }
+
+    #[test]
+    fn without_approval_it_half_opens_after_cooldown_and_closes_when_calm() {
+        let t0 = Instant::now();
+        let (mut t, mut n) = (t0, 0.0);
+        let mut m = Monitor::new(
+            Some(BreakerConfig {
+                require_approval: false,
+                ..cfg()
+            }),
+            t0,
+        );
+        run(&mut m, &mut t, &mut n, 10.0, 3.0);
+        let tr = run(&mut m, &mut t, &mut n, 300.0, 0.5);
+        assert!(matches!(tr[0], Transition::Tripped { .. }));
+        let tr = run(&mut m, &mut t, &mut n, 10.0, 4.0);
+        assert_eq!(tr, vec![Transition::HalfOpen, Transition::Closed]);
+    }
+
+    #[test]
+    fn a_slow_ramp_does_not_teach_the_baseline_a_burst() {
+        let t0 = Instant::now();
+        let (mut t, mut n) = (t0, 0.0);
+        let mut m = Monitor::new(Some(cfg()), t0);
+        run(&mut m, &mut t, &mut n, 10.0, 3.0);
+        // Quadrupling at once stays under the trip factor but is not learned from.
+        assert!(run(&mut m, &mut t, &mut n, 40.0, 5.0).is_empty());
+        let b = m.baseline(Signal::Connects).unwrap();
+        assert!(b < 12.0, "baseline learned an abnormal level: {b}");
+        // So the next step up trips.
+        assert!(!run(&mut m, &mut t, &mut n, 60.0, 1.0).is_empty());
+    }
+
+    #[test]
+    fn idle_agents_trip_on_min_rate() {
+        let t0 = Instant::now();
+        let (mut t, mut n) = (t0, 0.0);
+        let mut m = Monitor::new(Some(cfg()), t0);
+        run(&mut m, &mut t, &mut n, 0.0, 3.0);
+        assert!(
+            run(&mut m, &mut t, &mut n, 15.0, 2.0).is_empty(),
+            "below min_rate"
+        );
+        assert!(!run(&mut m, &mut t, &mut n, 100.0, 1.0).is_empty());
+    }
+}

@@ -1,0 +1,82 @@
+//! Attached programs, pinned or owned.
+
+use std::path::{Path, PathBuf};
+
+use aya::programs::links::{FdLink, PinnedLink};
+
+use crate::kernel::KernelError;
+
+/// One attached program. Dropping an owned link detaches it; a pinned one stays attached until
+/// its pin is removed ([`Link::detach`]).
+#[derive(Debug)]
+pub struct Link {
+    link: FdLink,
+    pin: Option<PathBuf>,
+    /// Attached by this process (not adopted from a pin).
+    fresh: bool,
+}
+
+impl Link {
+    /// With `pin_dir`: adopts the link pinned at `pin_dir/name` if there is one (it stays
+    /// attached throughout), else attaches with `attach` and pins the result there. Without:
+    /// attaches, and the link is owned by this process.
+    pub(crate) fn pinned_or_attach(
+        pin_dir: Option<&Path>,
+        name: &'static str,
+        attach: impl FnOnce() -> Result<FdLink, KernelError>,
+    ) -> Result<Self, KernelError> {
+        let Some(dir) = pin_dir else {
+            return Ok(Self {
+                link: attach()?,
+                pin: None,
+                fresh: true,
+            });
+        };
+        let pin = dir.join(name);
+        if pin.exists() {
+            let link =
+                PinnedLink::from_pin(&pin).map_err(|source| KernelError::Link { name, source })?;
+            return Ok(Self {
+                link: FdLink::from(link),
+                pin: Some(pin),
+                fresh: false,
+            });
+        }
+        std::fs::create_dir_all(dir).map_err(|source| KernelError::Pin {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let pinned = attach()?.pin(&pin).map_err(|e| KernelError::Pin {
+            path: pin.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        Ok(Self {
+            link: FdLink::from(pinned),
+            pin: Some(pin),
+            fresh: true,
+        })
+    }
+
+    /// The kernel's id of the link.
+    pub fn id(&self) -> Option<u32> {
+        self.link.info().ok().map(|i| i.id())
+    }
+
+    /// Attached by this process rather than adopted from a pin.
+    pub fn fresh(&self) -> bool {
+        self.fresh
+    }
+
+    /// Detaches the link: removes its pin, then drops the last reference.
+    pub fn detach(self) -> Result<(), std::io::Error> {
+        if let Some(pin) = &self.pin {
+            match std::fs::remove_file(pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        drop(self.link);
+        Ok(())
+    }
+}
