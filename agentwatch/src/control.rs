@@ -57,6 +57,15 @@ impl Response {
         }
     }
 
+    /// The data of a successful response, or the daemon's error message.
+    pub fn into_result(self) -> Result<Value, String> {
+        if self.ok {
+            Ok(self.data)
+        } else {
+            Err(self.error.unwrap_or_else(|| "the daemon refused".into()))
+        }
+    }
+
     pub fn err(error: impl Into<String>) -> Self {
         Self {
             ok: false,

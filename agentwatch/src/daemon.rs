@@ -387,6 +387,17 @@ impl State {
         }
     }
 
+    /// Audits a kernel event of agent `agent_id` at its kernel timestamp.
+    fn audit_event(&self, agent_id: u32, ts_ns: u64, kind: &str, fields: Value) {
+        let agent = self.agents.name_of(agent_id).unwrap_or("");
+        if let Err(e) = self
+            .audit
+            .record_at(events::wall_time(ts_ns), agent, kind, fields)
+        {
+            tracing::error!("writing the audit trail: {e}");
+        }
+    }
+
     fn audit_daemon(&self, kind: &str, fields: Value) {
         if let Err(e) = self.audit.record_daemon(kind, fields) {
             tracing::error!("writing the audit trail: {e}");
@@ -743,36 +754,32 @@ fn drain(ring: &mut RingBuf<MapData>, state: &Shared) {
         drop(item);
         let s = lock(state);
         match event {
-            Event::Egress(e) => {
-                let agent = s.agents.name_of(e.agent_id).unwrap_or("").to_owned();
-                let r = s.audit.record_at(
-                    events::wall_time(e.ts_ns),
-                    &agent,
-                    e.kind,
-                    json!({
-                        "pid": e.pid,
-                        "tid": e.tid,
-                        "comm": e.comm,
-                        "proto": e.proto,
-                        "dest": e.dest.to_string(),
-                        "hook": e.hook,
-                    }),
-                );
-                if let Err(err) = r {
-                    tracing::error!("writing the audit trail: {err}");
-                }
-            }
+            Event::Egress(e) => s.audit_event(
+                e.agent_id,
+                e.ts_ns,
+                e.kind,
+                json!({
+                    "pid": e.pid,
+                    "tid": e.tid,
+                    "comm": e.comm,
+                    "proto": e.proto,
+                    "dest": e.dest.to_string(),
+                    "hook": e.hook,
+                }),
+            ),
             Event::Exec(e) => {
-                let agent = s.agents.name_of(e.agent_id).unwrap_or("").to_owned();
                 // The kernel knows the parent only for forks it saw; ask /proc otherwise.
                 let ppid = if e.ppid != 0 {
                     e.ppid
                 } else {
                     proc_ppid(e.pid).unwrap_or(0)
                 };
-                let r = s.audit.record_at(
-                    events::wall_time(e.ts_ns),
-                    &agent,
+                if e.kind == "exec_denied" {
+                    tracing::warn!(pid = e.pid, path = %e.path, "exec denied: killed");
+                }
+                s.audit_event(
+                    e.agent_id,
+                    e.ts_ns,
                     e.kind,
                     json!({
                         "pid": e.pid,
@@ -781,12 +788,6 @@ fn drain(ring: &mut RingBuf<MapData>, state: &Shared) {
                         "path": e.path,
                     }),
                 );
-                if let Err(err) = r {
-                    tracing::error!("writing the audit trail: {err}");
-                }
-                if e.kind == "exec_denied" {
-                    tracing::warn!(agent, pid = e.pid, path = %e.path, "exec denied: killed");
-                }
             }
             Event::Unknown { kind, len } => {
                 tracing::warn!(kind, len, "unknown event kind from the kernel");

@@ -27,15 +27,8 @@ pub fn launch(socket: &Path, name: &str, cmd: &[OsString]) -> Result<std::conver
         },
         Duration::from_secs(10),
     )?;
-    if !response.ok {
-        bail!(
-            "{}",
-            response
-                .error
-                .unwrap_or_else(|| "the daemon refused".into())
-        );
-    }
-    let path = response.data["cgroup"]
+    let data = response.into_result().map_err(anyhow::Error::msg)?;
+    let path = data["cgroup"]
         .as_str()
         .context("the daemon did not say where the agent lives")?;
     let cg = Cgroup::open(path)?;

@@ -7,7 +7,7 @@ use agentwatch::{
     control::{self, Request},
     daemon::{self, ConfigSource},
 };
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::Value;
 
@@ -196,15 +196,7 @@ fn describe(r: &Request) -> String {
 fn ask(socket: &std::path::Path, request: Request) -> Result<Value> {
     // Kill waits for the whole tree to die; leave it room.
     let response = control::call(socket, &request, Duration::from_secs(30))?;
-    if !response.ok {
-        bail!(
-            "{}",
-            response
-                .error
-                .unwrap_or_else(|| "the daemon refused".into())
-        );
-    }
-    Ok(response.data)
+    response.into_result().map_err(anyhow::Error::msg)
 }
 
 fn print_status(data: &Value) {

@@ -575,3 +575,49 @@ fn nothing_the_test_made_remains_afterwards() {
         .unwrap_or_default();
     assert!(pins.is_empty(), "pins left: {pins:?}");
 }
+
+#[test]
+fn a_hundred_thousand_rules_per_agent_still_judge_exactly() {
+    privileged!();
+    let ns = NetNsGuard::new();
+    ns.local_route("10.0.0.0/8");
+    let _l = TcpListener::bind(("0.0.0.0", 7000)).expect("bind");
+    // 100,000 distinct /32 hosts spread over 10.0.0.0/8, plus one /16 with another port.
+    let host = |i: u32| {
+        let a = 0x0a00_0000 | (i.wrapping_mul(2_654_435_761) & 0x00ff_fffe);
+        std::net::Ipv4Addr::from(a)
+    };
+    let mut list: Vec<String> = (0..100_000)
+        .map(|i| format!("tcp {} 7000", host(i)))
+        .collect();
+    list.push("tcp 10.200.0.0/16 7001".into());
+    let parsed: Vec<Rule> = list.iter().map(|r| r.parse().expect("rule")).collect();
+    let compiled = compile(&parsed).expect("compile");
+    assert!(
+        compiled.v4.len() >= 99_000,
+        "{} distinct prefixes",
+        compiled.v4.len()
+    );
+    let cg = TestCgroup::new();
+    let mut agents = Agents::load().expect("load");
+    agents
+        .guard("big", cg.cgroup().clone(), compiled)
+        .expect("guard");
+    for i in [0, 1, 77_777, 99_999] {
+        let r = connect(&cg, "tcp", &host(i).to_string(), 7000);
+        assert!(r.ok, "rule {i} ({}) should allow: {r:?}", host(i));
+    }
+    // Listed hosts, other port; unlisted host (odd addresses are never generated).
+    let r = connect(&cg, "tcp", &host(5).to_string(), 7001);
+    assert_eq!(r.errno, EPERM);
+    let r = connect(&cg, "tcp", "10.1.2.3", 7000);
+    assert_eq!(r.errno, EPERM);
+    let c = agents.counters("big").expect("counters");
+    assert_eq!(
+        (
+            count(&c, PROTO_TCP, VERDICT_ALLOWED),
+            count(&c, PROTO_TCP, VERDICT_DENIED)
+        ),
+        (4, 2)
+    );
+}

@@ -347,7 +347,7 @@ fn bench() -> Result<()> {
         "--package",
         "agentwatch-tests",
         "--test",
-        "bench_breaker",
+        "bench",
         "--",
         "--ignored",
         "--nocapture",

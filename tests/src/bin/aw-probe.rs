@@ -18,6 +18,8 @@
 //! - `spawn-each PROGRAM...`: fork+exec each program (no arguments, stdin closed), print one
 //!   line per child: `{"program":P,"exit":CODE,"signal":SIG}`
 //! - `getppid N`: call getppid() N times
+//! - `time-sendto ADDR PORT N`: N UDP sends in batches of 1000; prints the median batch's
+//!   nanoseconds per send as `{"ns_per_call":X}`
 //! - `fork-tree CHILDREN GRANDCHILDREN`: fork CHILDREN children that each fork GRANDCHILDREN
 //!   grandchildren; everyone then sleeps until killed
 
@@ -143,6 +145,28 @@ fn main() -> ExitCode {
                 // SAFETY: getppid has no preconditions.
                 std::hint::black_box(unsafe { libc::getppid() });
             }
+            ExitCode::SUCCESS
+        }
+        ["time-sendto", addr, port, n] => {
+            let (Some(dest), Ok(n)) = (dest(addr, port), n.parse::<usize>()) else {
+                return usage("bad ADDR PORT N");
+            };
+            let Ok(socket) = udp_socket(&dest) else {
+                return ExitCode::from(101);
+            };
+            let mut batches = Vec::new();
+            for _ in 0..n.div_ceil(1000) {
+                let t = std::time::Instant::now();
+                for _ in 0..1000 {
+                    if socket.send_to(b"t", dest).is_err() {
+                        return ExitCode::from(103);
+                    }
+                }
+                batches.push(t.elapsed().as_nanos() as f64 / 1000.0);
+            }
+            batches.sort_by(f64::total_cmp);
+            let median = batches.get(batches.len() / 2).copied().unwrap_or(0.0);
+            println!("{}", serde_json::json!({"ns_per_call": median}));
             ExitCode::SUCCESS
         }
         ["exit", code] => code
@@ -275,16 +299,6 @@ fn sleep_forever() -> ! {
     }
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime with a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
 fn pace(marks: &str, udp: bool, dest: SocketAddr, phases: &[(f64, f64)]) -> ExitCode {
     let (mut ok, mut eperm, mut other) = (0u64, 0u64, 0u64);
     let began = std::time::Instant::now();
@@ -298,7 +312,7 @@ fn pace(marks: &str, udp: bool, dest: SocketAddr, phases: &[(f64, f64)]) -> Exit
             .append(true)
             .open(marks)
         {
-            let _ = writeln!(f, "{}", monotonic_ns());
+            let _ = writeln!(f, "{}", agentwatch_tests::monotonic_ns());
         }
         let total = (rate * secs).round() as u64;
         for i in 0..total {

@@ -1,6 +1,9 @@
-//! Measurement, not a test: time from the start of a burst to the agent being frozen by its
-//! breaker, over 20 trials. Run by `cargo xtask bench` (ignored in the test suite: it takes a
-//! minute and its numbers are reported, not asserted).
+//! Benchmarks: measurements, not tests. Run by `cargo xtask bench` (ignored in the test suite:
+//! they take minutes and their numbers are reported as ratios within one run, not asserted).
+//!
+//! - the breaker's time from the start of a burst to the agent being frozen, over 20 trials;
+//! - the cost of the egress hooks per UDP send: a bare cgroup against an agent with 1 rule and
+//!   with 100,000 rules, interleaved, in one run.
 
 use std::{
     fs,
@@ -9,18 +12,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentwatch::cgroup::Cgroup;
-use agentwatch_tests::{DaemonEnv, agentwatch_bin, privileged, probe_bin};
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime with a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
+use agentwatch::{
+    agent::Agents,
+    cgroup::Cgroup,
+    egress::{Rule, compile},
+};
+use agentwatch_tests::{
+    DaemonEnv, TestCgroup, agentwatch_bin, monotonic_ns, privileged, probe_bin,
+};
 
 #[test]
 #[ignore = "benchmark: run with `cargo xtask bench`"]
@@ -93,5 +92,64 @@ fn burst_to_frozen_latency() {
             .iter()
             .map(|d| ms(*d).round() as u64)
             .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+#[ignore = "benchmark: run with `cargo xtask bench`"]
+fn egress_cost_per_udp_send() {
+    privileged!();
+    let rx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let port = rx.local_addr().expect("addr").port();
+    let bare = TestCgroup::new();
+    let one = TestCgroup::new();
+    let many = TestCgroup::new();
+    let mut agents = Agents::load().expect("load");
+    let rules = |n: u32| {
+        let mut list: Vec<Rule> = (0..n)
+            .map(|i| {
+                format!("udp {} 53", std::net::Ipv4Addr::from(0x0a00_0000 | (i * 7)))
+                    .parse()
+                    .expect("rule")
+            })
+            .collect();
+        list.push(format!("udp 127.0.0.1 {port}").parse().expect("rule"));
+        compile(&list).expect("compile")
+    };
+    agents
+        .guard("one", one.cgroup().clone(), rules(0))
+        .expect("guard");
+    let t = Instant::now();
+    agents
+        .guard("many", many.cgroup().clone(), rules(100_000))
+        .expect("guard");
+    let load_ms = t.elapsed().as_millis();
+    let measure = |cg: &TestCgroup| -> f64 {
+        let o = Command::new(probe_bin())
+            .arg("--cgroup")
+            .arg(cg.path())
+            .args(["time-sendto", "127.0.0.1", &port.to_string(), "200000"])
+            .output()
+            .expect("probe");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+        v["ns_per_call"].as_f64().expect("ns")
+    };
+    let (mut b, mut o, mut m) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..5 {
+        b.push(measure(&bare));
+        o.push(measure(&one));
+        m.push(measure(&many));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (b, o, m) = (median(&mut b), median(&mut o), median(&mut m));
+    println!(
+        "egress cost per UDP sendto (median of 5 interleaved runs of 200,000 sends): bare cgroup \
+         {b:.0} ns; agent with 1 rule {o:.0} ns (x{:.2}); agent with 100,000 rules {m:.0} ns (x{:.2}); \
+         writing 100,000 rules took {load_ms} ms",
+        o / b,
+        m / b
     );
 }
