@@ -621,3 +621,31 @@ fn a_hundred_thousand_rules_per_agent_still_judge_exactly() {
         (4, 2)
     );
 }
+
+#[test]
+fn a_full_ring_buffer_is_counted_never_silent() {
+    privileged!();
+    let cg = TestCgroup::new();
+    let mut agents = Agents::load().expect("load");
+    agents
+        .guard("flood", cg.cgroup().clone(), rules(&[]))
+        .expect("guard");
+    // Nobody reads while 20,000 denials arrive: more than the 1 MiB buffer holds.
+    let mut ring = agents.take_events().expect("events");
+    let attempts = probe(Some(cg.path()), &["sendto", "127.0.0.1", "9", "20000"]);
+    assert_eq!(attempts.len(), 20_000);
+    assert!(attempts.iter().all(|a| a.errno == EPERM));
+    let lost = agents.kernel().events_lost().expect("lost");
+    let mut delivered = 0u64;
+    while ring.next().is_some() {
+        delivered += 1;
+    }
+    assert!(lost > 0, "the buffer should have overflowed");
+    assert_eq!(
+        delivered + lost,
+        20_000,
+        "every denial is either delivered or counted as lost"
+    );
+    let c = agents.counters("flood").expect("counters");
+    assert_eq!(count(&c, PROTO_UDP, VERDICT_DENIED), 20_000);
+}

@@ -240,9 +240,10 @@ fn mounts() -> Result<()> {
     Ok(())
 }
 
-/// Debian packages the tests use: iproute2 (`ip`, network namespaces).
+/// Debian packages the tests use: iproute2 (`ip`, network namespaces) and util-linux
+/// (`setpriv`, to run a client as an unprivileged user).
 fn debian_packages() -> Result<()> {
-    let missing: Vec<&str> = [("ip", "iproute2")]
+    let missing: Vec<&str> = [("ip", "iproute2"), ("setpriv", "util-linux")]
         .into_iter()
         .filter(|(bin, _)| output(Command::new("which").arg(bin)).is_none())
         .map(|(_, pkg)| pkg)
