@@ -83,15 +83,16 @@ fn metrics_show_exact_allowed_denied_and_capped_counts() {
     let udp = UdpSocket::bind("127.0.0.1:0").expect("udp");
     let udp_port = udp.local_addr().expect("addr").port();
     let mut env = DaemonEnv::new();
-    // 2 per second: one token (burst 1), the next only 500 ms later.
+    // 1 per second: one token (burst 1), the next only a second later, so the counts below are
+    // exact unless the probe stalls for a whole second between two calls.
     env.write_config(&format!(
         "[[agents]]\nname = \"counted\"\negress = [\"tcp 127.0.0.1 {port}\", \"udp 127.0.0.1 {udp_port}\"]\n\
-         [agents.limits]\nconnects_per_second = 2\nsends_per_second = 2\n"
+         [agents.limits]\nconnects_per_second = 1\nsends_per_second = 1\n"
     ));
     env.start();
     let cg = env.agent_cgroup("counted");
     let run = |args: &[&str]| agentwatch_tests::probe(Some(&cg), args);
-    // 1 allowed then 4 capped (all within far less than 500 ms), 3 denied.
+    // 1 allowed then 4 capped (all within far less than a second), 3 denied.
     let tcp = run(&["connect", "tcp", "127.0.0.1", &port.to_string(), "5"]);
     let ok: Vec<bool> = tcp.iter().map(|a| a.ok).collect();
     assert_eq!(ok, [true, false, false, false, false], "{tcp:?}");
