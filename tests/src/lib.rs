@@ -475,18 +475,23 @@ impl DaemonEnv {
             .expect("running agentwatch")
     }
 
-    /// `agentwatch launch --agent AGENT -- aw-probe ARGS`.
+    /// `agentwatch --socket <this socket> launch --agent AGENT -- aw-probe`, for the caller to
+    /// add aw-probe's arguments and run or spawn.
+    pub fn probe_command(&self, agent: &str) -> Command {
+        let mut cmd = Command::new(agentwatch_bin());
+        cmd.arg("--socket")
+            .arg(&self.socket)
+            .args(["launch", "--agent", agent, "--"])
+            .arg(probe_bin());
+        cmd
+    }
+
+    /// `agentwatch launch --agent AGENT -- aw-probe ARGS`, run to completion.
     pub fn launch_probe(&self, agent: &str, args: &[&str]) -> Output {
-        let probe = probe_bin();
-        let mut all = vec![
-            "launch",
-            "--agent",
-            agent,
-            "--",
-            probe.to_str().expect("utf8"),
-        ];
-        all.extend_from_slice(args);
-        self.cli(&all)
+        self.probe_command(agent)
+            .args(args)
+            .output()
+            .expect("running agentwatch launch")
     }
 
     /// `agentwatch status --json`, parsed: agent name -> row.

@@ -49,11 +49,7 @@ fn pace(
     phases: &[&str],
 ) -> std::process::Child {
     let marks = env.dir.0.join(format!("marks-{agent}"));
-    Command::new(agentwatch_tests::agentwatch_bin())
-        .arg("--socket")
-        .arg(&env.socket)
-        .args(["launch", "--agent", agent, "--"])
-        .arg(probe_bin())
+    env.probe_command(agent)
         .arg("pace")
         .arg(&marks)
         .args([proto, "127.0.0.1", &port.to_string()])
@@ -264,11 +260,8 @@ fn action_kill_leaves_no_process_even_ones_forking_in_a_loop() {
     env.write_config(&breaker_agent("doomed", port, "kill"));
     env.start();
     let cg = Cgroup::open(env.agent_cgroup("doomed")).expect("cgroup");
-    let mut forker = Command::new(agentwatch_tests::agentwatch_bin())
-        .arg("--socket")
-        .arg(&env.socket)
-        .args(["launch", "--agent", "doomed", "--"])
-        .arg(probe_bin())
+    let mut forker = env
+        .probe_command("doomed")
         .arg("fork-loop")
         .spawn()
         .expect("forker");

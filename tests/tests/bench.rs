@@ -17,9 +17,7 @@ use agentwatch::{
     cgroup::Cgroup,
     egress::{Rule, compile},
 };
-use agentwatch_tests::{
-    DaemonEnv, TestCgroup, agentwatch_bin, monotonic_ns, privileged, probe_bin,
-};
+use agentwatch_tests::{DaemonEnv, TestCgroup, monotonic_ns, privileged, probe_bin};
 
 #[test]
 #[ignore = "benchmark: run with `cargo xtask bench`"]
@@ -48,11 +46,8 @@ fn burst_to_frozen_latency() {
         assert!(env.cli(&["reload"]).status.success());
         let cg = Cgroup::open(env.agent_cgroup(&format!("trial-{i}"))).expect("cgroup");
         let marks = env.dir.0.join(format!("marks-{i}"));
-        let mut child = Command::new(agentwatch_bin())
-            .arg("--socket")
-            .arg(&env.socket)
-            .args(["launch", "--agent", &format!("trial-{i}"), "--"])
-            .arg(probe_bin())
+        let mut child = env
+            .probe_command(&format!("trial-{i}"))
             .arg("pace")
             .arg(&marks)
             .args(["tcp", "127.0.0.1", &port.to_string(), "10:1.5", "300:5"])

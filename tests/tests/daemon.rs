@@ -244,12 +244,8 @@ fn reload_under_load_never_gives_a_wrong_verdict() {
     env.write_config(&policy_a);
     env.start();
     let stop = env.dir.0.join("stop");
-    let probe = probe_bin();
-    let prober = Command::new(agentwatch_bin())
-        .arg("--socket")
-        .arg(&env.socket)
-        .args(["launch", "--agent", "prober", "--"])
-        .arg(&probe)
+    let prober = env
+        .probe_command("prober")
         .args([
             "alternate",
             "127.0.0.1",
@@ -525,11 +521,8 @@ fn freeze_thaw_and_kill_switch() {
     env.write_config(&one_agent("worker", &[format!("tcp 127.0.0.1 {port}")]));
     env.start();
     let counter = env.dir.0.join("counter");
-    let mut spinner = Command::new(agentwatch_bin())
-        .arg("--socket")
-        .arg(&env.socket)
-        .args(["launch", "--agent", "worker", "--"])
-        .arg(probe_bin())
+    let mut spinner = env
+        .probe_command("worker")
         .args(["spin", counter.to_str().expect("utf8")])
         .spawn()
         .expect("spinner");
@@ -571,11 +564,8 @@ fn freeze_thaw_and_kill_switch() {
     let _ = spinner.wait();
 
     // Kill switch on a tree of 50 processes: 1 + 7 children + 7 x 6 grandchildren.
-    let mut tree = Command::new(agentwatch_bin())
-        .arg("--socket")
-        .arg(&env.socket)
-        .args(["launch", "--agent", "worker", "--"])
-        .arg(probe_bin())
+    let mut tree = env
+        .probe_command("worker")
         .args(["fork-tree", "7", "6"])
         .stdout(Stdio::null())
         .spawn()
