@@ -12,7 +12,10 @@ use std::{
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::{cgroup, egress::rules::Rule};
+use crate::{
+    cgroup,
+    egress::{CompiledRules, rules::Rule},
+};
 
 /// Where the daemon looks when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/agentwatch/agentwatch.toml";
@@ -171,6 +174,8 @@ pub struct Agent {
     /// True when the config names the cgroup (adopted, not created by agentwatch).
     pub adopted: bool,
     pub egress: Vec<Rule>,
+    /// `egress` compiled for the kernel (done once, while validating).
+    pub compiled: CompiledRules,
     /// None: no exec allow-list; Some(list): an exec of anything else is killed.
     pub exec_allow: Option<Vec<PathBuf>>,
     pub limits: Limits,
@@ -385,9 +390,13 @@ fn validate(raw: RawConfig, c: &mut Collector<'_>) -> Config {
                 Err(e) => c.at(r.span(), format!("egress rule `{}`: {e}", r.get_ref())),
             }
         }
-        if let Err(e) = crate::egress::compile(&egress) {
-            c.at(name_span.clone(), format!("agent `{name}`: {e}"));
-        }
+        let compiled = match crate::egress::compile(&egress) {
+            Ok(compiled) => compiled,
+            Err(e) => {
+                c.at(name_span.clone(), format!("agent `{name}`: {e}"));
+                CompiledRules::default()
+            }
+        };
         let exec_allow = a.exec_allow.as_ref().map(|list| {
             let mut paths = Vec::new();
             for p in list {
@@ -428,6 +437,7 @@ fn validate(raw: RawConfig, c: &mut Collector<'_>) -> Config {
             cgroup,
             adopted,
             egress,
+            compiled,
             exec_allow,
             limits,
             breaker,

@@ -269,8 +269,7 @@ impl State {
     /// atomically. Everything that can fail for reasons in the config is checked before the
     /// first change, so a rejected config changes nothing.
     fn apply(&mut self, new: Config) -> Result<String, String> {
-        // Pre-flight: adopted cgroups must exist; rules must compile.
-        let mut compiled = BTreeMap::new();
+        // Pre-flight: adopted cgroups must exist (rules were compiled while validating).
         for a in &new.agents {
             if a.adopted && !self.mount.join(&a.cgroup).join("cgroup.procs").exists() {
                 return Err(format!(
@@ -279,10 +278,6 @@ impl State {
                     self.mount.join(&a.cgroup).display()
                 ));
             }
-            compiled.insert(
-                a.name.clone(),
-                egress::compile(&a.egress).map_err(|e| format!("agent `{}`: {e}", a.name))?,
-            );
         }
         if new.daemon != self.config.daemon {
             tracing::warn!("[daemon] settings changed: they take effect at the next restart");
@@ -303,7 +298,7 @@ impl State {
             }
         }
         for a in &new.agents {
-            let rules = compiled.remove(&a.name).unwrap_or_default();
+            let rules = a.compiled.clone();
             match old.get(&a.name) {
                 Some(o) if o.cgroup == a.cgroup => {
                     if o != a {
