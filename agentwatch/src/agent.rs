@@ -22,7 +22,7 @@ use crate::{
     cgroup::{self, Cgroup},
     egress::{self, CompiledRules},
     exec,
-    kernel::{Kernel, KernelError, PinDir},
+    kernel::{Kernel, KernelError, PinDir, ignore_missing, remove_link_dir},
     link::Link,
     syscalls,
 };
@@ -156,11 +156,6 @@ impl Agents {
     /// The event ring buffer (one reader).
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.kernel.take_events()
-    }
-
-    /// Is the host-wide sys_enter hook attached?
-    pub fn syscalls_hooked(&self) -> bool {
-        self.syscalls.is_some()
     }
 
     fn free_id(&self) -> Result<u32, KernelError> {
@@ -301,13 +296,6 @@ impl Agents {
         let old = std::mem::replace(&mut g.policy, policy);
         self.kernel.egress.clear(old_scope, &old.rules)?;
         self.sync_syscalls()
-    }
-
-    /// Replaces only the rules of agent `name` (see [`Agents::set_policy`]).
-    pub fn set_rules(&mut self, name: &str, rules: CompiledRules) -> Result<(), KernelError> {
-        let mut policy = self.get(name)?.policy.clone();
-        policy.rules = rules;
-        self.set_policy(name, policy)
     }
 
     /// Sets and clears `AGENT_FLAG_*` bits of agent `name` in one map write.
@@ -537,10 +525,7 @@ impl Agents {
             })
             .collect();
         for k in stale {
-            match self.kernel.exec_allow.remove(&k) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err("EXEC_ALLOW")(e)),
-            }
+            ignore_missing(self.kernel.exec_allow.remove(&k), "EXEC_ALLOW")?;
         }
         Ok(())
     }
@@ -589,18 +574,4 @@ impl Agents {
         }
         Ok(())
     }
-}
-
-fn remove_link_dir(dir: &Path) -> Result<(), KernelError> {
-    let pin_err = |source| KernelError::Pin {
-        path: dir.to_owned(),
-        source,
-    };
-    for link in std::fs::read_dir(dir)
-        .map_err(pin_err)?
-        .filter_map(Result::ok)
-    {
-        std::fs::remove_file(link.path()).map_err(pin_err)?;
-    }
-    std::fs::remove_dir(dir).map_err(pin_err)
 }

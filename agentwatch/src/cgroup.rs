@@ -64,7 +64,6 @@ fn unescape(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\'
-            && i + 3 < b.len() + 1
             && b.get(i + 1..i + 4)
                 .is_some_and(|o| o.iter().all(|c| (b'0'..=b'7').contains(c)))
         {

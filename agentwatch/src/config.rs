@@ -38,7 +38,7 @@ struct RawConfig {
 pub struct DaemonConfig {
     /// Agents live at `<cgroup2 mount>/<cgroup_parent>/<name>` unless they adopt a cgroup.
     pub cgroup_parent: String,
-    /// Pinned programs, links and maps, so enforcement outlives the daemon.
+    /// Pinned links (each holds its attached program) and maps, so enforcement outlives the daemon.
     pub pin_dir: PathBuf,
     /// The control socket of the CLI.
     pub control_socket: PathBuf,

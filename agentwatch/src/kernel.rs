@@ -381,18 +381,10 @@ impl PinDir {
         };
         if let Ok(agents) = fs::read_dir(self.links_root()) {
             for agent in agents.filter_map(Result::ok) {
-                for link in fs::read_dir(agent.path())
-                    .map_err(pin_err(&agent.path()))?
-                    .filter_map(Result::ok)
-                {
-                    // Removing the last reference to a link detaches it.
-                    fs::remove_file(link.path()).map_err(pin_err(&link.path()))?;
-                    links += 1;
-                }
-                fs::remove_dir(agent.path()).map_err(pin_err(&agent.path()))?;
+                links += remove_link_dir(&agent.path())?;
             }
         }
-        for sub in ["links", "maps", "progs"] {
+        for sub in ["links", "maps"] {
             let dir = self.root.join(sub);
             if let Ok(entries) = fs::read_dir(&dir) {
                 for e in entries.filter_map(Result::ok) {
@@ -409,6 +401,34 @@ impl PinDir {
                 source,
             }),
         }
+    }
+}
+
+/// Removes the link pins in `dir` (removing a link's last reference detaches it), then `dir`.
+/// Returns how many links were detached.
+pub(crate) fn remove_link_dir(dir: &Path) -> Result<usize, KernelError> {
+    let pin_err = |source| KernelError::Pin {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut n = 0;
+    for link in fs::read_dir(dir).map_err(pin_err)?.filter_map(Result::ok) {
+        fs::remove_file(link.path()).map_err(pin_err)?;
+        n += 1;
+    }
+    fs::remove_dir(dir).map_err(pin_err)?;
+    Ok(n)
+}
+
+/// A map removal that found nothing to remove is not an error (clearing is idempotent).
+pub(crate) fn ignore_missing(
+    r: Result<(), MapError>,
+    name: &'static str,
+) -> Result<(), KernelError> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(source) => Err(KernelError::Map { name, source }),
     }
 }
 

@@ -304,20 +304,6 @@ pub fn read_events(ring: &mut RingBuf<MapData>, n: usize) -> Vec<EgressAttempt> 
     }
 }
 
-/// Cgroups named like test cgroups of this process that still exist under the cgroup2 mount.
-pub fn leftover_cgroups() -> Vec<PathBuf> {
-    let mount = cgroup::cgroup2_mount().expect("cgroup2 mount");
-    let mine = format!("{TEST_PREFIX}{}-", std::process::id());
-    fs::read_dir(&mount)
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter(|e| e.file_name().to_string_lossy().starts_with(&mine))
-                .map(|e| e.path())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 pub const EPERM: i32 = libc::EPERM;
 
 /// A scratch folder removed on Drop.

@@ -18,7 +18,7 @@ use aya::{
 
 use crate::{
     cgroup::Cgroup,
-    kernel::{KernelError, take_map},
+    kernel::{KernelError, ignore_missing, take_map},
     link::Link,
 };
 pub use rules::{CompiledRules, Proto, Rule, RuleError, compile};
@@ -132,21 +132,6 @@ fn v6_key(scope: u32, net: &Ipv6Net) -> Key<RuleKeyV6> {
         SCOPE_BITS + u32::from(net.prefix_len()),
         RuleKeyV6 { scope, addr },
     )
-}
-
-fn ignore_missing(
-    r: Result<(), aya::maps::MapError>,
-    name: &'static str,
-) -> Result<(), KernelError> {
-    match r {
-        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e))
-            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-        {
-            Ok(())
-        }
-        Err(source) => Err(KernelError::Map { name, source }),
-    }
 }
 
 fn program<'a>(
