@@ -9,20 +9,21 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    path::{Path, PathBuf},
+    path::PathBuf,
 };
 
 use agentwatch_common::{
-    AGENT_FLAG_EXEC_ALLOW, AGENT_FLAG_MONITOR_SYSCALLS, AgentCounters, AgentLimits, AgentState,
-    Cap, ExecKey, MAX_AGENTS, Settings, rule_scope,
+    AGENT_FLAG_EXEC_ALLOW, AGENT_FLAG_MONITOR_SYSCALLS, AgentCounters, AgentState, MAX_AGENTS,
+    Settings, rule_scope,
 };
-use aya::maps::{MapData, MapError, RingBuf};
+use aya::maps::{MapData, RingBuf};
 
 use crate::{
+    bpf::{KernelError, PinDir, map_err, remove_link_dir},
     cgroup::{self, Cgroup},
-    egress::{self, CompiledRules},
+    egress::{self, Caps, CompiledRules},
     exec,
-    kernel::{Kernel, KernelError, PinDir, ignore_missing, remove_link_dir},
+    kernel::Kernel,
     link::Link,
     syscalls,
 };
@@ -77,6 +78,16 @@ struct Guarded {
     links: Vec<Link>,
 }
 
+/// A policy written beside agent `name`'s live one, waiting for [`Agents::commit_policy`] or
+/// [`Agents::abort_policy`].
+#[derive(Debug)]
+pub struct PreparedPolicy {
+    name: String,
+    policy: Policy,
+    /// The rule scope (generation) it was written to.
+    scope: u32,
+}
+
 /// What [`Agents::info`] reports about one agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AgentInfo {
@@ -112,10 +123,6 @@ pub struct Agents {
     host: Vec<Link>,
     /// The sys_enter hook, while some agent monitors syscalls.
     syscalls: Option<Link>,
-}
-
-fn map_err(name: &'static str) -> impl FnOnce(MapError) -> KernelError {
-    move |source| KernelError::Map { name, source }
 }
 
 impl Agents {
@@ -207,7 +214,9 @@ impl Agents {
                 self.kernel.egress.clear_scope(next)?;
                 self.kernel.egress.write(next, &policy.rules)?;
                 self.write_limits(state.id, &policy)?;
-                self.sync_exec(state.id, policy.exec_allow.as_deref())?;
+                self.kernel
+                    .exec
+                    .sync(state.id, policy.exec_allow.as_deref())?;
                 state.generation ^= 1;
                 state.flags = (state.flags & !POLICY_FLAGS) | policy.flags();
                 self.write_state(cgroup_id, state)?;
@@ -229,7 +238,7 @@ impl Agents {
                 self.kernel.reset_trips(id)?;
                 self.kernel.egress.write(rule_scope(id, 0), &policy.rules)?;
                 self.write_limits(id, &policy)?;
-                self.sync_exec(id, policy.exec_allow.as_deref())?;
+                self.kernel.exec.sync(id, policy.exec_allow.as_deref())?;
                 self.write_state(cgroup_id, state)?;
                 (state, Guarding::New)
             }
@@ -245,7 +254,7 @@ impl Agents {
                         .kernel
                         .egress
                         .clear(rule_scope(state.id, 0), &policy.rules);
-                    let _ = self.sync_exec(state.id, None);
+                    let _ = self.kernel.exec.sync(state.id, None);
                 }
                 return Err(e);
             }
@@ -266,36 +275,93 @@ impl Agents {
         Ok(how)
     }
 
-    /// Replaces the policy of agent `name`. Rules are swapped atomically: the new rules go into
-    /// the agent's other generation, one map write makes that generation live, then the old one
-    /// is cleared. A destination allowed (or denied) by both policies is allowed (denied) at
-    /// every instant; likewise an exec path on both allow-lists.
+    /// Replaces the policy of agent `name`: [`Agents::prepare_policy`], then
+    /// [`Agents::commit_policy`].
     pub fn set_policy(&mut self, name: &str, policy: impl Into<Policy>) -> Result<(), KernelError> {
+        let prepared = self.prepare_policy(name, policy)?;
+        self.commit_policy(prepared)
+    }
+
+    /// Writes everything of agent `name`'s new policy that can be written beside the live one:
+    /// its rules into the agent's other generation, and the exec paths it adds (an exec path on
+    /// both lists is allowed at every instant). Nothing the kernel judges by changes yet, but for
+    /// those added exec paths. On failure what was written is removed again.
+    pub fn prepare_policy(
+        &mut self,
+        name: &str,
+        policy: impl Into<Policy>,
+    ) -> Result<PreparedPolicy, KernelError> {
         let policy = policy.into();
         let g = self.get(name)?;
-        let (id, cgroup_id, mut state) = (g.id, g.cgroup_id, g.state);
-        let old_scope = rule_scope(id, state.generation);
-        let new_scope = rule_scope(id, state.generation ^ 1);
-        if let Err(e) = self.kernel.egress.write(new_scope, &policy.rules) {
-            let _ = self.kernel.egress.clear(new_scope, &policy.rules);
-            return Err(e);
-        }
-        self.write_limits(id, &policy)?;
-        // New exec paths go in before the flag can turn the list on; stale ones go after.
-        if let Some(paths) = &policy.exec_allow {
-            for p in paths {
-                self.insert_exec(id, p)?;
+        let (id, generation) = (g.id, g.state.generation);
+        let scope = rule_scope(id, generation ^ 1);
+        let prepared = PreparedPolicy {
+            name: name.to_owned(),
+            policy,
+            scope,
+        };
+        let written = self
+            .kernel
+            .egress
+            .write(scope, &prepared.policy.rules)
+            .and_then(|()| {
+                // New exec paths go in before the flag can turn the list on; stale ones go
+                // when the policy is committed.
+                for p in prepared.policy.exec_allow.iter().flatten() {
+                    self.kernel.exec.insert(id, p)?;
+                }
+                Ok(())
+            });
+        match written {
+            Ok(()) => Ok(prepared),
+            Err(e) => {
+                self.abort_policy(prepared);
+                Err(e)
             }
         }
-        state.generation ^= 1;
+    }
+
+    /// Drops a prepared policy: the other generation and the exec paths it added are removed.
+    pub fn abort_policy(&mut self, prepared: PreparedPolicy) {
+        let _ = self
+            .kernel
+            .egress
+            .clear(prepared.scope, &prepared.policy.rules);
+        if let Some(g) = self.by_name.get(&prepared.name) {
+            let (id, live) = (g.id, g.policy.exec_allow.clone());
+            let _ = self.kernel.exec.sync(id, live.as_deref());
+        }
+    }
+
+    /// Makes a prepared policy live: caps, then one map write flips the rule generation (and
+    /// the policy flags), then the old generation and exec paths no longer listed are removed.
+    /// A destination allowed (or denied) by both policies is allowed (denied) at every instant.
+    pub fn commit_policy(&mut self, prepared: PreparedPolicy) -> Result<(), KernelError> {
+        let PreparedPolicy {
+            name,
+            policy,
+            scope,
+        } = prepared;
+        let g = self.get(&name)?;
+        let (id, cgroup_id, mut state) = (g.id, g.cgroup_id, g.state);
+        let old_scope = rule_scope(id, state.generation);
+        self.write_limits(id, &policy)?;
+        state.generation = scope & 1;
         state.flags = (state.flags & !POLICY_FLAGS) | policy.flags();
         self.write_state(cgroup_id, state)?;
-        self.sync_exec(id, policy.exec_allow.as_deref())?;
-        let g = self.get_mut(name)?;
+        self.kernel.exec.sync(id, policy.exec_allow.as_deref())?;
+        let g = self.get_mut(&name)?;
         g.state = state;
         let old = std::mem::replace(&mut g.policy, policy);
         self.kernel.egress.clear(old_scope, &old.rules)?;
         self.sync_syscalls()
+    }
+
+    /// Forgets agent `name` without touching the kernel: its pinned links stay attached and
+    /// its state stays (a daemon that gives up re-adopting an agent leaves it as it found it).
+    /// Without pins, dropping the links detaches them.
+    pub fn release(&mut self, name: &str) {
+        self.by_name.remove(name);
     }
 
     /// Sets and clears `AGENT_FLAG_*` bits of agent `name` in one map write.
@@ -472,62 +538,20 @@ impl Agents {
 
     /// Clears everything indexed by slot `id` so the next agent in it starts clean.
     fn forget_slot(&mut self, id: u32) -> Result<(), KernelError> {
-        self.sync_exec(id, None)?;
-        self.kernel
-            .limits
-            .set(id, AgentLimits::default(), 0)
-            .map_err(map_err("LIMITS"))?;
+        self.kernel.exec.sync(id, None)?;
+        self.kernel.egress.clear_caps(id)?;
         self.kernel.reset_counters(id)?;
         self.kernel.reset_trips(id)
     }
 
-    /// Writes the caps, keeping each cap's running state (`tat`) so a reload grants no burst.
     fn write_limits(&mut self, id: u32, policy: &Policy) -> Result<(), KernelError> {
-        let old = self.kernel.limits.get(&id, 0).unwrap_or_default();
-        let cap = |per_second: Option<u32>, old: Cap| Cap {
-            tat_ns: old.tat_ns,
-            ..Cap::per_second(per_second.unwrap_or(0))
-        };
-        let limits = AgentLimits {
-            connects: cap(policy.connects_per_second, old.connects),
-            sends: cap(policy.sends_per_second, old.sends),
-        };
-        self.kernel
-            .limits
-            .set(id, limits, 0)
-            .map_err(map_err("LIMITS"))
-    }
-
-    fn insert_exec(&mut self, id: u32, path: &Path) -> Result<(), KernelError> {
-        let key = exec::exec_key(id, path).map_err(|e| KernelError::Policy(e.to_string()))?;
-        self.kernel
-            .exec_allow
-            .insert(key, 1, 0)
-            .map_err(map_err("EXEC_ALLOW"))
-    }
-
-    /// Makes slot `id`'s exec allow-list exactly `paths` (None: empty): inserts first, then
-    /// removes what is no longer listed.
-    fn sync_exec(&mut self, id: u32, paths: Option<&[PathBuf]>) -> Result<(), KernelError> {
-        let mut want: HashSet<Vec<u8>> = HashSet::new();
-        for p in paths.unwrap_or_default() {
-            self.insert_exec(id, p)?;
-            want.insert(p.as_os_str().as_encoded_bytes().to_vec());
-        }
-        let stale: Vec<ExecKey> = self
-            .kernel
-            .exec_allow
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| {
-                let len = k.path.iter().position(|&b| b == 0).unwrap_or(k.path.len());
-                k.agent == id && !want.contains(&k.path[..len])
-            })
-            .collect();
-        for k in stale {
-            ignore_missing(self.kernel.exec_allow.remove(&k), "EXEC_ALLOW")?;
-        }
-        Ok(())
+        self.kernel.egress.write_caps(
+            id,
+            Caps {
+                connects_per_second: policy.connects_per_second,
+                sends_per_second: policy.sends_per_second,
+            },
+        )
     }
 
     /// The levels the kernel looks agents up at: those of the guarded agents (`widen_with`:

@@ -1,12 +1,22 @@
 //! Exec and fork telemetry and the exec allow-list: the userspace half of
 //! `agentwatch-ebpf/src/exec.rs`.
 
-use std::path::Path;
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+};
 
 use agentwatch_common::{EXEC_PATH_MAX, ExecKey};
-use aya::{Ebpf, programs::TracePoint, programs::links::FdLink};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData},
+    programs::{TracePoint, links::FdLink},
+};
 
-use crate::{kernel::KernelError, link::Link};
+use crate::{
+    bpf::{KernelError, ignore_missing, load_program, map_err, program, take_map},
+    link::Link,
+};
 
 /// The tracepoint programs: (name in the object, category, tracepoint).
 pub const PROGRAMS: [(&str, &str, &str); 2] = [
@@ -14,21 +24,50 @@ pub const PROGRAMS: [(&str, &str, &str); 2] = [
     ("exec_sched_process_fork", "sched", "sched_process_fork"),
 ];
 
-fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut TracePoint, KernelError> {
-    ebpf.program_mut(name)
-        .ok_or(KernelError::MissingProgram(name))?
-        .try_into()
-        .map_err(|source| KernelError::Program { name, source })
+/// The exec allow-lists of every agent (`EXEC_ALLOW`: agent id + path).
+pub struct ExecMaps {
+    allow: HashMap<MapData, ExecKey, u8>,
 }
 
-/// Loads (verifies) the programs.
-pub(crate) fn load(ebpf: &mut Ebpf) -> Result<(), KernelError> {
-    for (name, _, _) in PROGRAMS {
-        program(ebpf, name)?
-            .load()
-            .map_err(|source| KernelError::Program { name, source })?;
+impl ExecMaps {
+    /// Loads (verifies) the programs and takes the allow-list map out of the object.
+    pub(crate) fn load(ebpf: &mut Ebpf) -> Result<Self, KernelError> {
+        for (name, _, _) in PROGRAMS {
+            load_program(name, program::<TracePoint>(ebpf, name)?, TracePoint::load)?;
+        }
+        Ok(Self {
+            allow: take_map(ebpf, "EXEC_ALLOW")?,
+        })
     }
-    Ok(())
+
+    /// Allows agent `id` to exec `path`.
+    pub(crate) fn insert(&mut self, id: u32, path: &Path) -> Result<(), KernelError> {
+        let key = exec_key(id, path).map_err(|e| KernelError::Policy(e.to_string()))?;
+        self.allow.insert(key, 1, 0).map_err(map_err("EXEC_ALLOW"))
+    }
+
+    /// Makes agent `id`'s allow-list exactly `paths` (None: empty): inserts first, then removes
+    /// what is no longer listed, so a path on both the old and the new list is never missing.
+    pub(crate) fn sync(&mut self, id: u32, paths: Option<&[PathBuf]>) -> Result<(), KernelError> {
+        let mut want: HashSet<Vec<u8>> = HashSet::new();
+        for p in paths.unwrap_or_default() {
+            self.insert(id, p)?;
+            want.insert(p.as_os_str().as_encoded_bytes().to_vec());
+        }
+        let stale: Vec<ExecKey> = self
+            .allow
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                let len = k.path.iter().position(|&b| b == 0).unwrap_or(k.path.len());
+                k.agent == id && !want.contains(&k.path[..len])
+            })
+            .collect();
+        for k in stale {
+            ignore_missing(self.allow.remove(&k), "EXEC_ALLOW")?;
+        }
+        Ok(())
+    }
 }
 
 /// Attaches the tracepoints host-wide (they act only on agents' tasks), pinned under
@@ -37,7 +76,7 @@ pub(crate) fn attach(ebpf: &mut Ebpf, pin_dir: Option<&Path>) -> Result<Vec<Link
     let mut links = Vec::new();
     for (name, category, tracepoint) in PROGRAMS {
         links.push(Link::pinned_or_attach(pin_dir, name, || {
-            let prog = program(ebpf, name)?;
+            let prog = program::<TracePoint>(ebpf, name)?;
             let id = prog
                 .attach(category, tracepoint)
                 .map_err(|source| KernelError::Program { name, source })?;

@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod audit;
+pub mod bpf;
 pub mod breaker;
 pub mod cgroup;
 pub mod config;

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use aya::programs::links::{FdLink, PinnedLink};
 
-use crate::kernel::KernelError;
+use crate::bpf::KernelError;
 
 /// One attached program. Dropping an owned link detaches it; a pinned one stays attached until
 /// its pin is removed ([`Link::detach`]).

@@ -7,27 +7,20 @@ use std::path::Path;
 
 use aya::{Ebpf, programs::RawTracePoint, programs::links::FdLink};
 
-use crate::{kernel::KernelError, link::Link};
+use crate::{
+    bpf::{KernelError, load_program},
+    link::Link,
+};
 
 pub const PROGRAM: &str = "syscalls_sys_enter";
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut RawTracePoint, KernelError> {
-    ebpf.program_mut(PROGRAM)
-        .ok_or(KernelError::MissingProgram(PROGRAM))?
-        .try_into()
-        .map_err(|source| KernelError::Program {
-            name: PROGRAM,
-            source,
-        })
+    crate::bpf::program(ebpf, PROGRAM)
 }
 
+/// Loads (verifies) the program.
 pub(crate) fn load(ebpf: &mut Ebpf) -> Result<(), KernelError> {
-    program(ebpf)?
-        .load()
-        .map_err(|source| KernelError::Program {
-            name: PROGRAM,
-            source,
-        })
+    load_program(PROGRAM, program(ebpf)?, RawTracePoint::load)
 }
 
 /// Attaches the sys_enter hook (pinned under `pin_dir` when given; an earlier pin is adopted).

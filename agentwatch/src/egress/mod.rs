@@ -9,16 +9,16 @@ use std::{os::fd::AsFd as _, path::Path};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use agentwatch_common::{RuleKeyV4, RuleKeyV6, RuleValue, SCOPE_BITS};
+use agentwatch_common::{AgentLimits, Cap, RuleKeyV4, RuleKeyV6, RuleValue, SCOPE_BITS};
 use aya::{
     Ebpf,
-    maps::{LpmTrie, MapData, lpm_trie::Key},
+    maps::{Array, LpmTrie, MapData, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 
 use crate::{
+    bpf::{KernelError, ignore_missing, load_program, map_err, take_map},
     cgroup::Cgroup,
-    kernel::{KernelError, ignore_missing, take_map},
     link::Link,
 };
 pub use rules::{CompiledRules, Proto, Rule, RuleError, compile};
@@ -31,24 +31,53 @@ pub const PROGRAMS: [&str; 4] = [
     "egress_sendmsg6",
 ];
 
-/// The rule tries.
+/// The rule tries and the per-agent hard caps.
 pub struct EgressMaps {
     v4: LpmTrie<MapData, RuleKeyV4, RuleValue>,
     v6: LpmTrie<MapData, RuleKeyV6, RuleValue>,
+    limits: Array<MapData, AgentLimits>,
+}
+
+/// The hard caps of one agent, per second (None: no cap).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Caps {
+    pub connects_per_second: Option<u32>,
+    pub sends_per_second: Option<u32>,
 }
 
 impl EgressMaps {
-    /// Takes the tries out of the object and loads (verifies) the programs.
+    /// Takes the maps out of the object and loads (verifies) the programs.
     pub(crate) fn load(ebpf: &mut Ebpf) -> Result<Self, KernelError> {
         for name in PROGRAMS {
-            program(ebpf, name)?
-                .load()
-                .map_err(|source| KernelError::Program { name, source })?;
+            load_program(name, program(ebpf, name)?, CgroupSockAddr::load)?;
         }
         Ok(Self {
             v4: take_map(ebpf, "RULES_V4")?,
             v6: take_map(ebpf, "RULES_V6")?,
+            limits: take_map(ebpf, "LIMITS")?,
         })
+    }
+
+    /// Writes agent `id`'s caps, keeping each cap's running state (`tat`) so a reload grants
+    /// no burst.
+    pub(crate) fn write_caps(&mut self, id: u32, caps: Caps) -> Result<(), KernelError> {
+        let old = self.limits.get(&id, 0).unwrap_or_default();
+        let cap = |per_second: Option<u32>, old: Cap| Cap {
+            tat_ns: old.tat_ns,
+            ..Cap::per_second(per_second.unwrap_or(0))
+        };
+        let limits = AgentLimits {
+            connects: cap(caps.connects_per_second, old.connects),
+            sends: cap(caps.sends_per_second, old.sends),
+        };
+        self.limits.set(id, limits, 0).map_err(map_err("LIMITS"))
+    }
+
+    /// Removes agent slot `id`'s caps (the next agent in the slot starts uncapped and clean).
+    pub(crate) fn clear_caps(&mut self, id: u32) -> Result<(), KernelError> {
+        self.limits
+            .set(id, AgentLimits::default(), 0)
+            .map_err(map_err("LIMITS"))
     }
 
     /// Writes `rules` under `scope` (an agent's rule generation). Entries are only added or
@@ -58,19 +87,13 @@ impl EgressMaps {
             let key = v4_key(scope, net);
             self.v4
                 .insert(&key, value, 0)
-                .map_err(|source| KernelError::Map {
-                    name: "RULES_V4",
-                    source,
-                })?;
+                .map_err(map_err("RULES_V4"))?;
         }
         for (net, value) in &rules.v6 {
             let key = v6_key(scope, net);
             self.v6
                 .insert(&key, value, 0)
-                .map_err(|source| KernelError::Map {
-                    name: "RULES_V6",
-                    source,
-                })?;
+                .map_err(map_err("RULES_V6"))?;
         }
         Ok(())
     }
@@ -138,10 +161,7 @@ fn program<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut CgroupSockAddr, KernelError> {
-    ebpf.program_mut(name)
-        .ok_or(KernelError::MissingProgram(name))?
-        .try_into()
-        .map_err(|source| KernelError::Program { name, source })
+    crate::bpf::program(ebpf, name)
 }
 
 /// Attaches the egress programs to `cgroup` (single mode: nothing below it can override them).

@@ -1,0 +1,116 @@
+//! The audit trail: one JSON object per line, appended.
+//!
+//! Every part of the daemon hands its records to an [`Audit`] handle; one writer thread
+//! ([`writer`]) owns the file and writes them in the order they were handed in. Rate limits,
+//! summaries, rotation and the hash chain belong to that writer, so no other module ever writes
+//! a line itself. Records are queued, not written, when `record` returns: [`Audit::sync`] waits
+//! until everything queued before it is written (the control socket does so before answering,
+//! so a command's audit line is in the file when the command returns).
+
+mod writer;
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    sync::mpsc,
+};
+
+use serde_json::Value;
+
+pub use writer::rfc3339;
+use writer::{Message, Record};
+
+/// Where audit records go. Cloning shares the writer.
+#[derive(Clone)]
+pub struct Audit {
+    tx: mpsc::Sender<Message>,
+}
+
+impl Audit {
+    /// Opens `path` for appending (creating its folder), or stdout for `-`, and starts the
+    /// writer thread. An error here (no such folder, no permission) is reported at once.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let tx = writer::start(path)?;
+        Ok(Self { tx })
+    }
+
+    /// Queues one record: `ts` (now, RFC 3339 UTC), `agent` and `kind` first, then `fields`.
+    pub fn record(&self, agent: &str, kind: &str, fields: Value) {
+        self.record_at(time::OffsetDateTime::now_utc(), agent, kind, fields);
+    }
+
+    /// Queues a record about the daemon itself (policy reloads, lost events): `agent` is null.
+    pub fn record_daemon(&self, kind: &str, fields: Value) {
+        self.send(time::OffsetDateTime::now_utc(), None, kind, fields);
+    }
+
+    /// Like [`Audit::record`] with the time of the event itself.
+    pub fn record_at(&self, ts: time::OffsetDateTime, agent: &str, kind: &str, fields: Value) {
+        self.send(ts, Some(agent.to_owned()), kind, fields);
+    }
+
+    fn send(&self, ts: time::OffsetDateTime, agent: Option<String>, kind: &str, fields: Value) {
+        let record = Record {
+            ts,
+            agent,
+            kind: kind.to_owned(),
+            fields,
+        };
+        if self.tx.send(Message::Record(record)).is_err() {
+            // Only after the writer thread died (it logs why); nothing else can be done here.
+            tracing::error!(kind, "audit writer is gone: record not written");
+        }
+    }
+
+    /// Waits until every record queued before this call is written (or failed, logged).
+    pub fn sync(&self) {
+        let (done_tx, done_rx) = mpsc::channel();
+        if self.tx.send(Message::Sync(done_tx)).is_ok() {
+            let _ = done_rx.recv();
+        }
+    }
+}
+
+/// The audit log path as shown to people.
+pub fn describe(path: &Path) -> PathBuf {
+    if path == Path::new("-") {
+        PathBuf::from("stdout")
+    } else {
+        path.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn writes_one_json_object_per_line() {
+        let dir = std::env::temp_dir().join(format!("aw-audit-{}", std::process::id()));
+        let path = dir.join("a.jsonl");
+        let audit = Audit::open(&path).unwrap();
+        let ts =
+            time::OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_789).unwrap();
+        audit.record_at(
+            ts,
+            "mailer",
+            "egress_denied",
+            json!({"pid": 7, "dest": "10.0.0.1:443"}),
+        );
+        audit.record("mailer", "frozen", json!({"actor_uid": 0}));
+        audit.sync();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["ts"], "2023-11-14T22:13:20.123456Z");
+        assert_eq!(lines[0]["agent"], "mailer");
+        assert_eq!(lines[0]["kind"], "egress_denied");
+        assert_eq!(lines[0]["pid"], 7);
+        assert_eq!(lines[1]["kind"], "frozen");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,287 @@
+//! The plumbing every concern shares: errors of the kernel layer, taking maps and programs out of
+//! the loaded object, loading (verifying) programs, and the pin folder on bpffs.
+//!
+//! Concerns (`egress`, `exec`, `syscalls`, `sockets`) import this module; `kernel.rs` imports the
+//! concerns to hand each its programs and maps. Nothing here imports a concern, so there is no
+//! import circle.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    maps::MapError,
+    programs::{Program, ProgramError},
+};
+
+/// Errors of the kernel layer.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(
+        "this binary was built without its eBPF programs (AYA_BUILD_SKIP was set); rebuild \
+         after `cargo xtask setup`"
+    )]
+    NoObject,
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("eBPF map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("eBPF program {0} is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("attaching {name} to {cgroup}: {source}")]
+    Attach {
+        name: &'static str,
+        cgroup: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("eBPF link of {name}: {source}")]
+    Link {
+        name: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error(
+        "pinned map {path} has key/value sizes {found:?}, this agentwatch needs {want:?}: it was \
+         pinned by another version; `agentwatch run --cleanup` removes the old pins"
+    )]
+    IncompatiblePin {
+        path: PathBuf,
+        found: (u32, u32),
+        want: (u32, u32),
+    },
+    #[error("pin {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("policy: {0}")]
+    Policy(String),
+    #[error("agent `{0}` is already guarded")]
+    AlreadyGuarded(String),
+    #[error("unknown agent `{0}`")]
+    UnknownAgent(String),
+    #[error("all {0} agent slots are in use")]
+    NoAgentSlot(u32),
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+}
+
+/// The error of a failed write to map `name`, for `map_err`.
+pub(crate) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> KernelError {
+    move |source| KernelError::Map { name, source }
+}
+
+/// Takes map `name` out of the object as a typed map.
+pub(crate) fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(KernelError::MissingMap(name))?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+/// Program `name` of the object as its type (`CgroupSockAddr`, `TracePoint`, ...).
+pub(crate) fn program<'a, T>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut T, KernelError>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(KernelError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| KernelError::Program { name, source })
+}
+
+/// How many times a load that the verifier gave up on because of a pending signal is retried
+/// (libbpf's `PROG_LOAD_ATTEMPTS`).
+pub const LOAD_ATTEMPTS: u32 = 5;
+
+/// Loads (verifies) program `name` of the object.
+///
+/// The verifier stops with EAGAIN when the loading thread has a signal pending (kernel commit
+/// c3494801cd17); libbpf, cilium/ebpf and runc retry, aya 0.14 does not. So the load runs with
+/// every blockable signal blocked in this thread (a blocked signal does not count as pending; it
+/// is delivered once the mask is restored), and an EAGAIN that still happens is retried, up to
+/// [`LOAD_ATTEMPTS`] times.
+pub(crate) fn load_program<T>(
+    name: &'static str,
+    prog: &mut T,
+    load: impl Fn(&mut T) -> Result<(), ProgramError>,
+) -> Result<(), KernelError> {
+    let _mask = SignalsBlocked::new();
+    let mut attempt = 1;
+    loop {
+        match load(prog) {
+            Ok(()) => return Ok(()),
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < LOAD_ATTEMPTS =>
+            {
+                tracing::debug!(program = name, attempt, "BPF_PROG_LOAD: EAGAIN, retrying");
+                attempt += 1;
+            }
+            Err(source) => return Err(KernelError::Program { name, source }),
+        }
+    }
+}
+
+/// Blocks every blockable signal in the current thread until dropped, then restores the mask.
+struct SignalsBlocked {
+    old: Option<libc::sigset_t>,
+}
+
+impl SignalsBlocked {
+    fn new() -> Self {
+        // SAFETY: sigfillset/pthread_sigmask with valid pointers to zero-initialised sets.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            let ok = libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old) == 0;
+            Self {
+                old: ok.then_some(old),
+            }
+        }
+    }
+}
+
+impl Drop for SignalsBlocked {
+    fn drop(&mut self) {
+        if let Some(old) = &self.old {
+            // SAFETY: restores the mask saved in `new`.
+            unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, old, std::ptr::null_mut()) };
+        }
+    }
+}
+
+/// A map removal that found nothing to remove is not an error (clearing is idempotent).
+pub(crate) fn ignore_missing(
+    r: Result<(), MapError>,
+    name: &'static str,
+) -> Result<(), KernelError> {
+    match r {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(source) => Err(KernelError::Map { name, source }),
+    }
+}
+
+/// Name of the host-wide links' folder under `links/`.
+pub(crate) const HOST_LINKS: &str = "_host";
+
+/// The folder on bpffs where one daemon pins its maps (`maps/`) and links (`links/`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinDir {
+    root: PathBuf,
+}
+
+impl PinDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub(crate) fn map(&self, name: &str) -> PathBuf {
+        self.root.join("maps").join(name)
+    }
+
+    /// Folder of one agent's links; the cgroup id is part of the name, so the pins of a cgroup
+    /// that was removed and made again are not mistaken for the new one's.
+    pub(crate) fn agent_links(&self, name: &str, cgroup_id: u64) -> PathBuf {
+        self.root.join("links").join(format!("{name}@{cgroup_id}"))
+    }
+
+    pub(crate) fn links_root(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    /// Folder of the host-wide links (exec/fork tracepoints, sys_enter). Agent names cannot
+    /// start with `_`, so it never clashes with an agent's folder.
+    pub(crate) fn host_links(&self) -> PathBuf {
+        self.root.join("links").join(HOST_LINKS)
+    }
+
+    /// Creates the folders; bpffs must be mounted at or above the root.
+    pub fn create(&self) -> Result<(), KernelError> {
+        for dir in [self.root.join("maps"), self.root.join("links")] {
+            fs::create_dir_all(&dir).map_err(|source| KernelError::Pin {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Is there anything pinned here?
+    pub fn exists(&self) -> bool {
+        self.root.join("maps").exists()
+    }
+
+    /// Detaches every pinned link and removes every pin and folder under the root. Returns the
+    /// number of links detached. Processes of the agents keep running, unguarded.
+    pub fn remove_all(&self) -> Result<usize, KernelError> {
+        let mut links = 0;
+        let pin_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| KernelError::Pin { path, source }
+        };
+        if let Ok(agents) = fs::read_dir(self.links_root()) {
+            for agent in agents.filter_map(Result::ok) {
+                links += remove_link_dir(&agent.path())?;
+            }
+        }
+        for sub in ["links", "maps"] {
+            let dir = self.root.join(sub);
+            if let Ok(entries) = fs::read_dir(&dir) {
+                for e in entries.filter_map(Result::ok) {
+                    fs::remove_file(e.path()).map_err(pin_err(&e.path()))?;
+                }
+                fs::remove_dir(&dir).map_err(pin_err(&dir))?;
+            }
+        }
+        match fs::remove_dir(&self.root) {
+            Ok(()) => Ok(links),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(links),
+            Err(source) => Err(KernelError::Pin {
+                path: self.root.clone(),
+                source,
+            }),
+        }
+    }
+}
+
+/// Removes the link pins in `dir` (removing a link's last reference detaches it), then `dir`.
+/// Returns how many links were detached.
+pub(crate) fn remove_link_dir(dir: &Path) -> Result<usize, KernelError> {
+    let pin_err = |source| KernelError::Pin {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut n = 0;
+    for link in fs::read_dir(dir).map_err(pin_err)?.filter_map(Result::ok) {
+        fs::remove_file(link.path()).map_err(pin_err)?;
+        n += 1;
+    }
+    fs::remove_dir(dir).map_err(pin_err)?;
+    Ok(n)
+}

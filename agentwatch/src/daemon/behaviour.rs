@@ -1,0 +1,122 @@
+//! Behaviour: every agent's counters into its monitor ten times a second, and the breaker's
+//! transitions turned into actions.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use agentwatch_common::{AGENT_FLAG_DENY_ALL, AGENT_FLAG_TRIPPED};
+use anyhow::Result;
+use serde_json::json;
+
+use super::{Shared, State, lock, status::round};
+use crate::{breaker::Transition, config::Action};
+
+/// Feeds every agent's counters to its behaviour monitor ten times a second.
+pub(super) async fn watch(state: Shared) -> Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let state = Arc::clone(&state);
+        tokio::task::spawn_blocking(move || lock(&state).tick(Instant::now())).await?;
+    }
+}
+
+impl State {
+    /// One tick of the behaviour monitor: every agent's counters into its monitor.
+    fn tick(&mut self, now: Instant) {
+        let names: Vec<String> = self.agents.names().map(str::to_owned).collect();
+        for name in names {
+            let Ok(c) = self.agents.counters(&name) else {
+                continue;
+            };
+            let counts = [c.connects, c.sends, c.syscalls, c.execs + c.execs_denied];
+            let t = self
+                .monitors
+                .get_mut(&name)
+                .and_then(|m| m.observe(now, counts));
+            if let Some(t) = t {
+                self.on_transition(&name, t);
+            }
+        }
+    }
+
+    /// Runs a breaker transition of `agent`: the trip's action at once, or its lifting.
+    fn on_transition(&mut self, agent: &str, t: Transition) {
+        match t {
+            Transition::Tripped {
+                signal,
+                rate,
+                baseline,
+                action,
+            } => {
+                let (name, index) = action_label(action);
+                tracing::warn!(
+                    agent,
+                    signal = signal.name(),
+                    rate,
+                    baseline,
+                    action = name,
+                    "breaker tripped"
+                );
+                if let Err(e) = self.agents.count_trip(agent, index) {
+                    tracing::error!(agent, "counting the trip: {e}");
+                }
+                let result = match action {
+                    Action::Alert => self.set_flags(agent, AGENT_FLAG_TRIPPED),
+                    Action::Deny => self.set_flags(agent, AGENT_FLAG_TRIPPED | AGENT_FLAG_DENY_ALL),
+                    Action::Freeze => self.set_flags(agent, AGENT_FLAG_TRIPPED).and_then(|()| {
+                        self.cgroup_of(agent)?
+                            .set_frozen(true)
+                            .map_err(|e| e.to_string())
+                    }),
+                    Action::Kill => self.kill_tree(agent, AGENT_FLAG_TRIPPED).map(drop),
+                };
+                let mut fields = json!({
+                    "signal": signal.name(),
+                    "rate": round(rate),
+                    "baseline": round(baseline),
+                    "action": name,
+                });
+                if let Err(e) = &result {
+                    tracing::error!(agent, "breaker action {name}: {e}");
+                    fields["action_error"] = json!(e);
+                }
+                self.audit_agent(agent, "breaker_tripped", fields);
+            }
+            Transition::HalfOpen => {
+                // Lift the action; the next window decides whether the breaker closes.
+                let _ = self.agents.update_flags(agent, 0, AGENT_FLAG_DENY_ALL);
+                if let Ok(cg) = self.cgroup_of(agent) {
+                    let _ = cg.set_frozen(false);
+                }
+                tracing::info!(agent, "breaker half-open");
+                self.audit_agent(agent, "breaker_half_open", json!({}));
+            }
+            Transition::Closed => {
+                let _ = self.agents.update_flags(agent, 0, AGENT_FLAG_TRIPPED);
+                tracing::info!(agent, "breaker closed");
+                self.audit_agent(agent, "breaker_closed", json!({}));
+            }
+        }
+    }
+
+    fn set_flags(&mut self, agent: &str, flags: u32) -> Result<(), String> {
+        self.agents
+            .update_flags(agent, flags, 0)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Label and index (in BREAKER_TRIPS) of an action.
+fn action_label(a: Action) -> (&'static str, usize) {
+    match a {
+        Action::Alert => ("alert", 0),
+        Action::Deny => ("deny", 1),
+        Action::Freeze => ("freeze", 2),
+        Action::Kill => ("kill", 3),
+    }
+}

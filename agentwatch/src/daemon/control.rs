@@ -1,0 +1,208 @@
+//! The control socket: one function per request of the CLI.
+
+use std::{sync::Arc, time::Duration};
+
+use agentwatch_common::{AGENT_FLAG_DENY_ALL, AGENT_FLAG_KILLED, AGENT_FLAG_TRIPPED};
+use anyhow::Result;
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+};
+
+use super::{Shared, State, lock};
+use crate::{
+    cgroup::Cgroup,
+    control::{self, Request, Response},
+};
+
+/// How long kill and freeze wait for the kernel before they report failure.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+pub(super) const FREEZE_WAIT: Duration = Duration::from_secs(5);
+
+pub(super) async fn serve(
+    state: Shared,
+    listener: UnixListener,
+    admin_gid: Option<u32>,
+) -> Result<()> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            if let Err(e) = control_connection(state, stream, admin_gid).await {
+                tracing::debug!("control connection: {e:#}");
+            }
+        });
+    }
+}
+
+async fn control_connection(
+    state: Shared,
+    mut stream: UnixStream,
+    admin_gid: Option<u32>,
+) -> Result<()> {
+    let cred = stream.peer_cred()?;
+    let (uid, gid) = (cred.uid(), cred.gid());
+    if !control::authorized(uid, gid, cred.pid(), admin_gid) {
+        tracing::warn!(
+            uid,
+            gid,
+            "control socket: refused a peer that is not root or an admin"
+        );
+        let mut line = serde_json::to_vec(&Response::err(format!(
+            "permission denied: uid {uid} is not root{}",
+            if admin_gid.is_some() {
+                " or in the admin group"
+            } else {
+                ""
+            }
+        )))?;
+        line.push(b'\n');
+        stream.write_all(&line).await?;
+        return Ok(());
+    }
+    let (read, mut write) = stream.split();
+    let mut reader = BufReader::new(read.take(control::MAX_REQUEST as u64));
+    let mut line = String::new();
+    reader.read_line(&mut line).await?;
+    let response = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => {
+            tracing::debug!(?req, uid, "control request");
+            let state = Arc::clone(&state);
+            tokio::task::spawn_blocking(move || {
+                let mut s = lock(&state);
+                let response = s.handle(req, uid);
+                // The command's audit line is in the trail when the command returns.
+                s.audit.sync();
+                response
+            })
+            .await?
+        }
+        Err(e) => Response::err(format!("bad request: {e}")),
+    };
+    let mut out = serde_json::to_vec(&response)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    Ok(())
+}
+
+impl State {
+    fn handle(&mut self, req: Request, uid: u32) -> Response {
+        let result = match req {
+            Request::Status => Ok(json!({ "agents": self.status() })),
+            Request::Reload => self
+                .reload_from_disk()
+                .map(|changes| json!({ "changes": changes })),
+            Request::Freeze { agent } => self.freeze(&agent, true, uid),
+            Request::Thaw { agent } => self.freeze(&agent, false, uid),
+            Request::Kill { agent } => self.kill(&agent, uid),
+            Request::Approve { agent } => self.approve(&agent, uid),
+            Request::Launch { agent } => self.launch(&agent),
+        };
+        match result {
+            Ok(data) => Response::ok(data),
+            Err(e) => Response::err(e),
+        }
+    }
+
+    pub(super) fn cgroup_of(&self, agent: &str) -> Result<Cgroup, String> {
+        self.agents.cgroup(agent).cloned().ok_or_else(|| {
+            let known: Vec<&str> = self.agents.names().collect();
+            format!(
+                "unknown agent `{agent}` (guarded: {})",
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            )
+        })
+    }
+
+    fn freeze(&mut self, agent: &str, frozen: bool, uid: u32) -> Result<Value, String> {
+        let cg = self.cgroup_of(agent)?;
+        cg.set_frozen(frozen).map_err(|e| e.to_string())?;
+        cg.wait_frozen(frozen, FREEZE_WAIT)
+            .map_err(|e| e.to_string())?;
+        let kind = if frozen { "frozen" } else { "thawed" };
+        let processes = cg.all_pids().map(|p| p.len()).unwrap_or(0);
+        self.audit_agent(
+            agent,
+            kind,
+            json!({ "actor_uid": uid, "processes": processes }),
+        );
+        tracing::info!(agent, actor_uid = uid, processes, "{kind}");
+        Ok(json!({ "state": kind, "processes": processes }))
+    }
+
+    /// The kill switch: egress denied in the kernel first (nothing more leaves, even from a
+    /// process that survives a moment), then the whole tree killed at once.
+    fn kill(&mut self, agent: &str, uid: u32) -> Result<Value, String> {
+        let n = self.kill_tree(agent, AGENT_FLAG_KILLED)?;
+        self.audit_agent(agent, "killed", json!({ "actor_uid": uid, "processes": n }));
+        tracing::warn!(agent, actor_uid = uid, processes = n, "killed");
+        Ok(json!({ "processes": n }))
+    }
+
+    /// Egress denied in the kernel first (nothing more leaves, even from a process that
+    /// survives a moment), then the whole tree killed at once. Returns how many processes died.
+    pub(super) fn kill_tree(&mut self, agent: &str, extra_flags: u32) -> Result<usize, String> {
+        let cg = self.cgroup_of(agent)?;
+        self.agents
+            .update_flags(agent, AGENT_FLAG_DENY_ALL | extra_flags, 0)
+            .map_err(|e| e.to_string())?;
+        let before = cg.all_pids().map_err(|e| e.to_string())?;
+        cg.kill().map_err(|e| e.to_string())?;
+        cg.wait_empty(KILL_WAIT).map_err(|e| e.to_string())?;
+        // A frozen agent dies frozen; leave the cgroup thawed for whatever is approved next.
+        let _ = cg.set_frozen(false);
+        Ok(before.len())
+    }
+
+    fn approve(&mut self, agent: &str, uid: u32) -> Result<Value, String> {
+        let cg = self.cgroup_of(agent)?;
+        let info = self.agents.info(agent).ok_or("agent vanished")?;
+        let frozen = cg.frozen().map_err(|e| e.to_string())?;
+        let held =
+            info.state.flags & (AGENT_FLAG_KILLED | AGENT_FLAG_TRIPPED | AGENT_FLAG_DENY_ALL);
+        if held == 0 && !frozen {
+            return Err(format!(
+                "agent `{agent}` is not tripped, killed or frozen: nothing to approve"
+            ));
+        }
+        self.agents
+            .update_flags(
+                agent,
+                0,
+                AGENT_FLAG_KILLED | AGENT_FLAG_TRIPPED | AGENT_FLAG_DENY_ALL,
+            )
+            .map_err(|e| e.to_string())?;
+        if let Some(m) = self.monitors.get_mut(agent) {
+            m.approve();
+        }
+        if frozen {
+            cg.set_frozen(false).map_err(|e| e.to_string())?;
+            cg.wait_frozen(false, FREEZE_WAIT)
+                .map_err(|e| e.to_string())?;
+        }
+        self.audit_agent(agent, "approved", json!({ "actor_uid": uid }));
+        tracing::info!(agent, actor_uid = uid, "approved");
+        Ok(json!({ "state": "running" }))
+    }
+
+    fn launch(&self, agent: &str) -> Result<Value, String> {
+        let cg = self.cgroup_of(agent)?;
+        let flags = self.agents.info(agent).map_or(0, |i| i.state.flags);
+        if flags & AGENT_FLAG_KILLED != 0 {
+            return Err(format!(
+                "agent `{agent}` was killed; `agentwatch approve {agent}` first"
+            ));
+        }
+        if flags & AGENT_FLAG_TRIPPED != 0 {
+            return Err(format!(
+                "agent `{agent}`'s breaker is open; `agentwatch approve {agent}` first"
+            ));
+        }
+        Ok(json!({ "cgroup": cg.path().display().to_string() }))
+    }
+}

@@ -1,0 +1,275 @@
+//! `agentwatch run`: guard the configured agents, serve the control socket and /metrics, write
+//! the audit trail, reload the policy live.
+//!
+//! Enforcement lives in pinned kernel objects, not in this process: stopping or killing the
+//! daemon leaves every agent guarded, and a new daemon re-adopts the pins without detaching
+//! anything. `agentwatch run --cleanup` is the only thing that removes them.
+//!
+//! The daemon is a set of tasks around one [`State`] (the policy and what enforces it), each
+//! task in its own module: [`policy`] (apply a config as a plan; the config watcher), [`control`]
+//! (the control socket, one function per request), [`status`] (status rows, /metrics),
+//! [`behaviour`] (rates, baselines, breakers), [`reader`] (kernel events into the audit trail).
+//! This file holds start-up and the tasks' wiring, nothing else.
+
+mod behaviour;
+mod cleanup;
+mod control;
+mod policy;
+mod reader;
+mod status;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use anyhow::{Context as _, Result, bail};
+use tokio::{net::UnixListener, signal::unix::SignalKind};
+
+pub use cleanup::cleanup;
+
+use crate::{
+    agent::Agents,
+    audit::{self, Audit},
+    breaker::Monitor,
+    cgroup,
+    config::Config,
+    control as protocol,
+    kernel::PinDir,
+};
+
+/// Where the config came from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    File(PathBuf),
+    EmbeddedDefault,
+}
+
+/// The daemon's state, shared by its tasks behind one lock (held only for short, bounded work).
+struct State {
+    config: Config,
+    source: ConfigSource,
+    mount: PathBuf,
+    agents: Agents,
+    audit: Audit,
+    reloads_ok: u64,
+    reloads_rejected: u64,
+    /// The config file's bytes last seen by the watcher (applied or rejected).
+    last_seen: Option<Vec<u8>>,
+    /// Rates, baselines and breakers, per agent.
+    monitors: BTreeMap<String, Monitor>,
+}
+
+type Shared = Arc<Mutex<State>>;
+
+fn lock(state: &Shared) -> MutexGuard<'_, State> {
+    // A task that panicked while holding the lock left the state as it was; carry on with it.
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
+    match &source {
+        ConfigSource::File(p) => {
+            tracing::info!(config = %p.display(), agents = config.agents.len(), "agentwatch starting")
+        }
+        ConfigSource::EmbeddedDefault => tracing::info!(
+            "agentwatch starting on its embedded default config (no --config and nothing at {}): \
+             no agents, metrics on {}",
+            crate::config::DEFAULT_PATH,
+            config.daemon.metrics_listen
+        ),
+    }
+    let socket_path = config.daemon.control_socket.clone();
+    refuse_if_running(&socket_path)?;
+    let mount = cgroup::cgroup2_mount()?;
+    tracing::info!(mount = %mount.display(), "cgroup2 found");
+    let audit = Audit::open(&config.daemon.audit_log).with_context(|| {
+        format!(
+            "opening the audit log {}",
+            config.daemon.audit_log.display()
+        )
+    })?;
+    tracing::info!(audit_log = %audit::describe(&config.daemon.audit_log).display(), "audit trail open");
+    let pins = PinDir::new(&config.daemon.pin_dir);
+    ensure_bpffs(pins.root())?;
+    let adopting = pins.exists();
+    let mut agents = Agents::load_pinned(pins).context("loading the kernel programs")?;
+    if adopting {
+        tracing::info!(pin_dir = %config.daemon.pin_dir.display(), "re-adopting pinned maps and links");
+    }
+    let ring = agents
+        .take_events()
+        .context("the event ring buffer was already taken")?;
+    let metrics_addr = config.daemon.metrics_listen;
+    let last_seen = match &source {
+        ConfigSource::File(p) => std::fs::read(p).ok(),
+        ConfigSource::EmbeddedDefault => None,
+    };
+    let mut state = State {
+        config: Config {
+            daemon: config.daemon.clone(),
+            agents: Vec::new(),
+        },
+        source,
+        mount,
+        agents,
+        audit,
+        reloads_ok: 0,
+        reloads_rejected: 0,
+        last_seen,
+        monitors: BTreeMap::new(),
+    };
+    state.apply(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let stale = state.agents.forget_stale()?;
+    if stale.states > 0 || !stale.link_dirs.is_empty() {
+        tracing::info!(states = stale.states, links = ?stale.link_dirs, "removed what an earlier daemon left for agents no longer configured");
+    }
+    let state: Shared = Arc::new(Mutex::new(state));
+
+    let listener = bind_control(
+        &socket_path,
+        lock(&state).config.daemon.admin_group.as_deref(),
+    )?;
+    let metrics = tokio::net::TcpListener::bind(metrics_addr)
+        .await
+        .with_context(|| format!("binding metrics_listen {metrics_addr}"))?;
+    tracing::info!(control_socket = %socket_path.display(), metrics = %format!("http://{}/metrics", metrics.local_addr()?), "agentwatch running");
+
+    let admin_gid = lock(&state)
+        .config
+        .daemon
+        .admin_group
+        .as_deref()
+        .and_then(protocol::group_id);
+    let tasks = [
+        tokio::spawn(reader::read_events(Arc::clone(&state), ring)),
+        tokio::spawn(reader::watch_lost(Arc::clone(&state))),
+        tokio::spawn(control::serve(Arc::clone(&state), listener, admin_gid)),
+        tokio::spawn(status::serve_metrics(Arc::clone(&state), metrics)),
+        tokio::spawn(policy::watch_config(Arc::clone(&state))),
+        tokio::spawn(behaviour::watch(Arc::clone(&state))),
+    ];
+    let result = wait_for_signals(&state).await;
+    for t in &tasks {
+        t.abort();
+    }
+    let _ = std::fs::remove_file(&socket_path);
+    let n = {
+        let s = lock(&state);
+        s.audit.sync();
+        s.agents.names().count()
+    };
+    tracing::info!(
+        "agentwatch stopped; {n} agent(s) stay guarded by pinned programs (`agentwatch run --cleanup` removes them)"
+    );
+    result
+}
+
+async fn wait_for_signals(state: &Shared) -> Result<()> {
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()); }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
+            _ = sighup.recv() => {
+                tracing::info!("SIGHUP: reloading");
+                let state = Arc::clone(state);
+                let _ = tokio::task::spawn_blocking(move || lock(&state).reload_from_disk()).await;
+            }
+        }
+    }
+}
+
+/// Refuses to start a second daemon on the same control socket (and so the same pins).
+fn refuse_if_running(socket: &Path) -> Result<()> {
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        bail!(
+            "another agentwatch daemon is already running (its control socket {} answers)",
+            socket.display()
+        );
+    }
+    Ok(())
+}
+
+/// Pins need bpffs. Mount it at /sys/fs/bpf when the pin folder is below it and it is missing.
+fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let on_bpffs = |p: &Path| -> bool {
+        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+            return false;
+        };
+        // SAFETY: statfs with a valid C string and an out-pointer to a zeroed statfs.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; statfs writes only into `st`.
+        if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+            return false;
+        }
+        #[allow(
+            clippy::useless_conversion,
+            reason = "f_type is i64 on x86_64, narrower elsewhere"
+        )]
+        let f_type = i64::from(st.f_type);
+        f_type == BPF_FS_MAGIC
+    };
+    let existing = pin_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if on_bpffs(existing) {
+        return Ok(());
+    }
+    let bpffs = Path::new("/sys/fs/bpf");
+    if pin_dir.starts_with(bpffs) && bpffs.exists() && !on_bpffs(bpffs) {
+        tracing::info!("mounting bpffs at /sys/fs/bpf");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .context("running mount")?;
+        if status.success() && on_bpffs(bpffs) {
+            return Ok(());
+        }
+    }
+    bail!(
+        "pin_dir {} is not on a bpf file system; mount one (`mount -t bpf bpf /sys/fs/bpf`) or \
+         choose a pin_dir below one",
+        pin_dir.display()
+    )
+}
+
+fn bind_control(path: &Path, admin_group: Option<&str>) -> Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // A stale socket of a daemon that died (refuse_if_running found nobody answering).
+    let _ = std::fs::remove_file(path);
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    let (mode, gid) = match admin_group.and_then(protocol::group_id) {
+        Some(gid) => (0o660, Some(gid)),
+        None => (0o600, None),
+    };
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, Some(0), Some(gid))
+            .with_context(|| format!("chown {}", path.display()))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    Ok(listener)
+}
+
+impl State {
+    fn audit_agent(&self, agent: &str, kind: &str, fields: serde_json::Value) {
+        self.audit.record(agent, kind, fields);
+    }
+
+    fn audit_daemon(&self, kind: &str, fields: serde_json::Value) {
+        self.audit.record_daemon(kind, fields);
+    }
+}

@@ -1,0 +1,292 @@
+//! Applying a config: as a plan computed from the old and the new one. Everything that can fail
+//! is prepared first (new agents' cgroups, state, rules and links; changed agents' next rule
+//! generation); a plan that fails while preparing is rolled back and changes nothing. Then the
+//! changed agents switch, each in one map write; then what is gone is removed.
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use agentwatch_common::AGENT_FLAG_TRIPPED;
+use anyhow::Result;
+use serde_json::{Value, json};
+
+use super::{ConfigSource, Shared, State, lock};
+use crate::{
+    agent::{Guarding, Policy, PreparedPolicy},
+    breaker::Monitor,
+    cgroup::Cgroup,
+    config::{Agent, Config},
+};
+
+/// An agent guarded while preparing a plan: what undoing it takes.
+struct Added {
+    name: String,
+    how: Guarding,
+    /// This plan created the cgroup (remove it again on rollback).
+    created: bool,
+    /// The `agent_guarded` audit record, written once the plan went through.
+    audit: Value,
+}
+
+impl State {
+    /// Applies `new`: agents added are guarded, agents removed are unguarded (their processes
+    /// keep running, reported), agents whose policy changed get it swapped atomically. A config
+    /// that fails anywhere before the switch changes nothing.
+    pub(super) fn apply(&mut self, new: Config) -> Result<String, String> {
+        // Pre-flight: adopted cgroups must exist (rules were compiled while validating).
+        for a in &new.agents {
+            if a.adopted && !self.mount.join(&a.cgroup).join("cgroup.procs").exists() {
+                return Err(format!(
+                    "agent `{}` adopts cgroup {}, which does not exist",
+                    a.name,
+                    self.mount.join(&a.cgroup).display()
+                ));
+            }
+        }
+        if new.daemon != self.config.daemon {
+            tracing::warn!("[daemon] settings changed: they take effect at the next restart");
+        }
+        let old: BTreeMap<String, Agent> = self
+            .config
+            .agents
+            .iter()
+            .map(|a| (a.name.clone(), a.clone()))
+            .collect();
+        // An agent whose cgroup moved is removed and added again.
+        let removed: Vec<&Agent> = old
+            .values()
+            .filter(|a| new.agent(&a.name).is_none_or(|n| n.cgroup != a.cgroup))
+            .collect();
+        let changed: Vec<&Agent> = new
+            .agents
+            .iter()
+            .filter(|a| {
+                old.get(&a.name)
+                    .is_some_and(|o| o.cgroup == a.cgroup && *o != **a)
+            })
+            .collect();
+        let added: Vec<&Agent> = new
+            .agents
+            .iter()
+            .filter(|a| old.get(&a.name).is_none_or(|o| o.cgroup != a.cgroup))
+            .collect();
+        // A cgroup belongs to one agent at a time: an added agent that takes over a removed
+        // one's cgroup can only be guarded once that one is unguarded.
+        let (deferred, added): (Vec<&Agent>, Vec<&Agent>) = added
+            .into_iter()
+            .partition(|a| removed.iter().any(|r| r.cgroup == a.cgroup));
+
+        // 1. Prepare everything that can fail.
+        let mut guarded = Vec::new();
+        let mut prepared: Vec<PreparedPolicy> = Vec::new();
+        let mut failure = None;
+        for a in &added {
+            match self.add_agent(a) {
+                Ok(g) => guarded.push(g),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if failure.is_none() {
+            for a in &changed {
+                match self.agents.prepare_policy(&a.name, policy_of(a)) {
+                    Ok(p) => prepared.push(p),
+                    Err(e) => {
+                        failure = Some(format!("agent `{}`: {e}", a.name));
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(e) = failure {
+            for p in prepared {
+                self.agents.abort_policy(p);
+            }
+            for g in guarded.into_iter().rev() {
+                self.undo_add(g);
+            }
+            return Err(e);
+        }
+
+        // 2. Switch.
+        let mut summary = Vec::new();
+        for p in prepared {
+            self.agents
+                .commit_policy(p)
+                .map_err(|e| format!("switching a policy: {e}"))?;
+        }
+        for a in &changed {
+            if let Some(m) = self.monitors.get_mut(&a.name) {
+                m.reconfigure(a.breaker);
+            }
+        }
+        for g in guarded {
+            self.audit_agent(&g.name, "agent_guarded", g.audit);
+            summary.push(format!("+{}", g.name));
+        }
+
+        // 3. Remove what is gone, then guard the agents that waited for a removed one's cgroup.
+        for a in &removed {
+            self.remove_agent(a);
+            summary.push(format!("-{}", a.name));
+        }
+        for a in &deferred {
+            let g = self.add_agent(a)?;
+            self.audit_agent(&g.name, "agent_guarded", g.audit);
+            summary.push(format!("+{}", g.name));
+        }
+        summary.extend(changed.iter().map(|a| format!("~{}", a.name)));
+        summary.sort_by_key(|s| match s.as_bytes().first() {
+            Some(b'-') => 0,
+            Some(b'+') => 1,
+            _ => 2,
+        });
+        self.config = Config {
+            daemon: self.config.daemon.clone(),
+            agents: new.agents,
+        };
+        Ok(summary.join(" "))
+    }
+
+    /// Guards agent `a` (creating or opening its cgroup); audits nothing yet.
+    fn add_agent(&mut self, a: &Agent) -> Result<Added, String> {
+        let path = self.mount.join(&a.cgroup);
+        let (cgroup, created) = if a.adopted {
+            (Cgroup::open(&path).map_err(|e| e.to_string())?, false)
+        } else {
+            Cgroup::create(&path).map_err(|e| e.to_string())?
+        };
+        let how = match self.agents.guard(&a.name, cgroup.clone(), policy_of(a)) {
+            Ok(how) => how,
+            Err(e) => {
+                if created {
+                    let _ = cgroup.remove();
+                }
+                return Err(format!("guarding agent `{}`: {e}", a.name));
+            }
+        };
+        let adopted = how == Guarding::Adopted;
+        let mut monitor = Monitor::new(a.breaker, Instant::now());
+        // A breaker that was open when the last daemon stopped is still open.
+        if self
+            .agents
+            .info(&a.name)
+            .is_some_and(|i| i.state.flags & AGENT_FLAG_TRIPPED != 0)
+        {
+            monitor.force_open(Instant::now());
+        }
+        self.monitors.insert(a.name.clone(), monitor);
+        tracing::info!(agent = %a.name, cgroup = %path.display(), rules = a.egress.len(), adopted, "agent guarded");
+        Ok(Added {
+            name: a.name.clone(),
+            how,
+            created,
+            audit: json!({
+                "cgroup": path.display().to_string(),
+                "rules": a.egress.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "readopted": adopted,
+            }),
+        })
+    }
+
+    /// Rolls back an [`State::add_agent`] of a plan that failed: a new agent is unguarded (and
+    /// its fresh cgroup removed); one re-adopted from an earlier daemon's pins is left in the
+    /// kernel as it was found, only forgotten here.
+    fn undo_add(&mut self, g: Added) {
+        self.monitors.remove(&g.name);
+        match g.how {
+            Guarding::Adopted => self.agents.release(&g.name),
+            Guarding::New => match self.agents.unguard(&g.name) {
+                Ok(cgroup) => {
+                    if g.created {
+                        let _ = cgroup.remove();
+                    }
+                }
+                Err(e) => tracing::error!(agent = %g.name, "rolling back its guard: {e}"),
+            },
+        }
+    }
+
+    fn remove_agent(&mut self, a: &Agent) {
+        self.monitors.remove(&a.name);
+        let cgroup = match self.agents.unguard(&a.name) {
+            Ok(cg) => cg,
+            Err(e) => {
+                tracing::error!(agent = %a.name, "unguarding: {e}");
+                return;
+            }
+        };
+        let left = cgroup.all_pids().map(|p| p.len()).unwrap_or(0);
+        tracing::warn!(agent = %a.name, processes = left, "agent removed from the policy: its processes keep running, unguarded");
+        self.audit_agent(&a.name, "agent_removed", json!({ "processes": left }));
+        if !a.adopted && left == 0 {
+            let _ = cgroup.remove();
+        }
+    }
+
+    /// Re-reads the config file and applies it, or rejects it whole.
+    pub(super) fn reload_from_disk(&mut self) -> Result<String, String> {
+        let ConfigSource::File(path) = &self.source else {
+            return Err(
+                "running on the embedded default config: there is no file to reload".into(),
+            );
+        };
+        let path = path.clone();
+        self.last_seen = std::fs::read(&path).ok();
+        let result = Config::load(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|c| self.apply(c));
+        match &result {
+            Ok(summary) => {
+                self.reloads_ok += 1;
+                tracing::info!(changes = %summary, "policy reloaded");
+                self.audit_daemon("policy_reloaded", json!({ "changes": summary }));
+            }
+            Err(e) => {
+                self.reloads_rejected += 1;
+                tracing::error!("policy rejected, the previous one stays in force:\n{e}");
+                self.audit_daemon("policy_rejected", json!({ "error": e }));
+            }
+        }
+        result
+    }
+}
+
+/// The kernel policy of a configured agent.
+fn policy_of(a: &Agent) -> Policy {
+    Policy {
+        rules: a.compiled.clone(),
+        connects_per_second: a.limits.connects_per_second,
+        sends_per_second: a.limits.sends_per_second,
+        exec_allow: a.exec_allow.clone(),
+        monitor_syscalls: a.monitor.syscalls,
+    }
+}
+
+/// Reloads when the config file's content changes (editors that replace the file included).
+pub(super) async fn watch_config(state: Shared) -> Result<()> {
+    let ConfigSource::File(path) = lock(&state).source.clone() else {
+        return Ok(());
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Ok(now) = tokio::fs::read(&path).await else {
+            continue;
+        };
+        let state = Arc::clone(&state);
+        let _ = tokio::task::spawn_blocking(move || {
+            let mut s = lock(&state);
+            if s.last_seen.as_deref() != Some(now.as_slice()) {
+                tracing::info!("config file changed: reloading");
+                let _ = s.reload_from_disk();
+            }
+        })
+        .await;
+    }
+}

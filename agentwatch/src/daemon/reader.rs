@@ -1,0 +1,112 @@
+//! Kernel events (denied calls, execs) from the ring buffer into the audit trail, and the count
+//! of events the kernel could not queue.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use aya::maps::{MapData, RingBuf};
+use serde_json::{Value, json};
+use tokio::io::unix::AsyncFd;
+
+use super::{Shared, State, lock};
+use crate::events::{self, Event};
+
+pub(super) async fn read_events(state: Shared, ring: RingBuf<MapData>) -> Result<()> {
+    // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf, and
+    // always reports that same fd.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("polling the event ring buffer: {e}"))?;
+    loop {
+        // Events that arrived while no daemon ran are in the pinned buffer: drain first.
+        drain(ring.get_mut(), &state);
+        let mut guard = ring.readable_mut().await?;
+        drain(guard.get_inner_mut(), &state);
+        guard.clear_ready();
+    }
+}
+
+fn drain(ring: &mut RingBuf<MapData>, state: &Shared) {
+    while let Some(item) = ring.next() {
+        let event = events::decode(&item);
+        drop(item);
+        let s = lock(state);
+        match event {
+            Event::Egress(e) => s.audit_event(
+                e.agent_id,
+                e.ts_ns,
+                e.kind,
+                json!({
+                    "pid": e.pid,
+                    "tid": e.tid,
+                    "comm": e.comm,
+                    "proto": e.proto,
+                    "dest": e.dest.to_string(),
+                    "hook": e.hook,
+                }),
+            ),
+            Event::Exec(e) => {
+                // The kernel knows the parent only for forks it saw; ask /proc otherwise.
+                let ppid = if e.ppid != 0 {
+                    e.ppid
+                } else {
+                    proc_ppid(e.pid).unwrap_or(0)
+                };
+                if e.kind == "exec_denied" {
+                    tracing::warn!(pid = e.pid, path = %e.path, "exec denied: killed");
+                }
+                s.audit_event(
+                    e.agent_id,
+                    e.ts_ns,
+                    e.kind,
+                    json!({
+                        "pid": e.pid,
+                        "ppid": ppid,
+                        "comm": e.comm,
+                        "path": e.path,
+                    }),
+                );
+            }
+            Event::Unknown { kind, len } => {
+                tracing::warn!(kind, len, "unknown event kind from the kernel");
+            }
+        }
+    }
+}
+
+/// The parent pid of `pid` from /proc (None if it is gone).
+fn proc_ppid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The kernel counts events it could not queue; report every increase, never drop silently.
+pub(super) async fn watch_lost(state: Shared) -> Result<()> {
+    let mut seen = lock(&state).agents.kernel().events_lost()?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let s = lock(&state);
+        let lost = s.agents.kernel().events_lost()?;
+        if lost > seen {
+            tracing::warn!(
+                lost = lost - seen,
+                "event ring buffer was full: events lost"
+            );
+            s.audit_daemon(
+                "events_lost",
+                json!({ "count": lost - seen, "total": lost }),
+            );
+            seen = lost;
+        }
+    }
+}
+
+impl State {
+    /// Audits a kernel event of agent `agent_id` at its kernel timestamp.
+    fn audit_event(&self, agent_id: u32, ts_ns: u64, kind: &str, fields: Value) {
+        let agent = self.agents.name_of(agent_id).unwrap_or("");
+        self.audit
+            .record_at(events::wall_time(ts_ns), agent, kind, fields);
+    }
+}

@@ -1,0 +1,153 @@
+//! What the daemon shows: `status` rows and the /metrics snapshot.
+
+use std::sync::Arc;
+
+use agentwatch_common::{
+    AGENT_FLAG_DENY_ALL, AGENT_FLAG_KILLED, AGENT_FLAG_TRIPPED, NUM_PROTOS, VERDICT_ALLOWED,
+    VERDICT_CAPPED, VERDICT_DENIED, egress_slot,
+};
+use anyhow::Result;
+use serde_json::{Value, json};
+
+use super::{Shared, State, lock};
+use crate::{
+    breaker::{Monitor, Signal, State as BreakerState},
+    cgroup::Cgroup,
+    metrics::{self, AgentSnapshot, Snapshot},
+};
+
+impl State {
+    fn agent_state(&self, name: &str, cg: &Cgroup) -> &'static str {
+        let flags = self.agents.info(name).map_or(0, |i| i.state.flags);
+        if flags & AGENT_FLAG_KILLED != 0 {
+            "killed"
+        } else if flags & AGENT_FLAG_TRIPPED != 0 {
+            "tripped"
+        } else if cg.frozen().unwrap_or(false) {
+            "frozen"
+        } else {
+            "running"
+        }
+    }
+
+    pub(super) fn status(&self) -> Vec<Value> {
+        let mut rows = Vec::new();
+        for name in self.agents.names() {
+            let Some(cg) = self.agents.cgroup(name) else {
+                continue;
+            };
+            let c = self.agents.counters(name).unwrap_or_default();
+            let by_proto = |verdict: u8| -> u64 {
+                (0..NUM_PROTOS as u8)
+                    .map(|p| c.egress[egress_slot(p, verdict)])
+                    .sum()
+            };
+            let per_proto: serde_json::Map<String, Value> =
+                [(0u8, "tcp"), (1, "udp"), (2, "other")]
+                    .iter()
+                    .map(|(p, n)| {
+                        (
+                            n.to_string(),
+                            json!({
+                                "allowed": c.egress[egress_slot(*p, VERDICT_ALLOWED)],
+                                "denied": c.egress[egress_slot(*p, VERDICT_DENIED)],
+                                "capped": c.egress[egress_slot(*p, VERDICT_CAPPED)],
+                            }),
+                        )
+                    })
+                    .collect();
+            rows.push(json!({
+                "name": name,
+                "cgroup": cg.path().display().to_string(),
+                "processes": cg.all_pids().map(|p| p.len()).unwrap_or(0),
+                "state": self.agent_state(name, cg),
+                "egress_denied_all": self.agents.info(name).is_some_and(|i| i.state.flags & AGENT_FLAG_DENY_ALL != 0),
+                "allowed": by_proto(VERDICT_ALLOWED),
+                "denied": by_proto(VERDICT_DENIED),
+                "capped": by_proto(VERDICT_CAPPED),
+                "connects": c.connects,
+                "sends": c.sends,
+                "syscalls": c.syscalls,
+                "execs": c.execs,
+                "execs_denied": c.execs_denied,
+                "forks": c.forks,
+                "breaker": self.monitors.get(name).map_or("none", |m| match (m.config(), m.state()) {
+                    (None, _) => "none",
+                    (Some(_), BreakerState::Closed) => "closed",
+                    (Some(_), BreakerState::Open { .. }) => "open",
+                    (Some(_), BreakerState::HalfOpen { .. }) => "half_open",
+                }),
+                "rates": self.monitors.get(name).map(|m| Signal::ALL.iter().map(|s| (s.name().to_owned(), json!(round(m.rate(*s))))).collect::<serde_json::Map<_, _>>()),
+                "baselines": self.monitors.get(name).map(|m| Signal::ALL.iter().map(|s| (s.name().to_owned(), json!(m.baseline(*s).map(round)))).collect::<serde_json::Map<_, _>>()),
+                "anomaly_score": self.monitors.get(name).map(|m| round(m.anomaly_score())),
+                "egress": per_proto,
+            }));
+        }
+        rows
+    }
+
+    pub(super) fn snapshot(&self) -> Snapshot {
+        let agents = self
+            .agents
+            .names()
+            .map(|name| {
+                let m = self.monitors.get(name);
+                AgentSnapshot {
+                    name: name.to_owned(),
+                    counters: self.agents.counters(name).unwrap_or_default(),
+                    frozen: self
+                        .agents
+                        .cgroup(name)
+                        .is_some_and(|cg| cg.frozen().unwrap_or(false)),
+                    rates: Signal::ALL.map(|s| m.map_or(0.0, |m| m.rate(s))),
+                    baselines: Signal::ALL.map(|s| m.and_then(|m| m.baseline(s))),
+                    anomaly_score: m.map_or(0.0, Monitor::anomaly_score),
+                    breaker_open: m.is_some_and(Monitor::is_open),
+                    trips: self.agents.trips(name),
+                }
+            })
+            .collect();
+        Snapshot {
+            agents,
+            events_lost: self.agents.kernel().events_lost().unwrap_or(0),
+            reloads_ok: self.reloads_ok,
+            reloads_rejected: self.reloads_rejected,
+        }
+    }
+}
+
+pub(super) async fn serve_metrics(state: Shared, listener: tokio::net::TcpListener) -> Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let state = Arc::clone(&state);
+            async move {
+                let snapshot = tokio::task::spawn_blocking(move || lock(&state).snapshot()).await;
+                match snapshot
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| metrics::render(&s).map_err(|e| e.to_string()))
+                {
+                    Ok(text) => (
+                        axum::http::StatusCode::OK,
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        text,
+                    ),
+                    Err(e) => (
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        [(axum::http::header::CONTENT_TYPE, "text/plain")],
+                        e,
+                    ),
+                }
+            }
+        }),
+    );
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+pub(super) fn round(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
