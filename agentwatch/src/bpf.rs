@@ -143,12 +143,13 @@ pub(crate) fn load_program<T>(
 }
 
 /// Blocks every blockable signal in the current thread until dropped, then restores the mask.
-struct SignalsBlocked {
+/// Signals sent meanwhile stay pending and are delivered when it is dropped.
+pub(crate) struct SignalsBlocked {
     old: Option<libc::sigset_t>,
 }
 
 impl SignalsBlocked {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         // SAFETY: sigfillset/pthread_sigmask with valid pointers to zero-initialised sets.
         unsafe {
             let mut all: libc::sigset_t = std::mem::zeroed();

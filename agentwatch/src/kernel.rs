@@ -13,7 +13,7 @@ use aya::{
 
 pub use crate::bpf::{KernelError, PinDir};
 use crate::{
-    bpf::{map_err, take_map},
+    bpf::{SignalsBlocked, map_err, take_map},
     egress::EgressMaps,
     exec::ExecMaps,
 };
@@ -61,6 +61,11 @@ const MAPS: [(&str, u32, u32); 12] = [
     ),
 ];
 
+/// The embedded object's bytes (empty in a build without eBPF programs).
+pub fn object() -> &'static [u8] {
+    EBPF_OBJECT
+}
+
 impl Kernel {
     /// Loads the embedded object with private maps (gone when this value is dropped), and
     /// verifies every program. Nothing is attached yet.
@@ -80,6 +85,9 @@ impl Kernel {
         }
         raise_memlock();
         ensure_tracefs()?;
+        // A thread that signals are rained on spends its time in handlers and never finishes
+        // loading; blocked, they wait until the object is loaded (see `load_program`).
+        let _mask = SignalsBlocked::new();
         let mut loader = EbpfLoader::new();
         if let Some(pins) = &pins {
             pins.create()?;
