@@ -101,7 +101,7 @@ fn on_exec(ctx: &TracePointContext) {
         }
     }
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
-        count_lost_event();
+        count_lost_event(state.id);
         return;
     };
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
