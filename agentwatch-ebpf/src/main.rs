@@ -12,6 +12,7 @@
 mod agent;
 mod egress;
 mod exec;
+mod sockets;
 mod syscalls;
 
 #[cfg(not(test))]
