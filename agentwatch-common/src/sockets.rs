@@ -15,8 +15,9 @@ pub struct SocketEvent {
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at the call.
     pub ts_ns: u64,
     pub comm: [u8; 16],
-    /// socket() arguments: `AF_*`, `SOCK_*` (flags masked off by the sock_create hook, as given
-    /// by the tracepoint) and protocol.
+    /// socket() arguments: `AF_*`, `SOCK_*` and protocol. `sock_type` keeps SOCK_NONBLOCK /
+    /// SOCK_CLOEXEC in a killed event (the syscall's argument as passed), not in a denied one
+    /// (the socket's type); mask with 0xf.
     pub family: u32,
     pub sock_type: u32,
     pub protocol: u32,
