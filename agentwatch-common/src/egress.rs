@@ -111,6 +111,22 @@ pub struct AgentCounters {
     pub execs_denied: u64,
     /// Tasks created (fork, clone, threads included).
     pub forks: u64,
+    /// socket(AF_INET/AF_INET6, SOCK_RAW) refused by the sock_create hook.
+    pub raw_sockets_denied: u64,
+    /// Processes killed for creating a packet socket.
+    pub packet_sockets_killed: u64,
+    /// Moves of the agent's processes out of its cgroup subtree (or into another agent).
+    pub cgroup_escapes: u64,
+    /// Distinct destinations, counted once per 1-second epoch each (see `DestKey`); userspace
+    /// turns the running total into distinct destinations per window.
+    pub destinations: u64,
+    /// Denied/capped egress events not written to the ring buffer: the agent was over its
+    /// event rate ([`crate::AgentLimits::events`]).
+    pub egress_suppressed: u64,
+    /// Socket-denied events not written for the same reason.
+    pub sockets_suppressed: u64,
+    /// This agent's events the ring buffer had no room for (also in the global `EVENTS_LOST`).
+    pub events_lost: u64,
     pub _reserved: [u64; 5],
 }
 
@@ -148,11 +164,33 @@ pub struct EgressEvent {
     pub _pad: [u8; 3],
 }
 
+/// One destination of one agent, as the egress hooks judged it: the destination fields of
+/// [`EgressEvent`]. Key of `DEST_SEEN` (distinct destinations per second) and `SUPPRESSED`
+/// (suppressed events per destination).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DestKey {
+    pub agent: u32,
+    /// Host byte order.
+    pub port: u16,
+    /// 4 or 6, as in [`EgressEvent::family`].
+    pub family: u8,
+    /// `PROTO_*` index.
+    pub proto: u8,
+    /// As in [`EgressEvent::addr`]: an IPv4 address fills the first 4 bytes, the rest is zero.
+    pub addr: [u8; 16],
+}
+
+/// Key of `SUPPRESSED`: the same fields as [`DestKey`].
+pub type SuppressedKey = DestKey;
+
 const _: () = assert!(core::mem::size_of::<RuleKeyV4>() == 8);
 const _: () = assert!(core::mem::size_of::<RuleKeyV6>() == 20);
 const _: () = assert!(core::mem::size_of::<PortRange>() == 12);
 const _: () = assert!(core::mem::size_of::<RuleValue>() == 8 + 12 * MAX_PORT_RANGES);
-const _: () = assert!(core::mem::size_of::<AgentCounters>() == 20 * 8);
+const _: () = assert!(core::mem::size_of::<AgentCounters>() == 27 * 8);
 const _: () = assert!(core::mem::size_of::<EgressEvent>() == 64);
 const _: () = assert!(core::mem::offset_of!(EgressEvent, addr) == 40);
 const _: () = assert!(core::mem::offset_of!(EgressEvent, port) == 56);
+const _: () = assert!(core::mem::size_of::<DestKey>() == 24);
+const _: () = assert!(core::mem::offset_of!(DestKey, addr) == 8);

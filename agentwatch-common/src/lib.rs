@@ -8,10 +8,12 @@
 pub mod egress;
 pub mod exec;
 pub mod limits;
+pub mod sockets;
 
 pub use egress::*;
 pub use exec::*;
 pub use limits::*;
+pub use sockets::*;
 
 /// Largest number of agents one daemon guards. Agent ids index per-CPU arrays, so this bounds
 /// their size (and the kernel's memory: counters are per CPU).
@@ -65,6 +67,9 @@ pub const EVENT_EGRESS_DENIED: u32 = 1;
 pub const EVENT_EGRESS_CAPPED: u32 = 2;
 pub const EVENT_EXEC: u32 = 3;
 pub const EVENT_EXEC_DENIED: u32 = 4;
+pub const EVENT_SOCKET_DENIED: u32 = 5;
+pub const EVENT_SOCKET_KILLED: u32 = 6;
+pub const EVENT_CGROUP_ESCAPE: u32 = 7;
 
 /// Daemon-wide settings the kernel programs read (slot 0 of the `SETTINGS` array).
 #[repr(C)]
@@ -92,6 +97,9 @@ mod pod {
     unsafe impl aya::Pod for super::ExecKey {}
     unsafe impl aya::Pod for super::ExecEvent {}
     unsafe impl aya::Pod for super::AgentLimits {}
+    unsafe impl aya::Pod for super::DestKey {}
+    unsafe impl aya::Pod for super::SocketEvent {}
+    unsafe impl aya::Pod for super::EscapeEvent {}
 }
 
 const _: () = assert!(core::mem::size_of::<AgentState>() == 16);

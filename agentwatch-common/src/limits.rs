@@ -1,4 +1,5 @@
-//! In-kernel hard caps: a rate limit per agent on connects and on sends.
+//! In-kernel hard caps: a rate limit per agent on connects, on sends and on the events it may
+//! write to the ring buffer.
 //!
 //! Each cap is a GCRA (virtual scheduling) limiter: `tat` is the theoretical arrival time of the
 //! next call. A call at `now` passes if `max(tat, now) - now <= tolerance`, and then moves
@@ -24,6 +25,10 @@ pub struct Cap {
 pub struct AgentLimits {
     pub connects: Cap,
     pub sends: Cap,
+    /// Denied/capped egress and socket-denied events per second. Over it the kernel counts the
+    /// event (`*_suppressed`, `SUPPRESSED`) instead of writing it, so one flooding agent cannot
+    /// fill the ring buffer that every agent shares. Kills and escapes are never suppressed.
+    pub events: Cap,
 }
 
 /// Burst allowed by a cap of `per_second`: a fifth of a second's worth, at least 1. Small, so
@@ -52,4 +57,4 @@ impl Cap {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<AgentLimits>() == 48);
+const _: () = assert!(core::mem::size_of::<AgentLimits>() == 72);

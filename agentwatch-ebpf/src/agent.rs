@@ -19,7 +19,7 @@ pub static AGENTS: HashMap<u64, AgentState> = HashMap::with_max_entries(MAX_AGEN
 #[map]
 pub static COUNTERS: PerCpuArray<AgentCounters> = PerCpuArray::with_max_entries(MAX_AGENTS, 0);
 
-/// Events for userspace (denied calls, later execs). 1 MiB: ~16k egress events.
+/// Events for userspace (denied calls, execs, sockets, escapes). 1 MiB: ~16k egress events.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
@@ -38,6 +38,13 @@ pub static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// costs one or two lookups, which matters on the sys_enter hook.
 #[inline(always)]
 pub fn current_agent() -> Option<AgentState> {
+    current_agent_key().map(|(_, state)| state)
+}
+
+/// As [`current_agent`], with the agent cgroup's id (its key in [`AGENTS`]): `TASKS` and the
+/// escape check name agents by that key, which outlives a reuse of the agent id.
+#[inline(always)]
+pub fn current_agent_key() -> Option<(u64, AgentState)> {
     let (min, max) = match SETTINGS.get(0) {
         Some(s) if s.max_level > 0 => (s.min_level as i32, s.max_level as i32),
         _ => return None,
@@ -52,7 +59,7 @@ pub fn current_agent() -> Option<AgentState> {
         }
         // SAFETY: AGENTS values are plain integers copied out at once.
         if let Some(state) = unsafe { AGENTS.get(id) } {
-            return Some(*state);
+            return Some((id, *state));
         }
         level += 1;
         steps += 1;
@@ -67,11 +74,15 @@ pub fn counters(id: u32) -> Option<&'static mut AgentCounters> {
     COUNTERS.get_ptr_mut(id).map(|p| unsafe { &mut *p })
 }
 
-/// Counts a ring buffer record that could not be reserved.
+/// Counts a ring buffer record of agent `id` that could not be reserved: globally and for the
+/// agent, so the daemon can tell which agent's events it is missing.
 #[inline(always)]
-pub fn count_lost_event() {
+pub fn count_lost_event(id: u32) {
     if let Some(p) = EVENTS_LOST.get_ptr_mut(0) {
         // SAFETY: per-CPU slot, see `counters`.
         unsafe { *p += 1 };
+    }
+    if let Some(c) = counters(id) {
+        c.events_lost += 1;
     }
 }

@@ -4,18 +4,19 @@
 //! the agent's live rule generation, admits its protocol and port. The daemon folds covering
 //! prefixes' ranges into each entry, so the one longest-prefix lookup is the whole answer.
 
-use core::intrinsics::{AtomicOrdering, atomic_cxchg};
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
 use agentwatch_common::{
-    AGENT_FLAG_DENY_ALL, AgentLimits, Cap, EVENT_EGRESS_CAPPED, EVENT_EGRESS_DENIED, EgressEvent,
-    HOOK_CONNECT, HOOK_SENDMSG, MAX_AGENTS, PROTO_OTHER, PROTO_TCP, PROTO_UDP, RuleKeyV4,
-    RuleKeyV6, RuleValue, SCOPE_BITS, UNKNOWN_AGENT, VERDICT_ALLOWED, VERDICT_CAPPED,
+    AGENT_FLAG_DENY_ALL, AgentLimits, Cap, DestKey, EVENT_EGRESS_CAPPED, EVENT_EGRESS_DENIED,
+    EgressEvent, HOOK_CONNECT, HOOK_SENDMSG, MAX_AGENTS, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
+    RuleKeyV4, RuleKeyV6, RuleValue, SCOPE_BITS, UNKNOWN_AGENT, VERDICT_ALLOWED, VERDICT_CAPPED,
     VERDICT_DENIED, egress_slot, rule_scope,
 };
 use aya_ebpf::{
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_ktime_get_ns},
     macros::{cgroup_sock_addr, map},
-    maps::{Array, LpmTrie, lpm_trie::Key},
+    maps::{Array, LpmTrie, LruHashMap, lpm_trie::Key},
     programs::SockAddrContext,
 };
 
@@ -31,9 +32,20 @@ static RULES_V4: LpmTrie<RuleKeyV4, RuleValue> = LpmTrie::with_max_entries(MAX_R
 #[map]
 static RULES_V6: LpmTrie<RuleKeyV6, RuleValue> = LpmTrie::with_max_entries(MAX_RULES, 0);
 
-/// Per-agent hard caps (connects, sends per second), indexed by agent id.
+/// Per-agent hard caps (connects, sends, events per second), indexed by agent id.
 #[map]
 static LIMITS: Array<AgentLimits> = Array::with_max_entries(MAX_AGENTS, 0);
+
+/// Destination -> the 1-second epoch (`ktime / 1e9`) in which it was last counted in
+/// `destinations`. LRU: a destination evicted and seen again in the same second counts twice,
+/// which only errs towards tripping the breaker early.
+#[map]
+static DEST_SEEN: LruHashMap<DestKey, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Destination -> events suppressed by the agent's event cap, so the daemon can name what a
+/// flooding agent was hammering without the ring buffer carrying every call.
+#[map]
+static SUPPRESSED: LruHashMap<DestKey, u64> = LruHashMap::with_max_entries(16384, 0);
 
 /// What the cgroup sock_addr hooks return.
 const ALLOW: i32 = 1;
@@ -61,6 +73,14 @@ pub fn egress_sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
     judge(&ctx, HOOK_SENDMSG, true)
+}
+
+/// Which cap of an agent's [`AgentLimits`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum CapKind {
+    Connects,
+    Sends,
+    Events,
 }
 
 /// A destination as judged: IPv4 (also when it arrived v4-mapped through an AF_INET6 socket) or
@@ -109,6 +129,9 @@ fn judge(ctx: &SockAddrContext, hook: u8, v6_hook: bool) -> i32 {
     let dest = Dest { v6, addr, port };
 
     let agent = current_agent();
+    if let Some(state) = agent {
+        count_destination(state.id, proto, &dest);
+    }
     let allowed = match agent {
         // A socket of an agent's cgroup used by a task outside every agent: fail closed.
         None => false,
@@ -119,7 +142,12 @@ fn judge(ctx: &SockAddrContext, hook: u8, v6_hook: bool) -> i32 {
     };
     let id = agent.map_or(UNKNOWN_AGENT, |s| s.id);
     // The cap applies to calls the rules allow: a denied call is denied, not capped.
-    let capped = allowed && over_cap(id, hook);
+    let cap = if hook == HOOK_CONNECT {
+        CapKind::Connects
+    } else {
+        CapKind::Sends
+    };
+    let capped = allowed && over_limit(id, cap);
     let verdict = if capped {
         VERDICT_CAPPED
     } else if allowed {
@@ -147,21 +175,27 @@ fn judge(ctx: &SockAddrContext, hook: u8, v6_hook: bool) -> i32 {
     DENY
 }
 
-/// Is this call over the agent's cap for its hook? Takes a slot of the cap if not.
+/// Is this call over agent `id`'s cap of `kind`? Takes a slot of the cap if not.
 #[inline(always)]
-fn over_cap(id: u32, hook: u8) -> bool {
+pub fn over_limit(id: u32, kind: CapKind) -> bool {
     let Some(limits) = LIMITS.get_ptr_mut(id) else {
         return false;
     };
-    // SAFETY: a valid map value; only the atomic below writes tat_ns concurrently.
+    // SAFETY: a valid map value; only the atomic in `over_cap` writes it concurrently.
     let cap: *mut Cap = unsafe {
-        if hook == HOOK_CONNECT {
-            &raw mut (*limits).connects
-        } else {
-            &raw mut (*limits).sends
+        match kind {
+            CapKind::Connects => &raw mut (*limits).connects,
+            CapKind::Sends => &raw mut (*limits).sends,
+            CapKind::Events => &raw mut (*limits).events,
         }
     };
-    // SAFETY: as above.
+    over_cap(cap)
+}
+
+/// GCRA step on one cap inside a `LIMITS` value (`interval_ns == 0`: no cap).
+#[inline(always)]
+fn over_cap(cap: *mut Cap) -> bool {
+    // SAFETY: `cap` points into a map value, which outlives this call.
     let (interval, tolerance) = unsafe { ((*cap).interval_ns, (*cap).tolerance_ns) };
     if interval == 0 {
         return false;
@@ -219,9 +253,76 @@ fn allowed_by_rules(scope: u32, proto: u8, dest: &Dest) -> bool {
 }
 
 #[inline(always)]
+fn dest_key(agent: u32, proto: u8, dest: &Dest) -> DestKey {
+    DestKey {
+        agent,
+        port: dest.port,
+        family: if dest.v6 { 6 } else { 4 },
+        proto,
+        addr: dest.addr,
+    }
+}
+
+/// Counts the destination in `destinations` if this is its first call in this second.
+#[inline(always)]
+fn count_destination(agent: u32, proto: u8, dest: &Dest) {
+    // SAFETY: helper without arguments.
+    let epoch = unsafe { bpf_ktime_get_ns() } / 1_000_000_000;
+    let key = dest_key(agent, proto, dest);
+    let first = match DEST_SEEN.get_ptr_mut(key) {
+        // Compare-and-swap, so that of two CPUs seeing the destination in the same new second
+        // only one counts it.
+        // SAFETY: an aligned u64 map value; concurrent writers use the same atomic.
+        Some(p) => unsafe {
+            let old = core::ptr::read_volatile(p);
+            old != epoch
+                && atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::Relaxed }>(
+                    p, old, epoch,
+                )
+                .1
+        },
+        // NOEXIST: of two CPUs inserting at once only one counts.
+        None => DEST_SEEN.insert(key, epoch, BPF_NOEXIST as u64).is_ok(),
+    };
+    if first && let Some(c) = counters(agent) {
+        c.destinations += 1;
+    }
+}
+
+/// Counts an event the agent's event cap kept out of the ring buffer, per destination.
+#[inline(always)]
+fn count_suppressed(agent: u32, proto: u8, dest: &Dest) {
+    if let Some(c) = counters(agent) {
+        c.egress_suppressed += 1;
+    }
+    let key = dest_key(agent, proto, dest);
+    let p = match SUPPRESSED.get_ptr_mut(key) {
+        Some(p) => p,
+        None => {
+            if SUPPRESSED.insert(key, 1, BPF_NOEXIST as u64).is_ok() {
+                return;
+            }
+            // Another CPU inserted it first: add to its entry.
+            let Some(p) = SUPPRESSED.get_ptr_mut(key) else {
+                return;
+            };
+            p
+        }
+    };
+    // SAFETY: an aligned u64 map value; every writer adds atomically.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, 1) };
+}
+
+#[inline(always)]
 fn emit(kind: u32, agent: u32, proto: u8, hook: u8, dest: &Dest) {
+    // The cap is checked before reserving: a flooding agent must not crowd the other agents'
+    // events out of the shared buffer.
+    if over_limit(agent, CapKind::Events) {
+        count_suppressed(agent, proto, dest);
+        return;
+    }
     let Some(mut entry) = EVENTS.reserve::<EgressEvent>(0) else {
-        count_lost_event();
+        count_lost_event(agent);
         return;
     };
     let pid_tgid = bpf_get_current_pid_tgid();

@@ -19,7 +19,10 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 
-use crate::agent::{BREAKER_TRIPS, EVENTS, count_lost_event, counters, current_agent};
+use crate::{
+    agent::{BREAKER_TRIPS, EVENTS, count_lost_event, counters, current_agent, current_agent_key},
+    sockets::TASKS,
+};
 
 /// Allowed exec paths per agent (value unused).
 #[map]
@@ -47,7 +50,7 @@ pub fn exec_sched_process_exec(ctx: TracePointContext) -> u32 {
 
 #[tracepoint(category = "sched", name = "sched_process_fork")]
 pub fn exec_sched_process_fork(ctx: TracePointContext) -> u32 {
-    let Some(state) = current_agent() else {
+    let Some((key, state)) = current_agent_key() else {
         return 0;
     };
     if let Some(c) = counters(state.id) {
@@ -60,6 +63,10 @@ pub fn exec_sched_process_fork(ctx: TracePointContext) -> u32 {
     if let Ok(child) = unsafe { ctx.read_at::<i32>(FORK_CHILD_PID) } {
         let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
         let _ = PARENTS.insert(child as u32, parent, 0);
+        // The child belongs to the parent's agent wherever it moves later (the escape check).
+        // A new thread lands here too (the record does not tell): its entry is harmless and
+        // goes when the thread exits (sockets_sched_process_exit).
+        let _ = TASKS.insert(child as u32, key, 0);
     }
     0
 }
@@ -101,7 +108,7 @@ fn on_exec(ctx: &TracePointContext) {
         }
     }
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
-        count_lost_event();
+        count_lost_event(state.id);
         return;
     };
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
