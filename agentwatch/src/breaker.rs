@@ -1,7 +1,7 @@
 //! Rates, learned baselines and the circuit breaker of one agent (pure logic, no I/O).
 //!
 //! Every tick the daemon feeds the agent's kernel counters in. Per signal (connects, sends,
-//! syscalls, execs) the rate is measured over the last `window` (sliding, so a burst is seen
+//! syscalls, execs, denied attempts, distinct destinations) the rate is measured over the last `window` (sliding, so a burst is seen
 //! within a tick, not at the end of a window). Once per window the baseline learns from that
 //! window's rate with an EWMA, except from windows that look abnormal (above twice the
 //! baseline): an attacker who ramps up slowly does not teach the baseline his new normal faster
@@ -22,10 +22,24 @@ pub enum Signal {
     Sends,
     Syscalls,
     Execs,
+    /// Denied egress attempts: an agent probing what it may reach.
+    Denied,
+    /// Distinct destinations contacted per second: fan-out, scanning.
+    Destinations,
 }
 
+/// How many signals there are (the length of every per-signal array).
+pub const SIGNALS: usize = 6;
+
 impl Signal {
-    pub const ALL: [Self; 4] = [Self::Connects, Self::Sends, Self::Syscalls, Self::Execs];
+    pub const ALL: [Self; SIGNALS] = [
+        Self::Connects,
+        Self::Sends,
+        Self::Syscalls,
+        Self::Execs,
+        Self::Denied,
+        Self::Destinations,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -33,6 +47,8 @@ impl Signal {
             Self::Sends => "sends",
             Self::Syscalls => "syscalls",
             Self::Execs => "execs",
+            Self::Denied => "denied",
+            Self::Destinations => "destinations",
         }
     }
 }
@@ -109,7 +125,7 @@ pub struct Monitor {
     window: Duration,
     started: Instant,
     last_learned: Instant,
-    tracks: [Track; 4],
+    tracks: [Track; SIGNALS],
     state: State,
     /// How long an open breaker waits before half-opening (without require_approval).
     cooldown: Duration,
@@ -172,13 +188,29 @@ impl Monitor {
         self.state = State::Open { since: now };
     }
 
-    /// A human closed the breaker (`approve`): judge again from now, keeping the baseline.
-    pub fn approve(&mut self) {
+    /// A human closed the breaker (`approve`) at `now`, when the cumulative counts were
+    /// `counts`. Either way the rate windows restart from `counts`, so nothing done before the
+    /// approval is judged again. The human vouched for what the agent does now: by default the
+    /// baselines are forgotten and learned again from now on (warmup again); with
+    /// `keep_baseline` they stay and the agent is judged against them at once.
+    pub fn approve(&mut self, now: Instant, counts: [u64; SIGNALS], keep_baseline: bool) {
         self.state = State::Closed;
+        for (t, c) in self.tracks.iter_mut().zip(counts) {
+            t.samples.clear();
+            t.samples.push_back((now, c));
+            t.rate = 0.0;
+            if !keep_baseline {
+                t.baseline = None;
+            }
+        }
+        self.last_learned = now;
+        if !keep_baseline {
+            self.started = now;
+        }
     }
 
     /// Feeds the cumulative counts (indexed like [`Signal::ALL`]) at `now`.
-    pub fn observe(&mut self, now: Instant, counts: [u64; 4]) -> Option<Transition> {
+    pub fn observe(&mut self, now: Instant, counts: [u64; SIGNALS]) -> Option<Transition> {
         for (t, c) in self.tracks.iter_mut().zip(counts) {
             t.observe(now, c, self.window);
         }
@@ -273,7 +305,7 @@ mod tests {
         for _ in 0..(secs * 10.0) as usize {
             *t += Duration::from_millis(100);
             *count += rate / 10.0;
-            out.extend(m.observe(*t, [*count as u64, 0, 0, 0]));
+            out.extend(m.observe(*t, [*count as u64, 0, 0, 0, 0, 0]));
         }
         out
     }
@@ -317,8 +349,65 @@ mod tests {
         );
         // require_approval: no half-open however long it waits.
         assert!(run(&mut m, &mut t, &mut n, 0.0, 10.0).is_empty());
-        m.approve();
+        m.approve(t, [n as u64, 0, 0, 0, 0, 0], true);
         assert_eq!(m.state(), State::Closed);
+    }
+
+    #[test]
+    fn approve_relearns_from_now_and_the_same_rate_no_longer_trips() {
+        let t0 = Instant::now();
+        let (mut t, mut n) = (t0, 0.0);
+        let mut m = Monitor::new(Some(cfg()), t0);
+        run(&mut m, &mut t, &mut n, 10.0, 5.0);
+        assert!(!run(&mut m, &mut t, &mut n, 300.0, 0.5).is_empty());
+        m.approve(t, [n as u64, 0, 0, 0, 0, 0], false);
+        assert_eq!(m.baseline(Signal::Connects), None);
+        // The burst rate goes on: judged neither during the new warmup nor after it, since the
+        // baseline learned it.
+        assert_eq!(run(&mut m, &mut t, &mut n, 300.0, 6.0), vec![]);
+        let b = m.baseline(Signal::Connects).unwrap();
+        assert!((b - 300.0).abs() < 30.0, "{b}");
+    }
+
+    #[test]
+    fn approve_keeping_the_baseline_judges_only_calls_after_it() {
+        let t0 = Instant::now();
+        let (mut t, mut n) = (t0, 0.0);
+        let mut m = Monitor::new(Some(cfg()), t0);
+        run(&mut m, &mut t, &mut n, 10.0, 5.0);
+        assert!(!run(&mut m, &mut t, &mut n, 300.0, 0.5).is_empty());
+        // The burst's calls are still inside the window, but approval restarts the window.
+        m.approve(t, [n as u64, 0, 0, 0, 0, 0], true);
+        assert_eq!(run(&mut m, &mut t, &mut n, 10.0, 2.0), vec![]);
+        let b = m.baseline(Signal::Connects).unwrap();
+        assert!((b - 10.0).abs() < 2.0, "{b}");
+        // A burst after the approval trips again at once (no new warmup).
+        let tr = run(&mut m, &mut t, &mut n, 300.0, 0.5);
+        assert!(
+            matches!(tr.first(), Some(Transition::Tripped { .. })),
+            "{tr:?}"
+        );
+    }
+
+    #[test]
+    fn every_signal_is_judged() {
+        for (i, signal) in Signal::ALL.into_iter().enumerate() {
+            let t0 = Instant::now();
+            let mut t = t0;
+            let mut m = Monitor::new(Some(cfg()), t0);
+            let mut counts = [0u64; SIGNALS];
+            let mut tr = Vec::new();
+            for step in 0..40 {
+                t += Duration::from_millis(100);
+                // 10/s for 3 s, then 300/s.
+                counts[i] += if step < 30 { 1 } else { 30 };
+                tr.extend(m.observe(t, counts));
+            }
+            assert!(
+                matches!(tr.first(), Some(Transition::Tripped { signal: s, .. }) if *s == signal),
+                "{signal:?}: {tr:?}"
+            );
+        }
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub enum Request {
     },
     Approve {
         agent: String,
+        /// Keep the learned baselines (default: learn them again from now).
+        #[serde(default)]
+        keep_baseline: bool,
     },
     Reload,
     /// Where to put a process of `agent` (the CLI then moves itself there and execs).

@@ -69,8 +69,14 @@ enum Cmd {
     Thaw { agent: String },
     /// Kill switch: deny all egress of the agent, then kill its whole process tree.
     Kill { agent: String },
-    /// Close a tripped breaker / lift a kill: the agent may run and call out again.
-    Approve { agent: String },
+    /// Close a tripped breaker / lift a kill: the agent may run and call out again. Its rate
+    /// windows restart and its baselines are learned again from now (warmup again).
+    Approve {
+        agent: String,
+        /// Keep the learned baselines; judge only calls made after the approval against them.
+        #[arg(long)]
+        keep_baseline: bool,
+    },
     /// Reload the daemon's config (same as SIGHUP).
     Reload,
 }
@@ -162,7 +168,13 @@ fn real_main(cmd: Cmd, socket: PathBuf) -> Result<ExitCode> {
         Cmd::Freeze { agent } => Request::Freeze { agent },
         Cmd::Thaw { agent } => Request::Thaw { agent },
         Cmd::Kill { agent } => Request::Kill { agent },
-        Cmd::Approve { agent } => Request::Approve { agent },
+        Cmd::Approve {
+            agent,
+            keep_baseline,
+        } => Request::Approve {
+            agent,
+            keep_baseline,
+        },
         Cmd::Reload => Request::Reload,
     };
     let what = describe(&request);
@@ -185,7 +197,7 @@ fn describe(r: &Request) -> String {
         Request::Freeze { agent } => format!("freeze {agent}"),
         Request::Thaw { agent } => format!("thaw {agent}"),
         Request::Kill { agent } => format!("kill {agent}"),
-        Request::Approve { agent } => format!("approve {agent}"),
+        Request::Approve { agent, .. } => format!("approve {agent}"),
         Request::Reload => "reload".into(),
         Request::Status => "status".into(),
         Request::Launch { agent } => format!("launch {agent}"),

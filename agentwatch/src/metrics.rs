@@ -4,6 +4,7 @@
 //! restarts and never go backwards); a new registry per scrape means no userspace copy can
 //! drift from them. Label values are only configured agent names and fixed sets.
 
+use crate::breaker::{SIGNALS, Signal};
 use agentwatch_common::{
     AgentCounters, NUM_PROTOS, PROTO_OTHER, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED, VERDICT_CAPPED,
     VERDICT_DENIED, egress_slot,
@@ -16,16 +17,15 @@ pub struct AgentSnapshot {
     pub name: String,
     pub counters: AgentCounters,
     pub frozen: bool,
-    /// Per signal (connects, sends, syscalls, execs): current rate and learned baseline.
-    pub rates: [f64; 4],
-    pub baselines: [Option<f64>; 4],
+    /// Per signal (indexed like `Signal::ALL`): current rate and learned baseline.
+    pub rates: [f64; SIGNALS],
+    pub baselines: [Option<f64>; SIGNALS],
     pub anomaly_score: f64,
     pub breaker_open: bool,
     /// Trips by action (alert, deny, freeze, kill).
     pub trips: [u64; 4],
 }
 
-const SIGNALS: [&str; 4] = ["connects", "sends", "syscalls", "execs"];
 const ACTIONS: [&str; 4] = ["alert", "deny", "freeze", "kill"];
 
 /// What one scrape shows.
@@ -177,7 +177,7 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
         execs
             .with_label_values(&[n, "denied"])
             .inc_by(a.counters.execs_denied);
-        for (i, signal) in SIGNALS.iter().enumerate() {
+        for (i, signal) in Signal::ALL.iter().map(|s| s.name()).enumerate() {
             rate.with_label_values(&[n, signal]).set(a.rates[i]);
             // No baseline before the first window: absent, rather than a misleading 0.
             if let Some(b) = a.baselines[i] {
@@ -215,8 +215,8 @@ mod tests {
                 name: "mailer".into(),
                 counters,
                 frozen: true,
-                rates: [12.5, 0.0, 0.0, 0.0],
-                baselines: [Some(2.0), None, None, None],
+                rates: [12.5, 0.0, 0.0, 0.0, 0.0, 0.0],
+                baselines: [Some(2.0), None, None, None, None, None],
                 anomaly_score: 6.25,
                 breaker_open: true,
                 trips: [0, 0, 1, 0],

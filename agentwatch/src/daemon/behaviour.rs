@@ -6,12 +6,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentwatch_common::{AGENT_FLAG_DENY_ALL, AGENT_FLAG_TRIPPED};
+use agentwatch_common::{
+    AGENT_FLAG_DENY_ALL, AGENT_FLAG_TRIPPED, AgentCounters, NUM_PROTOS, VERDICT_DENIED, egress_slot,
+};
 use anyhow::Result;
 use serde_json::json;
 
 use super::{Shared, State, lock, status::round};
-use crate::{breaker::Transition, config::Action};
+use crate::{
+    breaker::{SIGNALS, Transition},
+    config::Action,
+};
 
 /// Feeds every agent's counters to its behaviour monitor ten times a second.
 pub(super) async fn watch(state: Shared) -> Result<()> {
@@ -32,7 +37,7 @@ impl State {
             let Ok(c) = self.agents.counters(&name) else {
                 continue;
             };
-            let counts = [c.connects, c.sends, c.syscalls, c.execs + c.execs_denied];
+            let counts = signal_counts(&c);
             let t = self
                 .monitors
                 .get_mut(&name)
@@ -119,4 +124,19 @@ fn action_label(a: Action) -> (&'static str, usize) {
         Action::Freeze => ("freeze", 2),
         Action::Kill => ("kill", 3),
     }
+}
+
+/// The cumulative count behind each breaker signal (indexed like `Signal::ALL`).
+pub(super) fn signal_counts(c: &AgentCounters) -> [u64; SIGNALS] {
+    let denied = (0..NUM_PROTOS as u8)
+        .map(|p| c.egress[egress_slot(p, VERDICT_DENIED)])
+        .sum();
+    [
+        c.connects,
+        c.sends,
+        c.syscalls,
+        c.execs + c.execs_denied,
+        denied,
+        c.destinations,
+    ]
 }

@@ -96,7 +96,10 @@ impl State {
             Request::Freeze { agent } => self.freeze(&agent, true, uid),
             Request::Thaw { agent } => self.freeze(&agent, false, uid),
             Request::Kill { agent } => self.kill(&agent, uid),
-            Request::Approve { agent } => self.approve(&agent, uid),
+            Request::Approve {
+                agent,
+                keep_baseline,
+            } => self.approve(&agent, keep_baseline, uid),
             Request::Launch { agent } => self.launch(&agent),
         };
         match result {
@@ -159,7 +162,7 @@ impl State {
         Ok(before.len())
     }
 
-    fn approve(&mut self, agent: &str, uid: u32) -> Result<Value, String> {
+    fn approve(&mut self, agent: &str, keep_baseline: bool, uid: u32) -> Result<Value, String> {
         let cg = self.cgroup_of(agent)?;
         let info = self.agents.info(agent).ok_or("agent vanished")?;
         let frozen = cg.frozen().map_err(|e| e.to_string())?;
@@ -177,15 +180,24 @@ impl State {
                 AGENT_FLAG_KILLED | AGENT_FLAG_TRIPPED | AGENT_FLAG_DENY_ALL,
             )
             .map_err(|e| e.to_string())?;
+        // The windows restart from the counts of this instant: what the agent did before the
+        // approval is never judged again.
+        let counts = super::behaviour::signal_counts(
+            &self.agents.counters(agent).map_err(|e| e.to_string())?,
+        );
         if let Some(m) = self.monitors.get_mut(agent) {
-            m.approve();
+            m.approve(std::time::Instant::now(), counts, keep_baseline);
         }
         if frozen {
             cg.set_frozen(false).map_err(|e| e.to_string())?;
             cg.wait_frozen(false, FREEZE_WAIT)
                 .map_err(|e| e.to_string())?;
         }
-        self.audit_agent(agent, "approved", json!({ "actor_uid": uid }));
+        self.audit_agent(
+            agent,
+            "approved",
+            json!({ "actor_uid": uid, "keep_baseline": keep_baseline }),
+        );
         tracing::info!(agent, actor_uid = uid, "approved");
         Ok(json!({ "state": "running" }))
     }
