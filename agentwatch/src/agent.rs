@@ -35,6 +35,8 @@ pub struct Policy {
     /// Hard caps per second (None: no cap).
     pub connects_per_second: Option<u32>,
     pub sends_per_second: Option<u32>,
+    /// Denial events per second written one by one; the rest are counted and summarised.
+    pub events_per_second: Option<u32>,
     /// Exec allow-list (None: any exec is allowed; Some(empty): every exec is killed).
     pub exec_allow: Option<Vec<PathBuf>>,
     /// Count the agent's syscalls (attaches the host-wide sys_enter hook).
@@ -550,6 +552,7 @@ impl Agents {
             Caps {
                 connects_per_second: policy.connects_per_second,
                 sends_per_second: policy.sends_per_second,
+                events_per_second: policy.events_per_second,
             },
         )
     }

@@ -48,6 +48,13 @@ pub struct DaemonConfig {
     pub audit_log: PathBuf,
     /// Members of this group may use the control socket too (root always may).
     pub admin_group: Option<String>,
+    /// Per agent: denial lines written one by one per second; beyond it they are counted in the
+    /// kernel and written once a second as a summary (`egress_denied_summary`).
+    pub audit_rate: u32,
+    /// The trail is rotated when it reaches this size ...
+    pub audit_max_size: bytesize::ByteSize,
+    /// ... keeping this many rotated files (`audit.jsonl.1` is the newest).
+    pub audit_keep: u32,
 }
 
 impl Default for DaemonConfig {
@@ -65,6 +72,13 @@ impl Default for DaemonConfig {
             audit_log: PathBuf::from("/var/log/agentwatch/audit.jsonl"),
             // Root only, unless ops choose a group.
             admin_group: None,
+            // Enough to read every denial of an agent that is merely misconfigured; a flooding
+            // agent costs at most this many lines a second plus one summary.
+            audit_rate: 100,
+            // Days of ordinary denials, minutes of a flood at the rate above: never a full disk.
+            audit_max_size: bytesize::ByteSize::mib(100),
+            // 1 GiB of history at the default size.
+            audit_keep: 10,
         }
     }
 }
@@ -311,6 +325,22 @@ fn validate(raw: RawConfig, c: &mut Collector<'_>) -> Config {
             format!(
                 "daemon.cgroup_parent `{}` must be a relative cgroup path without `..`",
                 daemon.cgroup_parent
+            ),
+        );
+    }
+    if daemon.audit_rate == 0 {
+        c.at(
+            0..0,
+            "daemon.audit_rate must be at least 1 (denials beyond it are summarised, never lost)"
+                .to_owned(),
+        );
+    }
+    if daemon.audit_max_size.as_u64() < 4096 {
+        c.at(
+            0..0,
+            format!(
+                "daemon.audit_max_size {} is too small to hold a few lines; use at least 4KiB",
+                daemon.audit_max_size
             ),
         );
     }

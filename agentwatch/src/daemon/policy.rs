@@ -94,7 +94,10 @@ impl State {
         }
         if failure.is_none() {
             for a in &changed {
-                match self.agents.prepare_policy(&a.name, policy_of(a)) {
+                match self
+                    .agents
+                    .prepare_policy(&a.name, policy_of(a, self.config.daemon.audit_rate))
+                {
                     Ok(p) => prepared.push(p),
                     Err(e) => {
                         failure = Some(format!("agent `{}`: {e}", a.name));
@@ -161,7 +164,11 @@ impl State {
         } else {
             Cgroup::create(&path).map_err(|e| e.to_string())?
         };
-        let how = match self.agents.guard(&a.name, cgroup.clone(), policy_of(a)) {
+        let how = match self.agents.guard(
+            &a.name,
+            cgroup.clone(),
+            policy_of(a, self.config.daemon.audit_rate),
+        ) {
             Ok(how) => how,
             Err(e) => {
                 if created {
@@ -258,11 +265,12 @@ impl State {
 }
 
 /// The kernel policy of a configured agent.
-fn policy_of(a: &Agent) -> Policy {
+fn policy_of(a: &Agent, audit_rate: u32) -> Policy {
     Policy {
         rules: a.compiled.clone(),
         connects_per_second: a.limits.connects_per_second,
         sends_per_second: a.limits.sends_per_second,
+        events_per_second: Some(audit_rate),
         exec_allow: a.exec_allow.clone(),
         monitor_syscalls: a.monitor.syscalls,
     }

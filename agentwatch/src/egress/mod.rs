@@ -43,6 +43,9 @@ pub struct EgressMaps {
 pub struct Caps {
     pub connects_per_second: Option<u32>,
     pub sends_per_second: Option<u32>,
+    /// Denial events written one by one (the rest are counted in the kernel and summarised):
+    /// the daemon's `audit_rate`.
+    pub events_per_second: Option<u32>,
 }
 
 impl EgressMaps {
@@ -69,6 +72,7 @@ impl EgressMaps {
         let limits = AgentLimits {
             connects: cap(caps.connects_per_second, old.connects),
             sends: cap(caps.sends_per_second, old.sends),
+            events: cap(caps.events_per_second, old.events),
         };
         self.limits.set(id, limits, 0).map_err(map_err("LIMITS"))
     }
