@@ -90,6 +90,8 @@ struct RawAgent {
     #[serde(default)]
     cgroup: Option<Spanned<String>>,
     #[serde(default)]
+    user: Option<Spanned<String>>,
+    #[serde(default)]
     egress: Vec<Spanned<String>>,
     #[serde(default)]
     exec_allow: Option<Vec<Spanned<String>>>,
@@ -187,6 +189,9 @@ pub struct Agent {
     pub cgroup: String,
     /// True when the config names the cgroup (adopted, not created by agentwatch).
     pub adopted: bool,
+    /// `agentwatch launch` runs the command as this user (its groups, primary group and uid).
+    /// Only the name's form is checked here; whether the user exists is checked at launch.
+    pub user: Option<String>,
     pub egress: Vec<Rule>,
     /// `egress` compiled for the kernel (done once, while validating).
     pub compiled: CompiledRules,
@@ -255,6 +260,21 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
         .map_or(before.len(), |nl| before.len() - nl - 1)
         + 1;
     (line, col)
+}
+
+/// Does `name` look like a user name: 1-32 characters of letters, digits, `_`, `.` and `-`,
+/// starting with a letter or `_`, optionally ending in `$` (Samba machine accounts)? Close to
+/// what useradd and systemd accept; it also rules out numeric ids, which are not names.
+fn valid_user_name(name: &str) -> bool {
+    let body = name.strip_suffix('$').unwrap_or(name);
+    (1..=32).contains(&name.len())
+        && body
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 /// Is `name` a valid agent name: `[a-z0-9-]`, 1-63 characters, not starting with `-`?
@@ -462,10 +482,23 @@ fn validate(raw: RawConfig, c: &mut Collector<'_>) -> Config {
             None => Limits::default(),
         };
         let breaker = a.breaker.as_ref().map(|b| breaker(b, c));
+        if let Some(u) = &a.user
+            && !valid_user_name(u.get_ref())
+        {
+            c.at(
+                u.span(),
+                format!(
+                    "user `{}` is not a user name (1-32 characters of letters, digits, `_`, `.` \
+                     and `-`, starting with a letter or `_`)",
+                    u.get_ref()
+                ),
+            );
+        }
         agents.push(Agent {
             name,
             cgroup,
             adopted,
+            user: a.user.as_ref().map(|u| u.get_ref().clone()),
             egress,
             compiled,
             exec_allow,
@@ -554,6 +587,7 @@ audit_log = "-"
 
 [[agents]]
 name = "mailer"
+user = "mailer"
 cgroup = "system.slice/mailer.service"
 egress = ["tcp 10.1.2.3 443", "udp 127.0.0.53 53", "tcp 2001:db8::/32 *"]
 exec_allow = ["/usr/bin/python3"]
@@ -580,6 +614,8 @@ name = "coder"
         let m = &c.agents[0];
         assert_eq!(m.cgroup, "system.slice/mailer.service");
         assert!(m.adopted);
+        assert_eq!(m.user.as_deref(), Some("mailer"));
+        assert_eq!(c.agents[1].user, None);
         assert_eq!(m.egress.len(), 3);
         assert_eq!(m.limits.connects_per_second, Some(50));
         assert_eq!(m.breaker.unwrap().action, Action::Kill);
@@ -625,6 +661,35 @@ cgroup = "agentwatch/dup/x"
     }
 
     #[test]
+    fn user_names() {
+        for ok in [
+            "nobody",
+            "_apt",
+            "systemd-network",
+            "Debian-exim",
+            "host$",
+            "a.b",
+            "u1",
+        ] {
+            assert!(valid_user_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "0",
+            "1000",
+            "-x",
+            ".x",
+            "a b",
+            "a:b",
+            "a/b",
+            "$",
+            &"a".repeat(33),
+        ] {
+            assert!(!valid_user_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_refused() {
         let e = Config::parse("[daemon]\npin_dri = \"/x\"\n", "f").unwrap_err();
         assert_eq!(e.errors[0].line, 2);
@@ -645,6 +710,12 @@ cgroup = "agentwatch/dup/x"
         .unwrap_err();
         assert!(
             e.to_string().starts_with("f:4:10: breaker.warmup `soon`"),
+            "{e}"
+        );
+        let e = Config::parse("[[agents]]\nname = \"a\"\nuser = \"0day;rm\"\n", "f").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("f:3:8: user `0day;rm` is not a user name"),
             "{e}"
         );
         let e = Config::parse("[[agents]]\nname = \"a\"\ncgroup = \"../etc\"\n", "f").unwrap_err();

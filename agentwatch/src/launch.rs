@@ -9,15 +9,18 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
 
 use crate::{
     cgroup::Cgroup,
     control::{self, Request},
+    harden,
 };
 
-/// Asks the daemon at `socket` where agent `name` lives, moves this process there and execs
-/// `cmd`; returns only on failure. Refuses unless the cgroup has the egress programs attached:
-/// an agent is never started unguarded.
+/// Asks the daemon at `socket` where agent `name` lives, moves this process there, hardens it
+/// ([`crate::harden`]: own cgroup namespace, the agent's `user`, no dangerous capabilities,
+/// no_new_privs) and execs `cmd`; returns only on failure. Refuses unless the cgroup has the
+/// egress programs attached: an agent is never started unguarded, nor less hardened.
 pub fn launch(socket: &Path, name: &str, cmd: &[OsString]) -> Result<std::convert::Infallible> {
     let (program, args) = cmd.split_first().context("no command given after `--`")?;
     let response = control::call(
@@ -31,13 +34,44 @@ pub fn launch(socket: &Path, name: &str, cmd: &[OsString]) -> Result<std::conver
     let path = data["cgroup"]
         .as_str()
         .context("the daemon did not say where the agent lives")?;
+    // Null: no user configured. Absent: a daemon that does not say, so nothing is promised
+    // about the user either way; refuse rather than guess.
+    let user = match data.get("user") {
+        Some(Value::Null) => None,
+        Some(Value::String(u)) => Some(u.as_str()),
+        _ => bail!("the daemon did not say which user agent `{name}` runs as"),
+    };
+    // Resolved before anything changes, so an unknown user leaves no trace.
+    let user = match user {
+        None => None,
+        Some(u) => Some(
+            harden::lookup_user(u)
+                .with_context(|| format!("agent `{name}`"))?
+                .with_context(|| {
+                    format!(
+                        "agent `{name}` runs as user `{u}`, but there is no user `{u}` on this host"
+                    )
+                })?,
+        ),
+    };
     let cg = Cgroup::open(path)?;
     if attached_programs(&cg)? == 0 {
         bail!("agent `{name}` is not guarded: no egress program is attached to {path}");
     }
     cg.add_pid(0)
         .with_context(|| format!("joining agent `{name}`"))?;
-    let err = Command::new(program).args(args).exec();
+    harden::harden(user.as_ref())
+        .with_context(|| format!("hardening agent `{name}`; the command was not run"))?;
+    let mut command = Command::new(program);
+    command.args(args);
+    if let Some(u) = &user {
+        // What login and systemd's User= give a process, so the command finds its own home.
+        command
+            .env("HOME", &u.home)
+            .env("USER", &u.name)
+            .env("LOGNAME", &u.name);
+    }
+    let err = command.exec();
     Err(err).with_context(|| format!("running {}", program.to_string_lossy()))
 }
 

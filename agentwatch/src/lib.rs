@@ -6,7 +6,8 @@
 //!
 //! Modules follow the concerns, named like their kernel halves: [`agent`] (which agent is this
 //! call?), [`egress`] (allow-lists), plus the plumbing: [`kernel`] (the loaded object),
-//! [`cgroup`], [`config`], [`events`], [`audit`], [`daemon`], [`launch`].
+//! [`cgroup`], [`config`], [`events`], [`audit`], [`daemon`], [`launch`] with [`harden`],
+//! and [`privileges`] (what an agent's processes could use to switch agentwatch off).
 
 pub mod agent;
 pub mod audit;
@@ -19,8 +20,10 @@ pub mod daemon;
 pub mod egress;
 pub mod events;
 pub mod exec;
+pub mod harden;
 pub mod kernel;
 pub mod launch;
 pub mod link;
 pub mod metrics;
+pub mod privileges;
 pub mod syscalls;

@@ -215,6 +215,9 @@ impl State {
                 "agent `{agent}`'s breaker is open; `agentwatch approve {agent}` first"
             ));
         }
-        Ok(json!({ "cgroup": cg.path().display().to_string() }))
+        Ok(json!({
+            "cgroup": cg.path().display().to_string(),
+            "user": self.config.agent(agent).and_then(|a| a.user.as_deref()),
+        }))
     }
 }
