@@ -25,7 +25,7 @@ use crate::{
     exec,
     kernel::Kernel,
     link::Link,
-    syscalls,
+    sockets, syscalls,
 };
 
 /// Everything the kernel enforces for one agent.
@@ -141,7 +141,8 @@ impl Agents {
 
     fn new(mut kernel: Kernel) -> Result<Self, KernelError> {
         let host_dir = kernel.pins().map(PinDir::host_links);
-        let host = exec::attach(&mut kernel.ebpf, host_dir.as_deref())?;
+        let mut host = exec::attach(&mut kernel.ebpf, host_dir.as_deref())?;
+        host.extend(sockets::attach_host(&mut kernel.ebpf, host_dir.as_deref())?);
         // An earlier daemon's sys_enter pin is adopted; sync_syscalls drops it if unneeded.
         let syscalls = match &host_dir {
             Some(dir) if syscalls::pinned(dir) => {
@@ -247,7 +248,23 @@ impl Agents {
         };
         self.write_settings(Some(level))?;
         let pin_dir = self.kernel.pins().map(|p| p.agent_links(name, cgroup_id));
-        let links = match egress::attach(&mut self.kernel.ebpf, &cgroup, pin_dir.as_deref()) {
+        let attached =
+            egress::attach(&mut self.kernel.ebpf, &cgroup, pin_dir.as_deref()).and_then(|mut l| {
+                match sockets::attach(&mut self.kernel.ebpf, &cgroup, pin_dir.as_deref()) {
+                    Ok(link) => {
+                        l.push(link);
+                        Ok(l)
+                    }
+                    Err(e) => {
+                        // No half-guarded agent: undo what this call attached.
+                        for link in l.into_iter().filter(Link::fresh) {
+                            let _ = link.detach();
+                        }
+                        Err(e)
+                    }
+                }
+            });
+        let links = match attached {
             Ok(links) => links,
             Err(e) => {
                 if how == Guarding::New {
@@ -261,6 +278,12 @@ impl Agents {
                 return Err(e);
             }
         };
+        // The processes already in the cgroup belong to the agent (the kernel records later
+        // ones itself, at fork and when they move in). Listed after the state is written, so a
+        // fork in between is seen by one or the other.
+        let pids = cgroup.all_pids()?;
+        self.kernel.sockets.seed_tasks(cgroup_id, &pids)?;
+        self.kernel.sockets.sync_nested(cgroup_id, &cgroup)?;
         self.by_name.insert(
             name.to_owned(),
             Guarded {
@@ -400,6 +423,7 @@ impl Agents {
             let _ = std::fs::remove_dir(pins.agent_links(name, g.cgroup_id));
         }
         self.undo_state(g.cgroup_id);
+        self.kernel.sockets.forget(g.cgroup_id)?;
         self.kernel
             .egress
             .clear(rule_scope(g.id, g.state.generation), &g.policy.rules)?;
@@ -441,6 +465,7 @@ impl Agents {
                 continue;
             }
             self.undo_state(cgroup_id);
+            self.kernel.sockets.forget(cgroup_id)?;
             self.kernel.egress.clear_scope(rule_scope(state.id, 0))?;
             self.kernel.egress.clear_scope(rule_scope(state.id, 1))?;
             self.forget_slot(state.id)?;
@@ -449,6 +474,21 @@ impl Agents {
         self.write_settings(None)?;
         self.sync_syscalls()?;
         Ok(stale)
+    }
+
+    /// Brings the kernel's list of cgroups nested below each agent's up to date (agents may make
+    /// cgroups below their own; a move into one is not an escape).
+    pub fn sync_nested(&mut self) -> Result<(), KernelError> {
+        for g in self.by_name.values() {
+            self.kernel.sockets.sync_nested(g.cgroup_id, &g.cgroup)?;
+        }
+        Ok(())
+    }
+
+    /// Agent `name`'s suppressed denials per destination since the last call, busiest first.
+    pub fn take_suppressed(&mut self, name: &str) -> Result<Vec<egress::Suppressed>, KernelError> {
+        let id = self.get(name)?.id;
+        Ok(self.kernel.egress.take_suppressed(id))
     }
 
     /// Counts a breaker trip of agent `name` (action index: alert, deny, freeze, kill).

@@ -3,8 +3,10 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use agentwatch_common::{
-    EVENT_EGRESS_CAPPED, EVENT_EGRESS_DENIED, EVENT_EXEC, EVENT_EXEC_DENIED, EgressEvent,
-    ExecEvent, HOOK_CONNECT, PROTO_TCP, PROTO_UDP,
+    ESCAPE_FLAG_MOVED_DOOMED, ESCAPE_FLAG_MOVED_KILLED, ESCAPE_FLAG_WRITER_KILLED,
+    EVENT_CGROUP_ESCAPE, EVENT_EGRESS_CAPPED, EVENT_EGRESS_DENIED, EVENT_EXEC, EVENT_EXEC_DENIED,
+    EVENT_SOCKET_DENIED, EVENT_SOCKET_KILLED, EgressEvent, EscapeEvent, ExecEvent, HOOK_CONNECT,
+    PROTO_TCP, PROTO_UDP, SocketEvent,
 };
 
 /// A decoded record.
@@ -12,6 +14,8 @@ use agentwatch_common::{
 pub enum Event {
     Egress(EgressAttempt),
     Exec(ExecRecord),
+    Socket(SocketAttempt),
+    Escape(EscapeRecord),
     /// A record this daemon does not know (a newer kernel object); counted, not dropped silently.
     Unknown {
         kind: u32,
@@ -52,6 +56,46 @@ pub struct ExecRecord {
     pub ts_ns: u64,
 }
 
+/// A socket an agent process was refused (raw inet socket) or killed for (packet socket).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketAttempt {
+    /// `refused` (EPERM) or `killed` (SIGKILL before socket() returned).
+    pub action: &'static str,
+    pub agent_id: u32,
+    pub tid: u32,
+    pub pid: u32,
+    pub comm: String,
+    /// `AF_*` name, e.g. `AF_PACKET`, or the number.
+    pub family: String,
+    /// `SOCK_*` name (flags masked off), e.g. `SOCK_RAW`, or the number.
+    pub sock_type: String,
+    pub protocol: u32,
+    pub ts_ns: u64,
+}
+
+/// A process that left its agent's cgroup subtree (or was moved into another agent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EscapeRecord {
+    /// The agent it left.
+    pub agent_id: u32,
+    /// The moved process.
+    pub pid: u32,
+    /// The process that wrote cgroup.procs (equals `pid` for a self-move), and its comm.
+    pub writer: u32,
+    pub comm: String,
+    /// Destination cgroup path (in the cgroup2 hierarchy) and id.
+    pub to: String,
+    pub dst_id: u64,
+    /// Killed in the kernel as it moved itself.
+    pub moved_killed: bool,
+    /// The writer, an agent process, was killed in the kernel.
+    pub writer_killed: bool,
+    /// The moved process could not be signalled from the hook: the kernel kills it at its next
+    /// socket, connect or send, and the daemon kills it when it reads this.
+    pub moved_doomed: bool,
+    pub ts_ns: u64,
+}
+
 fn c_string(bytes: &[u8]) -> String {
     let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     String::from_utf8_lossy(&bytes[..len]).into_owned()
@@ -87,6 +131,41 @@ pub fn decode(bytes: &[u8]) -> Event {
                 ts_ns: e.ts_ns,
             })
         }
+        EVENT_SOCKET_DENIED | EVENT_SOCKET_KILLED if bytes.len() >= size_of::<SocketEvent>() => {
+            // SAFETY: as above, for SocketEvent.
+            let e: SocketEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            Event::Socket(SocketAttempt {
+                action: if e.kind == EVENT_SOCKET_KILLED {
+                    "killed"
+                } else {
+                    "refused"
+                },
+                agent_id: e.agent,
+                tid: e.pid,
+                pid: e.tgid,
+                comm: c_string(&e.comm),
+                family: family_name(e.family),
+                sock_type: type_name(e.sock_type),
+                protocol: e.protocol,
+                ts_ns: e.ts_ns,
+            })
+        }
+        EVENT_CGROUP_ESCAPE if bytes.len() >= size_of::<EscapeEvent>() => {
+            // SAFETY: as above, for EscapeEvent.
+            let e: EscapeEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            Event::Escape(EscapeRecord {
+                agent_id: e.agent,
+                pid: e.pid,
+                writer: e.writer,
+                comm: c_string(&e.comm),
+                to: c_string(&e.dst_path),
+                dst_id: e.dst_id,
+                moved_killed: e.flags & ESCAPE_FLAG_MOVED_KILLED != 0,
+                writer_killed: e.flags & ESCAPE_FLAG_WRITER_KILLED != 0,
+                moved_doomed: e.flags & ESCAPE_FLAG_MOVED_DOOMED != 0,
+                ts_ns: e.ts_ns,
+            })
+        }
         kind => Event::Unknown {
             kind,
             len: bytes.len(),
@@ -94,12 +173,18 @@ pub fn decode(bytes: &[u8]) -> Event {
     }
 }
 
-fn egress(e: &EgressEvent) -> EgressAttempt {
-    let ip = if e.family == 6 {
-        IpAddr::V6(Ipv6Addr::from(e.addr))
+/// A destination as the egress hooks report it: `family` 4 or 6, an IPv4 address in the first
+/// 4 bytes of `addr`.
+pub fn dest_addr(family: u8, addr: [u8; 16], port: u16) -> SocketAddr {
+    let ip = if family == 6 {
+        IpAddr::V6(Ipv6Addr::from(addr))
     } else {
-        IpAddr::V4(Ipv4Addr::new(e.addr[0], e.addr[1], e.addr[2], e.addr[3]))
+        IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
     };
+    SocketAddr::new(ip, port)
+}
+
+fn egress(e: &EgressEvent) -> EgressAttempt {
     EgressAttempt {
         kind: if e.kind == EVENT_EGRESS_CAPPED {
             "egress_capped"
@@ -111,13 +196,37 @@ fn egress(e: &EgressEvent) -> EgressAttempt {
         pid: e.tgid,
         comm: c_string(&e.comm),
         proto: proto_name(e.proto),
-        dest: SocketAddr::new(ip, e.port),
+        dest: dest_addr(e.family, e.addr, e.port),
         hook: if e.hook == HOOK_CONNECT {
             "connect"
         } else {
             "sendmsg"
         },
         ts_ns: e.ts_ns,
+    }
+}
+
+/// Name of an address family as in the C headers (the number when it has none here).
+pub fn family_name(family: u32) -> String {
+    match family {
+        1 => "AF_UNIX".into(),
+        2 => "AF_INET".into(),
+        10 => "AF_INET6".into(),
+        16 => "AF_NETLINK".into(),
+        17 => "AF_PACKET".into(),
+        n => n.to_string(),
+    }
+}
+
+/// Name of a socket type, SOCK_NONBLOCK/SOCK_CLOEXEC masked off (the number when unnamed).
+pub fn type_name(sock_type: u32) -> String {
+    match sock_type & 0xf {
+        1 => "SOCK_STREAM".into(),
+        2 => "SOCK_DGRAM".into(),
+        3 => "SOCK_RAW".into(),
+        5 => "SOCK_SEQPACKET".into(),
+        10 => "SOCK_PACKET".into(),
+        n => n.to_string(),
     }
 }
 

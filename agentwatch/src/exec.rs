@@ -10,7 +10,7 @@ use agentwatch_common::{EXEC_PATH_MAX, ExecKey};
 use aya::{
     Ebpf,
     maps::{HashMap, MapData},
-    programs::{TracePoint, links::FdLink},
+    programs::TracePoint,
 };
 
 use crate::{
@@ -73,20 +73,7 @@ impl ExecMaps {
 /// Attaches the tracepoints host-wide (they act only on agents' tasks), pinned under
 /// `pin_dir` when given; pins of an earlier daemon are adopted.
 pub(crate) fn attach(ebpf: &mut Ebpf, pin_dir: Option<&Path>) -> Result<Vec<Link>, KernelError> {
-    let mut links = Vec::new();
-    for (name, category, tracepoint) in PROGRAMS {
-        links.push(Link::pinned_or_attach(pin_dir, name, || {
-            let prog = program::<TracePoint>(ebpf, name)?;
-            let id = prog
-                .attach(category, tracepoint)
-                .map_err(|source| KernelError::Program { name, source })?;
-            let link = prog
-                .take_link(id)
-                .map_err(|source| KernelError::Program { name, source })?;
-            FdLink::try_from(link).map_err(|source| KernelError::Link { name, source })
-        })?);
-    }
-    Ok(links)
+    crate::link::attach_tracepoints(ebpf, &PROGRAMS, pin_dir)
 }
 
 /// Why a path cannot be on an exec allow-list.

@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use agentwatch_common::{
-    AgentCounters, AgentLimits, AgentState, ExecKey, RuleKeyV4, RuleKeyV6, RuleValue, Settings,
+    AgentCounters, AgentLimits, AgentState, DestKey, ExecKey, RuleKeyV4, RuleKeyV6, RuleValue,
+    Settings,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -16,6 +17,7 @@ use crate::{
     bpf::{SignalsBlocked, map_err, take_map},
     egress::EgressMaps,
     exec::ExecMaps,
+    sockets::SocketMaps,
 };
 
 /// The kernel programs, built by build.rs from agentwatch-ebpf.
@@ -31,6 +33,7 @@ pub struct Kernel {
     events: Option<RingBuf<MapData>>,
     pub(crate) egress: EgressMaps,
     pub(crate) exec: ExecMaps,
+    pub(crate) sockets: SocketMaps,
     pub(crate) settings: Array<MapData, Settings>,
     trips: Array<MapData, [u64; 4]>,
     pins: Option<PinDir>,
@@ -38,7 +41,7 @@ pub struct Kernel {
 
 /// Every map of the object with the key and value sizes this build expects of it. A pinned map
 /// of another layout (an older agentwatch) is refused rather than misread.
-const MAPS: [(&str, u32, u32); 12] = [
+const MAPS: [(&str, u32, u32); 18] = [
     ("AGENTS", 8, size_of::<AgentState>() as u32),
     ("COUNTERS", 4, size_of::<AgentCounters>() as u32),
     ("EVENTS", 0, 0),
@@ -59,6 +62,12 @@ const MAPS: [(&str, u32, u32); 12] = [
         4 + size_of::<RuleKeyV6>() as u32,
         size_of::<RuleValue>() as u32,
     ),
+    ("DEST_SEEN", size_of::<DestKey>() as u32, 8),
+    ("SUPPRESSED", size_of::<DestKey>() as u32, 8),
+    ("TASKS", 4, 8),
+    ("NESTED", 8, 8),
+    ("DOOMED", 4, 4),
+    ("DOOMED_COUNT", 4, 8),
 ];
 
 /// The embedded object's bytes (empty in a build without eBPF programs).
@@ -117,6 +126,7 @@ impl Kernel {
         // Each concern loads (verifies) its own programs and takes its own maps.
         let egress = EgressMaps::load(&mut ebpf)?;
         let exec = ExecMaps::load(&mut ebpf)?;
+        let sockets = SocketMaps::load(&mut ebpf)?;
         crate::syscalls::load(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -126,6 +136,7 @@ impl Kernel {
             events,
             egress,
             exec,
+            sockets,
             settings,
             trips,
             pins,
@@ -145,19 +156,19 @@ impl Kernel {
     /// Counters of agent `id`, summed over CPUs.
     pub fn counters(&self, id: u32) -> Result<AgentCounters, KernelError> {
         let per_cpu = self.counters.get(&id, 0).map_err(map_err("COUNTERS"))?;
-        let mut sum = AgentCounters::default();
+        // Every field is a u64 (asserted in agentwatch-common): sum them word by word, so a
+        // counter added later cannot be forgotten here.
+        const WORDS: usize = size_of::<AgentCounters>() / 8;
+        let mut sum = [0u64; WORDS];
         for c in per_cpu.iter() {
-            for (s, v) in sum.egress.iter_mut().zip(c.egress) {
+            // SAFETY: AgentCounters is #[repr(C)] of u64s only, WORDS words long.
+            let words: [u64; WORDS] = unsafe { std::mem::transmute(*c) };
+            for (s, v) in sum.iter_mut().zip(words) {
                 *s += v;
             }
-            sum.connects += c.connects;
-            sum.sends += c.sends;
-            sum.syscalls += c.syscalls;
-            sum.execs += c.execs;
-            sum.execs_denied += c.execs_denied;
-            sum.forks += c.forks;
         }
-        Ok(sum)
+        // SAFETY: as above; every bit pattern is a valid AgentCounters.
+        Ok(unsafe { std::mem::transmute::<[u64; WORDS], AgentCounters>(sum) })
     }
 
     /// Breaker trips of agent `id` by action (alert, deny, freeze, kill).

@@ -26,4 +26,5 @@ pub mod launch;
 pub mod link;
 pub mod metrics;
 pub mod privileges;
+pub mod sockets;
 pub mod syscalls;

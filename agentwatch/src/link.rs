@@ -2,9 +2,15 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::programs::links::{FdLink, PinnedLink};
+use aya::{
+    Ebpf,
+    programs::{
+        TracePoint,
+        links::{FdLink, PinnedLink},
+    },
+};
 
-use crate::bpf::KernelError;
+use crate::bpf::{KernelError, program};
 
 /// One attached program. Dropping an owned link detaches it; a pinned one stays attached until
 /// its pin is removed ([`Link::detach`]).
@@ -79,4 +85,27 @@ impl Link {
         drop(self.link);
         Ok(())
     }
+}
+
+/// Attaches tracepoint programs host-wide: (name in the object, category, tracepoint). Pinned
+/// under `pin_dir` when given; pins of an earlier daemon are adopted.
+pub(crate) fn attach_tracepoints(
+    ebpf: &mut Ebpf,
+    programs: &[(&'static str, &str, &str)],
+    pin_dir: Option<&Path>,
+) -> Result<Vec<Link>, KernelError> {
+    let mut links = Vec::new();
+    for &(name, category, tracepoint) in programs {
+        links.push(Link::pinned_or_attach(pin_dir, name, || {
+            let prog = program::<TracePoint>(ebpf, name)?;
+            let id = prog
+                .attach(category, tracepoint)
+                .map_err(|source| KernelError::Program { name, source })?;
+            let link = prog
+                .take_link(id)
+                .map_err(|source| KernelError::Program { name, source })?;
+            FdLink::try_from(link).map_err(|source| KernelError::Link { name, source })
+        })?);
+    }
+    Ok(links)
 }

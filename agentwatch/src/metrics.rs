@@ -70,10 +70,6 @@ fn gauge_vec(
     Ok(g)
 }
 
-#[allow(
-    dead_code,
-    reason = "float gauges arrive with the behaviour monitor (rates, baselines)"
-)]
 fn float_gauge_vec(
     r: &Registry,
     name: &str,
@@ -130,6 +126,18 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
         "Execs of agent processes, allowed or killed by the exec allow-list",
         &["agent", "verdict"],
     )?;
+    let escapes = counter_vec(
+        &r,
+        "agentwatch_escape_attempts_total",
+        "Attempts to get around the guard, by kind (refused or killed in the kernel)",
+        &["agent", "kind"],
+    )?;
+    let suppressed = counter_vec(
+        &r,
+        "agentwatch_audit_suppressed_total",
+        "Denials over the agent's audit_rate: counted and summarised, not written one by one",
+        &["agent"],
+    )?;
     let rate = float_gauge_vec(
         &r,
         "agentwatch_rate_per_second",
@@ -177,6 +185,17 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
         execs
             .with_label_values(&[n, "denied"])
             .inc_by(a.counters.execs_denied);
+        let c = &a.counters;
+        for (kind, n_) in [
+            ("raw_socket", c.raw_sockets_denied),
+            ("packet_socket", c.packet_sockets_killed),
+            ("cgroup_escape", c.cgroup_escapes),
+        ] {
+            escapes.with_label_values(&[n, kind]).inc_by(n_);
+        }
+        suppressed
+            .with_label_values(&[n])
+            .inc_by(c.egress_suppressed + c.sockets_suppressed);
         for (i, signal) in Signal::ALL.iter().map(|s| s.name()).enumerate() {
             rate.with_label_values(&[n, signal]).set(a.rates[i]);
             // No baseline before the first window: absent, rather than a misleading 0.

@@ -285,8 +285,8 @@ pub fn read_events(ring: &mut RingBuf<MapData>, n: usize) -> Vec<EgressAttempt> 
         while let Some(item) = ring.next() {
             match events::decode(&item) {
                 Event::Egress(e) => out.push(e),
-                // Exec events have their own tests.
-                Event::Exec(_) => {}
+                // Exec, socket and escape events have their own tests.
+                Event::Exec(_) | Event::Socket(_) | Event::Escape(_) => {}
                 Event::Unknown { kind, len } => panic!("unknown event kind {kind} ({len} bytes)"),
             }
         }

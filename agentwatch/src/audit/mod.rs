@@ -17,8 +17,8 @@ use std::{
 
 use serde_json::Value;
 
-pub use writer::rfc3339;
 use writer::{Message, Record};
+pub use writer::{Rotation, rfc3339, rotated};
 
 /// Where audit records go. Cloning shares the writer.
 #[derive(Clone)]
@@ -30,7 +30,12 @@ impl Audit {
     /// Opens `path` for appending (creating its folder), or stdout for `-`, and starts the
     /// writer thread. An error here (no such folder, no permission) is reported at once.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let tx = writer::start(path)?;
+        Self::open_rotating(path, None)
+    }
+
+    /// Like [`Audit::open`], rotating the file as `rotation` says.
+    pub fn open_rotating(path: &Path, rotation: Option<Rotation>) -> io::Result<Self> {
+        let tx = writer::start(path, rotation)?;
         Ok(Self { tx })
     }
 
@@ -111,6 +116,50 @@ mod tests {
         assert_eq!(lines[0]["kind"], "egress_denied");
         assert_eq!(lines[0]["pid"], 7);
         assert_eq!(lines[1]["kind"], "frozen");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn rotates_at_the_size_and_keeps_the_newest_files() {
+        let dir = std::env::temp_dir().join(format!("aw-audit-rot-{}", std::process::id()));
+        let path = dir.join("a.jsonl");
+        let audit = Audit::open_rotating(
+            &path,
+            Some(Rotation {
+                max_size: 1000,
+                keep: 2,
+            }),
+        )
+        .unwrap();
+        for i in 0..100 {
+            audit.record("a", "egress_denied", json!({ "n": i }));
+        }
+        audit.sync();
+        let read = |p: &Path| -> Vec<Value> {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        };
+        let (live, one, two) = (
+            read(&path),
+            read(&rotated(&path, 1)),
+            read(&rotated(&path, 2)),
+        );
+        assert!(!rotated(&path, 3).exists());
+        for f in [&path, &rotated(&path, 1), &rotated(&path, 2)] {
+            assert!(std::fs::metadata(f).unwrap().len() <= 1000);
+        }
+        // The newest lines, in order and without a gap, across the three files.
+        let ns: Vec<u64> = two
+            .iter()
+            .chain(&one)
+            .chain(&live)
+            .map(|l| l["n"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ns.last(), Some(&99));
+        assert!(ns.windows(2).all(|w| w[1] == w[0] + 1), "{ns:?}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

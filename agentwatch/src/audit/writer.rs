@@ -6,7 +6,7 @@
 use std::{
     fs::{File, OpenOptions},
     io::{self, Write as _},
-    path::Path,
+    path::{Path, PathBuf},
     sync::mpsc,
 };
 
@@ -27,13 +27,26 @@ pub(super) enum Message {
     Sync(mpsc::Sender<()>),
 }
 
+/// When the trail is rotated: at `max_size` bytes, keeping `keep` rotated files
+/// (`<path>.1` the newest, `<path>.<keep>` the oldest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    pub max_size: u64,
+    pub keep: u32,
+}
+
 enum Sink {
     Stdout,
-    File(File),
+    File {
+        path: PathBuf,
+        file: File,
+        size: u64,
+        rotation: Option<Rotation>,
+    },
 }
 
 impl Sink {
-    fn open(path: &Path) -> io::Result<Self> {
+    fn open(path: &Path, rotation: Option<Rotation>) -> io::Result<Self> {
         if path == Path::new("-") {
             return Ok(Self::Stdout);
         }
@@ -42,12 +55,17 @@ impl Sink {
         {
             std::fs::create_dir_all(dir)?;
         }
-        Ok(Self::File(
-            OpenOptions::new().create(true).append(true).open(path)?,
-        ))
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Self::File {
+            path: path.to_owned(),
+            size: file.metadata()?.len(),
+            file,
+            rotation,
+        })
     }
 
-    /// One write per line: a reader never sees half a line from this writer.
+    /// One write per line: a reader never sees half a line from this writer. A line that
+    /// would take the file past its maximum size goes to a new file.
     fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
         match self {
             Self::Stdout => {
@@ -55,14 +73,58 @@ impl Sink {
                 out.write_all(line)?;
                 out.flush()
             }
-            Self::File(f) => f.write_all(line),
+            Self::File {
+                path,
+                file,
+                size,
+                rotation,
+            } => {
+                if let Some(r) = rotation
+                    && *size > 0
+                    && *size + line.len() as u64 > r.max_size
+                {
+                    rotate(path, r.keep)?;
+                    *file = OpenOptions::new().create(true).append(true).open(&*path)?;
+                    *size = 0;
+                }
+                file.write_all(line)?;
+                *size += line.len() as u64;
+                Ok(())
+            }
         }
     }
 }
 
+/// `<path>.N` of a rotated trail.
+pub fn rotated(path: &Path, n: u32) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(format!(".{n}"));
+    PathBuf::from(p)
+}
+
+/// Shifts `<path>.1..<keep>` up by one (dropping the oldest) and moves `path` to `<path>.1`.
+fn rotate(path: &Path, keep: u32) -> io::Result<()> {
+    if keep == 0 {
+        return std::fs::remove_file(path);
+    }
+    match std::fs::remove_file(rotated(path, keep)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    for n in (1..keep).rev() {
+        match std::fs::rename(rotated(path, n), rotated(path, n + 1)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    std::fs::rename(path, rotated(path, 1))
+}
+
 /// Opens the sink and starts the writer thread; returns the queue into it.
-pub(super) fn start(path: &Path) -> io::Result<mpsc::Sender<Message>> {
-    let mut sink = Sink::open(path)?;
+pub(super) fn start(path: &Path, rotation: Option<Rotation>) -> io::Result<mpsc::Sender<Message>> {
+    let mut sink = Sink::open(path, rotation)?;
     let (tx, rx) = mpsc::channel::<Message>();
     std::thread::Builder::new()
         .name("audit-writer".into())

@@ -8,7 +8,9 @@
 //! The daemon is a set of tasks around one [`State`] (the policy and what enforces it), each
 //! task in its own module: [`policy`] (apply a config as a plan; the config watcher), [`control`]
 //! (the control socket, one function per request), [`status`] (status rows, /metrics),
-//! [`behaviour`] (rates, baselines, breakers), [`reader`] (kernel events into the audit trail).
+//! [`behaviour`] (rates, baselines, breakers), [`reader`] (kernel events into the audit trail),
+//! [`sweep`] (once a second: summaries of what was not written one by one, nested cgroups,
+//! privileged processes).
 //! This file holds start-up and the tasks' wiring, nothing else.
 
 mod behaviour;
@@ -17,6 +19,7 @@ mod control;
 mod policy;
 mod reader;
 mod status;
+mod sweep;
 
 use std::{
     collections::BTreeMap,
@@ -59,6 +62,8 @@ struct State {
     last_seen: Option<Vec<u8>>,
     /// Rates, baselines and breakers, per agent.
     monitors: BTreeMap<String, Monitor>,
+    /// What the once-a-second sweep has accounted for.
+    swept: sweep::Swept,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -87,12 +92,17 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
     refuse_if_running(&socket_path)?;
     let mount = cgroup::cgroup2_mount()?;
     tracing::info!(mount = %mount.display(), "cgroup2 found");
-    let audit = Audit::open(&config.daemon.audit_log).with_context(|| {
-        format!(
-            "opening the audit log {}",
-            config.daemon.audit_log.display()
-        )
-    })?;
+    let rotation = audit::Rotation {
+        max_size: config.daemon.audit_max_size.as_u64(),
+        keep: config.daemon.audit_keep,
+    };
+    let audit =
+        Audit::open_rotating(&config.daemon.audit_log, Some(rotation)).with_context(|| {
+            format!(
+                "opening the audit log {}",
+                config.daemon.audit_log.display()
+            )
+        })?;
     tracing::info!(audit_log = %audit::describe(&config.daemon.audit_log).display(), "audit trail open");
     let pins = PinDir::new(&config.daemon.pin_dir);
     ensure_bpffs(pins.root())?;
@@ -122,6 +132,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         reloads_rejected: 0,
         last_seen,
         monitors: BTreeMap::new(),
+        swept: sweep::Swept::default(),
     };
     state.apply(config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let stale = state.agents.forget_stale()?;
@@ -152,6 +163,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         tokio::spawn(status::serve_metrics(Arc::clone(&state), metrics)),
         tokio::spawn(policy::watch_config(Arc::clone(&state))),
         tokio::spawn(behaviour::watch(Arc::clone(&state))),
+        tokio::spawn(sweep::sweep(Arc::clone(&state))),
     ];
     let result = wait_for_signals(&state).await;
     for t in &tasks {

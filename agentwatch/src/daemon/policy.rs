@@ -188,6 +188,13 @@ impl State {
             monitor.force_open(Instant::now());
         }
         self.monitors.insert(a.name.clone(), monitor);
+        // Summaries count from here: for a re-adopted agent, what was counted while no daemon
+        // ran is in its metrics, not in a summary.
+        let counters = match how {
+            Guarding::New => Default::default(),
+            Guarding::Adopted => self.agents.counters(&a.name).unwrap_or_default(),
+        };
+        self.swept.start(&a.name, counters);
         tracing::info!(agent = %a.name, cgroup = %path.display(), rules = a.egress.len(), adopted, "agent guarded");
         Ok(Added {
             name: a.name.clone(),

@@ -1,5 +1,5 @@
-//! Kernel events (denied calls, execs) from the ring buffer into the audit trail, and the count
-//! of events the kernel could not queue.
+//! Kernel events (denied calls, execs, refused sockets, escapes) from the ring buffer into the
+//! audit trail, and the count of events the kernel could not queue.
 
 use std::time::Duration;
 
@@ -66,11 +66,56 @@ fn drain(ring: &mut RingBuf<MapData>, state: &Shared) {
                     }),
                 );
             }
+            Event::Socket(e) => {
+                tracing::warn!(pid = e.pid, family = %e.family, sock_type = %e.sock_type, action = e.action, "socket denied");
+                s.audit_event(
+                    e.agent_id,
+                    e.ts_ns,
+                    "socket_denied",
+                    json!({
+                        "pid": e.pid,
+                        "tid": e.tid,
+                        "comm": e.comm,
+                        "family": e.family,
+                        "type": e.sock_type,
+                        "protocol": e.protocol,
+                        "action": e.action,
+                    }),
+                );
+            }
+            Event::Escape(e) => {
+                // The kernel could not signal a process that someone else moved: it dies at
+                // its next socket/connect/send in the kernel; end it now as well.
+                let killed_by_daemon = e.moved_doomed && kill(e.pid);
+                tracing::warn!(pid = e.pid, writer = e.writer, to = %e.to, "cgroup escape");
+                s.audit_event(
+                    e.agent_id,
+                    e.ts_ns,
+                    "cgroup_escape",
+                    json!({
+                        "pid": e.pid,
+                        "writer": e.writer,
+                        "comm": e.comm,
+                        "to": e.to,
+                        "action": if e.moved_killed { "killed" } else if killed_by_daemon { "killed_by_daemon" } else { "doomed" },
+                        "writer_killed": e.writer_killed,
+                    }),
+                );
+            }
             Event::Unknown { kind, len } => {
                 tracing::warn!(kind, len, "unknown event kind from the kernel");
             }
         }
     }
+}
+
+/// SIGKILLs `pid`; false if it is already gone.
+fn kill(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill(2) has no memory preconditions.
+    unsafe { libc::kill(pid, libc::SIGKILL) == 0 }
 }
 
 /// The parent pid of `pid` from /proc (None if it is gone).

@@ -81,6 +81,13 @@ impl State {
                 "baselines": self.monitors.get(name).map(|m| Signal::ALL.iter().map(|s| (s.name().to_owned(), json!(m.baseline(*s).map(round)))).collect::<serde_json::Map<_, _>>()),
                 "anomaly_score": self.monitors.get(name).map(|m| round(m.anomaly_score())),
                 "egress": per_proto,
+                "escape_attempts": {
+                    "raw_socket": c.raw_sockets_denied,
+                    "packet_socket": c.packet_sockets_killed,
+                    "cgroup_escape": c.cgroup_escapes,
+                },
+                "audit_suppressed": c.egress_suppressed + c.sockets_suppressed,
+                "privileged_processes": privileged(cg),
             }));
         }
         rows
@@ -150,4 +157,19 @@ pub(super) async fn serve_metrics(state: Shared, listener: tokio::net::TcpListen
 
 pub(super) fn round(v: f64) -> f64 {
     (v * 100.0).round() / 100.0
+}
+
+/// The agent's processes that hold a capability able to switch agentwatch off or walk around
+/// it: `[{pid, capabilities}]`.
+fn privileged(cg: &Cgroup) -> Value {
+    let pids = cg.all_pids().unwrap_or_default();
+    let held = crate::privileges::dangerous_held_by(&pids).unwrap_or_default();
+    held.into_iter()
+        .map(|(pid, caps)| {
+            json!({
+                "pid": pid,
+                "capabilities": caps.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            })
+        })
+        .collect()
 }

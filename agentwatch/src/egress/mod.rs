@@ -9,10 +9,12 @@ use std::{os::fd::AsFd as _, path::Path};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use agentwatch_common::{AgentLimits, Cap, RuleKeyV4, RuleKeyV6, RuleValue, SCOPE_BITS};
+use agentwatch_common::{
+    AgentLimits, Cap, RuleKeyV4, RuleKeyV6, RuleValue, SCOPE_BITS, SuppressedKey,
+};
 use aya::{
     Ebpf,
-    maps::{Array, LpmTrie, MapData, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 
@@ -36,6 +38,16 @@ pub struct EgressMaps {
     v4: LpmTrie<MapData, RuleKeyV4, RuleValue>,
     v6: LpmTrie<MapData, RuleKeyV6, RuleValue>,
     limits: Array<MapData, AgentLimits>,
+    /// Denials over an agent's event rate, counted per destination (LRU: the busiest stay).
+    suppressed: HashMap<MapData, SuppressedKey, u64>,
+}
+
+/// Denials of one destination that were counted, not written one by one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Suppressed {
+    pub proto: &'static str,
+    pub dest: std::net::SocketAddr,
+    pub count: u64,
 }
 
 /// The hard caps of one agent, per second (None: no cap).
@@ -58,6 +70,7 @@ impl EgressMaps {
             v4: take_map(ebpf, "RULES_V4")?,
             v6: take_map(ebpf, "RULES_V6")?,
             limits: take_map(ebpf, "LIMITS")?,
+            suppressed: take_map(ebpf, "SUPPRESSED")?,
         })
     }
 
@@ -75,6 +88,33 @@ impl EgressMaps {
             events: cap(caps.events_per_second, old.events),
         };
         self.limits.set(id, limits, 0).map_err(map_err("LIMITS"))
+    }
+
+    /// Takes agent `id`'s per-destination counts of suppressed denials out of the kernel
+    /// (they start again from 0), busiest first. The exact total is the agent's
+    /// `egress_suppressed` counter; these name where the denials went, and a count the kernel
+    /// adds between the read and the removal here is not named (the LRU map may also have
+    /// dropped a rare destination under pressure).
+    pub fn take_suppressed(&mut self, id: u32) -> Vec<Suppressed> {
+        let mine: Vec<(SuppressedKey, u64)> = self
+            .suppressed
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.agent == id)
+            .collect();
+        let mut out: Vec<Suppressed> = mine
+            .into_iter()
+            .map(|(k, count)| {
+                let _ = self.suppressed.remove(&k);
+                Suppressed {
+                    proto: crate::events::proto_name(k.proto),
+                    dest: crate::events::dest_addr(k.family, k.addr, k.port),
+                    count,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| b.count.cmp(&a.count).then(a.dest.cmp(&b.dest)));
+        out
     }
 
     /// Removes agent slot `id`'s caps (the next agent in the slot starts uncapped and clean).

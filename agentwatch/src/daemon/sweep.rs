@@ -1,0 +1,141 @@
+//! Once a second: what an agent did beyond its audit rate goes into the trail as summaries, the
+//! kernel learns the cgroups agents made below their own, and processes of an agent that hold a
+//! capability able to switch agentwatch off are audited (once each).
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use agentwatch_common::AgentCounters;
+use anyhow::Result;
+use serde_json::json;
+
+use super::{Shared, State, lock};
+use crate::privileges;
+
+/// How many destinations an `egress_denied_summary` names (the busiest).
+const SUMMARY_DESTS: usize = 10;
+
+/// What the sweeps have accounted for so far.
+#[derive(Default)]
+pub(super) struct Swept {
+    /// Per agent: the counters as of the last sweep (or as of its guarding).
+    counters: BTreeMap<String, AgentCounters>,
+    /// (agent, pid) already audited as holding a dangerous capability.
+    privileged: HashSet<(String, u32)>,
+}
+
+pub(super) async fn sweep(state: Shared) -> Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let state = Arc::clone(&state);
+        tokio::task::spawn_blocking(move || lock(&state).sweep()).await?;
+    }
+}
+
+impl Swept {
+    /// Agent `name` is guarded now, with `counters`: the next sweep summarises from there.
+    pub(super) fn start(&mut self, name: &str, counters: AgentCounters) {
+        self.counters.insert(name.to_owned(), counters);
+    }
+}
+
+impl State {
+    fn sweep(&mut self) {
+        let names: Vec<String> = self.agents.names().map(str::to_owned).collect();
+        for name in &names {
+            self.summarise(name);
+        }
+        if let Err(e) = self.agents.sync_nested() {
+            tracing::error!("updating the nested cgroups of agents: {e}");
+        }
+        for name in &names {
+            self.audit_privileged(name);
+        }
+        // Forget agents that are gone.
+        self.swept.counters.retain(|n, _| names.contains(n));
+        self.swept.privileged.retain(|(n, _)| names.contains(n));
+    }
+
+    /// Writes what the kernel counted instead of reporting it one by one since the last sweep:
+    /// `egress_denied_summary` (count, busiest destinations) and `socket_denied_summary`.
+    fn summarise(&mut self, name: &str) {
+        let Ok(now) = self.agents.counters(name) else {
+            return;
+        };
+        let before = self
+            .swept
+            .counters
+            .insert(name.to_owned(), now)
+            .unwrap_or_default();
+        let egress = now
+            .egress_suppressed
+            .saturating_sub(before.egress_suppressed);
+        let lost = now.events_lost.saturating_sub(before.events_lost);
+        if egress > 0 {
+            let dests = self.agents.take_suppressed(name).unwrap_or_default();
+            let named: Vec<_> = dests
+                .iter()
+                .take(SUMMARY_DESTS)
+                .map(|d| json!({ "proto": d.proto, "dest": d.dest.to_string(), "count": d.count }))
+                .collect();
+            self.audit_agent(
+                name,
+                "egress_denied_summary",
+                json!({
+                    "count": egress,
+                    "dests": named,
+                    "distinct_dests": dests.len(),
+                }),
+            );
+        }
+        let sockets = now
+            .sockets_suppressed
+            .saturating_sub(before.sockets_suppressed);
+        if sockets > 0 {
+            self.audit_agent(name, "socket_denied_summary", json!({ "count": sockets }));
+        }
+        if lost > 0 {
+            tracing::warn!(
+                agent = name,
+                lost,
+                "ring buffer full: events of this agent lost"
+            );
+            self.audit_agent(name, "events_lost", json!({ "count": lost }));
+        }
+    }
+
+    /// Audits, once per process, an agent's processes that hold a capability that could switch
+    /// agentwatch off or walk around it (adopted agents are not hardened by `launch`).
+    fn audit_privileged(&mut self, name: &str) {
+        let Some(pids) = self.agents.cgroup(name).and_then(|cg| cg.all_pids().ok()) else {
+            return;
+        };
+        let Ok(held) = privileges::dangerous_held_by(&pids) else {
+            return;
+        };
+        for (pid, caps) in held {
+            if self.swept.privileged.insert((name.to_owned(), pid)) {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .map(|c| c.trim_end().to_owned())
+                    .unwrap_or_default();
+                let caps: Vec<String> = caps.iter().map(ToString::to_string).collect();
+                tracing::warn!(
+                    agent = name,
+                    pid,
+                    ?caps,
+                    "agent process holds dangerous capabilities"
+                );
+                self.audit_agent(
+                    name,
+                    "privileged_process",
+                    json!({ "pid": pid, "comm": comm, "capabilities": caps }),
+                );
+            }
+        }
+    }
+}
