@@ -494,3 +494,95 @@ fn syscalls_are_counted_per_agent_and_the_hook_is_attached_only_while_needed() {
     assert_eq!(syscalls(), before, "no counting without monitoring");
     let _ = fs::metadata(&cg);
 }
+
+/// Trips `agent`'s breaker with a burst (10/s for 3 s, then 300/s), waits until it is frozen,
+/// and ends the burst. Returns the agent's cgroup.
+fn trip_and_freeze(env: &DaemonEnv, agent: &str, port: u16) -> Cgroup {
+    let cg = Cgroup::open(env.agent_cgroup(agent)).expect("cgroup");
+    let mut child = pace(env, agent, port, "tcp", &["10:3", "300:3"]);
+    wait_until(
+        "the breaker to freeze the agent",
+        Duration::from_secs(10),
+        || cg.frozen().unwrap_or(false),
+    );
+    // A frozen process still dies of SIGKILL; the burst's calls stay in the rate window.
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(env.wait_audit("breaker_tripped", 1).len(), 1);
+    cg
+}
+
+fn trips(env: &DaemonEnv) -> usize {
+    env.audit_lines()
+        .iter()
+        .filter(|l| l["kind"] == "breaker_tripped")
+        .count()
+}
+
+#[test]
+fn approve_relearns_from_now_so_the_approved_rate_goes_on_thawed() {
+    privileged!();
+    let port = accepting();
+    let mut env = DaemonEnv::new();
+    env.write_config(&breaker_agent("vouched", port, "freeze"));
+    env.start();
+    let cg = trip_and_freeze(&env, "vouched", port);
+    let out = env.cli(&["approve", "vouched"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let approved = env.wait_audit("approved", 1);
+    assert_eq!(approved[0]["keep_baseline"], false);
+    // The human vouched for 300/s: it goes on through the new warmup (2 s) and after it.
+    let child = pace(&env, "vouched", port, "tcp", &["300:5"]);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(4500) {
+        assert!(!cg.frozen().expect("events"), "frozen again after approval");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("pace");
+    let summary = json(&out.stdout);
+    assert_eq!(summary["eperm"].as_u64(), Some(0), "{summary}");
+    assert!(
+        summary["ok"].as_u64().is_some_and(|n| n > 1000),
+        "{summary}"
+    );
+    assert_eq!(trips(&env), 1, "tripped again:\n{}", env.log());
+    let baseline = metric(
+        &env,
+        "agentwatch_baseline_per_second{agent=\"vouched\",signal=\"connects\"}",
+    );
+    assert!(baseline > 100.0, "baseline not re-learned: {baseline}");
+}
+
+#[test]
+fn approve_keeping_the_baseline_judges_only_calls_made_after_it() {
+    privileged!();
+    let port = accepting();
+    let mut env = DaemonEnv::new();
+    env.write_config(&breaker_agent("kept", port, "freeze"));
+    env.start();
+    let cg = trip_and_freeze(&env, "kept", port);
+    let out = env.cli(&["approve", "kept", "--keep-baseline"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(env.wait_audit("approved", 1)[0]["keep_baseline"], true);
+    // The burst's calls are still inside the rate window, but they were judged already: with
+    // nothing new, the breaker stays closed.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!cg.frozen().expect("events"));
+    assert_eq!(trips(&env), 1, "tripped on calls made before the approval");
+    assert_eq!(env.status()["kept"]["breaker"], "closed");
+    // The baseline stayed (about 10/s), so a new burst trips at once, without a warmup.
+    let baseline = metric(
+        &env,
+        "agentwatch_baseline_per_second{agent=\"kept\",signal=\"connects\"}",
+    );
+    assert!((5.0..=15.0).contains(&baseline), "baseline {baseline}");
+    let started = Instant::now();
+    let mut child = pace(&env, "kept", port, "tcp", &["300:5"]);
+    wait_until("a second trip", Duration::from_secs(3), || {
+        cg.frozen().unwrap_or(false)
+    });
+    println!("tripped again {:?} into a new burst", started.elapsed());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(env.wait_audit("breaker_tripped", 2).len(), 2);
+}

@@ -515,19 +515,24 @@ fn nothing_the_test_made_remains_afterwards() {
             .expect("guard");
         assert!(connect(&child, "tcp", "127.0.0.1", port).ok);
         let mut link_ids = agents.link_ids("t9");
-        assert_eq!(link_ids.len(), 4, "one link per egress hook");
+        assert_eq!(
+            link_ids.len(),
+            5,
+            "one link per egress hook and one for sock_create"
+        );
         let host = agents.host_link_ids();
         assert_eq!(
             host.len(),
-            2,
-            "exec and fork tracepoints; no sys_enter without monitoring"
+            9,
+            "exec and fork tracepoints, 7 socket/escape tracepoints; no sys_enter without \
+             monitoring"
         );
         link_ids.extend(host);
         let prog_ids = agents.kernel().program_ids();
         assert_eq!(
             prog_ids.len(),
-            7,
-            "4 egress, 2 exec/fork, 1 sys_enter (loaded, not attached)"
+            15,
+            "4 egress, 2 exec/fork, 8 sockets, 1 sys_enter (loaded, not attached)"
         );
         (
             cg.path().to_owned(),

@@ -10,6 +10,7 @@
 mod writer;
 
 use std::{
+    collections::HashSet,
     io,
     path::{Path, PathBuf},
     sync::mpsc,
@@ -74,6 +75,52 @@ impl Audit {
             let _ = done_rx.recv();
         }
     }
+}
+
+/// Identifies the audit line of one kernel record: its CLOCK_MONOTONIC time, kind and pid.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RecordId {
+    pub kernel_ts_ns: u64,
+    pub kind: String,
+    pub pid: u32,
+}
+
+/// How much of the trail's end [`recent_kernel_records`] reads: far more than the one line a
+/// killed daemon can have written without the ring buffer forgetting its record.
+const TAIL: u64 = 64 * 1024;
+
+/// The kernel records among the last lines of the trail at `path` (none for stdout or a
+/// missing file).
+pub fn recent_kernel_records(path: &Path) -> HashSet<RecordId> {
+    use std::io::{Read as _, Seek as _};
+    let mut out = HashSet::new();
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return out;
+    };
+    let len = f.metadata().map_or(0, |m| m.len());
+    let start = len.saturating_sub(TAIL);
+    let mut text = String::new();
+    if f.seek(io::SeekFrom::Start(start)).is_err() || f.read_to_string(&mut text).is_err() {
+        return out;
+    }
+    // The first line may be cut by the seek: only whole lines parse.
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if let (Some(ts), Some(kind), Some(pid)) = (
+            v["kernel_ts_ns"].as_u64(),
+            v["kind"].as_str(),
+            v["pid"].as_u64().and_then(|p| u32::try_from(p).ok()),
+        ) {
+            out.insert(RecordId {
+                kernel_ts_ns: ts,
+                kind: kind.to_owned(),
+                pid,
+            });
+        }
+    }
+    out
 }
 
 /// The audit log path as shown to people.

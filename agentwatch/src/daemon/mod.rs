@@ -92,6 +92,8 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
     refuse_if_running(&socket_path)?;
     let mount = cgroup::cgroup2_mount()?;
     tracing::info!(mount = %mount.display(), "cgroup2 found");
+    // Read before the trail is opened for writing: what it ends with is what was written.
+    let written = audit::recent_kernel_records(&config.daemon.audit_log);
     let rotation = audit::Rotation {
         max_size: config.daemon.audit_max_size.as_u64(),
         keep: config.daemon.audit_keep,
@@ -157,7 +159,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         .as_deref()
         .and_then(protocol::group_id);
     let tasks = [
-        tokio::spawn(reader::read_events(Arc::clone(&state), ring)),
+        tokio::spawn(reader::read_events(Arc::clone(&state), ring, written)),
         tokio::spawn(reader::watch_lost(Arc::clone(&state))),
         tokio::spawn(control::serve(Arc::clone(&state), listener, admin_gid)),
         tokio::spawn(status::serve_metrics(Arc::clone(&state), metrics)),

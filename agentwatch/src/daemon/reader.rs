@@ -1,7 +1,7 @@
 //! Kernel events (denied calls, execs, refused sockets, escapes) from the ring buffer into the
 //! audit trail, and the count of events the kernel could not queue.
 
-use std::time::Duration;
+use std::{collections::HashSet, time::Duration};
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
@@ -9,26 +9,39 @@ use serde_json::{Value, json};
 use tokio::io::unix::AsyncFd;
 
 use super::{Shared, State, lock};
-use crate::events::{self, Event};
+use crate::{
+    audit,
+    events::{self, Event},
+};
 
-pub(super) async fn read_events(state: Shared, ring: RingBuf<MapData>) -> Result<()> {
+/// Reads the ring buffer for as long as the daemon runs. `written` are the records whose lines
+/// the trail already ends with ([`audit::recent_kernel_records`]): a daemon killed after
+/// writing a line but before the ring buffer forgot its record finds that record again, and
+/// skips it.
+pub(super) async fn read_events(
+    state: Shared,
+    ring: RingBuf<MapData>,
+    mut written: HashSet<audit::RecordId>,
+) -> Result<()> {
     // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf, and
     // always reports that same fd.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("polling the event ring buffer: {e}"))?;
     loop {
         // Events that arrived while no daemon ran are in the pinned buffer: drain first.
-        drain(ring.get_mut(), &state);
+        drain(ring.get_mut(), &state, &mut written);
         let mut guard = ring.readable_mut().await?;
-        drain(guard.get_inner_mut(), &state);
+        drain(guard.get_inner_mut(), &state, &mut written);
         guard.clear_ready();
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, state: &Shared) {
+fn drain(ring: &mut RingBuf<MapData>, state: &Shared, written: &mut HashSet<audit::RecordId>) {
     while let Some(item) = ring.next() {
         let event = events::decode(&item);
-        drop(item);
+        if !written.is_empty() && id_of(&event).is_some_and(|id| written.remove(&id)) {
+            continue;
+        }
         let s = lock(state);
         match event {
             Event::Egress(e) => s.audit_event(
@@ -106,7 +119,29 @@ fn drain(ring: &mut RingBuf<MapData>, state: &Shared) {
                 tracing::warn!(kind, len, "unknown event kind from the kernel");
             }
         }
+        // The ring buffer forgets a record when its item is dropped: only once its line is
+        // written, so a daemon killed in between finds the record again when it restarts.
+        // (The kernel's per-agent audit rate bounds how often this waits.)
+        s.audit.sync();
+        drop(s);
+        drop(item);
     }
+}
+
+/// The identity of a record's audit line (see [`State::audit_event`]).
+fn id_of(e: &Event) -> Option<audit::RecordId> {
+    let (ts, kind, pid) = match e {
+        Event::Egress(e) => (e.ts_ns, e.kind, e.pid),
+        Event::Exec(e) => (e.ts_ns, e.kind, e.pid),
+        Event::Socket(e) => (e.ts_ns, "socket_denied", e.pid),
+        Event::Escape(e) => (e.ts_ns, "cgroup_escape", e.pid),
+        Event::Unknown { .. } => return None,
+    };
+    Some(audit::RecordId {
+        kernel_ts_ns: ts,
+        kind: kind.to_owned(),
+        pid,
+    })
 }
 
 /// SIGKILLs `pid`; false if it is already gone.
@@ -149,8 +184,12 @@ pub(super) async fn watch_lost(state: Shared) -> Result<()> {
 
 impl State {
     /// Audits a kernel event of agent `agent_id` at its kernel timestamp.
-    fn audit_event(&self, agent_id: u32, ts_ns: u64, kind: &str, fields: Value) {
+    /// Audits a kernel record. `kernel_ts_ns` (the record's CLOCK_MONOTONIC time) with the
+    /// kind and pid identifies it, so a restarted daemon can tell a record it reads again from
+    /// one it never wrote.
+    fn audit_event(&self, agent_id: u32, ts_ns: u64, kind: &str, mut fields: Value) {
         let agent = self.agents.name_of(agent_id).unwrap_or("");
+        fields["kernel_ts_ns"] = json!(ts_ns);
         self.audit
             .record_at(events::wall_time(ts_ns), agent, kind, fields);
     }

@@ -22,6 +22,16 @@
 //!   nanoseconds per send as `{"ns_per_call":X}`
 //! - `fork-tree CHILDREN GRANDCHILDREN`: fork CHILDREN children that each fork GRANDCHILDREN
 //!   grandchildren; everyone then sleeps until killed
+//! - `socket inet|inet6|packet raw|dgram|stream|packet [PROTO]`: one socket() call (op `socket`)
+//! - `escape DIR ADDR PORT N`: write its own pid into DIR/cgroup.procs (op `move`), then send N
+//!   UDP datagrams to ADDR PORT (op `sendto`): how many calls an escaped process gets
+//! - `move PID DIR`: write PID into DIR/cgroup.procs (op `move`)
+//! - `sendmmsg ADDR PORT N`: one sendmmsg() of N UDP datagrams (op `sendmmsg`, `sent` = N sent)
+//! - `fastopen ADDR PORT`: TCP sendto() with MSG_FASTOPEN (op `fastopen`)
+//! - `uring-connect ADDR PORT`: a TCP connect submitted through io_uring (IORING_OP_CONNECT),
+//!   reported as op `uring-connect` (errno 38 ENOSYS: the kernel has no io_uring)
+//! - `unshare-net-connect ADDR PORT`: enter a new network namespace, then UDP-connect (op
+//!   `connect`; op `unshare` first)
 
 use std::{
     io::Write as _,
@@ -91,6 +101,93 @@ fn main() -> ExitCode {
                 return usage("bad ADDR PORT");
             };
             alternate(good, bad, stop)
+        }
+        ["socket", family, kind, rest @ ..] => {
+            let family = match *family {
+                "inet" => libc::AF_INET,
+                "inet6" => libc::AF_INET6,
+                "packet" => libc::AF_PACKET,
+                _ => return usage("family must be inet, inet6 or packet"),
+            };
+            let kind = match *kind {
+                "raw" => libc::SOCK_RAW,
+                "dgram" => libc::SOCK_DGRAM,
+                "stream" => libc::SOCK_STREAM,
+                // Obsolete, and rewritten by the kernel into a packet socket: an escape route.
+                #[allow(deprecated, reason = "the attack this probe makes")]
+                "packet" => libc::SOCK_PACKET,
+                _ => return usage("type must be raw, dgram, stream or packet"),
+            };
+            let proto = rest.first().and_then(|p| p.parse().ok()).unwrap_or(0);
+            // SAFETY: socket(2) with plain integer arguments.
+            let fd = unsafe { libc::socket(family, kind, proto) };
+            let r = if fd < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                // SAFETY: closing the descriptor just opened.
+                unsafe { libc::close(fd) };
+                Ok(())
+            };
+            report("socket", "-", &unspecified(), r);
+            ExitCode::SUCCESS
+        }
+        ["escape", dir, addr, port, n] => {
+            let (Some(dest), Ok(n)) = (dest(addr, port), n.parse::<u32>()) else {
+                return usage("bad ADDR PORT N");
+            };
+            let r = std::fs::write(format!("{dir}/cgroup.procs"), "0");
+            report("move", "-", &unspecified(), r);
+            let Ok(socket) = udp_socket(&dest) else {
+                return ExitCode::from(101);
+            };
+            for _ in 0..n {
+                report(
+                    "sendto",
+                    "udp",
+                    &dest,
+                    socket.send_to(b"escaped", dest).map(drop),
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        ["move", pid, dir] => {
+            let r = std::fs::write(format!("{dir}/cgroup.procs"), pid);
+            report("move", "-", &unspecified(), r);
+            ExitCode::SUCCESS
+        }
+        ["sendmmsg", addr, port, n] => {
+            let (Some(dest), Ok(n)) = (dest(addr, port), n.parse::<usize>()) else {
+                return usage("bad ADDR PORT N");
+            };
+            sendmmsg(dest, n)
+        }
+        ["fastopen", addr, port] => {
+            let Some(dest) = dest(addr, port) else {
+                return usage("bad ADDR PORT");
+            };
+            fastopen(dest)
+        }
+        ["unshare-net-connect", addr, port] => {
+            let Some(dest) = dest(addr, port) else {
+                return usage("bad ADDR PORT");
+            };
+            // SAFETY: unshare(2) with a flag; affects only this process.
+            let r = if unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            };
+            report("unshare", "-", &unspecified(), r);
+            let r = udp_socket(&dest).and_then(|s| s.connect(dest));
+            report("connect", "udp", &dest, r);
+            ExitCode::SUCCESS
+        }
+        ["uring-connect", addr, port] => {
+            let Some(dest) = dest(addr, port) else {
+                return usage("bad ADDR PORT");
+            };
+            report("uring-connect", "tcp", &dest, uring_connect(dest));
+            ExitCode::SUCCESS
         }
         ["fork-tree", children, grandchildren] => {
             let (Ok(c), Ok(g)) = (children.parse::<u32>(), grandchildren.parse::<u32>()) else {
@@ -184,6 +281,155 @@ fn main() -> ExitCode {
         }
         _ => usage("unknown command"),
     }
+}
+
+/// The "destination" of an attempt that has none (socket, move).
+fn unspecified() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+
+/// One sendmmsg() of `n` datagrams to `dest`; reports how many the kernel sent.
+fn sendmmsg(dest: SocketAddr, n: usize) -> ExitCode {
+    use std::os::fd::AsRawFd as _;
+    let Ok(socket) = udp_socket(&dest) else {
+        return ExitCode::from(101);
+    };
+    let SocketAddr::V4(v4) = dest else {
+        return usage("sendmmsg takes an IPv4 destination");
+    };
+    // SAFETY: a zeroed sockaddr_in is valid; the fields are set below.
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sa.sin_family = libc::AF_INET as libc::sa_family_t;
+    sa.sin_port = v4.port().to_be();
+    sa.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+    let mut payload = *b"aw-probe";
+    let mut iov = libc::iovec {
+        iov_base: payload.as_mut_ptr().cast(),
+        iov_len: payload.len(),
+    };
+    let mut msgs: Vec<libc::mmsghdr> = (0..n)
+        .map(|_| {
+            // SAFETY: a zeroed mmsghdr is valid; name and iov point at live locals below.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_name = (&raw mut sa).cast();
+            m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as u32;
+            m.msg_hdr.msg_iov = &raw mut iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect();
+    // SAFETY: msgs holds n valid headers whose pointers outlive the call.
+    let sent = unsafe {
+        libc::sendmmsg(
+            socket.as_raw_fd(),
+            msgs.as_mut_ptr(),
+            u32::try_from(n).unwrap_or(u32::MAX),
+            0,
+        )
+    };
+    let r = if sent < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    };
+    let errno = r
+        .as_ref()
+        .err()
+        .and_then(std::io::Error::raw_os_error)
+        .unwrap_or(0);
+    println!(
+        "{}",
+        serde_json::json!({"op": "sendmmsg", "proto": "udp", "dest": dest.to_string(), "ok": r.is_ok(), "errno": errno, "sent": sent, "pid": std::process::id(), "ppid": 0})
+    );
+    ExitCode::SUCCESS
+}
+
+/// A TCP connect through io_uring: no connect() syscall on the way.
+fn uring_connect(dest: SocketAddr) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let mut ring = io_uring::IoUring::new(4)?;
+    let family = if dest.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    };
+    // SAFETY: socket(2) with plain integer arguments.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just opened and is owned here.
+    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let SocketAddr::V4(v4) = dest else {
+        return Err(std::io::Error::other(
+            "uring-connect takes an IPv4 destination",
+        ));
+    };
+    // SAFETY: a zeroed sockaddr_in is valid; the fields are set below.
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sa.sin_family = libc::AF_INET as libc::sa_family_t;
+    sa.sin_port = v4.port().to_be();
+    sa.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+    let op = io_uring::opcode::Connect::new(
+        io_uring::types::Fd(socket.as_raw_fd()),
+        (&raw const sa).cast(),
+        size_of::<libc::sockaddr_in>() as u32,
+    )
+    .build();
+    // SAFETY: sa and the socket outlive the submission, which is waited for below.
+    unsafe { ring.submission().push(&op) }.map_err(std::io::Error::other)?;
+    ring.submit_and_wait(1)?;
+    let cqe = ring
+        .completion()
+        .next()
+        .ok_or_else(|| std::io::Error::other("no completion"))?;
+    if cqe.result() < 0 {
+        return Err(std::io::Error::from_raw_os_error(-cqe.result()));
+    }
+    Ok(())
+}
+
+/// A TCP sendto() with MSG_FASTOPEN: connect and data in one call, without connect().
+fn fastopen(dest: SocketAddr) -> ExitCode {
+    let family = if dest.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    };
+    // SAFETY: socket(2) with plain integer arguments.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM, 0) };
+    if fd < 0 {
+        return ExitCode::from(101);
+    }
+    let SocketAddr::V4(v4) = dest else {
+        return usage("fastopen takes an IPv4 destination");
+    };
+    // SAFETY: a zeroed sockaddr_in is valid; the fields are set below.
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sa.sin_family = libc::AF_INET as libc::sa_family_t;
+    sa.sin_port = v4.port().to_be();
+    sa.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+    let data = b"aw-probe";
+    // SAFETY: data and sa are live locals of the sizes given.
+    let ret = unsafe {
+        libc::sendto(
+            fd,
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_FASTOPEN,
+            (&raw const sa).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    let r = if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    };
+    // SAFETY: closing the descriptor opened above.
+    unsafe { libc::close(fd) };
+    report("fastopen", "tcp", &dest, r);
+    ExitCode::SUCCESS
 }
 
 fn usage(why: &str) -> ExitCode {

@@ -1,0 +1,351 @@
+//! An agent that tries to get out: raw sockets, packet sockets, leaving its cgroup (itself, by
+//! another of its processes, into another agent). Each attempt is made as the strongest agent
+//! there is: a root process with every capability (an adopted agent's, or one not launched
+//! through `agentwatch launch`), which joins the agent's cgroup the way launch does. Every
+//! outcome is exact: this errno, this signal, this counter, this audit line.
+
+use std::{
+    net::UdpSocket,
+    os::unix::process::ExitStatusExt as _,
+    path::Path,
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use agentwatch_tests::{DaemonEnv, EPERM, TestCgroup, parse_attempts, privileged, probe_bin};
+
+/// aw-probe moved into `cgroup` running `args`, to completion, whatever its exit.
+fn probe_in(cgroup: &Path, args: &[&str]) -> Output {
+    Command::new(probe_bin())
+        .arg("--cgroup")
+        .arg(cgroup)
+        .args(args)
+        .output()
+        .expect("running aw-probe")
+}
+
+fn udp_sink() -> (UdpSocket, u16) {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    s.set_nonblocking(true).expect("nonblocking");
+    let port = s.local_addr().expect("addr").port();
+    (s, port)
+}
+
+/// How many datagrams are waiting on `s`.
+fn drain(s: &UdpSocket) -> usize {
+    let mut buf = [0u8; 64];
+    let mut n = 0;
+    while s.recv(&mut buf).is_ok() {
+        n += 1;
+    }
+    n
+}
+
+fn one_agent(name: &str, port: u16) -> String {
+    format!("[[agents]]\nname = \"{name}\"\negress = [\"udp 127.0.0.1 {port}\"]\n")
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn of_kind(env: &DaemonEnv, kind: &str, n: usize) -> Vec<serde_json::Value> {
+    let lines = env.wait_audit(kind, n);
+    assert_eq!(lines.len(), n, "{kind} lines: {lines:#?}");
+    lines
+}
+
+#[test]
+fn raw_sockets_are_refused_in_the_kernel_counted_and_audited() {
+    privileged!();
+    let (_sink, port) = udp_sink();
+    let mut env = DaemonEnv::new();
+    env.write_config(&one_agent("raw", port));
+    env.start();
+    let cg = env.agent_cgroup("raw");
+    // Control: the same root process outside the agent may open a raw socket.
+    let outside = TestCgroup::new();
+    let ok = parse_attempts(&probe_in(outside.path(), &["socket", "inet", "raw", "1"]).stdout);
+    assert_eq!((ok.len(), ok[0].ok), (1, true), "{ok:?}");
+
+    let mut pids = Vec::new();
+    for args in [
+        ["socket", "inet", "raw", "1"],
+        ["socket", "inet6", "raw", "58"],
+    ] {
+        let a = parse_attempts(&probe_in(&cg, &args).stdout);
+        assert_eq!(a.len(), 1, "{a:?}");
+        assert_eq!((a[0].ok, a[0].errno), (false, EPERM), "{args:?}");
+        pids.push(a[0].pid);
+    }
+    // Ordinary sockets are untouched.
+    let a = parse_attempts(&probe_in(&cg, &["socket", "inet", "dgram"]).stdout);
+    assert!(a[0].ok, "{a:?}");
+
+    let lines = of_kind(&env, "socket_denied", 2);
+    for (line, (family, pid)) in lines
+        .iter()
+        .zip([("AF_INET", pids[0]), ("AF_INET6", pids[1])])
+    {
+        assert_eq!(line["agent"], "raw");
+        assert_eq!(line["family"], family);
+        assert_eq!(line["type"], "SOCK_RAW");
+        assert_eq!(line["action"], "refused");
+        assert_eq!(line["pid"], pid);
+        assert_eq!(line["comm"], "aw-probe");
+    }
+    let s = env.status();
+    assert_eq!(s["raw"]["escape_attempts"]["raw_socket"], 2);
+    assert_eq!(
+        env.metric("agentwatch_escape_attempts_total{agent=\"raw\",kind=\"raw_socket\"}"),
+        Some(2.0)
+    );
+}
+
+#[test]
+fn a_packet_socket_costs_the_process_its_life() {
+    privileged!();
+    let (_sink, port) = udp_sink();
+    let mut env = DaemonEnv::new();
+    env.write_config(&one_agent("pkt", port));
+    env.start();
+    let cg = env.agent_cgroup("pkt");
+    // Control: outside the agent the same process gets its packet socket.
+    let outside = TestCgroup::new();
+    let ok = parse_attempts(&probe_in(outside.path(), &["socket", "packet", "raw"]).stdout);
+    assert_eq!((ok.len(), ok[0].ok), (1, true), "{ok:?}");
+
+    // AF_PACKET, and AF_INET + SOCK_PACKET, which the kernel turns into a packet socket.
+    for args in [["socket", "packet", "raw"], ["socket", "inet", "packet"]] {
+        let out = probe_in(&cg, &args);
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGKILL),
+            "{args:?}: {out:?}"
+        );
+        assert!(
+            parse_attempts(&out.stdout).is_empty(),
+            "{args:?}: socket() returned to the process"
+        );
+    }
+    let lines = of_kind(&env, "socket_denied", 2);
+    assert_eq!(
+        lines
+            .iter()
+            .map(|l| (
+                l["family"].as_str(),
+                l["type"].as_str(),
+                l["action"].as_str()
+            ))
+            .collect::<Vec<_>>(),
+        vec![
+            (Some("AF_PACKET"), Some("SOCK_RAW"), Some("killed")),
+            (Some("AF_INET"), Some("SOCK_PACKET"), Some("killed")),
+        ]
+    );
+    assert_eq!(env.status()["pkt"]["escape_attempts"]["packet_socket"], 2);
+    assert_eq!(
+        env.metric("agentwatch_escape_attempts_total{agent=\"pkt\",kind=\"packet_socket\"}"),
+        Some(2.0)
+    );
+}
+
+#[test]
+fn a_process_that_moves_itself_out_dies_before_its_first_call() {
+    privileged!();
+    let (sink, port) = udp_sink();
+    let mut env = DaemonEnv::new();
+    env.write_config(&one_agent("mover", port));
+    env.start();
+    let cg = env.agent_cgroup("mover");
+    let outside = TestCgroup::new();
+    // Allowed destination: inside the agent these datagrams pass. After the move, none may.
+    let a = parse_attempts(&probe_in(&cg, &["sendto", "127.0.0.1", &port.to_string(), "3"]).stdout);
+    assert!(a.iter().all(|a| a.ok), "{a:?}");
+    assert_eq!(drain(&sink), 3);
+
+    let out = probe_in(
+        &cg,
+        &[
+            "escape",
+            outside.path().to_str().expect("utf8"),
+            "127.0.0.1",
+            &port.to_string(),
+            "100",
+        ],
+    );
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{out:?}");
+    let after = parse_attempts(&out.stdout);
+    // The window: the write of its pid never returned, so it made no call at all.
+    println!("calls made after leaving the cgroup: {}", after.len());
+    assert!(after.is_empty(), "{after:?}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(drain(&sink), 0, "a datagram left after the escape");
+    let line = &of_kind(&env, "cgroup_escape", 1)[0];
+    assert_eq!(line["agent"], "mover");
+    assert_eq!(line["action"], "killed");
+    assert_eq!(line["pid"], line["writer"]);
+    let to = line["to"].as_str().expect("to");
+    assert!(
+        outside.path().ends_with(to.trim_start_matches('/')),
+        "{to} vs {}",
+        outside.path().display()
+    );
+    assert_eq!(env.status()["mover"]["escape_attempts"]["cgroup_escape"], 1);
+    assert_eq!(
+        std::fs::read_to_string(outside.path().join("cgroup.procs")).expect("procs"),
+        ""
+    );
+}
+
+#[test]
+fn an_agent_process_moving_another_out_dies_and_so_does_the_moved_one() {
+    privileged!();
+    let (_sink, port) = udp_sink();
+    let mut env = DaemonEnv::new();
+    env.write_config(&one_agent("pair", port));
+    env.start();
+    let cg = env.agent_cgroup("pair");
+    let outside = TestCgroup::new();
+    // The victim sleeps (it makes no syscall that could kill it in the kernel): the daemon
+    // has to end it.
+    let mut victim = Command::new(probe_bin())
+        .arg("--cgroup")
+        .arg(&cg)
+        .args(["fork-tree", "0", "0"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("victim");
+    let victim_pid = victim.id();
+    wait_until("the victim in the agent", Duration::from_secs(5), || {
+        std::fs::read_to_string(cg.join("cgroup.procs"))
+            .is_ok_and(|p| p.lines().any(|l| l == victim_pid.to_string()))
+    });
+    let out = probe_in(
+        &cg,
+        &[
+            "move",
+            &victim_pid.to_string(),
+            outside.path().to_str().expect("utf8"),
+        ],
+    );
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGKILL),
+        "the mover: {out:?}"
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = victim.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the moved process lives on"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    println!(
+        "moved process dead {:?} after the move returned",
+        start.elapsed()
+    );
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    let line = &of_kind(&env, "cgroup_escape", 1)[0];
+    assert_eq!(line["pid"], victim_pid);
+    assert_ne!(line["writer"], victim_pid);
+    assert_eq!(line["writer_killed"], true);
+    assert_eq!(line["action"], "killed_by_daemon");
+}
+
+#[test]
+fn moving_into_another_agent_is_an_escape_and_nesting_inside_ones_own_is_not() {
+    privileged!();
+    let (sink, port) = udp_sink();
+    let mut env = DaemonEnv::new();
+    env.write_config(&format!(
+        "{}{}",
+        one_agent("left", port),
+        one_agent("right", port)
+    ));
+    env.start();
+    let left = env.agent_cgroup("left");
+    let right = env.agent_cgroup("right");
+
+    // Into another agent: killed, audited against the agent it left.
+    let out = probe_in(
+        &left,
+        &[
+            "escape",
+            right.to_str().expect("utf8"),
+            "127.0.0.1",
+            &port.to_string(),
+            "5",
+        ],
+    );
+    assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{out:?}");
+    assert!(parse_attempts(&out.stdout).is_empty());
+    let line = &of_kind(&env, "cgroup_escape", 1)[0];
+    assert_eq!(line["agent"], "left");
+    assert!(right.ends_with(line["to"].as_str().expect("to").trim_start_matches('/')));
+
+    // A cgroup of its own below the agent's: moving there itself is allowed ...
+    let nested = left.join("worker");
+    std::fs::create_dir(&nested).expect("mkdir nested");
+    let out = probe_in(
+        &left,
+        &[
+            "escape",
+            nested.to_str().expect("utf8"),
+            "127.0.0.1",
+            &port.to_string(),
+            "3",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let a = parse_attempts(&out.stdout);
+    assert_eq!(a.len(), 4, "{a:?}");
+    assert!(a.iter().all(|a| a.ok), "{a:?}");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(drain(&sink), 3);
+
+    // ... and so is moving another of its processes there, once the daemon has seen the
+    // nested cgroup (it sweeps once a second).
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut sleeper = Command::new(probe_bin())
+        .arg("--cgroup")
+        .arg(&left)
+        .args(["fork-tree", "0", "0"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("sleeper");
+    let pid = sleeper.id();
+    wait_until("the sleeper in the agent", Duration::from_secs(5), || {
+        std::fs::read_to_string(left.join("cgroup.procs"))
+            .is_ok_and(|p| p.lines().any(|l| l == pid.to_string()))
+    });
+    let out = probe_in(
+        &left,
+        &["move", &pid.to_string(), nested.to_str().expect("utf8")],
+    );
+    assert!(out.status.success(), "the mover: {out:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        sleeper.try_wait().expect("wait").is_none(),
+        "the sleeper died"
+    );
+    assert_eq!(
+        env.wait_audit("cgroup_escape", 2).len(),
+        1,
+        "one escape only"
+    );
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    wait_until("the nested cgroup to empty", Duration::from_secs(5), || {
+        std::fs::read_to_string(nested.join("cgroup.procs")).is_ok_and(|p| p.is_empty())
+    });
+    std::fs::remove_dir(&nested).expect("rmdir nested");
+}

@@ -1,0 +1,143 @@
+//! A misbehaving agent must not starve the daemon nor fill the disk, and nothing it did may go
+//! unrecorded: denials are rate-limited per agent in the kernel, the rest counted and written
+//! as one summary a second, and the trail rotates.
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use agentwatch_tests::{DaemonEnv, privileged, probe_bin};
+
+/// CPU time (user + system) of process `pid`, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let (_, rest) = stat.rsplit_once(") ").expect("stat format");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime), counted from the state field (3rd) here.
+    let ticks: u64 = f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks as f64 / hz
+}
+
+#[test]
+fn an_eight_second_flood_leaves_a_small_trail_a_calm_daemon_and_every_denial_counted() {
+    privileged!();
+    let mut env = DaemonEnv::new();
+    // Nothing allowed: every datagram is denied. Rotation small enough to happen in the test.
+    env.write_config(
+        "[[agents]]\nname = \"flood\"\negress = []\n"
+            .replace(
+                "[[agents]]",
+                "audit_max_size = \"4MiB\"\naudit_keep = 2\n\n[[agents]]",
+            )
+            .as_str(),
+    );
+    env.start();
+    let daemon = env.pid().expect("daemon pid");
+    let cg = env.agent_cgroup("flood");
+    let cpu_before = cpu_seconds(daemon);
+    let started = Instant::now();
+    // Two destinations, so the summary has something to rank.
+    let mut floods: Vec<_> = ["9", "10"]
+        .iter()
+        .map(|port| {
+            Command::new(probe_bin())
+                .arg("--cgroup")
+                .arg(&cg)
+                .args(["sendto", "127.0.0.1", port, "100000000"])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("flood")
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(8));
+    for f in &mut floods {
+        let _ = f.kill();
+        let _ = f.wait();
+    }
+    let flood_secs = started.elapsed().as_secs_f64();
+    // The last second's summary is written by the next sweep.
+    std::thread::sleep(Duration::from_millis(2500));
+    let cpu = (cpu_seconds(daemon) - cpu_before) / (flood_secs + 2.5);
+
+    let s = &env.status()["flood"];
+    let denied = s["denied"].as_u64().expect("denied");
+    let capped = s["capped"].as_u64().expect("capped");
+    let mut lines = Vec::new();
+    for f in [
+        env.audit.clone(),
+        agentwatch::audit::rotated(&env.audit, 1),
+        agentwatch::audit::rotated(&env.audit, 2),
+    ] {
+        if let Ok(text) = std::fs::read_to_string(&f) {
+            lines.extend(
+                text.lines()
+                    .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json")),
+            );
+        }
+    }
+    let trail_bytes: u64 = [0, 1, 2]
+        .iter()
+        .map(|&n| {
+            let p = if n == 0 {
+                env.audit.clone()
+            } else {
+                agentwatch::audit::rotated(&env.audit, n)
+            };
+            std::fs::metadata(p).map_or(0, |m| m.len())
+        })
+        .sum();
+    let one_by_one = lines
+        .iter()
+        .filter(|l| l["kind"] == "egress_denied" || l["kind"] == "egress_capped")
+        .count() as u64;
+    let summaries: Vec<_> = lines
+        .iter()
+        .filter(|l| l["kind"] == "egress_denied_summary")
+        .collect();
+    let summarised: u64 = summaries
+        .iter()
+        .map(|l| l["count"].as_u64().expect("count"))
+        .sum();
+    let lost: u64 = lines
+        .iter()
+        .filter(|l| l["kind"] == "events_lost")
+        .map(|l| l["count"].as_u64().unwrap_or(0))
+        .sum();
+    println!(
+        "flood: {denied} denials in {flood_secs:.1} s; {one_by_one} written one by one, \
+         {summarised} in {} summaries, {lost} lost; trail {:.2} MB; daemon {:.1}% of a CPU",
+        summaries.len(),
+        trail_bytes as f64 / 1e6,
+        cpu * 100.0
+    );
+    assert!(
+        denied > 100_000,
+        "the flood was too weak to test anything: {denied}"
+    );
+    assert_eq!(lost, 0);
+    assert_eq!(
+        one_by_one + summarised,
+        denied + capped,
+        "every denial is a line of its own or counted in a summary"
+    );
+    assert!(trail_bytes < 20_000_000, "trail {trail_bytes} bytes");
+    assert!(cpu < 0.30, "daemon used {:.1}% of a CPU", cpu * 100.0);
+    // The summaries name the destinations, busiest first.
+    let dests: Vec<&str> = summaries[0]["dests"]
+        .as_array()
+        .expect("dests")
+        .iter()
+        .map(|d| d["dest"].as_str().expect("dest"))
+        .collect();
+    assert!(
+        dests.contains(&"127.0.0.1:9") && dests.contains(&"127.0.0.1:10"),
+        "{dests:?}"
+    );
+    assert_eq!(
+        env.metric("agentwatch_audit_suppressed_total{agent=\"flood\"}"),
+        Some(summarised as f64)
+    );
+}
