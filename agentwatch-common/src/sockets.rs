@@ -31,8 +31,8 @@ pub const ESCAPE_PATH_MAX: usize = 128;
 pub const ESCAPE_FLAG_MOVED_KILLED: u32 = 1 << 0;
 /// The writer (the task that wrote cgroup.procs) was an agent task and was killed.
 pub const ESCAPE_FLAG_WRITER_KILLED: u32 = 1 << 1;
-/// The moved process could not be signalled from the hook: it is in `DOOMED` and is killed at
-/// its next socket/connect/send syscall (and by the daemon when it reads this event).
+/// The moved process could not be signalled from the hook: it is in `DOOMED`, killed by the
+/// daemon when it reads this event, and by the kernel at its next socket() call.
 pub const ESCAPE_FLAG_MOVED_DOOMED: u32 = 1 << 2;
 
 /// An agent's process moved out of its agent's cgroup subtree, or into another agent's

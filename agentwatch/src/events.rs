@@ -90,8 +90,8 @@ pub struct EscapeRecord {
     pub moved_killed: bool,
     /// The writer, an agent process, was killed in the kernel.
     pub writer_killed: bool,
-    /// The moved process could not be signalled from the hook: the kernel kills it at its next
-    /// socket, connect or send, and the daemon kills it when it reads this.
+    /// The moved process could not be signalled from the hook: the daemon kills it when it
+    /// reads this, the kernel at its next socket() call.
     pub moved_doomed: bool,
     pub ts_ns: u64,
 }

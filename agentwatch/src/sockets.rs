@@ -6,7 +6,8 @@
 //!   `sys_enter_socket` tracepoint;
 //! - a process that leaves its agent's cgroup subtree (or is moved into another agent) is killed
 //!   from the `cgroup_attach_task` tracepoint, or, when the hook cannot signal it (someone else
-//!   moved it), at its next socket/connect/send syscall and by the daemon.
+//!   moved it), by the daemon as soon as it reads the event (and by the kernel at its next
+//!   socket() call).
 //!
 //! The escape check needs to know which agent a process came from: the kernel tracks forks and
 //! moves in `TASKS`, the daemon seeds it with the processes an agent already has when it is
@@ -34,15 +35,13 @@ use crate::{
 pub const CGROUP_PROGRAM: &str = "sockets_create";
 
 /// The host-wide tracepoints: (name in the object, category, tracepoint). They act only on
-/// agents' tasks (and on doomed processes); for anyone else they return at once.
-pub const HOST_PROGRAMS: [(&str, &str, &str); 7] = [
+/// agents' tasks (and on doomed processes); for anyone else they return at once. A syscall
+/// tracepoint still costs every process on the host: the kernel sends every syscall of every
+/// task down its slow path while one is attached (see README, "Security model").
+pub const HOST_PROGRAMS: [(&str, &str, &str); 3] = [
     ("sockets_sys_enter_socket", "syscalls", "sys_enter_socket"),
     ("sockets_cgroup_attach_task", "cgroup", "cgroup_attach_task"),
     ("sockets_sched_process_exit", "sched", "sched_process_exit"),
-    ("sockets_doomed_connect", "syscalls", "sys_enter_connect"),
-    ("sockets_doomed_sendto", "syscalls", "sys_enter_sendto"),
-    ("sockets_doomed_sendmsg", "syscalls", "sys_enter_sendmsg"),
-    ("sockets_doomed_sendmmsg", "syscalls", "sys_enter_sendmmsg"),
 ];
 
 /// The maps the escape check keeps: which agent each process belongs to, and which cgroups are

@@ -148,3 +148,72 @@ fn egress_cost_per_udp_send() {
         m / b
     );
 }
+
+#[test]
+#[ignore = "benchmark: run with `cargo xtask bench`"]
+fn host_cost_of_the_socket_and_escape_tracepoints() {
+    privileged!();
+    // The escape guards' tracepoints are host-wide: every process pays them, agent or not
+    // (sys_enter_socket runs on every socket(), and while it is attached the kernel takes its
+    // slow path for every syscall of every task). Measured from a process outside every agent,
+    // with agentwatch loaded (one agent guarded) and not, interleaved.
+    let rx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let port = rx.local_addr().expect("addr").port().to_string();
+    let outside = TestCgroup::new();
+    let agent = TestCgroup::new();
+    let measure = |args: &[&str]| -> f64 {
+        let o = Command::new(probe_bin())
+            .arg("--cgroup")
+            .arg(outside.path())
+            .args(args)
+            .output()
+            .expect("probe");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+        v["ns_per_call"].as_f64().expect("ns")
+    };
+    let socket = ["time-socket", "200000"];
+    let sendto = ["time-sendto", "127.0.0.1", &port, "200000"];
+    let getppid = ["time-getppid", "2000000"];
+    let (mut s0, mut s1, mut u0, mut u1) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut g0, mut g1) = (Vec::new(), Vec::new());
+    for _ in 0..7 {
+        s0.push(measure(&socket));
+        u0.push(measure(&sendto));
+        g0.push(measure(&getppid));
+        let mut agents = Agents::load().expect("load");
+        agents
+            .guard(
+                "one",
+                agent.cgroup().clone(),
+                compile(&["udp 127.0.0.1 9".parse::<Rule>().expect("rule")]).expect("compile"),
+            )
+            .expect("guard");
+        s1.push(measure(&socket));
+        u1.push(measure(&sendto));
+        g1.push(measure(&getppid));
+        drop(agents);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (s0, s1, u0, u1) = (
+        median(&mut s0),
+        median(&mut s1),
+        median(&mut u0),
+        median(&mut u1),
+    );
+    let (g0, g1) = (median(&mut g0), median(&mut g1));
+    println!(
+        "host-wide tracepoints, process outside every agent (median of 7 interleaved runs): \
+         socket()+close() {s0:.0} ns bare, {s1:.0} ns with agentwatch (+{:.0} ns, x{:.2}); \
+         UDP sendto {u0:.0} ns bare, {u1:.0} ns with agentwatch (+{:.0} ns, x{:.2}); \
+         getppid() {g0:.0} ns bare, {g1:.0} ns with agentwatch (+{:.0} ns, x{:.2})",
+        s1 - s0,
+        s1 / s0,
+        u1 - u0,
+        u1 / u0,
+        g1 - g0,
+        g1 / g0
+    );
+}

@@ -205,26 +205,32 @@ fn a_process_that_moves_itself_out_dies_before_its_first_call() {
 #[test]
 fn an_agent_process_moving_another_out_dies_and_so_does_the_moved_one() {
     privileged!();
-    let (_sink, port) = udp_sink();
+    let (_allowed, port) = udp_sink();
+    // The victim sends, in a loop, to a port its agent denies: inside the agent every send gets
+    // EPERM, so each datagram that arrives was sent after it left (the window).
+    let (window, denied_port) = udp_sink();
     let mut env = DaemonEnv::new();
     env.write_config(&one_agent("pair", port));
     env.start();
     let cg = env.agent_cgroup("pair");
     let outside = TestCgroup::new();
-    // The victim sleeps (it makes no syscall that could kill it in the kernel): the daemon
-    // has to end it.
     let mut victim = Command::new(probe_bin())
         .arg("--cgroup")
         .arg(&cg)
-        .args(["fork-tree", "0", "0"])
+        .args([
+            "sendto",
+            "127.0.0.1",
+            &denied_port.to_string(),
+            "1000000000",
+        ])
         .stdout(Stdio::null())
         .spawn()
         .expect("victim");
     let victim_pid = victim.id();
-    wait_until("the victim in the agent", Duration::from_secs(5), || {
-        std::fs::read_to_string(cg.join("cgroup.procs"))
-            .is_ok_and(|p| p.lines().any(|l| l == victim_pid.to_string()))
+    wait_until("the victim's denials", Duration::from_secs(5), || {
+        env.status()["pair"]["denied"].as_u64().unwrap_or(0) > 100
     });
+    assert_eq!(drain(&window), 0, "a denied datagram arrived");
     let out = probe_in(
         &cg,
         &[
@@ -247,14 +253,23 @@ fn an_agent_process_moving_another_out_dies_and_so_does_the_moved_one() {
             start.elapsed() < Duration::from_secs(5),
             "the moved process lives on"
         );
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(1));
     };
-    println!(
-        "moved process dead {:?} after the move returned",
-        start.elapsed()
-    );
+    let dead_ns = agentwatch_tests::monotonic_ns();
     assert_eq!(status.signal(), Some(libc::SIGKILL));
+    std::thread::sleep(Duration::from_millis(100));
+    let escaped = drain(&window);
+    // The daemon kills it as soon as it reads the escape: a few milliseconds of sends at most
+    // (about 3 us each), never seconds.
+    assert!(escaped < 5_000, "{escaped} datagrams escaped");
     let line = &of_kind(&env, "cgroup_escape", 1)[0];
+    let moved_ns = line["kernel_ts_ns"].as_u64().expect("kernel_ts_ns");
+    // Its old sockets stay judged by the agent's hooks (a socket belongs to the cgroup it was
+    // made in) and deny it as a task of no agent; a new socket() would kill it in the kernel.
+    println!(
+        "moved process dead {:.1} ms after the move; {escaped} datagrams left unguarded",
+        (dead_ns.saturating_sub(moved_ns)) as f64 / 1e6
+    );
     assert_eq!(line["pid"], victim_pid);
     assert_ne!(line["writer"], victim_pid);
     assert_eq!(line["writer_killed"], true);

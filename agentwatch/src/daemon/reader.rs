@@ -39,6 +39,12 @@ pub(super) async fn read_events(
 fn drain(ring: &mut RingBuf<MapData>, state: &Shared, written: &mut HashSet<audit::RecordId>) {
     while let Some(item) = ring.next() {
         let event = events::decode(&item);
+        // A process someone else moved out of its agent runs unguarded until it dies: end it
+        // before anything else, not even waiting for the state lock.
+        let killed_by_daemon = match &event {
+            Event::Escape(e) if e.moved_doomed => kill(e.pid),
+            _ => false,
+        };
         if !written.is_empty() && id_of(&event).is_some_and(|id| written.remove(&id)) {
             continue;
         }
@@ -97,9 +103,6 @@ fn drain(ring: &mut RingBuf<MapData>, state: &Shared, written: &mut HashSet<audi
                 );
             }
             Event::Escape(e) => {
-                // The kernel could not signal a process that someone else moved: it dies at
-                // its next socket/connect/send in the kernel; end it now as well.
-                let killed_by_daemon = e.moved_doomed && kill(e.pid);
                 tracing::warn!(pid = e.pid, writer = e.writer, to = %e.to, "cgroup escape");
                 s.audit_event(
                     e.agent_id,

@@ -20,6 +20,8 @@
 //! - `getppid N`: call getppid() N times
 //! - `time-sendto ADDR PORT N`: N UDP sends in batches of 1000; prints the median batch's
 //!   nanoseconds per send as `{"ns_per_call":X}`
+//! - `time-socket N`, `time-getppid N`: N socket()+close() pairs / getppid() calls in batches
+//!   of 1000; prints the median batch's nanoseconds per call as `{"ns_per_call":X}`
 //! - `fork-tree CHILDREN GRANDCHILDREN`: fork CHILDREN children that each fork GRANDCHILDREN
 //!   grandchildren; everyone then sleeps until killed
 //! - `socket inet|inet6|packet raw|dgram|stream|packet [PROTO]`: one socket() call (op `socket`)
@@ -244,6 +246,29 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        ["time-socket", n] => {
+            let Ok(n) = n.parse::<usize>() else {
+                return usage("bad N");
+            };
+            time_calls(n, || {
+                // SAFETY: socket(2) and close(2) with plain integers.
+                let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+                if fd >= 0 {
+                    // SAFETY: as above; fd was just opened.
+                    unsafe { libc::close(fd) };
+                }
+                fd >= 0
+            })
+        }
+        ["time-getppid", n] => {
+            let Ok(n) = n.parse::<usize>() else {
+                return usage("bad N");
+            };
+            time_calls(n, || {
+                // SAFETY: getppid has no preconditions.
+                unsafe { libc::getppid() > 0 }
+            })
+        }
         ["time-sendto", addr, port, n] => {
             let (Some(dest), Ok(n)) = (dest(addr, port), n.parse::<usize>()) else {
                 return usage("bad ADDR PORT N");
@@ -281,6 +306,25 @@ fn main() -> ExitCode {
         }
         _ => usage("unknown command"),
     }
+}
+
+/// Runs `call` `n` times in batches of 1000; prints the median batch's nanoseconds per call as
+/// `{"ns_per_call":X}`. A call returning false ends the run with exit code 103.
+fn time_calls(n: usize, mut call: impl FnMut() -> bool) -> ExitCode {
+    let mut batches = Vec::new();
+    for _ in 0..n.div_ceil(1000) {
+        let t = std::time::Instant::now();
+        for _ in 0..1000 {
+            if !call() {
+                return ExitCode::from(103);
+            }
+        }
+        batches.push(t.elapsed().as_nanos() as f64 / 1000.0);
+    }
+    batches.sort_by(f64::total_cmp);
+    let median = batches.get(batches.len() / 2).copied().unwrap_or(0.0);
+    println!("{}", serde_json::json!({ "ns_per_call": median }));
+    ExitCode::SUCCESS
 }
 
 /// The "destination" of an attempt that has none (socket, move).
