@@ -364,3 +364,76 @@ fn moving_into_another_agent_is_an_escape_and_nesting_inside_ones_own_is_not() {
     });
     std::fs::remove_dir(&nested).expect("rmdir nested");
 }
+
+#[test]
+fn an_adopted_agents_privileged_processes_are_shown_audited_once_and_still_caught() {
+    privileged!();
+    let (_sink, port) = udp_sink();
+    // A unit's cgroup with a root process in it before agentwatch starts (not launched, so
+    // not hardened).
+    let unit = TestCgroup::new();
+    let mut early = Command::new(probe_bin())
+        .arg("--cgroup")
+        .arg(unit.path())
+        .args(["fork-tree", "0", "0"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("early process");
+    let early_pid = early.id();
+    wait_until(
+        "the early process in its cgroup",
+        Duration::from_secs(5),
+        || {
+            std::fs::read_to_string(unit.path().join("cgroup.procs"))
+                .is_ok_and(|p| p.lines().any(|l| l == early_pid.to_string()))
+        },
+    );
+    let mount = agentwatch::cgroup::cgroup2_mount().expect("mount");
+    let rel = unit.path().strip_prefix(&mount).expect("below the mount");
+    let mut env = DaemonEnv::new();
+    env.write_config(&format!(
+        "[[agents]]\nname = \"unit\"\ncgroup = \"{}\"\negress = [\"udp 127.0.0.1 {port}\"]\n",
+        rel.display()
+    ));
+    env.start();
+    // Shown in status, with every one of the eight capabilities a root process holds.
+    let row = &env.status()["unit"];
+    let privileged = row["privileged_processes"].as_array().expect("list");
+    assert_eq!(privileged.len(), 1, "{row}");
+    assert_eq!(privileged[0]["pid"], early_pid);
+    assert_eq!(
+        privileged[0]["capabilities"].as_array().map(Vec::len),
+        Some(8),
+        "{row}"
+    );
+    // Audited once, however many sweeps see it.
+    std::thread::sleep(Duration::from_millis(2500));
+    let lines = of_kind(&env, "privileged_process", 1);
+    assert_eq!(lines[0]["pid"], early_pid);
+    assert_eq!(lines[0]["comm"], "aw-probe");
+    // It was in the cgroup before the daemon: moving it out is an escape all the same.
+    let outside = TestCgroup::new();
+    std::fs::write(outside.path().join("cgroup.procs"), early_pid.to_string())
+        .expect("moving it out (the test is not an agent process)");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = early.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the moved process lives on"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    let line = &of_kind(&env, "cgroup_escape", 1)[0];
+    assert_eq!(
+        (line["agent"].as_str(), line["pid"].as_u64()),
+        (Some("unit"), Some(u64::from(early_pid)))
+    );
+    assert_eq!(
+        line["writer_killed"], false,
+        "the writer was no agent process"
+    );
+}
