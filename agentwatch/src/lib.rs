@@ -4,10 +4,14 @@
 //! every outbound connect/sendmsg against the agent's allow-list; this crate loads them, feeds
 //! them the policy and turns what they report into an audit trail.
 //!
-//! Modules follow the concerns, named like their kernel halves: [`agent`] (which agent is this
-//! call?), [`egress`] (allow-lists), plus the plumbing: [`kernel`] (the loaded object),
-//! [`cgroup`], [`config`], [`events`], [`audit`], [`daemon`], [`launch`] with [`harden`],
-//! and [`privileges`] (what an agent's processes could use to switch agentwatch off).
+//! Modules follow the concerns, each named like its kernel half and owning its programs and
+//! maps: [`egress`] (allow-lists, caps, denial summaries), [`exec`] (exec allow-list),
+//! [`syscalls`], [`sockets`] (escape guards). [`agent`] writes one agent's policy across them;
+//! [`kernel`] loads the object and hands each concern its part, with [`bpf`] (errors, loading,
+//! pins) and [`link`] below. The daemon ([`daemon`]) is a set of tasks around one policy, with
+//! one audit writer ([`audit`]) and a pure breaker ([`breaker`]). Around them: [`cgroup`],
+//! [`config`], [`events`], [`control`], [`metrics`], [`launch`] with [`harden`], and
+//! [`privileges`] (what an agent's processes could use to switch agentwatch off).
 
 pub mod agent;
 pub mod audit;

@@ -218,13 +218,26 @@ fn print_status(data: &Value) {
         return;
     }
     println!(
-        "{:<20} {:<8} {:>6} {:>10} {:>8} {:>8} {:>10} {:>10} {:<9}  CGROUP",
-        "AGENT", "STATE", "PROCS", "ALLOWED", "DENIED", "CAPPED", "CONN/S", "BASE/S", "BREAKER"
+        "{:<20} {:<8} {:>6} {:>10} {:>8} {:>8} {:>10} {:>10} {:<9} {:>7}  CGROUP",
+        "AGENT",
+        "STATE",
+        "PROCS",
+        "ALLOWED",
+        "DENIED",
+        "CAPPED",
+        "CONN/S",
+        "BASE/S",
+        "BREAKER",
+        "ESCAPES"
     );
     for r in rows {
         let num = |v: &Value| v.as_f64().map_or("-".to_owned(), |f| format!("{f:.1}"));
+        let escapes: u64 = r["escape_attempts"]
+            .as_object()
+            .map(|m| m.values().filter_map(Value::as_u64).sum())
+            .unwrap_or(0);
         println!(
-            "{:<20} {:<8} {:>6} {:>10} {:>8} {:>8} {:>10} {:>10} {:<9}  {}",
+            "{:<20} {:<8} {:>6} {:>10} {:>8} {:>8} {:>10} {:>10} {:<9} {:>7}  {}",
             r["name"].as_str().unwrap_or("?"),
             r["state"].as_str().unwrap_or("?"),
             r["processes"],
@@ -234,7 +247,23 @@ fn print_status(data: &Value) {
             num(&r["rates"]["connects"]),
             num(&r["baselines"]["connects"]),
             r["breaker"].as_str().unwrap_or("?"),
+            escapes,
             r["cgroup"].as_str().unwrap_or("?"),
         );
+        // Nothing stops a process holding these from switching agentwatch off: say so.
+        for p in r["privileged_processes"].as_array().into_iter().flatten() {
+            println!(
+                "  warning: pid {} holds {}",
+                p["pid"],
+                p["capabilities"]
+                    .as_array()
+                    .map(|c| c
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(" "))
+                    .unwrap_or_default()
+            );
+        }
     }
 }
