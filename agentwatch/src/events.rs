@@ -101,6 +101,15 @@ fn c_string(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..len]).into_owned()
 }
 
+/// A record of type `T` from the start of `bytes`, if they are long enough.
+fn read<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    (bytes.len() >= size_of::<T>()).then(|| {
+        // SAFETY: the length was checked; a Pod type is plain old data for which any bytes are
+        // a value, and the read is unaligned.
+        unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) }
+    })
+}
+
 /// Decodes one ring buffer record.
 pub fn decode(bytes: &[u8]) -> Event {
     let kind = bytes
@@ -108,15 +117,10 @@ pub fn decode(bytes: &[u8]) -> Event {
         .and_then(|b| b.try_into().ok())
         .map_or(0, u32::from_ne_bytes);
     match kind {
-        EVENT_EGRESS_DENIED | EVENT_EGRESS_CAPPED if bytes.len() >= size_of::<EgressEvent>() => {
-            // SAFETY: the length was checked; EgressEvent is plain old data of integers and the
-            // read is unaligned.
-            let e: EgressEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        EVENT_EGRESS_DENIED | EVENT_EGRESS_CAPPED if let Some(e) = read::<EgressEvent>(bytes) => {
             Event::Egress(egress(&e))
         }
-        EVENT_EXEC | EVENT_EXEC_DENIED if bytes.len() >= size_of::<ExecEvent>() => {
-            // SAFETY: as above, for ExecEvent.
-            let e: ExecEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        EVENT_EXEC | EVENT_EXEC_DENIED if let Some(e) = read::<ExecEvent>(bytes) => {
             Event::Exec(ExecRecord {
                 kind: if e.kind == EVENT_EXEC_DENIED {
                     "exec_denied"
@@ -131,9 +135,7 @@ pub fn decode(bytes: &[u8]) -> Event {
                 ts_ns: e.ts_ns,
             })
         }
-        EVENT_SOCKET_DENIED | EVENT_SOCKET_KILLED if bytes.len() >= size_of::<SocketEvent>() => {
-            // SAFETY: as above, for SocketEvent.
-            let e: SocketEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        EVENT_SOCKET_DENIED | EVENT_SOCKET_KILLED if let Some(e) = read::<SocketEvent>(bytes) => {
             Event::Socket(SocketAttempt {
                 action: if e.kind == EVENT_SOCKET_KILLED {
                     "killed"
@@ -150,9 +152,7 @@ pub fn decode(bytes: &[u8]) -> Event {
                 ts_ns: e.ts_ns,
             })
         }
-        EVENT_CGROUP_ESCAPE if bytes.len() >= size_of::<EscapeEvent>() => {
-            // SAFETY: as above, for EscapeEvent.
-            let e: EscapeEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        EVENT_CGROUP_ESCAPE if let Some(e) = read::<EscapeEvent>(bytes) => {
             Event::Escape(EscapeRecord {
                 agent_id: e.agent,
                 pid: e.pid,

@@ -8,7 +8,7 @@ use std::{
     net::UdpSocket,
     os::unix::process::ExitStatusExt as _,
     path::Path,
-    process::{Command, Output, Stdio},
+    process::{Child, Command, ExitStatus, Output, Stdio},
     time::{Duration, Instant},
 };
 
@@ -39,6 +39,38 @@ fn drain(s: &UdpSocket) -> usize {
         n += 1;
     }
     n
+}
+
+/// aw-probe moved into `cgroup` running `args` in the background, once it is in the cgroup.
+fn spawn_in(cgroup: &Path, args: &[&str]) -> Child {
+    let child = Command::new(probe_bin())
+        .arg("--cgroup")
+        .arg(cgroup)
+        .args(args)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawning aw-probe");
+    let pid = child.id().to_string();
+    wait_until("aw-probe in its cgroup", Duration::from_secs(5), || {
+        std::fs::read_to_string(cgroup.join("cgroup.procs"))
+            .is_ok_and(|p| p.lines().any(|l| l == pid))
+    });
+    child
+}
+
+/// Waits (5 s at most) for `child` to die; returns how.
+fn wait_dead(child: &mut Child) -> ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the moved process lives on"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
 }
 
 fn one_agent(name: &str, port: u16) -> String {
@@ -214,18 +246,15 @@ fn an_agent_process_moving_another_out_dies_and_so_does_the_moved_one() {
     env.start();
     let cg = env.agent_cgroup("pair");
     let outside = TestCgroup::new();
-    let mut victim = Command::new(probe_bin())
-        .arg("--cgroup")
-        .arg(&cg)
-        .args([
+    let mut victim = spawn_in(
+        &cg,
+        &[
             "sendto",
             "127.0.0.1",
             &denied_port.to_string(),
             "1000000000",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("victim");
+        ],
+    );
     let victim_pid = victim.id();
     wait_until("the victim's denials", Duration::from_secs(5), || {
         env.status()["pair"]["denied"].as_u64().unwrap_or(0) > 100
@@ -244,17 +273,7 @@ fn an_agent_process_moving_another_out_dies_and_so_does_the_moved_one() {
         Some(libc::SIGKILL),
         "the mover: {out:?}"
     );
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = victim.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the moved process lives on"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    };
+    let status = wait_dead(&mut victim);
     let dead_ns = agentwatch_tests::monotonic_ns();
     assert_eq!(status.signal(), Some(libc::SIGKILL));
     std::thread::sleep(Duration::from_millis(100));
@@ -330,18 +349,8 @@ fn moving_into_another_agent_is_an_escape_and_nesting_inside_ones_own_is_not() {
     // ... and so is moving another of its processes there, once the daemon has seen the
     // nested cgroup (it sweeps once a second).
     std::thread::sleep(Duration::from_millis(1500));
-    let mut sleeper = Command::new(probe_bin())
-        .arg("--cgroup")
-        .arg(&left)
-        .args(["fork-tree", "0", "0"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("sleeper");
+    let mut sleeper = spawn_in(&left, &["fork-tree", "0", "0"]);
     let pid = sleeper.id();
-    wait_until("the sleeper in the agent", Duration::from_secs(5), || {
-        std::fs::read_to_string(left.join("cgroup.procs"))
-            .is_ok_and(|p| p.lines().any(|l| l == pid.to_string()))
-    });
     let out = probe_in(
         &left,
         &["move", &pid.to_string(), nested.to_str().expect("utf8")],
@@ -372,22 +381,8 @@ fn an_adopted_agents_privileged_processes_are_shown_audited_once_and_still_caugh
     // A unit's cgroup with a root process in it before agentwatch starts (not launched, so
     // not hardened).
     let unit = TestCgroup::new();
-    let mut early = Command::new(probe_bin())
-        .arg("--cgroup")
-        .arg(unit.path())
-        .args(["fork-tree", "0", "0"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("early process");
+    let mut early = spawn_in(unit.path(), &["fork-tree", "0", "0"]);
     let early_pid = early.id();
-    wait_until(
-        "the early process in its cgroup",
-        Duration::from_secs(5),
-        || {
-            std::fs::read_to_string(unit.path().join("cgroup.procs"))
-                .is_ok_and(|p| p.lines().any(|l| l == early_pid.to_string()))
-        },
-    );
     let mount = agentwatch::cgroup::cgroup2_mount().expect("mount");
     let rel = unit.path().strip_prefix(&mount).expect("below the mount");
     let mut env = DaemonEnv::new();
@@ -415,17 +410,7 @@ fn an_adopted_agents_privileged_processes_are_shown_audited_once_and_still_caugh
     let outside = TestCgroup::new();
     std::fs::write(outside.path().join("cgroup.procs"), early_pid.to_string())
         .expect("moving it out (the test is not an agent process)");
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = early.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the moved process lives on"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    };
+    let status = wait_dead(&mut early);
     assert_eq!(status.signal(), Some(libc::SIGKILL));
     let line = &of_kind(&env, "cgroup_escape", 1)[0];
     assert_eq!(

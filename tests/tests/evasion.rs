@@ -56,6 +56,13 @@ fn setup() -> Setup {
     }
 }
 
+/// aw-probe's report of one sendmmsg() of 5 datagrams to 127.0.0.1:`port` from `cgroup`.
+fn sendmmsg(cgroup: &std::path::Path, port: &str) -> serde_json::Value {
+    let out = run_probe(Some(cgroup), &["sendmmsg", "127.0.0.1", port, "5"]);
+    let line = out.stdout.split(|&b| b == b'\n').next().unwrap_or_default();
+    serde_json::from_slice(line).expect("aw-probe JSON")
+}
+
 fn received(s: &UdpSocket) -> usize {
     let mut buf = [0u8; 64];
     let mut n = 0;
@@ -79,17 +86,11 @@ fn connected_udp_is_judged_at_connect_and_sendmmsg_per_datagram() {
     let r = one(probe(Some(p), &["connect", "udp", "127.0.0.1", "9"]));
     assert_eq!((r.ok, r.errno), (false, EPERM), "{r:?}");
     // sendmmsg: every datagram passes the sendmsg hook. 5 allowed ones arrive ...
-    let out = run_probe(Some(p), &["sendmmsg", "127.0.0.1", &s.udp_port, "5"]);
-    let v: serde_json::Value =
-        serde_json::from_slice(out.stdout.split(|&b| b == b'\n').next().unwrap_or_default())
-            .expect("json");
+    let v = sendmmsg(p, &s.udp_port);
     assert_eq!(v["sent"], 5, "{v}");
     assert_eq!(received(&s.udp), 5);
     // ... and the first denied one stops the batch with EPERM.
-    let out = run_probe(Some(p), &["sendmmsg", "127.0.0.1", "9", "5"]);
-    let v: serde_json::Value =
-        serde_json::from_slice(out.stdout.split(|&b| b == b'\n').next().unwrap_or_default())
-            .expect("json");
+    let v = sendmmsg(p, "9");
     assert_eq!(
         (v["sent"].as_i64(), v["errno"].as_i64()),
         (Some(-1), Some(i64::from(EPERM))),

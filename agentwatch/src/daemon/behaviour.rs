@@ -1,10 +1,7 @@
 //! Behaviour: every agent's counters into its monitor ten times a second, and the breaker's
 //! transitions turned into actions.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use agentwatch_common::{
     AGENT_FLAG_DENY_ALL, AGENT_FLAG_TRIPPED, AgentCounters, NUM_PROTOS, VERDICT_DENIED, egress_slot,
@@ -12,26 +9,19 @@ use agentwatch_common::{
 use anyhow::Result;
 use serde_json::json;
 
-use super::{Shared, State, lock, status::round};
+use super::{State, status::round};
 use crate::{
     breaker::{SIGNALS, Transition},
     config::Action,
 };
 
-/// Feeds every agent's counters to its behaviour monitor ten times a second.
-pub(super) async fn watch(state: Shared) -> Result<()> {
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let state = Arc::clone(&state);
-        tokio::task::spawn_blocking(move || lock(&state).tick(Instant::now())).await?;
-    }
-}
+/// How often every agent's counters are fed to its behaviour monitor.
+pub(super) const TICK: Duration = Duration::from_millis(100);
 
 impl State {
     /// One tick of the behaviour monitor: every agent's counters into its monitor.
-    fn tick(&mut self, now: Instant) {
+    pub(super) fn tick(&mut self) {
+        let now = Instant::now();
         let names: Vec<String> = self.agents.names().map(str::to_owned).collect();
         for name in names {
             let Ok(c) = self.agents.counters(&name) else {

@@ -164,8 +164,8 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         tokio::spawn(control::serve(Arc::clone(&state), listener, admin_gid)),
         tokio::spawn(status::serve_metrics(Arc::clone(&state), metrics)),
         tokio::spawn(policy::watch_config(Arc::clone(&state))),
-        tokio::spawn(behaviour::watch(Arc::clone(&state))),
-        tokio::spawn(sweep::sweep(Arc::clone(&state))),
+        tokio::spawn(every(Arc::clone(&state), behaviour::TICK, State::tick)),
+        tokio::spawn(every(Arc::clone(&state), sweep::PERIOD, State::sweep)),
     ];
     let result = wait_for_signals(&state).await;
     for t in &tasks {
@@ -276,6 +276,19 @@ fn bind_control(path: &Path, admin_group: Option<&str>) -> Result<UnixListener> 
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("chmod {}", path.display()))?;
     Ok(listener)
+}
+
+/// Runs `work` on the state every `period` (on a blocking thread: it takes the lock and may
+/// read the kernel's maps), for as long as the daemon runs. A tick that comes late is not
+/// made up for.
+async fn every(state: Shared, period: std::time::Duration, work: fn(&mut State)) -> Result<()> {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let state = Arc::clone(&state);
+        tokio::task::spawn_blocking(move || work(&mut lock(&state))).await?;
+    }
 }
 
 impl State {

@@ -138,10 +138,18 @@ impl State {
             self.remove_agent(a);
             summary.push(format!("-{}", a.name));
         }
+        // These can only fail after the switch: the rest of the plan stays applied, and an
+        // agent that could not be guarded is left out of the config in force (so the next
+        // reload tries it again), and reported.
+        let mut late = Vec::new();
         for a in &deferred {
-            let g = self.add_agent(a)?;
-            self.audit_agent(&g.name, "agent_guarded", g.audit);
-            summary.push(format!("+{}", g.name));
+            match self.add_agent(a) {
+                Ok(g) => {
+                    self.audit_agent(&g.name, "agent_guarded", g.audit);
+                    summary.push(format!("+{}", g.name));
+                }
+                Err(e) => late.push((a.name.clone(), e)),
+            }
         }
         summary.extend(changed.iter().map(|a| format!("~{}", a.name)));
         summary.sort_by_key(|s| match s.as_bytes().first() {
@@ -149,11 +157,22 @@ impl State {
             Some(b'+') => 1,
             _ => 2,
         });
+        let mut agents = new.agents;
+        agents.retain(|a| !late.iter().any(|(n, _)| *n == a.name));
         self.config = Config {
             daemon: self.config.daemon.clone(),
-            agents: new.agents,
+            agents,
         };
-        Ok(summary.join(" "))
+        if late.is_empty() {
+            Ok(summary.join(" "))
+        } else {
+            let failed: Vec<String> = late.into_iter().map(|(_, e)| e).collect();
+            Err(format!(
+                "applied ({}), except: {}",
+                summary.join(" "),
+                failed.join("; ")
+            ))
+        }
     }
 
     /// Guards agent `a` (creating or opening its cgroup); audits nothing yet.

@@ -4,15 +4,13 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    sync::Arc,
     time::Duration,
 };
 
 use agentwatch_common::AgentCounters;
-use anyhow::Result;
 use serde_json::json;
 
-use super::{Shared, State, lock};
+use super::State;
 use crate::privileges;
 
 /// How many destinations an `egress_denied_summary` names (the busiest).
@@ -27,15 +25,8 @@ pub(super) struct Swept {
     privileged: HashSet<(String, u32)>,
 }
 
-pub(super) async fn sweep(state: Shared) -> Result<()> {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let state = Arc::clone(&state);
-        tokio::task::spawn_blocking(move || lock(&state).sweep()).await?;
-    }
-}
+/// How often the sweep runs: summaries are per second.
+pub(super) const PERIOD: Duration = Duration::from_secs(1);
 
 impl Swept {
     /// Agent `name` is guarded now, with `counters`: the next sweep summarises from there.
@@ -45,7 +36,7 @@ impl Swept {
 }
 
 impl State {
-    fn sweep(&mut self) {
+    pub(super) fn sweep(&mut self) {
         let names: Vec<String> = self.agents.names().map(str::to_owned).collect();
         for name in &names {
             self.summarise(name);

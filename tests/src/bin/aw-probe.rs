@@ -332,6 +332,16 @@ fn unspecified() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))
 }
 
+/// `v4` as the C socket address the raw calls take.
+fn sockaddr_in(v4: std::net::SocketAddrV4) -> libc::sockaddr_in {
+    // SAFETY: a zeroed sockaddr_in is valid; the fields are set below.
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sa.sin_family = libc::AF_INET as libc::sa_family_t;
+    sa.sin_port = v4.port().to_be();
+    sa.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+    sa
+}
+
 /// One sendmmsg() of `n` datagrams to `dest`; reports how many the kernel sent.
 fn sendmmsg(dest: SocketAddr, n: usize) -> ExitCode {
     use std::os::fd::AsRawFd as _;
@@ -341,11 +351,7 @@ fn sendmmsg(dest: SocketAddr, n: usize) -> ExitCode {
     let SocketAddr::V4(v4) = dest else {
         return usage("sendmmsg takes an IPv4 destination");
     };
-    // SAFETY: a zeroed sockaddr_in is valid; the fields are set below.
-    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    sa.sin_family = libc::AF_INET as libc::sa_family_t;
-    sa.sin_port = v4.port().to_be();
-    sa.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+    let mut sa = sockaddr_in(v4);
     let mut payload = *b"aw-probe";
     let mut iov = libc::iovec {
         iov_base: payload.as_mut_ptr().cast(),
@@ -409,11 +415,7 @@ fn uring_connect(dest: SocketAddr) -> std::io::Result<()> {
             "uring-connect takes an IPv4 destination",
         ));
     };
-    // SAFETY: a zeroed sockaddr_in is valid; the fields are set below.
-    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    sa.sin_family = libc::AF_INET as libc::sa_family_t;
-    sa.sin_port = v4.port().to_be();
-    sa.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+    let sa = sockaddr_in(v4);
     let op = io_uring::opcode::Connect::new(
         io_uring::types::Fd(socket.as_raw_fd()),
         (&raw const sa).cast(),
@@ -448,11 +450,7 @@ fn fastopen(dest: SocketAddr) -> ExitCode {
     let SocketAddr::V4(v4) = dest else {
         return usage("fastopen takes an IPv4 destination");
     };
-    // SAFETY: a zeroed sockaddr_in is valid; the fields are set below.
-    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    sa.sin_family = libc::AF_INET as libc::sa_family_t;
-    sa.sin_port = v4.port().to_be();
-    sa.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+    let sa = sockaddr_in(v4);
     let data = b"aw-probe";
     // SAFETY: data and sa are live locals of the sizes given.
     let ret = unsafe {
