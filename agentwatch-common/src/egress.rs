@@ -127,7 +127,23 @@ pub struct AgentCounters {
     pub sockets_suppressed: u64,
     /// This agent's events the ring buffer had no room for (also in the global `EVENTS_LOST`).
     pub events_lost: u64,
-    pub _reserved: [u64; 5],
+    /// Exec events (allowed or killed) not written for the same reason as `egress_suppressed`:
+    /// an exec loop must not flood the trail either.
+    pub execs_suppressed: u64,
+    /// Escape events not written for the same reason (only those whose process the kernel
+    /// killed itself; one the daemon must kill is always reported).
+    pub escapes_suppressed: u64,
+    pub _reserved: [u64; 3],
+}
+
+impl AgentCounters {
+    /// Events counted instead of written one by one (over the agent's event rate), all kinds.
+    pub const fn suppressed(&self) -> u64 {
+        self.egress_suppressed
+            + self.sockets_suppressed
+            + self.execs_suppressed
+            + self.escapes_suppressed
+    }
 }
 
 /// Index into [`AgentCounters::egress`].

@@ -36,7 +36,8 @@ pub const ESCAPE_FLAG_WRITER_KILLED: u32 = 1 << 1;
 pub const ESCAPE_FLAG_MOVED_DOOMED: u32 = 1 << 2;
 
 /// An agent's process moved out of its agent's cgroup subtree, or into another agent's
-/// (`EVENT_CGROUP_ESCAPE`). Never rate-limited.
+/// (`EVENT_CGROUP_ESCAPE`). Under the agent's event rate, but for a moved process the daemon
+/// must kill (`ESCAPE_FLAG_MOVED_DOOMED`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EscapeEvent {

@@ -21,6 +21,7 @@ use aya_ebpf::{
 
 use crate::{
     agent::{BREAKER_TRIPS, EVENTS, count_lost_event, counters, current_agent, current_agent_key},
+    egress::{CapKind, over_limit},
     sockets::TASKS,
 };
 
@@ -106,6 +107,14 @@ fn on_exec(ctx: &TracePointContext) {
         } else {
             c.execs_denied += 1;
         }
+    }
+    // Under the agent's event rate like denials: a fork+exec loop cannot flood the trail; the
+    // daemon summarises what is counted here.
+    if over_limit(state.id, CapKind::Events) {
+        if let Some(c) = counters(state.id) {
+            c.execs_suppressed += 1;
+        }
+        return;
     }
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
         count_lost_event(state.id);

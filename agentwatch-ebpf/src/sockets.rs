@@ -133,7 +133,14 @@ pub fn sockets_sys_enter_socket(ctx: TracePointContext) -> u32 {
     if let Some(c) = counters(state.id) {
         c.packet_sockets_killed += 1;
     }
-    // Not rate-limited: each one costs the agent a process, so they cannot flood.
+    // Each costs the agent a process, but a fork loop makes thousands a second: under the
+    // agent's event rate like denials.
+    if over_limit(state.id, CapKind::Events) {
+        if let Some(c) = counters(state.id) {
+            c.sockets_suppressed += 1;
+        }
+        return 0;
+    }
     let protocol = tp_u64(&ctx, SOCKET_PROTOCOL) as u32;
     emit_socket(EVENT_SOCKET_KILLED, state.id, family, sock_type, protocol);
     0
@@ -319,6 +326,14 @@ fn emit_escape(
     dst_id: u64,
     flags: u32,
 ) {
+    // A process the daemon must kill is always reported; the others (killed here already) are
+    // under the agent's event rate, so a fork+move loop cannot flood the trail.
+    if flags & ESCAPE_FLAG_MOVED_DOOMED == 0 && over_limit(agent, CapKind::Events) {
+        if let Some(c) = counters(agent) {
+            c.escapes_suppressed += 1;
+        }
+        return;
+    }
     let Some(mut entry) = EVENTS.reserve::<EscapeEvent>(0) else {
         count_lost_event(agent);
         return;

@@ -193,9 +193,7 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
         ] {
             escapes.with_label_values(&[n, kind]).inc_by(n_);
         }
-        suppressed
-            .with_label_values(&[n])
-            .inc_by(c.egress_suppressed + c.sockets_suppressed);
+        suppressed.with_label_values(&[n]).inc_by(c.suppressed());
         for (i, signal) in Signal::ALL.iter().map(|s| s.name()).enumerate() {
             rate.with_label_values(&[n, signal]).set(a.rates[i]);
             // No baseline before the first window: absent, rather than a misleading 0.

@@ -141,3 +141,59 @@ fn an_eight_second_flood_leaves_a_small_trail_a_calm_daemon_and_every_denial_cou
         Some(summarised as f64)
     );
 }
+
+#[test]
+fn an_exec_loop_is_summarised_too_and_every_exec_accounted_for() {
+    privileged!();
+    let mut env = DaemonEnv::new();
+    env.write_config("[[agents]]\nname = \"forker\"\n");
+    env.start();
+    let cg = env.agent_cgroup("forker");
+    // Thousands of execs a second, each of which the kernel reports.
+    let mut looper = Command::new(probe_bin())
+        .arg("--cgroup")
+        .arg(&cg)
+        .args(["exec", "/bin/sh", "-c", "while :; do /bin/true; done"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("exec loop");
+    std::thread::sleep(Duration::from_secs(4));
+    let _ = looper.kill();
+    let _ = looper.wait();
+    // The shell's children die with it only if killed too: end the whole agent.
+    let out = env.cli(&["kill", "forker"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    let s = &env.status()["forker"];
+    let execs = s["execs"].as_u64().expect("execs") + s["execs_denied"].as_u64().expect("denied");
+    let lines = env.audit_lines();
+    let one_by_one = lines
+        .iter()
+        .filter(|l| l["kind"] == "exec" || l["kind"] == "exec_denied")
+        .count() as u64;
+    let summarised: u64 = lines
+        .iter()
+        .filter(|l| l["kind"] == "exec_summary")
+        .map(|l| l["count"].as_u64().expect("count"))
+        .sum();
+    println!(
+        "exec loop: {execs} execs in 4 s; {one_by_one} written one by one, {summarised} summarised"
+    );
+    assert!(
+        execs > 2_000,
+        "the loop was too slow to test anything: {execs}"
+    );
+    assert!(
+        one_by_one < 1_000,
+        "{one_by_one} exec lines: not rate-limited"
+    );
+    assert_eq!(
+        one_by_one + summarised,
+        execs,
+        "every exec is a line or in a summary"
+    );
+}

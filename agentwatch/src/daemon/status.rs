@@ -86,7 +86,7 @@ impl State {
                     "packet_socket": c.packet_sockets_killed,
                     "cgroup_escape": c.cgroup_escapes,
                 },
-                "audit_suppressed": c.egress_suppressed + c.sockets_suppressed,
+                "audit_suppressed": c.suppressed(),
                 "privileged_processes": privileged(cg),
             }));
         }

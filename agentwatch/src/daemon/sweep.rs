@@ -84,11 +84,27 @@ impl State {
                 }),
             );
         }
-        let sockets = now
-            .sockets_suppressed
-            .saturating_sub(before.sockets_suppressed);
-        if sockets > 0 {
-            self.audit_agent(name, "socket_denied_summary", json!({ "count": sockets }));
+        // The other kinds an agent can make at will in a loop: counted in the kernel beyond the
+        // audit rate, written here as one line each.
+        for (kind, count) in [
+            (
+                "socket_denied_summary",
+                now.sockets_suppressed
+                    .saturating_sub(before.sockets_suppressed),
+            ),
+            (
+                "exec_summary",
+                now.execs_suppressed.saturating_sub(before.execs_suppressed),
+            ),
+            (
+                "cgroup_escape_summary",
+                now.escapes_suppressed
+                    .saturating_sub(before.escapes_suppressed),
+            ),
+        ] {
+            if count > 0 {
+                self.audit_agent(name, kind, json!({ "count": count }));
+            }
         }
         if lost > 0 {
             tracing::warn!(
