@@ -32,7 +32,8 @@
 //!   daemon, remove pins under bpffs, or read any file. And without `nsdelegate` on the cgroup2
 //!   mount (this project's test machine has none), writing its pid into another cgroup's
 //!   cgroup.procs needs only write access to that file, which root has: the cgroup namespace
-//!   alone does not stop the move there. Give agents a `user`.
+//!   alone does not stop the move there (the escape guard in [`crate::sockets`] then kills the
+//!   process before its write returns). Give agents a `user`.
 //! - No new mount, network, pid or user namespace, no seccomp filter, no resource limits, no
 //!   changed environment beyond HOME/USER/LOGNAME (set by the caller for a `user`).
 //! - Processes that are already running, and adopted agents (a systemd unit's or a pod's
