@@ -221,6 +221,7 @@ fn a_process_that_moves_itself_out_dies_before_its_first_call() {
     assert_eq!(line["agent"], "mover");
     assert_eq!(line["action"], "killed");
     assert_eq!(line["pid"], line["writer"]);
+    assert_eq!(line["comm"], "aw-probe");
     let to = line["to"].as_str().expect("to");
     assert!(
         outside.path().ends_with(to.trim_start_matches('/')),
@@ -290,6 +291,8 @@ fn an_agent_process_moving_another_out_dies_and_so_does_the_moved_one() {
         (dead_ns.saturating_sub(moved_ns)) as f64 / 1e6
     );
     assert_eq!(line["pid"], victim_pid);
+    assert_eq!(line["comm"], "aw-probe", "the moved process's name");
+    assert_eq!(line["writer_comm"], "aw-probe");
     assert_ne!(line["writer"], victim_pid);
     assert_eq!(line["writer_killed"], true);
     assert_eq!(line["action"], "killed_by_daemon");

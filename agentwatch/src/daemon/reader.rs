@@ -41,9 +41,10 @@ fn drain(ring: &mut RingBuf<MapData>, state: &Shared, written: &mut HashSet<audi
         let event = events::decode(&item);
         // A process someone else moved out of its agent runs unguarded until it dies: end it
         // before anything else, not even waiting for the state lock.
-        let killed_by_daemon = match &event {
-            Event::Escape(e) if e.moved_doomed => kill(e.pid),
-            _ => false,
+        // Its name first: the kernel reports the writer's, and the process is about to go.
+        let (moved_comm, killed_by_daemon) = match &event {
+            Event::Escape(e) if e.moved_doomed => (proc_comm(e.pid), kill(e.pid)),
+            _ => (None, false),
         };
         if !written.is_empty() && id_of(&event).is_some_and(|id| written.remove(&id)) {
             continue;
@@ -110,8 +111,9 @@ fn drain(ring: &mut RingBuf<MapData>, state: &Shared, written: &mut HashSet<audi
                     "cgroup_escape",
                     json!({
                         "pid": e.pid,
+                        "comm": if e.pid == e.writer { Some(e.comm.clone()) } else { moved_comm.clone() },
                         "writer": e.writer,
-                        "comm": e.comm,
+                        "writer_comm": e.comm,
                         "to": e.to,
                         "action": if e.moved_killed { "killed" } else if killed_by_daemon { "killed_by_daemon" } else { "doomed" },
                         "writer_killed": e.writer_killed,
@@ -154,6 +156,13 @@ fn kill(pid: u32) -> bool {
     };
     // SAFETY: kill(2) has no memory preconditions.
     unsafe { libc::kill(pid, libc::SIGKILL) == 0 }
+}
+
+/// The name (comm) of process `pid` from /proc (None if it is gone).
+fn proc_comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|c| c.trim_end().to_owned())
 }
 
 /// The parent pid of `pid` from /proc (None if it is gone).
