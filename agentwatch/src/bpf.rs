@@ -172,6 +172,21 @@ impl Drop for SignalsBlocked {
     }
 }
 
+/// A ring buffer record of type `T` from the start of `bytes`, if they are long enough.
+pub(crate) fn read_record<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    (bytes.len() >= size_of::<T>()).then(|| {
+        // SAFETY: the length was checked; a Pod type is plain old data for which any bytes are
+        // a value, and the read is unaligned.
+        unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) }
+    })
+}
+
+/// A NUL-terminated (or full) byte array of a kernel record as text.
+pub(crate) fn c_string(bytes: &[u8]) -> String {
+    let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..len]).into_owned()
+}
+
 /// A map removal that found nothing to remove is not an error (clearing is idempotent).
 pub(crate) fn ignore_missing(
     r: Result<(), MapError>,

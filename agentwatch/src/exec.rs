@@ -6,15 +6,20 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agentwatch_common::{EXEC_PATH_MAX, ExecKey};
+use agentwatch_common::{EVENT_EXEC, EVENT_EXEC_DENIED, EXEC_PATH_MAX, ExecEvent, ExecKey};
 use aya::{
     Ebpf,
     maps::{HashMap, MapData},
     programs::TracePoint,
 };
+use serde_json::json;
 
 use crate::{
-    bpf::{KernelError, ignore_missing, load_program, map_err, program, take_map},
+    audit::KernelLine,
+    bpf::{
+        KernelError, c_string, ignore_missing, load_program, map_err, program, read_record,
+        take_map,
+    },
     link::Link,
 };
 
@@ -74,6 +79,72 @@ impl ExecMaps {
 /// `pin_dir` when given; pins of an earlier daemon are adopted.
 pub(crate) fn attach(ebpf: &mut Ebpf, pin_dir: Option<&Path>) -> Result<Vec<Link>, KernelError> {
     crate::link::attach_tracepoints(ebpf, &PROGRAMS, pin_dir)
+}
+
+/// An exec of an agent process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecRecord {
+    /// `exec` or `exec_denied` (killed by the allow-list).
+    pub kind: &'static str,
+    pub agent_id: u32,
+    pub pid: u32,
+    /// 0 when the fork predates the programs.
+    pub ppid: u32,
+    pub comm: String,
+    pub path: String,
+    pub ts_ns: u64,
+}
+
+impl ExecRecord {
+    /// `exec` / `exec_denied` (pid, ppid, comm, path). The kernel knows the parent only for
+    /// forks it saw; /proc is asked otherwise.
+    pub fn audit_line(&self) -> KernelLine {
+        let ppid = if self.ppid != 0 {
+            self.ppid
+        } else {
+            proc_ppid(self.pid).unwrap_or(0)
+        };
+        KernelLine {
+            agent_id: self.agent_id,
+            ts_ns: self.ts_ns,
+            kind: self.kind,
+            pid: self.pid,
+            fields: json!({
+                "pid": self.pid,
+                "ppid": ppid,
+                "comm": self.comm,
+                "path": self.path,
+            }),
+        }
+    }
+}
+
+/// Decodes an exec record (`kind` is its first word); None for other kinds.
+pub fn decode(kind: u32, bytes: &[u8]) -> Option<ExecRecord> {
+    if kind != EVENT_EXEC && kind != EVENT_EXEC_DENIED {
+        return None;
+    }
+    let e = read_record::<ExecEvent>(bytes)?;
+    Some(ExecRecord {
+        kind: if e.kind == EVENT_EXEC_DENIED {
+            "exec_denied"
+        } else {
+            "exec"
+        },
+        agent_id: e.agent,
+        pid: e.pid,
+        ppid: e.ppid,
+        comm: c_string(&e.comm),
+        path: c_string(&e.path),
+        ts_ns: e.ts_ns,
+    })
+}
+
+/// The parent pid of `pid` from /proc (None if it is gone).
+fn proc_ppid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Why a path cannot be on an exec allow-list.

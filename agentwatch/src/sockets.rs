@@ -19,14 +19,24 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use agentwatch_common::{
+    ESCAPE_FLAG_MOVED_DOOMED, ESCAPE_FLAG_MOVED_KILLED, ESCAPE_FLAG_WRITER_KILLED,
+    EVENT_CGROUP_ESCAPE, EVENT_SOCKET_DENIED, EVENT_SOCKET_KILLED, EscapeEvent, SocketEvent,
+};
 use aya::{
     Ebpf,
     maps::{HashMap, MapData},
     programs::{CgroupAttachMode, CgroupSock, TracePoint, links::FdLink},
 };
 
+use serde_json::json;
+
 use crate::{
-    bpf::{KernelError, ignore_missing, load_program, map_err, program, take_map},
+    audit::KernelLine,
+    bpf::{
+        KernelError, c_string, ignore_missing, load_program, map_err, program, read_record,
+        take_map,
+    },
     cgroup::Cgroup,
     link::Link,
 };
@@ -132,6 +142,169 @@ impl SocketMaps {
             ignore_missing(self.nested.remove(&id), "NESTED")?;
         }
         Ok(())
+    }
+}
+
+/// A socket an agent process was refused (raw inet socket) or killed for (packet socket).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketAttempt {
+    /// `refused` (EPERM) or `killed` (SIGKILL before socket() returned).
+    pub action: &'static str,
+    pub agent_id: u32,
+    pub tid: u32,
+    pub pid: u32,
+    pub comm: String,
+    /// `AF_*` name, e.g. `AF_PACKET`, or the number.
+    pub family: String,
+    /// `SOCK_*` name (flags masked off), e.g. `SOCK_RAW`, or the number.
+    pub sock_type: String,
+    pub protocol: u32,
+    pub ts_ns: u64,
+}
+
+/// A process that left its agent's cgroup subtree (or was moved into another agent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EscapeRecord {
+    /// The agent it left.
+    pub agent_id: u32,
+    /// The moved process.
+    pub pid: u32,
+    /// The process that wrote cgroup.procs (equals `pid` for a self-move), and its comm.
+    pub writer: u32,
+    pub comm: String,
+    /// Destination cgroup path (in the cgroup2 hierarchy) and id.
+    pub to: String,
+    pub dst_id: u64,
+    /// Killed in the kernel as it moved itself.
+    pub moved_killed: bool,
+    /// The writer, an agent process, was killed in the kernel.
+    pub writer_killed: bool,
+    /// The moved process could not be signalled from the hook: the daemon kills it when it
+    /// reads this, the kernel at its next socket() call.
+    pub moved_doomed: bool,
+    pub ts_ns: u64,
+}
+
+impl SocketAttempt {
+    /// `socket_denied` (pid, tid, comm, family, type, protocol, action).
+    pub fn audit_line(&self) -> KernelLine {
+        KernelLine {
+            agent_id: self.agent_id,
+            ts_ns: self.ts_ns,
+            kind: "socket_denied",
+            pid: self.pid,
+            fields: json!({
+                "pid": self.pid,
+                "tid": self.tid,
+                "comm": self.comm,
+                "family": self.family,
+                "type": self.sock_type,
+                "protocol": self.protocol,
+                "action": self.action,
+            }),
+        }
+    }
+}
+
+impl EscapeRecord {
+    /// `cgroup_escape` (pid and comm of the moved process, writer and writer_comm, to, action,
+    /// writer_killed). The kernel reports the writer's comm; `moved_comm` is the moved
+    /// process's when the daemon read it, and `killed_by_daemon` says the daemon ended it.
+    pub fn audit_line(&self, moved_comm: Option<String>, killed_by_daemon: bool) -> KernelLine {
+        let comm = if self.pid == self.writer {
+            Some(self.comm.clone())
+        } else {
+            moved_comm
+        };
+        let action = if self.moved_killed {
+            "killed"
+        } else if killed_by_daemon {
+            "killed_by_daemon"
+        } else {
+            "doomed"
+        };
+        KernelLine {
+            agent_id: self.agent_id,
+            ts_ns: self.ts_ns,
+            kind: "cgroup_escape",
+            pid: self.pid,
+            fields: json!({
+                "pid": self.pid,
+                "comm": comm,
+                "writer": self.writer,
+                "writer_comm": self.comm,
+                "to": self.to,
+                "action": action,
+                "writer_killed": self.writer_killed,
+            }),
+        }
+    }
+}
+
+/// Decodes a socket record (`kind` is its first word); None for other kinds.
+pub fn decode_socket(kind: u32, bytes: &[u8]) -> Option<SocketAttempt> {
+    if kind != EVENT_SOCKET_DENIED && kind != EVENT_SOCKET_KILLED {
+        return None;
+    }
+    let e = read_record::<SocketEvent>(bytes)?;
+    Some(SocketAttempt {
+        action: if e.kind == EVENT_SOCKET_KILLED {
+            "killed"
+        } else {
+            "refused"
+        },
+        agent_id: e.agent,
+        tid: e.pid,
+        pid: e.tgid,
+        comm: c_string(&e.comm),
+        family: family_name(e.family),
+        sock_type: type_name(e.sock_type),
+        protocol: e.protocol,
+        ts_ns: e.ts_ns,
+    })
+}
+
+/// Decodes an escape record (`kind` is its first word); None for other kinds.
+pub fn decode_escape(kind: u32, bytes: &[u8]) -> Option<EscapeRecord> {
+    if kind != EVENT_CGROUP_ESCAPE {
+        return None;
+    }
+    let e = read_record::<EscapeEvent>(bytes)?;
+    Some(EscapeRecord {
+        agent_id: e.agent,
+        pid: e.pid,
+        writer: e.writer,
+        comm: c_string(&e.comm),
+        to: c_string(&e.dst_path),
+        dst_id: e.dst_id,
+        moved_killed: e.flags & ESCAPE_FLAG_MOVED_KILLED != 0,
+        writer_killed: e.flags & ESCAPE_FLAG_WRITER_KILLED != 0,
+        moved_doomed: e.flags & ESCAPE_FLAG_MOVED_DOOMED != 0,
+        ts_ns: e.ts_ns,
+    })
+}
+
+/// Name of an address family as in the C headers (the number when it has none here).
+pub fn family_name(family: u32) -> String {
+    match family {
+        1 => "AF_UNIX".into(),
+        2 => "AF_INET".into(),
+        10 => "AF_INET6".into(),
+        16 => "AF_NETLINK".into(),
+        17 => "AF_PACKET".into(),
+        n => n.to_string(),
+    }
+}
+
+/// Name of a socket type, SOCK_NONBLOCK/SOCK_CLOEXEC masked off (the number when unnamed).
+pub fn type_name(sock_type: u32) -> String {
+    match sock_type & 0xf {
+        1 => "SOCK_STREAM".into(),
+        2 => "SOCK_DGRAM".into(),
+        3 => "SOCK_RAW".into(),
+        5 => "SOCK_SEQPACKET".into(),
+        10 => "SOCK_PACKET".into(),
+        n => n.to_string(),
     }
 }
 

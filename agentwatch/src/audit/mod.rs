@@ -77,6 +77,30 @@ impl Audit {
     }
 }
 
+/// What one kernel record becomes in the trail (each concern builds its own kinds).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelLine {
+    /// The agent's kernel id (the daemon names it).
+    pub agent_id: u32,
+    /// The record's CLOCK_MONOTONIC time: the line's `ts`, and `kernel_ts_ns`.
+    pub ts_ns: u64,
+    pub kind: &'static str,
+    /// The process the line is about (with `ts_ns` and `kind`: the line's [`RecordId`]).
+    pub pid: u32,
+    /// Everything after `ts`, `agent`, `kind`.
+    pub fields: Value,
+}
+
+impl KernelLine {
+    pub fn id(&self) -> RecordId {
+        RecordId {
+            kernel_ts_ns: self.ts_ns,
+            kind: self.kind.to_owned(),
+            pid: self.pid,
+        }
+    }
+}
+
 /// Identifies the audit line of one kernel record: its CLOCK_MONOTONIC time, kind and pid.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RecordId {

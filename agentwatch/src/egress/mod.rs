@@ -3,6 +3,7 @@
 //! Attaches the four cgroup sock_addr programs to an agent's cgroup and writes its compiled
 //! rules into the kernel's LPM tries, one rule generation at a time.
 
+pub mod events;
 pub mod rules;
 
 use std::{os::fd::AsFd as _, path::Path};
@@ -107,8 +108,8 @@ impl EgressMaps {
             .map(|(k, count)| {
                 let _ = self.suppressed.remove(&k);
                 Suppressed {
-                    proto: crate::events::proto_name(k.proto),
-                    dest: crate::events::dest_addr(k.family, k.addr, k.port),
+                    proto: events::proto_name(k.proto),
+                    dest: events::dest_addr(k.family, k.addr, k.port),
                     count,
                 }
             })
