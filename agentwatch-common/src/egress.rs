@@ -137,6 +137,17 @@ pub struct AgentCounters {
 }
 
 impl AgentCounters {
+    /// Egress attempts with `verdict` (`VERDICT_*`), all protocols together.
+    pub fn verdict_total(&self, verdict: u8) -> u64 {
+        let mut sum = 0;
+        let mut proto = 0;
+        while proto < NUM_PROTOS as u8 {
+            sum += self.egress[egress_slot(proto, verdict)];
+            proto += 1;
+        }
+        sum
+    }
+
     /// Events counted instead of written one by one (over the agent's event rate), all kinds.
     pub const fn suppressed(&self) -> u64 {
         self.egress_suppressed

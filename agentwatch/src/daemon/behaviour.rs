@@ -3,9 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use agentwatch_common::{
-    AGENT_FLAG_DENY_ALL, AGENT_FLAG_TRIPPED, AgentCounters, NUM_PROTOS, VERDICT_DENIED, egress_slot,
-};
+use agentwatch_common::{AGENT_FLAG_DENY_ALL, AGENT_FLAG_TRIPPED, AgentCounters, VERDICT_DENIED};
 use anyhow::Result;
 use serde_json::json;
 
@@ -118,15 +116,12 @@ fn action_label(a: Action) -> (&'static str, usize) {
 
 /// The cumulative count behind each breaker signal (indexed like `Signal::ALL`).
 pub(super) fn signal_counts(c: &AgentCounters) -> [u64; SIGNALS] {
-    let denied = (0..NUM_PROTOS as u8)
-        .map(|p| c.egress[egress_slot(p, VERDICT_DENIED)])
-        .sum();
     [
         c.connects,
         c.sends,
         c.syscalls,
         c.execs + c.execs_denied,
-        denied,
+        c.verdict_total(VERDICT_DENIED),
         c.destinations,
     ]
 }

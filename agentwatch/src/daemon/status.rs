@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use agentwatch_common::{
-    AGENT_FLAG_DENY_ALL, AGENT_FLAG_KILLED, AGENT_FLAG_TRIPPED, NUM_PROTOS, VERDICT_ALLOWED,
-    VERDICT_CAPPED, VERDICT_DENIED, egress_slot,
+    AGENT_FLAG_DENY_ALL, AGENT_FLAG_KILLED, AGENT_FLAG_TRIPPED, VERDICT_ALLOWED, VERDICT_CAPPED,
+    VERDICT_DENIED, egress_slot,
 };
 use anyhow::Result;
 use serde_json::{Value, json};
@@ -37,11 +37,6 @@ impl State {
                 continue;
             };
             let c = self.agents.counters(name).unwrap_or_default();
-            let by_proto = |verdict: u8| -> u64 {
-                (0..NUM_PROTOS as u8)
-                    .map(|p| c.egress[egress_slot(p, verdict)])
-                    .sum()
-            };
             let per_proto: serde_json::Map<String, Value> =
                 [(0u8, "tcp"), (1, "udp"), (2, "other")]
                     .iter()
@@ -62,9 +57,9 @@ impl State {
                 "processes": cg.all_pids().map(|p| p.len()).unwrap_or(0),
                 "state": self.agent_state(name, cg),
                 "egress_denied_all": self.agents.info(name).is_some_and(|i| i.state.flags & AGENT_FLAG_DENY_ALL != 0),
-                "allowed": by_proto(VERDICT_ALLOWED),
-                "denied": by_proto(VERDICT_DENIED),
-                "capped": by_proto(VERDICT_CAPPED),
+                "allowed": c.verdict_total(VERDICT_ALLOWED),
+                "denied": c.verdict_total(VERDICT_DENIED),
+                "capped": c.verdict_total(VERDICT_CAPPED),
                 "connects": c.connects,
                 "sends": c.sends,
                 "syscalls": c.syscalls,
