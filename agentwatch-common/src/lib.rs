@@ -5,11 +5,13 @@
 //! compile time so that a change on one side cannot silently disagree with the other.
 #![no_std]
 
+pub mod dns;
 pub mod egress;
 pub mod exec;
 pub mod limits;
 pub mod sockets;
 
+pub use dns::*;
 pub use egress::*;
 pub use exec::*;
 pub use limits::*;
@@ -50,6 +52,9 @@ pub const AGENT_FLAG_MONITOR_SYSCALLS: u32 = 1 << 1;
 /// The agent has an exec allow-list: an exec of a path not in [`crate::ExecKey`] entries is
 /// killed in the kernel.
 pub const AGENT_FLAG_EXEC_ALLOW: u32 = 1 << 2;
+/// The agent has hostname rules: its DNS traffic goes to its forwarder ([`crate::DnsPorts`]) and
+/// addresses the forwarder learned for it ([`crate::DnsKey`]) are allowed as their rules say.
+pub const AGENT_FLAG_DNS: u32 = 1 << 3;
 /// Userspace bookkeeping, ignored by the kernel but kept in its map so that it survives a daemon
 /// restart: the agent was killed with the kill switch and awaits `approve`.
 pub const AGENT_FLAG_KILLED: u32 = 1 << 8;
@@ -100,6 +105,10 @@ mod pod {
     unsafe impl aya::Pod for super::DestKey {}
     unsafe impl aya::Pod for super::SocketEvent {}
     unsafe impl aya::Pod for super::EscapeEvent {}
+    unsafe impl aya::Pod for super::DnsPorts {}
+    unsafe impl aya::Pod for super::DnsKey {}
+    unsafe impl aya::Pod for super::DnsValue {}
+    unsafe impl aya::Pod for super::DnsOrig {}
 }
 
 const _: () = assert!(core::mem::size_of::<AgentState>() == 16);

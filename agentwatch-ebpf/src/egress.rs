@@ -7,10 +7,10 @@
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
 use agentwatch_common::{
-    AGENT_FLAG_DENY_ALL, AgentLimits, Cap, DestKey, EVENT_EGRESS_CAPPED, EVENT_EGRESS_DENIED,
-    EgressEvent, HOOK_CONNECT, HOOK_SENDMSG, MAX_AGENTS, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
-    RuleKeyV4, RuleKeyV6, RuleValue, SCOPE_BITS, UNKNOWN_AGENT, VERDICT_ALLOWED, VERDICT_CAPPED,
-    VERDICT_DENIED, egress_slot, rule_scope,
+    AGENT_FLAG_DENY_ALL, AGENT_FLAG_DNS, AgentLimits, Cap, DestKey, EVENT_EGRESS_CAPPED,
+    EVENT_EGRESS_DENIED, EgressEvent, HOOK_CONNECT, HOOK_SENDMSG, MAX_AGENTS, PROTO_OTHER,
+    PROTO_TCP, PROTO_UDP, RuleKeyV4, RuleKeyV6, RuleValue, SCOPE_BITS, UNKNOWN_AGENT,
+    VERDICT_ALLOWED, VERDICT_CAPPED, VERDICT_DENIED, egress_slot, rule_scope,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -20,7 +20,10 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 
-use crate::agent::{EVENTS, count_lost_event, counters, current_agent};
+use crate::{
+    agent::{EVENTS, count_lost_event, counters, current_agent},
+    dns,
+};
 
 /// Upper bound for rules across all agents and both generations; LPM tries allocate per entry
 /// (BPF_F_NO_PREALLOC), so the bound costs nothing until used.
@@ -85,10 +88,10 @@ pub enum CapKind {
 
 /// A destination as judged: IPv4 (also when it arrived v4-mapped through an AF_INET6 socket) or
 /// IPv6, address bytes in network order.
-struct Dest {
-    v6: bool,
-    addr: [u8; 16],
-    port: u16,
+pub struct Dest {
+    pub v6: bool,
+    pub addr: [u8; 16],
+    pub port: u16,
 }
 
 #[inline(always)]
@@ -132,12 +135,21 @@ fn judge(ctx: &SockAddrContext, hook: u8, v6_hook: bool) -> i32 {
     if let Some(state) = agent {
         count_destination(state.id, proto, &dest);
     }
+    // DNS of an agent with hostname rules goes to its forwarder, whatever resolver it names
+    // (unless its egress is revoked: then it is denied like everything else).
+    let redirect = agent.is_some_and(|s| {
+        s.flags & (AGENT_FLAG_DNS | AGENT_FLAG_DENY_ALL) == AGENT_FLAG_DNS
+            && dns::is_dns(proto, &dest)
+    });
     let allowed = match agent {
         // A socket of an agent's cgroup used by a task outside every agent: fail closed.
         None => false,
         Some(state) => {
             state.flags & AGENT_FLAG_DENY_ALL == 0
-                && allowed_by_rules(rule_scope(state.id, state.generation), proto, &dest)
+                && (redirect
+                    || allowed_by_rules(rule_scope(state.id, state.generation), proto, &dest)
+                    || (state.flags & AGENT_FLAG_DNS != 0
+                        && dns::learned_allows(state.id, proto, &dest)))
         }
     };
     let id = agent.map_or(UNKNOWN_AGENT, |s| s.id);
@@ -150,9 +162,10 @@ fn judge(ctx: &SockAddrContext, hook: u8, v6_hook: bool) -> i32 {
     let capped = allowed && over_limit(id, cap);
     let verdict = if capped {
         VERDICT_CAPPED
-    } else if allowed {
+    } else if allowed && (!redirect || dns::redirect(ctx, id, proto, v6_hook, &dest)) {
         VERDICT_ALLOWED
     } else {
+        // Includes DNS with no forwarder to send it to (the daemon never started one).
         VERDICT_DENIED
     };
     if let Some(c) = counters(id) {

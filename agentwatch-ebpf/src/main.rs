@@ -10,6 +10,7 @@
 )]
 
 mod agent;
+mod dns;
 mod egress;
 mod exec;
 mod sockets;

@@ -13,14 +13,15 @@ use std::{
 };
 
 use agentwatch_common::{
-    AGENT_FLAG_EXEC_ALLOW, AGENT_FLAG_MONITOR_SYSCALLS, AgentCounters, AgentState, MAX_AGENTS,
-    Settings, rule_scope,
+    AGENT_FLAG_DNS, AGENT_FLAG_EXEC_ALLOW, AGENT_FLAG_MONITOR_SYSCALLS, AgentCounters, AgentState,
+    DnsPorts, MAX_AGENTS, Settings, rule_scope,
 };
 use aya::maps::{MapData, RingBuf};
 
 use crate::{
     bpf::{KernelError, PinDir, map_err, remove_link_dir},
     cgroup::{self, Cgroup},
+    dns,
     egress::{self, Caps, CompiledRules},
     exec,
     kernel::Kernel,
@@ -41,6 +42,9 @@ pub struct Policy {
     pub exec_allow: Option<Vec<PathBuf>>,
     /// Count the agent's syscalls (attaches the host-wide sys_enter hook).
     pub monitor_syscalls: bool,
+    /// The agent has hostname rules and its DNS forwarder listens here: its DNS calls go
+    /// there, and addresses the forwarder learned for it are allowed.
+    pub dns: Option<DnsPorts>,
 }
 
 impl From<CompiledRules> for Policy {
@@ -61,12 +65,15 @@ impl Policy {
         if self.monitor_syscalls {
             f |= AGENT_FLAG_MONITOR_SYSCALLS;
         }
+        if self.dns.is_some() {
+            f |= AGENT_FLAG_DNS;
+        }
         f
     }
 }
 
 /// Flags owned by the policy (the rest belong to the kill switch and breaker).
-const POLICY_FLAGS: u32 = AGENT_FLAG_EXEC_ALLOW | AGENT_FLAG_MONITOR_SYSCALLS;
+const POLICY_FLAGS: u32 = AGENT_FLAG_EXEC_ALLOW | AGENT_FLAG_MONITOR_SYSCALLS | AGENT_FLAG_DNS;
 
 /// One guarded agent.
 struct Guarded {
@@ -88,6 +95,13 @@ pub struct PreparedPolicy {
     policy: Policy,
     /// The rule scope (generation) it was written to.
     scope: u32,
+}
+
+impl PreparedPolicy {
+    /// The agent it is for.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
 }
 
 /// What [`Agents::info`] reports about one agent.
@@ -218,6 +232,9 @@ impl Agents {
                 self.kernel.egress.write(next, &policy.rules)?;
                 self.write_limits(state.id, &policy)?;
                 self.kernel
+                    .dns
+                    .write_ports(state.id, policy.dns.unwrap_or_default())?;
+                self.kernel
                     .exec
                     .sync(state.id, policy.exec_allow.as_deref())?;
                 state.generation ^= 1;
@@ -241,6 +258,9 @@ impl Agents {
                 self.kernel.reset_trips(id)?;
                 self.kernel.egress.write(rule_scope(id, 0), &policy.rules)?;
                 self.write_limits(id, &policy)?;
+                self.kernel
+                    .dns
+                    .write_ports(id, policy.dns.unwrap_or_default())?;
                 self.kernel.exec.sync(id, policy.exec_allow.as_deref())?;
                 self.write_state(cgroup_id, state)?;
                 (state, Guarding::New)
@@ -250,9 +270,19 @@ impl Agents {
         let pin_dir = self.kernel.pins().map(|p| p.agent_links(name, cgroup_id));
         let attached =
             egress::attach(&mut self.kernel.ebpf, &cgroup, pin_dir.as_deref()).and_then(|mut l| {
-                match sockets::attach(&mut self.kernel.ebpf, &cgroup, pin_dir.as_deref()) {
-                    Ok(link) => {
-                        l.push(link);
+                let more = sockets::attach(&mut self.kernel.ebpf, &cgroup, pin_dir.as_deref())
+                    .and_then(|link| {
+                        let mut more = vec![link];
+                        more.extend(dns::attach(
+                            &mut self.kernel.ebpf,
+                            &cgroup,
+                            pin_dir.as_deref(),
+                        )?);
+                        Ok(more)
+                    });
+                match more {
+                    Ok(more) => {
+                        l.extend(more);
                         Ok(l)
                     }
                     Err(e) => {
@@ -371,6 +401,11 @@ impl Agents {
         let (id, cgroup_id, mut state) = (g.id, g.cgroup_id, g.state);
         let old_scope = rule_scope(id, state.generation);
         self.write_limits(id, &policy)?;
+        // A new forwarder's ports are in place before the flag sends DNS there; a dropped
+        // one's stay until the flag no longer does.
+        if let Some(ports) = policy.dns {
+            self.kernel.dns.write_ports(id, ports)?;
+        }
         state.generation = scope & 1;
         state.flags = (state.flags & !POLICY_FLAGS) | policy.flags();
         self.write_state(cgroup_id, state)?;
@@ -378,6 +413,9 @@ impl Agents {
         let g = self.get_mut(&name)?;
         g.state = state;
         let old = std::mem::replace(&mut g.policy, policy);
+        if g.policy.dns.is_none() && old.dns.is_some() {
+            self.kernel.dns.clear(id)?;
+        }
         self.kernel.egress.clear(old_scope, &old.rules)?;
         self.sync_syscalls()
     }
@@ -582,6 +620,7 @@ impl Agents {
     fn forget_slot(&mut self, id: u32) -> Result<(), KernelError> {
         self.kernel.exec.sync(id, None)?;
         self.kernel.egress.clear_caps(id)?;
+        self.kernel.dns.clear(id)?;
         self.kernel.reset_counters(id)?;
         self.kernel.reset_trips(id)
     }

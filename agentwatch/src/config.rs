@@ -14,7 +14,11 @@ use toml::Spanned;
 
 use crate::{
     cgroup,
-    egress::{CompiledRules, rules::Rule},
+    dns::names::HostRules,
+    egress::{
+        CompiledRules,
+        rules::{EgressRule, Rule},
+    },
 };
 
 /// Where the daemon looks when `--config` is not given.
@@ -55,6 +59,44 @@ pub struct DaemonConfig {
     pub audit_max_size: bytesize::ByteSize,
     /// ... keeping this many rotated files (`audit.jsonl.1` is the newest).
     pub audit_keep: u32,
+    /// Where the DNS forwarder of hostname rules asks (None: the first nameserver of
+    /// /etc/resolv.conf). `IP` or `IP:PORT`.
+    #[serde(deserialize_with = "de::upstream")]
+    pub dns_upstream: Option<SocketAddr>,
+    /// An answer's addresses stay allowed at least this long ...
+    #[serde(deserialize_with = "de::duration")]
+    pub dns_min_ttl: Duration,
+    /// ... and at most this long, whatever the answer's TTL (the TTLs the agent sees are lowered
+    /// to this, so its cache forgets an address no later than the kernel does).
+    #[serde(deserialize_with = "de::duration")]
+    pub dns_max_ttl: Duration,
+}
+
+/// Deserializers of `[daemon]` values that TOML has no type for.
+mod de {
+    use std::{net::SocketAddr, time::Duration};
+
+    use serde::{Deserialize as _, Deserializer, de::Error as _};
+
+    pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map_err(|e| D::Error::custom(format!("`{s}`: {e} (e.g. \"5s\", \"1h\")")))
+    }
+
+    pub fn upstream<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let s = String::deserialize(d)?;
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(Some(addr));
+        }
+        s.parse::<std::net::IpAddr>()
+            .map(|ip| Some(SocketAddr::new(ip, 53)))
+            .map_err(|_| {
+                D::Error::custom(format!(
+                    "`{s}` is not an address: expected IP or IP:PORT (e.g. \"127.0.0.53:53\", \"[2001:db8::53]:53\")"
+                ))
+            })
+    }
 }
 
 impl Default for DaemonConfig {
@@ -79,6 +121,12 @@ impl Default for DaemonConfig {
             audit_max_size: bytesize::ByteSize::mib(100),
             // 1 GiB of history at the default size.
             audit_keep: 10,
+            // The host's own resolver, as every other program on it uses.
+            dns_upstream: None,
+            // Long enough for a connect that follows its lookup even on a loaded host.
+            dns_min_ttl: Duration::from_secs(5),
+            // A CDN's address is not trusted for longer than an hour without asking again.
+            dns_max_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -192,7 +240,10 @@ pub struct Agent {
     /// `agentwatch launch` runs the command as this user (its groups, primary group and uid).
     /// Only the name's form is checked here; whether the user exists is checked at launch.
     pub user: Option<String>,
+    /// The address rules of `egress` (enforced by the kernel's rule tries).
     pub egress: Vec<Rule>,
+    /// The hostname rules of `egress` (enforced through the DNS forwarder).
+    pub hostnames: HostRules,
     /// `egress` compiled for the kernel (done once, while validating).
     pub compiled: CompiledRules,
     /// None: no exec allow-list; Some(list): an exec of anything else is killed.
@@ -348,6 +399,24 @@ fn validate(raw: RawConfig, c: &mut Collector<'_>) -> Config {
             ),
         );
     }
+    if daemon.dns_min_ttl > daemon.dns_max_ttl {
+        c.at(
+            0..0,
+            format!(
+                "daemon.dns_min_ttl ({}) must not be longer than daemon.dns_max_ttl ({})",
+                humantime::format_duration(daemon.dns_min_ttl),
+                humantime::format_duration(daemon.dns_max_ttl)
+            ),
+        );
+    }
+    if daemon.dns_max_ttl < Duration::from_secs(1) {
+        c.at(
+            0..0,
+            "daemon.dns_max_ttl must be at least 1s: shorter, every answer expires before the \
+             agent can use it"
+                .to_owned(),
+        );
+    }
     if daemon.audit_rate == 0 {
         c.at(
             0..0,
@@ -434,9 +503,11 @@ fn validate(raw: RawConfig, c: &mut Collector<'_>) -> Config {
         }
         seen_cgroups.push((cgroup.clone(), cg_span));
         let mut egress = Vec::new();
+        let mut hostnames = HostRules::default();
         for r in &a.egress {
-            match r.get_ref().parse::<Rule>() {
-                Ok(rule) => egress.push(rule),
+            match r.get_ref().parse::<EgressRule>() {
+                Ok(EgressRule::Net(rule)) => egress.push(rule),
+                Ok(EgressRule::Name(rule)) => hostnames.0.push(rule),
                 Err(e) => c.at(r.span(), format!("egress rule `{}`: {e}", r.get_ref())),
             }
         }
@@ -500,6 +571,7 @@ fn validate(raw: RawConfig, c: &mut Collector<'_>) -> Config {
             adopted,
             user: a.user.as_ref().map(|u| u.get_ref().clone()),
             egress,
+            hostnames,
             compiled,
             exec_allow,
             limits,
@@ -724,5 +796,61 @@ cgroup = "agentwatch/dup/x"
                 .starts_with("f:3:10: cgroup `../etc` must be relative"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn hostname_rules_and_dns_settings() {
+        let text = r#"
+[daemon]
+dns_upstream = "127.0.0.53"
+dns_min_ttl = "2s"
+dns_max_ttl = "10m"
+
+[[agents]]
+name = "coder"
+egress = ["tcp api.example.com 443", "tcp *.GitHub.com. 22", "udp 10.0.0.1 53"]
+"#;
+        let c = Config::parse(text, "t.toml").unwrap();
+        assert_eq!(
+            c.daemon.dns_upstream,
+            Some("127.0.0.53:53".parse().unwrap())
+        );
+        assert_eq!(c.daemon.dns_min_ttl, Duration::from_secs(2));
+        assert_eq!(c.daemon.dns_max_ttl, Duration::from_secs(600));
+        let a = &c.agents[0];
+        assert_eq!(a.egress.len(), 1);
+        let names: Vec<String> = a.hostnames.0.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["tcp api.example.com 443", "tcp *.github.com 22"]);
+        assert_eq!(
+            Config::parse(EMBEDDED_DEFAULT, "d")
+                .unwrap()
+                .daemon
+                .dns_upstream,
+            None
+        );
+
+        let bad = r#"
+[daemon]
+dns_min_ttl = "2h"
+
+[[agents]]
+name = "coder"
+egress = ["tcp *.com 443", "tcp a.*.example.com 443", "tcp localhost 80"]
+"#;
+        let e = Config::parse(bad, "f").unwrap_err().to_string();
+        assert!(
+            e.contains("dns_min_ttl (2h) must not be longer than daemon.dns_max_ttl (1h)"),
+            "{e}"
+        );
+        assert!(e.contains("f:7:11: egress rule `tcp *.com 443`: `*.com` would allow every name under a top-level domain"), "{e}");
+        assert!(
+            e.contains("`a.*.example.com`: a wildcard is only allowed as the whole first label"),
+            "{e}"
+        );
+        assert!(e.contains("`localhost` is a single label"), "{e}");
+        let e = Config::parse("[daemon]\ndns_upstream = \"resolver\"\n", "f")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("f:2:16: `resolver` is not an address"), "{e}");
     }
 }

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use agentwatch_common::{
-    AgentCounters, AgentLimits, AgentState, DestKey, ExecKey, RuleKeyV4, RuleKeyV6, RuleValue,
-    Settings,
+    AgentCounters, AgentLimits, AgentState, DestKey, DnsKey, DnsOrig, DnsPorts, DnsValue, ExecKey,
+    RuleKeyV4, RuleKeyV6, RuleValue, Settings,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -15,6 +15,7 @@ use aya::{
 pub use crate::bpf::{KernelError, PinDir};
 use crate::{
     bpf::{SignalsBlocked, map_err, take_map},
+    dns::DnsMaps,
     egress::EgressMaps,
     exec::ExecMaps,
     sockets::SocketMaps,
@@ -34,6 +35,7 @@ pub struct Kernel {
     pub(crate) egress: EgressMaps,
     pub(crate) exec: ExecMaps,
     pub(crate) sockets: SocketMaps,
+    pub(crate) dns: DnsMaps,
     pub(crate) settings: Array<MapData, Settings>,
     trips: Array<MapData, [u64; 4]>,
     pins: Option<PinDir>,
@@ -41,7 +43,7 @@ pub struct Kernel {
 
 /// Every map of the object with the key and value sizes this build expects of it. A pinned map
 /// of another layout (an older agentwatch) is refused rather than misread.
-const MAPS: [(&str, u32, u32); 18] = [
+const MAPS: [(&str, u32, u32); 22] = [
     ("AGENTS", 8, size_of::<AgentState>() as u32),
     ("COUNTERS", 4, size_of::<AgentCounters>() as u32),
     ("EVENTS", 0, 0),
@@ -68,6 +70,14 @@ const MAPS: [(&str, u32, u32); 18] = [
     ("NESTED", 8, 8),
     ("DOOMED", 4, 4),
     ("DOOMED_COUNT", 4, 8),
+    ("DNS_PORTS", 4, size_of::<DnsPorts>() as u32),
+    (
+        "DNS_ALLOW",
+        size_of::<DnsKey>() as u32,
+        size_of::<DnsValue>() as u32,
+    ),
+    ("DNS_ORIG", 8, size_of::<DnsOrig>() as u32),
+    ("DNS_COUNTS", 4, 8 * agentwatch_common::DNS_VERDICTS as u32),
 ];
 
 /// The embedded object's bytes (empty in a build without eBPF programs).
@@ -127,6 +137,7 @@ impl Kernel {
         let egress = EgressMaps::load(&mut ebpf)?;
         let exec = ExecMaps::load(&mut ebpf)?;
         let sockets = SocketMaps::load(&mut ebpf)?;
+        let dns = DnsMaps::load(&mut ebpf)?;
         crate::syscalls::load(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -137,6 +148,7 @@ impl Kernel {
             egress,
             exec,
             sockets,
+            dns,
             settings,
             trips,
             pins,
@@ -146,6 +158,11 @@ impl Kernel {
     /// Where this object's maps and links are pinned, if they are.
     pub fn pins(&self) -> Option<&PinDir> {
         self.pins.as_ref()
+    }
+
+    /// The addresses hostname rules admitted (shared with the DNS forwarder).
+    pub fn learned(&self) -> crate::dns::Learned {
+        self.dns.learned()
     }
 
     /// The event ring buffer; it has one reader, so it can be taken once.

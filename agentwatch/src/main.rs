@@ -146,6 +146,14 @@ fn real_main(cmd: Cmd, socket: PathBuf) -> Result<ExitCode> {
         Cmd::Check { config } => {
             return match Config::load(&config) {
                 Ok(c) => {
+                    // The daemon refuses hostname rules it cannot resolve: so does check.
+                    if c.agents.iter().any(|a| !a.hostnames.is_empty())
+                        && let Err(e) =
+                            agentwatch::dns::Settings::upstream_from(c.daemon.dns_upstream)
+                    {
+                        println!("{}: {e}", config.display());
+                        return Ok(ExitCode::FAILURE);
+                    }
                     println!("{}: ok ({} agent(s))", config.display(), c.agents.len());
                     Ok(ExitCode::SUCCESS)
                 }
@@ -218,7 +226,7 @@ fn print_status(data: &Value) {
         return;
     }
     println!(
-        "{:<20} {:<8} {:>6} {:>10} {:>8} {:>8} {:>10} {:>10} {:<9} {:>7}  CGROUP",
+        "{:<20} {:<8} {:>6} {:>10} {:>8} {:>8} {:>10} {:>10} {:<9} {:>7} {:>9}  CGROUP",
         "AGENT",
         "STATE",
         "PROCS",
@@ -228,7 +236,8 @@ fn print_status(data: &Value) {
         "CONN/S",
         "BASE/S",
         "BREAKER",
-        "ESCAPES"
+        "ESCAPES",
+        "DNS_DENY"
     );
     for r in rows {
         let num = |v: &Value| v.as_f64().map_or("-".to_owned(), |f| format!("{f:.1}"));
@@ -237,7 +246,7 @@ fn print_status(data: &Value) {
             .map(|m| m.values().filter_map(Value::as_u64).sum())
             .unwrap_or(0);
         println!(
-            "{:<20} {:<8} {:>6} {:>10} {:>8} {:>8} {:>10} {:>10} {:<9} {:>7}  {}",
+            "{:<20} {:<8} {:>6} {:>10} {:>8} {:>8} {:>10} {:>10} {:<9} {:>7} {:>9}  {}",
             r["name"].as_str().unwrap_or("?"),
             r["state"].as_str().unwrap_or("?"),
             r["processes"],
@@ -248,6 +257,7 @@ fn print_status(data: &Value) {
             num(&r["baselines"]["connects"]),
             r["breaker"].as_str().unwrap_or("?"),
             escapes,
+            r["dns"]["denied"],
             r["cgroup"].as_str().unwrap_or("?"),
         );
         // Nothing stops a process holding these from switching agentwatch off: say so.

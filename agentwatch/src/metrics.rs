@@ -24,6 +24,8 @@ pub struct AgentSnapshot {
     pub breaker_open: bool,
     /// Trips by action (alert, deny, freeze, kill).
     pub trips: [u64; 4],
+    /// The DNS forwarder's counts (zero without hostname rules).
+    pub dns: crate::dns::Stats,
 }
 
 const ACTIONS: [&str; 4] = ["alert", "deny", "freeze", "kill"];
@@ -138,6 +140,20 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
         "Denials over the agent's audit_rate: counted and summarised, not written one by one",
         &["agent"],
     )?;
+    let dns_queries = counter_vec(
+        &r,
+        "agentwatch_dns_queries_total",
+        "DNS queries of agents with hostname rules: allowed (answered), denied (REFUSED: no \
+         rule allows the name), failed (upstream or the kernel write failed: SERVFAIL), \
+         malformed (FORMERR or dropped)",
+        &["agent", "verdict"],
+    )?;
+    let dns_learned = gauge_vec(
+        &r,
+        "agentwatch_dns_learned_addresses",
+        "Addresses in the agent's kernel allow-list learned from allowed DNS answers",
+        &["agent"],
+    )?;
     let rate = float_gauge_vec(
         &r,
         "agentwatch_rate_per_second",
@@ -194,6 +210,17 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
             escapes.with_label_values(&[n, kind]).inc_by(n_);
         }
         suppressed.with_label_values(&[n]).inc_by(c.suppressed());
+        for (verdict, count) in [
+            ("allowed", a.dns.allowed),
+            ("denied", a.dns.denied),
+            ("failed", a.dns.failed),
+            ("malformed", a.dns.malformed),
+        ] {
+            dns_queries.with_label_values(&[n, verdict]).inc_by(count);
+        }
+        dns_learned
+            .with_label_values(&[n])
+            .set(i64::try_from(a.dns.learned).unwrap_or(i64::MAX));
         for (i, signal) in Signal::ALL.iter().map(|s| s.name()).enumerate() {
             rate.with_label_values(&[n, signal]).set(a.rates[i]);
             // No baseline before the first window: absent, rather than a misleading 0.
@@ -237,6 +264,12 @@ mod tests {
                 anomaly_score: 6.25,
                 breaker_open: true,
                 trips: [0, 0, 1, 0],
+                dns: crate::dns::Stats {
+                    allowed: 5,
+                    denied: 2,
+                    learned: 3,
+                    ..Default::default()
+                },
             }],
             events_lost: 2,
             reloads_ok: 4,
@@ -260,6 +293,10 @@ mod tests {
             "agentwatch_breaker_trips_total{action=\"freeze\",agent=\"mailer\"} 1",
             "agentwatch_execs_total{agent=\"mailer\",verdict=\"denied\"} 0",
             "agentwatch_syscalls_total{agent=\"mailer\"} 0",
+            "agentwatch_dns_queries_total{agent=\"mailer\",verdict=\"allowed\"} 5",
+            "agentwatch_dns_queries_total{agent=\"mailer\",verdict=\"denied\"} 2",
+            "agentwatch_dns_queries_total{agent=\"mailer\",verdict=\"malformed\"} 0",
+            "agentwatch_dns_learned_addresses{agent=\"mailer\"} 3",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

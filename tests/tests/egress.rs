@@ -517,8 +517,8 @@ fn nothing_the_test_made_remains_afterwards() {
         let mut link_ids = agents.link_ids("t9");
         assert_eq!(
             link_ids.len(),
-            5,
-            "one link per egress hook and one for sock_create"
+            9,
+            "one link per egress hook, one for sock_create, one per DNS reply hook"
         );
         let host = agents.host_link_ids();
         assert_eq!(
@@ -531,8 +531,9 @@ fn nothing_the_test_made_remains_afterwards() {
         let prog_ids = agents.kernel().program_ids();
         assert_eq!(
             prog_ids.len(),
-            11,
-            "4 egress, 2 exec/fork, 4 sockets, 1 sys_enter (loaded, not attached)"
+            15,
+            "4 egress, 4 DNS reply hooks, 2 exec/fork, 4 sockets, 1 sys_enter (loaded, not \
+             attached)"
         );
         (
             cg.path().to_owned(),

@@ -38,7 +38,7 @@ use crate::{
     breaker::Monitor,
     cgroup,
     config::Config,
-    control as protocol,
+    control as protocol, dns,
     kernel::PinDir,
 };
 
@@ -64,6 +64,9 @@ struct State {
     monitors: BTreeMap<String, Monitor>,
     /// What the once-a-second sweep has accounted for.
     swept: sweep::Swept,
+    /// The DNS forwarder of agents with hostname rules (its tasks run beside this state and
+    /// never take its lock).
+    dns: dns::Forwarder,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -116,6 +119,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
     let ring = agents
         .take_events()
         .context("the event ring buffer was already taken")?;
+    let dns = start_dns(&config, &agents, &audit)?;
     let metrics_addr = config.daemon.metrics_listen;
     let last_seen = match &source {
         ConfigSource::File(p) => std::fs::read(p).ok(),
@@ -135,12 +139,21 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         last_seen,
         monitors: BTreeMap::new(),
         swept: sweep::Swept::default(),
+        dns,
     };
     state.apply(config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let stale = state.agents.forget_stale()?;
     if stale.states > 0 || !stale.link_dirs.is_empty() {
         tracing::info!(states = stale.states, links = ?stale.link_dirs, "removed what an earlier daemon left for agents no longer configured");
     }
+    // What an earlier daemon learned for agents no longer configured goes with them.
+    let live = state
+        .agents
+        .names()
+        .filter_map(|n| state.agents.info(n))
+        .map(|i| i.id)
+        .collect();
+    state.agents.kernel().learned().retain_agents(&live)?;
     let state: Shared = Arc::new(Mutex::new(state));
 
     let listener = bind_control(
@@ -181,6 +194,29 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         "agentwatch stopped; {n} agent(s) stay guarded by pinned programs (`agentwatch run --cleanup` removes them)"
     );
     result
+}
+
+/// The DNS forwarder. Its upstream is found now; without one, the daemon still runs, and
+/// only agents with hostname rules are refused, with the reason.
+fn start_dns(config: &Config, agents: &Agents, audit: &Audit) -> Result<dns::Forwarder> {
+    let upstream = match dns::Settings::upstream_from(config.daemon.dns_upstream) {
+        Ok(addr) => {
+            tracing::info!(upstream = %addr, "DNS forwarder upstream");
+            Some(addr)
+        }
+        Err(e) => {
+            tracing::warn!("no DNS upstream, so hostname rules cannot be used: {e}");
+            None
+        }
+    };
+    let settings = dns::Settings {
+        upstream,
+        min_ttl: config.daemon.dns_min_ttl,
+        max_ttl: config.daemon.dns_max_ttl,
+        audit_rate: config.daemon.audit_rate,
+    };
+    dns::Forwarder::new(agents.kernel().learned(), settings, audit.clone())
+        .context("starting the DNS forwarder")
 }
 
 async fn wait_for_signals(state: &Shared) -> Result<()> {

@@ -19,6 +19,7 @@ use crate::{
     breaker::Monitor,
     cgroup::Cgroup,
     config::{Agent, Config},
+    dns::Endpoint,
 };
 
 /// An agent guarded while preparing a plan: what undoing it takes.
@@ -81,7 +82,8 @@ impl State {
 
         // 1. Prepare everything that can fail.
         let mut guarded = Vec::new();
-        let mut prepared: Vec<PreparedPolicy> = Vec::new();
+        // With the DNS forwarder sockets bound for agents that gain hostname rules.
+        let mut prepared: Vec<(PreparedPolicy, Option<Endpoint>)> = Vec::new();
         let mut failure = None;
         for a in &added {
             match self.add_agent(a) {
@@ -94,11 +96,26 @@ impl State {
         }
         if failure.is_none() {
             for a in &changed {
-                match self
-                    .agents
-                    .prepare_policy(&a.name, policy_of(a, self.config.daemon.audit_rate))
-                {
-                    Ok(p) => prepared.push(p),
+                let mut policy = policy_of(a, self.config.daemon.audit_rate);
+                let endpoint = if a.hostnames.is_empty() {
+                    None
+                } else if let Some(ports) = self.dns.ports(&a.name) {
+                    policy.dns = Some(ports);
+                    None
+                } else {
+                    match self.dns.bind() {
+                        Ok(e) => {
+                            policy.dns = Some(e.ports);
+                            Some(e)
+                        }
+                        Err(e) => {
+                            failure = Some(format!("agent `{}`: {e}", a.name));
+                            break;
+                        }
+                    }
+                };
+                match self.agents.prepare_policy(&a.name, policy) {
+                    Ok(p) => prepared.push((p, endpoint)),
                     Err(e) => {
                         failure = Some(format!("agent `{}`: {e}", a.name));
                         break;
@@ -107,7 +124,7 @@ impl State {
             }
         }
         if let Some(e) = failure {
-            for p in prepared {
+            for (p, _) in prepared {
                 self.agents.abort_policy(p);
             }
             for g in guarded.into_iter().rev() {
@@ -118,10 +135,21 @@ impl State {
 
         // 2. Switch.
         let mut summary = Vec::new();
-        for p in prepared {
+        for (p, endpoint) in prepared {
+            let name = p.name().to_owned();
             self.agents
                 .commit_policy(p)
                 .map_err(|e| format!("switching a policy: {e}"))?;
+            let Some(a) = new.agent(&name) else { continue };
+            let served = match (a.hostnames.is_empty(), endpoint) {
+                (true, _) => {
+                    self.dns.stop(&name);
+                    Ok(())
+                }
+                (false, Some(endpoint)) => self.serve_dns(a, endpoint),
+                (false, None) => self.dns.update(&name, a.hostnames.clone()),
+            };
+            served.map_err(|e| format!("agent `{name}`: {e}"))?;
         }
         for a in &changed {
             if let Some(m) = self.monitors.get_mut(&a.name) {
@@ -178,16 +206,23 @@ impl State {
     /// Guards agent `a` (creating or opening its cgroup); audits nothing yet.
     fn add_agent(&mut self, a: &Agent) -> Result<Added, String> {
         let path = self.mount.join(&a.cgroup);
+        let endpoint = if a.hostnames.is_empty() {
+            None
+        } else {
+            Some(
+                self.dns
+                    .bind()
+                    .map_err(|e| format!("agent `{}`: {e}", a.name))?,
+            )
+        };
+        let mut policy = policy_of(a, self.config.daemon.audit_rate);
+        policy.dns = endpoint.as_ref().map(|e| e.ports);
         let (cgroup, created) = if a.adopted {
             (Cgroup::open(&path).map_err(|e| e.to_string())?, false)
         } else {
             Cgroup::create(&path).map_err(|e| e.to_string())?
         };
-        let how = match self.agents.guard(
-            &a.name,
-            cgroup.clone(),
-            policy_of(a, self.config.daemon.audit_rate),
-        ) {
+        let how = match self.agents.guard(&a.name, cgroup.clone(), policy) {
             Ok(how) => how,
             Err(e) => {
                 if created {
@@ -214,17 +249,36 @@ impl State {
             Guarding::Adopted => self.agents.counters(&a.name).unwrap_or_default(),
         };
         self.swept.start(&a.name, counters);
-        tracing::info!(agent = %a.name, cgroup = %path.display(), rules = a.egress.len(), adopted, "agent guarded");
-        Ok(Added {
+        let added = Added {
             name: a.name.clone(),
             how,
             created,
             audit: json!({
                 "cgroup": path.display().to_string(),
-                "rules": a.egress.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "rules": a.egress.iter().map(ToString::to_string)
+                    .chain(a.hostnames.0.iter().map(ToString::to_string))
+                    .collect::<Vec<_>>(),
                 "readopted": adopted,
             }),
-        })
+        };
+        if let Some(endpoint) = endpoint
+            && let Err(e) = self.serve_dns(a, endpoint)
+        {
+            self.undo_add(added);
+            return Err(format!("agent `{}`: {e}", a.name));
+        }
+        tracing::info!(agent = %a.name, cgroup = %path.display(), rules = a.egress.len(), hostname_rules = a.hostnames.0.len(), adopted, "agent guarded");
+        Ok(added)
+    }
+
+    /// Starts agent `a`'s DNS forwarder on `endpoint` (its ports are already in the kernel).
+    fn serve_dns(&mut self, a: &Agent, endpoint: Endpoint) -> Result<(), String> {
+        let id = self
+            .agents
+            .info(&a.name)
+            .map(|i| i.id)
+            .ok_or_else(|| format!("agent `{}` is not guarded", a.name))?;
+        self.dns.serve(&a.name, id, a.hostnames.clone(), endpoint)
     }
 
     /// Rolls back an [`State::add_agent`] of a plan that failed: a new agent is unguarded (and
@@ -232,6 +286,7 @@ impl State {
     /// kernel as it was found, only forgotten here.
     fn undo_add(&mut self, g: Added) {
         self.monitors.remove(&g.name);
+        self.dns.stop(&g.name);
         match g.how {
             Guarding::Adopted => self.agents.release(&g.name),
             Guarding::New => match self.agents.unguard(&g.name) {
@@ -247,6 +302,8 @@ impl State {
 
     fn remove_agent(&mut self, a: &Agent) {
         self.monitors.remove(&a.name);
+        // Its forwarder stops before the slot is cleared: nothing is learned for it after.
+        self.dns.stop(&a.name);
         let cgroup = match self.agents.unguard(&a.name) {
             Ok(cg) => cg,
             Err(e) => {
@@ -299,6 +356,8 @@ fn policy_of(a: &Agent, audit_rate: u32) -> Policy {
         events_per_second: Some(audit_rate),
         exec_allow: a.exec_allow.clone(),
         monitor_syscalls: a.monitor.syscalls,
+        // Set by the caller once the forwarder's sockets are bound.
+        dns: None,
     }
 }
 

@@ -37,6 +37,7 @@ impl State {
                 continue;
             };
             let c = self.agents.counters(name).unwrap_or_default();
+            let dns = self.dns.stats(name);
             let per_proto: serde_json::Map<String, Value> =
                 [(0u8, "tcp"), (1, "udp"), (2, "other")]
                     .iter()
@@ -81,6 +82,13 @@ impl State {
                     "packet_socket": c.packet_sockets_killed,
                     "cgroup_escape": c.cgroup_escapes,
                 },
+                "dns": {
+                    "allowed": dns.allowed,
+                    "denied": dns.denied,
+                    "failed": dns.failed,
+                    "malformed": dns.malformed,
+                    "learned": dns.learned,
+                },
                 "audit_suppressed": c.suppressed(),
                 "privileged_processes": privileged(cg),
             }));
@@ -106,6 +114,7 @@ impl State {
                     anomaly_score: m.map_or(0.0, Monitor::anomaly_score),
                     breaker_open: m.is_some_and(Monitor::is_open),
                     trips: self.agents.trips(name),
+                    dns: self.dns.stats(name),
                 }
             })
             .collect();

@@ -1,6 +1,7 @@
-//! Once a second: what an agent did beyond its audit rate goes into the trail as summaries, the
-//! kernel learns the cgroups agents made below their own, and processes of an agent that hold a
-//! capability able to switch agentwatch off are audited (once each).
+//! Once a second: what an agent did beyond its audit rate goes into the trail as summaries,
+//! expired DNS-learned addresses leave the kernel, the kernel learns the cgroups agents made
+//! below their own, and processes of an agent that hold a capability able to switch agentwatch
+//! off are audited (once each).
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -41,6 +42,7 @@ impl State {
         for name in &names {
             self.summarise(name);
         }
+        self.sweep_dns();
         if let Err(e) = self.agents.sync_nested() {
             tracing::error!("updating the nested cgroups of agents: {e}");
         }
@@ -50,6 +52,26 @@ impl State {
         // Forget agents that are gone.
         self.swept.counters.retain(|n, _| names.contains(n));
         self.swept.privileged.retain(|(n, _)| names.contains(n));
+    }
+
+    /// Refused DNS names over the audit rate go into `dns_denied_summary`; learned addresses
+    /// whose every deadline passed leave the kernel map (the kernel refused them already).
+    fn sweep_dns(&mut self) {
+        for s in self.dns.take_suppressed() {
+            let names: Vec<_> = s
+                .names
+                .iter()
+                .map(|(name, count)| json!({ "name": name, "count": count }))
+                .collect();
+            self.audit_agent(
+                &s.agent,
+                "dns_denied_summary",
+                json!({ "count": s.count, "names": names }),
+            );
+        }
+        if let Err(e) = self.dns.expire() {
+            tracing::warn!("removing expired learned addresses: {e}");
+        }
     }
 
     /// Writes what the kernel counted instead of reporting it one by one since the last sweep:

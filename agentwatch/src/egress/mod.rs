@@ -217,9 +217,20 @@ pub(crate) fn attach(
     cgroup: &Cgroup,
     pin_dir: Option<&Path>,
 ) -> Result<Vec<Link>, KernelError> {
+    attach_sock_addr(ebpf, cgroup, pin_dir, &PROGRAMS)
+}
+
+/// Attaches cgroup sock_addr programs `names` to `cgroup` as [`attach`] does (the DNS concern's
+/// reply hooks go the same way).
+pub(crate) fn attach_sock_addr(
+    ebpf: &mut Ebpf,
+    cgroup: &Cgroup,
+    pin_dir: Option<&Path>,
+    names: &[&'static str],
+) -> Result<Vec<Link>, KernelError> {
     let dir = cgroup.dir()?;
-    let mut links = Vec::with_capacity(PROGRAMS.len());
-    for name in PROGRAMS {
+    let mut links = Vec::with_capacity(names.len());
+    for &name in names {
         let link = Link::pinned_or_attach(pin_dir, name, || {
             let attach_err = |source| KernelError::Attach {
                 name,

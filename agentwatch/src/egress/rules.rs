@@ -12,6 +12,8 @@ use agentwatch_common::{
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
+use crate::dns::names::{HostRule, NameError, looks_like_name};
+
 /// Protocols a rule can name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Proto {
@@ -22,7 +24,7 @@ pub enum Proto {
 }
 
 impl Proto {
-    fn bits(self) -> u8 {
+    pub(crate) fn bits(self) -> u8 {
         match self {
             Self::Tcp => PROTO_BIT_TCP,
             Self::Udp => PROTO_BIT_UDP,
@@ -81,11 +83,10 @@ pub enum RuleError {
     FieldCount(usize),
     #[error("unknown protocol `{0}`: expected tcp, udp or any")]
     Proto(String),
-    #[error(
-        "destination `{0}` is a hostname: hostname rules need the DNS-aware enforcement that \
-         agentwatch does not have yet; list the addresses or CIDRs instead"
-    )]
+    #[error("destination `{0}` is a hostname, where only an address or CIDR fits")]
     Hostname(String),
+    #[error("{0}")]
+    Name(#[from] NameError),
     #[error("bad destination `{0}`: expected an IPv4/IPv6 address or CIDR")]
     Dest(String),
     #[error("destination `{given}` has host bits set; did you mean `{network}`?")]
@@ -100,6 +101,25 @@ impl FromStr for Rule {
     type Err = RuleError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.parse::<EgressRule>()? {
+            EgressRule::Net(rule) => Ok(rule),
+            EgressRule::Name(rule) => Err(RuleError::Hostname(rule.name.to_string())),
+        }
+    }
+}
+
+/// One entry of an agent's `egress` list: an address rule, enforced by the rule tries, or a
+/// hostname rule, enforced through the DNS forwarder (`crate::dns`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum EgressRule {
+    Net(Rule),
+    Name(HostRule),
+}
+
+impl FromStr for EgressRule {
+    type Err = RuleError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         let fields: Vec<&str> = s.split_whitespace().collect();
         let [proto, dest, ports] = fields[..] else {
             return Err(RuleError::FieldCount(fields.len()));
@@ -110,11 +130,28 @@ impl FromStr for Rule {
             "any" => Proto::Any,
             other => return Err(RuleError::Proto(other.to_owned())),
         };
-        Ok(Self {
+        let ports = parse_ports(ports)?;
+        if looks_like_name(dest) {
+            return Ok(Self::Name(HostRule {
+                proto,
+                name: dest.parse()?,
+                ports,
+            }));
+        }
+        Ok(Self::Net(Rule {
             proto,
             dest: parse_dest(dest)?,
-            ports: parse_ports(ports)?,
-        })
+            ports,
+        }))
+    }
+}
+
+impl fmt::Display for EgressRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Net(r) => r.fmt(f),
+            Self::Name(r) => r.fmt(f),
+        }
     }
 }
 
@@ -135,16 +172,7 @@ fn parse_dest(s: &str) -> Result<IpNet, RuleError> {
 }
 
 fn dest_error(s: &str) -> RuleError {
-    let looks_like_host = s.starts_with("*.")
-        || (s.contains('.')
-            && s.chars().any(|c| c.is_ascii_alphabetic())
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '*'));
-    if looks_like_host {
-        RuleError::Hostname(s.to_owned())
-    } else {
-        RuleError::Dest(s.to_owned())
-    }
+    RuleError::Dest(s.to_owned())
 }
 
 /// `::ffff:a.b.c.d/N` with N >= 96 names IPv4 hosts; store it as the IPv4 network.

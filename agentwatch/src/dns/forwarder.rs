@@ -1,0 +1,618 @@
+//! The DNS forwarder: one set of loopback sockets per agent with hostname rules, so the port a
+//! query arrives on names the agent that asked.
+//!
+//! Each query is handled in a task of its own, bounded per agent: a burst or a malformed packet
+//! from one agent costs that agent's tasks, never the other agents' answers. A query's path:
+//! read it (FORMERR if it is not one) -> refuse a name no rule allows (REFUSED, counted,
+//! audited) -> ask upstream over the agent's transport -> write the answer's addresses into the
+//! agent's kernel allow-list -> answer. A failure anywhere after the name was allowed answers
+//! SERVFAIL: the agent learns nothing it could connect to.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    hash::{BuildHasher as _, Hasher as _},
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use agentwatch_common::{DNS_ALLOWED, DNS_DENIED, DNS_FAILED, DNS_MALFORMED, DnsPorts};
+use bytes::{BufMut as _, BytesMut};
+use hickory_proto::op::ResponseCode;
+use serde_json::json;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream, UdpSocket},
+    runtime::Handle,
+    sync::Semaphore,
+    task::JoinHandle,
+    time::timeout,
+};
+
+use super::{
+    Learned,
+    message::{self, Malformed, Query},
+    monotonic_ns,
+    names::HostRules,
+};
+use crate::audit::Audit;
+
+/// How long upstream has to answer one query (stub resolvers retry after about 5 s).
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(4);
+/// A TCP client that sends nothing for this long is dropped.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Queries of one agent in flight at once; beyond it, queries are dropped (and counted as
+/// failed): the agent retries, the other agents do not wait.
+const IN_FLIGHT: usize = 256;
+/// TCP connections of one agent open at once.
+const TCP_CONNECTIONS: usize = 64;
+/// The names a `dns_denied_summary` lists.
+const SUMMARY_NAMES: usize = 10;
+
+/// What the forwarder needs from the daemon's config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where allowed names are resolved (None: no upstream could be found; agents with
+    /// hostname rules are then refused with the reason).
+    pub upstream: Option<SocketAddr>,
+    pub min_ttl: Duration,
+    pub max_ttl: Duration,
+    /// Per agent: `dns_denied` lines written one by one per second; beyond it, summarised.
+    pub audit_rate: u32,
+}
+
+impl Settings {
+    /// `configured`, or the first nameserver of /etc/resolv.conf.
+    pub fn upstream_from(configured: Option<SocketAddr>) -> Result<SocketAddr, String> {
+        if let Some(addr) = configured {
+            return Ok(addr);
+        }
+        let text = std::fs::read("/etc/resolv.conf").map_err(|e| {
+            format!("reading /etc/resolv.conf for a DNS upstream: {e}; set daemon.dns_upstream")
+        })?;
+        let conf = resolv_conf::Config::parse(&text)
+            .map_err(|e| format!("/etc/resolv.conf: {e}; set daemon.dns_upstream"))?;
+        conf.nameservers
+            .first()
+            .map(|ns| SocketAddr::new(IpAddr::from(ns), 53))
+            .ok_or_else(|| {
+                "/etc/resolv.conf names no nameserver; set daemon.dns_upstream".to_owned()
+            })
+    }
+}
+
+/// A snapshot of one agent's counts (status rows, /metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Answered (the name was allowed; whatever upstream said, NXDOMAIN included).
+    pub allowed: u64,
+    /// Refused: no rule allows the name.
+    pub denied: u64,
+    /// SERVFAIL or dropped: upstream failed, the kernel write failed, too many in flight.
+    pub failed: u64,
+    /// Not a DNS query (FORMERR or dropped).
+    pub malformed: u64,
+    /// Addresses in the agent's kernel allow-list now.
+    pub learned: u64,
+}
+
+/// Denials of one agent in the current second, for the audit rate.
+#[derive(Debug, Default)]
+struct Window {
+    second: u64,
+    written: u32,
+    suppressed: u64,
+    names: HashMap<String, u64>,
+}
+
+/// One agent's forwarder.
+struct AgentDns {
+    name: String,
+    id: u32,
+    window: Mutex<Window>,
+    in_flight: Arc<Semaphore>,
+    connections: Arc<Semaphore>,
+}
+
+struct Served {
+    agent: Arc<AgentDns>,
+    ports: DnsPorts,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+struct Inner {
+    learned: Learned,
+    settings: Settings,
+    audit: Audit,
+    runtime: Handle,
+    served: Mutex<BTreeMap<String, Served>>,
+}
+
+/// The forwarder of every agent with hostname rules. Cheap to clone.
+#[derive(Clone)]
+pub struct Forwarder(Arc<Inner>);
+
+/// Sockets bound for one agent, not yet served: binding can fail, so a config is applied only
+/// once every agent's sockets are bound.
+pub struct Endpoint {
+    pub ports: DnsPorts,
+    udp: Vec<std::net::UdpSocket>,
+    tcp: Vec<std::net::TcpListener>,
+}
+
+/// `dns_denied` lines not written one by one, per agent (for `dns_denied_summary`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Suppressed {
+    pub agent: String,
+    pub count: u64,
+    /// The most refused names with their counts, busiest first.
+    pub names: Vec<(String, u64)>,
+}
+
+impl Forwarder {
+    /// A forwarder writing into `learned`; tasks run on the current tokio runtime.
+    pub fn new(learned: Learned, settings: Settings, audit: Audit) -> io::Result<Self> {
+        let runtime = Handle::try_current().map_err(io::Error::other)?;
+        Ok(Self(Arc::new(Inner {
+            learned,
+            settings,
+            audit,
+            runtime,
+            served: Mutex::new(BTreeMap::new()),
+        })))
+    }
+
+    fn served(&self) -> MutexGuard<'_, BTreeMap<String, Served>> {
+        self.0
+            .served
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Binds a new agent's sockets: UDP and TCP on 127.0.0.1 and, where the host has it, on
+    /// ::1, each on a port the kernel picks.
+    pub fn bind(&self) -> Result<Endpoint, String> {
+        if self.0.settings.upstream.is_none() {
+            return Err(
+                "hostname rules need a DNS upstream: set daemon.dns_upstream (none \
+                        was found in /etc/resolv.conf)"
+                    .to_owned(),
+            );
+        }
+        let err = |what: &str, e: io::Error| format!("DNS forwarder: binding {what}: {e}");
+        let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+        let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, 0));
+        let udp4 = std::net::UdpSocket::bind(v4).map_err(|e| err("UDP 127.0.0.1", e))?;
+        let tcp4 = std::net::TcpListener::bind(v4).map_err(|e| err("TCP 127.0.0.1", e))?;
+        let mut ports = DnsPorts {
+            udp4: local_port(udp4.local_addr()),
+            tcp4: local_port(tcp4.local_addr()),
+            udp6: 0,
+            tcp6: 0,
+        };
+        let mut udp = vec![udp4];
+        let mut tcp = vec![tcp4];
+        // A host without IPv6 loopback: IPv6 resolvers get no forwarder, so such DNS calls
+        // are denied (ports 0) rather than sent anywhere else.
+        if let (Ok(udp6), Ok(tcp6)) = (
+            std::net::UdpSocket::bind(v6),
+            std::net::TcpListener::bind(v6),
+        ) {
+            ports.udp6 = local_port(udp6.local_addr());
+            ports.tcp6 = local_port(tcp6.local_addr());
+            udp.push(udp6);
+            tcp.push(tcp6);
+        } else {
+            tracing::warn!("no IPv6 loopback: DNS to IPv6 resolvers is denied for agents");
+        }
+        for s in &udp {
+            s.set_nonblocking(true).map_err(|e| err("UDP", e))?;
+        }
+        for s in &tcp {
+            s.set_nonblocking(true).map_err(|e| err("TCP", e))?;
+        }
+        Ok(Endpoint { ports, udp, tcp })
+    }
+
+    /// Starts answering agent `name` (kernel id `id`) on `endpoint` under `rules`. What was
+    /// learned for `id` under rules no longer configured is removed first.
+    pub fn serve(
+        &self,
+        name: &str,
+        id: u32,
+        rules: HostRules,
+        endpoint: Endpoint,
+    ) -> Result<(), String> {
+        self.0
+            .learned
+            .register(id, Arc::new(rules))
+            .map_err(|e| e.to_string())?;
+        let agent = Arc::new(AgentDns {
+            name: name.to_owned(),
+            id,
+            window: Mutex::new(Window::default()),
+            in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
+            connections: Arc::new(Semaphore::new(TCP_CONNECTIONS)),
+        });
+        let mut tasks = Vec::new();
+        let _guard = self.0.runtime.enter();
+        for s in endpoint.udp {
+            let s = UdpSocket::from_std(s).map_err(|e| e.to_string())?;
+            tasks.push(
+                self.0
+                    .runtime
+                    .spawn(serve_udp(Arc::clone(&self.0), Arc::clone(&agent), s)),
+            );
+        }
+        for l in endpoint.tcp {
+            let l = TcpListener::from_std(l).map_err(|e| e.to_string())?;
+            tasks.push(
+                self.0
+                    .runtime
+                    .spawn(serve_tcp(Arc::clone(&self.0), Arc::clone(&agent), l)),
+            );
+        }
+        tracing::info!(agent = name, ports = ?endpoint.ports, "DNS forwarder serving");
+        self.served().insert(
+            name.to_owned(),
+            Served {
+                agent,
+                ports: endpoint.ports,
+                tasks,
+            },
+        );
+        Ok(())
+    }
+
+    /// Replaces agent `name`'s hostname rules (a reload); what rules no longer configured
+    /// admitted is removed.
+    pub fn update(&self, name: &str, rules: HostRules) -> Result<(), String> {
+        let id = self
+            .served()
+            .get(name)
+            .map(|s| s.agent.id)
+            .ok_or_else(|| format!("agent `{name}` has no DNS forwarder"))?;
+        self.0
+            .learned
+            .register(id, Arc::new(rules))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Stops answering agent `name` and forgets what was learned for it.
+    pub fn stop(&self, name: &str) {
+        let Some(served) = self.served().remove(name) else {
+            return;
+        };
+        if let Err(e) = self.0.learned.forget_agent(served.agent.id) {
+            tracing::warn!(agent = name, "forgetting learned addresses: {e}");
+        }
+    }
+
+    /// Where agent `name`'s forwarder listens, if it has one.
+    pub fn ports(&self, name: &str) -> Option<DnsPorts> {
+        self.served().get(name).map(|s| s.ports)
+    }
+
+    /// Agent `name`'s counts.
+    pub fn stats(&self, name: &str) -> Stats {
+        let served = self.served();
+        let Some(s) = served.get(name) else {
+            return Stats::default();
+        };
+        let c = self.0.learned.counts(s.agent.id);
+        Stats {
+            allowed: c[DNS_ALLOWED],
+            denied: c[DNS_DENIED],
+            failed: c[DNS_FAILED],
+            malformed: c[DNS_MALFORMED],
+            learned: self.0.learned.addresses(s.agent.id) as u64,
+        }
+    }
+
+    /// Takes the denials of each agent that were counted, not written, since the last call.
+    pub fn take_suppressed(&self) -> Vec<Suppressed> {
+        let served = self.served();
+        let mut out = Vec::new();
+        for s in served.values() {
+            let mut w = lock(&s.agent.window);
+            if w.suppressed == 0 {
+                continue;
+            }
+            let mut names: Vec<(String, u64)> = w.names.drain().collect();
+            names.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            names.truncate(SUMMARY_NAMES);
+            out.push(Suppressed {
+                agent: s.agent.name.clone(),
+                count: std::mem::take(&mut w.suppressed),
+                names,
+            });
+        }
+        out
+    }
+
+    /// Removes expired learned addresses.
+    pub fn expire(&self) -> Result<usize, String> {
+        self.0
+            .learned
+            .expire(monotonic_ns())
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn local_port(addr: io::Result<SocketAddr>) -> u16 {
+    addr.map_or(0, |a| a.port())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Udp,
+    Tcp,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+        }
+    }
+}
+
+async fn serve_udp(inner: Arc<Inner>, agent: Arc<AgentDns>, socket: UdpSocket) {
+    let socket = Arc::new(socket);
+    // The largest UDP payload: a bigger query is cut, fails to parse and gets FORMERR.
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, peer) = match socket.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                // ICMP errors of earlier replies surface here on some kernels; keep serving.
+                tracing::debug!(agent = %agent.name, "DNS forwarder UDP receive: {e}");
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&agent.in_flight).try_acquire_owned() else {
+            inner.learned.count(agent.id, DNS_FAILED);
+            continue;
+        };
+        let packet = buf[..n].to_vec();
+        let (inner, agent, socket) = (Arc::clone(&inner), Arc::clone(&agent), Arc::clone(&socket));
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Some(reply) = handle(&inner, &agent, &packet, Transport::Udp).await
+                && let Err(e) = socket.send_to(&reply, peer).await
+            {
+                tracing::debug!(agent = %agent.name, "DNS forwarder UDP reply: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_tcp(inner: Arc<Inner>, agent: Arc<AgentDns>, listener: TcpListener) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, for one: wait a moment rather than spin.
+                tracing::warn!(agent = %agent.name, "DNS forwarder TCP accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&agent.connections).try_acquire_owned() else {
+            inner.learned.count(agent.id, DNS_FAILED);
+            continue;
+        };
+        let (inner, agent) = (Arc::clone(&inner), Arc::clone(&agent));
+        tokio::spawn(async move {
+            let _permit = permit;
+            serve_connection(&inner, &agent, stream).await;
+        });
+    }
+}
+
+/// Answers the length-framed queries of one TCP connection, one after the other, until the
+/// agent closes it, stalls, or sends something that is not even a DNS header.
+async fn serve_connection(inner: &Inner, agent: &AgentDns, mut stream: TcpStream) {
+    loop {
+        let Ok(Ok(len)) = timeout(TCP_IDLE, stream.read_u16()).await else {
+            return;
+        };
+        let mut packet = vec![0u8; usize::from(len)];
+        if !matches!(
+            timeout(TCP_IDLE, stream.read_exact(&mut packet)).await,
+            Ok(Ok(_))
+        ) {
+            return;
+        }
+        let Some(reply) = handle(inner, agent, &packet, Transport::Tcp).await else {
+            return;
+        };
+        let Ok(len) = u16::try_from(reply.len()) else {
+            return;
+        };
+        let mut frame = BytesMut::with_capacity(2 + reply.len());
+        frame.put_u16(len);
+        frame.put_slice(&reply);
+        if stream.write_all(&frame).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One packet of an agent: the reply to send, if any.
+async fn handle(
+    inner: &Inner,
+    agent: &AgentDns,
+    packet: &[u8],
+    transport: Transport,
+) -> Option<Vec<u8>> {
+    let query = match message::parse_query(packet) {
+        Ok(q) => q,
+        Err(bad) => {
+            inner.learned.count(agent.id, DNS_MALFORMED);
+            return match bad {
+                Malformed::Drop => None,
+                Malformed::Reply { id, rcode } => Some(message::bare_reply(id, rcode)),
+            };
+        }
+    };
+    let allowed = inner
+        .learned
+        .rules(agent.id)
+        .is_some_and(|rules| rules.allows(&query.name));
+    if !allowed {
+        return Some(refuse(inner, agent, &query, transport));
+    }
+    let servfail = |why: &str| {
+        inner.learned.count(agent.id, DNS_FAILED);
+        tracing::warn!(agent = %agent.name, name = %query.name, "DNS forwarder: {why}; answered SERVFAIL");
+        Some(message::error_reply(&query.message, ResponseCode::ServFail))
+    };
+    let upstream = inner.settings.upstream?;
+    let id = random_id();
+    let answer = match exchange(upstream, &query, id, transport).await {
+        Ok(bytes) => match message::read_answer(&bytes, &query, id) {
+            Ok(a) => a,
+            Err(e) => return servfail(&format!("upstream {upstream}: {e}")),
+        },
+        Err(e) => return servfail(&format!("upstream {upstream}: {e}")),
+    };
+    let (min, max) = (inner.settings.min_ttl, inner.settings.max_ttl);
+    let addrs: Vec<(IpAddr, Duration)> = answer
+        .addrs
+        .iter()
+        .map(|&(ip, ttl)| (ip, Duration::from_secs(u64::from(ttl)).clamp(min, max)))
+        .collect();
+    // Written into the kernel before the agent can see the answer: its first connect to an
+    // address it learned is judged with that address in place.
+    match inner
+        .learned
+        .admit(agent.id, &query.name, &addrs, monotonic_ns())
+    {
+        Ok(true) => {}
+        // The rules changed while upstream answered: judged by the rules in force now.
+        Ok(false) => return Some(refuse(inner, agent, &query, transport)),
+        Err(e) => return servfail(&format!("writing the learned addresses: {e}")),
+    }
+    let max_ttl = u32::try_from(max.as_secs()).unwrap_or(u32::MAX);
+    match message::reply(answer.message, query.message.metadata.id, max_ttl) {
+        Ok(reply) => {
+            inner.learned.count(agent.id, DNS_ALLOWED);
+            tracing::debug!(agent = %agent.name, name = %query.name, addrs = addrs.len(), "DNS answer allowed");
+            Some(reply)
+        }
+        Err(e) => servfail(&format!("building the reply: {e}")),
+    }
+}
+
+/// REFUSED for a name no rule allows: counted, and audited within the agent's audit rate.
+fn refuse(inner: &Inner, agent: &AgentDns, query: &Query, transport: Transport) -> Vec<u8> {
+    inner.learned.count(agent.id, DNS_DENIED);
+    let second = monotonic_ns() / 1_000_000_000;
+    let write = {
+        let mut w = lock(&agent.window);
+        if w.second != second {
+            w.second = second;
+            w.written = 0;
+        }
+        if w.written < inner.settings.audit_rate {
+            w.written += 1;
+            true
+        } else {
+            w.suppressed += 1;
+            *w.names.entry(query.name.clone()).or_default() += 1;
+            false
+        }
+    };
+    if write {
+        inner.audit.record(
+            &agent.name,
+            "dns_denied",
+            json!({
+                "name": query.name,
+                "qtype": query.qtype.to_string(),
+                "transport": transport.name(),
+            }),
+        );
+    }
+    message::error_reply(&query.message, ResponseCode::Refused)
+}
+
+/// A query id nobody on the path can predict from the agent's (the agent cannot forge an
+/// answer to the forwarder's own query).
+fn random_id() -> u16 {
+    // RandomState is seeded from the OS's randomness; a new one per call.
+    let h = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    (h & 0xffff) as u16
+}
+
+/// Asks upstream over `transport`; returns its reply's bytes.
+async fn exchange(
+    upstream: SocketAddr,
+    query: &Query,
+    id: u16,
+    transport: Transport,
+) -> Result<Vec<u8>, String> {
+    let bytes = message::upstream_query(query, id)?;
+    let io = |e: io::Error| e.to_string();
+    match transport {
+        Transport::Udp => {
+            let local = if upstream.is_ipv4() {
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+            } else {
+                SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+            };
+            let socket = UdpSocket::bind(local).await.map_err(io)?;
+            socket.connect(upstream).await.map_err(io)?;
+            socket.send(&bytes).await.map_err(io)?;
+            let mut buf = vec![0u8; 65536];
+            let read = async {
+                loop {
+                    let n = socket.recv(&mut buf).await?;
+                    // A stray datagram that is not the answer (another id) is skipped.
+                    if n >= 2 && u16::from_be_bytes([buf[0], buf[1]]) == id {
+                        return Ok::<_, io::Error>(buf[..n].to_vec());
+                    }
+                }
+            };
+            timeout(UPSTREAM_TIMEOUT, read)
+                .await
+                .map_err(|_| "no answer in time".to_owned())?
+                .map_err(io)
+        }
+        Transport::Tcp => {
+            let len = u16::try_from(bytes.len()).map_err(|_| "query too long".to_owned())?;
+            let talk = async {
+                let mut stream = TcpStream::connect(upstream).await?;
+                let mut frame = BytesMut::with_capacity(2 + bytes.len());
+                frame.put_u16(len);
+                frame.put_slice(&bytes);
+                stream.write_all(&frame).await?;
+                let n = stream.read_u16().await?;
+                let mut reply = vec![0u8; usize::from(n)];
+                stream.read_exact(&mut reply).await?;
+                Ok::<_, io::Error>(reply)
+            };
+            timeout(UPSTREAM_TIMEOUT, talk)
+                .await
+                .map_err(|_| "no answer in time".to_owned())?
+                .map_err(io)
+        }
+    }
+}
