@@ -256,6 +256,7 @@ impl Agents {
                 self.kernel.egress.clear_scope(rule_scope(id, 1))?;
                 self.kernel.reset_counters(id)?;
                 self.kernel.reset_trips(id)?;
+                self.kernel.dns.clear(id)?;
                 self.kernel.egress.write(rule_scope(id, 0), &policy.rules)?;
                 self.write_limits(id, &policy)?;
                 self.kernel
