@@ -89,9 +89,25 @@ pub struct TestDnsServer {
 }
 
 impl TestDnsServer {
-    /// Starts serving `records`.
+    /// Starts serving `records` on an ephemeral port of 127.0.0.1.
     pub fn start(records: impl IntoIterator<Item = ZoneRecord>) -> Self {
         let (udp, tcp) = bind_pair();
+        Self::serve(udp, tcp, records)
+    }
+
+    /// Starts serving `records` on `addr` (UDP and TCP), e.g. 127.0.0.1:53 inside a network
+    /// namespace of the test's own, where glibc's resolver can be pointed at it.
+    pub fn start_at(addr: SocketAddr, records: impl IntoIterator<Item = ZoneRecord>) -> Self {
+        let udp = UdpSocket::bind(addr).expect("binding the DNS server's UDP socket");
+        let tcp = TcpListener::bind(addr).expect("binding the DNS server's TCP listener");
+        Self::serve(udp, tcp, records)
+    }
+
+    fn serve(
+        udp: UdpSocket,
+        tcp: TcpListener,
+        records: impl IntoIterator<Item = ZoneRecord>,
+    ) -> Self {
         let addr = udp.local_addr().expect("DNS server UDP address");
         let shared = Arc::new(Shared {
             zone: Mutex::new(zone_of(records)),

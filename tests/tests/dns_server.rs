@@ -222,3 +222,55 @@ fn with_resolv_conf_shows_the_file_to_the_program_only() {
         "the host's file is untouched"
     );
 }
+
+#[test]
+fn glibc_resolves_through_the_test_server() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("needs root (a network and a mount namespace); skipped");
+        return;
+    }
+    // Port 53 of a loopback of our own: glibc's resolver only asks port 53.
+    let netns = agentwatch_tests::NetNsGuard::new();
+    // getent asks getaddrinfo with AI_ADDRCONFIG: no IPv4 lookup at all unless the namespace
+    // has an IPv4 address other than 127.0.0.1. One on lo (TEST-NET-1; it leads nowhere).
+    netns.ip(&["addr", "add", "192.0.2.1/32", "dev", "lo"]);
+    let server = TestDnsServer::start_at("127.0.0.1:53".parse().expect("addr"), zone());
+    let dir = agentwatch_tests::TempDir::new();
+    let file = dir.0.join("resolv.conf");
+    std::fs::write(
+        &file,
+        "nameserver 127.0.0.1\noptions timeout:2 attempts:1\n",
+    )
+    .expect("write");
+    let getent = |name: &str| {
+        std::process::Command::new(agentwatch_tests::probe_bin())
+            .args(["with-resolv-conf", file.to_str().expect("utf8")])
+            .args(["getent", "ahostsv4", name])
+            .output()
+            .expect("aw-probe with-resolv-conf getent")
+    };
+    let out = getent("api.agentwatch.test");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?} {:?}", server.queries());
+    let addrs: std::collections::BTreeSet<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        addrs.into_iter().collect::<Vec<_>>(),
+        ["127.0.20.1", "127.0.20.2"]
+    );
+    let out = getent("www.agentwatch.test");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("127.0.20.3 "),
+        "{out:?}"
+    );
+    assert_eq!(getent("nothing.agentwatch.test").status.code(), Some(2));
+    assert_eq!(
+        server.queries_for("api.agentwatch.test"),
+        1,
+        "{:?}",
+        server.queries()
+    );
+}
