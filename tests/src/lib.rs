@@ -11,6 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod dns;
+
 use agentwatch::{
     cgroup::{self, Cgroup},
     events::{self, EgressAttempt, Event},
@@ -341,6 +343,8 @@ pub struct DaemonEnv {
     /// Absolute path of the agents' parent cgroup.
     pub cgroup_parent: PathBuf,
     parent_name: String,
+    /// Extra `[daemon]` lines, appended to the environment's own.
+    daemon_extra: String,
     log: PathBuf,
     child: Option<std::process::Child>,
 }
@@ -358,21 +362,33 @@ impl DaemonEnv {
             pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
             cgroup_parent: mount.join(&name),
             parent_name: name,
+            daemon_extra: String::new(),
             dir,
             child: None,
         }
     }
 
-    /// The `[daemon]` section every config of this environment uses.
+    /// The `[daemon]` section every config of this environment uses, with the extra lines of
+    /// [`Self::set_daemon_extra`].
     pub fn daemon_section(&self) -> String {
         format!(
             "[daemon]\ncgroup_parent = \"{}\"\npin_dir = \"{}\"\ncontrol_socket = \"{}\"\n\
-             metrics_listen = \"127.0.0.1:0\"\naudit_log = \"{}\"\n\n",
+             metrics_listen = \"127.0.0.1:0\"\naudit_log = \"{}\"\n{}\n",
             self.parent_name,
             self.pin_dir.display(),
             self.socket.display(),
-            self.audit.display()
+            self.audit.display(),
+            self.daemon_extra
         )
+    }
+
+    /// Adds `lines` (TOML key = value lines, e.g. `dns_upstream = "127.0.0.1:5353"`) to the
+    /// `[daemon]` section of every config written from now on; replaces earlier extra lines.
+    pub fn set_daemon_extra(&mut self, lines: &str) {
+        self.daemon_extra = lines.trim_end().to_owned();
+        if !self.daemon_extra.is_empty() {
+            self.daemon_extra.push('\n');
+        }
     }
 
     /// Writes the config: the environment's `[daemon]` section followed by `agents`.

@@ -34,13 +34,39 @@
 //!   reported as op `uring-connect` (errno 38 ENOSYS: the kernel has no io_uring)
 //! - `unshare-net-connect ADDR PORT`: enter a new network namespace, then UDP-connect (op
 //!   `connect`; op `unshare` first)
+//! - `resolve SERVER PORT NAME TYPE MODE [COUNT]`: COUNT (default 1) DNS lookups of NAME (its
+//!   case kept on the wire) for TYPE (A, AAAA, MX, TXT, ...), each from a new socket of SERVER's
+//!   family, 2 s timeout. MODE `udp`: unconnected sendto + recvfrom, `from` = the reply's
+//!   source; `udp-connected`: connect + send + recv, `from` = getpeername (what glibc's resolver
+//!   does); `tcp`: connect + one length-prefixed query + its answer, `from` = getpeername. One
+//!   line per lookup: `{"op":"resolve","errno":E,"rcode":"NoError"|"Refused"|"NXDomain"|...,
+//!   "addrs":[A/AAAA data of the answer section, in order],"ttls":[their TTLs],"cnames":[CNAME
+//!   targets, in order],"from":"10.53.0.1:53","id_ok":true,"truncated":false,"us":MICROSECONDS}`;
+//!   errno 0 when an answer came back, else the failing call's (11 EAGAIN or 110 ETIMEDOUT: no
+//!   answer in 2 s; 104 ECONNRESET: a TCP server closed without answering), with rcode null
+//! - `dns-raw SERVER PORT HEX [tcp]`: sends the bytes HEX as one UDP datagram (or one
+//!   length-prefixed TCP message), waits 2 s for one reply; prints `{"op":"dns-raw","errno":E,
+//!   "reply_len":N,"rcode":R,"id":ID}` (rcode and id null unless the reply has a DNS header)
+//! - `with-resolv-conf FILE PROGRAM [ARGS...]`: in a private mount namespace of its own, bind
+//!   FILE over /etc/resolv.conf and exec PROGRAM (e.g. `getent ahostsv4 NAME`); needs
+//!   CAP_SYS_ADMIN (run it with `--cgroup`, not through `agentwatch launch`). On failure prints
+//!   `{"op":"with-resolv-conf","step":S,"errno":E}` and exits 104
+//! - `time-connect ADDR PORT N`: N TCP connects to a closed port (each must get ECONNREFUSED)
+//!   in batches of 1000; prints the median batch's nanoseconds per connect as `{"ns_per_call":X}`
 
 use std::{
-    io::Write as _,
+    io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
     os::unix::process::CommandExt as _,
     process::{Command, ExitCode},
-    time::Duration,
+    str::FromStr as _,
+    time::{Duration, Instant},
+};
+
+use hickory_proto::{
+    op::{Header, Message, MessageType, OpCode, Query},
+    rr::{Name, RData, RecordType},
+    serialize::binary::BinDecodable as _,
 };
 
 fn main() -> ExitCode {
@@ -183,6 +209,48 @@ fn main() -> ExitCode {
             let r = udp_socket(&dest).and_then(|s| s.connect(dest));
             report("connect", "udp", &dest, r);
             ExitCode::SUCCESS
+        }
+        ["resolve", server, port, name, qtype, mode, rest @ ..] => {
+            let Some(server) = dest(server, port) else {
+                return usage("bad SERVER PORT");
+            };
+            let Ok(qtype) = RecordType::from_str(&qtype.to_ascii_uppercase()) else {
+                return usage("bad TYPE");
+            };
+            let mode = match *mode {
+                "udp" => DnsMode::Udp,
+                "udp-connected" => DnsMode::UdpConnected,
+                "tcp" => DnsMode::Tcp,
+                _ => return usage("MODE must be udp, udp-connected or tcp"),
+            };
+            let count = rest.first().and_then(|c| c.parse().ok()).unwrap_or(1);
+            resolve(server, name, qtype, mode, count)
+        }
+        ["dns-raw", server, port, hex, rest @ ..] => {
+            let Some(server) = dest(server, port) else {
+                return usage("bad SERVER PORT");
+            };
+            let Some(bytes) = unhex(hex) else {
+                return usage("bad HEX");
+            };
+            let tcp = match rest {
+                [] => false,
+                ["tcp"] => true,
+                _ => return usage("dns-raw takes `tcp` or nothing after HEX"),
+            };
+            dns_raw(server, &bytes, tcp)
+        }
+        ["with-resolv-conf", file, program, rest @ ..] => with_resolv_conf(file, program, rest),
+        ["time-connect", addr, port, n] => {
+            let (Some(dest), Ok(n)) = (dest(addr, port), n.parse::<usize>()) else {
+                return usage("bad ADDR PORT N");
+            };
+            time_calls(n, || {
+                matches!(
+                    TcpStream::connect(dest),
+                    Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED)
+                )
+            })
         }
         ["uring-connect", addr, port] => {
             let Some(dest) = dest(addr, port) else {
@@ -630,4 +698,276 @@ fn pace(marks: &str, udp: bool, dest: SocketAddr, phases: &[(f64, f64)]) -> Exit
         serde_json::json!({"ok": ok, "eperm": eperm, "other": other, "elapsed": elapsed})
     );
     ExitCode::SUCCESS
+}
+
+/// How `resolve` talks to the server.
+#[derive(Clone, Copy)]
+enum DnsMode {
+    /// Unconnected socket: sendto + recvfrom.
+    Udp,
+    /// connect + send + recv, as glibc's resolver does.
+    UdpConnected,
+    /// One length-prefixed query on a new connection.
+    Tcp,
+}
+
+/// How long every DNS exchange may take.
+const DNS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The errno to report for `e`; std's own timeouts and short reads carry none.
+fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(match e.kind() {
+        std::io::ErrorKind::TimedOut => libc::ETIMEDOUT,
+        std::io::ErrorKind::WouldBlock => libc::EAGAIN,
+        std::io::ErrorKind::UnexpectedEof => libc::ECONNRESET,
+        _ => -1,
+    })
+}
+
+fn resolve(
+    server: SocketAddr,
+    name: &str,
+    qtype: RecordType,
+    mode: DnsMode,
+    count: u32,
+) -> ExitCode {
+    // from_ascii keeps the name's case, so MiXeD case reaches the wire as written.
+    let fq = if name.ends_with('.') {
+        name.to_owned()
+    } else {
+        format!("{name}.")
+    };
+    let Ok(qname) = Name::from_ascii(&fq) else {
+        return usage("bad NAME");
+    };
+    let mode_name = match mode {
+        DnsMode::Udp => "udp",
+        DnsMode::UdpConnected => "udp-connected",
+        DnsMode::Tcp => "tcp",
+    };
+    for _ in 0..count {
+        let mut query = Message::query();
+        query.metadata.recursion_desired = true;
+        query.add_query(Query::query(qname.clone(), qtype));
+        let Ok(bytes) = query.to_vec() else {
+            return usage("cannot encode the query");
+        };
+        let start = Instant::now();
+        let r = match mode {
+            DnsMode::Udp => udp_exchange(server, &bytes, false),
+            DnsMode::UdpConnected => udp_exchange(server, &bytes, true),
+            DnsMode::Tcp => tcp_exchange(server, &bytes),
+        };
+        let us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let mut line = serde_json::json!({
+            "op": "resolve",
+            "server": server.to_string(),
+            "name": name,
+            "qtype": qtype.to_string(),
+            "mode": mode_name,
+            "us": us,
+            "pid": std::process::id(),
+        });
+        match r {
+            Err(e) => {
+                line["errno"] = errno_of(&e).into();
+                line["ok"] = false.into();
+                line["rcode"] = serde_json::Value::Null;
+                line["addrs"] = serde_json::json!([]);
+                line["ttls"] = serde_json::json!([]);
+                line["cnames"] = serde_json::json!([]);
+                line["from"] = serde_json::Value::Null;
+                line["id_ok"] = false.into();
+            }
+            Ok((reply, from)) => {
+                line["errno"] = 0.into();
+                line["ok"] = true.into();
+                line["from"] = from.to_string().into();
+                line["reply_len"] = reply.len().into();
+                match Message::from_vec(&reply) {
+                    Ok(m) => {
+                        let (mut addrs, mut ttls, mut cnames) =
+                            (Vec::new(), Vec::new(), Vec::new());
+                        for r in &m.answers {
+                            match &r.data {
+                                RData::A(a) => {
+                                    addrs.push(a.0.to_string());
+                                    ttls.push(r.ttl);
+                                }
+                                RData::AAAA(a) => {
+                                    addrs.push(a.0.to_string());
+                                    ttls.push(r.ttl);
+                                }
+                                RData::CNAME(c) => {
+                                    cnames.push(c.0.to_ascii().trim_end_matches('.').to_owned())
+                                }
+                                _ => {}
+                            }
+                        }
+                        line["rcode"] = format!("{:?}", m.metadata.response_code).into();
+                        line["addrs"] = addrs.into();
+                        line["ttls"] = ttls.into();
+                        line["cnames"] = cnames.into();
+                        line["id_ok"] = (m.metadata.id == query.metadata.id).into();
+                        line["truncated"] = m.metadata.truncation.into();
+                    }
+                    Err(e) => {
+                        line["rcode"] = serde_json::Value::Null;
+                        line["addrs"] = serde_json::json!([]);
+                        line["ttls"] = serde_json::json!([]);
+                        line["cnames"] = serde_json::json!([]);
+                        line["id_ok"] = false.into();
+                        line["parse_error"] = e.to_string().into();
+                    }
+                }
+            }
+        }
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+    }
+    ExitCode::SUCCESS
+}
+
+/// One datagram out, one back: (reply, who answered). `connected`: connect + send + recv and
+/// the answerer is getpeername's; else sendto + recvfrom and the answerer is recvfrom's source.
+fn udp_exchange(
+    server: SocketAddr,
+    bytes: &[u8],
+    connected: bool,
+) -> std::io::Result<(Vec<u8>, SocketAddr)> {
+    let socket = udp_socket(&server)?;
+    socket.set_read_timeout(Some(DNS_TIMEOUT))?;
+    let mut buf = vec![0u8; 65_535];
+    if connected {
+        socket.connect(server)?;
+        socket.send(bytes)?;
+        let n = socket.recv(&mut buf)?;
+        buf.truncate(n);
+        Ok((buf, socket.peer_addr()?))
+    } else {
+        socket.send_to(bytes, server)?;
+        let (n, from) = socket.recv_from(&mut buf)?;
+        buf.truncate(n);
+        Ok((buf, from))
+    }
+}
+
+/// One length-prefixed message out on a new TCP connection, one back: (reply, getpeername).
+fn tcp_exchange(server: SocketAddr, bytes: &[u8]) -> std::io::Result<(Vec<u8>, SocketAddr)> {
+    let mut stream = TcpStream::connect_timeout(&server, DNS_TIMEOUT)?;
+    stream.set_read_timeout(Some(DNS_TIMEOUT))?;
+    stream.set_write_timeout(Some(DNS_TIMEOUT))?;
+    let len = u16::try_from(bytes.len())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EMSGSIZE))?;
+    let mut framed = len.to_be_bytes().to_vec();
+    framed.extend_from_slice(bytes);
+    stream.write_all(&framed)?;
+    let mut len = [0u8; 2];
+    stream.read_exact(&mut len)?;
+    let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut reply)?;
+    Ok((reply, stream.peer_addr()?))
+}
+
+/// `hex` (two digits a byte, any case) as bytes.
+fn unhex(hex: &str) -> Option<Vec<u8>> {
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn dns_raw(server: SocketAddr, bytes: &[u8], tcp: bool) -> ExitCode {
+    let r = if tcp {
+        tcp_exchange(server, bytes)
+    } else {
+        udp_exchange(server, bytes, false)
+    };
+    let mut line = serde_json::json!({
+        "op": "dns-raw",
+        "server": server.to_string(),
+        "proto": if tcp { "tcp" } else { "udp" },
+        "sent": bytes.len(),
+        "pid": std::process::id(),
+        "rcode": serde_json::Value::Null,
+        "id": serde_json::Value::Null,
+    });
+    match r {
+        Err(e) => {
+            line["errno"] = errno_of(&e).into();
+            line["reply_len"] = 0.into();
+        }
+        Ok((reply, from)) => {
+            line["errno"] = 0.into();
+            line["reply_len"] = reply.len().into();
+            line["from"] = from.to_string().into();
+            if let Ok(h) = Header::from_bytes(&reply) {
+                line["rcode"] = format!("{:?}", h.metadata.response_code).into();
+                line["id"] = h.metadata.id.into();
+                line["response"] = (h.metadata.message_type == MessageType::Response).into();
+                line["opcode_query"] = (h.metadata.op_code == OpCode::Query).into();
+            }
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    ExitCode::SUCCESS
+}
+
+/// Binds FILE over /etc/resolv.conf in a mount namespace of its own, then execs PROGRAM: a
+/// process that resolves through glibc with the resolver the test chose, host untouched.
+fn with_resolv_conf(file: &str, program: &str, args: &[&str]) -> ExitCode {
+    use std::ffi::CString;
+    let fail = |step: &str| {
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(-1);
+        println!(
+            "{}",
+            serde_json::json!({"op": "with-resolv-conf", "step": step, "errno": errno})
+        );
+        ExitCode::from(104)
+    };
+    let (Ok(file), Ok(root), Ok(target)) = (
+        CString::new(file),
+        CString::new("/"),
+        CString::new("/etc/resolv.conf"),
+    ) else {
+        return usage("FILE has a NUL byte");
+    };
+    // SAFETY: unshare(2) with a flag; affects only this process.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        return fail("unshare");
+    }
+    // Private, so the bind below never propagates back to the host's mount namespace.
+    // SAFETY: valid NUL-terminated strings and null pointers where mount(2) allows them.
+    if unsafe {
+        libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        return fail("make-private");
+    }
+    // SAFETY: as above.
+    if unsafe {
+        libc::mount(
+            file.as_ptr(),
+            target.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        return fail("bind");
+    }
+    let err = Command::new(program).args(args).exec();
+    eprintln!("aw-probe: exec {program}: {err}");
+    ExitCode::from(127)
 }

@@ -1,0 +1,872 @@
+//! Hostname rules end to end: an agent that names hosts in its egress rules has all its DNS
+//! traffic (UDP and TCP to port 53, whatever resolver address it asks, IPv4 or IPv6) turned in
+//! the kernel to the daemon's forwarder. The forwarder refuses names no rule allows (REFUSED,
+//! never asked upstream, audited), asks `dns_upstream` (here a [`TestDnsServer`] on loopback)
+//! for the others, and writes the answer's addresses into that agent's kernel allow-list, with
+//! the rule's protocol and ports and the answer's TTL bounded by `dns_min_ttl`/`dns_max_ttl`,
+//! before the agent sees the answer. Every test runs a real daemon, a real DNS server and real
+//! listeners on loopback addresses, and asserts exact errnos, rcodes and counts.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, TcpListener},
+    path::PathBuf,
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use agentwatch_tests::{
+    Attempt, DaemonEnv, EPERM,
+    dns::{
+        Lookup, RawReply, Rdata, TestDnsServer, ZoneRecord, hex, malformed_with_header,
+        oversized_junk, parse_lookups, parse_raw, rec,
+    },
+    one, parse_attempts, privileged, probe_bin,
+};
+use hickory_proto::rr::RecordType;
+
+/// The resolver address the agents ask: nothing listens there; only the redirect answers.
+const RESOLVER: &str = "10.53.0.1";
+
+/// A daemon whose forwarder asks `server`, with `agents` (TOML) and TTLs bounded to [1s, 1h].
+fn start(server: &TestDnsServer, agents: &str) -> DaemonEnv {
+    let mut env = DaemonEnv::new();
+    env.set_daemon_extra(&format!(
+        "dns_upstream = \"{}\"\ndns_min_ttl = \"1s\"\ndns_max_ttl = \"1h\"\n",
+        server.addr()
+    ));
+    env.write_config(agents);
+    env.start();
+    env
+}
+
+/// An `[[agents]]` table with these egress rules.
+fn agent(name: &str, rules: &[String]) -> String {
+    let list: Vec<String> = rules.iter().map(|r| format!("\"{r}\"")).collect();
+    format!(
+        "[[agents]]\nname = \"{name}\"\negress = [{}]\n\n",
+        list.join(", ")
+    )
+}
+
+fn a(name: &str, ip: [u8; 4], ttl: u32) -> ZoneRecord {
+    rec(name, Rdata::A(Ipv4Addr::from(ip)), ttl)
+}
+
+/// TCP listeners on the same port of every address of `ips`.
+fn listen_all(ips: &[&str]) -> (Vec<TcpListener>, u16) {
+    for _ in 0..50 {
+        let first = TcpListener::bind((ips[0], 0)).expect("bind");
+        let port = first.local_addr().expect("addr").port();
+        let rest: Result<Vec<_>, _> = ips[1..]
+            .iter()
+            .map(|ip| TcpListener::bind((*ip, port)))
+            .collect();
+        if let Ok(mut rest) = rest {
+            rest.insert(0, first);
+            return (rest, port);
+        }
+    }
+    panic!("no port free on all of {ips:?}");
+}
+
+/// A port nothing listens on (a connect that gets through is refused: ECONNREFUSED).
+fn closed_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// How a test runs aw-probe as an agent's process.
+#[derive(Clone, Copy)]
+struct Agent<'a> {
+    env: &'a DaemonEnv,
+    name: &'a str,
+    /// `aw-probe --cgroup` as root instead of `agentwatch launch` (needed once the daemon is
+    /// dead, or for a process that must keep CAP_SYS_ADMIN).
+    direct: bool,
+}
+
+impl<'a> Agent<'a> {
+    fn launched(env: &'a DaemonEnv, name: &'a str) -> Self {
+        Self {
+            env,
+            name,
+            direct: false,
+        }
+    }
+
+    fn direct(env: &'a DaemonEnv, name: &'a str) -> Self {
+        Self {
+            env,
+            name,
+            direct: true,
+        }
+    }
+
+    fn cgroup(&self) -> PathBuf {
+        self.env.agent_cgroup(self.name)
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let out = if self.direct {
+            Command::new(probe_bin())
+                .arg("--cgroup")
+                .arg(self.cgroup())
+                .args(args)
+                .output()
+                .expect("running aw-probe")
+        } else {
+            self.env.launch_probe(self.name, args)
+        };
+        assert!(
+            out.status.success(),
+            "{} {args:?}: {:?}\n{}",
+            self.name,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// One lookup of `name` for `qtype`, asked of `server`:53 over `mode`.
+    fn resolve_at(&self, server: &str, name: &str, qtype: &str, mode: &str) -> Lookup {
+        let out = self.run(&["resolve", server, "53", name, qtype, mode]);
+        let mut l = parse_lookups(&out.stdout);
+        assert_eq!(l.len(), 1, "{}: {l:?}", self.name);
+        l.remove(0)
+    }
+
+    /// One UDP lookup of `name` for `qtype`, asked of 10.53.0.1:53.
+    fn resolve(&self, name: &str, qtype: &str) -> Lookup {
+        self.resolve_at(RESOLVER, name, qtype, "udp")
+    }
+
+    fn connect(&self, ip: &str, port: u16) -> Attempt {
+        one(parse_attempts(
+            &self.run(&["connect", "tcp", ip, &port.to_string()]).stdout,
+        ))
+    }
+
+    #[track_caller]
+    fn assert_connects(&self, ip: &str, port: u16, why: &str) {
+        let r = self.connect(ip, port);
+        assert!(r.ok, "{}: {why}: connect {ip} {port}: {r:?}", self.name);
+    }
+
+    #[track_caller]
+    fn assert_eperm(&self, ip: &str, port: u16, why: &str) {
+        let r = self.connect(ip, port);
+        assert_eq!(
+            (r.ok, r.errno),
+            (false, EPERM),
+            "{}: {why}: connect {ip} {port}",
+            self.name
+        );
+    }
+
+    fn raw(&self, server: &str, bytes: &[u8], tcp: bool) -> RawReply {
+        let h = hex(bytes);
+        let mut args = vec!["dns-raw", server, "53", h.as_str()];
+        if tcp {
+            args.push("tcp");
+        }
+        let mut r = parse_raw(&self.run(&args).stdout);
+        assert_eq!(r.len(), 1, "{r:?}");
+        r.remove(0)
+    }
+}
+
+/// A NOERROR answer from `from` carrying exactly `addrs`.
+#[track_caller]
+fn assert_answer(l: &Lookup, addrs: &[&str], from: &str) {
+    assert_eq!(
+        (l.errno, l.rcode.as_deref(), l.id_ok),
+        (0, Some("NoError"), true),
+        "{l:?}"
+    );
+    assert_eq!(l.addrs, addrs, "{l:?}");
+    assert_eq!(l.from.as_deref(), Some(from), "who answered: {l:?}");
+}
+
+/// A REFUSED answer from `from`, with no records.
+#[track_caller]
+fn assert_refused(l: &Lookup, from: &str) {
+    assert_eq!(
+        (l.errno, l.rcode.as_deref(), l.id_ok),
+        (0, Some("Refused"), true),
+        "{l:?}"
+    );
+    assert!(l.addrs.is_empty() && l.cnames.is_empty(), "{l:?}");
+    assert_eq!(l.from.as_deref(), Some(from), "who answered: {l:?}");
+}
+
+/// The `dns` counters of an agent's status row: (allowed, denied, failed, malformed, learned).
+fn dns_counts(env: &DaemonEnv, agent: &str) -> (u64, u64, u64, u64, u64) {
+    let status = env.status();
+    let row = &status[agent]["dns"];
+    let n = |k: &str| {
+        row[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("status {agent}.dns.{k}: {row}"))
+    };
+    (
+        n("allowed"),
+        n("denied"),
+        n("failed"),
+        n("malformed"),
+        n("learned"),
+    )
+}
+
+fn dns_metric(env: &DaemonEnv, agent: &str, verdict: &str) -> Option<f64> {
+    env.metric(&format!(
+        "agentwatch_dns_queries_total{{agent=\"{agent}\",verdict=\"{verdict}\"}}"
+    ))
+}
+
+fn learned_metric(env: &DaemonEnv, agent: &str) -> Option<f64> {
+    env.metric(&format!(
+        "agentwatch_dns_learned_addresses{{agent=\"{agent}\"}}"
+    ))
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sleeps until `at`.
+fn sleep_until(at: Instant) {
+    if let Some(d) = at.checked_duration_since(Instant::now()) {
+        std::thread::sleep(d);
+    }
+}
+
+fn q(name: &str, t: RecordType) -> (String, RecordType) {
+    (name.to_owned(), t)
+}
+
+#[test]
+fn an_allowed_name_opens_its_address_on_the_rules_port_only() {
+    privileged!();
+    let (_l, port) = listen_all(&["127.0.20.1"]);
+    let (_o, other) = listen_all(&["127.0.20.1"]);
+    let closed = closed_port();
+    let server = TestDnsServer::start([a("api.agentwatch.test", [127, 0, 20, 1], 60)]);
+    let env = start(
+        &server,
+        &agent(
+            "api",
+            &[
+                format!("tcp api.agentwatch.test {port}"),
+                format!("tcp api.agentwatch.test {closed}"),
+            ],
+        ),
+    );
+    let api = Agent::launched(&env, "api");
+    api.assert_eperm("127.0.20.1", port, "before the name was resolved");
+    api.assert_eperm("127.0.20.1", closed, "before the name was resolved");
+
+    let l = api.resolve("api.agentwatch.test", "A");
+    assert_answer(&l, &["127.0.20.1"], "10.53.0.1:53");
+    assert_eq!(
+        l.ttls,
+        [60],
+        "a TTL within the bounds reaches the agent as is"
+    );
+    assert_eq!(server.queries(), [q("api.agentwatch.test", RecordType::A)]);
+
+    api.assert_connects(
+        "127.0.20.1",
+        port,
+        "the rule's port, right after the answer",
+    );
+    // Let through by the kernel, refused by the host: nothing listens there.
+    let r = api.connect("127.0.20.1", closed);
+    assert_eq!((r.ok, r.errno), (false, libc::ECONNREFUSED), "{r:?}");
+    api.assert_eperm("127.0.20.1", other, "another port of the same address");
+    api.assert_eperm("127.0.20.2", port, "an address the name did not resolve to");
+    assert_eq!(dns_counts(&env, "api"), (1, 0, 0, 0, 1));
+    assert_eq!(dns_metric(&env, "api", "allowed"), Some(1.0));
+    assert_eq!(learned_metric(&env, "api"), Some(1.0));
+}
+
+#[test]
+fn a_denied_name_is_refused_audited_and_never_asked_upstream() {
+    privileged!();
+    let (_l, port) = listen_all(&["127.0.20.1", "127.0.20.2"]);
+    let server = TestDnsServer::start([
+        a("api.agentwatch.test", [127, 0, 20, 1], 60),
+        a("evil.agentwatch.test", [127, 0, 20, 2], 60),
+        rec("evil.agentwatch.test", Rdata::Aaaa(Ipv6Addr::LOCALHOST), 60),
+    ]);
+    let env = start(
+        &server,
+        &agent("strict", &[format!("tcp api.agentwatch.test {port}")]),
+    );
+    let strict = Agent::launched(&env, "strict");
+
+    let l = strict.resolve("evil.agentwatch.test", "A");
+    assert_refused(&l, "10.53.0.1:53");
+    let l = strict.resolve_at(RESOLVER, "Evil.AgentWatch.Test", "AAAA", "tcp");
+    assert_refused(&l, "10.53.0.1:53");
+    assert_eq!(server.queries(), [], "a denied name is never forwarded");
+
+    let lines = env.wait_audit("dns_denied", 2);
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    for (line, (qtype, transport)) in lines.iter().zip([("A", "udp"), ("AAAA", "tcp")]) {
+        assert_eq!(line["agent"], "strict", "{line}");
+        assert_eq!(line["name"], "evil.agentwatch.test", "{line}");
+        assert_eq!(line["qtype"], qtype, "{line}");
+        assert_eq!(line["transport"], transport, "{line}");
+    }
+    assert_eq!(dns_counts(&env, "strict"), (0, 2, 0, 0, 0));
+    assert_eq!(dns_metric(&env, "strict", "denied"), Some(2.0));
+    strict.assert_eperm("127.0.20.2", port, "the denied name's address");
+    // The allowed name still resolves; the refusals changed nothing for it.
+    assert_answer(
+        &strict.resolve("api.agentwatch.test", "A"),
+        &["127.0.20.1"],
+        "10.53.0.1:53",
+    );
+    strict.assert_connects("127.0.20.1", port, "the allowed name's address");
+    strict.assert_eperm("127.0.20.2", port, "the denied name's address, still");
+}
+
+#[test]
+fn wildcards_apex_cname_chains_case_trailing_dots_and_aaaa() {
+    privileged!();
+    let ips = [
+        "127.0.20.11",
+        "127.0.20.12",
+        "127.0.20.13",
+        "127.0.20.14",
+        "127.0.20.15",
+        "127.0.20.16",
+    ];
+    let (_l, port) = listen_all(&ips);
+    let (_l6, port6) = listen_all(&["::1"]);
+    let (_o6, other6) = listen_all(&["::1"]);
+    let server = TestDnsServer::start([
+        a("a.cdn.agentwatch.test", [127, 0, 20, 11], 60),
+        a("a.b.cdn.agentwatch.test", [127, 0, 20, 12], 60),
+        a("cdn.agentwatch.test", [127, 0, 20, 13], 60),
+        // www -> edge -> origin: only www has a rule.
+        rec(
+            "www.agentwatch.test",
+            Rdata::Cname("edge.unlisted.agentwatch.test".into()),
+            60,
+        ),
+        rec(
+            "edge.unlisted.agentwatch.test",
+            Rdata::Cname("origin.unlisted.agentwatch.test".into()),
+            60,
+        ),
+        a("origin.unlisted.agentwatch.test", [127, 0, 20, 14], 60),
+        a("mixed.agentwatch.test", [127, 0, 20, 15], 60),
+        a("dotted.agentwatch.test", [127, 0, 20, 16], 60),
+        rec("v6.agentwatch.test", Rdata::Aaaa(Ipv6Addr::LOCALHOST), 60),
+    ]);
+    let wild_rules = vec![
+        format!("tcp *.cdn.agentwatch.test {port}"),
+        format!("tcp www.agentwatch.test {port}"),
+        // A rule in mixed case and one with a trailing dot: names are case-insensitive and the
+        // root label is implied.
+        format!("tcp MiXeD.AgentWatch.test {port}"),
+        format!("tcp dotted.agentwatch.test. {port}"),
+        format!("tcp v6.agentwatch.test {port6}"),
+    ];
+    let apex_rules = vec![
+        format!("tcp *.cdn.agentwatch.test {port}"),
+        format!("tcp cdn.agentwatch.test {port}"),
+    ];
+    let env = start(
+        &server,
+        &format!(
+            "{}{}",
+            agent("wild", &wild_rules),
+            agent("apex", &apex_rules)
+        ),
+    );
+    let wild = Agent::launched(&env, "wild");
+    let apex = Agent::launched(&env, "apex");
+    let from = "10.53.0.1:53";
+
+    // The wildcard covers names one and two labels below it ...
+    for (name, ip) in [
+        ("a.cdn.agentwatch.test", "127.0.20.11"),
+        ("a.b.cdn.agentwatch.test", "127.0.20.12"),
+    ] {
+        wild.assert_eperm(ip, port, "before the lookup");
+        assert_answer(&wild.resolve(name, "A"), &[ip], from);
+        wild.assert_connects(ip, port, name);
+    }
+    // ... but not the apex itself ...
+    assert_refused(&wild.resolve("cdn.agentwatch.test", "A"), from);
+    assert_eq!(server.queries_for("cdn.agentwatch.test"), 0);
+    wild.assert_eperm("127.0.20.13", port, "the apex's address");
+    // ... which an agent that lists it gets, and which then opens nothing for the other.
+    assert_answer(
+        &apex.resolve("cdn.agentwatch.test", "A"),
+        &["127.0.20.13"],
+        from,
+    );
+    apex.assert_connects("127.0.20.13", port, "the listed apex");
+    wild.assert_eperm("127.0.20.13", port, "learned by another agent");
+
+    // A CNAME chain: the asked name's rule admits the address at the end of the chain.
+    wild.assert_eperm("127.0.20.14", port, "before the lookup");
+    let l = wild.resolve("www.agentwatch.test", "A");
+    assert_answer(&l, &["127.0.20.14"], from);
+    assert_eq!(
+        l.cnames,
+        [
+            "edge.unlisted.agentwatch.test",
+            "origin.unlisted.agentwatch.test"
+        ]
+    );
+    wild.assert_connects("127.0.20.14", port, "the end of an allowed name's chain");
+    // Asked directly, a name inside the chain needs a rule of its own.
+    server.clear_queries();
+    assert_refused(&wild.resolve("origin.unlisted.agentwatch.test", "A"), from);
+    assert_refused(&wild.resolve("edge.unlisted.agentwatch.test", "A"), from);
+    assert_eq!(server.queries(), []);
+
+    // Case and the trailing dot, in the question and in the rule.
+    assert_answer(
+        &wild.resolve("mIxEd.AGENTWATCH.test", "A"),
+        &["127.0.20.15"],
+        from,
+    );
+    wild.assert_connects("127.0.20.15", port, "a mixed-case name");
+    assert_answer(
+        &wild.resolve("DOTTED.agentwatch.test.", "A"),
+        &["127.0.20.16"],
+        from,
+    );
+    wild.assert_connects("127.0.20.16", port, "a rule with a trailing dot");
+
+    // AAAA: the IPv6 address is opened on the rule's port only.
+    wild.assert_eperm("::1", port6, "before the AAAA lookup");
+    assert_answer(&wild.resolve("v6.agentwatch.test", "AAAA"), &["::1"], from);
+    wild.assert_connects("::1", port6, "the AAAA answer on the rule's port");
+    wild.assert_eperm("::1", other6, "the AAAA answer on another port");
+    // The rule's port is TCP: the A lookups above opened nothing over UDP.
+    let udp = wild.run(&["connect", "udp", "127.0.20.11", &port.to_string()]);
+    assert_eq!(one(parse_attempts(&udp.stdout)).errno, EPERM);
+
+    assert_eq!(dns_counts(&env, "wild"), (6, 3, 0, 0, 6));
+    assert_eq!(dns_counts(&env, "apex"), (1, 0, 0, 0, 1));
+}
+
+#[test]
+fn learned_addresses_expire_after_the_bounded_ttl() {
+    privileged!();
+    let (_l, port) = listen_all(&["127.0.20.21", "127.0.20.22", "127.0.20.23"]);
+    let server = TestDnsServer::start([
+        a("api.agentwatch.test", [127, 0, 20, 21], 2),
+        // TTL 0: raised to dns_min_ttl (1 s) in the kernel, so the connect after the answer
+        // still gets through.
+        a("zero.agentwatch.test", [127, 0, 20, 22], 0),
+        // A day: lowered to dns_max_ttl (1 h), in the kernel and in the answer.
+        a("long.agentwatch.test", [127, 0, 20, 23], 86_400),
+    ]);
+    let env = start(
+        &server,
+        &agent("ttl", &[format!("tcp *.agentwatch.test {port}")]),
+    );
+    let ttl = Agent::launched(&env, "ttl");
+    let from = "10.53.0.1:53";
+
+    let l = ttl.resolve("long.agentwatch.test", "A");
+    assert_answer(&l, &["127.0.20.23"], from);
+    assert_eq!(l.ttls, [3600], "the answer's TTL is lowered to dns_max_ttl");
+    assert_answer(
+        &ttl.resolve("zero.agentwatch.test", "A"),
+        &["127.0.20.22"],
+        from,
+    );
+    ttl.assert_connects("127.0.20.22", port, "TTL 0, right after the answer");
+    let l = ttl.resolve("api.agentwatch.test", "A");
+    let t0 = Instant::now();
+    assert_answer(&l, &["127.0.20.21"], from);
+    assert_eq!(l.ttls, [2]);
+    ttl.assert_connects("127.0.20.21", port, "TTL 2 s, right after the answer");
+
+    // 1.4 s on: the TTL-0 entry (1 s) is gone, the 2 s one is not.
+    sleep_until(t0 + Duration::from_millis(1400));
+    ttl.assert_connects("127.0.20.21", port, "TTL 2 s, 1.4 s after the answer");
+    ttl.assert_eperm("127.0.20.22", port, "TTL 0 raised to 1 s, 1.4 s after");
+
+    sleep_until(t0 + Duration::from_millis(3500));
+    ttl.assert_eperm("127.0.20.21", port, "TTL 2 s, 3.5 s after the answer");
+    ttl.assert_connects("127.0.20.23", port, "dns_max_ttl, 3.5 s after");
+    wait_until(
+        "the expired entries to leave the learned count",
+        Duration::from_secs(5),
+        || dns_counts(&env, "ttl").4 == 1,
+    );
+
+    // Resolved again: open again, for another TTL.
+    assert_answer(
+        &ttl.resolve("api.agentwatch.test", "A"),
+        &["127.0.20.21"],
+        from,
+    );
+    ttl.assert_connects("127.0.20.21", port, "resolved again");
+    assert_eq!(server.queries_for("api.agentwatch.test"), 2);
+    assert_eq!(dns_counts(&env, "ttl"), (4, 0, 0, 0, 2));
+}
+
+#[test]
+fn two_agents_resolving_the_same_name_each_get_their_own_ports() {
+    privileged!();
+    let (_l1, p1) = listen_all(&["127.0.20.31"]);
+    let (_l2, p2) = listen_all(&["127.0.20.31"]);
+    let server = TestDnsServer::start([
+        a("api.agentwatch.test", [127, 0, 20, 31], 60),
+        a("other.agentwatch.test", [127, 0, 20, 32], 60),
+    ]);
+    let env = start(
+        &server,
+        &format!(
+            "{}{}{}",
+            agent("one", &[format!("tcp api.agentwatch.test {p1}")]),
+            agent("two", &[format!("tcp api.agentwatch.test {p2}")]),
+            agent("none", &[format!("tcp other.agentwatch.test {p1}")]),
+        ),
+    );
+    let one_ = Agent::launched(&env, "one");
+    let two = Agent::launched(&env, "two");
+    let none = Agent::launched(&env, "none");
+    let ip = "127.0.20.31";
+    let from = "10.53.0.1:53";
+
+    assert_answer(&one_.resolve("api.agentwatch.test", "A"), &[ip], from);
+    one_.assert_connects(ip, p1, "its rule's port");
+    one_.assert_eperm(ip, p2, "the other agent's port");
+    two.assert_eperm(ip, p2, "learned by `one`, not by `two`");
+    two.assert_eperm(ip, p1, "learned by `one`, not by `two`");
+
+    assert_answer(&two.resolve("api.agentwatch.test", "A"), &[ip], from);
+    two.assert_connects(ip, p2, "its rule's port");
+    two.assert_eperm(ip, p1, "the other agent's port");
+    one_.assert_connects(ip, p1, "unchanged by `two`'s lookup");
+    one_.assert_eperm(ip, p2, "unchanged by `two`'s lookup");
+
+    assert_refused(&none.resolve("api.agentwatch.test", "A"), from);
+    none.assert_eperm(ip, p1, "no rule for the name");
+    none.assert_eperm(ip, p2, "no rule for the name");
+
+    assert_eq!(dns_counts(&env, "one"), (1, 0, 0, 0, 1));
+    assert_eq!(dns_counts(&env, "two"), (1, 0, 0, 0, 1));
+    assert_eq!(dns_counts(&env, "none"), (0, 1, 0, 0, 0));
+    assert_eq!(server.queries_for("api.agentwatch.test"), 2);
+}
+
+#[test]
+fn every_resolver_address_and_transport_goes_through_the_forwarder() {
+    privileged!();
+    let (_l, port) = listen_all(&["127.0.20.41"]);
+    let cases = [
+        ("127.0.0.99", "udp", "127.0.0.99:53"),
+        ("127.0.0.53", "udp-connected", "127.0.0.53:53"),
+        ("10.53.0.1", "udp", "10.53.0.1:53"),
+        ("10.53.0.1", "udp-connected", "10.53.0.1:53"),
+        ("10.53.0.1", "tcp", "10.53.0.1:53"),
+        ("127.0.0.99", "tcp", "127.0.0.99:53"),
+        ("fd00::53", "udp", "[fd00::53]:53"),
+        ("fd00::53", "udp-connected", "[fd00::53]:53"),
+        ("fd00::53", "tcp", "[fd00::53]:53"),
+    ];
+    // One name per case, so each case's question is seen upstream on its own.
+    let name = |i: usize| format!("c{i}.res.agentwatch.test");
+    let server = TestDnsServer::start((0..cases.len()).map(|i| a(&name(i), [127, 0, 20, 41], 60)));
+    let env = start(
+        &server,
+        &agent("res", &[format!("tcp *.res.agentwatch.test {port}")]),
+    );
+    let res = Agent::launched(&env, "res");
+    for (i, (resolver, mode, from)) in cases.iter().enumerate() {
+        let l = res.resolve_at(resolver, &name(i), "A", mode);
+        assert_answer(&l, &["127.0.20.41"], from);
+        assert_eq!(
+            server.queries_for(&name(i)),
+            1,
+            "{resolver} over {mode}: {:?}",
+            server.queries()
+        );
+    }
+    res.assert_connects("127.0.20.41", port, "learned through every path");
+    let asked = server.queries().len();
+    assert_eq!(asked, cases.len());
+
+    // Asking the upstream on its own port is no DNS to port 53: plain egress, denied.
+    let upstream_port = server.addr().port().to_string();
+    for mode in ["udp", "tcp"] {
+        let out = res.run(&["resolve", "127.0.0.1", &upstream_port, &name(0), "A", mode]);
+        let l = one_lookup(&out);
+        assert_eq!(
+            (l.errno, l.rcode.as_deref()),
+            (EPERM, None),
+            "{mode}: {l:?}"
+        );
+    }
+    // Port 53 is what is turned, not the address: a resolver address on another port is not.
+    let out = res.run(&["resolve", RESOLVER, "5353", &name(0), "A", "udp"]);
+    assert_eq!(one_lookup(&out).errno, EPERM);
+    assert_eq!(
+        server.queries().len(),
+        asked,
+        "nothing reached the upstream"
+    );
+    assert_eq!(dns_counts(&env, "res"), (9, 0, 0, 0, 1));
+}
+
+fn one_lookup(out: &Output) -> Lookup {
+    let mut l = parse_lookups(&out.stdout);
+    assert_eq!(l.len(), 1, "{l:?}");
+    l.remove(0)
+}
+
+#[test]
+fn malformed_and_oversized_packets_get_formerr_or_nothing_and_change_nothing() {
+    privileged!();
+    let (_l, port) = listen_all(&["127.0.20.51"]);
+    let server = TestDnsServer::start([a("api.agentwatch.test", [127, 0, 20, 51], 60)]);
+    let rules = [format!("tcp api.agentwatch.test {port}")];
+    let env = start(
+        &server,
+        &format!("{}{}", agent("junk", &rules), agent("other", &rules)),
+    );
+    let junk = Agent::launched(&env, "junk");
+    let other = Agent::launched(&env, "other");
+
+    // Shorter than a header: no reply (the 2 s wait runs out).
+    let r = junk.raw(RESOLVER, &[1, 2, 3, 4, 5], false);
+    assert_eq!((r.errno, r.reply_len), (libc::EAGAIN, 0), "{r:?}");
+    // A header, then a question cut short: FORMERR with the same id.
+    let r = junk.raw(RESOLVER, &malformed_with_header(0xbeef), false);
+    assert_eq!(
+        (r.errno, r.rcode.as_deref(), r.id),
+        (0, Some("FormErr"), Some(0xbeef)),
+        "{r:?}"
+    );
+    // 3000 bytes of junk behind a header: FORMERR with the same id.
+    let r = junk.raw(RESOLVER, &oversized_junk(0x1234, 3000), false);
+    assert_eq!(
+        (r.errno, r.rcode.as_deref(), r.id),
+        (0, Some("FormErr"), Some(0x1234)),
+        "{r:?}"
+    );
+    // Over TCP: FORMERR with the same id, or the connection closed without a reply.
+    let r = junk.raw(RESOLVER, &malformed_with_header(0x4321), true);
+    assert!(
+        (r.errno, r.rcode.as_deref(), r.id) == (0, Some("FormErr"), Some(0x4321))
+            || (r.reply_len == 0 && [libc::ECONNRESET, libc::EAGAIN].contains(&r.errno)),
+        "{r:?}"
+    );
+    assert_eq!(server.queries(), [], "junk is never forwarded");
+    assert_eq!(dns_counts(&env, "junk"), (0, 0, 0, 4, 0));
+    assert_eq!(dns_metric(&env, "junk", "malformed"), Some(4.0));
+
+    // The forwarder still answers the same agent and another one.
+    let from = "10.53.0.1:53";
+    assert_answer(
+        &junk.resolve("api.agentwatch.test", "A"),
+        &["127.0.20.51"],
+        from,
+    );
+    assert_answer(
+        &other.resolve("api.agentwatch.test", "A"),
+        &["127.0.20.51"],
+        from,
+    );
+    junk.assert_connects("127.0.20.51", port, "after its junk");
+
+    // A flood of junk from one agent while another resolves: every lookup answered.
+    // Spawned as the flooding process itself (not through launch), so killing it stops it.
+    let mut flood = Command::new(probe_bin())
+        .arg("--cgroup")
+        .arg(junk.cgroup())
+        .args(["sendto", RESOLVER, "53", "5000000", "not-dns"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("flood");
+    wait_until(
+        "the flood to reach the forwarder",
+        Duration::from_secs(10),
+        || dns_counts(&env, "junk").3 > 1000,
+    );
+    let out = other.run(&[
+        "resolve",
+        RESOLVER,
+        "53",
+        "api.agentwatch.test",
+        "A",
+        "udp",
+        "20",
+    ]);
+    assert!(
+        flood.try_wait().expect("flood").is_none(),
+        "the flood ended before the lookups did: nothing was shown"
+    );
+    let _ = flood.kill();
+    let _ = flood.wait();
+    let lookups = parse_lookups(&out.stdout);
+    assert_eq!(lookups.len(), 20);
+    for l in &lookups {
+        assert_answer(l, &["127.0.20.51"], from);
+    }
+    assert_answer(
+        &junk.resolve("api.agentwatch.test", "A"),
+        &["127.0.20.51"],
+        from,
+    );
+    let (allowed, denied, failed, malformed, _) = dns_counts(&env, "other");
+    assert_eq!((allowed, denied, failed, malformed), (21, 0, 0, 0));
+    let malformed = dns_counts(&env, "junk").3;
+    println!(
+        "junk datagrams counted malformed during the flood: {}",
+        malformed - 4
+    );
+    assert!(malformed > 4, "the flood was not counted");
+}
+
+#[test]
+fn with_the_daemon_killed_learned_addresses_last_their_ttl_and_lookups_fail_closed() {
+    privileged!();
+    let (_l, port) = listen_all(&["127.0.20.61", "127.0.20.62"]);
+    let server = TestDnsServer::start([
+        a("api.agentwatch.test", [127, 0, 20, 61], 10),
+        a("new.agentwatch.test", [127, 0, 20, 62], 60),
+    ]);
+    let mut env = start(
+        &server,
+        &agent("orphan", &[format!("tcp *.agentwatch.test {port}")]),
+    );
+    let l = Agent::launched(&env, "orphan").resolve("api.agentwatch.test", "A");
+    let t0 = Instant::now();
+    assert_answer(&l, &["127.0.20.61"], "10.53.0.1:53");
+    assert_eq!(l.ttls, [10]);
+
+    env.stop_with(libc::SIGKILL);
+    let orphan = Agent::direct(&env, "orphan");
+    orphan.assert_connects("127.0.20.61", port, "learned, daemon dead, TTL left");
+    server.clear_queries();
+    for (resolver, mode) in [
+        (RESOLVER, "udp"),
+        (RESOLVER, "udp-connected"),
+        (RESOLVER, "tcp"),
+        ("fd00::53", "udp"),
+    ] {
+        let l = orphan.resolve_at(resolver, "new.agentwatch.test", "A", mode);
+        assert!(
+            l.rcode.is_none()
+                && [libc::ECONNREFUSED, libc::ETIMEDOUT, libc::EAGAIN].contains(&l.errno),
+            "{resolver} over {mode}: no answer without the daemon: {l:?}"
+        );
+    }
+    assert_eq!(server.queries(), [], "nothing reached the upstream");
+    orphan.assert_eperm("127.0.20.62", port, "never resolved: nothing new opens");
+    // Still inside the 10 s TTL (the failed lookups took up to 2 s each).
+    assert!(
+        t0.elapsed() < Duration::from_millis(9000),
+        "too slow to judge"
+    );
+    orphan.assert_connects("127.0.20.61", port, "learned, still inside its TTL");
+
+    sleep_until(t0 + Duration::from_millis(11_500));
+    orphan.assert_eperm("127.0.20.61", port, "expired with no daemon to remove it");
+}
+
+#[test]
+fn glibcs_own_resolver_in_the_agent_goes_through_the_forwarder() {
+    privileged!();
+    let nsswitch = std::fs::read_to_string("/etc/nsswitch.conf").unwrap_or_default();
+    assert!(
+        nsswitch
+            .lines()
+            .any(|l| l.starts_with("hosts:") && l.split_whitespace().any(|w| w == "dns")),
+        "this test needs `dns` on the hosts line of /etc/nsswitch.conf:\n{nsswitch}"
+    );
+    // getent asks getaddrinfo with AI_ADDRCONFIG: glibc skips the IPv4 lookup altogether
+    // unless the host has an IPv4 address other than 127.0.0.1.
+    let addrs = Command::new("ip")
+        .args(["-4", "-o", "addr", "show"])
+        .output()
+        .expect("ip addr");
+    assert!(
+        String::from_utf8_lossy(&addrs.stdout)
+            .lines()
+            .any(|l| !l.contains(" 127.0.0.1/")),
+        "this test needs an IPv4 address other than 127.0.0.1 on the host (AI_ADDRCONFIG)"
+    );
+    let (_l, port) = listen_all(&["127.0.20.71"]);
+    let (_o, other) = listen_all(&["127.0.20.71"]);
+    let server = TestDnsServer::start([
+        a("api.agentwatch.test", [127, 0, 20, 71], 60),
+        a("evil.agentwatch.test", [127, 0, 20, 72], 60),
+    ]);
+    let env = start(
+        &server,
+        &agent("libc", &[format!("tcp api.agentwatch.test {port}")]),
+    );
+    let resolv = env.dir.0.join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        "nameserver 10.53.0.1\noptions timeout:2 attempts:1\n",
+    )
+    .expect("resolv.conf");
+    let getent = |name: &str| {
+        Command::new(probe_bin())
+            .arg("--cgroup")
+            .arg(env.agent_cgroup("libc"))
+            .arg("with-resolv-conf")
+            .arg(&resolv)
+            .args(["getent", "ahostsv4", name])
+            .output()
+            .expect("running aw-probe with-resolv-conf getent")
+    };
+    let libc_agent = Agent::launched(&env, "libc");
+    libc_agent.assert_eperm("127.0.20.71", port, "before the lookup");
+
+    let out = getent("api.agentwatch.test");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.split_whitespace().next(),
+        Some("127.0.20.71"),
+        "{stdout}"
+    );
+    assert_eq!(server.queries(), [q("api.agentwatch.test", RecordType::A)]);
+    libc_agent.assert_connects("127.0.20.71", port, "after glibc resolved the name");
+    libc_agent.assert_eperm("127.0.20.71", other, "another port");
+
+    // A denied name: glibc gets REFUSED and getent finds nothing (exit 2).
+    let out = getent("evil.agentwatch.test");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    // (glibc may also try the host's search domain: only the name itself is counted here.)
+    let denied: Vec<_> = env
+        .wait_audit("dns_denied", 1)
+        .into_iter()
+        .filter(|l| l["name"] == "evil.agentwatch.test")
+        .collect();
+    assert_eq!(denied.len(), 1, "{denied:#?}");
+    assert_eq!(
+        (denied[0]["agent"].as_str(), denied[0]["qtype"].as_str()),
+        (Some("libc"), Some("A"))
+    );
+    assert_eq!(server.queries_for("evil.agentwatch.test"), 0);
+    libc_agent.assert_eperm("127.0.20.72", port, "the denied name's address");
+}
