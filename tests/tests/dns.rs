@@ -870,3 +870,115 @@ fn glibcs_own_resolver_in_the_agent_goes_through_the_forwarder() {
     assert_eq!(server.queries_for("evil.agentwatch.test"), 0);
     libc_agent.assert_eperm("127.0.20.72", port, "the denied name's address");
 }
+
+/// A reload keeps exactly what rules still configured admitted: a removed rule's addresses and
+/// a changed rule's old ports go at once, not when their TTL runs out. A restarted daemon keeps
+/// what the previous one learned (the kernel entries name their rule) and answers through new
+/// forwarder sockets. An agent left with no hostname rule is no longer redirected at all.
+#[test]
+fn reloads_and_restarts_keep_exactly_what_configured_rules_admitted() {
+    privileged!();
+    let (_l, [p1, p2]) = {
+        let (l1, p1) = listen_all(&["127.0.21.1", "127.0.21.2"]);
+        let (l2, p2) = listen_all(&["127.0.21.1", "127.0.21.2"]);
+        ((l1, l2), [p1, p2])
+    };
+    let server = TestDnsServer::start([
+        a("api.agentwatch.test", [127, 0, 21, 1], 600),
+        a("other.agentwatch.test", [127, 0, 21, 2], 600),
+    ]);
+    let config = |rules: &[String]| agent("bot", rules);
+    let mut env = start(
+        &server,
+        &config(&[
+            format!("tcp api.agentwatch.test {p1}"),
+            format!("tcp other.agentwatch.test {p1}"),
+        ]),
+    );
+    let bot = Agent::launched(&env, "bot");
+    assert_answer(
+        &bot.resolve("api.agentwatch.test", "A"),
+        &["127.0.21.1"],
+        "10.53.0.1:53",
+    );
+    assert_answer(
+        &bot.resolve("other.agentwatch.test", "A"),
+        &["127.0.21.2"],
+        "10.53.0.1:53",
+    );
+    bot.assert_connects("127.0.21.1", p1, "api learned");
+    bot.assert_connects("127.0.21.2", p1, "other learned");
+
+    // The `other` rule goes and `api` moves to another port.
+    env.write_config(&config(&[format!("tcp api.agentwatch.test {p2}")]));
+    let out = env.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bot.assert_eperm(
+        "127.0.21.2",
+        p1,
+        "its rule was removed: its address goes with it",
+    );
+    bot.assert_eperm("127.0.21.1", p1, "the rule that admitted port p1 is gone");
+    bot.assert_eperm("127.0.21.1", p2, "not learned under the new rule yet");
+    assert_eq!(dns_counts(&env, "bot").4, 0, "nothing learned is left");
+    assert_refused(&bot.resolve("other.agentwatch.test", "A"), "10.53.0.1:53");
+    assert_answer(
+        &bot.resolve("api.agentwatch.test", "A"),
+        &["127.0.21.1"],
+        "10.53.0.1:53",
+    );
+    bot.assert_connects("127.0.21.1", p2, "learned under the new rule");
+
+    // Restart: what was learned stays allowed while no daemon runs and after it is back.
+    assert_eq!(env.stop_with(libc::SIGTERM), Some(0), "{}", env.log());
+    let direct = Agent::direct(&env, "bot");
+    direct.assert_connects("127.0.21.1", p2, "daemon stopped: learned entry holds");
+    env.start();
+    let bot = Agent::launched(&env, "bot");
+    bot.assert_connects("127.0.21.1", p2, "re-adopted: learned entry kept");
+    assert_eq!(
+        dns_counts(&env, "bot").4,
+        1,
+        "the entry learned before the restart"
+    );
+    bot.assert_eperm("127.0.21.1", p1, "still only the rule's port");
+    let before = server.queries_for("api.agentwatch.test");
+    assert_answer(
+        &bot.resolve_at("127.0.0.53", "api.agentwatch.test", "A", "udp-connected"),
+        &["127.0.21.1"],
+        "127.0.0.53:53",
+    );
+    assert_eq!(server.queries_for("api.agentwatch.test"), before + 1);
+    // An AF_INET6 socket naming an IPv4 resolver (v4-mapped) goes the same way.
+    assert_answer(
+        &bot.resolve_at("::ffff:10.53.0.9", "api.agentwatch.test", "A", "udp"),
+        &["127.0.21.1"],
+        "[::ffff:10.53.0.9]:53",
+    );
+    assert_eq!(server.queries_for("api.agentwatch.test"), before + 2);
+
+    // No hostname rule left: DNS is judged by the address rules like any other traffic.
+    env.write_config(&config(&[format!("tcp 127.0.21.2 {p1}")]));
+    let out = env.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bot.assert_eperm(
+        "127.0.21.1",
+        p2,
+        "hostname rules gone: learned addresses gone",
+    );
+    bot.assert_connects("127.0.21.2", p1, "the address rule");
+    let l = bot.resolve("api.agentwatch.test", "A");
+    assert_eq!(
+        l.errno, EPERM,
+        "no redirect any more: 10.53.0.1:53 is not allowed: {l:?}"
+    );
+    assert_eq!(server.queries_for("api.agentwatch.test"), before + 2);
+}
