@@ -45,10 +45,10 @@ fn check_reports_each_error_with_line_and_column() {
     let dir = TempDir::new();
     let cases: &[(&str, &[&str])] = &[
         (
-            "[daemon]\nmetrics_listen = \"127.0.0.1:9750\"\n\n[[agents]]\nname = \"a\"\negress = [\n  \"tcp 10.0.0.1 80\",\n  \"tcp 10.0.0.0/33 80\",\n  \"udp api.example.com 53\",\n]\n\n[[agents]]\nname = \"a\"\n",
+            "[daemon]\nmetrics_listen = \"127.0.0.1:9750\"\n\n[[agents]]\nname = \"a\"\negress = [\n  \"tcp 10.0.0.1 80\",\n  \"tcp 10.0.0.0/33 80\",\n  \"udp *.com 53\",\n]\n\n[[agents]]\nname = \"a\"\n",
             &[
                 ":8:3: egress rule `tcp 10.0.0.0/33 80`: bad destination",
-                ":9:3: egress rule `udp api.example.com 53`: destination `api.example.com` is a hostname",
+                ":9:3: egress rule `udp *.com 53`: `*.com` would allow every name under a top-level domain",
                 ":13:8: duplicate agent name `a` (first defined on line 5)",
             ],
         ),
@@ -96,7 +96,8 @@ fn check_reports_each_error_with_line_and_column() {
     let good = dir.0.join("good.toml");
     fs::write(
         &good,
-        "[[agents]]\nname = \"a\"\negress = [\"tcp 10.0.0.1 80\"]\n",
+        "[daemon]\ndns_upstream = \"127.0.0.53\"\ndns_max_ttl = \"10m\"\n\n[[agents]]\nname = \"a\"\n\
+         egress = [\"tcp 10.0.0.1 80\", \"tcp api.example.com 443\", \"tcp *.example.org 443\"]\n",
     )
     .expect("write");
     let out = agentwatch(&["check", "--config", good.to_str().expect("utf8")]);
@@ -201,7 +202,7 @@ fn launch_runs_in_the_agent_denials_are_audited_and_cleanup_removes_everything()
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        String::from_utf8_lossy(&out.stdout).starts_with("detached 10 link(s)"),
+        String::from_utf8_lossy(&out.stdout).starts_with("detached 14 link(s)"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
@@ -457,8 +458,9 @@ fn sigkill_keeps_enforcement_and_a_restart_readopts_without_a_gap() {
     let links_before = link_ids(&env.pin_dir);
     assert_eq!(
         links_before.len(),
-        10,
-        "4 egress hooks + sock_create, exec and fork tracepoints, 3 socket/escape tracepoints"
+        14,
+        "4 egress hooks + sock_create + 4 DNS reply hooks, exec and fork tracepoints, 3 \
+         socket/escape tracepoints"
     );
 
     env.stop_with(libc::SIGKILL);
