@@ -301,3 +301,15 @@ pub(crate) fn remove_link_dir(dir: &Path) -> Result<usize, KernelError> {
     fs::remove_dir(dir).map_err(pin_err)?;
     Ok(n)
 }
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, so of the kernel's event
+/// timestamps and of the deadlines it checks.
+pub fn ktime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}

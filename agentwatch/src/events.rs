@@ -40,13 +40,7 @@ pub fn decode(bytes: &[u8]) -> Event {
 
 /// Converts a CLOCK_MONOTONIC timestamp of the kernel to wall-clock time.
 pub fn wall_time(ts_ns: u64) -> time::OffsetDateTime {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime with a valid timespec pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    let mono_now = i128::from(now.tv_sec) * 1_000_000_000 + i128::from(now.tv_nsec);
+    let mono_now = i128::from(crate::bpf::ktime_ns());
     let age = (mono_now - i128::from(ts_ns)).max(0);
     let wall = time::OffsetDateTime::now_utc();
     wall - time::Duration::nanoseconds(i64::try_from(age).unwrap_or(0))

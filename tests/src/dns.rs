@@ -538,3 +538,16 @@ pub fn oversized_junk(id: u16, len: usize) -> Vec<u8> {
     assert!(Message::from_vec(&b).is_err(), "the junk decodes");
     b
 }
+
+/// A real daemon whose DNS forwarder asks `server`, with `agents` (TOML `[[agents]]` tables)
+/// and answers' TTLs bounded to [1s, 1h].
+pub fn start_daemon(server: &TestDnsServer, agents: &str) -> crate::DaemonEnv {
+    let mut env = crate::DaemonEnv::new();
+    env.set_daemon_extra(&format!(
+        "dns_upstream = \"{}\"\ndns_min_ttl = \"1s\"\ndns_max_ttl = \"1h\"\n",
+        server.addr()
+    ));
+    env.write_config(agents);
+    env.start();
+    env
+}

@@ -605,12 +605,4 @@ impl Drop for DaemonEnv {
 }
 
 /// CLOCK_MONOTONIC in nanoseconds (the clock of the kernel's event timestamps).
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime with a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
+pub use agentwatch::bpf::ktime_ns as monotonic_ns;

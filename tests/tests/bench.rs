@@ -22,7 +22,7 @@ use agentwatch::{
 };
 use agentwatch_tests::{
     DaemonEnv, TestCgroup,
-    dns::{Rdata, TestDnsServer, parse_lookups, rec},
+    dns::{Rdata, TestDnsServer, parse_lookups, rec, start_daemon},
     monotonic_ns, privileged, probe_bin,
 };
 
@@ -225,18 +225,6 @@ fn host_cost_of_the_socket_and_escape_tracepoints() {
     );
 }
 
-/// A daemon whose DNS forwarder asks `server`, with `agents`.
-fn dns_daemon(server: &TestDnsServer, agents: &str) -> DaemonEnv {
-    let mut env = DaemonEnv::new();
-    env.set_daemon_extra(&format!(
-        "dns_upstream = \"{}\"\ndns_min_ttl = \"1s\"\ndns_max_ttl = \"1h\"\n",
-        server.addr()
-    ));
-    env.write_config(agents);
-    env.start();
-    env
-}
-
 /// Median and 99th percentile of `v` (sorted in place).
 fn median_p99(v: &mut [u64]) -> (u64, u64) {
     v.sort_unstable();
@@ -252,7 +240,7 @@ fn dns_lookup_latency_through_the_forwarder() {
         Rdata::A(std::net::Ipv4Addr::new(127, 0, 20, 1)),
         3600,
     )]);
-    let env = dns_daemon(
+    let env = start_daemon(
         &server,
         "[[agents]]\nname = \"bench\"\negress = [\"tcp api.agentwatch.test 443\"]\n",
     );
@@ -345,7 +333,7 @@ fn connect_cost_with_10000_learned_addresses() {
         3600,
     ));
     let server = TestDnsServer::start(zone);
-    let env = dns_daemon(
+    let env = start_daemon(
         &server,
         &format!(
             "[[agents]]\nname = \"many\"\negress = [\"tcp *.many.agentwatch.test {closed}\"]\n\n\

@@ -18,7 +18,7 @@ use agentwatch_tests::{
     Attempt, DaemonEnv, EPERM,
     dns::{
         Lookup, RawReply, Rdata, TestDnsServer, ZoneRecord, hex, malformed_with_header,
-        oversized_junk, parse_lookups, parse_raw, rec,
+        oversized_junk, parse_lookups, parse_raw, rec, start_daemon,
     },
     one, parse_attempts, privileged, probe_bin,
 };
@@ -26,18 +26,6 @@ use hickory_proto::rr::RecordType;
 
 /// The resolver address the agents ask: nothing listens there; only the redirect answers.
 const RESOLVER: &str = "10.53.0.1";
-
-/// A daemon whose forwarder asks `server`, with `agents` (TOML) and TTLs bounded to [1s, 1h].
-fn start(server: &TestDnsServer, agents: &str) -> DaemonEnv {
-    let mut env = DaemonEnv::new();
-    env.set_daemon_extra(&format!(
-        "dns_upstream = \"{}\"\ndns_min_ttl = \"1s\"\ndns_max_ttl = \"1h\"\n",
-        server.addr()
-    ));
-    env.write_config(agents);
-    env.start();
-    env
-}
 
 /// An `[[agents]]` table with these egress rules.
 fn agent(name: &str, rules: &[String]) -> String {
@@ -258,7 +246,7 @@ fn an_allowed_name_opens_its_address_on_the_rules_port_only() {
     let (_o, other) = listen_all(&["127.0.20.1"]);
     let closed = closed_port();
     let server = TestDnsServer::start([a("api.agentwatch.test", [127, 0, 20, 1], 60)]);
-    let env = start(
+    let env = start_daemon(
         &server,
         &agent(
             "api",
@@ -305,7 +293,7 @@ fn a_denied_name_is_refused_audited_and_never_asked_upstream() {
         a("evil.agentwatch.test", [127, 0, 20, 2], 60),
         rec("evil.agentwatch.test", Rdata::Aaaa(Ipv6Addr::LOCALHOST), 60),
     ]);
-    let env = start(
+    let env = start_daemon(
         &server,
         &agent("strict", &[format!("tcp api.agentwatch.test {port}")]),
     );
@@ -385,7 +373,7 @@ fn wildcards_apex_cname_chains_case_trailing_dots_and_aaaa() {
         format!("tcp *.cdn.agentwatch.test {port}"),
         format!("tcp cdn.agentwatch.test {port}"),
     ];
-    let env = start(
+    let env = start_daemon(
         &server,
         &format!(
             "{}{}",
@@ -476,7 +464,7 @@ fn learned_addresses_expire_after_the_bounded_ttl() {
         // A day: lowered to dns_max_ttl (1 h), in the kernel and in the answer.
         a("long.agentwatch.test", [127, 0, 20, 23], 86_400),
     ]);
-    let env = start(
+    let env = start_daemon(
         &server,
         &agent("ttl", &[format!("tcp *.agentwatch.test {port}")]),
     );
@@ -532,7 +520,7 @@ fn two_agents_resolving_the_same_name_each_get_their_own_ports() {
         a("api.agentwatch.test", [127, 0, 20, 31], 60),
         a("other.agentwatch.test", [127, 0, 20, 32], 60),
     ]);
-    let env = start(
+    let env = start_daemon(
         &server,
         &format!(
             "{}{}{}",
@@ -587,7 +575,7 @@ fn every_resolver_address_and_transport_goes_through_the_forwarder() {
     // One name per case, so each case's question is seen upstream on its own.
     let name = |i: usize| format!("c{i}.res.agentwatch.test");
     let server = TestDnsServer::start((0..cases.len()).map(|i| a(&name(i), [127, 0, 20, 41], 60)));
-    let env = start(
+    let env = start_daemon(
         &server,
         &agent("res", &[format!("tcp *.res.agentwatch.test {port}")]),
     );
@@ -640,7 +628,7 @@ fn malformed_and_oversized_packets_get_formerr_or_nothing_and_change_nothing() {
     let (_l, port) = listen_all(&["127.0.20.51"]);
     let server = TestDnsServer::start([a("api.agentwatch.test", [127, 0, 20, 51], 60)]);
     let rules = [format!("tcp api.agentwatch.test {port}")];
-    let env = start(
+    let env = start_daemon(
         &server,
         &format!("{}{}", agent("junk", &rules), agent("other", &rules)),
     );
@@ -746,7 +734,7 @@ fn with_the_daemon_killed_learned_addresses_last_their_ttl_and_lookups_fail_clos
         a("api.agentwatch.test", [127, 0, 20, 61], 10),
         a("new.agentwatch.test", [127, 0, 20, 62], 60),
     ]);
-    let mut env = start(
+    let mut env = start_daemon(
         &server,
         &agent("orphan", &[format!("tcp *.agentwatch.test {port}")]),
     );
@@ -813,7 +801,7 @@ fn glibcs_own_resolver_in_the_agent_goes_through_the_forwarder() {
         a("api.agentwatch.test", [127, 0, 20, 71], 60),
         a("evil.agentwatch.test", [127, 0, 20, 72], 60),
     ]);
-    let env = start(
+    let env = start_daemon(
         &server,
         &agent("libc", &[format!("tcp api.agentwatch.test {port}")]),
     );
@@ -871,6 +859,17 @@ fn glibcs_own_resolver_in_the_agent_goes_through_the_forwarder() {
     libc_agent.assert_eperm("127.0.20.72", port, "the denied name's address");
 }
 
+/// Writes `agents` as the config and applies it with `agentwatch reload`.
+fn reload(env: &DaemonEnv, agents: &str) {
+    env.write_config(agents);
+    let out = env.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A reload keeps exactly what rules still configured admitted: a removed rule's addresses and
 /// a changed rule's old ports go at once, not when their TTL runs out. A restarted daemon keeps
 /// what the previous one learned (the kernel entries name their rule) and answers through new
@@ -888,7 +887,7 @@ fn reloads_and_restarts_keep_exactly_what_configured_rules_admitted() {
         a("other.agentwatch.test", [127, 0, 21, 2], 600),
     ]);
     let config = |rules: &[String]| agent("bot", rules);
-    let mut env = start(
+    let mut env = start_daemon(
         &server,
         &config(&[
             format!("tcp api.agentwatch.test {p1}"),
@@ -910,13 +909,7 @@ fn reloads_and_restarts_keep_exactly_what_configured_rules_admitted() {
     bot.assert_connects("127.0.21.2", p1, "other learned");
 
     // The `other` rule goes and `api` moves to another port.
-    env.write_config(&config(&[format!("tcp api.agentwatch.test {p2}")]));
-    let out = env.cli(&["reload"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    reload(&env, &config(&[format!("tcp api.agentwatch.test {p2}")]));
     bot.assert_eperm(
         "127.0.21.2",
         p1,
@@ -962,13 +955,7 @@ fn reloads_and_restarts_keep_exactly_what_configured_rules_admitted() {
     assert_eq!(server.queries_for("api.agentwatch.test"), before + 2);
 
     // No hostname rule left: DNS is judged by the address rules like any other traffic.
-    env.write_config(&config(&[format!("tcp 127.0.21.2 {p1}")]));
-    let out = env.cli(&["reload"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    reload(&env, &config(&[format!("tcp 127.0.21.2 {p1}")]));
     bot.assert_eperm(
         "127.0.21.1",
         p2,
@@ -981,4 +968,57 @@ fn reloads_and_restarts_keep_exactly_what_configured_rules_admitted() {
         "no redirect any more: 10.53.0.1:53 is not allowed: {l:?}"
     );
     assert_eq!(server.queries_for("api.agentwatch.test"), before + 2);
+}
+
+/// A flood of refused names is not a flood of audit lines: beyond `audit_rate` a second they
+/// are counted and summarised (`dns_denied_summary`, busiest names first), and lines plus
+/// summaries account for every refusal.
+#[test]
+fn a_flood_of_refused_names_is_summarised_and_every_refusal_accounted_for() {
+    privileged!();
+    let server = TestDnsServer::start([a("api.agentwatch.test", [127, 0, 22, 1], 60)]);
+    let env = start_daemon(
+        &server,
+        &agent("noisy", &["tcp api.agentwatch.test 443".into()]),
+    );
+    let noisy = Agent::launched(&env, "noisy");
+    let started = Instant::now();
+    let out = noisy.run(&["resolve", RESOLVER, "53", "x.evil.test", "A", "udp", "300"]);
+    let elapsed = started.elapsed();
+    let lookups = parse_lookups(&out.stdout);
+    assert_eq!(lookups.len(), 300);
+    assert!(
+        lookups
+            .iter()
+            .all(|l| l.rcode.as_deref() == Some("Refused")),
+        "{:?}",
+        lookups
+            .iter()
+            .find(|l| l.rcode.as_deref() != Some("Refused"))
+    );
+    assert_eq!(dns_counts(&env, "noisy").1, 300);
+    let (mut lines, mut summarised) = (0, 0);
+    wait_until("every refusal in the trail", Duration::from_secs(5), || {
+        let trail = env.audit_lines();
+        lines = trail.iter().filter(|l| l["kind"] == "dns_denied").count() as u64;
+        summarised = trail
+            .iter()
+            .filter(|l| l["kind"] == "dns_denied_summary")
+            .map(|l| {
+                assert_eq!(l["agent"], "noisy");
+                assert_eq!(l["names"][0]["name"], "x.evil.test", "{l}");
+                assert_eq!(l["names"][0]["count"], l["count"], "{l}");
+                l["count"].as_u64().expect("count")
+            })
+            .sum();
+        lines + summarised == 300
+    });
+    // At most audit_rate (100) lines in each second the flood touched.
+    let seconds = elapsed.as_secs() + 2;
+    assert!(lines <= 100 * seconds, "{lines} lines in {elapsed:?}");
+    assert!(
+        summarised >= 300 - 100 * seconds.min(3),
+        "{summarised} summarised in {elapsed:?}"
+    );
+    assert_eq!(server.queries_for("x.evil.test"), 0);
 }

@@ -33,10 +33,9 @@ use tokio::{
 use super::{
     Learned,
     message::{self, Malformed, Query},
-    monotonic_ns,
     names::HostRules,
 };
-use crate::audit::Audit;
+use crate::{audit::Audit, bpf::ktime_ns};
 
 /// How long upstream has to answer one query (stub resolvers retry after about 5 s).
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(4);
@@ -341,10 +340,7 @@ impl Forwarder {
 
     /// Removes expired learned addresses.
     pub fn expire(&self) -> Result<usize, String> {
-        self.0
-            .learned
-            .expire(monotonic_ns())
-            .map_err(|e| e.to_string())
+        self.0.learned.expire(ktime_ns()).map_err(|e| e.to_string())
     }
 }
 
@@ -501,7 +497,7 @@ async fn handle(
     // address it learned is judged with that address in place.
     match inner
         .learned
-        .admit(agent.id, &query.name, &addrs, monotonic_ns())
+        .admit(agent.id, &query.name, &addrs, ktime_ns())
     {
         Ok(true) => {}
         // The rules changed while upstream answered: judged by the rules in force now.
@@ -522,7 +518,7 @@ async fn handle(
 /// REFUSED for a name no rule allows: counted, and audited within the agent's audit rate.
 fn refuse(inner: &Inner, agent: &AgentDns, query: &Query, transport: Transport) -> Vec<u8> {
     inner.learned.count(agent.id, DNS_DENIED);
-    let second = monotonic_ns() / 1_000_000_000;
+    let second = ktime_ns() / 1_000_000_000;
     let write = {
         let mut w = lock(&agent.window);
         if w.second != second {

@@ -107,17 +107,6 @@ struct Table {
     counts: Array<MapData, [u64; DNS_VERDICTS]>,
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the kernel's `bpf_ktime_get_ns`, which judges deadlines.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
 /// The key of `addr` learned for agent `id`, as the egress hook looks it up.
 pub fn key_of(id: u32, addr: IpAddr) -> DnsKey {
     let mut key = DnsKey {
