@@ -242,23 +242,29 @@ impl Forwarder {
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
             connections: Arc::new(Semaphore::new(TCP_CONNECTIONS)),
         });
-        let mut tasks = Vec::new();
+        // Every socket is handed to tokio before any task starts: a failure leaves nothing
+        // running.
         let _guard = self.0.runtime.enter();
-        for s in endpoint.udp {
-            let s = UdpSocket::from_std(s).map_err(|e| e.to_string())?;
-            tasks.push(
-                self.0
-                    .runtime
-                    .spawn(serve_udp(Arc::clone(&self.0), Arc::clone(&agent), s)),
-            );
+        let udp = endpoint
+            .udp
+            .into_iter()
+            .map(UdpSocket::from_std)
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|e| e.to_string())?;
+        let tcp = endpoint
+            .tcp
+            .into_iter()
+            .map(TcpListener::from_std)
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|e| e.to_string())?;
+        let mut tasks = Vec::new();
+        for s in udp {
+            let task = serve_udp(Arc::clone(&self.0), Arc::clone(&agent), s);
+            tasks.push(self.0.runtime.spawn(task));
         }
-        for l in endpoint.tcp {
-            let l = TcpListener::from_std(l).map_err(|e| e.to_string())?;
-            tasks.push(
-                self.0
-                    .runtime
-                    .spawn(serve_tcp(Arc::clone(&self.0), Arc::clone(&agent), l)),
-            );
+        for l in tcp {
+            let task = serve_tcp(Arc::clone(&self.0), Arc::clone(&agent), l);
+            tasks.push(self.0.runtime.spawn(task));
         }
         tracing::info!(agent = name, ports = ?endpoint.ports, "DNS forwarder serving");
         self.served().insert(
