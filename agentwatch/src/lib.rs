@@ -21,6 +21,7 @@ pub mod cgroup;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod demo;
 pub mod dns;
 pub mod egress;
 pub mod events;

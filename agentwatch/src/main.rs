@@ -79,6 +79,16 @@ enum Cmd {
     },
     /// Reload the daemon's config (same as SIGHUP).
     Reload,
+    /// Run the whole story on this machine (as root): a daemon on an embedded config, a model
+    /// provider on loopback and a scripted agent that is allowed, denied, refused a raw socket,
+    /// frozen by its breaker, approved and killed. Leaves nothing behind.
+    Demo,
+    /// The demo's scripted agent (used by `demo`).
+    #[command(hide = true)]
+    DemoAgent {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -141,6 +151,11 @@ fn real_main(cmd: Cmd, socket: PathBuf) -> Result<ExitCode> {
                 .build()
                 .context("starting the async runtime")?;
             rt.block_on(daemon::run(config, source))?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Demo => return agentwatch::demo::run(),
+        Cmd::DemoAgent { args } => {
+            agentwatch::demo::agent::run(&args)?;
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Check { config } => {

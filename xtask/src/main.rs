@@ -27,7 +27,8 @@ enum Cmd {
     Setup,
     /// Set up, then build the release binary.
     Build,
-    /// Set up, then run the daemon (release build) on its embedded default config, or ARGS.
+    /// Set up, then run the demo (release build, as root), or `agentwatch ARGS` (e.g.
+    /// `cargo xtask run -- run --config FILE` for the daemon).
     Run {
         #[arg(last = true)]
         args: Vec<String>,
@@ -263,8 +264,10 @@ fn debian_packages() -> Result<()> {
 fn run(args: &[String]) -> Result<()> {
     cargo(&["build", "--release", "--bin", "agentwatch"])?;
     let bin = workspace_root().join("target/release/agentwatch");
+    // No arguments: the demo, the whole story on this machine. With arguments: any command
+    // (`cargo xtask run -- run --config FILE` runs the daemon).
     let args: Vec<&OsStr> = if args.is_empty() {
-        vec![OsStr::new("run")]
+        vec![OsStr::new("demo")]
     } else {
         args.iter().map(OsStr::new).collect()
     };

@@ -1,0 +1,516 @@
+//! `agentwatch demo`: the whole story in about half a minute, for real.
+//!
+//! It starts a daemon of its own on an embedded config (its own cgroup parent, pin folder,
+//! control socket and audit trail under a temporary folder), a loopback HTTP server standing in
+//! for the model provider, and a scripted agent ([`agent`]) that makes allowed calls, tries a
+//! call that is not on its list, tries a raw socket, bursts until the breaker freezes it, is
+//! approved, and is killed by the kill switch. Each step is narrated with what the kernel and
+//! the daemon actually did, then the matching audit lines are shown. Everything it made is
+//! removed at the end, also when it fails or is interrupted (Ctrl-C).
+
+pub mod agent;
+mod provider;
+
+use std::{
+    io::Write as _,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+
+use crate::{
+    bpf::ktime_ns,
+    cgroup::{self, Cgroup},
+    config::Config,
+    control::{self, Request},
+};
+use provider::Provider;
+
+/// The agent of the demo.
+const AGENT: &str = "demo-agent";
+
+/// The demo's config; `{...}` are filled in per run.
+const CONFIG: &str = r#"# agentwatch demo: one agent that may call its model provider, and nothing else.
+[daemon]
+cgroup_parent = "{parent}"
+pin_dir = "{pins}"
+control_socket = "{socket}"
+metrics_listen = "127.0.0.1:0"
+audit_log = "{audit}"
+
+[[agents]]
+name = "demo-agent"
+egress = ["tcp {provider_ip} {provider_port}"]
+
+[agents.breaker]
+warmup = "4s"
+window = "1s"
+trip_factor = 5.0
+min_rate = 20.0
+action = "freeze"
+require_approval = true
+"#;
+
+/// How long the agent runs at its normal rate before it bursts (longer than the warmup).
+const STEADY_SECS: u32 = 5;
+
+/// Runs the demo; exit 0 when every step did what it should.
+pub fn run() -> Result<ExitCode> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "the demo loads eBPF programs and makes cgroups: run it as root (`sudo agentwatch demo`)"
+        );
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let mut env = Env::create()?;
+        let outcome = tokio::select! {
+            r = story(&mut env) => r.map(|()| ExitCode::SUCCESS),
+            _ = tokio::signal::ctrl_c() => {
+                println!("\ninterrupted: cleaning up");
+                Ok(ExitCode::from(130))
+            }
+        };
+        let cleaned = env.cleanup();
+        match (&outcome, cleaned) {
+            (_, Err(e)) => {
+                eprintln!("agentwatch demo: cleaning up: {e:#}");
+                Ok(ExitCode::FAILURE)
+            }
+            (Ok(_), Ok(summary)) => {
+                println!("{summary}");
+                outcome
+            }
+            (Err(_), Ok(_)) => outcome,
+        }
+    })
+}
+
+/// What the demo made, removed by [`Env::cleanup`] (and by Drop, should it be skipped).
+struct Env {
+    exe: PathBuf,
+    dir: PathBuf,
+    config_path: PathBuf,
+    config: Option<Config>,
+    socket: PathBuf,
+    audit: PathBuf,
+    agent_cgroup: PathBuf,
+    daemon: Option<Child>,
+    /// Agent processes started in the background (reaped at cleanup).
+    background: Vec<Child>,
+    provider: Option<Provider>,
+    cleaned: bool,
+}
+
+impl Env {
+    fn create() -> Result<Self> {
+        let name = format!("agentwatch-demo-{}", std::process::id());
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mount = cgroup::cgroup2_mount()?;
+        Ok(Self {
+            exe: std::env::current_exe().context("finding the agentwatch binary")?,
+            config_path: dir.join("agentwatch.toml"),
+            socket: dir.join("control.sock"),
+            audit: dir.join("audit.jsonl"),
+            agent_cgroup: mount.join(&name).join(AGENT),
+            dir,
+            config: None,
+            daemon: None,
+            background: Vec::new(),
+            provider: None,
+            cleaned: false,
+        })
+    }
+
+    fn parent_name(&self) -> String {
+        self.dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Writes the config and starts the daemon on it; returns once its control socket answers.
+    fn start_daemon(&mut self, provider: SocketAddr) -> Result<()> {
+        let parent = self.parent_name();
+        let text = CONFIG
+            .replace("{parent}", &parent)
+            .replace("{pins}", &format!("/sys/fs/bpf/{parent}"))
+            .replace("{socket}", &self.socket.display().to_string())
+            .replace("{audit}", &self.audit.display().to_string())
+            .replace("{provider_ip}", &provider.ip().to_string())
+            .replace("{provider_port}", &provider.port().to_string());
+        std::fs::write(&self.config_path, &text)?;
+        self.config = Some(
+            Config::parse(&text, "<demo config>")
+                .map_err(|e| anyhow::anyhow!("the demo config is invalid:\n{e}"))?,
+        );
+        let log = std::fs::File::create(self.dir.join("daemon.log"))?;
+        let child = Command::new(&self.exe)
+            .args(["run", "--config"])
+            .arg(&self.config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting the daemon")?;
+        self.daemon = Some(child);
+        let start = Instant::now();
+        while self.ask(Request::Status).is_err() {
+            if let Some(status) = self
+                .daemon
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "the daemon exited ({status}):\n{}",
+                    std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+                );
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                bail!("the daemon did not start within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn ask(&self, request: Request) -> Result<Value> {
+        control::call(&self.socket, &request, Duration::from_secs(10))?
+            .into_result()
+            .map_err(anyhow::Error::msg)
+    }
+
+    /// The agent's status row.
+    fn row(&self) -> Result<Value> {
+        let status = self.ask(Request::Status)?;
+        status["agents"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["name"] == AGENT))
+            .cloned()
+            .context("the daemon does not list the demo agent")
+    }
+
+    /// `agentwatch launch --agent demo-agent -- agentwatch demo-agent ARGS`.
+    fn launched(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("--socket")
+            .arg(&self.socket)
+            .args(["launch", "--agent", AGENT, "--"])
+            .arg(&self.exe)
+            .arg("demo-agent")
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs the scripted agent to completion; its report lines.
+    fn run_agent(&self, mut cmd: Command) -> Result<Vec<Value>> {
+        let out = cmd.output().context("running the demo agent")?;
+        if !out.status.success() {
+            bail!(
+                "the demo agent failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
+    }
+
+    /// Audit lines of `kinds`, in order.
+    fn audit_lines(&self, kinds: &[&str]) -> Vec<Value> {
+        std::fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| kinds.iter().any(|k| v["kind"] == *k))
+            .collect()
+    }
+
+    /// Waits (up to `timeout`) for an audit line of `kind`.
+    async fn wait_audit(&self, kind: &str, timeout: Duration) -> Result<Value> {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = self.audit_lines(&[kind]).pop() {
+                return Ok(v);
+            }
+            if start.elapsed() > timeout {
+                bail!("no `{kind}` line in the audit trail after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills the agent's processes, stops the daemon, removes pins, cgroups and the folder.
+    fn cleanup(&mut self) -> Result<String> {
+        self.cleaned = true;
+        if let Ok(cg) = Cgroup::open(&self.agent_cgroup) {
+            let _ = cg.set_frozen(false);
+            let _ = cg.kill();
+            let _ = cg.wait_empty(Duration::from_secs(5));
+        }
+        for mut child in self.background.drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(mut child) = self.daemon.take() {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                // SAFETY: signalling the daemon this process started.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            let start = Instant::now();
+            while child.try_wait().ok().flatten().is_none() {
+                if start.elapsed() > Duration::from_secs(10) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.provider.take();
+        let mut summary = String::from("cleaned up: ");
+        if let Some(config) = &self.config {
+            summary.push_str(&crate::daemon::cleanup(config)?);
+        }
+        // The parent cgroup goes once its agent's is gone (cleanup removes both when empty).
+        let parent = self.agent_cgroup.parent().map(Path::to_path_buf);
+        if let Some(p) = parent
+            && p.exists()
+        {
+            let _ = std::fs::remove_dir(&self.agent_cgroup);
+            std::fs::remove_dir(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+        std::fs::remove_dir_all(&self.dir)
+            .with_context(|| format!("removing {}", self.dir.display()))?;
+        summary.push_str(&format!("; removed {}", self.dir.display()));
+        Ok(summary)
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if !self.cleaned
+            && let Err(e) = self.cleanup()
+        {
+            eprintln!("agentwatch demo: cleaning up: {e:#}");
+        }
+    }
+}
+
+fn say(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{text}");
+    let _ = out.flush();
+}
+
+fn errno_text(errno: i64) -> String {
+    match errno {
+        0 => "succeeded".to_owned(),
+        1 => "EPERM (Operation not permitted)".to_owned(),
+        e => format!(
+            "errno {e} ({})",
+            std::io::Error::from_raw_os_error(i32::try_from(e).unwrap_or(0))
+        ),
+    }
+}
+
+fn num(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(0.0)
+}
+
+/// The six steps, narrated.
+async fn story(env: &mut Env) -> Result<()> {
+    let provider = Provider::start().await?;
+    let provider_addr = provider.addr;
+    env.provider = Some(provider);
+    // Somewhere the agent is not allowed to send to: a real listener, so a connect that got
+    // through would succeed; the point is that it never gets there.
+    let elsewhere = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let elsewhere = elsewhere.local_addr()?;
+    say("agentwatch demo: one AI agent, guarded by agentwatch. Everything below really happens:");
+    say("the kernel enforces, the daemon decides, the audit trail records.\n");
+    env.start_daemon(provider_addr)?;
+    say(&format!(
+        "  daemon started; agent `{AGENT}` (cgroup {}) may call its model provider at \
+         {provider_addr} over TCP, and nothing else.\n",
+        env.agent_cgroup.display()
+    ));
+    let served = |env: &Env| env.provider.as_ref().map_or(0, Provider::served);
+
+    // 1. Allowed calls.
+    say("[1/6] The agent calls its model provider.");
+    let reports = env.run_agent(env.launched(&["calls", &provider_addr.to_string(), "5"]))?;
+    let ok = reports.iter().filter(|r| r["status"] == 200).count();
+    let allowed = env.row()?["allowed"].as_u64().unwrap_or(0);
+    say(&format!(
+        "      5 calls, {ok} answered with HTTP 200; the kernel counted {allowed} allowed connects."
+    ));
+    if ok != 5 {
+        bail!("expected 5 answered calls, got {ok}: {reports:?}");
+    }
+
+    // 2. A call that is not on the list.
+    say(&format!(
+        "[2/6] It tries to send data somewhere else ({elsewhere}, not on its list)."
+    ));
+    let r = env.run_agent(env.launched(&["connect", &elsewhere.to_string()]))?;
+    let errno = r.first().map_or(-1, |r| r["errno"].as_i64().unwrap_or(-1));
+    say(&format!(
+        "      connect(): {}: refused in the kernel, no packet left the agent.",
+        errno_text(errno)
+    ));
+    if errno != 1 {
+        bail!("expected EPERM for the unlisted destination, got {r:?}");
+    }
+    let denied = env
+        .wait_audit("egress_denied", Duration::from_secs(5))
+        .await?;
+    say(&format!("      audit: {denied}"));
+
+    // 3. A raw socket, as root with every capability.
+    say("[3/6] As root with CAP_NET_RAW, it tries a raw socket (to get around the connect hooks).");
+    let mut raw = Command::new(&env.exe);
+    raw.arg("demo-agent")
+        .arg("--cgroup")
+        .arg(&env.agent_cgroup)
+        .arg("raw")
+        .stdin(Stdio::null());
+    let r = env.run_agent(raw)?;
+    let errno = r.first().map_or(-1, |r| r["errno"].as_i64().unwrap_or(-1));
+    say(&format!(
+        "      socket(AF_INET, SOCK_RAW): {}: refused by agentwatch's sock_create hook.",
+        errno_text(errno)
+    ));
+    if errno != 1 {
+        bail!("expected EPERM for the raw socket, got {r:?}");
+    }
+    let socket_denied = env
+        .wait_audit("socket_denied", Duration::from_secs(5))
+        .await?;
+    say(&format!("      audit: {socket_denied}"));
+
+    // 4. Normal rate, then a burst.
+    say(&format!(
+        "[4/6] It works at 5 calls/s for {STEADY_SECS} s (the breaker learns its normal), then bursts."
+    ));
+    let mark = env.dir.join("burst-started");
+    let mut pacer = env.launched(&[
+        "pace",
+        &provider_addr.to_string(),
+        &mark.display().to_string(),
+        &STEADY_SECS.to_string(),
+    ]);
+    let pacer = pacer
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting the agent")?;
+    // Killed by the kill switch at step 6 (or by cleanup), reaped at cleanup.
+    env.background.push(pacer);
+    let start = Instant::now();
+    while !mark.exists() {
+        if start.elapsed() > Duration::from_secs(u64::from(STEADY_SECS) + 10) {
+            bail!("the agent never started its burst");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cg = Cgroup::open(&env.agent_cgroup)?;
+    while !cg.frozen().unwrap_or(false) {
+        if start.elapsed() > Duration::from_secs(u64::from(STEADY_SECS) + 20) {
+            bail!("the breaker did not freeze the agent");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let frozen_at = ktime_ns();
+    let burst_at: u64 = std::fs::read_to_string(&mark)?.trim().parse()?;
+    let trip = env
+        .wait_audit("breaker_tripped", Duration::from_secs(5))
+        .await?;
+    let processes = env.row()?["processes"].as_u64().unwrap_or(0);
+    say(&format!(
+        "      normal: {:.1} {}/s learned; burst: {:.0}/s ({:.0}x its normal).",
+        num(&trip["baseline"]),
+        trip["signal"].as_str().unwrap_or("?"),
+        num(&trip["rate"]),
+        num(&trip["rate"]) / num(&trip["baseline"]).max(0.1)
+    ));
+    say(&format!(
+        "      breaker tripped and froze all {processes} processes {} ms after the burst began.",
+        frozen_at.saturating_sub(burst_at) / 1_000_000
+    ));
+    say(&format!("      audit: {trip}"));
+
+    // 5. Frozen until a human decides.
+    let at_freeze = served(env);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let while_frozen = served(env) - at_freeze;
+    say(&format!(
+        "[5/6] It stays frozen until a human decides: {while_frozen} calls got out in 2 s. The \
+         human approves: `agentwatch approve {AGENT}`."
+    ));
+    if while_frozen != 0 {
+        bail!("{while_frozen} calls were answered while the agent was frozen");
+    }
+    env.ask(Request::Approve {
+        agent: AGENT.to_owned(),
+        keep_baseline: false,
+    })?;
+    cg.wait_frozen(false, Duration::from_secs(5))?;
+    let before = served(env);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = served(env);
+    say(&format!(
+        "      thawed: it carries on at its own pace, {} calls answered in the next 2 s; its \
+         normal is learned again from now.",
+        after - before
+    ));
+
+    // 6. The kill switch.
+    say(&format!("[6/6] Kill switch: `agentwatch kill {AGENT}`."));
+    let killed = env.ask(Request::Kill {
+        agent: AGENT.to_owned(),
+    })?;
+    let left = Cgroup::open(&env.agent_cgroup)?.all_pids()?.len();
+    say(&format!(
+        "      egress revoked first, then {} processes killed at once (cgroup.kill); {left} left.",
+        killed["processes"]
+    ));
+
+    say(&format!(
+        "\nThe audit trail ({}), these steps:",
+        env.audit.display()
+    ));
+    for line in env.audit_lines(&[
+        "egress_denied",
+        "socket_denied",
+        "breaker_tripped",
+        "frozen",
+        "approved",
+        "thawed",
+        "killed",
+    ]) {
+        say(&format!("  {line}"));
+    }
+    let row = env.row()?;
+    say(&format!(
+        "\nIn all: {} calls answered by the model provider, {} denied in the kernel, 1 raw socket \
+         refused, the burst frozen in {} ms, {} processes killed.",
+        served(env),
+        row["denied"],
+        frozen_at.saturating_sub(burst_at) / 1_000_000,
+        killed["processes"]
+    ));
+    Ok(())
+}

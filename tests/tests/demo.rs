@@ -1,0 +1,147 @@
+//! `agentwatch demo`, as a new user runs it: it tells the whole story with real figures, exits
+//! 0, and leaves nothing behind (no cgroup, pin, socket, folder or process), also when it is
+//! interrupted with Ctrl-C in the middle.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use agentwatch::cgroup;
+use agentwatch_tests::{agentwatch_bin, privileged};
+
+/// One demo at a time: the process check below looks at the whole host.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Everything a demo with pid `pid` could leave behind.
+fn leftovers(pid: u32) -> Vec<PathBuf> {
+    let name = format!("agentwatch-demo-{pid}");
+    let mount = cgroup::cgroup2_mount().expect("cgroup2 mount");
+    [
+        mount.join(&name),
+        Path::new("/sys/fs/bpf").join(&name),
+        std::env::temp_dir().join(&name),
+    ]
+    .into_iter()
+    .filter(|p| p.exists())
+    .collect()
+}
+
+/// Processes whose command line runs the demo's scripted agent.
+fn demo_agents() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg == b"demo-agent"))
+        })
+        .collect()
+}
+
+#[test]
+fn the_demo_tells_the_story_and_leaves_nothing_behind() {
+    privileged!();
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let start = Instant::now();
+    let child = Command::new(agentwatch_bin())
+        .arg("demo")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("agentwatch demo");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("demo output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        start.elapsed()
+    );
+    for want in [
+        "[1/6] The agent calls its model provider.",
+        "5 calls, 5 answered with HTTP 200; the kernel counted 5 allowed connects.",
+        "connect(): EPERM (Operation not permitted)",
+        "\"kind\":\"egress_denied\"",
+        "socket(AF_INET, SOCK_RAW): EPERM (Operation not permitted)",
+        "\"kind\":\"socket_denied\"",
+        "breaker tripped and froze all 4 processes",
+        "\"kind\":\"breaker_tripped\"",
+        "0 calls got out in 2 s",
+        "thawed: it carries on",
+        "4 processes killed at once (cgroup.kill); 0 left.",
+        "\"kind\":\"killed\"",
+        "cleaned up: detached",
+    ] {
+        assert!(stdout.contains(want), "missing `{want}` in:\n{stdout}");
+    }
+    assert_eq!(leftovers(pid), Vec::<PathBuf>::new());
+    assert_eq!(demo_agents(), Vec::<u32>::new());
+}
+
+#[test]
+fn an_interrupted_demo_cleans_up_too() {
+    privileged!();
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut child = Command::new(agentwatch_bin())
+        .arg("demo")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("agentwatch demo");
+    let pid = child.id();
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // Interrupt it while the agent is working at its normal rate (step 4).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the demo reached step 4");
+        if line.starts_with("[4/6]") {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!demo_agents().is_empty(), "the agent is running");
+    // SAFETY: signalling the demo this test started.
+    unsafe { libc::kill(i32::try_from(pid).expect("pid"), libc::SIGINT) };
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the demo did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130));
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(
+        rest.iter().any(|l| l == "interrupted: cleaning up"),
+        "{rest:?}"
+    );
+    assert_eq!(leftovers(pid), Vec::<PathBuf>::new());
+    assert_eq!(demo_agents(), Vec::<u32>::new());
+}
