@@ -39,6 +39,10 @@ pub enum Request {
     Launch {
         agent: String,
     },
+    /// The last `lines` lines of the audit trail (at most 1,000), oldest first (`top`).
+    Recent {
+        lines: usize,
+    },
 }
 
 /// The daemon's answer: `{"ok":true,"data":...}` or `{"ok":false,"error":"..."}`.

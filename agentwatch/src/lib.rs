@@ -34,3 +34,4 @@ pub mod metrics;
 pub mod privileges;
 pub mod sockets;
 pub mod syscalls;
+pub mod top;

@@ -79,6 +79,13 @@ enum Cmd {
     },
     /// Reload the daemon's config (same as SIGHUP).
     Reload,
+    /// Live view of every agent: state, rate vs baseline per signal, denials, breaker, the
+    /// latest audit events; keys to freeze, thaw, kill and approve (each confirmed).
+    Top {
+        /// How often to refresh.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+    },
     /// Run the whole story on this machine (as root): a daemon on an embedded config, a model
     /// provider on loopback and a scripted agent that is allowed, denied, refused a raw socket,
     /// frozen by its breaker, approved and killed. Leaves nothing behind.
@@ -154,6 +161,10 @@ fn real_main(cmd: Cmd, socket: PathBuf) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Demo => return agentwatch::demo::run(),
+        Cmd::Top { interval } => {
+            agentwatch::top::run(&socket, interval)?;
+            return Ok(ExitCode::SUCCESS);
+        }
         Cmd::DemoAgent { args } => {
             agentwatch::demo::agent::run(&args)?;
             return Ok(ExitCode::SUCCESS);
@@ -224,6 +235,7 @@ fn describe(r: &Request) -> String {
         Request::Reload => "reload".into(),
         Request::Status => "status".into(),
         Request::Launch { agent } => format!("launch {agent}"),
+        Request::Recent { .. } => "recent audit lines".into(),
     }
 }
 

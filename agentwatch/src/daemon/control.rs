@@ -19,6 +19,9 @@ use crate::{
 /// How long kill and freeze wait for the kernel before they report failure.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 pub(super) const FREEZE_WAIT: Duration = Duration::from_secs(5);
+/// Most lines a `Recent` request returns, and how far back from the trail's end it reads.
+const RECENT_MAX: usize = 1000;
+const RECENT_BYTES: u64 = 512 * 1024;
 
 pub(super) async fn serve(
     state: Shared,
@@ -101,11 +104,39 @@ impl State {
                 keep_baseline,
             } => self.approve(&agent, keep_baseline, uid),
             Request::Launch { agent } => self.launch(&agent),
+            Request::Recent { lines } => Ok(json!({ "lines": self.recent(lines) })),
         };
         match result {
             Ok(data) => Response::ok(data),
             Err(e) => Response::err(e),
         }
+    }
+
+    /// The trail's last `n` lines (at most [`RECENT_MAX`]), parsed, oldest first; none when the
+    /// trail goes to stdout. Read from the file's end, so a large trail costs no more.
+    fn recent(&self, n: usize) -> Vec<Value> {
+        use std::io::{Read as _, Seek as _, SeekFrom};
+        let path = &self.config.daemon.audit_log;
+        let Ok(mut file) = std::fs::File::open(path) else {
+            return Vec::new();
+        };
+        let len = file.metadata().map_or(0, |m| m.len());
+        let start = len.saturating_sub(RECENT_BYTES);
+        let mut tail = Vec::new();
+        if file.seek(SeekFrom::Start(start)).is_err() || file.read_to_end(&mut tail).is_err() {
+            return Vec::new();
+        }
+        let text = String::from_utf8_lossy(&tail);
+        let mut lines: Vec<&str> = text.lines().collect();
+        // The first line read may be cut in the middle unless the read began at the start.
+        if start > 0 && !lines.is_empty() {
+            lines.remove(0);
+        }
+        let skip = lines.len().saturating_sub(n.min(RECENT_MAX));
+        lines[skip..]
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     pub(super) fn cgroup_of(&self, agent: &str) -> Result<Cgroup, String> {

@@ -1,0 +1,421 @@
+//! `agentwatch top`: a live view of every agent for the person on call.
+//!
+//! It asks the daemon over the control socket once a second (status rows and the latest audit
+//! lines) and draws one row per agent, the selected agent's signals (rate against baseline with
+//! a sparkline of the last minute) and the latest audit events. Keys act on the selected agent
+//! (freeze, thaw, kill, approve), each only after a confirmation.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    io,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use crossterm::{
+    event::{self, Event, KeyCode, KeyEventKind, KeyModifiers},
+    execute,
+    terminal::{EnterAlternateScreen, LeaveAlternateScreen, disable_raw_mode, enable_raw_mode},
+};
+use ratatui::{
+    Frame, Terminal,
+    backend::CrosstermBackend,
+    layout::{Constraint, Layout},
+    style::{Color, Modifier, Style},
+    text::{Line, Span},
+    widgets::{Block, Borders, Cell, Paragraph, Row, Sparkline, Table, TableState},
+};
+use serde_json::Value;
+
+use crate::control::{self, Request};
+
+/// The signals the breaker judges, in the order the status rows give them.
+const SIGNALS: [&str; 6] = [
+    "connects",
+    "sends",
+    "syscalls",
+    "execs",
+    "denied",
+    "destinations",
+];
+/// Rates kept per agent and signal for the sparklines (one per refresh).
+const HISTORY: usize = 60;
+/// Audit lines shown.
+const EVENTS: usize = 12;
+
+/// An action on the selected agent, waiting for `y`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Freeze,
+    Thaw,
+    Kill,
+    Approve,
+}
+
+impl Action {
+    fn verb(self) -> &'static str {
+        match self {
+            Self::Freeze => "freeze",
+            Self::Thaw => "thaw",
+            Self::Kill => "kill",
+            Self::Approve => "approve",
+        }
+    }
+
+    fn request(self, agent: String) -> Request {
+        match self {
+            Self::Freeze => Request::Freeze { agent },
+            Self::Thaw => Request::Thaw { agent },
+            Self::Kill => Request::Kill { agent },
+            Self::Approve => Request::Approve {
+                agent,
+                keep_baseline: false,
+            },
+        }
+    }
+}
+
+struct App {
+    socket: PathBuf,
+    rows: Vec<Value>,
+    events: Vec<Value>,
+    /// agent -> signal -> recent rates.
+    history: BTreeMap<String, [VecDeque<u64>; SIGNALS.len()]>,
+    table: TableState,
+    pending: Option<(Action, String)>,
+    message: String,
+}
+
+impl App {
+    fn selected(&self) -> Option<&Value> {
+        self.table.selected().and_then(|i| self.rows.get(i))
+    }
+
+    fn selected_name(&self) -> Option<String> {
+        self.selected()
+            .and_then(|r| r["name"].as_str())
+            .map(str::to_owned)
+    }
+
+    /// Asks the daemon for fresh rows and events.
+    fn refresh(&mut self) {
+        match ask(&self.socket, Request::Status) {
+            Ok(data) => {
+                self.rows = data["agents"].as_array().cloned().unwrap_or_default();
+                for r in &self.rows {
+                    let name = r["name"].as_str().unwrap_or_default().to_owned();
+                    let h = self.history.entry(name).or_default();
+                    for (i, s) in SIGNALS.iter().enumerate() {
+                        // Sparklines draw integers: keep tenths, so slow signals still show.
+                        let rate = r["rates"][s].as_f64().unwrap_or(0.0);
+                        h[i].push_back((rate * 10.0).round() as u64);
+                        if h[i].len() > HISTORY {
+                            h[i].pop_front();
+                        }
+                    }
+                }
+                let names: Vec<&str> = self
+                    .rows
+                    .iter()
+                    .filter_map(|r| r["name"].as_str())
+                    .collect();
+                self.history.retain(|n, _| names.contains(&n.as_str()));
+                match self.table.selected() {
+                    _ if self.rows.is_empty() => self.table.select(None),
+                    None => self.table.select(Some(0)),
+                    Some(i) if i >= self.rows.len() => self.table.select(Some(self.rows.len() - 1)),
+                    Some(_) => {}
+                }
+            }
+            Err(e) => self.message = format!("daemon: {e:#}"),
+        }
+        if let Ok(data) = ask(&self.socket, Request::Recent { lines: EVENTS }) {
+            self.events = data["lines"].as_array().cloned().unwrap_or_default();
+        }
+    }
+
+    /// Handles a key; false: quit.
+    fn key(&mut self, code: KeyCode, modifiers: KeyModifiers) -> bool {
+        if let Some((action, agent)) = self.pending.take() {
+            if matches!(code, KeyCode::Char('y') | KeyCode::Char('Y')) {
+                self.message = match ask(&self.socket, action.request(agent.clone())) {
+                    Ok(_) => format!("{} {agent}: done", action.verb()),
+                    Err(e) => format!("{} {agent}: {e:#}", action.verb()),
+                };
+                self.refresh();
+            } else {
+                self.message = format!("{} {agent}: cancelled", action.verb());
+            }
+            return true;
+        }
+        let action = match code {
+            KeyCode::Char('q') | KeyCode::Esc => return false,
+            KeyCode::Char('c') if modifiers.contains(KeyModifiers::CONTROL) => return false,
+            KeyCode::Down | KeyCode::Char('j') => {
+                if !self.rows.is_empty() {
+                    let i = self
+                        .table
+                        .selected()
+                        .map_or(0, |i| (i + 1) % self.rows.len());
+                    self.table.select(Some(i));
+                }
+                return true;
+            }
+            KeyCode::Up | KeyCode::Char('k') => {
+                if !self.rows.is_empty() {
+                    let n = self.rows.len();
+                    let i = self.table.selected().map_or(0, |i| (i + n - 1) % n);
+                    self.table.select(Some(i));
+                }
+                return true;
+            }
+            KeyCode::Char('f') => Action::Freeze,
+            KeyCode::Char('t') => Action::Thaw,
+            KeyCode::Char('x') => Action::Kill,
+            KeyCode::Char('a') => Action::Approve,
+            _ => return true,
+        };
+        if let Some(agent) = self.selected_name() {
+            self.message = format!(
+                "{} agent `{agent}`? y to confirm, any other key to cancel",
+                action.verb()
+            );
+            self.pending = Some((action, agent));
+        }
+        true
+    }
+
+    fn draw(&mut self, f: &mut Frame<'_>) {
+        let [head, table, detail, events, foot] = Layout::vertical([
+            Constraint::Length(1),
+            Constraint::Min(5),
+            Constraint::Length(SIGNALS.len() as u16 + 2),
+            Constraint::Length(EVENTS as u16 + 2),
+            Constraint::Length(1),
+        ])
+        .areas(f.area());
+        f.render_widget(
+            Paragraph::new(format!(
+                "agentwatch top - {} agent(s) - {}   keys: up/down select, f freeze, t thaw, x kill, a approve, q quit",
+                self.rows.len(),
+                self.socket.display()
+            ))
+            .style(Style::default().add_modifier(Modifier::BOLD)),
+            head,
+        );
+        let header = Row::new(
+            [
+                "AGENT",
+                "STATE",
+                "PROCS",
+                "ALLOWED",
+                "DENIED",
+                "CAPPED",
+                "DNS DENIED",
+                "ESCAPES",
+                "BREAKER",
+                "SCORE",
+            ]
+            .map(Cell::from),
+        )
+        .style(Style::default().add_modifier(Modifier::BOLD));
+        let rows: Vec<Row<'_>> = self
+            .rows
+            .iter()
+            .map(|r| {
+                let state = r["state"].as_str().unwrap_or("?");
+                let colour = match state {
+                    "running" => Color::Green,
+                    "frozen" | "tripped" => Color::Yellow,
+                    _ => Color::Red,
+                };
+                let escapes: u64 = r["escape_attempts"]
+                    .as_object()
+                    .map(|m| m.values().filter_map(Value::as_u64).sum())
+                    .unwrap_or(0);
+                Row::new(vec![
+                    Cell::from(r["name"].as_str().unwrap_or("?").to_owned()),
+                    Cell::from(state.to_owned()).style(Style::default().fg(colour)),
+                    Cell::from(r["processes"].to_string()),
+                    Cell::from(r["allowed"].to_string()),
+                    Cell::from(r["denied"].to_string()),
+                    Cell::from(r["capped"].to_string()),
+                    Cell::from(r["dns"]["denied"].to_string()),
+                    Cell::from(escapes.to_string()),
+                    Cell::from(r["breaker"].as_str().unwrap_or("?").to_owned()),
+                    Cell::from(
+                        r["anomaly_score"]
+                            .as_f64()
+                            .map_or("-".to_owned(), |s| format!("{s:.1}")),
+                    ),
+                ])
+            })
+            .collect();
+        let widths = [
+            Constraint::Length(20),
+            Constraint::Length(9),
+            Constraint::Length(6),
+            Constraint::Length(9),
+            Constraint::Length(8),
+            Constraint::Length(8),
+            Constraint::Length(11),
+            Constraint::Length(8),
+            Constraint::Length(10),
+            Constraint::Length(6),
+        ];
+        f.render_stateful_widget(
+            Table::new(rows, widths)
+                .header(header)
+                .block(Block::default().borders(Borders::ALL).title("agents"))
+                .row_highlight_style(Style::default().add_modifier(Modifier::REVERSED)),
+            table,
+            &mut self.table,
+        );
+        self.draw_detail(f, detail);
+        let lines: Vec<Line<'_>> = self.events.iter().map(event_line).collect();
+        f.render_widget(
+            Paragraph::new(lines).block(
+                Block::default()
+                    .borders(Borders::ALL)
+                    .title("latest audit events"),
+            ),
+            events,
+        );
+        f.render_widget(Paragraph::new(self.message.clone()), foot);
+    }
+
+    fn draw_detail(&self, f: &mut Frame<'_>, area: ratatui::layout::Rect) {
+        let Some(row) = self.selected() else {
+            f.render_widget(
+                Block::default().borders(Borders::ALL).title("no agent"),
+                area,
+            );
+            return;
+        };
+        let name = row["name"].as_str().unwrap_or("?");
+        let block = Block::default().borders(Borders::ALL).title(format!(
+            "{name}: rate vs baseline per signal (last {HISTORY} s)"
+        ));
+        let inner = block.inner(area);
+        f.render_widget(block, area);
+        let lines = Layout::vertical([Constraint::Length(1); SIGNALS.len()]).split(inner);
+        for (i, s) in SIGNALS.iter().enumerate() {
+            let [label, spark] =
+                Layout::horizontal([Constraint::Length(48), Constraint::Min(10)]).areas(lines[i]);
+            let rate = row["rates"][s].as_f64().unwrap_or(0.0);
+            let base = row["baselines"][s].as_f64();
+            let text = match base {
+                Some(b) => format!("{s:<13} {rate:>9.1}/s  baseline {b:>9.1}/s"),
+                None => format!("{s:<13} {rate:>9.1}/s  baseline  learning"),
+            };
+            f.render_widget(Paragraph::new(text), label);
+            let data: Vec<u64> = self
+                .history
+                .get(name)
+                .map(|h| h[i].iter().copied().collect())
+                .unwrap_or_default();
+            f.render_widget(
+                Sparkline::default()
+                    .data(&data)
+                    .style(Style::default().fg(Color::Cyan)),
+                spark,
+            );
+        }
+    }
+}
+
+/// One audit line, short: time, agent, kind and the fields that say what happened.
+fn event_line(v: &Value) -> Line<'static> {
+    let ts = v["ts"]
+        .as_str()
+        .unwrap_or("")
+        .get(11..19)
+        .unwrap_or("")
+        .to_owned();
+    let agent = v["agent"].as_str().unwrap_or("-").to_owned();
+    let kind = v["kind"].as_str().unwrap_or("?").to_owned();
+    let detail: Vec<String> = v
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "ts" | "agent" | "kind" | "prev" | "kernel_ts_ns"
+            )
+        })
+        .map(|(k, val)| {
+            format!(
+                "{k}={}",
+                val.as_str().map_or_else(|| val.to_string(), str::to_owned)
+            )
+        })
+        .collect();
+    let colour = if kind.contains("denied")
+        || kind.contains("escape")
+        || kind == "breaker_tripped"
+        || kind == "killed"
+    {
+        Color::Red
+    } else {
+        Color::Reset
+    };
+    Line::from(vec![
+        Span::raw(format!("{ts} {agent:<16} ")),
+        Span::styled(format!("{kind:<22}"), Style::default().fg(colour)),
+        Span::raw(format!(" {}", detail.join(" "))),
+    ])
+}
+
+fn ask(socket: &Path, request: Request) -> Result<Value> {
+    control::call(socket, &request, Duration::from_secs(30))?
+        .into_result()
+        .map_err(anyhow::Error::msg)
+}
+
+/// Puts the terminal back however `top` ends.
+struct Screen;
+
+impl Drop for Screen {
+    fn drop(&mut self) {
+        let _ = disable_raw_mode();
+        let _ = execute!(io::stdout(), LeaveAlternateScreen);
+    }
+}
+
+/// Runs the view until `q`.
+pub fn run(socket: &Path, interval: Duration) -> Result<()> {
+    // Fail before taking the screen over when the daemon is not there.
+    ask(socket, Request::Status).context("is the daemon running?")?;
+    enable_raw_mode().context("the terminal cannot go into raw mode (is this a terminal?)")?;
+    let _screen = Screen;
+    execute!(io::stdout(), EnterAlternateScreen)?;
+    let mut terminal = Terminal::new(CrosstermBackend::new(io::stdout()))?;
+    let mut app = App {
+        socket: socket.to_owned(),
+        rows: Vec::new(),
+        events: Vec::new(),
+        history: BTreeMap::new(),
+        table: TableState::default(),
+        pending: None,
+        message: String::new(),
+    };
+    app.refresh();
+    let mut last = Instant::now();
+    loop {
+        terminal.draw(|f| app.draw(f))?;
+        let wait = interval.saturating_sub(last.elapsed());
+        if event::poll(wait)? {
+            if let Event::Key(k) = event::read()?
+                && k.kind == KeyEventKind::Press
+                && !app.key(k.code, k.modifiers)
+            {
+                return Ok(());
+            }
+        } else {
+            app.refresh();
+            last = Instant::now();
+        }
+    }
+}

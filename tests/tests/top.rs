@@ -1,0 +1,204 @@
+//! `agentwatch top` in a real pseudo-terminal: the screen (as a terminal would show it, through
+//! vt100) lists the agents with their state and the latest audit events, and a key (with its
+//! confirmation) freezes and thaws the selected agent for real.
+
+use std::{
+    fs::File,
+    io::{Read as _, Write as _},
+    os::{
+        fd::{FromRawFd as _, OwnedFd},
+        unix::process::CommandExt as _,
+    },
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use agentwatch_tests::{DaemonEnv, agentwatch_bin, privileged};
+
+const ROWS: u16 = 45;
+const COLS: u16 = 150;
+
+/// A program running on the slave side of a pseudo-terminal; what it draws goes into a vt100
+/// screen.
+struct Pty {
+    master: File,
+    screen: Arc<Mutex<vt100::Parser>>,
+    child: std::process::Child,
+}
+
+impl Pty {
+    fn spawn(mut cmd: Command) -> Self {
+        let (mut master, mut slave) = (0, 0);
+        let size = libc::winsize {
+            ws_row: ROWS,
+            ws_col: COLS,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: openpty with valid out-pointers and a valid winsize.
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                &size,
+            )
+        };
+        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: openpty returned two new descriptors that nothing else owns.
+        let (master, slave) = unsafe { (File::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        let stdio = |fd: &OwnedFd| Stdio::from(fd.try_clone().expect("dup the pty"));
+        cmd.stdin(stdio(&slave))
+            .stdout(stdio(&slave))
+            .stderr(stdio(&slave))
+            .env("TERM", "xterm-256color");
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                // A session of its own with the pty as its controlling terminal, as a login
+                // shell would have.
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn in the pty");
+        drop(slave);
+        let screen = Arc::new(Mutex::new(vt100::Parser::new(ROWS, COLS, 0)));
+        let mut reader = master.try_clone().expect("dup master");
+        let feed = Arc::clone(&screen);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // Ends with EIO once the program exits and the slave side closes.
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                feed.lock().expect("screen").process(&buf[..n]);
+            }
+        });
+        Self {
+            master,
+            screen,
+            child,
+        }
+    }
+
+    fn contents(&self) -> String {
+        self.screen.lock().expect("screen").screen().contents()
+    }
+
+    fn type_key(&mut self, key: &str) {
+        self.master.write_all(key.as_bytes()).expect("typing");
+    }
+
+    #[track_caller]
+    fn wait_for(&self, what: &str, f: impl Fn(&str) -> bool) {
+        let start = Instant::now();
+        loop {
+            let screen = self.contents();
+            if f(&screen) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the screen never showed {what}:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Pty {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The screen line that names agent `name` in the agents table.
+fn agent_line<'a>(screen: &'a str, name: &str) -> Option<&'a str> {
+    screen
+        .lines()
+        .find(|l| l.trim_start_matches('│').trim_start().starts_with(name))
+}
+
+#[test]
+fn top_shows_the_agents_and_a_confirmed_key_freezes_and_thaws_one() {
+    privileged!();
+    let mut env = DaemonEnv::new();
+    env.write_config(
+        "[[agents]]\nname = \"alpha\"\negress = [\"tcp 127.0.0.1 9\"]\n\n\
+         [[agents]]\nname = \"beta\"\negress = []\n",
+    );
+    env.start();
+    // Something for the events pane, and a process for the freeze to stop.
+    let out = env.launch_probe("alpha", &["connect", "udp", "127.0.0.2", "53"]);
+    assert!(out.status.success());
+    let counter = env.dir.0.join("count");
+    let _spin = env
+        .probe_command("alpha")
+        .args(["spin", counter.to_str().expect("utf8")])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spin");
+
+    let mut cmd = Command::new(agentwatch_bin());
+    cmd.arg("--socket")
+        .arg(&env.socket)
+        .args(["top", "--interval", "200ms"]);
+    let mut top = Pty::spawn(cmd);
+    top.wait_for("both agents running and the denial", |s| {
+        agent_line(s, "alpha").is_some_and(|l| l.contains("running"))
+            && agent_line(s, "beta").is_some_and(|l| l.contains("running"))
+            && s.contains("egress_denied")
+            && s.contains("dest=127.0.0.2:53")
+    });
+    // The first agent (alpha) is selected. Nothing happens without the confirmation.
+    top.type_key("f");
+    top.wait_for("the confirmation", |s| {
+        s.contains("freeze agent `alpha`? y to confirm")
+    });
+    top.type_key("n");
+    top.wait_for("the cancellation", |s| {
+        s.contains("freeze alpha: cancelled")
+    });
+    assert_eq!(env.status()["alpha"]["state"], "running");
+
+    top.type_key("f");
+    top.wait_for("the confirmation", |s| {
+        s.contains("freeze agent `alpha`? y to confirm")
+    });
+    top.type_key("y");
+    top.wait_for("alpha frozen", |s| {
+        agent_line(s, "alpha").is_some_and(|l| l.contains("frozen"))
+            && s.contains("freeze alpha: done")
+    });
+    assert_eq!(env.status()["alpha"]["state"], "frozen");
+    assert_eq!(env.status()["beta"]["state"], "running");
+    if std::env::var_os("AGENTWATCH_SHOW_TOP").is_some() {
+        eprintln!("{}", top.contents());
+    }
+
+    top.type_key("t");
+    top.type_key("y");
+    top.wait_for("alpha running again", |s| {
+        agent_line(s, "alpha").is_some_and(|l| l.contains("running"))
+            && s.contains("thaw alpha: done")
+    });
+    assert_eq!(env.status()["alpha"]["state"], "running");
+
+    top.type_key("q");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = top.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "top did not quit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+}
