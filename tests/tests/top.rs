@@ -139,7 +139,7 @@ fn top_shows_the_agents_and_a_confirmed_key_freezes_and_thaws_one() {
     let out = env.launch_probe("alpha", &["connect", "udp", "127.0.0.2", "53"]);
     assert!(out.status.success());
     let counter = env.dir.0.join("count");
-    let _spin = env
+    let mut spin = env
         .probe_command("alpha")
         .args(["spin", counter.to_str().expect("utf8")])
         .stdout(Stdio::null())
@@ -201,4 +201,6 @@ fn top_shows_the_agents_and_a_confirmed_key_freezes_and_thaws_one() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status}");
+    let _ = spin.kill();
+    let _ = spin.wait();
 }
