@@ -7,9 +7,11 @@
 //! until everything queued before it is written and on disk (the control socket does so before
 //! answering, so a command's audit line is in the file when the command returns).
 //!
-//! Every line carries `prev`, the hex SHA-256 of the line before it ([`chain`]).
+//! Every line carries `prev`, the hex SHA-256 of the line before it ([`chain`]); [`verify`]
+//! checks a trail against it without a daemon (`agentwatch audit verify`).
 
 mod chain;
+pub mod verify;
 mod writer;
 
 use std::{
