@@ -96,6 +96,24 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The audit trail (no daemon needed).
+    Audit {
+        #[command(subcommand)]
+        command: AuditCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check the trail's hash chain: exit 0, or exit 1 naming the file and line where it breaks.
+    ///
+    /// Give rotated files oldest first: audit.jsonl.3 audit.jsonl.2 audit.jsonl.1 audit.jsonl.
+    /// A first line that follows a line not given (rotated away) is said, not an error.
+    Verify {
+        /// The trail's files, oldest first.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -188,6 +206,17 @@ fn real_main(cmd: Cmd, socket: PathBuf) -> Result<ExitCode> {
                     Ok(ExitCode::FAILURE)
                 }
             };
+        }
+        Cmd::Audit {
+            command: AuditCmd::Verify { paths },
+        } => {
+            let report = agentwatch::audit::verify::verify(&paths)?;
+            print!("{report}");
+            return Ok(if report.intact() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
         }
         Cmd::Launch { agent, cmd } => match agentwatch::launch::launch(&socket, &agent, &cmd)? {},
         Cmd::Status { json } => {

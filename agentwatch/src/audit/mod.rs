@@ -4,9 +4,14 @@
 //! ([`writer`]) owns the file and writes them in the order they were handed in. Rate limits,
 //! summaries, rotation and the hash chain belong to that writer, so no other module ever writes
 //! a line itself. Records are queued, not written, when `record` returns: [`Audit::sync`] waits
-//! until everything queued before it is written (the control socket does so before answering,
-//! so a command's audit line is in the file when the command returns).
+//! until everything queued before it is written and on disk (the control socket does so before
+//! answering, so a command's audit line is in the file when the command returns).
+//!
+//! Every line carries `prev`, the hex SHA-256 of the line before it ([`chain`]); [`verify`]
+//! checks a trail against it without a daemon (`agentwatch audit verify`).
 
+mod chain;
+pub mod verify;
 mod writer;
 
 use std::{
@@ -18,6 +23,7 @@ use std::{
 
 use serde_json::Value;
 
+pub use chain::{START, link};
 use writer::{Message, Record};
 pub use writer::{Rotation, rfc3339, rotated};
 
@@ -68,10 +74,22 @@ impl Audit {
         }
     }
 
-    /// Waits until every record queued before this call is written (or failed, logged).
+    /// Waits until every record queued before this call is written and on disk (fsync), or
+    /// failed (logged).
     pub fn sync(&self) {
-        let (done_tx, done_rx) = mpsc::channel();
-        if self.tx.send(Message::Sync(done_tx)).is_ok() {
+        self.wait(true);
+    }
+
+    /// Waits until every record queued before this call is written to the file, without an
+    /// fsync: enough where the point is that a killed daemon's lines are in the trail (the
+    /// kernel holds them; they reach the disk within a second), at a fraction of the cost.
+    pub fn flush(&self) {
+        self.wait(false);
+    }
+
+    fn wait(&self, durable: bool) {
+        let (done, done_rx) = mpsc::channel();
+        if self.tx.send(Message::Sync { durable, done }).is_ok() {
             let _ = done_rx.recv();
         }
     }
@@ -231,6 +249,128 @@ mod tests {
             .collect();
         assert_eq!(ns.last(), Some(&99));
         assert!(ns.windows(2).all(|w| w[1] == w[0] + 1), "{ns:?}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("aw-audit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// The raw lines of `files`, in order.
+    fn raw_lines(files: &[PathBuf]) -> Vec<String> {
+        files
+            .iter()
+            .flat_map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap()
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    fn prev_of(line: &str) -> String {
+        let v: Value = serde_json::from_str(line).unwrap();
+        v["prev"].as_str().unwrap().to_owned()
+    }
+
+    /// Every line's `prev` is the link of the raw line before it; the first chains to "".
+    fn assert_chained(lines: &[String]) {
+        assert_eq!(prev_of(&lines[0]), START);
+        for (i, w) in lines.windows(2).enumerate() {
+            assert_eq!(prev_of(&w[1]), link(w[0].as_bytes()), "line {}", i + 2);
+        }
+    }
+
+    #[test]
+    fn prev_is_the_last_field_and_only_the_writer_sets_it() {
+        let dir = scratch("prev");
+        let path = dir.join("a.jsonl");
+        let audit = Audit::open(&path).unwrap();
+        audit.record("a", "frozen", json!({"actor_uid": 0, "prev": "forged"}));
+        audit.record("a", "thawed", json!({"actor_uid": 0}));
+        audit.sync();
+        let lines = raw_lines(&[path]);
+        assert!(lines[0].starts_with(r#"{"ts":""#), "{}", lines[0]);
+        assert!(
+            lines[0].ends_with(&format!(r#","actor_uid":0,"prev":"{START}"}}"#)),
+            "{}",
+            lines[0]
+        );
+        assert_chained(&lines);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_chain_runs_on_across_rotation() {
+        let dir = scratch("chain-rot");
+        let path = dir.join("a.jsonl");
+        let rotation = Some(Rotation {
+            max_size: 1000,
+            keep: 10,
+        });
+        let audit = Audit::open_rotating(&path, rotation).unwrap();
+        for i in 0..30 {
+            audit.record("a", "egress_denied", json!({ "n": i }));
+        }
+        audit.sync();
+        let files: Vec<PathBuf> = (1..=10)
+            .rev()
+            .map(|n| rotated(&path, n))
+            .filter(|p| p.exists())
+            .chain([path.clone()])
+            .collect();
+        assert!(files.len() >= 4, "{files:?}");
+        for f in &files {
+            // `prev` counts in the size: no file outgrows it.
+            assert!(std::fs::metadata(f).unwrap().len() <= 1000);
+        }
+        // Each file's first line chains to the last line of the file before it.
+        let lines = raw_lines(&files);
+        assert_eq!(lines.len(), 30);
+        assert_chained(&lines);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_restarted_writer_goes_on_from_the_last_line() {
+        let dir = scratch("restart");
+        let path = dir.join("a.jsonl");
+        let rotation = Some(Rotation {
+            max_size: 1000,
+            keep: 10,
+        });
+        for round in 0..3 {
+            let audit = Audit::open_rotating(&path, rotation).unwrap();
+            for i in 0..4 {
+                audit.record("a", "egress_denied", json!({ "round": round, "n": i }));
+            }
+            audit.sync();
+        }
+        let files: Vec<PathBuf> = (1..=10)
+            .rev()
+            .map(|n| rotated(&path, n))
+            .filter(|p| p.exists())
+            .chain([path.clone()])
+            .collect();
+        let lines = raw_lines(&files);
+        assert_eq!(lines.len(), 12);
+        assert_chained(&lines);
+
+        // Stopped between a rotation and the new file's first line: the live file is empty
+        // (or gone), and the chain goes on from the last line of `.1`.
+        std::fs::rename(&path, rotated(&path, 1)).unwrap();
+        std::fs::write(&path, b"").unwrap();
+        let last_of_one = raw_lines(&[rotated(&path, 1)]).pop().unwrap();
+        let audit = Audit::open_rotating(&path, rotation).unwrap();
+        audit.record("a", "thawed", json!({}));
+        audit.sync();
+        let live = raw_lines(std::slice::from_ref(&path));
+        assert_eq!(prev_of(&live[0]), link(last_of_one.as_bytes()));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

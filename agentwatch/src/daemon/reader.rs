@@ -76,7 +76,7 @@ fn drain(ring: &mut RingBuf<MapData>, state: &Shared, written: &mut HashSet<audi
         // The ring buffer forgets a record when its item is dropped: only once its line is
         // written, so a daemon killed in between finds the record again when it restarts.
         // (The kernel's per-agent audit rate bounds how often this waits.)
-        s.audit.sync();
+        s.audit.flush();
         drop(s);
         drop(item);
     }
