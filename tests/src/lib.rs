@@ -12,6 +12,7 @@ use std::{
 };
 
 pub mod dns;
+pub mod prom;
 
 use agentwatch::{
     cgroup::{self, Cgroup},

@@ -116,6 +116,7 @@ fn setup() -> Result<()> {
     bpf_linker()?;
     mounts()?;
     debian_packages()?;
+    kubernetes_validate()?;
     eprintln!("xtask: setup done in {:.1}s", start.elapsed().as_secs_f64());
     Ok(())
 }
@@ -241,24 +242,160 @@ fn mounts() -> Result<()> {
     Ok(())
 }
 
-/// Debian packages the tests use: iproute2 (`ip`, network namespaces) and util-linux
-/// (`setpriv`, to run a client as an unprivileged user).
+/// How setup finds out whether a Debian package's part the tests use is there.
+enum Present {
+    /// A program on PATH.
+    Bin(&'static str),
+    /// A file at this path: where the tests look for it (tests/src/prom.rs), so another
+    /// program of the same name elsewhere on PATH does not count.
+    File(&'static str),
+    /// A Python module of the system's python3 (Debian splits `ensurepip`, which `python3 -m
+    /// venv` needs, into python3-venv).
+    PyModule(&'static str),
+}
+
+/// Debian packages the tests use, each with what shows it is installed: iproute2 (`ip`,
+/// network namespaces), util-linux (`setpriv`, to run a client as an unprivileged user),
+/// prometheus (`prometheus` and `promtool`, for tests/tests/operators.rs: a real Prometheus
+/// scrapes a daemon, promtool checks the scrape and the alerting rules), python3-venv (the
+/// virtualenv kubernetes-validate goes into) and systemd (`systemd-analyze verify`, which checks
+/// the units in deploy/systemd/ without a running systemd).
+const DEBIAN_PACKAGES: [(Present, &str); 6] = [
+    (Present::Bin("ip"), "iproute2"),
+    (Present::Bin("setpriv"), "util-linux"),
+    (Present::File("/usr/bin/prometheus"), "prometheus"),
+    (Present::File("/usr/bin/promtool"), "prometheus"),
+    (Present::PyModule("ensurepip"), "python3-venv"),
+    (Present::File("/usr/bin/systemd-analyze"), "systemd"),
+];
+
+/// The system's own Python, not whatever a version manager (pyenv, conda) put first on PATH:
+/// python3-venv completes exactly this one.
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+fn present(p: &Present) -> bool {
+    match p {
+        Present::Bin(bin) => output(Command::new("which").arg(bin)).is_some(),
+        Present::File(path) => Path::new(path).exists(),
+        Present::PyModule(module) => output(
+            Command::new(SYSTEM_PYTHON)
+                .arg("-c")
+                .arg(format!("import {module}")),
+        )
+        .is_some(),
+    }
+}
+
 fn debian_packages() -> Result<()> {
-    let missing: Vec<&str> = [("ip", "iproute2"), ("setpriv", "util-linux")]
-        .into_iter()
-        .filter(|(bin, _)| output(Command::new("which").arg(bin)).is_none())
-        .map(|(_, pkg)| pkg)
-        .collect();
+    let mut missing: Vec<&str> = Vec::new();
+    for (p, pkg) in &DEBIAN_PACKAGES {
+        if !present(p) && !missing.contains(pkg) {
+            missing.push(pkg);
+        }
+    }
     if missing.is_empty() {
         return Ok(());
     }
     if !is_root() {
         bail!("missing Debian packages {missing:?}; install them as root");
     }
+    eprintln!("xtask: installing Debian packages {missing:?}");
     sh(Command::new("apt-get").arg("update"))?;
+    // No recommends: prometheus recommends prometheus-node-exporter, another host service the
+    // tests do not use. Noninteractive: setup runs in CI without a terminal.
     sh(Command::new("apt-get")
-        .args(["install", "-y"])
-        .args(&missing))
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .with_context(|| format!("installing the Debian packages {missing:?}"))?;
+    if missing.contains(&"prometheus") {
+        disable_system_prometheus()?;
+    }
+    for (p, pkg) in &DEBIAN_PACKAGES {
+        if !present(p) {
+            bail!(
+                "installed the Debian package {pkg}, but its part the tests need is still missing"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Debian's prometheus package enables (and, where services may start, starts) a system-wide
+/// Prometheus on :9090 that scrapes this host. The tests start their own on loopback; a
+/// machine set up for them should not keep a second one running and collecting.
+fn disable_system_prometheus() -> Result<()> {
+    let systemd_runs = Path::new("/run/systemd/system").exists();
+    if systemd_runs {
+        sh(Command::new("systemctl").args(["disable", "--now", "prometheus.service"]))
+            .context("stopping and disabling the prometheus service the package started")?;
+    } else {
+        // No systemd as init (a container): the package's SysV script is what could run.
+        // `stop` of a service that is not running succeeds.
+        sh(Command::new("/etc/init.d/prometheus").arg("stop"))
+            .context("stopping the prometheus service the package started")?;
+        sh(Command::new("update-rc.d").args(["prometheus", "disable"]))
+            .context("disabling the prometheus SysV service")?;
+        // The package also enabled its systemd unit (symlinks only): remove them too, so a
+        // later boot with systemd does not start it.
+        sh(Command::new("systemctl").args(["disable", "prometheus.service"]))
+            .context("disabling the prometheus systemd unit")?;
+    }
+    eprintln!("xtask: stopped and disabled the system prometheus service; the tests run their own");
+    Ok(())
+}
+
+/// kubernetes-validate release the tests validate deploy/kubernetes/ with (it bundles the
+/// Kubernetes schemas, so no network at test time).
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+
+/// The virtualenv setup installs Python tools into: the project's own, beside bpf-linker's
+/// LLVM, never the system's Python. tests/src/prom.rs looks for it here.
+fn venv_dir() -> Result<PathBuf> {
+    Ok(home()?.join(".cache/agentwatch/venv"))
+}
+
+/// kubernetes-validate from PyPI into the project's virtualenv, pinned; a second run only asks
+/// the installed one its version.
+fn kubernetes_validate() -> Result<()> {
+    let venv = venv_dir()?;
+    let bin = venv.join("bin/kubernetes-validate");
+    let installed = output(Command::new(&bin).arg("--version"));
+    if installed.as_deref().map(str::trim) == Some(KUBERNETES_VALIDATE_VERSION) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} into {}",
+        venv.display()
+    );
+    let pip = venv.join("bin/pip");
+    if !pip.exists() {
+        sh(Command::new(SYSTEM_PYTHON).args(["-m", "venv"]).arg(&venv)).with_context(|| {
+            format!(
+                "creating a virtualenv at {} (needs Debian's python3-venv)",
+                venv.display()
+            )
+        })?;
+    }
+    sh(Command::new(&pip)
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .arg(format!(
+            "kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"
+        )))
+    .with_context(|| {
+        format!(
+            "installing kubernetes-validate {KUBERNETES_VALIDATE_VERSION} from PyPI into {}",
+            venv.display()
+        )
+    })?;
+    let now = output(Command::new(&bin).arg("--version"));
+    if now.as_deref().map(str::trim) != Some(KUBERNETES_VALIDATE_VERSION) {
+        bail!(
+            "{} --version says {now:?} after installing {KUBERNETES_VALIDATE_VERSION}",
+            bin.display()
+        );
+    }
+    Ok(())
 }
 
 fn run(args: &[String]) -> Result<()> {
