@@ -22,7 +22,7 @@ use aya_ebpf::{
 
 use crate::{
     agent::{EVENTS, count_lost_event, counters, current_agent},
-    dns,
+    dns, lease,
 };
 
 /// Upper bound for rules across all agents and both generations; LPM tries allocate per entry
@@ -146,6 +146,7 @@ fn judge(ctx: &SockAddrContext, hook: u8, v6_hook: bool) -> i32 {
         None => false,
         Some(state) => {
             state.flags & AGENT_FLAG_DENY_ALL == 0
+                && !lease::expired(state.id)
                 && (redirect
                     || allowed_by_rules(rule_scope(state.id, state.generation), proto, &dest)
                     || (state.flags & AGENT_FLAG_DNS != 0

@@ -13,6 +13,7 @@ mod agent;
 mod dns;
 mod egress;
 mod exec;
+mod lease;
 mod sockets;
 mod syscalls;
 

@@ -10,6 +10,7 @@
 use std::{
     collections::{BTreeMap, HashSet},
     path::PathBuf,
+    time::Duration,
 };
 
 use agentwatch_common::{
@@ -25,6 +26,7 @@ use crate::{
     egress::{self, Caps, CompiledRules},
     exec,
     kernel::Kernel,
+    lease,
     link::Link,
     sockets, syscalls,
 };
@@ -45,6 +47,9 @@ pub struct Policy {
     /// The agent has hostname rules and its DNS forwarder listens here: its DNS calls go
     /// there, and addresses the forwarder learned for it are allowed.
     pub dns: Option<DnsPorts>,
+    /// Egress lease: every call is denied from this long after the agent is guarded (or the
+    /// lease extended) on.
+    pub lease: Option<Duration>,
 }
 
 impl From<CompiledRules> for Policy {
@@ -234,6 +239,13 @@ impl Agents {
                 self.kernel
                     .dns
                     .write_ports(state.id, policy.dns.unwrap_or_default())?;
+                // A lease keeps running across daemon restarts: only a new one starts now.
+                let deadline = match (policy.lease, self.kernel.lease.deadline(state.id)) {
+                    (Some(_), Some(kept)) => Some(kept),
+                    (Some(length), None) => Some(lease::deadline_in(length)),
+                    (None, _) => None,
+                };
+                self.kernel.lease.set(state.id, deadline)?;
                 self.kernel
                     .exec
                     .sync(state.id, policy.exec_allow.as_deref())?;
@@ -262,6 +274,9 @@ impl Agents {
                 self.kernel
                     .dns
                     .write_ports(id, policy.dns.unwrap_or_default())?;
+                self.kernel
+                    .lease
+                    .set(id, policy.lease.map(lease::deadline_in))?;
                 self.kernel.exec.sync(id, policy.exec_allow.as_deref())?;
                 self.write_state(cgroup_id, state)?;
                 (state, Guarding::New)
@@ -400,12 +415,19 @@ impl Agents {
         } = prepared;
         let g = self.get(&name)?;
         let (id, cgroup_id, mut state) = (g.id, g.cgroup_id, g.state);
+        let lease_changed = policy.lease != g.policy.lease;
         let old_scope = rule_scope(id, state.generation);
         self.write_limits(id, &policy)?;
         // A new forwarder's ports are in place before the flag sends DNS there; a dropped
         // one's stay until the flag no longer does.
         if let Some(ports) = policy.dns {
             self.kernel.dns.write_ports(id, ports)?;
+        }
+        // A changed lease starts again from now; an unchanged one keeps running.
+        if lease_changed {
+            self.kernel
+                .lease
+                .set(id, policy.lease.map(lease::deadline_in))?;
         }
         state.generation = scope & 1;
         state.flags = (state.flags & !POLICY_FLAGS) | policy.flags();
@@ -622,8 +644,29 @@ impl Agents {
         self.kernel.exec.sync(id, None)?;
         self.kernel.egress.clear_caps(id)?;
         self.kernel.dns.clear(id)?;
+        self.kernel.lease.set(id, None)?;
         self.kernel.reset_counters(id)?;
         self.kernel.reset_trips(id)
+    }
+
+    /// Agent `name`'s lease deadline (CLOCK_MONOTONIC ns), if it has a lease.
+    pub fn lease_deadline(&self, name: &str) -> Option<u64> {
+        let g = self.by_name.get(name)?;
+        g.policy.lease?;
+        self.kernel.lease.deadline(g.id)
+    }
+
+    /// Moves agent `name`'s lease deadline to `length` from now; returns the new deadline.
+    pub fn extend_lease(&mut self, name: &str, length: Duration) -> Result<u64, KernelError> {
+        let g = self.get(name)?;
+        if g.policy.lease.is_none() {
+            return Err(KernelError::Policy(format!(
+                "agent `{name}` has no lease (set `lease` in its config)"
+            )));
+        }
+        let (id, deadline) = (g.id, lease::deadline_in(length));
+        self.kernel.lease.set(id, Some(deadline))?;
+        Ok(deadline)
     }
 
     fn write_limits(&mut self, id: u32, policy: &Policy) -> Result<(), KernelError> {

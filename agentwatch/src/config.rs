@@ -149,6 +149,31 @@ struct RawAgent {
     breaker: Option<Spanned<RawBreaker>>,
     #[serde(default)]
     monitor: Monitor,
+    #[serde(default)]
+    lease: Option<Spanned<String>>,
+    #[serde(default)]
+    lease_action: Option<LeaseAction>,
+}
+
+/// What happens when an agent's egress lease runs out. Egress is denied in the kernel in every
+/// case; `freeze` and `kill` also stop the agent's processes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeaseAction {
+    #[default]
+    Deny,
+    Freeze,
+    Kill,
+}
+
+impl LeaseAction {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Deny => "deny",
+            Self::Freeze => "freeze",
+            Self::Kill => "kill",
+        }
+    }
 }
 
 /// `[agents.limits]`: hard caps per second, enforced in the kernel.
@@ -251,6 +276,9 @@ pub struct Agent {
     pub limits: Limits,
     pub breaker: Option<Breaker>,
     pub monitor: Monitor,
+    /// Egress lease: every call is denied this long after the agent is guarded or extended.
+    pub lease: Option<Duration>,
+    pub lease_action: LeaseAction,
 }
 
 /// A validated config.
@@ -553,6 +581,29 @@ fn validate(raw: RawConfig, c: &mut Collector<'_>) -> Config {
             None => Limits::default(),
         };
         let breaker = a.breaker.as_ref().map(|b| breaker(b, c));
+        let lease = a
+            .lease
+            .as_ref()
+            .and_then(|l| match humantime::parse_duration(l.get_ref()) {
+                Ok(d) if d >= Duration::from_secs(1) => Some(d),
+                Ok(_) => {
+                    c.at(l.span(), "lease must be at least 1s");
+                    None
+                }
+                Err(e) => {
+                    c.at(
+                        l.span(),
+                        format!("lease `{}`: {e} (e.g. \"2h\", \"30m\")", l.get_ref()),
+                    );
+                    None
+                }
+            });
+        if a.lease_action.is_some() && a.lease.is_none() {
+            c.at(
+                name_span.clone(),
+                format!("agent `{name}`: lease_action is set but there is no lease"),
+            );
+        }
         if let Some(u) = &a.user
             && !valid_user_name(u.get_ref())
         {
@@ -577,6 +628,8 @@ fn validate(raw: RawConfig, c: &mut Collector<'_>) -> Config {
             limits,
             breaker,
             monitor: a.monitor,
+            lease,
+            lease_action: a.lease_action.unwrap_or_default(),
         });
     }
     Config { daemon, agents }
@@ -852,5 +905,39 @@ egress = ["tcp *.com 443", "tcp a.*.example.com 443", "tcp localhost 80"]
             .unwrap_err()
             .to_string();
         assert!(e.contains("f:2:16: `resolver` is not an address"), "{e}");
+    }
+
+    #[test]
+    fn leases() {
+        let c = Config::parse(
+            "[[agents]]\nname = \"a\"\nlease = \"2h\"\nlease_action = \"freeze\"\n\n\
+             [[agents]]\nname = \"b\"\nlease = \"90s\"\n\n[[agents]]\nname = \"c\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.agents[0].lease, Some(Duration::from_secs(7200)));
+        assert_eq!(c.agents[0].lease_action, LeaseAction::Freeze);
+        assert_eq!(c.agents[1].lease_action, LeaseAction::Deny);
+        assert_eq!(c.agents[2].lease, None);
+        let e = Config::parse(
+            "[[agents]]\nname = \"a\"\nlease = \"0s\"\n\n[[agents]]\nname = \"b\"\n\
+             lease_action = \"kill\"\n\n[[agents]]\nname = \"c\"\nlease = \"soon\"\n",
+            "f",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("f:3:9: lease must be at least 1s"), "{e}");
+        assert!(
+            e.contains("agent `b`: lease_action is set but there is no lease"),
+            "{e}"
+        );
+        assert!(e.contains("f:11:9: lease `soon`"), "{e}");
+        let e = Config::parse(
+            "[[agents]]\nname = \"d\"\nlease = \"1h\"\nlease_action = \"pause\"\n",
+            "f",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("f:4:16: unknown variant `pause`"), "{e}");
     }
 }

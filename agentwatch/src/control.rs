@@ -43,6 +43,11 @@ pub enum Request {
     Recent {
         lines: usize,
     },
+    /// Reopens `agent`'s egress lease for `seconds` from now.
+    Extend {
+        agent: String,
+        seconds: u64,
+    },
 }
 
 /// The daemon's answer: `{"ok":true,"data":...}` or `{"ok":false,"error":"..."}`.

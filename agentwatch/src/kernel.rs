@@ -18,6 +18,7 @@ use crate::{
     dns::DnsMaps,
     egress::EgressMaps,
     exec::ExecMaps,
+    lease::LeaseMaps,
     sockets::SocketMaps,
 };
 
@@ -36,6 +37,7 @@ pub struct Kernel {
     pub(crate) exec: ExecMaps,
     pub(crate) sockets: SocketMaps,
     pub(crate) dns: DnsMaps,
+    pub(crate) lease: LeaseMaps,
     pub(crate) settings: Array<MapData, Settings>,
     trips: Array<MapData, [u64; 4]>,
     pins: Option<PinDir>,
@@ -43,7 +45,7 @@ pub struct Kernel {
 
 /// Every map of the object with the key and value sizes this build expects of it. A pinned map
 /// of another layout (an older agentwatch) is refused rather than misread.
-const MAPS: [(&str, u32, u32); 22] = [
+const MAPS: [(&str, u32, u32); 23] = [
     ("AGENTS", 8, size_of::<AgentState>() as u32),
     ("COUNTERS", 4, size_of::<AgentCounters>() as u32),
     ("EVENTS", 0, 0),
@@ -78,6 +80,7 @@ const MAPS: [(&str, u32, u32); 22] = [
     ),
     ("DNS_ORIG", 8, size_of::<DnsOrig>() as u32),
     ("DNS_COUNTS", 4, 8 * agentwatch_common::DNS_VERDICTS as u32),
+    ("LEASES", 4, 8),
 ];
 
 /// The embedded object's bytes (empty in a build without eBPF programs).
@@ -138,6 +141,7 @@ impl Kernel {
         let exec = ExecMaps::load(&mut ebpf)?;
         let sockets = SocketMaps::load(&mut ebpf)?;
         let dns = DnsMaps::load(&mut ebpf)?;
+        let lease = LeaseMaps::load(&mut ebpf)?;
         crate::syscalls::load(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -149,6 +153,7 @@ impl Kernel {
             exec,
             sockets,
             dns,
+            lease,
             settings,
             trips,
             pins,

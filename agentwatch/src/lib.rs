@@ -29,6 +29,7 @@ pub mod exec;
 pub mod harden;
 pub mod kernel;
 pub mod launch;
+pub mod lease;
 pub mod link;
 pub mod metrics;
 pub mod privileges;

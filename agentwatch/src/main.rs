@@ -79,6 +79,12 @@ enum Cmd {
     },
     /// Reload the daemon's config (same as SIGHUP).
     Reload,
+    /// Reopen the agent's egress lease for DURATION from now (e.g. 30m, 2h); audited.
+    Extend {
+        agent: String,
+        #[arg(value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
     /// Live view of every agent: state, rate vs baseline per signal, denials, breaker, the
     /// latest audit events; keys to freeze, thaw, kill and approve (each confirmed).
     Top {
@@ -239,12 +245,24 @@ fn real_main(cmd: Cmd, socket: PathBuf) -> Result<ExitCode> {
             keep_baseline,
         },
         Cmd::Reload => Request::Reload,
+        Cmd::Extend { agent, duration } => {
+            if duration < Duration::from_secs(1) {
+                anyhow::bail!("extend by at least 1s");
+            }
+            Request::Extend {
+                agent,
+                seconds: duration.as_secs(),
+            }
+        }
     };
     let what = describe(&request);
     let data = ask(&socket, request)?;
     match data.get("processes") {
         Some(n) => println!("{what}: done ({n} process(es))"),
         None => println!("{what}: done"),
+    }
+    if let Some(until) = data.get("until").and_then(Value::as_str) {
+        println!("egress lease open until {until}");
     }
     if let Some(changes) = data.get("changes").and_then(Value::as_str) {
         println!(
@@ -265,6 +283,7 @@ fn describe(r: &Request) -> String {
         Request::Status => "status".into(),
         Request::Launch { agent } => format!("launch {agent}"),
         Request::Recent { .. } => "recent audit lines".into(),
+        Request::Extend { agent, .. } => format!("extend {agent}"),
     }
 }
 

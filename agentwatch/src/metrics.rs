@@ -26,6 +26,8 @@ pub struct AgentSnapshot {
     pub trips: [u64; 4],
     /// The DNS forwarder's counts (zero without hostname rules).
     pub dns: crate::dns::Stats,
+    /// Seconds until the agent's egress lease runs out (0 once it has); None: no lease.
+    pub lease_seconds_left: Option<f64>,
 }
 
 const ACTIONS: [&str; 4] = ["alert", "deny", "freeze", "kill"];
@@ -154,6 +156,13 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
         "Addresses in the agent's kernel allow-list learned from allowed DNS answers",
         &["agent"],
     )?;
+    let lease_left = float_gauge_vec(
+        &r,
+        "agentwatch_lease_seconds_left",
+        "Seconds until the agent's egress lease runs out (0: expired, egress denied); agents \
+         with a lease only",
+        &["agent"],
+    )?;
     let rate = float_gauge_vec(
         &r,
         "agentwatch_rate_per_second",
@@ -218,6 +227,9 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
         ] {
             dns_queries.with_label_values(&[n, verdict]).inc_by(count);
         }
+        if let Some(left) = a.lease_seconds_left {
+            lease_left.with_label_values(&[n]).set(left);
+        }
         dns_learned
             .with_label_values(&[n])
             .set(i64::try_from(a.dns.learned).unwrap_or(i64::MAX));
@@ -270,6 +282,7 @@ mod tests {
                     learned: 3,
                     ..Default::default()
                 },
+                lease_seconds_left: Some(42.5),
             }],
             events_lost: 2,
             reloads_ok: 4,
@@ -297,6 +310,7 @@ mod tests {
             "agentwatch_dns_queries_total{agent=\"mailer\",verdict=\"denied\"} 2",
             "agentwatch_dns_queries_total{agent=\"mailer\",verdict=\"malformed\"} 0",
             "agentwatch_dns_learned_addresses{agent=\"mailer\"} 3",
+            "agentwatch_lease_seconds_left{agent=\"mailer\"} 42.5",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -216,6 +216,7 @@ impl App {
                 "ESCAPES",
                 "BREAKER",
                 "SCORE",
+                "LEASE",
             ]
             .map(Cell::from),
         )
@@ -249,6 +250,7 @@ impl App {
                             .as_f64()
                             .map_or("-".to_owned(), |s| format!("{s:.1}")),
                     ),
+                    Cell::from(lease_cell(&r["lease"])),
                 ])
             })
             .collect();
@@ -263,6 +265,7 @@ impl App {
             Constraint::Length(8),
             Constraint::Length(10),
             Constraint::Length(6),
+            Constraint::Length(12),
         ];
         f.render_stateful_widget(
             Table::new(rows, widths)
@@ -323,6 +326,18 @@ impl App {
             );
         }
     }
+}
+
+/// The lease column: time left, `expired`, or `-` without a lease.
+fn lease_cell(lease: &Value) -> String {
+    if lease.is_null() {
+        return "-".to_owned();
+    }
+    if lease["expired"].as_bool() == Some(true) {
+        return "expired".to_owned();
+    }
+    let secs = lease["seconds_left"].as_f64().unwrap_or(0.0) as u64;
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
 }
 
 /// One audit line, short: time, agent, kind and the fields that say what happened.

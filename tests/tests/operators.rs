@@ -37,7 +37,7 @@ const EVIL: &str = "evil.agentwatch.test";
 const RESOLVER: &str = "127.0.0.99";
 
 /// Every alert deploy/prometheus/alerts.yml defines.
-const ALERTS: [&str; 9] = [
+const ALERTS: [&str; 10] = [
     "AgentwatchBreakerOpen",
     "AgentwatchAgentFrozen",
     "AgentwatchAgentKilled",
@@ -46,11 +46,12 @@ const ALERTS: [&str; 9] = [
     "AgentwatchPolicyReloadRejected",
     "AgentwatchDeniedEgressSpike",
     "AgentwatchDnsRefusedBulk",
+    "AgentwatchLeaseExpiring",
     "AgentwatchDown",
 ];
 
 /// Every metric family a daemon with agents exposes (agentwatch/src/metrics.rs).
-const FAMILIES: [&str; 16] = [
+const FAMILIES: [&str; 17] = [
     "agentwatch_egress_total",
     "agentwatch_agent_frozen",
     "agentwatch_events_lost_total",
@@ -62,6 +63,7 @@ const FAMILIES: [&str; 16] = [
     "agentwatch_audit_suppressed_total",
     "agentwatch_dns_queries_total",
     "agentwatch_dns_learned_addresses",
+    "agentwatch_lease_seconds_left",
     "agentwatch_rate_per_second",
     "agentwatch_baseline_per_second",
     "agentwatch_anomaly_score",
@@ -117,7 +119,7 @@ fn unlisted_port() -> u16 {
 }
 
 /// A daemon guarding two agents: `worker` (address rules for a TCP listener and a UDP socket of
-/// the test) and `resolver` (one hostname rule, so its DNS goes through the daemon's forwarder
+/// the test, and an hour's egress lease) and `resolver` (one hostname rule, so its DNS goes through the daemon's forwarder
 /// to a DNS server of the test). Drop removes the daemon, its cgroups and pins, and the servers.
 struct Guarded {
     env: DaemonEnv,
@@ -160,7 +162,8 @@ impl Guarded {
             &dns,
             &format!(
                 "[[agents]]\nname = \"worker\"\n\
-                 egress = [\"tcp 127.0.0.1 {tcp_port}\", \"udp 127.0.0.1 {udp_port}\"]\n\n\
+                 egress = [\"tcp 127.0.0.1 {tcp_port}\", \"udp 127.0.0.1 {udp_port}\"]\n\
+                 lease = \"1h\"\n\n\
                  [[agents]]\nname = \"resolver\"\negress = [\"tcp {API} {tcp_port}\"]\n"
             ),
         );

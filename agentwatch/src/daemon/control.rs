@@ -13,6 +13,7 @@ use tokio::{
 use super::{Shared, State, lock};
 use crate::{
     cgroup::Cgroup,
+    config::LeaseAction,
     control::{self, Request, Response},
 };
 
@@ -105,6 +106,7 @@ impl State {
             } => self.approve(&agent, keep_baseline, uid),
             Request::Launch { agent } => self.launch(&agent),
             Request::Recent { lines } => Ok(json!({ "lines": self.recent(lines) })),
+            Request::Extend { agent, seconds } => self.extend(&agent, seconds, uid),
         };
         match result {
             Ok(data) => Response::ok(data),
@@ -191,6 +193,32 @@ impl State {
         // A frozen agent dies frozen; leave the cgroup thawed for whatever is approved next.
         let _ = cg.set_frozen(false);
         Ok(before.len())
+    }
+
+    /// Reopens agent `agent`'s egress lease for `seconds` from now. An agent its lease froze is
+    /// thawed; one its lease killed stays killed until approved (a kill is never undone by
+    /// extending alone).
+    fn extend(&mut self, agent: &str, seconds: u64, uid: u32) -> Result<Value, String> {
+        if seconds == 0 {
+            return Err("extend by at least 1s".to_owned());
+        }
+        let cg = self.cgroup_of(agent)?;
+        let deadline = self
+            .agents
+            .extend_lease(agent, Duration::from_secs(seconds))
+            .map_err(|e| e.to_string())?;
+        let action = self.config.agent(agent).map(|a| a.lease_action);
+        if self.swept.lease_reopened(agent) && action == Some(LeaseAction::Freeze) {
+            cg.set_frozen(false).map_err(|e| e.to_string())?;
+        }
+        let until = crate::audit::rfc3339(crate::lease::wall_time(deadline));
+        tracing::info!(agent, actor_uid = uid, %until, "egress lease extended");
+        self.audit_agent(
+            agent,
+            "lease_extended",
+            json!({ "until": until, "seconds": seconds, "actor_uid": uid }),
+        );
+        Ok(json!({ "until": until, "seconds_left": seconds }))
     }
 
     fn approve(&mut self, agent: &str, keep_baseline: bool, uid: u32) -> Result<Value, String> {

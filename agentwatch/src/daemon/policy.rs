@@ -358,6 +358,7 @@ fn policy_of(a: &Agent, audit_rate: u32) -> Policy {
         monitor_syscalls: a.monitor.syscalls,
         // Set by the caller once the forwarder's sockets are bound.
         dns: None,
+        lease: a.lease,
     }
 }
 

@@ -13,6 +13,7 @@ use super::{Shared, State, lock};
 use crate::{
     breaker::{Monitor, Signal, State as BreakerState},
     cgroup::Cgroup,
+    lease,
     metrics::{self, AgentSnapshot, Snapshot},
 };
 
@@ -89,11 +90,24 @@ impl State {
                     "malformed": dns.malformed,
                     "learned": dns.learned,
                 },
+                "lease": self.lease_row(name),
                 "audit_suppressed": c.suppressed(),
                 "privileged_processes": privileged(cg),
             }));
         }
         rows
+    }
+
+    /// The agent's lease: its action, seconds left and whether it expired; null without one.
+    fn lease_row(&self, name: &str) -> Value {
+        let action = self.config.agent(name).map(|a| a.lease_action);
+        match (self.agents.lease_deadline(name), action) {
+            (Some(deadline), Some(action)) => {
+                let left = lease::seconds_left(deadline);
+                json!({ "action": action.name(), "seconds_left": round(left), "expired": left <= 0.0 })
+            }
+            _ => Value::Null,
+        }
     }
 
     pub(super) fn snapshot(&self) -> Snapshot {
@@ -115,6 +129,7 @@ impl State {
                     breaker_open: m.is_some_and(Monitor::is_open),
                     trips: self.agents.trips(name),
                     dns: self.dns.stats(name),
+                    lease_seconds_left: self.agents.lease_deadline(name).map(lease::seconds_left),
                 }
             })
             .collect();

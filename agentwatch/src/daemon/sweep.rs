@@ -8,11 +8,11 @@ use std::{
     time::Duration,
 };
 
-use agentwatch_common::AgentCounters;
+use agentwatch_common::{AGENT_FLAG_KILLED, AgentCounters};
 use serde_json::json;
 
 use super::State;
-use crate::privileges;
+use crate::{bpf::ktime_ns, config::LeaseAction, privileges};
 
 /// How many destinations an `egress_denied_summary` names (the busiest).
 const SUMMARY_DESTS: usize = 10;
@@ -24,6 +24,8 @@ pub(super) struct Swept {
     counters: BTreeMap<String, AgentCounters>,
     /// (agent, pid) already audited as holding a dangerous capability.
     privileged: HashSet<(String, u32)>,
+    /// Agents whose lease expiry was audited and acted on (until it is extended).
+    lease_expired: HashSet<String>,
 }
 
 /// How often the sweep runs: summaries are per second.
@@ -34,6 +36,12 @@ impl Swept {
     pub(super) fn start(&mut self, name: &str, counters: AgentCounters) {
         self.counters.insert(name.to_owned(), counters);
     }
+
+    /// Agent `name`'s lease was extended: its next expiry is acted on again. True if the
+    /// last one had been.
+    pub(super) fn lease_reopened(&mut self, name: &str) -> bool {
+        self.lease_expired.remove(name)
+    }
 }
 
 impl State {
@@ -43,6 +51,7 @@ impl State {
             self.summarise(name);
         }
         self.sweep_dns();
+        self.sweep_leases();
         if let Err(e) = self.agents.sync_nested() {
             tracing::error!("updating the nested cgroups of agents: {e}");
         }
@@ -52,6 +61,44 @@ impl State {
         // Forget agents that are gone.
         self.swept.counters.retain(|n, _| names.contains(n));
         self.swept.privileged.retain(|(n, _)| names.contains(n));
+    }
+
+    /// An expired lease is audited (`lease_expired`) and its action run, once per expiry. The
+    /// kernel already denies the agent's egress from the deadline on, daemon or not; a daemon
+    /// that starts after the deadline audits and acts then.
+    fn sweep_leases(&mut self) {
+        let leased: Vec<(String, LeaseAction)> = self
+            .config
+            .agents
+            .iter()
+            .filter(|a| a.lease.is_some())
+            .map(|a| (a.name.clone(), a.lease_action))
+            .collect();
+        self.swept
+            .lease_expired
+            .retain(|n| leased.iter().any(|(l, _)| l == n));
+        for (name, action) in leased {
+            let Some(deadline) = self.agents.lease_deadline(&name) else {
+                continue;
+            };
+            if ktime_ns() < deadline || !self.swept.lease_expired.insert(name.clone()) {
+                continue;
+            }
+            let result = match action {
+                LeaseAction::Deny => Ok(()),
+                LeaseAction::Freeze => self
+                    .cgroup_of(&name)
+                    .and_then(|cg| cg.set_frozen(true).map_err(|e| e.to_string())),
+                LeaseAction::Kill => self.kill_tree(&name, AGENT_FLAG_KILLED).map(drop),
+            };
+            let mut fields = json!({ "action": action.name() });
+            if let Err(e) = result {
+                tracing::error!(agent = %name, "lease action {}: {e}", action.name());
+                fields["action_error"] = json!(e);
+            }
+            tracing::warn!(agent = %name, action = action.name(), "egress lease expired");
+            self.audit_agent(&name, "lease_expired", fields);
+        }
     }
 
     /// Refused DNS names over the audit rate go into `dns_denied_summary`; learned addresses

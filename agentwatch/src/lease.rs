@@ -1,0 +1,59 @@
+//! Egress leases: the userspace half of `agentwatch-ebpf/src/lease.rs`.
+//!
+//! `lease = "2h"` gives an agent's egress a deadline: it is written into the kernel when the
+//! agent is guarded (a re-adopted agent keeps the one it had), moved by `agentwatch extend`,
+//! and restarted by a reload that changes the lease. The kernel denies every call from the
+//! deadline on by itself; the daemon audits the expiry and runs `lease_action` (freeze, kill).
+
+use std::time::Duration;
+
+use aya::{
+    Ebpf,
+    maps::{Array, MapData},
+};
+
+use crate::bpf::{KernelError, ktime_ns, map_err, take_map};
+
+/// The deadlines, per agent id.
+pub struct LeaseMaps {
+    deadlines: Array<MapData, u64>,
+}
+
+impl LeaseMaps {
+    pub(crate) fn load(ebpf: &mut Ebpf) -> Result<Self, KernelError> {
+        Ok(Self {
+            deadlines: take_map(ebpf, "LEASES")?,
+        })
+    }
+
+    /// Agent `id`'s deadline (CLOCK_MONOTONIC ns), if it has a lease.
+    pub(crate) fn deadline(&self, id: u32) -> Option<u64> {
+        self.deadlines.get(&id, 0).ok().filter(|&d| d != 0)
+    }
+
+    /// Sets (Some) or removes (None) agent `id`'s deadline.
+    pub(crate) fn set(&mut self, id: u32, deadline: Option<u64>) -> Result<(), KernelError> {
+        self.deadlines
+            .set(id, deadline.unwrap_or(0), 0)
+            .map_err(map_err("LEASES"))
+    }
+}
+
+/// The deadline of a lease of `length` starting now.
+pub fn deadline_in(length: Duration) -> u64 {
+    ktime_ns().saturating_add(u64::try_from(length.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Seconds from now to `deadline` (0 once it passed).
+pub fn seconds_left(deadline: u64) -> f64 {
+    deadline.saturating_sub(ktime_ns()) as f64 / 1e9
+}
+
+/// The wall-clock time of a CLOCK_MONOTONIC `deadline` (for the audit trail).
+pub fn wall_time(deadline: u64) -> time::OffsetDateTime {
+    let now = ktime_ns();
+    let ahead = i64::try_from(deadline.saturating_sub(now)).unwrap_or(i64::MAX);
+    let behind = i64::try_from(now.saturating_sub(deadline)).unwrap_or(i64::MAX);
+    time::OffsetDateTime::now_utc() + time::Duration::nanoseconds(ahead)
+        - time::Duration::nanoseconds(behind)
+}

@@ -1,0 +1,210 @@
+//! Egress leases: an agent's egress ends at its deadline, in the kernel (also while no daemon
+//! runs), `agentwatch extend` reopens it, `lease_action` freezes or kills the agent, and a
+//! reload that changes the lease starts it again.
+
+use std::{
+    net::TcpListener,
+    path::Path,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use agentwatch_tests::{DaemonEnv, EPERM, one, parse_attempts, privileged, probe};
+
+/// `agentwatch launch` a TCP connect to 127.0.0.1:`port` in `agent`: (ok, errno).
+fn connect(env: &DaemonEnv, agent: &str, port: u16) -> (bool, i32) {
+    let out = env.launch_probe(agent, &["connect", "tcp", "127.0.0.1", &port.to_string()]);
+    let a = one(parse_attempts(&out.stdout));
+    (a.ok, a.errno)
+}
+
+/// The same from a root process put straight into the agent's cgroup (no daemon needed).
+fn connect_direct(cgroup: &Path, port: u16) -> (bool, i32) {
+    let a = one(probe(
+        Some(cgroup),
+        &["connect", "tcp", "127.0.0.1", &port.to_string()],
+    ));
+    (a.ok, a.errno)
+}
+
+fn sleep_until(at: Instant) {
+    if let Some(d) = at.checked_duration_since(Instant::now()) {
+        std::thread::sleep(d);
+    }
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn listener() -> (TcpListener, u16) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    (l, port)
+}
+
+#[test]
+fn a_lease_ends_egress_in_the_kernel_even_with_the_daemon_down_and_extend_reopens_it() {
+    privileged!();
+    let (_l, port) = listener();
+    let mut env = DaemonEnv::new();
+    env.write_config(&format!(
+        "[[agents]]\nname = \"worker\"\negress = [\"tcp 127.0.0.1 {port}\"]\nlease = \"3s\"\n"
+    ));
+    let guarded = Instant::now();
+    env.start();
+    assert_eq!(connect(&env, "worker", port), (true, 0), "inside the lease");
+    let row = &env.status()["worker"]["lease"];
+    assert_eq!(row["action"], "deny");
+    assert_eq!(row["expired"], false);
+    let left = row["seconds_left"].as_f64().expect("seconds_left");
+    assert!(left > 0.0 && left <= 3.0, "{row}");
+    let metric = env
+        .metric("agentwatch_lease_seconds_left{agent=\"worker\"}")
+        .expect("lease metric");
+    assert!(metric > 0.0 && metric <= 3.0, "{metric}");
+
+    // The daemon dies; the kernel ends the lease on time by itself.
+    env.stop_with(libc::SIGKILL);
+    let cgroup = env.agent_cgroup("worker");
+    sleep_until(guarded + Duration::from_millis(3500));
+    assert_eq!(
+        connect_direct(&cgroup, port),
+        (false, EPERM),
+        "lease over, no daemon"
+    );
+
+    // A new daemon keeps the lease it finds (it does not start again), and audits its end.
+    env.start();
+    assert_eq!(connect(&env, "worker", port), (false, EPERM), "still over");
+    let expired = env.wait_audit("lease_expired", 1);
+    assert_eq!(expired.len(), 1, "{expired:?}");
+    assert_eq!(expired[0]["action"], "deny");
+    assert_eq!(env.status()["worker"]["lease"]["expired"], true);
+
+    let out = env.cli(&["extend", "worker", "30s"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("egress lease open until "),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(connect(&env, "worker", port), (true, 0), "extended");
+    let extended = env.wait_audit("lease_extended", 1);
+    assert_eq!(extended.len(), 1, "{extended:?}");
+    assert_eq!(extended[0]["actor_uid"], 0);
+    assert_eq!(extended[0]["seconds"], 30);
+    assert!(
+        extended[0]["until"]
+            .as_str()
+            .is_some_and(|u| u.ends_with('Z')),
+        "{extended:?}"
+    );
+    let left = env.status()["worker"]["lease"]["seconds_left"]
+        .as_f64()
+        .expect("seconds_left");
+    assert!(left > 28.0 && left <= 30.0, "{left}");
+
+    // Refusals say why.
+    let out = env.cli(&["extend", "nobody", "1m"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown agent `nobody`"));
+    let out = env.cli(&["extend", "worker", "0s"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 1s"));
+
+    // A reload that changes the lease starts it again from now; one that removes it, ends it.
+    env.write_config(&format!(
+        "[[agents]]\nname = \"worker\"\negress = [\"tcp 127.0.0.1 {port}\"]\nlease = \"2s\"\n"
+    ));
+    assert!(env.cli(&["reload"]).status.success());
+    let reloaded = Instant::now();
+    assert_eq!(connect(&env, "worker", port), (true, 0));
+    sleep_until(reloaded + Duration::from_millis(2500));
+    assert_eq!(
+        connect(&env, "worker", port),
+        (false, EPERM),
+        "the new 2s lease ended"
+    );
+    env.write_config(&format!(
+        "[[agents]]\nname = \"worker\"\negress = [\"tcp 127.0.0.1 {port}\"]\n"
+    ));
+    assert!(env.cli(&["reload"]).status.success());
+    assert_eq!(
+        connect(&env, "worker", port),
+        (true, 0),
+        "no lease any more"
+    );
+    assert!(env.status()["worker"]["lease"].is_null());
+    let out = env.cli(&["extend", "worker", "1m"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no lease"));
+}
+
+#[test]
+fn lease_action_freeze_and_kill_stop_the_agent_and_extend_thaws_a_frozen_one() {
+    privileged!();
+    let (_l, port) = listener();
+    let mut env = DaemonEnv::new();
+    env.write_config(&format!(
+        "[[agents]]\nname = \"frz\"\negress = [\"tcp 127.0.0.1 {port}\"]\nlease = \"2s\"\n\
+         lease_action = \"freeze\"\n\n\
+         [[agents]]\nname = \"kll\"\negress = [\"tcp 127.0.0.1 {port}\"]\nlease = \"2s\"\n\
+         lease_action = \"kill\"\n"
+    ));
+    env.start();
+    let spin = |agent: &str| {
+        let file = env.dir.0.join(format!("{agent}.count"));
+        env.probe_command(agent)
+            .args(["spin", file.to_str().expect("utf8")])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spin")
+    };
+    let mut spinners = [spin("frz"), spin("kll")];
+    wait_until("both leases acted on", Duration::from_secs(10), || {
+        env.audit_lines()
+            .iter()
+            .filter(|l| l["kind"] == "lease_expired")
+            .count()
+            == 2
+    });
+    let status = env.status();
+    assert_eq!(status["frz"]["state"], "frozen");
+    assert_eq!(status["frz"]["processes"], 1);
+    assert_eq!(status["kll"]["state"], "killed");
+    assert_eq!(status["kll"]["processes"], 0);
+    let actions: Vec<_> = env
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["kind"] == "lease_expired")
+        .map(|l| (l["agent"].clone(), l["action"].clone()))
+        .collect();
+    assert!(
+        actions.contains(&("frz".into(), "freeze".into())),
+        "{actions:?}"
+    );
+    assert!(
+        actions.contains(&("kll".into(), "kill".into())),
+        "{actions:?}"
+    );
+
+    // Extending thaws the frozen agent and reopens its egress.
+    assert!(env.cli(&["extend", "frz", "1m"]).status.success());
+    assert_eq!(env.status()["frz"]["state"], "running");
+    assert_eq!(connect(&env, "frz", port), (true, 0));
+    // A killed agent stays killed until a human approves it, extended or not.
+    assert!(env.cli(&["extend", "kll", "1m"]).status.success());
+    assert_eq!(env.status()["kll"]["state"], "killed");
+    for s in &mut spinners {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+}
