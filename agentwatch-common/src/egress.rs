@@ -133,7 +133,11 @@ pub struct AgentCounters {
     /// Escape events not written for the same reason (only those whose process the kernel
     /// killed itself; one the daemon must kill is always reported).
     pub escapes_suppressed: u64,
-    pub _reserved: [u64; 3],
+    /// Outbound bytes (IP packets as they leave the agent's sockets, headers included).
+    pub egress_bytes: u64,
+    /// Outbound bytes dropped by the agent's byte cap.
+    pub egress_bytes_dropped: u64,
+    pub _reserved: [u64; 1],
 }
 
 impl AgentCounters {

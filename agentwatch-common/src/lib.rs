@@ -109,6 +109,7 @@ mod pod {
     unsafe impl aya::Pod for super::DnsKey {}
     unsafe impl aya::Pod for super::DnsValue {}
     unsafe impl aya::Pod for super::DnsOrig {}
+    unsafe impl aya::Pod for super::ByteCap {}
 }
 
 const _: () = assert!(core::mem::size_of::<AgentState>() == 16);

@@ -58,3 +58,47 @@ impl Cap {
 }
 
 const _: () = assert!(core::mem::size_of::<AgentLimits>() == 72);
+
+/// A cap on outbound bytes per second, the same GCRA as [`Cap`] with a cost per byte: a packet
+/// of `len` bytes moves `tat` on by `len x ps_per_byte / 1000` ns. `ps_per_byte == 0`: no cap.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ByteCap {
+    /// Picoseconds per byte at the capped rate (1e12 / bytes per second).
+    pub ps_per_byte: u64,
+    /// How far ahead of now `tat` may run (the burst, in time).
+    pub tolerance_ns: u64,
+    /// Theoretical arrival time (CLOCK_MONOTONIC ns), advanced by the kernel.
+    pub tat_ns: u64,
+}
+
+/// The largest packet a socket hands the IP layer at once (loopback and GSO send up to 64 KiB):
+/// the burst of a byte cap is never smaller, or such a packet could never pass.
+pub const MAX_PACKET: u64 = 65_536;
+
+impl ByteCap {
+    /// The cap for `per_second` bytes per second (0: no cap). Burst: a fifth of a second's
+    /// worth, at least one largest packet.
+    pub const fn per_second(per_second: u64) -> Self {
+        if per_second == 0 {
+            return Self {
+                ps_per_byte: 0,
+                tolerance_ns: 0,
+                tat_ns: 0,
+            };
+        }
+        let ps_per_byte = 1_000_000_000_000 / per_second;
+        let burst = if per_second / 5 > MAX_PACKET {
+            per_second / 5
+        } else {
+            MAX_PACKET
+        };
+        Self {
+            ps_per_byte,
+            tolerance_ns: burst * ps_per_byte / 1000,
+            tat_ns: 0,
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<ByteCap>() == 24);

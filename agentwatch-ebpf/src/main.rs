@@ -10,6 +10,7 @@
 )]
 
 mod agent;
+mod bytes;
 mod dns;
 mod egress;
 mod exec;

@@ -21,6 +21,7 @@ use aya::maps::{MapData, RingBuf};
 
 use crate::{
     bpf::{KernelError, PinDir, map_err, remove_link_dir},
+    bytes,
     cgroup::{self, Cgroup},
     dns,
     egress::{self, Caps, CompiledRules},
@@ -50,6 +51,8 @@ pub struct Policy {
     /// Egress lease: every call is denied from this long after the agent is guarded (or the
     /// lease extended) on.
     pub lease: Option<Duration>,
+    /// Outbound bytes per second; over it packets are dropped in the kernel (None: no cap).
+    pub egress_bytes_per_second: Option<u64>,
 }
 
 impl From<CompiledRules> for Policy {
@@ -288,7 +291,10 @@ impl Agents {
             egress::attach(&mut self.kernel.ebpf, &cgroup, pin_dir.as_deref()).and_then(|mut l| {
                 let more = sockets::attach(&mut self.kernel.ebpf, &cgroup, pin_dir.as_deref())
                     .and_then(|link| {
-                        let mut more = vec![link];
+                        let mut more = vec![
+                            link,
+                            bytes::attach(&mut self.kernel.ebpf, &cgroup, pin_dir.as_deref())?,
+                        ];
                         more.extend(dns::attach(
                             &mut self.kernel.ebpf,
                             &cgroup,
@@ -643,6 +649,7 @@ impl Agents {
     fn forget_slot(&mut self, id: u32) -> Result<(), KernelError> {
         self.kernel.exec.sync(id, None)?;
         self.kernel.egress.clear_caps(id)?;
+        self.kernel.bytes.write_cap(id, None)?;
         self.kernel.dns.clear(id)?;
         self.kernel.lease.set(id, None)?;
         self.kernel.reset_counters(id)?;
@@ -677,7 +684,10 @@ impl Agents {
                 sends_per_second: policy.sends_per_second,
                 events_per_second: policy.events_per_second,
             },
-        )
+        )?;
+        self.kernel
+            .bytes
+            .write_cap(id, policy.egress_bytes_per_second)
     }
 
     /// The levels the kernel looks agents up at: those of the guarded agents (`widen_with`:

@@ -1,12 +1,12 @@
 //! Rates, learned baselines and the circuit breaker of one agent (pure logic, no I/O).
 //!
 //! Every tick the daemon feeds the agent's kernel counters in. Per signal (connects, sends,
-//! syscalls, execs, denied attempts, distinct destinations) the rate is measured over the last `window` (sliding, so a burst is seen
+//! syscalls, execs, denied attempts, distinct destinations, outbound bytes) the rate is measured over the last `window` (sliding, so a burst is seen
 //! within a tick, not at the end of a window). Once per window the baseline learns from that
 //! window's rate with an EWMA, except from windows that look abnormal (above twice the
 //! baseline): an attacker who ramps up slowly does not teach the baseline his new normal faster
 //! than doubling per window. After `warmup`, a rate above `trip_factor` x baseline and above
-//! `min_rate` trips the breaker.
+//! `min_rate` (for bytes: `min_bytes_rate`) trips the breaker.
 
 use std::{
     collections::VecDeque,
@@ -26,10 +26,12 @@ pub enum Signal {
     Denied,
     /// Distinct destinations contacted per second: fan-out, scanning.
     Destinations,
+    /// Outbound bytes per second: an agent that suddenly uploads far more than it ever did.
+    Bytes,
 }
 
 /// How many signals there are (the length of every per-signal array).
-pub const SIGNALS: usize = 6;
+pub const SIGNALS: usize = 7;
 
 impl Signal {
     pub const ALL: [Self; SIGNALS] = [
@@ -39,6 +41,7 @@ impl Signal {
         Self::Execs,
         Self::Denied,
         Self::Destinations,
+        Self::Bytes,
     ];
 
     pub fn name(self) -> &'static str {
@@ -49,6 +52,7 @@ impl Signal {
             Self::Execs => "execs",
             Self::Denied => "denied",
             Self::Destinations => "destinations",
+            Self::Bytes => "bytes",
         }
     }
 }
@@ -263,7 +267,13 @@ impl Monitor {
         for signal in Signal::ALL {
             let t = &self.tracks[signal as usize];
             let baseline = t.baseline.unwrap_or(0.0);
-            if t.rate > cfg.trip_factor * baseline && t.rate > cfg.min_rate {
+            // Bytes come thousands at a time: they have a floor of their own.
+            let floor = if signal == Signal::Bytes {
+                cfg.min_bytes_rate
+            } else {
+                cfg.min_rate
+            };
+            if t.rate > cfg.trip_factor * baseline && t.rate > floor {
                 self.state = State::Open { since: now };
                 return Some(Transition::Tripped {
                     signal,
@@ -287,6 +297,7 @@ mod tests {
             window: Duration::from_millis(500),
             trip_factor: 5.0,
             min_rate: 20.0,
+            min_bytes_rate: 65536.0,
             action: Action::Freeze,
             require_approval: true,
             cooldown: Duration::from_secs(3),
@@ -305,7 +316,7 @@ mod tests {
         for _ in 0..(secs * 10.0) as usize {
             *t += Duration::from_millis(100);
             *count += rate / 10.0;
-            out.extend(m.observe(*t, [*count as u64, 0, 0, 0, 0, 0]));
+            out.extend(m.observe(*t, [*count as u64, 0, 0, 0, 0, 0, 0]));
         }
         out
     }
@@ -349,7 +360,7 @@ mod tests {
         );
         // require_approval: no half-open however long it waits.
         assert!(run(&mut m, &mut t, &mut n, 0.0, 10.0).is_empty());
-        m.approve(t, [n as u64, 0, 0, 0, 0, 0], true);
+        m.approve(t, [n as u64, 0, 0, 0, 0, 0, 0], true);
         assert_eq!(m.state(), State::Closed);
     }
 
@@ -360,7 +371,7 @@ mod tests {
         let mut m = Monitor::new(Some(cfg()), t0);
         run(&mut m, &mut t, &mut n, 10.0, 5.0);
         assert!(!run(&mut m, &mut t, &mut n, 300.0, 0.5).is_empty());
-        m.approve(t, [n as u64, 0, 0, 0, 0, 0], false);
+        m.approve(t, [n as u64, 0, 0, 0, 0, 0, 0], false);
         assert_eq!(m.baseline(Signal::Connects), None);
         // The burst rate goes on: judged neither during the new warmup nor after it, since the
         // baseline learned it.
@@ -377,7 +388,7 @@ mod tests {
         run(&mut m, &mut t, &mut n, 10.0, 5.0);
         assert!(!run(&mut m, &mut t, &mut n, 300.0, 0.5).is_empty());
         // The burst's calls are still inside the window, but approval restarts the window.
-        m.approve(t, [n as u64, 0, 0, 0, 0, 0], true);
+        m.approve(t, [n as u64, 0, 0, 0, 0, 0, 0], true);
         assert_eq!(run(&mut m, &mut t, &mut n, 10.0, 2.0), vec![]);
         let b = m.baseline(Signal::Connects).unwrap();
         assert!((b - 10.0).abs() < 2.0, "{b}");

@@ -182,6 +182,8 @@ impl LeaseAction {
 pub struct Limits {
     pub connects_per_second: Option<u32>,
     pub sends_per_second: Option<u32>,
+    /// Outbound bytes per second (IP packets, headers included); over it, packets are dropped.
+    pub egress_bytes_per_second: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -195,6 +197,8 @@ struct RawBreaker {
     trip_factor: Option<Spanned<f64>>,
     #[serde(default)]
     min_rate: Option<Spanned<f64>>,
+    #[serde(default)]
+    min_bytes_rate: Option<Spanned<f64>>,
     #[serde(default)]
     action: Option<Action>,
     #[serde(default)]
@@ -220,6 +224,8 @@ pub struct Breaker {
     pub window: Duration,
     pub trip_factor: f64,
     pub min_rate: f64,
+    /// The `bytes` signal's own floor, in bytes per second.
+    pub min_bytes_rate: f64,
     pub action: Action,
     pub require_approval: bool,
     /// Without `require_approval`: how long the breaker stays open before it half-opens.
@@ -236,6 +242,8 @@ impl Default for Breaker {
             trip_factor: 5.0,
             // Below this absolute rate nothing is an emergency, whatever the ratio.
             min_rate: 20.0,
+            // An agent's ordinary chatter is far below 64 KiB a second; an upload is not.
+            min_bytes_rate: 65536.0,
             // Pausing loses nothing and leaves a human to decide.
             action: Action::Freeze,
             require_approval: true,
@@ -569,6 +577,13 @@ fn validate(raw: RawConfig, c: &mut Collector<'_>) -> Config {
         let limits = match &a.limits {
             Some(l) => {
                 let v = *l.get_ref();
+                if v.egress_bytes_per_second.is_some_and(|b| b < 4096) {
+                    c.at(
+                        l.span(),
+                        "limits.egress_bytes_per_second must be at least 4096: below it an \
+                         agent could not even open a connection",
+                    );
+                }
                 if v.connects_per_second == Some(0) || v.sends_per_second == Some(0) {
                     c.at(
                         l.span(),
@@ -674,6 +689,16 @@ fn breaker(b: &Spanned<RawBreaker>, c: &mut Collector<'_>) -> Breaker {
             out.min_rate = *m.get_ref();
         } else {
             c.at(m.span(), "breaker.min_rate must be a number of at least 0");
+        }
+    }
+    if let Some(m) = &raw.min_bytes_rate {
+        if m.get_ref().is_finite() && *m.get_ref() >= 0.0 {
+            out.min_bytes_rate = *m.get_ref();
+        } else {
+            c.at(
+                m.span(),
+                "breaker.min_bytes_rate must be a number of at least 0",
+            );
         }
     }
     if out.window > out.warmup {

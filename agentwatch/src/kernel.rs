@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use agentwatch_common::{
-    AgentCounters, AgentLimits, AgentState, DestKey, DnsKey, DnsOrig, DnsPorts, DnsValue, ExecKey,
-    RuleKeyV4, RuleKeyV6, RuleValue, Settings,
+    AgentCounters, AgentLimits, AgentState, ByteCap, DestKey, DnsKey, DnsOrig, DnsPorts, DnsValue,
+    ExecKey, RuleKeyV4, RuleKeyV6, RuleValue, Settings,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -15,6 +15,7 @@ use aya::{
 pub use crate::bpf::{KernelError, PinDir};
 use crate::{
     bpf::{SignalsBlocked, map_err, take_map},
+    bytes::BytesMaps,
     dns::DnsMaps,
     egress::EgressMaps,
     exec::ExecMaps,
@@ -38,6 +39,7 @@ pub struct Kernel {
     pub(crate) sockets: SocketMaps,
     pub(crate) dns: DnsMaps,
     pub(crate) lease: LeaseMaps,
+    pub(crate) bytes: BytesMaps,
     pub(crate) settings: Array<MapData, Settings>,
     trips: Array<MapData, [u64; 4]>,
     pins: Option<PinDir>,
@@ -45,7 +47,7 @@ pub struct Kernel {
 
 /// Every map of the object with the key and value sizes this build expects of it. A pinned map
 /// of another layout (an older agentwatch) is refused rather than misread.
-const MAPS: [(&str, u32, u32); 23] = [
+const MAPS: [(&str, u32, u32); 24] = [
     ("AGENTS", 8, size_of::<AgentState>() as u32),
     ("COUNTERS", 4, size_of::<AgentCounters>() as u32),
     ("EVENTS", 0, 0),
@@ -81,6 +83,7 @@ const MAPS: [(&str, u32, u32); 23] = [
     ("DNS_ORIG", 8, size_of::<DnsOrig>() as u32),
     ("DNS_COUNTS", 4, 8 * agentwatch_common::DNS_VERDICTS as u32),
     ("LEASES", 4, 8),
+    ("BYTE_CAPS", 4, size_of::<ByteCap>() as u32),
 ];
 
 /// The embedded object's bytes (empty in a build without eBPF programs).
@@ -142,6 +145,7 @@ impl Kernel {
         let sockets = SocketMaps::load(&mut ebpf)?;
         let dns = DnsMaps::load(&mut ebpf)?;
         let lease = LeaseMaps::load(&mut ebpf)?;
+        let bytes = BytesMaps::load(&mut ebpf)?;
         crate::syscalls::load(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -154,6 +158,7 @@ impl Kernel {
             sockets,
             dns,
             lease,
+            bytes,
             settings,
             trips,
             pins,

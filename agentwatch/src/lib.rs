@@ -17,6 +17,7 @@ pub mod agent;
 pub mod audit;
 pub mod bpf;
 pub mod breaker;
+pub mod bytes;
 pub mod cgroup;
 pub mod config;
 pub mod control;

@@ -156,6 +156,18 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
         "Addresses in the agent's kernel allow-list learned from allowed DNS answers",
         &["agent"],
     )?;
+    let bytes = counter_vec(
+        &r,
+        "agentwatch_egress_bytes_total",
+        "Outbound bytes of the agent (IP packets, headers included) that left it",
+        &["agent"],
+    )?;
+    let bytes_dropped = counter_vec(
+        &r,
+        "agentwatch_egress_bytes_dropped_total",
+        "Outbound bytes the agent's byte cap dropped in the kernel",
+        &["agent"],
+    )?;
     let lease_left = float_gauge_vec(
         &r,
         "agentwatch_lease_seconds_left",
@@ -227,6 +239,10 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
         ] {
             dns_queries.with_label_values(&[n, verdict]).inc_by(count);
         }
+        bytes.with_label_values(&[n]).inc_by(c.egress_bytes);
+        bytes_dropped
+            .with_label_values(&[n])
+            .inc_by(c.egress_bytes_dropped);
         if let Some(left) = a.lease_seconds_left {
             lease_left.with_label_values(&[n]).set(left);
         }
@@ -271,8 +287,8 @@ mod tests {
                 name: "mailer".into(),
                 counters,
                 frozen: true,
-                rates: [12.5, 0.0, 0.0, 0.0, 0.0, 0.0],
-                baselines: [Some(2.0), None, None, None, None, None],
+                rates: [12.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                baselines: [Some(2.0), None, None, None, None, None, None],
                 anomaly_score: 6.25,
                 breaker_open: true,
                 trips: [0, 0, 1, 0],

@@ -31,13 +31,14 @@ use serde_json::Value;
 use crate::control::{self, Request};
 
 /// The signals the breaker judges, in the order the status rows give them.
-const SIGNALS: [&str; 6] = [
+const SIGNALS: [&str; 7] = [
     "connects",
     "sends",
     "syscalls",
     "execs",
     "denied",
     "destinations",
+    "bytes",
 ];
 /// Rates kept per agent and signal for the sparklines (one per refresh).
 const HISTORY: usize = 60;

@@ -202,7 +202,7 @@ fn launch_runs_in_the_agent_denials_are_audited_and_cleanup_removes_everything()
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        String::from_utf8_lossy(&out.stdout).starts_with("detached 14 link(s)"),
+        String::from_utf8_lossy(&out.stdout).starts_with("detached 15 link(s)"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
@@ -458,9 +458,9 @@ fn sigkill_keeps_enforcement_and_a_restart_readopts_without_a_gap() {
     let links_before = link_ids(&env.pin_dir);
     assert_eq!(
         links_before.len(),
-        14,
-        "4 egress hooks + sock_create + 4 DNS reply hooks, exec and fork tracepoints, 3 \
-         socket/escape tracepoints"
+        15,
+        "4 egress hooks + sock_create + 4 DNS reply hooks + the byte counter, exec and fork \
+         tracepoints, 3 socket/escape tracepoints"
     );
 
     env.stop_with(libc::SIGKILL);

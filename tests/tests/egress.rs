@@ -517,8 +517,9 @@ fn nothing_the_test_made_remains_afterwards() {
         let mut link_ids = agents.link_ids("t9");
         assert_eq!(
             link_ids.len(),
-            9,
-            "one link per egress hook, one for sock_create, one per DNS reply hook"
+            10,
+            "one link per egress hook, one for sock_create, one per DNS reply hook, one for the \
+             byte counter"
         );
         let host = agents.host_link_ids();
         assert_eq!(
@@ -531,9 +532,9 @@ fn nothing_the_test_made_remains_afterwards() {
         let prog_ids = agents.kernel().program_ids();
         assert_eq!(
             prog_ids.len(),
-            15,
-            "4 egress, 4 DNS reply hooks, 2 exec/fork, 4 sockets, 1 sys_enter (loaded, not \
-             attached)"
+            16,
+            "4 egress, 4 DNS reply hooks, 1 byte counter, 2 exec/fork, 4 sockets, 1 sys_enter \
+             (loaded, not attached)"
         );
         (
             cg.path().to_owned(),

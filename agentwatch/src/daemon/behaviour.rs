@@ -123,5 +123,6 @@ pub(super) fn signal_counts(c: &AgentCounters) -> [u64; SIGNALS] {
         c.execs + c.execs_denied,
         c.verdict_total(VERDICT_DENIED),
         c.destinations,
+        c.egress_bytes,
     ]
 }

@@ -359,6 +359,7 @@ fn policy_of(a: &Agent, audit_rate: u32) -> Policy {
         // Set by the caller once the forwarder's sockets are bound.
         dns: None,
         lease: a.lease,
+        egress_bytes_per_second: a.limits.egress_bytes_per_second,
     }
 }
 

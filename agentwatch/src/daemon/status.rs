@@ -63,6 +63,8 @@ impl State {
                 "denied": c.verdict_total(VERDICT_DENIED),
                 "capped": c.verdict_total(VERDICT_CAPPED),
                 "connects": c.connects,
+                "egress_bytes": c.egress_bytes,
+                "egress_bytes_dropped": c.egress_bytes_dropped,
                 "sends": c.sends,
                 "syscalls": c.syscalls,
                 "execs": c.execs,

@@ -7,6 +7,10 @@
 //! - `sendto ADDR PORT [COUNT] [PAYLOAD]`: one UDP datagram per attempt
 //! - `exec PROGRAM [ARGS...]`: replace itself with PROGRAM
 //! - `exit CODE`: exit with CODE (to check exit-status passthrough)
+//! - `upload ADDR PORT SECS`: one TCP connection, written to as fast as it goes for SECS;
+//!   prints `{"op":"upload","bytes":N,"errno":E,"secs":S}` (bytes accepted by the socket)
+//! - `upload-paced ADDR PORT BYTES_PER_SEC:SECS...`: one TCP connection written to at each
+//!   phase's rate (20 writes a second) for its time; prints `{"op":"upload-paced","bytes":N}`
 //! - `spin FILE`: increment a counter in FILE forever (for freeze tests)
 //! - `alternate GOOD_ADDR GOOD_PORT BAD_ADDR BAD_PORT STOP_FILE`: until STOP_FILE exists (60 s
 //!   at most), UDP-send and TCP-connect to GOOD (must succeed) and BAD (must get EPERM), and
@@ -357,6 +361,81 @@ fn main() -> ExitCode {
             batches.sort_by(f64::total_cmp);
             let median = batches.get(batches.len() / 2).copied().unwrap_or(0.0);
             println!("{}", serde_json::json!({"ns_per_call": median}));
+            ExitCode::SUCCESS
+        }
+        ["upload", addr, port, secs] => {
+            let (Ok(dest), Ok(secs)) = (
+                format!("{addr}:{port}").parse::<SocketAddr>(),
+                secs.parse::<f64>(),
+            ) else {
+                return usage("upload ADDR PORT SECS");
+            };
+            let mut stream = match TcpStream::connect_timeout(&dest, Duration::from_secs(2)) {
+                Ok(s) => s,
+                Err(e) => {
+                    report("upload", "tcp", &dest, Err(e));
+                    return ExitCode::SUCCESS;
+                }
+            };
+            let chunk = vec![0x5au8; 65536];
+            let start = std::time::Instant::now();
+            let mut sent: u64 = 0;
+            let mut errno = 0;
+            while start.elapsed().as_secs_f64() < secs {
+                match stream.write(&chunk) {
+                    Ok(n) => sent += n as u64,
+                    Err(e) => {
+                        errno = e.raw_os_error().unwrap_or(-1);
+                        break;
+                    }
+                }
+            }
+            println!(
+                "{}",
+                serde_json::json!({"op": "upload", "bytes": sent, "errno": errno,
+                    "secs": start.elapsed().as_secs_f64()})
+            );
+            ExitCode::SUCCESS
+        }
+        ["upload-paced", addr, port, phases @ ..] => {
+            let Ok(dest) = format!("{addr}:{port}").parse::<SocketAddr>() else {
+                return usage("upload-paced ADDR PORT BYTES_PER_SEC:SECS...");
+            };
+            let mut stream = match TcpStream::connect_timeout(&dest, Duration::from_secs(2)) {
+                Ok(s) => s,
+                Err(e) => {
+                    report("upload-paced", "tcp", &dest, Err(e));
+                    return ExitCode::SUCCESS;
+                }
+            };
+            let mut sent: u64 = 0;
+            for phase in phases {
+                let Some((Ok(rate), Ok(secs))) = phase
+                    .split_once(':')
+                    .map(|(r, s)| (r.parse::<u64>(), s.parse::<f64>()))
+                else {
+                    return usage("upload-paced ADDR PORT BYTES_PER_SEC:SECS...");
+                };
+                // 20 writes a second, each a twentieth of the phase's rate.
+                let chunk = vec![0x5au8; usize::try_from(rate / 20).unwrap_or(0).max(1)];
+                let start = std::time::Instant::now();
+                let mut tick = 0u32;
+                while start.elapsed().as_secs_f64() < secs {
+                    if stream.write_all(&chunk).is_err() {
+                        break;
+                    }
+                    sent += chunk.len() as u64;
+                    tick += 1;
+                    let next = Duration::from_millis(50) * tick;
+                    if let Some(wait) = next.checked_sub(start.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+            }
+            println!(
+                "{}",
+                serde_json::json!({"op": "upload-paced", "bytes": sent, "errno": 0})
+            );
             ExitCode::SUCCESS
         }
         ["exit", code] => code
