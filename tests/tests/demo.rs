@@ -83,6 +83,7 @@ fn the_demo_tells_the_story_and_leaves_nothing_behind() {
         "thawed: it carries on",
         "4 processes killed at once (cgroup.kill); 0 left.",
         "\"kind\":\"killed\"",
+        "chain intact",
         "cleaned up: detached",
     ] {
         assert!(stdout.contains(want), "missing `{want}` in:\n{stdout}");

@@ -503,6 +503,17 @@ async fn story(env: &mut Env) -> Result<()> {
     ]) {
         say(&format!("  {line}"));
     }
+    // Every line carries `prev`, the SHA-256 of the line before it: the trail verifies.
+    let report = crate::audit::verify::verify(std::slice::from_ref(&env.audit))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    say(&format!(
+        "\n`agentwatch audit verify {}`:\n  {}",
+        env.audit.display(),
+        report.to_string().trim_end().replace('\n', "\n  ")
+    ));
+    if !report.intact() {
+        bail!("the demo's audit trail does not verify");
+    }
     let row = env.row()?;
     say(&format!(
         "\nIn all: {} calls answered by the model provider, {} denied in the kernel, 1 raw socket \
