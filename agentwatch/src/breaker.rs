@@ -410,8 +410,9 @@ mod tests {
             let mut tr = Vec::new();
             for step in 0..40 {
                 t += Duration::from_millis(100);
-                // 10/s for 3 s, then 300/s.
-                counts[i] += if step < 30 { 1 } else { 30 };
+                // 10/s for 3 s, then 300/s (bytes: 10 KB/s, then 300 KB/s, above its floor).
+                let unit = if signal == Signal::Bytes { 1000 } else { 1 };
+                counts[i] += unit * if step < 30 { 1 } else { 30 };
                 tr.extend(m.observe(t, counts));
             }
             assert!(
