@@ -14,7 +14,9 @@ pub const DNS_ALLOWED: usize = 0;
 pub const DNS_DENIED: usize = 1;
 pub const DNS_FAILED: usize = 2;
 pub const DNS_MALFORMED: usize = 3;
-pub const DNS_VERDICTS: usize = 4;
+/// Learn mode: no rule allows the name, but it was answered (nothing is denied in learn mode).
+pub const DNS_WOULD_DENY: usize = 4;
+pub const DNS_VERDICTS: usize = 5;
 
 /// Where agent `id`'s forwarder listens on loopback (127.0.0.1 and ::1), host byte order;
 /// 0: not listening (the redirected call is denied: fail closed).

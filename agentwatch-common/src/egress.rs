@@ -19,7 +19,9 @@ pub const VERDICT_ALLOWED: u8 = 0;
 pub const VERDICT_DENIED: u8 = 1;
 /// Refused by an in-kernel rate cap.
 pub const VERDICT_CAPPED: u8 = 2;
-pub const NUM_VERDICTS: usize = 3;
+/// Learn mode: the allow-list would have denied the call; it went through, counted and audited.
+pub const VERDICT_WOULD_DENY: u8 = 3;
+pub const NUM_VERDICTS: usize = 4;
 
 /// Which hook saw the call.
 pub const HOOK_CONNECT: u8 = 0;
@@ -219,7 +221,7 @@ const _: () = assert!(core::mem::size_of::<RuleKeyV4>() == 8);
 const _: () = assert!(core::mem::size_of::<RuleKeyV6>() == 20);
 const _: () = assert!(core::mem::size_of::<PortRange>() == 12);
 const _: () = assert!(core::mem::size_of::<RuleValue>() == 8 + 12 * MAX_PORT_RANGES);
-const _: () = assert!(core::mem::size_of::<AgentCounters>() == 27 * 8);
+const _: () = assert!(core::mem::size_of::<AgentCounters>() == 30 * 8);
 const _: () = assert!(core::mem::size_of::<EgressEvent>() == 64);
 const _: () = assert!(core::mem::offset_of!(EgressEvent, addr) == 40);
 const _: () = assert!(core::mem::offset_of!(EgressEvent, port) == 56);

@@ -55,6 +55,10 @@ pub const AGENT_FLAG_EXEC_ALLOW: u32 = 1 << 2;
 /// The agent has hostname rules: its DNS traffic goes to its forwarder ([`crate::DnsPorts`]) and
 /// addresses the forwarder learned for it ([`crate::DnsKey`]) are allowed as their rules say.
 pub const AGENT_FLAG_DNS: u32 = 1 << 3;
+/// Learn mode: what the allow-list would deny goes through, counted (`VERDICT_WOULD_DENY`)
+/// and reported; caps, the exec allow-list, the escape guards, leases and the kill switch
+/// still hold.
+pub const AGENT_FLAG_LEARN: u32 = 1 << 4;
 /// Userspace bookkeeping, ignored by the kernel but kept in its map so that it survives a daemon
 /// restart: the agent was killed with the kill switch and awaits `approve`.
 pub const AGENT_FLAG_KILLED: u32 = 1 << 8;
@@ -75,6 +79,8 @@ pub const EVENT_EXEC_DENIED: u32 = 4;
 pub const EVENT_SOCKET_DENIED: u32 = 5;
 pub const EVENT_SOCKET_KILLED: u32 = 6;
 pub const EVENT_CGROUP_ESCAPE: u32 = 7;
+/// Learn mode: an egress call the allow-list would have denied (it went through).
+pub const EVENT_EGRESS_WOULD_DENY: u32 = 8;
 
 /// Daemon-wide settings the kernel programs read (slot 0 of the `SETTINGS` array).
 #[repr(C)]

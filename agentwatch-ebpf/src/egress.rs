@@ -7,10 +7,11 @@
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
 use agentwatch_common::{
-    AGENT_FLAG_DENY_ALL, AGENT_FLAG_DNS, AgentLimits, Cap, DestKey, EVENT_EGRESS_CAPPED,
-    EVENT_EGRESS_DENIED, EgressEvent, HOOK_CONNECT, HOOK_SENDMSG, MAX_AGENTS, PROTO_OTHER,
-    PROTO_TCP, PROTO_UDP, RuleKeyV4, RuleKeyV6, RuleValue, SCOPE_BITS, UNKNOWN_AGENT,
-    VERDICT_ALLOWED, VERDICT_CAPPED, VERDICT_DENIED, egress_slot, rule_scope,
+    AGENT_FLAG_DENY_ALL, AGENT_FLAG_DNS, AGENT_FLAG_LEARN, AgentLimits, Cap, DestKey,
+    EVENT_EGRESS_CAPPED, EVENT_EGRESS_DENIED, EVENT_EGRESS_WOULD_DENY, EgressEvent, HOOK_CONNECT,
+    HOOK_SENDMSG, MAX_AGENTS, PROTO_OTHER, PROTO_TCP, PROTO_UDP, RuleKeyV4, RuleKeyV6, RuleValue,
+    SCOPE_BITS, UNKNOWN_AGENT, VERDICT_ALLOWED, VERDICT_CAPPED, VERDICT_DENIED, VERDICT_WOULD_DENY,
+    egress_slot, rule_scope,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -141,30 +142,38 @@ fn judge(ctx: &SockAddrContext, hook: u8, v6_hook: bool) -> i32 {
         s.flags & (AGENT_FLAG_DNS | AGENT_FLAG_DENY_ALL) == AGENT_FLAG_DNS
             && dns::is_dns(proto, &dest)
     });
-    let allowed = match agent {
+    // `learn`: the allow-list alone said no, and the agent is in learn mode: the call goes
+    // through as a would-be denial. What holds an agent (kill switch, breaker, lease) never
+    // turns into a would-be denial.
+    let (allowed, learn) = match agent {
         // A socket of an agent's cgroup used by a task outside every agent: fail closed.
-        None => false,
+        None => (false, false),
         Some(state) => {
-            state.flags & AGENT_FLAG_DENY_ALL == 0
-                && !lease::expired(state.id)
-                && (redirect
+            if state.flags & AGENT_FLAG_DENY_ALL != 0 || lease::expired(state.id) {
+                (false, false)
+            } else {
+                let admitted = redirect
                     || allowed_by_rules(rule_scope(state.id, state.generation), proto, &dest)
                     || (state.flags & AGENT_FLAG_DNS != 0
-                        && dns::learned_allows(state.id, proto, &dest)))
+                        && dns::learned_allows(state.id, proto, &dest));
+                (admitted, !admitted && state.flags & AGENT_FLAG_LEARN != 0)
+            }
         }
     };
     let id = agent.map_or(UNKNOWN_AGENT, |s| s.id);
-    // The cap applies to calls the rules allow: a denied call is denied, not capped.
     let cap = if hook == HOOK_CONNECT {
         CapKind::Connects
     } else {
         CapKind::Sends
     };
-    let capped = allowed && over_limit(id, cap);
+    // The cap applies to calls that go through: a denied call is denied, not capped.
+    let capped = (allowed || learn) && over_limit(id, cap);
     let verdict = if capped {
         VERDICT_CAPPED
     } else if allowed && (!redirect || dns::redirect(ctx, id, proto, v6_hook, &dest)) {
         VERDICT_ALLOWED
+    } else if learn {
+        VERDICT_WOULD_DENY
     } else {
         // Includes DNS with no forwarder to send it to (the daemon never started one).
         VERDICT_DENIED
@@ -178,6 +187,10 @@ fn judge(ctx: &SockAddrContext, hook: u8, v6_hook: bool) -> i32 {
         }
     }
     if verdict == VERDICT_ALLOWED {
+        return ALLOW;
+    }
+    if verdict == VERDICT_WOULD_DENY {
+        emit(EVENT_EGRESS_WOULD_DENY, id, proto, hook, &dest);
         return ALLOW;
     }
     let kind = if capped {

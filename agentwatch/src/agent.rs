@@ -14,8 +14,8 @@ use std::{
 };
 
 use agentwatch_common::{
-    AGENT_FLAG_DNS, AGENT_FLAG_EXEC_ALLOW, AGENT_FLAG_MONITOR_SYSCALLS, AgentCounters, AgentState,
-    DnsPorts, MAX_AGENTS, Settings, rule_scope,
+    AGENT_FLAG_DNS, AGENT_FLAG_EXEC_ALLOW, AGENT_FLAG_LEARN, AGENT_FLAG_MONITOR_SYSCALLS,
+    AgentCounters, AgentState, DnsPorts, MAX_AGENTS, Settings, rule_scope,
 };
 use aya::maps::{MapData, RingBuf};
 
@@ -53,6 +53,8 @@ pub struct Policy {
     pub lease: Option<Duration>,
     /// Outbound bytes per second; over it packets are dropped in the kernel (None: no cap).
     pub egress_bytes_per_second: Option<u64>,
+    /// Learn mode: what the allow-list would deny goes through, counted and reported.
+    pub learn: bool,
 }
 
 impl From<CompiledRules> for Policy {
@@ -76,12 +78,16 @@ impl Policy {
         if self.dns.is_some() {
             f |= AGENT_FLAG_DNS;
         }
+        if self.learn {
+            f |= AGENT_FLAG_LEARN;
+        }
         f
     }
 }
 
 /// Flags owned by the policy (the rest belong to the kill switch and breaker).
-const POLICY_FLAGS: u32 = AGENT_FLAG_EXEC_ALLOW | AGENT_FLAG_MONITOR_SYSCALLS | AGENT_FLAG_DNS;
+const POLICY_FLAGS: u32 =
+    AGENT_FLAG_EXEC_ALLOW | AGENT_FLAG_MONITOR_SYSCALLS | AGENT_FLAG_DNS | AGENT_FLAG_LEARN;
 
 /// One guarded agent.
 struct Guarded {

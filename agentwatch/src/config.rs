@@ -150,9 +150,24 @@ struct RawAgent {
     #[serde(default)]
     monitor: Monitor,
     #[serde(default)]
+    mode: Mode,
+    #[serde(default)]
     lease: Option<Spanned<String>>,
     #[serde(default)]
     lease_action: Option<LeaseAction>,
+}
+
+/// How an agent's allow-list is applied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Calls the allow-list does not admit get EPERM.
+    #[default]
+    Enforce,
+    /// Nothing the allow-list would deny is denied: it is counted and audited
+    /// (`egress_would_deny`). Caps, the exec allow-list, the escape guards, leases and the
+    /// kill switch still hold.
+    Learn,
 }
 
 /// What happens when an agent's egress lease runs out. Egress is denied in the kernel in every
@@ -287,6 +302,8 @@ pub struct Agent {
     /// Egress lease: every call is denied this long after the agent is guarded or extended.
     pub lease: Option<Duration>,
     pub lease_action: LeaseAction,
+    /// `mode = "learn"`.
+    pub learn: bool,
 }
 
 /// A validated config.
@@ -645,6 +662,7 @@ fn validate(raw: RawConfig, c: &mut Collector<'_>) -> Config {
             monitor: a.monitor,
             lease,
             lease_action: a.lease_action.unwrap_or_default(),
+            learn: a.mode == Mode::Learn,
         });
     }
     Config { daemon, agents }

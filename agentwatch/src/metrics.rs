@@ -7,7 +7,7 @@
 use crate::breaker::{SIGNALS, Signal};
 use agentwatch_common::{
     AgentCounters, NUM_PROTOS, PROTO_OTHER, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED, VERDICT_CAPPED,
-    VERDICT_DENIED, egress_slot,
+    VERDICT_DENIED, VERDICT_WOULD_DENY, egress_slot,
 };
 use prometheus::{Encoder as _, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
@@ -46,10 +46,11 @@ const PROTOS: [(u8, &str); NUM_PROTOS] = [
     (PROTO_UDP, "udp"),
     (PROTO_OTHER, "other"),
 ];
-const VERDICTS: [(u8, &str); 3] = [
+const VERDICTS: [(u8, &str); 4] = [
     (VERDICT_ALLOWED, "allowed"),
     (VERDICT_DENIED, "denied"),
     (VERDICT_CAPPED, "capped"),
+    (VERDICT_WOULD_DENY, "would_deny"),
 ];
 
 fn counter_vec(
@@ -236,6 +237,7 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
             ("denied", a.dns.denied),
             ("failed", a.dns.failed),
             ("malformed", a.dns.malformed),
+            ("would_deny", a.dns.would_deny),
         ] {
             dns_queries.with_label_values(&[n, verdict]).inc_by(count);
         }

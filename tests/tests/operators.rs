@@ -130,26 +130,32 @@ struct Guarded {
 
 /// What [`Guarded::run_workload`] makes the kernel count, per (agent, proto, verdict): every
 /// series the daemon exposes for the two agents, so "exactly" covers the zeros too.
-const EGRESS: [(&str, &str, &str, f64); 18] = [
+const EGRESS: [(&str, &str, &str, f64); 24] = [
     ("resolver", "other", "allowed", 0.0),
     ("resolver", "other", "capped", 0.0),
     ("resolver", "other", "denied", 0.0),
+    ("resolver", "other", "would_deny", 0.0),
     ("resolver", "tcp", "allowed", 1.0),
     ("resolver", "tcp", "capped", 0.0),
     ("resolver", "tcp", "denied", 0.0),
+    ("resolver", "tcp", "would_deny", 0.0),
     // Its three DNS queries: sends the kernel let through, to the forwarder.
     ("resolver", "udp", "allowed", 3.0),
     ("resolver", "udp", "capped", 0.0),
     ("resolver", "udp", "denied", 0.0),
+    ("resolver", "udp", "would_deny", 0.0),
     ("worker", "other", "allowed", 0.0),
     ("worker", "other", "capped", 0.0),
     ("worker", "other", "denied", 0.0),
+    ("worker", "other", "would_deny", 0.0),
     ("worker", "tcp", "allowed", 3.0),
     ("worker", "tcp", "capped", 0.0),
     ("worker", "tcp", "denied", 2.0),
+    ("worker", "tcp", "would_deny", 0.0),
     ("worker", "udp", "allowed", 4.0),
     ("worker", "udp", "capped", 0.0),
     ("worker", "udp", "denied", 1.0),
+    ("worker", "udp", "would_deny", 0.0),
 ];
 
 impl Guarded {
@@ -305,10 +311,12 @@ fn prometheus_scrapes_the_exact_counts_of_a_known_workload_and_alerts_on_the_esc
             (s(&["resolver", "denied"]), 2.0),
             (s(&["resolver", "failed"]), 0.0),
             (s(&["resolver", "malformed"]), 0.0),
+            (s(&["resolver", "would_deny"]), 0.0),
             (s(&["worker", "allowed"]), 0.0),
             (s(&["worker", "denied"]), 0.0),
             (s(&["worker", "failed"]), 0.0),
             (s(&["worker", "malformed"]), 0.0),
+            (s(&["worker", "would_deny"]), 0.0),
         ]
     );
     assert_eq!(
@@ -335,7 +343,8 @@ fn prometheus_scrapes_the_exact_counts_of_a_known_workload_and_alerts_on_the_esc
         [
             (s(&["allowed"]), 7.0),
             (s(&["capped"]), 0.0),
-            (s(&["denied"]), 3.0)
+            (s(&["denied"]), 3.0),
+            (s(&["would_deny"]), 0.0),
         ]
     );
 

@@ -147,7 +147,7 @@ impl State {
                     Ok(())
                 }
                 (false, Some(endpoint)) => self.serve_dns(a, endpoint),
-                (false, None) => self.dns.update(&name, a.hostnames.clone()),
+                (false, None) => self.dns.update(&name, a.hostnames.clone(), a.learn),
             };
             served.map_err(|e| format!("agent `{name}`: {e}"))?;
         }
@@ -278,7 +278,8 @@ impl State {
             .info(&a.name)
             .map(|i| i.id)
             .ok_or_else(|| format!("agent `{}` is not guarded", a.name))?;
-        self.dns.serve(&a.name, id, a.hostnames.clone(), endpoint)
+        self.dns
+            .serve(&a.name, id, a.hostnames.clone(), a.learn, endpoint)
     }
 
     /// Rolls back an [`State::add_agent`] of a plan that failed: a new agent is unguarded (and
@@ -360,6 +361,7 @@ fn policy_of(a: &Agent, audit_rate: u32) -> Policy {
         dns: None,
         lease: a.lease,
         egress_bytes_per_second: a.limits.egress_bytes_per_second,
+        learn: a.learn,
     }
 }
 

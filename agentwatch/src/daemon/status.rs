@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use agentwatch_common::{
     AGENT_FLAG_DENY_ALL, AGENT_FLAG_KILLED, AGENT_FLAG_TRIPPED, VERDICT_ALLOWED, VERDICT_CAPPED,
-    VERDICT_DENIED, egress_slot,
+    VERDICT_DENIED, VERDICT_WOULD_DENY, egress_slot,
 };
 use anyhow::Result;
 use serde_json::{Value, json};
@@ -49,6 +49,7 @@ impl State {
                                 "allowed": c.egress[egress_slot(*p, VERDICT_ALLOWED)],
                                 "denied": c.egress[egress_slot(*p, VERDICT_DENIED)],
                                 "capped": c.egress[egress_slot(*p, VERDICT_CAPPED)],
+                                "would_deny": c.egress[egress_slot(*p, VERDICT_WOULD_DENY)],
                             }),
                         )
                     })
@@ -62,6 +63,8 @@ impl State {
                 "allowed": c.verdict_total(VERDICT_ALLOWED),
                 "denied": c.verdict_total(VERDICT_DENIED),
                 "capped": c.verdict_total(VERDICT_CAPPED),
+                "would_deny": c.verdict_total(VERDICT_WOULD_DENY),
+                "mode": if self.config.agent(name).is_some_and(|a| a.learn) { "learn" } else { "enforce" },
                 "connects": c.connects,
                 "egress_bytes": c.egress_bytes,
                 "egress_bytes_dropped": c.egress_bytes_dropped,
@@ -90,6 +93,7 @@ impl State {
                     "denied": dns.denied,
                     "failed": dns.failed,
                     "malformed": dns.malformed,
+                    "would_deny": dns.would_deny,
                     "learned": dns.learned,
                 },
                 "lease": self.lease_row(name),

@@ -13,11 +13,16 @@ use std::{
     hash::{BuildHasher as _, Hasher as _},
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
-use agentwatch_common::{DNS_ALLOWED, DNS_DENIED, DNS_FAILED, DNS_MALFORMED, DnsPorts};
+use agentwatch_common::{
+    DNS_ALLOWED, DNS_DENIED, DNS_FAILED, DNS_MALFORMED, DNS_WOULD_DENY, DnsPorts,
+};
 use bytes::{BufMut as _, BytesMut};
 use hickory_proto::op::ResponseCode;
 use serde_json::json;
@@ -92,6 +97,8 @@ pub struct Stats {
     pub failed: u64,
     /// Not a DNS query (FORMERR or dropped).
     pub malformed: u64,
+    /// Learn mode: no rule allows the name, and it was answered anyway.
+    pub would_deny: u64,
     /// Addresses in the agent's kernel allow-list now.
     pub learned: u64,
 }
@@ -109,6 +116,8 @@ struct Window {
 struct AgentDns {
     name: String,
     id: u32,
+    /// Learn mode: names no rule allows are answered (and reported), not refused.
+    learn: AtomicBool,
     window: Mutex<Window>,
     in_flight: Arc<Semaphore>,
     connections: Arc<Semaphore>,
@@ -229,6 +238,7 @@ impl Forwarder {
         name: &str,
         id: u32,
         rules: HostRules,
+        learn: bool,
         endpoint: Endpoint,
     ) -> Result<(), String> {
         self.0
@@ -238,6 +248,7 @@ impl Forwarder {
         let agent = Arc::new(AgentDns {
             name: name.to_owned(),
             id,
+            learn: AtomicBool::new(learn),
             window: Mutex::new(Window::default()),
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
             connections: Arc::new(Semaphore::new(TCP_CONNECTIONS)),
@@ -280,12 +291,15 @@ impl Forwarder {
 
     /// Replaces agent `name`'s hostname rules (a reload); what rules no longer configured
     /// admitted is removed.
-    pub fn update(&self, name: &str, rules: HostRules) -> Result<(), String> {
-        let id = self
-            .served()
-            .get(name)
-            .map(|s| s.agent.id)
-            .ok_or_else(|| format!("agent `{name}` has no DNS forwarder"))?;
+    pub fn update(&self, name: &str, rules: HostRules, learn: bool) -> Result<(), String> {
+        let id = {
+            let served = self.served();
+            let s = served
+                .get(name)
+                .ok_or_else(|| format!("agent `{name}` has no DNS forwarder"))?;
+            s.agent.learn.store(learn, Ordering::Relaxed);
+            s.agent.id
+        };
         self.0
             .learned
             .register(id, Arc::new(rules))
@@ -319,6 +333,7 @@ impl Forwarder {
             denied: c[DNS_DENIED],
             failed: c[DNS_FAILED],
             malformed: c[DNS_MALFORMED],
+            would_deny: c[DNS_WOULD_DENY],
             learned: self.0.learned.addresses(s.agent.id) as u64,
         }
     }
@@ -476,7 +491,10 @@ async fn handle(
         .learned
         .rules(agent.id)
         .is_some_and(|rules| rules.allows(&query.name));
-    if !allowed {
+    // Learn mode: a name no rule allows is answered (and reported); its addresses are not
+    // admitted, so a connect to them is a would-be denial of its own.
+    let learning = !allowed && agent.learn.load(Ordering::Relaxed);
+    if !allowed && !learning {
         return Some(refuse(inner, agent, &query, transport));
     }
     let servfail = |why: &str| {
@@ -499,6 +517,15 @@ async fn handle(
         .iter()
         .map(|&(ip, ttl)| (ip, Duration::from_secs(u64::from(ttl)).clamp(min, max)))
         .collect();
+    if learning {
+        report(inner, agent, &query, transport, "dns_would_deny");
+        inner.learned.count(agent.id, DNS_WOULD_DENY);
+        let max_ttl = u32::try_from(max.as_secs()).unwrap_or(u32::MAX);
+        return match message::reply(answer.message, query.message.metadata.id, max_ttl) {
+            Ok(reply) => Some(reply),
+            Err(e) => servfail(&format!("building the reply: {e}")),
+        };
+    }
     // Written into the kernel before the agent can see the answer: its first connect to an
     // address it learned is judged with that address in place.
     match inner
@@ -524,6 +551,13 @@ async fn handle(
 /// REFUSED for a name no rule allows: counted, and audited within the agent's audit rate.
 fn refuse(inner: &Inner, agent: &AgentDns, query: &Query, transport: Transport) -> Vec<u8> {
     inner.learned.count(agent.id, DNS_DENIED);
+    report(inner, agent, query, transport, "dns_denied");
+    message::error_reply(&query.message, ResponseCode::Refused)
+}
+
+/// Audits a name no rule allows as `kind` (`dns_denied`, `dns_would_deny`), within the agent's
+/// audit rate; beyond it, counted for the once-a-second summary.
+fn report(inner: &Inner, agent: &AgentDns, query: &Query, transport: Transport, kind: &str) {
     let second = ktime_ns() / 1_000_000_000;
     let write = {
         let mut w = lock(&agent.window);
@@ -543,7 +577,7 @@ fn refuse(inner: &Inner, agent: &AgentDns, query: &Query, transport: Transport) 
     if write {
         inner.audit.record(
             &agent.name,
-            "dns_denied",
+            kind,
             json!({
                 "name": query.name,
                 "qtype": query.qtype.to_string(),
@@ -551,7 +585,6 @@ fn refuse(inner: &Inner, agent: &AgentDns, query: &Query, transport: Transport) 
             }),
         );
     }
-    message::error_reply(&query.message, ResponseCode::Refused)
 }
 
 /// A query id nobody on the path can predict from the agent's (the agent cannot forge an

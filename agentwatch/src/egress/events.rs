@@ -3,7 +3,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use agentwatch_common::{
-    EVENT_EGRESS_CAPPED, EVENT_EGRESS_DENIED, EgressEvent, HOOK_CONNECT, PROTO_TCP, PROTO_UDP,
+    EVENT_EGRESS_CAPPED, EVENT_EGRESS_DENIED, EVENT_EGRESS_WOULD_DENY, EgressEvent, HOOK_CONNECT,
+    PROTO_TCP, PROTO_UDP,
 };
 use serde_json::json;
 
@@ -53,7 +54,8 @@ impl EgressAttempt {
 
 /// Decodes an egress record (`kind` is its first word); None for other kinds.
 pub fn decode(kind: u32, bytes: &[u8]) -> Option<EgressAttempt> {
-    if kind != EVENT_EGRESS_DENIED && kind != EVENT_EGRESS_CAPPED {
+    if kind != EVENT_EGRESS_DENIED && kind != EVENT_EGRESS_CAPPED && kind != EVENT_EGRESS_WOULD_DENY
+    {
         return None;
     }
     read_record::<EgressEvent>(bytes).map(|e| egress(&e))
@@ -72,10 +74,10 @@ pub fn dest_addr(family: u8, addr: [u8; 16], port: u16) -> SocketAddr {
 
 fn egress(e: &EgressEvent) -> EgressAttempt {
     EgressAttempt {
-        kind: if e.kind == EVENT_EGRESS_CAPPED {
-            "egress_capped"
-        } else {
-            "egress_denied"
+        kind: match e.kind {
+            EVENT_EGRESS_CAPPED => "egress_capped",
+            EVENT_EGRESS_WOULD_DENY => "egress_would_deny",
+            _ => "egress_denied",
         },
         agent_id: e.agent,
         tid: e.pid,
