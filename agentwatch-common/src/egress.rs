@@ -95,8 +95,10 @@ impl RuleValue {
     }
 }
 
-/// Per-agent counters, one copy per CPU; userspace sums them. Fields only grow at the end, in
-/// place of `_reserved`, so pinned maps of an older daemon stay readable.
+/// Per-agent counters, one copy per CPU; userspace sums them. Fields grow at the end, in place
+/// of `_reserved`, so pinned maps of an older daemon stay readable. (The `would_deny` verdict
+/// widened `egress`: pins made before it have another size and are refused as incompatible;
+/// `agentwatch run --cleanup` removes them.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AgentCounters {
