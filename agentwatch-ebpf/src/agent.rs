@@ -45,6 +45,14 @@ pub fn current_agent() -> Option<AgentState> {
 /// escape check name agents by that key, which outlives a reuse of the agent id.
 #[inline(always)]
 pub fn current_agent_key() -> Option<(u64, AgentState)> {
+    // SAFETY: helper without pointer arguments.
+    agent_among_ancestors(|level| unsafe { bpf_get_current_ancestor_cgroup_id(level) })
+}
+
+/// The agent whose cgroup is among the ancestors `ancestor(level)` names (the calling task's,
+/// or a packet's socket's), looked up only at the levels where agents sit.
+#[inline(always)]
+pub fn agent_among_ancestors(ancestor: impl Fn(i32) -> u64) -> Option<(u64, AgentState)> {
     let (min, max) = match SETTINGS.get(0) {
         Some(s) if s.max_level > 0 => (s.min_level as i32, s.max_level as i32),
         _ => return None,
@@ -52,8 +60,7 @@ pub fn current_agent_key() -> Option<(u64, AgentState)> {
     let mut level = min;
     let mut steps = 0;
     while level <= max && steps < MAX_CGROUP_DEPTH {
-        // SAFETY: helper without pointer arguments.
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        let id = ancestor(level);
         if id == 0 {
             break;
         }

@@ -4,18 +4,19 @@
 //! sockets send and, with a byte cap, drops what goes over it (telling TCP it met congestion,
 //! so it slows down rather than retransmitting into the cap).
 
-use core::intrinsics::{AtomicOrdering, atomic_cxchg};
-
-use agentwatch_common::{ByteCap, MAX_AGENTS, MAX_CGROUP_DEPTH};
+use agentwatch_common::{ByteCap, MAX_AGENTS};
 use aya_ebpf::{
     bindings::__sk_buff,
-    helpers::generated::{bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id},
+    helpers::generated::bpf_skb_ancestor_cgroup_id,
     macros::{cgroup_skb, map},
     maps::Array,
     programs::SkBuffContext,
 };
 
-use crate::agent::{AGENTS, SETTINGS, counters};
+use crate::{
+    agent::{agent_among_ancestors, counters},
+    egress::gcra_over,
+};
 
 /// Agent id -> its byte cap.
 #[map]
@@ -47,26 +48,9 @@ pub fn bytes_egress(ctx: SkBuffContext) -> i32 {
 /// often sent from softirq context, so the socket's cgroup counts, not the current task's.
 #[inline(always)]
 fn agent_of(skb: *mut __sk_buff) -> Option<u32> {
-    let (min, max) = match SETTINGS.get(0) {
-        Some(s) if s.max_level > 0 => (s.min_level as i32, s.max_level as i32),
-        _ => return None,
-    };
-    let mut level = min;
-    let mut steps = 0;
-    while level <= max && steps < MAX_CGROUP_DEPTH {
-        // SAFETY: the context pointer is what the kernel handed this program.
-        let id = unsafe { bpf_skb_ancestor_cgroup_id(skb.cast(), level) };
-        if id == 0 {
-            break;
-        }
-        // SAFETY: AGENTS values are plain integers copied out at once.
-        if let Some(state) = unsafe { AGENTS.get(id) } {
-            return Some(state.id);
-        }
-        level += 1;
-        steps += 1;
-    }
-    None
+    // SAFETY: the context pointer is what the kernel handed this program.
+    agent_among_ancestors(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb.cast(), level) })
+        .map(|(_, state)| state.id)
 }
 
 /// GCRA on agent `id`'s byte cap with a cost of `len` bytes; takes them if under the cap.
@@ -75,36 +59,12 @@ fn over_cap(id: u32, len: u64) -> bool {
     let Some(cap) = BYTE_CAPS.get_ptr_mut(id) else {
         return false;
     };
-    // SAFETY: a valid map value; only the atomic below writes `tat_ns` concurrently.
+    // SAFETY: a valid map value; only `gcra_over`'s atomic writes `tat_ns` concurrently.
     let (ps_per_byte, tolerance) = unsafe { ((*cap).ps_per_byte, (*cap).tolerance_ns) };
     if ps_per_byte == 0 {
         return false;
     }
-    let cost = len * ps_per_byte / 1000;
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: an aligned u64 inside the map value, which outlives this call.
     let tat = unsafe { &raw mut (*cap).tat_ns };
-    let mut tries = 0;
-    while tries < 4 {
-        // SAFETY: see above.
-        let old = unsafe { core::ptr::read_volatile(tat) };
-        let base = if old > now { old } else { now };
-        if base - now > tolerance {
-            return true;
-        }
-        // SAFETY: as above.
-        let (_, swapped) = unsafe {
-            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::Relaxed }>(
-                tat,
-                old,
-                base + cost,
-            )
-        };
-        if swapped {
-            return false;
-        }
-        tries += 1;
-    }
-    true
+    gcra_over(tat, len * ps_per_byte / 1000, tolerance)
 }

@@ -227,17 +227,26 @@ fn over_cap(cap: *mut Cap) -> bool {
     if interval == 0 {
         return false;
     }
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: tat_ns is an aligned u64 inside the map value, which outlives this call.
     let tat = unsafe { &raw mut (*cap).tat_ns };
+    gcra_over(tat, interval, tolerance)
+}
+
+/// One GCRA step on the theoretical arrival time `tat`: over the limit if it runs more than
+/// `tolerance` ns ahead of now; otherwise takes `cost` ns of it. Shared by the call caps and
+/// the byte cap (where the cost is the packet's length in time).
+#[inline(always)]
+pub fn gcra_over(tat: *mut u64, cost: u64, tolerance: u64) -> bool {
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     // A few attempts under contention; if every one loses the race, refuse (fail closed).
     // core's AtomicU64 has no compare_exchange on the BPF target (its spec predates ISA v3's
     // cmpxchg), so the intrinsic is used directly (the kernel runs BPF_CMPXCHG from 5.12).
     let mut tries = 0;
     while tries < 4 {
-        // SAFETY: see above. An aligned 64-bit load is single-copy atomic on every JIT; the
-        // BPF backend has no "atomic load" below ISA v4, so it is a volatile read.
+        // SAFETY: the caller's `tat` is an aligned u64 in a map value. An aligned 64-bit load
+        // is single-copy atomic on every JIT; the BPF backend has no "atomic load" below ISA
+        // v4, so it is a volatile read.
         let old = unsafe { core::ptr::read_volatile(tat) };
         let base = if old > now { old } else { now };
         if base - now > tolerance {
@@ -248,7 +257,7 @@ fn over_cap(cap: *mut Cap) -> bool {
             atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::Relaxed }>(
                 tat,
                 old,
-                base + interval,
+                base + cost,
             )
         };
         if swapped {
