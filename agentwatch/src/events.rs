@@ -38,12 +38,13 @@ pub fn decode(bytes: &[u8]) -> Event {
         })
 }
 
-/// Converts a CLOCK_MONOTONIC timestamp of the kernel to wall-clock time.
+/// Converts a CLOCK_MONOTONIC time (a kernel timestamp, or a deadline ahead) to wall-clock time.
 pub fn wall_time(ts_ns: u64) -> time::OffsetDateTime {
-    let mono_now = i128::from(crate::bpf::ktime_ns());
-    let age = (mono_now - i128::from(ts_ns)).max(0);
-    let wall = time::OffsetDateTime::now_utc();
-    wall - time::Duration::nanoseconds(i64::try_from(age).unwrap_or(0))
+    let now = crate::bpf::ktime_ns();
+    let ahead = i64::try_from(ts_ns.saturating_sub(now)).unwrap_or(i64::MAX);
+    let behind = i64::try_from(now.saturating_sub(ts_ns)).unwrap_or(i64::MAX);
+    time::OffsetDateTime::now_utc() + time::Duration::nanoseconds(ahead)
+        - time::Duration::nanoseconds(behind)
 }
 
 #[cfg(test)]

@@ -48,12 +48,3 @@ pub fn deadline_in(length: Duration) -> u64 {
 pub fn seconds_left(deadline: u64) -> f64 {
     deadline.saturating_sub(ktime_ns()) as f64 / 1e9
 }
-
-/// The wall-clock time of a CLOCK_MONOTONIC `deadline` (for the audit trail).
-pub fn wall_time(deadline: u64) -> time::OffsetDateTime {
-    let now = ktime_ns();
-    let ahead = i64::try_from(deadline.saturating_sub(now)).unwrap_or(i64::MAX);
-    let behind = i64::try_from(now.saturating_sub(deadline)).unwrap_or(i64::MAX);
-    time::OffsetDateTime::now_utc() + time::Duration::nanoseconds(ahead)
-        - time::Duration::nanoseconds(behind)
-}

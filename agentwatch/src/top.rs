@@ -28,18 +28,11 @@ use ratatui::{
 };
 use serde_json::Value;
 
-use crate::control::{self, Request};
+use crate::{
+    breaker::{SIGNALS, Signal},
+    control::{self, Request},
+};
 
-/// The signals the breaker judges, in the order the status rows give them.
-const SIGNALS: [&str; 7] = [
-    "connects",
-    "sends",
-    "syscalls",
-    "execs",
-    "denied",
-    "destinations",
-    "bytes",
-];
 /// Rates kept per agent and signal for the sparklines (one per refresh).
 const HISTORY: usize = 60;
 /// Audit lines shown.
@@ -82,7 +75,7 @@ struct App {
     rows: Vec<Value>,
     events: Vec<Value>,
     /// agent -> signal -> recent rates.
-    history: BTreeMap<String, [VecDeque<u64>; SIGNALS.len()]>,
+    history: BTreeMap<String, [VecDeque<u64>; SIGNALS]>,
     table: TableState,
     pending: Option<(Action, String)>,
     message: String,
@@ -107,7 +100,7 @@ impl App {
                 for r in &self.rows {
                     let name = r["name"].as_str().unwrap_or_default().to_owned();
                     let h = self.history.entry(name).or_default();
-                    for (i, s) in SIGNALS.iter().enumerate() {
+                    for (i, s) in Signal::ALL.map(Signal::name).iter().enumerate() {
                         // Sparklines draw integers: keep tenths, so slow signals still show.
                         let rate = r["rates"][s].as_f64().unwrap_or(0.0);
                         h[i].push_back((rate * 10.0).round() as u64);
@@ -191,7 +184,7 @@ impl App {
         let [head, table, detail, events, foot] = Layout::vertical([
             Constraint::Length(1),
             Constraint::Min(5),
-            Constraint::Length(SIGNALS.len() as u16 + 2),
+            Constraint::Length(SIGNALS as u16 + 2),
             Constraint::Length(EVENTS as u16 + 2),
             Constraint::Length(1),
         ])
@@ -303,8 +296,8 @@ impl App {
         ));
         let inner = block.inner(area);
         f.render_widget(block, area);
-        let lines = Layout::vertical([Constraint::Length(1); SIGNALS.len()]).split(inner);
-        for (i, s) in SIGNALS.iter().enumerate() {
+        let lines = Layout::vertical([Constraint::Length(1); SIGNALS]).split(inner);
+        for (i, s) in Signal::ALL.map(Signal::name).iter().enumerate() {
             let [label, spark] =
                 Layout::horizontal([Constraint::Length(48), Constraint::Min(10)]).areas(lines[i]);
             let rate = row["rates"][s].as_f64().unwrap_or(0.0);

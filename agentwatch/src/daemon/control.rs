@@ -211,7 +211,7 @@ impl State {
         if self.swept.lease_reopened(agent) && action == Some(LeaseAction::Freeze) {
             cg.set_frozen(false).map_err(|e| e.to_string())?;
         }
-        let until = crate::audit::rfc3339(crate::lease::wall_time(deadline));
+        let until = crate::audit::rfc3339(crate::events::wall_time(deadline));
         tracing::info!(agent, actor_uid = uid, %until, "egress lease extended");
         self.audit_agent(
             agent,

@@ -512,36 +512,37 @@ async fn handle(
         Err(e) => return servfail(&format!("upstream {upstream}: {e}")),
     };
     let (min, max) = (inner.settings.min_ttl, inner.settings.max_ttl);
-    let addrs: Vec<(IpAddr, Duration)> = answer
-        .addrs
-        .iter()
-        .map(|&(ip, ttl)| (ip, Duration::from_secs(u64::from(ttl)).clamp(min, max)))
-        .collect();
     if learning {
         report(inner, agent, &query, transport, "dns_would_deny");
-        inner.learned.count(agent.id, DNS_WOULD_DENY);
-        let max_ttl = u32::try_from(max.as_secs()).unwrap_or(u32::MAX);
-        return match message::reply(answer.message, query.message.metadata.id, max_ttl) {
-            Ok(reply) => Some(reply),
-            Err(e) => servfail(&format!("building the reply: {e}")),
-        };
-    }
-    // Written into the kernel before the agent can see the answer: its first connect to an
-    // address it learned is judged with that address in place.
-    match inner
-        .learned
-        .admit(agent.id, &query.name, &addrs, ktime_ns())
-    {
-        Ok(true) => {}
-        // The rules changed while upstream answered: judged by the rules in force now.
-        Ok(false) => return Some(refuse(inner, agent, &query, transport)),
-        Err(e) => return servfail(&format!("writing the learned addresses: {e}")),
+    } else {
+        let addrs: Vec<(IpAddr, Duration)> = answer
+            .addrs
+            .iter()
+            .map(|&(ip, ttl)| (ip, Duration::from_secs(u64::from(ttl)).clamp(min, max)))
+            .collect();
+        // Written into the kernel before the agent can see the answer: its first connect to an
+        // address it learned is judged with that address in place.
+        match inner
+            .learned
+            .admit(agent.id, &query.name, &addrs, ktime_ns())
+        {
+            Ok(true) => {}
+            // The rules changed while upstream answered: judged by the rules in force now.
+            Ok(false) => return Some(refuse(inner, agent, &query, transport)),
+            Err(e) => return servfail(&format!("writing the learned addresses: {e}")),
+        }
     }
     let max_ttl = u32::try_from(max.as_secs()).unwrap_or(u32::MAX);
+    let addrs = answer.addrs.len();
     match message::reply(answer.message, query.message.metadata.id, max_ttl) {
         Ok(reply) => {
-            inner.learned.count(agent.id, DNS_ALLOWED);
-            tracing::debug!(agent = %agent.name, name = %query.name, addrs = addrs.len(), "DNS answer allowed");
+            let verdict = if learning {
+                DNS_WOULD_DENY
+            } else {
+                DNS_ALLOWED
+            };
+            inner.learned.count(agent.id, verdict);
+            tracing::debug!(agent = %agent.name, name = %query.name, addrs, learning, "DNS answer");
             Some(reply)
         }
         Err(e) => servfail(&format!("building the reply: {e}")),
