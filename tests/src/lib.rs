@@ -607,3 +607,39 @@ impl Drop for DaemonEnv {
 
 /// CLOCK_MONOTONIC in nanoseconds (the clock of the kernel's event timestamps).
 pub use agentwatch::bpf::ktime_ns as monotonic_ns;
+
+/// Polls `f` every 10 ms until it holds; fails the test after `timeout`, naming `what`.
+#[track_caller]
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Sleeps until `at` (at once if it passed).
+pub fn sleep_until(at: Instant) {
+    if let Some(d) = at.checked_duration_since(Instant::now()) {
+        std::thread::sleep(d);
+    }
+}
+
+/// A TCP listener on `addr` (port 0: one the kernel picks) and its port.
+pub fn tcp_listener(addr: &str) -> (std::net::TcpListener, u16) {
+    let l = std::net::TcpListener::bind(addr).expect(addr);
+    let port = l.local_addr().expect("local_addr").port();
+    (l, port)
+}
+
+/// A TCP listener on loopback that accepts and drops every connection (its backlog never
+/// fills); its port.
+pub fn accepting() -> u16 {
+    let (l, port) = tcp_listener("127.0.0.1:0");
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            drop(c);
+        }
+    });
+    port
+}

@@ -4,7 +4,7 @@
 
 use std::{
     fs,
-    net::{TcpListener, UdpSocket},
+    net::UdpSocket,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -12,18 +12,7 @@ use std::{
 use agentwatch::cgroup::Cgroup;
 use agentwatch_common::burst_of;
 use agentwatch_tests::{DaemonEnv, privileged, probe_bin};
-
-/// A TCP listener on loopback that accepts and drops every connection (the backlog never fills).
-fn accepting() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            drop(c);
-        }
-    });
-    port
-}
+use agentwatch_tests::{accepting, wait_until};
 
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -62,14 +51,6 @@ fn pace(
 fn metric(env: &DaemonEnv, series: &str) -> f64 {
     env.metric(series)
         .unwrap_or_else(|| panic!("no {series} in:\n{}", env.metrics()))
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]

@@ -4,12 +4,13 @@
 
 use std::{
     fs,
-    net::{TcpListener, UdpSocket},
+    net::UdpSocket,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use agentwatch::cgroup::Cgroup;
+use agentwatch_tests::tcp_listener;
 use agentwatch_tests::{
     DaemonEnv, EPERM, TempDir, agentwatch_bin, one, parse_attempts, privileged, probe, probe_bin,
 };
@@ -19,12 +20,6 @@ fn agentwatch(args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .expect("running agentwatch")
-}
-
-fn listener() -> (TcpListener, u16) {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let p = l.local_addr().expect("addr").port();
-    (l, p)
 }
 
 fn stderr(o: &std::process::Output) -> String {
@@ -112,8 +107,8 @@ fn check_reports_each_error_with_line_and_column() {
 #[test]
 fn launch_runs_in_the_agent_denials_are_audited_and_cleanup_removes_everything() {
     privileged!();
-    let (_a, allowed) = listener();
-    let (_b, denied) = listener();
+    let (_a, allowed) = tcp_listener("127.0.0.1:0");
+    let (_b, denied) = tcp_listener("127.0.0.1:0");
     let mut env = DaemonEnv::new();
     env.write_config(&one_agent("e2e", &[format!("tcp 127.0.0.1 {allowed}")]));
     env.start();
@@ -213,7 +208,7 @@ fn launch_runs_in_the_agent_denials_are_audited_and_cleanup_removes_everything()
 #[test]
 fn reload_under_load_never_gives_a_wrong_verdict() {
     privileged!();
-    let (tcp, good) = listener();
+    let (tcp, good) = tcp_listener("127.0.0.1:0");
     // Accept and drop every connection, so the backlog never fills during the run.
     std::thread::spawn(move || {
         for conn in tcp.incoming() {
@@ -221,7 +216,7 @@ fn reload_under_load_never_gives_a_wrong_verdict() {
         }
     });
     let udp = UdpSocket::bind(("127.0.0.1", good)).expect("udp on the same port");
-    let (_b, bad) = listener();
+    let (_b, bad) = tcp_listener("127.0.0.1:0");
     let _udp_bad = UdpSocket::bind(("127.0.0.1", bad)).expect("udp bad");
     let mut env = DaemonEnv::new();
     // Both policies allow `good` and deny `bad`, through differently shaped rules, so a
@@ -297,8 +292,8 @@ fn reload_under_load_never_gives_a_wrong_verdict() {
 #[test]
 fn a_rejected_reload_changes_nothing() {
     privileged!();
-    let (_a, allowed) = listener();
-    let (_b, denied) = listener();
+    let (_a, allowed) = tcp_listener("127.0.0.1:0");
+    let (_b, denied) = tcp_listener("127.0.0.1:0");
     let mut env = DaemonEnv::new();
     env.write_config(&one_agent("steady", &[format!("tcp 127.0.0.1 {allowed}")]));
     env.start();
@@ -371,7 +366,7 @@ fn a_rejected_reload_changes_nothing() {
 #[test]
 fn reload_adds_and_removes_agents_and_follows_file_edits_and_sighup() {
     privileged!();
-    let (_a, port) = listener();
+    let (_a, port) = tcp_listener("127.0.0.1:0");
     let mut env = DaemonEnv::new();
     env.write_config(&one_agent("first", &[]));
     env.start();
@@ -432,8 +427,8 @@ fn reload_adds_and_removes_agents_and_follows_file_edits_and_sighup() {
 #[test]
 fn sigkill_keeps_enforcement_and_a_restart_readopts_without_a_gap() {
     privileged!();
-    let (_a, allowed) = listener();
-    let (_b, denied) = listener();
+    let (_a, allowed) = tcp_listener("127.0.0.1:0");
+    let (_b, denied) = tcp_listener("127.0.0.1:0");
     let mut env = DaemonEnv::new();
     env.write_config(&one_agent("sturdy", &[format!("tcp 127.0.0.1 {allowed}")]));
     env.start();
@@ -518,7 +513,7 @@ fn read_counter(path: &std::path::Path) -> u64 {
 #[test]
 fn freeze_thaw_and_kill_switch() {
     privileged!();
-    let (_a, port) = listener();
+    let (_a, port) = tcp_listener("127.0.0.1:0");
     let mut env = DaemonEnv::new();
     env.write_config(&one_agent("worker", &[format!("tcp 127.0.0.1 {port}")]));
     env.start();

@@ -22,6 +22,7 @@ use agentwatch_tests::{
     },
     one, parse_attempts, privileged, probe_bin,
 };
+use agentwatch_tests::{sleep_until, wait_until};
 use hickory_proto::rr::RecordType;
 
 /// The resolver address the agents ask: nothing listens there; only the redirect answers.
@@ -218,21 +219,6 @@ fn learned_metric(env: &DaemonEnv, agent: &str) -> Option<f64> {
     env.metric(&format!(
         "agentwatch_dns_learned_addresses{{agent=\"{agent}\"}}"
     ))
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Sleeps until `at`.
-fn sleep_until(at: Instant) {
-    if let Some(d) = at.checked_duration_since(Instant::now()) {
-        std::thread::sleep(d);
-    }
 }
 
 fn q(name: &str, t: RecordType) -> (String, RecordType) {

@@ -13,6 +13,7 @@ use agentwatch::{
 use agentwatch_common::{
     AgentCounters, PROTO_TCP, PROTO_UDP, VERDICT_ALLOWED, VERDICT_DENIED, egress_slot,
 };
+use agentwatch_tests::tcp_listener;
 use agentwatch_tests::{
     EPERM, NetNsGuard, TestCgroup, one, parse_attempts, privileged, probe, probe_bin, read_events,
     run_probe,
@@ -21,12 +22,6 @@ use agentwatch_tests::{
 fn rules(list: &[&str]) -> CompiledRules {
     let parsed: Vec<Rule> = list.iter().map(|r| r.parse().expect(r)).collect();
     compile(&parsed).expect("compiling rules")
-}
-
-fn tcp_listener(addr: &str) -> (TcpListener, u16) {
-    let l = TcpListener::bind(addr).expect(addr);
-    let port = l.local_addr().expect("local_addr").port();
-    (l, port)
 }
 
 fn count(c: &AgentCounters, proto: u8, verdict: u8) -> u64 {

@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use agentwatch_tests::wait_until;
 use agentwatch_tests::{DaemonEnv, EPERM, TestCgroup, parse_attempts, privileged, probe_bin};
 
 /// aw-probe moved into `cgroup` running `args`, to completion, whatever its exit.
@@ -75,14 +76,6 @@ fn wait_dead(child: &mut Child) -> ExitStatus {
 
 fn one_agent(name: &str, port: u16) -> String {
     format!("[[agents]]\nname = \"{name}\"\negress = [\"udp 127.0.0.1 {port}\"]\n")
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn of_kind(env: &DaemonEnv, kind: &str, n: usize) -> Vec<serde_json::Value> {

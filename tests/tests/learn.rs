@@ -3,25 +3,20 @@
 //! (`egress_would_deny`); DNS names no rule allows are answered and audited (`dns_would_deny`).
 //! Caps, the exec allow-list, the escape guards and the kill switch still hold.
 
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::Ipv4Addr;
 
+use agentwatch_tests::tcp_listener;
 use agentwatch_tests::{
     DaemonEnv, EPERM,
     dns::{Rdata, TestDnsServer, parse_lookups, rec, start_daemon},
     one, parse_attempts, privileged, probe, probe_bin,
 };
 
-fn listener() -> (TcpListener, u16) {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    (l, port)
-}
-
 #[test]
 fn learn_mode_denies_nothing_the_allow_list_would_and_reports_each() {
     privileged!();
-    let (_a, allowed) = listener();
-    let (_b, unlisted) = listener();
+    let (_a, allowed) = tcp_listener("127.0.0.1:0");
+    let (_b, unlisted) = tcp_listener("127.0.0.1:0");
     let probe_path = probe_bin();
     let mut env = DaemonEnv::new();
     env.write_config(&format!(
@@ -105,7 +100,7 @@ fn learn_mode_denies_nothing_the_allow_list_would_and_reports_each() {
 #[test]
 fn learn_mode_answers_names_no_rule_allows_and_reports_them() {
     privileged!();
-    let (_l, port) = listener();
+    let (_l, port) = tcp_listener("127.0.0.1:0");
     let server = TestDnsServer::start([
         rec(
             "api.agentwatch.test",

@@ -3,13 +3,13 @@
 //! reload that changes the lease starts it again.
 
 use std::{
-    net::TcpListener,
     path::Path,
     process::Stdio,
     time::{Duration, Instant},
 };
 
 use agentwatch_tests::{DaemonEnv, EPERM, one, parse_attempts, privileged, probe};
+use agentwatch_tests::{sleep_until, tcp_listener, wait_until};
 
 /// `agentwatch launch` a TCP connect to 127.0.0.1:`port` in `agent`: (ok, errno).
 fn connect(env: &DaemonEnv, agent: &str, port: u16) -> (bool, i32) {
@@ -27,30 +27,10 @@ fn connect_direct(cgroup: &Path, port: u16) -> (bool, i32) {
     (a.ok, a.errno)
 }
 
-fn sleep_until(at: Instant) {
-    if let Some(d) = at.checked_duration_since(Instant::now()) {
-        std::thread::sleep(d);
-    }
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn listener() -> (TcpListener, u16) {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    (l, port)
-}
-
 #[test]
 fn a_lease_ends_egress_in_the_kernel_even_with_the_daemon_down_and_extend_reopens_it() {
     privileged!();
-    let (_l, port) = listener();
+    let (_l, port) = tcp_listener("127.0.0.1:0");
     let mut env = DaemonEnv::new();
     env.write_config(&format!(
         "[[agents]]\nname = \"worker\"\negress = [\"tcp 127.0.0.1 {port}\"]\nlease = \"3s\"\n"
@@ -151,7 +131,7 @@ fn a_lease_ends_egress_in_the_kernel_even_with_the_daemon_down_and_extend_reopen
 #[test]
 fn lease_action_freeze_and_kill_stop_the_agent_and_extend_thaws_a_frozen_one() {
     privileged!();
-    let (_l, port) = listener();
+    let (_l, port) = tcp_listener("127.0.0.1:0");
     let mut env = DaemonEnv::new();
     env.write_config(&format!(
         "[[agents]]\nname = \"frz\"\negress = [\"tcp 127.0.0.1 {port}\"]\nlease = \"2s\"\n\

@@ -14,7 +14,7 @@ use std::{
     net::{Ipv4Addr, TcpListener, UdpSocket},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use agentwatch_tests::{
@@ -27,6 +27,7 @@ use agentwatch_tests::{
     },
     run_probe,
 };
+use agentwatch_tests::{accepting, wait_until};
 use serde_json::Value;
 
 /// The name the resolving agent's hostname rule allows, and one no rule allows.
@@ -88,26 +89,6 @@ fn run(cmd: &mut Command) -> Output {
     let shown = format!("{cmd:?}");
     cmd.output()
         .unwrap_or_else(|e| panic!("running {shown}: {e}"))
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A TCP listener on loopback that accepts and drops every connection.
-fn accepting() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            drop(c);
-        }
-    });
-    port
 }
 
 /// A loopback port nothing listens on (denied before it matters).
