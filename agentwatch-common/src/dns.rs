@@ -68,9 +68,10 @@ pub struct DnsValue {
 }
 
 impl DnsValue {
-    /// Does some unexpired range admit `port` for protocol index `proto` at `now_ns`?
+    /// The first unexpired range's rule that admits `port` for protocol index `proto` at
+    /// `now_ns`, if any.
     #[inline(always)]
-    pub fn admits(&self, proto: u8, port: u16, now_ns: u64) -> bool {
+    pub fn admitting_rule(&self, proto: u8, port: u16, now_ns: u64) -> Option<u64> {
         let bit = 1u8 << (proto & 7);
         let mut i = 0;
         while i < DNS_RANGES {
@@ -79,11 +80,17 @@ impl DnsValue {
             }
             let r = &self.ranges[i];
             if r.protos & bit != 0 && r.lo <= port && port <= r.hi && now_ns < r.expires_ns {
-                return true;
+                return Some(r.rule);
             }
             i += 1;
         }
-        false
+        None
+    }
+
+    /// Does some unexpired range admit `port` for protocol index `proto` at `now_ns`?
+    #[inline(always)]
+    pub fn admits(&self, proto: u8, port: u16, now_ns: u64) -> bool {
+        self.admitting_rule(proto, port, now_ns).is_some()
     }
 }
 

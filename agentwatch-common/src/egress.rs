@@ -61,8 +61,9 @@ pub struct PortRange {
     /// `PROTO_BIT_*` set.
     pub protos: u8,
     pub _pad: [u8; 3],
-    /// Index of the config rule this range came from (for per-rule counters).
-    pub rule: u32,
+    /// Identity of the config rule this range came from (from its text): the kernel counts
+    /// the calls it admits under this id (`RULE_HITS`).
+    pub rule: u64,
 }
 
 /// Value of a rule trie entry: everything allowed towards the destinations under its prefix.
@@ -76,9 +77,11 @@ pub struct RuleValue {
 }
 
 impl RuleValue {
-    /// Does this value admit `port` for protocol index `proto`?
+    /// The rule that admits `port` for protocol index `proto`, if any: the first range that
+    /// matches. The compiler orders ranges most specific first (longest prefix, then fewest
+    /// ports, then fewest protocols), so that rule is the one a call is counted under.
     #[inline(always)]
-    pub fn admits(&self, proto: u8, port: u16) -> bool {
+    pub fn admitting_rule(&self, proto: u8, port: u16) -> Option<u64> {
         let bit = 1u8 << (proto & 7);
         let mut i = 0;
         while i < MAX_PORT_RANGES {
@@ -87,18 +90,24 @@ impl RuleValue {
             }
             let r = &self.ranges[i];
             if r.protos & bit != 0 && r.lo <= port && port <= r.hi {
-                return true;
+                return Some(r.rule);
             }
             i += 1;
         }
-        false
+        None
+    }
+
+    /// Does this value admit `port` for protocol index `proto`?
+    #[inline(always)]
+    pub fn admits(&self, proto: u8, port: u16) -> bool {
+        self.admitting_rule(proto, port).is_some()
     }
 }
 
 /// Per-agent counters, one copy per CPU; userspace sums them. Fields grow at the end, in place
 /// of `_reserved`, so pinned maps of an older daemon stay readable. (The `would_deny` verdict
-/// widened `egress`: pins made before it have another size and are refused as incompatible;
-/// `agentwatch run --cleanup` removes them.)
+/// widened `egress`, and the per-rule and learn-mode counters widened it again: pins made before
+/// have another size and are refused as incompatible; `agentwatch run --cleanup` removes them.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AgentCounters {
@@ -141,6 +150,11 @@ pub struct AgentCounters {
     pub egress_bytes: u64,
     /// Outbound bytes dropped by the agent's byte cap.
     pub egress_bytes_dropped: u64,
+    /// Admitted calls whose rule could not be counted (`RULE_HITS` full).
+    pub rule_hits_lost: u64,
+    /// Destinations and execs of a learn-mode agent the kernel had no room to record
+    /// (`LEARN_DESTS` / `LEARN_EXECS` full): `agentwatch learn` says its proposal is partial.
+    pub learn_lost: u64,
     pub _reserved: [u64; 1],
 }
 
@@ -221,9 +235,9 @@ pub type SuppressedKey = DestKey;
 
 const _: () = assert!(core::mem::size_of::<RuleKeyV4>() == 8);
 const _: () = assert!(core::mem::size_of::<RuleKeyV6>() == 20);
-const _: () = assert!(core::mem::size_of::<PortRange>() == 12);
-const _: () = assert!(core::mem::size_of::<RuleValue>() == 8 + 12 * MAX_PORT_RANGES);
-const _: () = assert!(core::mem::size_of::<AgentCounters>() == 30 * 8);
+const _: () = assert!(core::mem::size_of::<PortRange>() == 16);
+const _: () = assert!(core::mem::size_of::<RuleValue>() == 8 + 16 * MAX_PORT_RANGES);
+const _: () = assert!(core::mem::size_of::<AgentCounters>() == 32 * 8);
 const _: () = assert!(core::mem::size_of::<EgressEvent>() == 64);
 const _: () = assert!(core::mem::offset_of!(EgressEvent, addr) == 40);
 const _: () = assert!(core::mem::offset_of!(EgressEvent, port) == 56);

@@ -8,12 +8,14 @@
 pub mod dns;
 pub mod egress;
 pub mod exec;
+pub mod learn;
 pub mod limits;
 pub mod sockets;
 
 pub use dns::*;
 pub use egress::*;
 pub use exec::*;
+pub use learn::*;
 pub use limits::*;
 pub use sockets::*;
 
@@ -116,6 +118,10 @@ mod pod {
     unsafe impl aya::Pod for super::DnsValue {}
     unsafe impl aya::Pod for super::DnsOrig {}
     unsafe impl aya::Pod for super::ByteCap {}
+    unsafe impl aya::Pod for super::RuleHitKey {}
+    unsafe impl aya::Pod for super::Seen {}
+    unsafe impl aya::Pod for super::LearnNameKey {}
+    unsafe impl aya::Pod for super::LearnName {}
 }
 
 const _: () = assert!(core::mem::size_of::<AgentState>() == 16);

@@ -104,9 +104,9 @@ pub fn redirect(ctx: &SockAddrContext, id: u32, proto: u8, v6_hook: bool, dest: 
     true
 }
 
-/// Does an address the forwarder learned for agent `id` admit this call now?
+/// The hostname rule whose learned address admits this call of agent `id` now, if any.
 #[inline(always)]
-pub fn learned_allows(id: u32, proto: u8, dest: &Dest) -> bool {
+pub fn learned_rule(id: u32, proto: u8, dest: &Dest) -> Option<u64> {
     let mut key = DnsKey {
         agent: id,
         family: if dest.v6 { 6 } else { 4 },
@@ -119,12 +119,10 @@ pub fn learned_allows(id: u32, proto: u8, dest: &Dest) -> bool {
         key.addr[..4].copy_from_slice(&dest.addr[..4]);
     }
     // SAFETY: the value is read at once; the daemon replaces values whole.
-    let Some(value) = (unsafe { DNS_ALLOW.get(key) }) else {
-        return false;
-    };
+    let value = unsafe { DNS_ALLOW.get(key) }?;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    value.admits(proto, dest.port, now)
+    value.admitting_rule(proto, dest.port, now)
 }
 
 #[cgroup_sock_addr(recvmsg4)]

@@ -9,21 +9,21 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 use agentwatch_common::{
     AGENT_FLAG_DENY_ALL, AGENT_FLAG_DNS, AGENT_FLAG_LEARN, AgentLimits, Cap, DestKey,
     EVENT_EGRESS_CAPPED, EVENT_EGRESS_DENIED, EVENT_EGRESS_WOULD_DENY, EgressEvent, HOOK_CONNECT,
-    HOOK_SENDMSG, MAX_AGENTS, PROTO_OTHER, PROTO_TCP, PROTO_UDP, RuleKeyV4, RuleKeyV6, RuleValue,
-    SCOPE_BITS, UNKNOWN_AGENT, VERDICT_ALLOWED, VERDICT_CAPPED, VERDICT_DENIED, VERDICT_WOULD_DENY,
-    egress_slot, rule_scope,
+    HOOK_SENDMSG, MAX_AGENTS, PROTO_OTHER, PROTO_TCP, PROTO_UDP, RuleHitKey, RuleKeyV4, RuleKeyV6,
+    RuleValue, SCOPE_BITS, UNKNOWN_AGENT, VERDICT_ALLOWED, VERDICT_CAPPED, VERDICT_DENIED,
+    VERDICT_WOULD_DENY, egress_slot, rule_scope,
 };
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_ktime_get_ns},
     macros::{cgroup_sock_addr, map},
-    maps::{Array, LpmTrie, LruHashMap, lpm_trie::Key},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuHashMap, lpm_trie::Key},
     programs::SockAddrContext,
 };
 
 use crate::{
     agent::{EVENTS, count_lost_event, counters, current_agent},
-    dns, lease,
+    dns, learn, lease,
 };
 
 /// Upper bound for rules across all agents and both generations; LPM tries allocate per entry
@@ -35,6 +35,12 @@ static RULES_V4: LpmTrie<RuleKeyV4, RuleValue> = LpmTrie::with_max_entries(MAX_R
 
 #[map]
 static RULES_V6: LpmTrie<RuleKeyV6, RuleValue> = LpmTrie::with_max_entries(MAX_RULES, 0);
+
+/// (agent, rule id) -> calls that rule admitted, per CPU (a hot rule is not a contended
+/// cache line). Allocated per entry: only rules that admitted something have one.
+#[map]
+static RULE_HITS: PerCpuHashMap<RuleHitKey, u64> =
+    PerCpuHashMap::with_max_entries(MAX_RULES, BPF_F_NO_PREALLOC);
 
 /// Per-agent hard caps (connects, sends, events per second), indexed by agent id.
 #[map]
@@ -144,19 +150,27 @@ fn judge(ctx: &SockAddrContext, hook: u8, v6_hook: bool) -> i32 {
     });
     // `learn`: the allow-list alone said no, and the agent is in learn mode: the call goes
     // through as a would-be denial. What holds an agent (kill switch, breaker, lease) never
-    // turns into a would-be denial.
-    let (allowed, learn) = match agent {
+    // turns into a would-be denial. `rule`: the rule that admitted the call (none for DNS
+    // sent to the forwarder: no rule of the agent's admits that).
+    let (allowed, learn, rule) = match agent {
         // A socket of an agent's cgroup used by a task outside every agent: fail closed.
-        None => (false, false),
+        None => (false, false, None),
         Some(state) => {
             if state.flags & AGENT_FLAG_DENY_ALL != 0 || lease::expired(state.id) {
-                (false, false)
+                (false, false, None)
+            } else if redirect {
+                (true, false, None)
             } else {
-                let admitted = redirect
-                    || allowed_by_rules(rule_scope(state.id, state.generation), proto, &dest)
-                    || (state.flags & AGENT_FLAG_DNS != 0
-                        && dns::learned_allows(state.id, proto, &dest));
-                (admitted, !admitted && state.flags & AGENT_FLAG_LEARN != 0)
+                let mut rule = admitting_rule(rule_scope(state.id, state.generation), proto, &dest);
+                if rule.is_none() && state.flags & AGENT_FLAG_DNS != 0 {
+                    rule = dns::learned_rule(state.id, proto, &dest);
+                }
+                let admitted = rule.is_some();
+                (
+                    admitted,
+                    !admitted && state.flags & AGENT_FLAG_LEARN != 0,
+                    rule,
+                )
             }
         }
     };
@@ -186,7 +200,17 @@ fn judge(ctx: &SockAddrContext, hook: u8, v6_hook: bool) -> i32 {
             c.sends += 1;
         }
     }
+    if let Some(state) = agent
+        && state.flags & AGENT_FLAG_LEARN != 0
+    {
+        // Every call a learn-mode agent makes, whatever its verdict: what it tried is as much
+        // part of its behaviour as what it reached.
+        learn::record_dest(&dest_key(id, proto, &dest), learn);
+    }
     if verdict == VERDICT_ALLOWED {
+        if let Some(rule) = rule {
+            count_rule_hit(id, rule);
+        }
         return ALLOW;
     }
     if verdict == VERDICT_WOULD_DENY {
@@ -268,8 +292,38 @@ pub fn gcra_over(tat: *mut u64, cost: u64, tolerance: u64) -> bool {
     true
 }
 
+/// Counts a call `rule` admitted for agent `agent`.
 #[inline(always)]
-fn allowed_by_rules(scope: u32, proto: u8, dest: &Dest) -> bool {
+fn count_rule_hit(agent: u32, rule: u64) {
+    let key = RuleHitKey {
+        agent,
+        _pad: 0,
+        rule,
+    };
+    if let Some(p) = RULE_HITS.get_ptr_mut(key) {
+        // SAFETY: this CPU's slot of a per-CPU value; nothing else writes it while we run.
+        unsafe { *p += 1 };
+        return;
+    }
+    // A per-CPU insert sets this CPU's slot and zeroes the others, so it cannot lose another
+    // CPU's count: if one inserted first, NOEXIST fails and this CPU's slot is counted below.
+    if RULE_HITS.insert(key, 1, BPF_NOEXIST as u64).is_ok() {
+        return;
+    }
+    match RULE_HITS.get_ptr_mut(key) {
+        // SAFETY: as above.
+        Some(p) => unsafe { *p += 1 },
+        None => {
+            if let Some(c) = counters(agent) {
+                c.rule_hits_lost += 1;
+            }
+        }
+    }
+}
+
+/// The rule of `scope`'s allow-list that admits this call, if any.
+#[inline(always)]
+fn admitting_rule(scope: u32, proto: u8, dest: &Dest) -> Option<u64> {
     let value = if dest.v6 {
         let key = Key::new(
             SCOPE_BITS + 128,
@@ -285,7 +339,7 @@ fn allowed_by_rules(scope: u32, proto: u8, dest: &Dest) -> bool {
         let key = Key::new(SCOPE_BITS + 32, RuleKeyV4 { scope, addr });
         RULES_V4.get(&key)
     };
-    value.is_some_and(|v| v.admits(proto, dest.port))
+    value.and_then(|v| v.admitting_rule(proto, dest.port))
 }
 
 #[inline(always)]

@@ -5,8 +5,8 @@
 //! single user instruction, whatever the daemon is doing.
 
 use agentwatch_common::{
-    AGENT_FLAG_EXEC_ALLOW, EVENT_EXEC, EVENT_EXEC_DENIED, EXEC_PATH_MAX, ExecEvent, ExecKey,
-    MAX_AGENTS,
+    AGENT_FLAG_EXEC_ALLOW, AGENT_FLAG_LEARN, EVENT_EXEC, EVENT_EXEC_DENIED, EXEC_PATH_MAX,
+    ExecEvent, ExecKey, MAX_AGENTS,
 };
 use aya_ebpf::{
     EbpfContext as _,
@@ -22,6 +22,7 @@ use aya_ebpf::{
 use crate::{
     agent::{BREAKER_TRIPS, EVENTS, count_lost_event, counters, current_agent, current_agent_key},
     egress::{CapKind, over_limit},
+    learn,
     sockets::TASKS,
 };
 
@@ -100,6 +101,9 @@ fn on_exec(ctx: &TracePointContext) {
     if !allowed {
         // SAFETY: signals the current task, which is the agent's exec'ing process.
         unsafe { bpf_send_signal(SIGKILL) };
+    }
+    if state.flags & AGENT_FLAG_LEARN != 0 {
+        learn::record_exec(key, !allowed);
     }
     if let Some(c) = counters(state.id) {
         if allowed {

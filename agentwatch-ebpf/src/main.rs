@@ -14,6 +14,7 @@ mod bytes;
 mod dns;
 mod egress;
 mod exec;
+mod learn;
 mod lease;
 mod sockets;
 mod syscalls;

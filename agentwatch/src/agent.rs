@@ -278,6 +278,7 @@ impl Agents {
                 self.kernel.reset_counters(id)?;
                 self.kernel.reset_trips(id)?;
                 self.kernel.dns.clear(id)?;
+                self.kernel.learn.forget_agent(id)?;
                 self.kernel.egress.write(rule_scope(id, 0), &policy.rules)?;
                 self.write_limits(id, &policy)?;
                 self.kernel
@@ -657,6 +658,7 @@ impl Agents {
         self.kernel.egress.clear_caps(id)?;
         self.kernel.bytes.write_cap(id, None)?;
         self.kernel.dns.clear(id)?;
+        self.kernel.learn.forget_agent(id)?;
         self.kernel.lease.set(id, None)?;
         self.kernel.reset_counters(id)?;
         self.kernel.reset_trips(id)

@@ -304,6 +304,12 @@ pub struct Agent {
     pub lease_action: LeaseAction,
     /// `mode = "learn"`.
     pub learn: bool,
+    /// Every `egress` rule as written (trimmed), by rule id: what metrics and `status --rules`
+    /// call the rule. One entry per id: a rule written twice is one rule.
+    pub rule_texts: Vec<(u64, String)>,
+    /// The agent's table as written, for `agentwatch learn` to carry its other settings into
+    /// the policy it proposes.
+    pub table: toml::Table,
 }
 
 /// A validated config.
@@ -423,7 +429,20 @@ impl Config {
                 });
             }
         };
-        let config = validate(raw, &mut c);
+        // The same text as plain tables (it parsed above, so this does too).
+        let tables = toml::from_str::<toml::Table>(text)
+            .ok()
+            .and_then(|mut t| match t.remove("agents") {
+                Some(toml::Value::Array(a)) => Some(a),
+                _ => None,
+            })
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| match v {
+                toml::Value::Table(t) => t,
+                _ => toml::Table::new(),
+            });
+        let config = validate(raw, tables, &mut c);
         if c.errors.is_empty() {
             Ok(config)
         } else {
@@ -440,7 +459,11 @@ impl Config {
     }
 }
 
-fn validate(raw: RawConfig, c: &mut Collector<'_>) -> Config {
+fn validate(
+    raw: RawConfig,
+    mut tables: impl Iterator<Item = toml::Table>,
+    c: &mut Collector<'_>,
+) -> Config {
     let daemon = raw.daemon;
     // The daemon table carries no spans; a bad parent is reported at the top of the file.
     if cgroup::check_relative(&daemon.cgroup_parent).is_err() {
@@ -509,6 +532,7 @@ fn validate(raw: RawConfig, c: &mut Collector<'_>) -> Config {
     let mut seen_cgroups: Vec<(String, Range<usize>)> = Vec::new();
     let mut agents = Vec::new();
     for a in raw.agents {
+        let table = tables.next().unwrap_or_default();
         let name = a.name.get_ref().clone();
         let name_span = a.name.span();
         if !valid_name(&name) {
@@ -557,10 +581,19 @@ fn validate(raw: RawConfig, c: &mut Collector<'_>) -> Config {
         seen_cgroups.push((cgroup.clone(), cg_span));
         let mut egress = Vec::new();
         let mut hostnames = HostRules::default();
+        let mut rule_texts: Vec<(u64, String)> = Vec::new();
         for r in &a.egress {
             match r.get_ref().parse::<EgressRule>() {
-                Ok(EgressRule::Net(rule)) => egress.push(rule),
-                Ok(EgressRule::Name(rule)) => hostnames.0.push(rule),
+                Ok(rule) => {
+                    let id = rule.id();
+                    if !rule_texts.iter().any(|(seen, _)| *seen == id) {
+                        rule_texts.push((id, r.get_ref().trim().to_owned()));
+                    }
+                    match rule {
+                        EgressRule::Net(rule) => egress.push(rule),
+                        EgressRule::Name(rule) => hostnames.0.push(rule),
+                    }
+                }
                 Err(e) => c.at(r.span(), format!("egress rule `{}`: {e}", r.get_ref())),
             }
         }
@@ -663,6 +696,8 @@ fn validate(raw: RawConfig, c: &mut Collector<'_>) -> Config {
             lease,
             lease_action: a.lease_action.unwrap_or_default(),
             learn: a.mode == Mode::Learn,
+            rule_texts,
+            table,
         });
     }
     Config { daemon, agents }

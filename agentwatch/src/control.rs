@@ -18,7 +18,11 @@ use serde_json::Value;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    Status,
+    Status {
+        /// Each agent's rules with the calls each admitted.
+        #[serde(default)]
+        rules: bool,
+    },
     Freeze {
         agent: String,
     },
@@ -47,6 +51,15 @@ pub enum Request {
     Extend {
         agent: String,
         seconds: u64,
+    },
+    /// Proposes `agent`'s least-privilege policy from what it did.
+    Learn {
+        agent: String,
+        /// Widen IPv4 addresses into networks of this length (when two or more share one).
+        #[serde(default)]
+        widen_v4: Option<u8>,
+        #[serde(default)]
+        widen_v6: Option<u8>,
     },
 }
 
@@ -182,7 +195,16 @@ mod tests {
         );
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"cmd":"status"}"#).unwrap(),
-            Request::Status
+            Request::Status { rules: false }
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"cmd":"learn","agent":"a","widen_v4":24}"#)
+                .unwrap(),
+            Request::Learn {
+                agent: "a".into(),
+                widen_v4: Some(24),
+                widen_v6: None
+            }
         );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
         let ok = serde_json::to_string(&Response::ok(serde_json::json!({"n": 1}))).unwrap();

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use agentwatch_common::{
     AgentCounters, AgentLimits, AgentState, ByteCap, DestKey, DnsKey, DnsOrig, DnsPorts, DnsValue,
-    ExecKey, RuleKeyV4, RuleKeyV6, RuleValue, Settings,
+    ExecKey, LearnName, LearnNameKey, RuleHitKey, RuleKeyV4, RuleKeyV6, RuleValue, Seen, Settings,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -19,6 +19,7 @@ use crate::{
     dns::DnsMaps,
     egress::EgressMaps,
     exec::ExecMaps,
+    learn::LearnMaps,
     lease::LeaseMaps,
     sockets::SocketMaps,
 };
@@ -40,6 +41,7 @@ pub struct Kernel {
     pub(crate) dns: DnsMaps,
     pub(crate) lease: LeaseMaps,
     pub(crate) bytes: BytesMaps,
+    pub(crate) learn: LearnMaps,
     pub(crate) settings: Array<MapData, Settings>,
     trips: Array<MapData, [u64; 4]>,
     pins: Option<PinDir>,
@@ -47,7 +49,7 @@ pub struct Kernel {
 
 /// Every map of the object with the key and value sizes this build expects of it. A pinned map
 /// of another layout (an older agentwatch) is refused rather than misread.
-const MAPS: [(&str, u32, u32); 24] = [
+const MAPS: [(&str, u32, u32); 28] = [
     ("AGENTS", 8, size_of::<AgentState>() as u32),
     ("COUNTERS", 4, size_of::<AgentCounters>() as u32),
     ("EVENTS", 0, 0),
@@ -84,6 +86,22 @@ const MAPS: [(&str, u32, u32); 24] = [
     ("DNS_COUNTS", 4, 8 * agentwatch_common::DNS_VERDICTS as u32),
     ("LEASES", 4, 8),
     ("BYTE_CAPS", 4, size_of::<ByteCap>() as u32),
+    ("RULE_HITS", size_of::<RuleHitKey>() as u32, 8),
+    (
+        "LEARN_DESTS",
+        size_of::<DestKey>() as u32,
+        size_of::<Seen>() as u32,
+    ),
+    (
+        "LEARN_EXECS",
+        size_of::<ExecKey>() as u32,
+        size_of::<Seen>() as u32,
+    ),
+    (
+        "LEARN_NAMES",
+        size_of::<LearnNameKey>() as u32,
+        size_of::<LearnName>() as u32,
+    ),
 ];
 
 /// The embedded object's bytes (empty in a build without eBPF programs).
@@ -146,6 +164,7 @@ impl Kernel {
         let dns = DnsMaps::load(&mut ebpf)?;
         let lease = LeaseMaps::load(&mut ebpf)?;
         let bytes = BytesMaps::load(&mut ebpf)?;
+        let learn = LearnMaps::load(&mut ebpf)?;
         crate::syscalls::load(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -159,6 +178,7 @@ impl Kernel {
             dns,
             lease,
             bytes,
+            learn,
             settings,
             trips,
             pins,
@@ -173,6 +193,11 @@ impl Kernel {
     /// The addresses hostname rules admitted (shared with the DNS forwarder).
     pub fn learned(&self) -> crate::dns::Learned {
         self.dns.learned()
+    }
+
+    /// The rule counters and learn mode's records (shared with the DNS forwarder).
+    pub fn learn(&self) -> LearnMaps {
+        self.learn.clone()
     }
 
     /// The event ring buffer; it has one reader, so it can be taken once.

@@ -30,6 +30,7 @@ pub mod exec;
 pub mod harden;
 pub mod kernel;
 pub mod launch;
+pub mod learn;
 pub mod lease;
 pub mod link;
 pub mod metrics;

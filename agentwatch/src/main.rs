@@ -60,6 +60,27 @@ enum Cmd {
     },
     /// One row per agent: cgroup, processes, state, egress counts.
     Status {
+        /// Only this agent.
+        agent: Option<String>,
+        /// Each agent's egress rules with the calls each admitted (unused rules marked).
+        #[arg(long)]
+        rules: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Propose the agent's least-privilege policy from what it did: an [[agents]] table for
+    /// `check` and `reload` (every destination it called or tried, hostnames where the
+    /// forwarder answered the address, every path it exec'd), then its rules never used.
+    Learn {
+        agent: String,
+        /// Widen IPv4 addresses into networks of this prefix length where two or more with the
+        /// same protocol and port share one (default: exact addresses).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=32))]
+        widen_v4: Option<u8>,
+        /// The same for IPv6 (0-128).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=128))]
+        widen_v6: Option<u8>,
+        /// The proposal as JSON (rules, counts, last use, unused rules) for tools.
         #[arg(long)]
         json: bool,
     },
@@ -225,12 +246,46 @@ fn real_main(cmd: Cmd, socket: PathBuf) -> Result<ExitCode> {
             });
         }
         Cmd::Launch { agent, cmd } => match agentwatch::launch::launch(&socket, &agent, &cmd)? {},
-        Cmd::Status { json } => {
-            let data = ask(&socket, Request::Status)?;
+        Cmd::Status { agent, rules, json } => {
+            let mut data = ask(&socket, Request::Status { rules })?;
+            if let Some(name) = &agent
+                && let Some(rows) = data["agents"].as_array_mut()
+            {
+                rows.retain(|r| r["name"].as_str() == Some(name.as_str()));
+                if rows.is_empty() {
+                    anyhow::bail!("unknown agent `{name}`");
+                }
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&data)?);
             } else {
                 print_status(&data);
+                if rules {
+                    print_rules(&data);
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Learn {
+            agent,
+            widen_v4,
+            widen_v6,
+            json,
+        } => {
+            let data = ask(
+                &socket,
+                Request::Learn {
+                    agent,
+                    widen_v4,
+                    widen_v6,
+                },
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&data)?);
+            } else {
+                let proposal: agentwatch::learn::Proposal = serde_json::from_value(data)
+                    .context("the daemon's proposal is not what this client understands")?;
+                print!("{}", proposal.to_toml());
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -280,7 +335,8 @@ fn describe(r: &Request) -> String {
         Request::Kill { agent } => format!("kill {agent}"),
         Request::Approve { agent, .. } => format!("approve {agent}"),
         Request::Reload => "reload".into(),
-        Request::Status => "status".into(),
+        Request::Status { .. } => "status".into(),
+        Request::Learn { agent, .. } => format!("learn {agent}"),
         Request::Launch { agent } => format!("launch {agent}"),
         Request::Recent { .. } => "recent audit lines".into(),
         Request::Extend { agent, .. } => format!("extend {agent}"),
@@ -292,6 +348,38 @@ fn ask(socket: &std::path::Path, request: Request) -> Result<Value> {
     // Kill waits for the whole tree to die; leave it room.
     let response = control::call(socket, &request, Duration::from_secs(30))?;
     response.into_result().map_err(anyhow::Error::msg)
+}
+
+/// Each agent's rules with the calls each admitted; a rule that admitted none is marked.
+fn print_rules(data: &Value) {
+    for r in data["agents"].as_array().into_iter().flatten() {
+        println!("\n{}: egress rules", r["name"].as_str().unwrap_or("?"));
+        let rules = r["rules"].as_array().cloned().unwrap_or_default();
+        if rules.is_empty() {
+            println!("  (none: every call is denied)");
+        }
+        let width = rules
+            .iter()
+            .filter_map(|x| x["rule"].as_str())
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        for x in rules {
+            let hits = x["hits"].as_u64().unwrap_or(0);
+            println!(
+                "  {:<width$}  {:>10}{}",
+                x["rule"].as_str().unwrap_or("?"),
+                hits,
+                if hits == 0 { "  unused" } else { "" }
+            );
+        }
+        if r["rule_hits_lost"].as_u64().is_some_and(|n| n > 0) {
+            println!(
+                "  ({} admitted call(s) could not be counted per rule: the kernel's map was full)",
+                r["rule_hits_lost"]
+            );
+        }
+    }
 }
 
 fn print_status(data: &Value) {

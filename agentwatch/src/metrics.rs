@@ -28,6 +28,8 @@ pub struct AgentSnapshot {
     pub dns: crate::dns::Stats,
     /// Seconds until the agent's egress lease runs out (0 once it has); None: no lease.
     pub lease_seconds_left: Option<f64>,
+    /// Every configured rule (its text as written) with the calls it admitted.
+    pub rule_hits: Vec<(String, u64)>,
 }
 
 const ACTIONS: [&str; 4] = ["alert", "deny", "freeze", "kill"];
@@ -176,6 +178,20 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
          with a lease only",
         &["agent"],
     )?;
+    let rule_hits = counter_vec(
+        &r,
+        "agentwatch_rule_hits_total",
+        "Calls each egress rule admitted (counted under the most specific rule that admits \
+         the call); 0 for a rule never used",
+        &["agent", "rule"],
+    )?;
+    let records_lost = counter_vec(
+        &r,
+        "agentwatch_records_lost_total",
+        "What the kernel had no room to record: rule_hits (admitted calls not counted per \
+         rule), learn (learn-mode destinations or execs left out of `agentwatch learn`)",
+        &["agent", "map"],
+    )?;
     let rate = float_gauge_vec(
         &r,
         "agentwatch_rate_per_second",
@@ -245,6 +261,17 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
         bytes_dropped
             .with_label_values(&[n])
             .inc_by(c.egress_bytes_dropped);
+        for (rule, hits) in &a.rule_hits {
+            rule_hits
+                .with_label_values(&[n, rule.as_str()])
+                .inc_by(*hits);
+        }
+        records_lost
+            .with_label_values(&[n, "rule_hits"])
+            .inc_by(c.rule_hits_lost);
+        records_lost
+            .with_label_values(&[n, "learn"])
+            .inc_by(c.learn_lost);
         if let Some(left) = a.lease_seconds_left {
             lease_left.with_label_values(&[n]).set(left);
         }
@@ -301,6 +328,7 @@ mod tests {
                     ..Default::default()
                 },
                 lease_seconds_left: Some(42.5),
+                rule_hits: vec![("tcp 10.0.0.0/8 443".into(), 4), ("udp ::1 53".into(), 0)],
             }],
             events_lost: 2,
             reloads_ok: 4,
@@ -329,6 +357,8 @@ mod tests {
             "agentwatch_dns_queries_total{agent=\"mailer\",verdict=\"malformed\"} 0",
             "agentwatch_dns_learned_addresses{agent=\"mailer\"} 3",
             "agentwatch_lease_seconds_left{agent=\"mailer\"} 42.5",
+            "agentwatch_rule_hits_total{agent=\"mailer\",rule=\"tcp 10.0.0.0/8 443\"} 4",
+            "agentwatch_rule_hits_total{agent=\"mailer\",rule=\"udp ::1 53\"} 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

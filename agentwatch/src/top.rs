@@ -94,7 +94,7 @@ impl App {
 
     /// Asks the daemon for fresh rows and events.
     fn refresh(&mut self) {
-        match ask(&self.socket, Request::Status) {
+        match ask(&self.socket, Request::Status { rules: false }) {
             Ok(data) => {
                 self.rows = data["agents"].as_array().cloned().unwrap_or_default();
                 for r in &self.rows {
@@ -396,7 +396,7 @@ impl Drop for Screen {
 /// Runs the view until `q`.
 pub fn run(socket: &Path, interval: Duration) -> Result<()> {
     // Fail before taking the screen over when the daemon is not there.
-    ask(socket, Request::Status).context("is the daemon running?")?;
+    ask(socket, Request::Status { rules: false }).context("is the daemon running?")?;
     enable_raw_mode().context("the terminal cannot go into raw mode (is this a terminal?)")?;
     let _screen = Screen;
     execute!(io::stdout(), EnterAlternateScreen)?;

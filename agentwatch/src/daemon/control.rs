@@ -93,7 +93,7 @@ async fn control_connection(
 impl State {
     fn handle(&mut self, req: Request, uid: u32) -> Response {
         let result = match req {
-            Request::Status => Ok(json!({ "agents": self.status() })),
+            Request::Status { rules } => Ok(json!({ "agents": self.status(rules) })),
             Request::Reload => self
                 .reload_from_disk()
                 .map(|changes| json!({ "changes": changes })),
@@ -107,6 +107,11 @@ impl State {
             Request::Launch { agent } => self.launch(&agent),
             Request::Recent { lines } => Ok(json!({ "lines": self.recent(lines) })),
             Request::Extend { agent, seconds } => self.extend(&agent, seconds, uid),
+            Request::Learn {
+                agent,
+                widen_v4,
+                widen_v6,
+            } => self.learn(&agent, widen_v4, widen_v6),
         };
         match result {
             Ok(data) => Response::ok(data),
@@ -219,6 +224,47 @@ impl State {
             json!({ "until": until, "seconds": seconds, "actor_uid": uid }),
         );
         Ok(json!({ "until": until, "seconds_left": seconds }))
+    }
+
+    /// The least-privilege policy proposed for `agent` from what the kernel recorded.
+    fn learn(
+        &self,
+        agent: &str,
+        widen_v4: Option<u8>,
+        widen_v6: Option<u8>,
+    ) -> Result<Value, String> {
+        self.cgroup_of(agent)?;
+        if widen_v4.is_some_and(|l| l > 32) || widen_v6.is_some_and(|l| l > 128) {
+            return Err("--widen-v4 takes 0-32, --widen-v6 0-128".to_owned());
+        }
+        let config = self
+            .config
+            .agent(agent)
+            .ok_or_else(|| format!("agent `{agent}` is not in the config in force"))?;
+        let info = self.agents.info(agent).ok_or("agent vanished")?;
+        let learn = self.agents.kernel().learn();
+        let observed = if config.learn {
+            learn.observed(info.id)
+        } else {
+            crate::learn::Observed::default()
+        };
+        let lost = self
+            .agents
+            .counters(agent)
+            .map(|c| c.learn_lost)
+            .unwrap_or(0);
+        let proposal = crate::learn::propose(
+            config,
+            &learn.hits_of(info.id),
+            &observed,
+            lost,
+            crate::learn::Widen {
+                v4: widen_v4,
+                v6: widen_v6,
+            },
+            crate::learn::wall,
+        );
+        serde_json::to_value(&proposal).map_err(|e| e.to_string())
     }
 
     fn approve(&mut self, agent: &str, keep_baseline: bool, uid: u32) -> Result<Value, String> {

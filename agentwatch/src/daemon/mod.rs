@@ -215,8 +215,13 @@ fn start_dns(config: &Config, agents: &Agents, audit: &Audit) -> Result<dns::For
         max_ttl: config.daemon.dns_max_ttl,
         audit_rate: config.daemon.audit_rate,
     };
-    dns::Forwarder::new(agents.kernel().learned(), settings, audit.clone())
-        .context("starting the DNS forwarder")
+    dns::Forwarder::new(
+        agents.kernel().learned(),
+        agents.kernel().learn(),
+        settings,
+        audit.clone(),
+    )
+    .context("starting the DNS forwarder")
 }
 
 async fn wait_for_signals(state: &Shared) -> Result<()> {

@@ -97,7 +97,7 @@ impl State {
         if failure.is_none() {
             for a in &changed {
                 let mut policy = policy_of(a, self.config.daemon.audit_rate);
-                let endpoint = if a.hostnames.is_empty() {
+                let endpoint = if !self.wants_dns(a) {
                     None
                 } else if let Some(ports) = self.dns.ports(&a.name) {
                     policy.dns = Some(ports);
@@ -141,7 +141,7 @@ impl State {
                 .commit_policy(p)
                 .map_err(|e| format!("switching a policy: {e}"))?;
             let Some(a) = new.agent(&name) else { continue };
-            let served = match (a.hostnames.is_empty(), endpoint) {
+            let served = match (!self.wants_dns(a), endpoint) {
                 (true, _) => {
                     self.dns.stop(&name);
                     Ok(())
@@ -191,6 +191,7 @@ impl State {
             daemon: self.config.daemon.clone(),
             agents,
         };
+        self.sync_learn();
         if late.is_empty() {
             Ok(summary.join(" "))
         } else {
@@ -206,7 +207,7 @@ impl State {
     /// Guards agent `a` (creating or opening its cgroup); audits nothing yet.
     fn add_agent(&mut self, a: &Agent) -> Result<Added, String> {
         let path = self.mount.join(&a.cgroup);
-        let endpoint = if a.hostnames.is_empty() {
+        let endpoint = if !self.wants_dns(a) {
             None
         } else {
             Some(
@@ -269,6 +270,36 @@ impl State {
         }
         tracing::info!(agent = %a.name, cgroup = %path.display(), rules = a.egress.len(), hostname_rules = a.hostnames.0.len(), adopted, "agent guarded");
         Ok(added)
+    }
+
+    /// Does agent `a` get a DNS forwarder? With hostname rules, always (without an upstream
+    /// that is an error); in learn mode, whenever there is an upstream, so that the proposal
+    /// can name the hosts the agent looked up rather than their addresses of the day.
+    fn wants_dns(&self, a: &Agent) -> bool {
+        !a.hostnames.is_empty() || (a.learn && self.dns.has_upstream())
+    }
+
+    /// Drops the rule counts of rules no longer configured and learn mode's records of agents
+    /// no longer in learn mode (or gone), so that neither `status --rules` nor `learn` shows
+    /// what the config in force no longer says.
+    pub(super) fn sync_learn(&self) {
+        let mut rules: BTreeMap<u32, std::collections::HashSet<u64>> = BTreeMap::new();
+        let mut learning = std::collections::HashSet::new();
+        for a in &self.config.agents {
+            if let Some(info) = self.agents.info(&a.name) {
+                rules.insert(info.id, a.rule_texts.iter().map(|(id, _)| *id).collect());
+                if a.learn {
+                    learning.insert(info.id);
+                }
+            }
+        }
+        let learn = self.agents.kernel().learn();
+        let kept = learn
+            .retain_hits(|agent, rule| rules.get(&agent).is_some_and(|r| r.contains(&rule)))
+            .and_then(|()| learn.retain_observed(|agent| learning.contains(&agent)));
+        if let Err(e) = kept {
+            tracing::warn!("removing rule counts and learn records no longer configured: {e}");
+        }
     }
 
     /// Starts agent `a`'s DNS forwarder on `endpoint` (its ports are already in the kernel).

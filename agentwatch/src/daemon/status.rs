@@ -31,7 +31,14 @@ impl State {
         }
     }
 
-    pub(super) fn status(&self) -> Vec<Value> {
+    /// One row per agent; with `rules`, each row lists the agent's rules and the calls each
+    /// admitted.
+    pub(super) fn status(&self, rules: bool) -> Vec<Value> {
+        let hits = if rules {
+            self.agents.kernel().learn().rule_hits()
+        } else {
+            Default::default()
+        };
         let mut rows = Vec::new();
         for name in self.agents.names() {
             let Some(cg) = self.agents.cgroup(name) else {
@@ -100,6 +107,23 @@ impl State {
                 "audit_suppressed": c.suppressed(),
                 "privileged_processes": privileged(cg),
             }));
+            if rules
+                && let (Some(row), Some(id), Some(a)) = (
+                    rows.last_mut().and_then(Value::as_object_mut),
+                    self.agents.info(name).map(|i| i.id),
+                    self.config.agent(name),
+                )
+            {
+                let list: Vec<Value> = a
+                    .rule_texts
+                    .iter()
+                    .map(|(rule, text)| {
+                        json!({ "rule": text, "hits": hits.get(&(id, *rule)).copied().unwrap_or(0) })
+                    })
+                    .collect();
+                row.insert("rules".to_owned(), Value::Array(list));
+                row.insert("rule_hits_lost".to_owned(), json!(c.rule_hits_lost));
+            }
         }
         rows
     }
@@ -117,6 +141,7 @@ impl State {
     }
 
     pub(super) fn snapshot(&self) -> Snapshot {
+        let hits = self.agents.kernel().learn().rule_hits();
         let agents = self
             .agents
             .names()
@@ -136,6 +161,19 @@ impl State {
                     trips: self.agents.trips(name),
                     dns: self.dns.stats(name),
                     lease_seconds_left: self.agents.lease_deadline(name).map(lease::seconds_left),
+                    rule_hits: match (self.agents.info(name), self.config.agent(name)) {
+                        (Some(info), Some(a)) => a
+                            .rule_texts
+                            .iter()
+                            .map(|(id, text)| {
+                                (
+                                    text.clone(),
+                                    hits.get(&(info.id, *id)).copied().unwrap_or(0),
+                                )
+                            })
+                            .collect(),
+                        _ => Vec::new(),
+                    },
                 }
             })
             .collect();

@@ -165,7 +165,7 @@ impl Env {
             .context("starting the daemon")?;
         self.daemon = Some(child);
         let start = Instant::now();
-        while self.ask(Request::Status).is_err() {
+        while self.ask(Request::Status { rules: false }).is_err() {
             if let Some(status) = self
                 .daemon
                 .as_mut()
@@ -192,7 +192,7 @@ impl Env {
 
     /// The agent's status row.
     fn row(&self) -> Result<Value> {
-        let status = self.ask(Request::Status)?;
+        let status = self.ask(Request::Status { rules: false })?;
         status["agents"]
             .as_array()
             .and_then(|rows| rows.iter().find(|r| r["name"] == AGENT))

@@ -40,7 +40,7 @@ use super::{
     message::{self, Malformed, Query},
     names::HostRules,
 };
-use crate::{audit::Audit, bpf::ktime_ns};
+use crate::{audit::Audit, bpf::ktime_ns, learn::LearnMaps};
 
 /// How long upstream has to answer one query (stub resolvers retry after about 5 s).
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(4);
@@ -139,6 +139,8 @@ impl Drop for Served {
 
 struct Inner {
     learned: Learned,
+    /// Where the names answered to learn-mode agents are recorded (for `agentwatch learn`).
+    names: LearnMaps,
     settings: Settings,
     audit: Audit,
     runtime: Handle,
@@ -167,11 +169,18 @@ pub struct Suppressed {
 }
 
 impl Forwarder {
-    /// A forwarder writing into `learned`; tasks run on the current tokio runtime.
-    pub fn new(learned: Learned, settings: Settings, audit: Audit) -> io::Result<Self> {
+    /// A forwarder writing into `learned` (and, for learn-mode agents, into `names`); tasks
+    /// run on the current tokio runtime.
+    pub fn new(
+        learned: Learned,
+        names: LearnMaps,
+        settings: Settings,
+        audit: Audit,
+    ) -> io::Result<Self> {
         let runtime = Handle::try_current().map_err(io::Error::other)?;
         Ok(Self(Arc::new(Inner {
             learned,
+            names,
             settings,
             audit,
             runtime,
@@ -184,6 +193,11 @@ impl Forwarder {
             .served
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Is there an upstream to forward to?
+    pub fn has_upstream(&self) -> bool {
+        self.0.settings.upstream.is_some()
     }
 
     /// Binds a new agent's sockets: UDP and TCP on 127.0.0.1 and, where the host has it, on
@@ -512,6 +526,16 @@ async fn handle(
         Err(e) => return servfail(&format!("upstream {upstream}: {e}")),
     };
     let (min, max) = (inner.settings.min_ttl, inner.settings.max_ttl);
+    if agent.learn.load(Ordering::Relaxed) {
+        // Before the agent sees the answer, so that its first call to an address is already
+        // known by name.
+        let now = ktime_ns();
+        for &(ip, _) in &answer.addrs {
+            if let Err(e) = inner.names.record_name(agent.id, ip, &query.name, now) {
+                tracing::warn!(agent = %agent.name, name = %query.name, %ip, "recording the name for `agentwatch learn` failed (the proposal will name the address): {e}");
+            }
+        }
+    }
     if learning {
         report(inner, agent, &query, transport, "dns_would_deny");
     } else {

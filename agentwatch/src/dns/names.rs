@@ -7,7 +7,6 @@
 use std::{fmt, str::FromStr};
 
 use hickory_proto::rr::Name;
-use sha2::{Digest as _, Sha256};
 
 use crate::egress::rules::{Ports, Proto};
 
@@ -130,10 +129,7 @@ impl HostRule {
     /// kernel keeps it with each address the rule admitted, so a reload (or a new daemon) keeps
     /// exactly the addresses whose rule is still configured, with no other state.
     pub fn id(&self) -> u64 {
-        let digest = Sha256::digest(self.to_string().as_bytes());
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&digest[..8]);
-        u64::from_be_bytes(first)
+        crate::egress::rules::text_id(&self.to_string())
     }
 }
 

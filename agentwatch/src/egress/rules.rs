@@ -11,6 +11,7 @@ use agentwatch_common::{
     MAX_PORT_RANGES, PROTO_BIT_TCP, PROTO_BIT_UDP, PROTO_BITS_ANY, PortRange, RuleValue,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use sha2::{Digest as _, Sha256};
 
 use crate::dns::names::{HostRule, NameError, looks_like_name};
 
@@ -231,21 +232,55 @@ pub struct CompileError {
     pub count: usize,
 }
 
-/// Compiles `rules` (the index of each is its rule id).
+impl Rule {
+    /// A stable identity: the first 8 bytes of the SHA-256 of the rule's canonical text (as
+    /// for hostname rules). The kernel counts admitted calls under it, so a rule's count
+    /// follows the rule through reloads that reorder or reformat the config.
+    pub fn id(&self) -> u64 {
+        text_id(&self.to_string())
+    }
+}
+
+impl EgressRule {
+    pub fn id(&self) -> u64 {
+        match self {
+            Self::Net(r) => r.id(),
+            Self::Name(r) => r.id(),
+        }
+    }
+}
+
+/// The first 8 bytes of the SHA-256 of a rule's canonical text.
+pub(crate) fn text_id(text: &str) -> u64 {
+    let digest = Sha256::digest(text.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// Compiles `rules`. Each range carries its rule's [`Rule::id`], and the ranges of a prefix are
+/// ordered so that the first one admitting a call is the rule the call is counted under: the
+/// most specific (longest prefix, then fewest ports, then fewest protocols, then the rule
+/// written first). Ranges of different rules are never merged, so that attribution stays
+/// exact; a range wholly shadowed by earlier ones is left out (it could never be first).
 pub fn compile(rules: &[Rule]) -> Result<CompiledRules, CompileError> {
-    let mut by_prefix: HashMap<IpNet, Vec<PortRange>> = HashMap::new();
+    let mut by_prefix: HashMap<IpNet, Vec<(usize, PortRange)>> = HashMap::new();
     for (index, rule) in rules.iter().enumerate() {
-        by_prefix.entry(rule.dest).or_default().push(PortRange {
-            lo: rule.ports.lo,
-            hi: rule.ports.hi,
-            protos: rule.proto.bits(),
-            _pad: [0; 3],
-            rule: u32::try_from(index).unwrap_or(u32::MAX),
-        });
+        by_prefix.entry(rule.dest).or_default().push((
+            index,
+            PortRange {
+                lo: rule.ports.lo,
+                hi: rule.ports.hi,
+                protos: rule.proto.bits(),
+                _pad: [0; 3],
+                rule: rule.id(),
+            },
+        ));
     }
     // BTreeMap: deterministic output order, which keeps kernel writes and tests reproducible.
     let mut out: BTreeMap<IpNet, RuleValue> = BTreeMap::new();
     for prefix in by_prefix.keys() {
+        // (prefix length, config index, range) of this prefix and every prefix covering it.
         let mut ranges = Vec::new();
         for len in 0..=prefix.prefix_len() {
             let covering = match prefix {
@@ -255,10 +290,10 @@ pub fn compile(rules: &[Rule]) -> Result<CompiledRules, CompileError> {
             if let Ok(covering) = covering
                 && let Some(r) = by_prefix.get(&covering)
             {
-                ranges.extend_from_slice(r);
+                ranges.extend(r.iter().map(|&(index, range)| (len, index, range)));
             }
         }
-        let ranges = merge(ranges);
+        let ranges = order(ranges);
         if ranges.len() > MAX_PORT_RANGES {
             return Err(CompileError {
                 prefix: *prefix,
@@ -282,35 +317,53 @@ pub fn compile(rules: &[Rule]) -> Result<CompiledRules, CompileError> {
     Ok(compiled)
 }
 
-/// Merges overlapping or adjacent ranges that admit the same protocols. The merged range keeps
-/// the lowest rule id it absorbed.
-fn merge(mut ranges: Vec<PortRange>) -> Vec<PortRange> {
-    ranges.sort_by_key(|r| (r.protos, r.lo, r.hi, r.rule));
-    let mut out: Vec<PortRange> = Vec::with_capacity(ranges.len());
-    for r in ranges {
-        if let Some(last) = out.last_mut()
-            && last.protos == r.protos
-            && u32::from(r.lo) <= u32::from(last.hi) + 1
-        {
-            last.hi = last.hi.max(r.hi);
-            last.rule = last.rule.min(r.rule);
-            continue;
-        }
-        out.push(r);
-    }
-    // A range of a narrower protocol set wholly inside a wider one adds nothing.
-    let snapshot = out.clone();
-    out.retain(|r| {
-        !snapshot
-            .iter()
-            .any(|w| w != r && w.protos & r.protos == r.protos && w.lo <= r.lo && r.hi <= w.hi)
+/// Orders one prefix's ranges most specific first and leaves out those no call could reach
+/// first (every protocol and port of theirs is admitted by earlier ranges).
+fn order(mut ranges: Vec<(u8, usize, PortRange)>) -> Vec<PortRange> {
+    ranges.sort_by_key(|&(len, index, r)| {
+        (
+            std::cmp::Reverse(len),
+            u32::from(r.hi) - u32::from(r.lo),
+            r.protos.count_ones(),
+            index,
+        )
     });
+    let mut out: Vec<PortRange> = Vec::with_capacity(ranges.len());
+    for (_, _, r) in ranges {
+        let shadowed = (0..8u8)
+            .filter(|bit| r.protos & (1 << bit) != 0)
+            .all(|bit| covered(&out, 1 << bit, r.lo, r.hi));
+        if !shadowed {
+            out.push(r);
+        }
+    }
     out
 }
 
-/// Does the compiled rule set admit this destination? The userspace twin of the kernel's
-/// decision, used by `check`-style tooling and tests of the compiler.
-pub fn admits(compiled: &CompiledRules, proto: u8, addr: IpAddr, port: u16) -> bool {
+/// Do the ranges of `ranges` that admit protocol bit `bit` cover every port of `lo..=hi`?
+fn covered(ranges: &[PortRange], bit: u8, lo: u16, hi: u16) -> bool {
+    let mut spans: Vec<(u32, u32)> = ranges
+        .iter()
+        .filter(|r| r.protos & bit != 0)
+        .map(|r| (u32::from(r.lo), u32::from(r.hi)))
+        .collect();
+    spans.sort_unstable();
+    let mut next = u32::from(lo);
+    for (a, b) in spans {
+        if a > next {
+            break;
+        }
+        next = next.max(b + 1);
+        if next > u32::from(hi) {
+            return true;
+        }
+    }
+    false
+}
+
+/// The id of the rule the compiled set counts a call under, if it admits it: the userspace
+/// twin of the kernel's decision.
+pub fn admitting_rule(compiled: &CompiledRules, proto: u8, addr: IpAddr, port: u16) -> Option<u64> {
     let addr = match addr {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
@@ -319,7 +372,13 @@ pub fn admits(compiled: &CompiledRules, proto: u8, addr: IpAddr, port: u16) -> b
         IpAddr::V4(a) => longest_v4(&compiled.v4, a),
         IpAddr::V6(a) => longest_v6(&compiled.v6, a),
     };
-    best.is_some_and(|v| v.admits(proto, port))
+    best.and_then(|v| v.admitting_rule(proto, port))
+}
+
+/// Does the compiled rule set admit this destination? The userspace twin of the kernel's
+/// decision, used by `check`-style tooling and tests of the compiler.
+pub fn admits(compiled: &CompiledRules, proto: u8, addr: IpAddr, port: u16) -> bool {
+    admitting_rule(compiled, proto, addr, port).is_some()
 }
 
 fn longest_v4(entries: &[(Ipv4Net, RuleValue)], a: Ipv4Addr) -> Option<&RuleValue> {
@@ -450,19 +509,50 @@ mod tests {
     }
 
     #[test]
-    fn merges_ranges_and_limits_them() {
+    fn shadowed_ranges_go_and_the_limit_holds() {
         let rules = [
             rule("tcp 10.0.0.1 80"),
             rule("tcp 10.0.0.1 81-90"),
             rule("any 10.0.0.1 85"),
+            // Covered by the two tcp ranges together: never the first match.
+            rule("tcp 10.0.0.1 80-90"),
+            // The same rule written twice counts once.
+            rule("tcp 10.0.0.1/32 80"),
         ];
         let c = compile(&rules).unwrap();
-        assert_eq!(c.v4[0].1.count, 2);
+        assert_eq!(c.v4[0].1.count, 3);
         let many: Vec<Rule> = (1..=17)
             .map(|p| rule(&format!("tcp 10.0.0.1 {}", p * 10)))
             .collect();
         let e = compile(&many).unwrap_err();
         assert_eq!(e.count, 17);
         assert!(compile(&many[..16]).is_ok());
+    }
+
+    #[test]
+    fn calls_count_under_the_most_specific_rule() {
+        let rules = [
+            rule("tcp 10.0.0.0/8 *"),
+            rule("tcp 10.1.2.3 443"),
+            rule("any 10.1.2.3 400-500"),
+            rule("tcp 10.1.2.3 80-90"),
+            rule("udp 0.0.0.0/0 53"),
+        ];
+        let c = compile(&rules).unwrap();
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        let hit = |proto, addr: &str, port| admitting_rule(&c, proto, a(addr), port);
+        let id = |i: usize| Some(rules[i].id());
+        // The /32's own ranges before the /8's, the narrowest first.
+        assert_eq!(hit(PROTO_TCP, "10.1.2.3", 443), id(1));
+        assert_eq!(hit(PROTO_TCP, "10.1.2.3", 444), id(2));
+        assert_eq!(hit(PROTO_UDP, "10.1.2.3", 444), id(2));
+        assert_eq!(hit(PROTO_TCP, "10.1.2.3", 85), id(3));
+        assert_eq!(hit(PROTO_TCP, "10.1.2.3", 22), id(0));
+        assert_eq!(hit(PROTO_TCP, "10.1.2.4", 443), id(0));
+        assert_eq!(hit(PROTO_UDP, "10.1.2.3", 53), id(4));
+        assert_eq!(hit(PROTO_UDP, "10.1.2.4", 54), None);
+        // Rule ids follow the canonical text, not the spelling or the position.
+        assert_eq!(rule("tcp 10.1.2.3/32 443").id(), rules[1].id());
+        assert_ne!(rule("tcp 10.1.2.3 444").id(), rules[1].id());
     }
 }

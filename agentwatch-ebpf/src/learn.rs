@@ -1,0 +1,112 @@
+//! Learn mode's records: every destination a learn-mode agent called and every path it
+//! exec'd, with counts and when last, for `agentwatch learn` (the kernel half of
+//! `agentwatch/src/learn.rs`). Pinned, so what was learned survives a daemon restart.
+//!
+//! The maps are plain hashes, not LRU: an entry evicted silently would leave a rule out of the
+//! proposal. A full map is counted (`learn_lost`) and `learn` says its proposal is partial.
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use agentwatch_common::{DestKey, ExecKey, LearnName, LearnNameKey, MAX_AGENTS, Seen};
+use aya_ebpf::{
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    helpers::generated::bpf_ktime_get_ns,
+    macros::map,
+    maps::HashMap,
+};
+
+use crate::agent::counters;
+
+/// (agent, proto, destination) -> calls. Allocated per entry.
+#[map]
+static LEARN_DESTS: HashMap<DestKey, Seen> = HashMap::with_max_entries(1 << 18, BPF_F_NO_PREALLOC);
+
+/// (agent, path) -> execs.
+#[map]
+static LEARN_EXECS: HashMap<ExecKey, Seen> =
+    HashMap::with_max_entries(MAX_AGENTS * 64, BPF_F_NO_PREALLOC);
+
+/// (agent, address, name) -> the name the DNS forwarder answered with that address. Only the
+/// daemon writes it; it lives here so it is pinned with the rest.
+#[map]
+static LEARN_NAMES: HashMap<LearnNameKey, LearnName> =
+    HashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
+
+/// Records a call of a learn-mode agent to `key` (`refused`: the allow-list would deny it).
+#[inline(always)]
+pub fn record_dest(key: &DestKey, refused: bool) {
+    let p = match LEARN_DESTS.get_ptr_mut(key) {
+        Some(p) => p,
+        None => {
+            if LEARN_DESTS
+                .insert(key, first(refused), BPF_NOEXIST as u64)
+                .is_ok()
+            {
+                return;
+            }
+            // Another CPU inserted it first (add to its record), or the map is full.
+            let Some(p) = LEARN_DESTS.get_ptr_mut(key) else {
+                lost(key.agent);
+                return;
+            };
+            p
+        }
+    };
+    bump(p, refused);
+}
+
+/// Records an exec of a learn-mode agent (`killed`: by its exec allow-list). `key` points into
+/// a scratch map (it is too large for the stack).
+#[inline(always)]
+pub fn record_exec(key: &ExecKey, killed: bool) {
+    // LEARN_NAMES is the daemon's; one reference from a program keeps the linker from dropping
+    // it from the object (a lookup that cannot match costs nothing on an exec).
+    let _ = LEARN_NAMES.get_ptr(LearnNameKey::default());
+    let p = match LEARN_EXECS.get_ptr_mut(key) {
+        Some(p) => p,
+        None => {
+            if LEARN_EXECS
+                .insert(key, first(killed), BPF_NOEXIST as u64)
+                .is_ok()
+            {
+                return;
+            }
+            let Some(p) = LEARN_EXECS.get_ptr_mut(key) else {
+                lost(key.agent);
+                return;
+            };
+            p
+        }
+    };
+    bump(p, killed);
+}
+
+#[inline(always)]
+fn first(refused: bool) -> Seen {
+    Seen {
+        count: 1,
+        refused: u64::from(refused),
+        // SAFETY: helper without arguments.
+        last_ns: unsafe { bpf_ktime_get_ns() },
+    }
+}
+
+#[inline(always)]
+fn lost(agent: u32) {
+    if let Some(c) = counters(agent) {
+        c.learn_lost += 1;
+    }
+}
+
+#[inline(always)]
+fn bump(p: *mut Seen, refused: bool) {
+    // SAFETY: `p` points at a map value; every writer adds atomically, and `last_ns` is a
+    // plain store (the latest of two racing stores is as good as the other).
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*p).count, 1);
+        if refused {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*p).refused, 1);
+        }
+        core::ptr::write_volatile(&raw mut (*p).last_ns, bpf_ktime_get_ns());
+    }
+}
