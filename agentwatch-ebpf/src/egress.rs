@@ -9,15 +9,15 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 use agentwatch_common::{
     AGENT_FLAG_DENY_ALL, AGENT_FLAG_DNS, AGENT_FLAG_LEARN, AgentLimits, Cap, DestKey,
     EVENT_EGRESS_CAPPED, EVENT_EGRESS_DENIED, EVENT_EGRESS_WOULD_DENY, EgressEvent, HOOK_CONNECT,
-    HOOK_SENDMSG, MAX_AGENTS, PROTO_OTHER, PROTO_TCP, PROTO_UDP, RuleHitKey, RuleKeyV4, RuleKeyV6,
-    RuleValue, SCOPE_BITS, UNKNOWN_AGENT, VERDICT_ALLOWED, VERDICT_CAPPED, VERDICT_DENIED,
-    VERDICT_WOULD_DENY, egress_slot, rule_scope,
+    HOOK_SENDMSG, MAX_AGENTS, PROTO_OTHER, PROTO_TCP, PROTO_UDP, RuleKeyV4, RuleKeyV6, RuleValue,
+    SCOPE_BITS, UNKNOWN_AGENT, VERDICT_ALLOWED, VERDICT_CAPPED, VERDICT_DENIED, VERDICT_WOULD_DENY,
+    egress_slot, rule_scope,
 };
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_ktime_get_ns},
     macros::{cgroup_sock_addr, map},
-    maps::{Array, LpmTrie, LruHashMap, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, LpmTrie, LruHashMap, lpm_trie::Key},
     programs::SockAddrContext,
 };
 
@@ -28,19 +28,13 @@ use crate::{
 
 /// Upper bound for rules across all agents and both generations; LPM tries allocate per entry
 /// (BPF_F_NO_PREALLOC), so the bound costs nothing until used.
-const MAX_RULES: u32 = 1 << 20;
+pub const MAX_RULES: u32 = 1 << 20;
 
 #[map]
 static RULES_V4: LpmTrie<RuleKeyV4, RuleValue> = LpmTrie::with_max_entries(MAX_RULES, 0);
 
 #[map]
 static RULES_V6: LpmTrie<RuleKeyV6, RuleValue> = LpmTrie::with_max_entries(MAX_RULES, 0);
-
-/// (agent, rule id) -> calls that rule admitted, per CPU (a hot rule is not a contended
-/// cache line). Allocated per entry: only rules that admitted something have one.
-#[map]
-static RULE_HITS: PerCpuHashMap<RuleHitKey, u64> =
-    PerCpuHashMap::with_max_entries(MAX_RULES, BPF_F_NO_PREALLOC);
 
 /// Per-agent hard caps (connects, sends, events per second), indexed by agent id.
 #[map]
@@ -209,7 +203,7 @@ fn judge(ctx: &SockAddrContext, hook: u8, v6_hook: bool) -> i32 {
     }
     if verdict == VERDICT_ALLOWED {
         if let Some(rule) = rule {
-            count_rule_hit(id, rule);
+            learn::count_rule_hit(id, rule);
         }
         return ALLOW;
     }
@@ -290,35 +284,6 @@ pub fn gcra_over(tat: *mut u64, cost: u64, tolerance: u64) -> bool {
         tries += 1;
     }
     true
-}
-
-/// Counts a call `rule` admitted for agent `agent`.
-#[inline(always)]
-fn count_rule_hit(agent: u32, rule: u64) {
-    let key = RuleHitKey {
-        agent,
-        _pad: 0,
-        rule,
-    };
-    if let Some(p) = RULE_HITS.get_ptr_mut(key) {
-        // SAFETY: this CPU's slot of a per-CPU value; nothing else writes it while we run.
-        unsafe { *p += 1 };
-        return;
-    }
-    // A per-CPU insert sets this CPU's slot and zeroes the others, so it cannot lose another
-    // CPU's count: if one inserted first, NOEXIST fails and this CPU's slot is counted below.
-    if RULE_HITS.insert(key, 1, BPF_NOEXIST as u64).is_ok() {
-        return;
-    }
-    match RULE_HITS.get_ptr_mut(key) {
-        // SAFETY: as above.
-        Some(p) => unsafe { *p += 1 },
-        None => {
-            if let Some(c) = counters(agent) {
-                c.rule_hits_lost += 1;
-            }
-        }
-    }
 }
 
 /// The rule of `scope`'s allow-list that admits this call, if any.

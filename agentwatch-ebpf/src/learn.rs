@@ -1,21 +1,27 @@
-//! Learn mode's records: every destination a learn-mode agent called and every path it
-//! exec'd, with counts and when last, for `agentwatch learn` (the kernel half of
-//! `agentwatch/src/learn.rs`). Pinned, so what was learned survives a daemon restart.
+//! What agents use, for least privilege (the kernel half of `agentwatch/src/learn.rs`): the
+//! calls each rule admitted (every agent), and, for learn-mode agents, every destination called
+//! and every path exec'd, with counts and when last. Pinned, so it survives a daemon restart.
 //!
 //! The maps are plain hashes, not LRU: an entry evicted silently would leave a rule out of the
 //! proposal. A full map is counted (`learn_lost`) and `learn` says its proposal is partial.
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use agentwatch_common::{DestKey, ExecKey, LearnName, LearnNameKey, MAX_AGENTS, Seen};
+use agentwatch_common::{DestKey, ExecKey, LearnName, LearnNameKey, MAX_AGENTS, RuleHitKey, Seen};
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::generated::bpf_ktime_get_ns,
     macros::map,
-    maps::HashMap,
+    maps::{HashMap, PerCpuHashMap},
 };
 
-use crate::agent::counters;
+use crate::{agent::counters, egress::MAX_RULES};
+
+/// (agent, rule id) -> calls that rule admitted, per CPU (a hot rule is not a contended
+/// cache line). Allocated per entry: only rules that admitted something have one.
+#[map]
+static RULE_HITS: PerCpuHashMap<RuleHitKey, u64> =
+    PerCpuHashMap::with_max_entries(MAX_RULES, BPF_F_NO_PREALLOC);
 
 /// (agent, proto, destination) -> calls. Allocated per entry.
 #[map]
@@ -31,6 +37,35 @@ static LEARN_EXECS: HashMap<ExecKey, Seen> =
 #[map]
 static LEARN_NAMES: HashMap<LearnNameKey, LearnName> =
     HashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
+
+/// Counts a call `rule` admitted for agent `agent`.
+#[inline(always)]
+pub fn count_rule_hit(agent: u32, rule: u64) {
+    let key = RuleHitKey {
+        agent,
+        _pad: 0,
+        rule,
+    };
+    if let Some(p) = RULE_HITS.get_ptr_mut(key) {
+        // SAFETY: this CPU's slot of a per-CPU value; nothing else writes it while we run.
+        unsafe { *p += 1 };
+        return;
+    }
+    // A per-CPU insert sets this CPU's slot and zeroes the others, so it cannot lose another
+    // CPU's count: if one inserted first, NOEXIST fails and this CPU's slot is counted below.
+    if RULE_HITS.insert(key, 1, BPF_NOEXIST as u64).is_ok() {
+        return;
+    }
+    match RULE_HITS.get_ptr_mut(key) {
+        // SAFETY: as above.
+        Some(p) => unsafe { *p += 1 },
+        None => {
+            if let Some(c) = counters(agent) {
+                c.rule_hits_lost += 1;
+            }
+        }
+    }
+}
 
 /// Records a call of a learn-mode agent to `key` (`refused`: the allow-list would deny it).
 #[inline(always)]

@@ -299,6 +299,10 @@ pub struct Proposal {
     pub exec_allow: Option<Vec<ProposedExec>>,
     /// Execs the exec allow-list killed (left out of `exec_allow`).
     pub killed_execs: Vec<ProposedExec>,
+    /// Resolvers the agent asked (port 53) that need no rule: the proposal has hostname rules,
+    /// so its DNS goes to agentwatch's forwarder whatever resolver it names.
+    #[serde(default)]
+    pub resolvers: Vec<ProposedRule>,
     /// Configured rules that admitted no call.
     pub unused_rules: Vec<String>,
     /// Destinations or execs the kernel had no room to record: the proposal may miss some.
@@ -328,8 +332,12 @@ pub fn propose(
     for key in ["name", "mode", "egress", "exec_allow"] {
         keep.remove(key);
     }
+    let mut resolvers = Vec::new();
     let (egress, exec_allow, killed_execs) = if agent.learn {
-        let egress = egress_from(observed, widen, &wall);
+        let mut egress = egress_from(observed, widen, &wall);
+        if egress.iter().any(|r| !r.addresses.is_empty()) {
+            (resolvers, egress) = egress.into_iter().partition(is_resolver);
+        }
         let mut ran = Vec::new();
         let mut killed = Vec::new();
         for (path, seen) in &observed.execs {
@@ -388,10 +396,17 @@ pub fn propose(
         egress,
         exec_allow,
         killed_execs,
+        resolvers,
         unused_rules,
         lost,
         keep,
     }
+}
+
+/// Is this proposed address rule DNS to a resolver (`udp|tcp ADDR 53`)?
+fn is_resolver(r: &ProposedRule) -> bool {
+    let fields: Vec<&str> = r.rule.split_whitespace().collect();
+    matches!(fields[..], ["udp" | "tcp", dest, "53"] if dest.parse::<IpAddr>().is_ok())
 }
 
 /// A rule's protocol word for protocol index `proto`. Another protocol (an ICMP ping socket)
@@ -568,6 +583,15 @@ impl Proposal {
             }
             None => {}
         }
+        for r in &self.resolvers {
+            let _ = writeln!(
+                out,
+                "# DNS to {} ({} call{}) goes to agentwatch's forwarder with the hostname rules: no rule needed",
+                toml::Value::String(r.rule.clone()),
+                r.calls,
+                plural(r.calls)
+            );
+        }
         for e in &self.killed_execs {
             let _ = writeln!(
                 out,
@@ -653,10 +677,11 @@ connects_per_second = 50
             dests: vec![
                 (dest(PROTO_TCP, ip("10.1.2.3"), 443), seen(3, 0)),
                 (dest(PROTO_TCP, ip("10.1.2.4"), 443), seen(2, 0)),
-                (dest(PROTO_UDP, ip("192.0.2.7"), 53), seen(4, 4)),
+                (dest(PROTO_UDP, ip("192.0.2.7"), 514), seen(4, 4)),
                 (dest(PROTO_TCP, ip("2001:db8::5"), 8443), seen(1, 1)),
                 (dest(PROTO_OTHER, ip("192.0.2.9"), 0), seen(1, 1)),
                 (dest(PROTO_TCP, ip("203.0.113.5"), 443), seen(6, 0)),
+                (dest(PROTO_UDP, ip("127.0.0.53"), 53), seen(9, 0)),
             ],
             execs: vec![
                 ("/usr/bin/python3".into(), seen(2, 0)),
@@ -679,10 +704,13 @@ connects_per_second = 50
                 "tcp 10.1.2.3 443",
                 "tcp 10.1.2.4 443",
                 "tcp 2001:db8::5 8443",
-                "udp 192.0.2.7 53",
+                "udp 192.0.2.7 514",
             ]
         );
         assert_eq!(p.egress[0].calls, 6);
+        // With a hostname rule, DNS goes to the forwarder: the resolver needs no rule.
+        assert_eq!(p.resolvers.len(), 1);
+        assert_eq!(p.resolvers[0].rule, "udp 127.0.0.53 53");
         assert_eq!(p.egress[0].addresses, ["203.0.113.5"]);
         assert_eq!(p.egress[5].would_deny, 4);
         assert_eq!(
@@ -704,7 +732,7 @@ connects_per_second = 50
         assert!(toml.contains("# 6 calls, last 2026-11-22T08:00:00Z; answered 203.0.113.5"));
         assert!(
             toml.contains(
-                "\"udp 192.0.2.7 53\",        # 4 calls (4 not allowed by the current rules)"
+                "\"udp 192.0.2.7 514\",       # 4 calls (4 not allowed by the current rules)"
             ),
             "{toml}"
         );
@@ -712,6 +740,7 @@ connects_per_second = 50
             toml.contains("# killed by the exec allow-list, left out: \"/usr/bin/nc\" (1 exec)")
         );
         assert!(toml.contains("#   \"tcp  10.9.9.9   22\""));
+        assert!(toml.contains("# DNS to \"udp 127.0.0.53 53\" (9 calls) goes to"));
 
         // Widening only where asked, and only where two addresses share the network.
         let widen = Widen {
@@ -721,7 +750,7 @@ connects_per_second = 50
         let p = propose(agent, &hits, &observed, 0, widen, wall);
         let rules: Vec<&str> = p.egress.iter().map(|r| r.rule.as_str()).collect();
         assert!(rules.contains(&"tcp 10.1.2.0/24 443"), "{rules:?}");
-        assert!(rules.contains(&"udp 192.0.2.7 53"), "{rules:?}");
+        assert!(rules.contains(&"udp 192.0.2.7 514"), "{rules:?}");
         assert_eq!(
             p.egress
                 .iter()
@@ -748,6 +777,18 @@ connects_per_second = 50
         assert_eq!(p.egress[0].rule, "tcp  10.9.9.9   22");
         assert_eq!(p.egress[0].calls, 7);
         assert_eq!(p.unused_rules.len(), 2);
+        assert!(!p.to_toml().contains("WARNING"));
+        let partial = propose(
+            agent,
+            &hits,
+            &Observed::default(),
+            3,
+            Widen::default(),
+            |_| String::new(),
+        );
+        assert!(partial.to_toml().contains(
+            "# WARNING: the kernel had no room to record 3 call(s) or exec(s): this proposal may miss some."
+        ));
         let toml = p.to_toml();
         let back = Config::parse(&toml, "proposal.toml").unwrap_or_else(|e| panic!("{e}\n{toml}"));
         assert_eq!(back.agents[0].exec_allow, agent.exec_allow);

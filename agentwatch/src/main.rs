@@ -404,6 +404,8 @@ fn print_status(data: &Value) {
     );
     for r in rows {
         let num = |v: &Value| v.as_f64().map_or("-".to_owned(), |f| format!("{f:.1}"));
+        // As text first: a JSON value's Display ignores width and alignment.
+        let count = |v: &Value| v.as_u64().map_or("-".to_owned(), |n| n.to_string());
         let escapes: u64 = r["escape_attempts"]
             .as_object()
             .map(|m| m.values().filter_map(Value::as_u64).sum())
@@ -412,15 +414,15 @@ fn print_status(data: &Value) {
             "{:<20} {:<8} {:>6} {:>10} {:>8} {:>8} {:>10} {:>10} {:<9} {:>7} {:>9}  {}",
             r["name"].as_str().unwrap_or("?"),
             r["state"].as_str().unwrap_or("?"),
-            r["processes"],
-            r["allowed"],
-            r["denied"],
-            r["capped"],
+            count(&r["processes"]),
+            count(&r["allowed"]),
+            count(&r["denied"]),
+            count(&r["capped"]),
             num(&r["rates"]["connects"]),
             num(&r["baselines"]["connects"]),
             r["breaker"].as_str().unwrap_or("?"),
             escapes,
-            r["dns"]["denied"],
+            count(&r["dns"]["denied"]),
             r["cgroup"].as_str().unwrap_or("?"),
         );
         // Nothing stops a process holding these from switching agentwatch off: say so.

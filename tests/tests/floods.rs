@@ -211,3 +211,44 @@ fn an_exec_loop_is_summarised_too_and_every_exec_accounted_for() {
         "every exec is a line or in a summary"
     );
 }
+
+#[test]
+fn a_learn_mode_agent_that_floods_its_records_cannot_hide_what_it_did() {
+    privileged!();
+    let _alone = flood_alone();
+    let mut env = DaemonEnv::new();
+    env.write_config("[[agents]]\nname = \"sprayer\"\nmode = \"learn\"\negress = []\n");
+    env.start();
+    // More distinct destinations than the kernel keeps for learn mode (262,144 over all agents).
+    let out = env.launch_probe("sprayer", &["sendto-spread", "127.1.0.1", "5", "60000"]);
+    let sent: serde_json::Value = serde_json::from_slice(&out.stdout).expect("summary line");
+    assert_eq!(
+        (sent["sent"].as_u64(), sent["failed"].as_u64()),
+        (Some(300_000), Some(0)),
+        "learn mode denies nothing"
+    );
+    let out = env.cli(&["learn", "sprayer", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p: serde_json::Value = serde_json::from_slice(&out.stdout).expect("proposal");
+    let recorded: u64 = p["egress"]
+        .as_array()
+        .expect("egress")
+        .iter()
+        .map(|r| r["calls"].as_u64().expect("calls"))
+        .sum();
+    let lost = p["lost"].as_u64().expect("lost");
+    assert!(lost > 0, "the map filled up: {lost}");
+    assert_eq!(
+        recorded + lost,
+        300_000,
+        "every call recorded or counted as lost"
+    );
+    assert_eq!(
+        env.metric("agentwatch_records_lost_total{agent=\"sprayer\",map=\"learn\"}"),
+        Some(lost as f64)
+    );
+}

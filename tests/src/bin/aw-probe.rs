@@ -33,6 +33,8 @@
 //!   UDP datagrams to ADDR PORT (op `sendto`): how many calls an escaped process gets
 //! - `move PID DIR`: write PID into DIR/cgroup.procs (op `move`)
 //! - `sendmmsg ADDR PORT N`: one sendmmsg() of N UDP datagrams (op `sendmmsg`, `sent` = N sent)
+//! - `sendto-spread FIRST_IPV4 ADDRS PORTS`: one datagram to each port 1..=PORTS of ADDRS addresses
+//!   from FIRST_IPV4, from one socket; prints `{"sent":N,"failed":M}`
 //! - `fastopen ADDR PORT`: TCP sendto() with MSG_FASTOPEN (op `fastopen`)
 //! - `uring-connect ADDR PORT`: a TCP connect submitted through io_uring (IORING_OP_CONNECT),
 //!   reported as op `uring-connect` (errno 38 ENOSYS: the kernel has no io_uring)
@@ -186,6 +188,16 @@ fn main() -> ExitCode {
             let r = std::fs::write(format!("{dir}/cgroup.procs"), pid);
             report("move", "-", &unspecified(), r);
             ExitCode::SUCCESS
+        }
+        ["sendto-spread", first, addrs, ports] => {
+            let (Ok(first), Ok(addrs), Ok(ports)) = (
+                first.parse::<std::net::Ipv4Addr>(),
+                addrs.parse::<u32>(),
+                ports.parse::<u16>(),
+            ) else {
+                return usage("sendto-spread FIRST_IPV4 ADDRS PORTS");
+            };
+            sendto_spread(first, addrs, ports)
         }
         ["sendmmsg", addr, port, n] => {
             let (Some(dest), Ok(n)) = (dest(addr, port), n.parse::<usize>()) else {
@@ -631,6 +643,31 @@ fn dest(addr: &str, port: &str) -> Option<SocketAddr> {
 }
 
 /// An unbound UDP socket of the destination's family (an AF_INET6 one for `::ffff:a.b.c.d`).
+/// One datagram to each of `ports` ports (from 1) of `addrs` addresses from `first`: as many
+/// distinct destinations as asked, from one socket. Prints one summary line (the calls are too
+/// many for a line each).
+fn sendto_spread(first: std::net::Ipv4Addr, addrs: u32, ports: u16) -> ExitCode {
+    let socket = match UdpSocket::bind("0.0.0.0:0") {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("aw-probe: bind: {e}");
+            return ExitCode::from(101);
+        }
+    };
+    let (mut sent, mut failed) = (0u64, 0u64);
+    for a in 0..addrs {
+        let addr = std::net::Ipv4Addr::from(u32::from(first) + a);
+        for port in 1..=ports {
+            match socket.send_to(b"x", (addr, port)) {
+                Ok(_) => sent += 1,
+                Err(_) => failed += 1,
+            }
+        }
+    }
+    println!("{{\"sent\":{sent},\"failed\":{failed}}}");
+    ExitCode::SUCCESS
+}
+
 fn udp_socket(dest: &SocketAddr) -> std::io::Result<UdpSocket> {
     if dest.is_ipv6() {
         UdpSocket::bind("[::]:0")
