@@ -70,24 +70,7 @@ pub fn count_rule_hit(agent: u32, rule: u64) {
 /// Records a call of a learn-mode agent to `key` (`refused`: the allow-list would deny it).
 #[inline(always)]
 pub fn record_dest(key: &DestKey, refused: bool) {
-    let p = match LEARN_DESTS.get_ptr_mut(key) {
-        Some(p) => p,
-        None => {
-            if LEARN_DESTS
-                .insert(key, first(refused), BPF_NOEXIST as u64)
-                .is_ok()
-            {
-                return;
-            }
-            // Another CPU inserted it first (add to its record), or the map is full.
-            let Some(p) = LEARN_DESTS.get_ptr_mut(key) else {
-                lost(key.agent);
-                return;
-            };
-            p
-        }
-    };
-    bump(p, refused);
+    record(&LEARN_DESTS, key, key.agent, refused);
 }
 
 /// Records an exec of a learn-mode agent (`killed`: by its exec allow-list). `key` points into
@@ -97,23 +80,27 @@ pub fn record_exec(key: &ExecKey, killed: bool) {
     // LEARN_NAMES is the daemon's; one reference from a program keeps the linker from dropping
     // it from the object (a lookup that cannot match costs nothing on an exec).
     let _ = LEARN_NAMES.get_ptr(LearnNameKey::default());
-    let p = match LEARN_EXECS.get_ptr_mut(key) {
+    record(&LEARN_EXECS, key, key.agent, killed);
+}
+
+/// Adds one use to `key`'s record in `map` (agent `agent`'s), inserting it the first time.
+#[inline(always)]
+fn record<K>(map: &HashMap<K, Seen>, key: &K, agent: u32, refused: bool) {
+    let p = match map.get_ptr_mut(key) {
         Some(p) => p,
         None => {
-            if LEARN_EXECS
-                .insert(key, first(killed), BPF_NOEXIST as u64)
-                .is_ok()
-            {
+            if map.insert(key, first(refused), BPF_NOEXIST as u64).is_ok() {
                 return;
             }
-            let Some(p) = LEARN_EXECS.get_ptr_mut(key) else {
-                lost(key.agent);
+            // Another CPU inserted it first (add to its record), or the map is full.
+            let Some(p) = map.get_ptr_mut(key) else {
+                lost(agent);
                 return;
             };
             p
         }
     };
-    bump(p, killed);
+    bump(p, refused);
 }
 
 #[inline(always)]

@@ -107,34 +107,9 @@ impl LearnMaps {
     /// in learn mode): an agent that left learn mode starts afresh if it comes back.
     pub fn retain_observed(&self, keep: impl Fn(u32) -> bool) -> Result<(), KernelError> {
         let mut maps = self.lock();
-        let dests: Vec<DestKey> = maps
-            .dests
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !keep(k.agent))
-            .collect();
-        for k in dests {
-            ignore_missing(maps.dests.remove(&k)).map_err(map_err("LEARN_DESTS"))?;
-        }
-        let execs: Vec<ExecKey> = maps
-            .execs
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !keep(k.agent))
-            .collect();
-        for k in execs {
-            ignore_missing(maps.execs.remove(&k)).map_err(map_err("LEARN_EXECS"))?;
-        }
-        let names: Vec<LearnNameKey> = maps
-            .names
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !keep(k.agent))
-            .collect();
-        for k in names {
-            ignore_missing(maps.names.remove(&k)).map_err(map_err("LEARN_NAMES"))?;
-        }
-        Ok(())
+        remove_where(&mut maps.dests, "LEARN_DESTS", |k| !keep(k.agent))?;
+        remove_where(&mut maps.execs, "LEARN_EXECS", |k| !keep(k.agent))?;
+        remove_where(&mut maps.names, "LEARN_NAMES", |k| !keep(k.agent))
     }
 
     /// Forgets everything of slot `id` (its agent is gone, or a new one takes the slot).
@@ -211,6 +186,23 @@ pub fn wall(ts_ns: u64) -> String {
         Some((seconds, _)) => format!("{seconds}Z"),
         None => full,
     }
+}
+
+/// Removes the entries of `map` whose key `gone` says.
+fn remove_where<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    gone: impl Fn(&K) -> bool,
+) -> Result<(), KernelError> {
+    let keys: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| gone(k))
+        .collect();
+    for k in keys {
+        ignore_missing(map.remove(&k)).map_err(map_err(name))?;
+    }
+    Ok(())
 }
 
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {

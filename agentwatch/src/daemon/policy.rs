@@ -282,7 +282,7 @@ impl State {
     /// Drops the rule counts of rules no longer configured and learn mode's records of agents
     /// no longer in learn mode (or gone), so that neither `status --rules` nor `learn` shows
     /// what the config in force no longer says.
-    pub(super) fn sync_learn(&self) {
+    fn sync_learn(&self) {
         let mut rules: BTreeMap<u32, std::collections::HashSet<u64>> = BTreeMap::new();
         let mut learning = std::collections::HashSet::new();
         for a in &self.config.agents {
