@@ -104,8 +104,9 @@ pub fn thousands(n: u64) -> String {
     out
 }
 
-/// Runs `aw-probe --cgroup DIR ARGS` (a `time-*` command) and returns its `ns_per_call`.
-pub fn ns_per_call(cgroup: &Path, args: &[&str]) -> f64 {
+/// Runs `aw-probe --cgroup DIR ARGS` (a `time-*` command) and returns its (`ns_per_call`,
+/// `cpu_ns_per_call`): wall time, and the CPU time of the calling thread.
+pub fn probe_times(cgroup: &Path, args: &[&str]) -> (f64, f64) {
     let o = Command::new(probe_bin())
         .arg("--cgroup")
         .arg(cgroup)
@@ -115,7 +116,23 @@ pub fn ns_per_call(cgroup: &Path, args: &[&str]) -> f64 {
         .expect("running aw-probe");
     assert!(o.status.success(), "aw-probe {args:?}: {:?}", o.status);
     let v: Value = serde_json::from_slice(&o.stdout).expect("aw-probe JSON");
-    v["ns_per_call"].as_f64().expect("ns_per_call")
+    (
+        v["ns_per_call"].as_f64().expect("ns_per_call"),
+        v["cpu_ns_per_call"].as_f64().expect("cpu_ns_per_call"),
+    )
+}
+
+/// Wall time per call of a `time-*` command of aw-probe run in `cgroup`.
+pub fn ns_per_call(cgroup: &Path, args: &[&str]) -> f64 {
+    probe_times(cgroup, args).0
+}
+
+/// CPU time per call of the calling thread (CLOCK_THREAD_CPUTIME_ID) of a `time-*` command of
+/// aw-probe run in `cgroup`. The hooks' cost without the time the probe spent preempted by
+/// other work of a shared host (the loopback packet's softirq work runs in the caller's
+/// context, so it is counted).
+pub fn cpu_ns_per_call(cgroup: &Path, args: &[&str]) -> f64 {
+    probe_times(cgroup, args).1
 }
 
 /// An nftables table of the bench's own: the same allow-list as an agent's, for the sockets of
