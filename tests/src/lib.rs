@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod bench;
 pub mod dns;
 pub mod prom;
 

@@ -13,6 +13,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -37,8 +38,14 @@ enum Cmd {
     Test,
     /// rustfmt check, clippy -D warnings on the host crates and, separately, on the eBPF crate.
     Lint,
-    /// Set up, then run the benchmarks (release build) and print their numbers.
-    Bench,
+    /// Set up, then run the benchmarks (release build, needs root): writes BENCHMARKS.md and
+    /// target/bench.json.
+    Bench {
+        /// A small version of every section (about two minutes; CI runs it so the benchmarks
+        /// never rot). Writes target/BENCHMARKS.quick.md instead of BENCHMARKS.md.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 /// bpf-linker release that matches the nightly's LLVM (see kernel-and-toolchain.md).
@@ -52,7 +59,7 @@ fn main() -> ExitCode {
         Cmd::Run { args } => setup().and_then(|()| run(&args)),
         Cmd::Test => setup().and_then(|()| lint()).and_then(|()| test()),
         Cmd::Lint => setup().and_then(|()| lint()),
-        Cmd::Bench => setup().and_then(|()| bench()),
+        Cmd::Bench { quick } => setup().and_then(|()| bench(quick)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -258,15 +265,18 @@ enum Present {
 /// network namespaces), util-linux (`setpriv`, to run a client as an unprivileged user),
 /// prometheus (`prometheus` and `promtool`, for tests/tests/operators.rs: a real Prometheus
 /// scrapes a daemon, promtool checks the scrape and the alerting rules), python3-venv (the
-/// virtualenv kubernetes-validate goes into) and systemd (`systemd-analyze verify`, which checks
-/// the units in deploy/systemd/ without a running systemd).
-const DEBIAN_PACKAGES: [(Present, &str); 6] = [
+/// virtualenv kubernetes-validate goes into, and the one the benchmarks' `pip install` uses),
+/// systemd (`systemd-analyze verify`, which checks the units in deploy/systemd/ without a
+/// running systemd) and nftables (`nft`: the benchmarks compare the egress hooks with an
+/// nftables table holding the same allow-list).
+const DEBIAN_PACKAGES: [(Present, &str); 7] = [
     (Present::Bin("ip"), "iproute2"),
     (Present::Bin("setpriv"), "util-linux"),
     (Present::File("/usr/bin/prometheus"), "prometheus"),
     (Present::File("/usr/bin/promtool"), "prometheus"),
     (Present::PyModule("ensurepip"), "python3-venv"),
     (Present::File("/usr/bin/systemd-analyze"), "systemd"),
+    (Present::File("/usr/sbin/nft"), "nftables"),
 ];
 
 /// The system's own Python, not whatever a version manager (pyenv, conda) put first on PATH:
@@ -477,23 +487,306 @@ fn test() -> Result<()> {
     Ok(())
 }
 
-fn bench() -> Result<()> {
+/// The benchmark sections of issue 11, in the order BENCHMARKS.md shows them: the test in
+/// tests/tests/bench.rs and the heading.
+const SECTIONS: [(&str, &str); 6] = [
+    ("egress", "1. Egress hook cost"),
+    ("syscalls", "2. Syscall monitor cost"),
+    ("workload", "3. A real agent's workload"),
+    ("containment", "4. Containment"),
+    ("events", "5. Events and the trail"),
+    ("scale", "6. Scale"),
+];
+
+fn target_dir() -> PathBuf {
+    env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|p| {
+            if p.is_absolute() {
+                p
+            } else {
+                workspace_root().join(p)
+            }
+        })
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Runs every section (one `cargo test` of tests/tests/bench.rs each, so one that fails does
+/// not stop the others), then renders what they wrote. Fails if a section failed or produced
+/// no numbers.
+fn bench(quick: bool) -> Result<()> {
     if !is_root() {
         bail!("the benchmarks load BPF programs and make cgroups: run them as root");
     }
+    let command = if quick {
+        "cargo xtask bench --quick"
+    } else {
+        "cargo xtask bench"
+    };
+    let started = Instant::now();
     cargo(&["build", "--release", "--bins"])?;
-    cargo(&[
-        "test",
-        "--release",
-        "--package",
-        "agentwatch-tests",
-        "--test",
-        "bench",
-        "--",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
+    let target = target_dir();
+    fs::create_dir_all(&target)?;
+    let lines_file = target.join("bench-lines.jsonl");
+    let _ = fs::remove_file(&lines_file);
+    let bench_exe = bench_executable()?;
+    let mut seconds = Vec::new();
+    let mut failed = Vec::new();
+    for (key, title) in SECTIONS {
+        eprintln!("xtask: bench section {title}");
+        let t = Instant::now();
+        let ok = Command::new(&bench_exe)
+            .args([
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+                "--exact",
+                key,
+            ])
+            .env("AGENTWATCH_BENCH_OUT", &lines_file)
+            .env("AGENTWATCH_BENCH_QUICK", if quick { "1" } else { "0" })
+            // Where `cargo test` runs a test: its package's folder.
+            .current_dir(workspace_root().join("tests"))
+            .status()
+            .with_context(|| format!("running {}", bench_exe.display()))?
+            .success();
+        seconds.push(t.elapsed().as_secs_f64());
+        if !ok {
+            failed.push(key);
+        }
+    }
+    let records: Vec<Value> = fs::read_to_string(&lines_file)
+        .unwrap_or_default()
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .context("reading the sections' results")?;
+    let total = started.elapsed().as_secs_f64();
+    let host = Host::read(command, quick, total);
+    let json_path = target.join("bench.json");
+    fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&bench_json(&host, &records, &seconds))?,
+    )?;
+    let md = render_markdown(&host, &records, &seconds);
+    let md_path = if quick {
+        target.join("BENCHMARKS.quick.md")
+    } else {
+        workspace_root().join("BENCHMARKS.md")
+    };
+    fs::write(&md_path, md)?;
+    eprintln!(
+        "xtask: bench took {total:.0}s; wrote {} and {}",
+        md_path.display(),
+        json_path.display()
+    );
+    let empty: Vec<&str> = SECTIONS
+        .iter()
+        .map(|(key, _)| *key)
+        .filter(|key| {
+            !records
+                .iter()
+                .any(|r| r["section"] == *key && r["kind"] == "row")
+        })
+        .collect();
+    if !failed.is_empty() || !empty.is_empty() {
+        bail!("bench sections failed: {failed:?}; sections without numbers: {empty:?}");
+    }
+    Ok(())
+}
+
+/// Builds tests/tests/bench.rs (release) and returns its executable: the sections then run it
+/// directly, one after the other, without a cargo run (and its build scripts) between them.
+fn bench_executable() -> Result<PathBuf> {
+    let out = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "test",
+            "--release",
+            "--package",
+            "agentwatch-tests",
+            "--test",
+            "bench",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(workspace_root())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("building the benchmarks")?;
+    if !out.status.success() {
+        bail!("building the benchmarks failed: {}", out.status);
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "bench")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .context("cargo built no executable for tests/tests/bench.rs")
+}
+
+/// What BENCHMARKS.md says about the machine and the run.
+struct Host {
+    command: String,
+    quick: bool,
+    kernel: String,
+    cpus: usize,
+    cpu_model: String,
+    date: String,
+    total_seconds: f64,
+}
+
+impl Host {
+    fn read(command: &str, quick: bool, total_seconds: f64) -> Self {
+        let cpu_model = fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find_map(|l| l.strip_prefix("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, m)| m.trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        Self {
+            command: command.into(),
+            quick,
+            kernel: output(Command::new("uname").arg("-r"))
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default(),
+            cpus: std::thread::available_parallelism().map_or(0, usize::from),
+            cpu_model,
+            date: output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default(),
+            total_seconds,
+        }
+    }
+}
+
+fn bench_json(host: &Host, records: &[Value], seconds: &[f64]) -> Value {
+    let sections: serde_json::Map<String, Value> = SECTIONS
+        .iter()
+        .zip(seconds)
+        .map(|((key, title), secs)| {
+            let of = |kind: &str| -> Vec<Value> {
+                records
+                    .iter()
+                    .filter(|r| r["section"] == *key && r["kind"] == kind)
+                    .cloned()
+                    .collect()
+            };
+            (
+                (*key).to_owned(),
+                json!({"title": title, "seconds": secs, "rows": of("row"),
+                    "notes": of("note"), "targets": of("target")}),
+            )
+        })
+        .collect();
+    json!({"command": host.command, "quick": host.quick, "kernel": host.kernel,
+        "cpus": host.cpus, "cpu_model": host.cpu_model, "date": host.date,
+        "total_seconds": host.total_seconds, "sections": sections})
+}
+
+/// A Markdown table cell: no pipes or line breaks inside.
+fn cell(v: &Value) -> String {
+    let s = match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+fn render_markdown(host: &Host, records: &[Value], seconds: &[f64]) -> String {
+    use std::fmt::Write as _;
+    let mut md = String::new();
+    let _ = writeln!(md, "# agentwatch benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Written by `{}` ({}) on {}: kernel {}, {} CPUs ({}), {:.0} s in all.{}\n",
+        host.command,
+        if host.quick {
+            "quick: fewer rounds, smaller sizes"
+        } else {
+            "full run"
+        },
+        host.date,
+        host.kernel,
+        host.cpus,
+        host.cpu_model,
+        host.total_seconds,
+        if host.quick {
+            ""
+        } else {
+            " Absolute times drift between runs and machines; the ratios inside one run are what to quote."
+        }
+    );
+    let targets: Vec<&Value> = records.iter().filter(|r| r["kind"] == "target").collect();
+    let _ = writeln!(md, "## Summary: the targets of issue 11\n");
+    let _ = writeln!(
+        md,
+        "| section | target | measured | standing |\n| --- | --- | --- | --- |"
+    );
+    for (key, title) in SECTIONS {
+        for t in targets.iter().filter(|t| t["section"] == key) {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} |",
+                title.split_once(". ").map_or(title, |(_, t)| t),
+                cell(&t["target"]),
+                cell(&t["measured"]),
+                if t["met"] == true { "met" } else { "missed" }
+            );
+        }
+    }
+    md.push('\n');
+    for ((key, title), secs) in SECTIONS.iter().zip(seconds) {
+        let _ = writeln!(md, "## {title}\n");
+        let rows: Vec<&Value> = records
+            .iter()
+            .filter(|r| r["section"] == *key && r["kind"] == "row")
+            .collect();
+        if rows.is_empty() {
+            let _ = writeln!(
+                md,
+                "No numbers: the section failed (see the run's output).\n"
+            );
+        }
+        let mut tables: Vec<&str> = Vec::new();
+        for r in &rows {
+            let t = r["table"].as_str().unwrap_or_default();
+            if !tables.contains(&t) {
+                tables.push(t);
+            }
+        }
+        for t in tables {
+            let mut of_table = rows.iter().filter(|r| r["table"] == t).peekable();
+            let Some(first) = of_table.peek() else {
+                continue;
+            };
+            let columns: Vec<String> = first["columns"]
+                .as_array()
+                .map(|c| c.iter().map(cell).collect())
+                .unwrap_or_default();
+            let _ = writeln!(md, "{t}:\n");
+            let _ = writeln!(md, "| {} |", columns.join(" | "));
+            let _ = writeln!(md, "|{}", " --- |".repeat(columns.len()));
+            for r in of_table {
+                let cells: Vec<String> = r["cells"]
+                    .as_array()
+                    .map(|c| c.iter().map(cell).collect())
+                    .unwrap_or_default();
+                let _ = writeln!(md, "| {} |", cells.join(" | "));
+            }
+            md.push('\n');
+        }
+        for n in records
+            .iter()
+            .filter(|r| r["section"] == *key && r["kind"] == "note")
+        {
+            let _ = writeln!(md, "{}\n", n["text"].as_str().unwrap_or_default());
+        }
+        let _ = writeln!(md, "_Section run time: {secs:.0} s._\n");
+    }
+    md
 }
 
 /// `N` in "ok. N passed; M failed; ..." for `what` = "passed".

@@ -1,7 +1,10 @@
 //! Behaviour: every agent's counters into its monitor ten times a second, and the breaker's
 //! transitions turned into actions.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::LazyLock,
+    time::{Duration, Instant},
+};
 
 use agentwatch_common::{AGENT_FLAG_DENY_ALL, AGENT_FLAG_TRIPPED, AgentCounters, VERDICT_DENIED};
 use anyhow::Result;
@@ -16,10 +19,29 @@ use crate::{
 /// How often every agent's counters are fed to its behaviour monitor.
 pub(super) const TICK: Duration = Duration::from_millis(100);
 
+/// How long each tick took (`agentwatch_tick_seconds`): the tick reads every agent's counters
+/// ten times a second, so this is what grows with the number of agents, and a tick near TICK
+/// long would delay the breaker. Kept across scrapes (unlike the per-scrape registry of
+/// metrics.rs), so its sum and count cover the daemon's whole life.
+pub(super) static TICK_SECONDS: LazyLock<Option<prometheus::Histogram>> = LazyLock::new(|| {
+    prometheus::Histogram::with_opts(
+        prometheus::HistogramOpts::new(
+            "agentwatch_tick_seconds",
+            "Time one behaviour tick (every agent's counters read, breakers judged) took",
+        )
+        // 10 us .. about 1.3 s: from one idle agent to far past the 100 ms period.
+        .buckets(prometheus::exponential_buckets(1e-5, 2.0, 18).unwrap_or_default()),
+    )
+    .ok()
+});
+
 impl State {
     /// One tick of the behaviour monitor: every agent's counters into its monitor.
     pub(super) fn tick(&mut self) {
         let now = Instant::now();
+        let _timer = TICK_SECONDS
+            .as_ref()
+            .map(prometheus::Histogram::start_timer);
         let names: Vec<String> = self.agents.names().map(str::to_owned).collect();
         for name in names {
             let Ok(c) = self.agents.counters(&name) else {

@@ -9,7 +9,7 @@ use agentwatch_common::{
 use anyhow::Result;
 use serde_json::{Value, json};
 
-use super::{Shared, State, lock};
+use super::{Shared, State, behaviour, lock};
 use crate::{
     breaker::{Monitor, Signal, State as BreakerState},
     cgroup::Cgroup,
@@ -196,7 +196,10 @@ pub(super) async fn serve_metrics(state: Shared, listener: tokio::net::TcpListen
                 match snapshot
                     .map_err(|e| e.to_string())
                     .and_then(|s| metrics::render(&s).map_err(|e| e.to_string()))
-                {
+                    .map(|mut text| {
+                        text.push_str(&tick_metric());
+                        text
+                    }) {
                     Ok(text) => (
                         axum::http::StatusCode::OK,
                         [(
@@ -216,6 +219,24 @@ pub(super) async fn serve_metrics(state: Shared, listener: tokio::net::TcpListen
     );
     axum::serve(listener, app).await?;
     Ok(())
+}
+
+/// `agentwatch_tick_seconds` in the text format (empty if it could not be made).
+fn tick_metric() -> String {
+    use prometheus::Encoder as _;
+    let Some(h) = behaviour::TICK_SECONDS.as_ref() else {
+        return String::new();
+    };
+    let r = prometheus::Registry::new();
+    let mut out = Vec::new();
+    if r.register(Box::new(h.clone())).is_err()
+        || prometheus::TextEncoder::new()
+            .encode(&r.gather(), &mut out)
+            .is_err()
+    {
+        return String::new();
+    }
+    String::from_utf8(out).unwrap_or_default()
 }
 
 pub(super) fn round(v: f64) -> f64 {

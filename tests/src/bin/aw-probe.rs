@@ -23,7 +23,8 @@
 //!   line per child: `{"program":P,"exit":CODE,"signal":SIG}`
 //! - `getppid N`: call getppid() N times
 //! - `time-sendto ADDR PORT N`: N UDP sends in batches of 1000; prints the median batch's
-//!   nanoseconds per send as `{"ns_per_call":X}`
+//!   nanoseconds per send as `{"ns_per_call":X,"cpu_ns_per_call":Y}` (every `time-*` command
+//!   prints both: wall time, and the CPU time of the calling thread)
 //! - `time-socket N`, `time-getppid N`: N socket()+close() pairs / getppid() calls in batches
 //!   of 1000; prints the median batch's nanoseconds per call as `{"ns_per_call":X}`
 //! - `fork-tree CHILDREN GRANDCHILDREN`: fork CHILDREN children that each fork GRANDCHILDREN
@@ -59,6 +60,13 @@
 //!   `{"op":"with-resolv-conf","step":S,"errno":E}` and exits 104
 //! - `time-connect ADDR PORT N`: N TCP connects to a closed port (each must get ECONNREFUSED)
 //!   in batches of 1000; prints the median batch's nanoseconds per connect as `{"ns_per_call":X}`
+//! - `time-send ADDR PORT N`: N send() calls on one connected UDP socket, in batches of 1000;
+//!   prints the median batch's nanoseconds per send as `{"ns_per_call":X}`
+//! - `time-fork-exec PROGRAM N`: N fork + exec of PROGRAM (no arguments) + wait, in batches of
+//!   50; prints the median batch's nanoseconds per run as `{"ns_per_call":X}`
+//! - `flood ADDR PORT SECS`: UDP sends as fast as they go for SECS; prints
+//!   `{"op":"flood","ok":[per second],"eperm":[per second],"other":N}` (second i: calls made
+//!   between i and i+1 seconds after the start)
 
 use std::{
     io::{Read as _, Write as _},
@@ -268,6 +276,32 @@ fn main() -> ExitCode {
                 )
             })
         }
+        ["time-send", addr, port, n] => {
+            let (Some(dest), Ok(n)) = (dest(addr, port), n.parse::<usize>()) else {
+                return usage("bad ADDR PORT N");
+            };
+            let Ok(socket) = udp_socket(&dest).and_then(|s| s.connect(dest).map(|()| s)) else {
+                return ExitCode::from(101);
+            };
+            time_calls(n, || socket.send(b"t").is_ok())
+        }
+        ["time-fork-exec", program, n] => {
+            let Ok(n) = n.parse::<usize>() else {
+                return usage("bad N");
+            };
+            time_batches(n, 50, || {
+                Command::new(program)
+                    .stdin(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            })
+        }
+        ["flood", addr, port, secs] => {
+            let (Some(dest), Ok(secs)) = (dest(addr, port), secs.parse::<u64>()) else {
+                return usage("flood ADDR PORT SECS");
+            };
+            flood(dest, secs)
+        }
         ["uring-connect", addr, port] => {
             let Some(dest) = dest(addr, port) else {
                 return usage("bad ADDR PORT");
@@ -360,20 +394,7 @@ fn main() -> ExitCode {
             let Ok(socket) = udp_socket(&dest) else {
                 return ExitCode::from(101);
             };
-            let mut batches = Vec::new();
-            for _ in 0..n.div_ceil(1000) {
-                let t = std::time::Instant::now();
-                for _ in 0..1000 {
-                    if socket.send_to(b"t", dest).is_err() {
-                        return ExitCode::from(103);
-                    }
-                }
-                batches.push(t.elapsed().as_nanos() as f64 / 1000.0);
-            }
-            batches.sort_by(f64::total_cmp);
-            let median = batches.get(batches.len() / 2).copied().unwrap_or(0.0);
-            println!("{}", serde_json::json!({"ns_per_call": median}));
-            ExitCode::SUCCESS
+            time_calls(n, || socket.send_to(b"t", dest).is_ok())
         }
         ["upload", addr, port, secs] => {
             let (Ok(dest), Ok(secs)) = (
@@ -469,20 +490,73 @@ fn main() -> ExitCode {
 
 /// Runs `call` `n` times in batches of 1000; prints the median batch's nanoseconds per call as
 /// `{"ns_per_call":X}`. A call returning false ends the run with exit code 103.
-fn time_calls(n: usize, mut call: impl FnMut() -> bool) -> ExitCode {
-    let mut batches = Vec::new();
-    for _ in 0..n.div_ceil(1000) {
-        let t = std::time::Instant::now();
-        for _ in 0..1000 {
+fn time_calls(n: usize, call: impl FnMut() -> bool) -> ExitCode {
+    time_batches(n, 1000, call)
+}
+
+/// [`time_calls`] with batches of `batch` calls (slow calls need smaller batches to give a
+/// median of several).
+fn time_batches(n: usize, batch: usize, mut call: impl FnMut() -> bool) -> ExitCode {
+    let (mut wall, mut cpu) = (Vec::new(), Vec::new());
+    for _ in 0..n.div_ceil(batch) {
+        let (t, c) = (std::time::Instant::now(), thread_cpu_ns());
+        for _ in 0..batch {
             if !call() {
                 return ExitCode::from(103);
             }
         }
-        batches.push(t.elapsed().as_nanos() as f64 / 1000.0);
+        wall.push(t.elapsed().as_nanos() as f64 / batch as f64);
+        cpu.push((thread_cpu_ns() - c) as f64 / batch as f64);
     }
-    batches.sort_by(f64::total_cmp);
-    let median = batches.get(batches.len() / 2).copied().unwrap_or(0.0);
-    println!("{}", serde_json::json!({ "ns_per_call": median }));
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    println!(
+        "{}",
+        serde_json::json!({ "ns_per_call": median(&mut wall), "cpu_ns_per_call": median(&mut cpu) })
+    );
+    ExitCode::SUCCESS
+}
+
+/// CPU time this thread has used (CLOCK_THREAD_CPUTIME_ID), in ns: unlike wall time, it does
+/// not count the time the probe waits while another process of a busy host runs.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes only into `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// UDP sends to `dest` as fast as they go for `secs` seconds, counted per second by result.
+fn flood(dest: SocketAddr, secs: u64) -> ExitCode {
+    let Ok(socket) = udp_socket(&dest) else {
+        return ExitCode::from(101);
+    };
+    let slots = usize::try_from(secs).unwrap_or(0);
+    let (mut ok, mut eperm, mut other) = (vec![0u64; slots], vec![0u64; slots], 0u64);
+    let start = Instant::now();
+    loop {
+        let r = socket.send_to(b"f", dest);
+        let Ok(i) = usize::try_from(start.elapsed().as_secs()) else {
+            break;
+        };
+        if i >= slots {
+            break;
+        }
+        match r {
+            Ok(_) => ok[i] += 1,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm[i] += 1,
+            Err(_) => other += 1,
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"op": "flood", "ok": ok, "eperm": eperm, "other": other})
+    );
     ExitCode::SUCCESS
 }
 
