@@ -20,6 +20,12 @@ use crate::{
 /// How long kill and freeze wait for the kernel before they report failure.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 pub(super) const FREEZE_WAIT: Duration = Duration::from_secs(5);
+/// A peer has this long to send its request line, and again to take the answer: one that
+/// stalls is dropped, and holds nothing but its own connection meanwhile.
+pub(super) const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once. Beyond it a new peer is told the daemon is busy and dropped, so
+/// no number of idle peers can use up the daemon's file descriptors.
+pub(super) const MAX_CONNECTIONS: usize = 4096;
 /// Most lines a `Recent` request returns, and how far back from the trail's end it reads.
 const RECENT_MAX: usize = 1000;
 const RECENT_BYTES: u64 = 512 * 1024;
@@ -29,15 +35,40 @@ pub(super) async fn serve(
     listener: UnixListener,
     admin_gid: Option<u32>,
 ) -> Result<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors (or memory): the listener itself is fine. Serving
+                // stops for a moment, not for good.
+                tracing::warn!("control socket: accepting a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tokio::spawn(async move {
+                let _ = answer(stream, &Response::err("busy: too many control connections")).await;
+            });
+            continue;
+        };
         let state = Arc::clone(&state);
         tokio::spawn(async move {
             if let Err(e) = control_connection(state, stream, admin_gid).await {
                 tracing::debug!("control connection: {e:#}");
             }
+            drop(slot);
         });
     }
+}
+
+/// Writes one response line to `stream` within [`PEER_TIMEOUT`].
+async fn answer(mut stream: UnixStream, response: &Response) -> Result<()> {
+    let mut line = serde_json::to_vec(response)?;
+    line.push(b'\n');
+    tokio::time::timeout(PEER_TIMEOUT, stream.write_all(&line)).await??;
+    Ok(())
 }
 
 async fn control_connection(
@@ -53,22 +84,31 @@ async fn control_connection(
             gid,
             "control socket: refused a peer that is not root or an admin"
         );
-        let mut line = serde_json::to_vec(&Response::err(format!(
+        let refusal = Response::err(format!(
             "permission denied: uid {uid} is not root{}",
             if admin_gid.is_some() {
                 " or in the admin group"
             } else {
                 ""
             }
-        )))?;
-        line.push(b'\n');
-        stream.write_all(&line).await?;
-        return Ok(());
+        ));
+        return answer(stream, &refusal).await;
     }
     let (read, mut write) = stream.split();
     let mut reader = BufReader::new(read.take(control::MAX_REQUEST as u64));
     let mut line = String::new();
-    reader.read_line(&mut line).await?;
+    match tokio::time::timeout(PEER_TIMEOUT, reader.read_line(&mut line)).await {
+        Ok(read) => {
+            read?;
+        }
+        Err(_) => {
+            tracing::debug!(
+                uid,
+                "control socket: dropped a peer that sent no request line in time"
+            );
+            return Ok(());
+        }
+    }
     let response = match serde_json::from_str::<Request>(&line) {
         Ok(req) => {
             tracing::debug!(?req, uid, "control request");
@@ -86,7 +126,7 @@ async fn control_connection(
     };
     let mut out = serde_json::to_vec(&response)?;
     out.push(b'\n');
-    write.write_all(&out).await?;
+    tokio::time::timeout(PEER_TIMEOUT, write.write_all(&out)).await??;
     Ok(())
 }
 

@@ -78,6 +78,31 @@ fn lock(state: &Shared) -> MutexGuard<'_, State> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Raises the soft limit on open files to the hard one: the daemon holds a descriptor per map,
+/// program, link and control peer, and the usual soft limit (1,024) is far below what the
+/// control socket's connection cap allows.
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0
+        }
+    };
+    if raised {
+        tracing::debug!(limit = lim.rlim_cur, "open files limit");
+    } else {
+        tracing::warn!(
+            "could not raise the open files limit: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Runs the daemon until SIGINT or SIGTERM.
 pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
     match &source {
@@ -93,6 +118,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
     }
     let socket_path = config.daemon.control_socket.clone();
     refuse_if_running(&socket_path)?;
+    raise_nofile();
     let mount = cgroup::cgroup2_mount()?;
     tracing::info!(mount = %mount.display(), "cgroup2 found");
     // Read before the trail is opened for writing: what it ends with is what was written.
