@@ -96,8 +96,10 @@ async fn control_connection(
     }
     let (read, mut write) = stream.split();
     let mut reader = BufReader::new(read.take(control::MAX_REQUEST as u64));
-    let mut line = String::new();
-    match tokio::time::timeout(PEER_TIMEOUT, reader.read_line(&mut line)).await {
+    // Bytes, not a String: a request that is not UTF-8 gets "bad request" like any other
+    // malformed one, rather than a dropped connection.
+    let mut line = Vec::new();
+    match tokio::time::timeout(PEER_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
         Ok(read) => {
             read?;
         }
@@ -109,7 +111,7 @@ async fn control_connection(
             return Ok(());
         }
     }
-    let response = match serde_json::from_str::<Request>(&line) {
+    let response = match serde_json::from_slice::<Request>(&line) {
         Ok(req) => {
             tracing::debug!(?req, uid, "control request");
             let state = Arc::clone(&state);
@@ -225,6 +227,39 @@ impl State {
         Ok(json!({ "processes": n }))
     }
 
+    /// Finishes kill switches an earlier daemon did not (it died after revoking egress, which
+    /// held all along, and before killing the tree): a killed agent has no process left.
+    pub(super) fn finish_kills(&mut self) {
+        let names: Vec<String> = self.agents.names().map(str::to_owned).collect();
+        for name in names {
+            let killed = self
+                .agents
+                .info(&name)
+                .is_some_and(|i| i.state.flags & AGENT_FLAG_KILLED != 0);
+            let left = self
+                .agents
+                .cgroup(&name)
+                .and_then(|cg| cg.all_pids().ok())
+                .map_or(0, |p| p.len());
+            if !killed || left == 0 {
+                continue;
+            }
+            match self.kill_tree(&name, AGENT_FLAG_KILLED) {
+                Ok(n) => {
+                    tracing::warn!(agent = %name, processes = n, "finished a kill switch an earlier daemon did not");
+                    self.audit_agent(
+                        &name,
+                        "killed",
+                        json!({ "actor_uid": null, "processes": n, "finished_after_restart": true }),
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(agent = %name, "finishing an interrupted kill switch: {e}")
+                }
+            }
+        }
+    }
+
     /// Egress denied in the kernel first (nothing more leaves, even from a process that
     /// survives a moment), then the whole tree killed at once. Returns how many processes died.
     pub(super) fn kill_tree(&mut self, agent: &str, extra_flags: u32) -> Result<usize, String> {
@@ -232,6 +267,7 @@ impl State {
         self.agents
             .update_flags(agent, AGENT_FLAG_DENY_ALL | extra_flags, 0)
             .map_err(|e| e.to_string())?;
+        crate::crash::point("kill.denied");
         let before = cg.all_pids().map_err(|e| e.to_string())?;
         cg.kill().map_err(|e| e.to_string())?;
         cg.wait_empty(KILL_WAIT).map_err(|e| e.to_string())?;

@@ -119,6 +119,16 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
     let socket_path = config.daemon.control_socket.clone();
     refuse_if_running(&socket_path)?;
     raise_nofile();
+    // Bound before anything is guarded: a port in use is a config error reported at once, not
+    // a daemon that stops halfway through starting.
+    let metrics_addr = config.daemon.metrics_listen;
+    let metrics = tokio::net::TcpListener::bind(metrics_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "binding metrics_listen {metrics_addr} (is another daemon or program using it?)"
+            )
+        })?;
     let mount = cgroup::cgroup2_mount()?;
     tracing::info!(mount = %mount.display(), "cgroup2 found");
     // Read before the trail is opened for writing: what it ends with is what was written.
@@ -146,7 +156,6 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         .take_events()
         .context("the event ring buffer was already taken")?;
     let dns = start_dns(&config, &agents, &audit)?;
-    let metrics_addr = config.daemon.metrics_listen;
     let last_seen = match &source {
         ConfigSource::File(p) => std::fs::read(p).ok(),
         ConfigSource::EmbeddedDefault => None,
@@ -168,6 +177,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         dns,
     };
     state.apply(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    state.finish_kills();
     let stale = state.agents.forget_stale()?;
     if stale.states > 0 || !stale.link_dirs.is_empty() {
         tracing::info!(states = stale.states, links = ?stale.link_dirs, "removed what an earlier daemon left for agents no longer configured");
@@ -186,9 +196,6 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         &socket_path,
         lock(&state).config.daemon.admin_group.as_deref(),
     )?;
-    let metrics = tokio::net::TcpListener::bind(metrics_addr)
-        .await
-        .with_context(|| format!("binding metrics_listen {metrics_addr}"))?;
     tracing::info!(control_socket = %socket_path.display(), metrics = %format!("http://{}/metrics", metrics.local_addr()?), "agentwatch running");
 
     let admin_gid = lock(&state)

@@ -134,12 +134,18 @@ impl State {
         }
 
         // 2. Switch.
+        if !prepared.is_empty() {
+            crate::crash::point("reload.prepared");
+        }
         let mut summary = Vec::new();
-        for (p, endpoint) in prepared {
+        for (i, (p, endpoint)) in prepared.into_iter().enumerate() {
             let name = p.name().to_owned();
             self.agents
                 .commit_policy(p)
                 .map_err(|e| format!("switching a policy: {e}"))?;
+            if i == 0 {
+                crate::crash::point("reload.switched_one");
+            }
             let Some(a) = new.agent(&name) else { continue };
             let served = match (!self.wants_dns(a), endpoint) {
                 (true, _) => {
