@@ -67,6 +67,9 @@ struct State {
     /// The DNS forwarder of agents with hostname rules (its tasks run beside this state and
     /// never take its lock).
     dns: dns::Forwarder,
+    /// Configured agents whose cgroup was removed from under the daemon: out of the config in
+    /// force until their cgroup exists again (`sweep::sweep_vanished`).
+    vanished: Vec<crate::config::Agent>,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -175,6 +178,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         monitors: BTreeMap::new(),
         swept: sweep::Swept::default(),
         dns,
+        vanished: Vec::new(),
     };
     state.apply(config).map_err(|e| anyhow::anyhow!("{e}"))?;
     state.finish_kills();
