@@ -289,6 +289,7 @@ impl Agents {
                     .set(id, policy.lease.map(lease::deadline_in))?;
                 self.kernel.exec.sync(id, policy.exec_allow.as_deref())?;
                 self.write_state(cgroup_id, state)?;
+                crate::crash::point("guard.state");
                 (state, Guarding::New)
             }
         };

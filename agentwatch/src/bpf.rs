@@ -42,7 +42,7 @@ pub enum KernelError {
     },
     #[error("eBPF program {0} is missing from the object")]
     MissingProgram(&'static str),
-    #[error("attaching {name} to {cgroup}: {source}")]
+    #[error("attaching {name} to {cgroup}: {}", attach_detail(.source))]
     Attach {
         name: &'static str,
         cgroup: String,
@@ -85,6 +85,29 @@ pub enum KernelError {
 /// The error of a failed write to map `name`, for `map_err`.
 pub(crate) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> KernelError {
     move |source| KernelError::Map { name, source }
+}
+
+/// What went wrong attaching a program, with the kernel's errno (aya's message alone names
+/// only the syscall), and what to do where the usual cause is known.
+fn attach_detail(source: &ProgramError) -> String {
+    let mut text = source.to_string();
+    let mut errno = None;
+    let mut next = std::error::Error::source(source);
+    while let Some(e) = next {
+        text.push_str(&format!(": {e}"));
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            errno = io.raw_os_error();
+        }
+        next = e.source();
+    }
+    if errno == Some(libc::EPERM) {
+        text.push_str(
+            " (another program is attached to this cgroup at this hook exclusively, without \
+             BPF_F_ALLOW_MULTI, and agentwatch cannot attach beside it: detach that program \
+             (`bpftool cgroup show PATH` lists it) or guard another cgroup)",
+        );
+    }
+    text
 }
 
 /// Takes map `name` out of the object as a typed map.

@@ -21,6 +21,7 @@ pub mod bytes;
 pub mod cgroup;
 pub mod config;
 pub mod control;
+pub mod crash;
 pub mod daemon;
 pub mod demo;
 pub mod dns;

@@ -41,6 +41,8 @@ pub struct Snapshot {
     pub events_lost: u64,
     pub reloads_ok: u64,
     pub reloads_rejected: u64,
+    /// Audit lines that could not be written (full or read-only disk).
+    pub audit_lines_lost: u64,
 }
 
 const PROTOS: [(u8, &str); NUM_PROTOS] = [
@@ -114,6 +116,13 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
         "agentwatch_policy_reloads_total",
         "Policy reloads by result",
         &["result"],
+    )?;
+    let audit_lost = counter_vec(
+        &r,
+        "agentwatch_audit_lines_lost_total",
+        "Audit lines that could not be written (full or read-only disk); the trail marks each \
+         gap with an audit_lines_lost line once it is writable again",
+        &[],
     )?;
     let build = gauge_vec(
         &r,
@@ -296,6 +305,9 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
     reloads
         .with_label_values(&["rejected"])
         .inc_by(s.reloads_rejected);
+    audit_lost
+        .with_label_values(&[] as &[&str])
+        .inc_by(s.audit_lines_lost);
     build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.gather(), &mut out)?;
@@ -333,6 +345,7 @@ mod tests {
             events_lost: 2,
             reloads_ok: 4,
             reloads_rejected: 1,
+            audit_lines_lost: 2,
         })
         .unwrap();
         for line in [
@@ -357,6 +370,7 @@ mod tests {
             "agentwatch_dns_queries_total{agent=\"mailer\",verdict=\"malformed\"} 0",
             "agentwatch_dns_learned_addresses{agent=\"mailer\"} 3",
             "agentwatch_lease_seconds_left{agent=\"mailer\"} 42.5",
+            "agentwatch_audit_lines_lost_total 2",
             "agentwatch_rule_hits_total{agent=\"mailer\",rule=\"tcp 10.0.0.0/8 443\"} 4",
             "agentwatch_rule_hits_total{agent=\"mailer\",rule=\"udp ::1 53\"} 0",
         ] {

@@ -349,6 +349,8 @@ pub struct DaemonEnv {
     daemon_extra: String,
     log: PathBuf,
     child: Option<std::process::Child>,
+    /// Environment of the daemons started from now on (e.g. `AGENTWATCH_CRASH_AT`).
+    daemon_env: Vec<(String, String)>,
 }
 
 impl DaemonEnv {
@@ -367,6 +369,7 @@ impl DaemonEnv {
             daemon_extra: String::new(),
             dir,
             child: None,
+            daemon_env: Vec::new(),
         }
     }
 
@@ -412,6 +415,7 @@ impl DaemonEnv {
         let child = Command::new(agentwatch_bin())
             .args(["run", "--config"])
             .arg(&self.config)
+            .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
@@ -433,6 +437,35 @@ impl DaemonEnv {
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sets the environment of the daemons started from now on (replacing earlier settings).
+    pub fn set_daemon_env(&mut self, vars: &[(&str, &str)]) {
+        self.daemon_env = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+    }
+
+    /// Waits until the daemon exits by itself (a crash point); its signal, if a signal ended it.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        use std::os::unix::process::ExitStatusExt as _;
+        let mut child = self.child.take().expect("a daemon to wait for");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status.signal();
+            }
+            if start.elapsed() > timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the daemon did not exit within {timeout:?}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

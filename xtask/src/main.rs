@@ -15,6 +15,8 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 
+mod chaos;
+
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
 struct Cli {
@@ -46,6 +48,12 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Set up, then SIGKILL the daemon ROUNDS times inside reloads, guards, kill switches and
+    /// DNS answers while an agent probes: zero wrong verdicts, nothing leaked (needs root).
+    Chaos {
+        #[arg(long, default_value_t = 50)]
+        rounds: usize,
+    },
 }
 
 /// bpf-linker release that matches the nightly's LLVM (see kernel-and-toolchain.md).
@@ -60,6 +68,7 @@ fn main() -> ExitCode {
         Cmd::Test => setup().and_then(|()| lint()).and_then(|()| test()),
         Cmd::Lint => setup().and_then(|()| lint()),
         Cmd::Bench { quick } => setup().and_then(|()| bench(quick)),
+        Cmd::Chaos { rounds } => setup().and_then(|()| chaos::chaos(rounds)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -102,9 +111,15 @@ fn output(cmd: &mut Command) -> Option<String> {
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
+    cargo_env(args, &[])
+}
+
+/// `cargo ARGS` in the workspace with `vars` set.
+fn cargo_env(args: &[&str], vars: &[(&str, &str)]) -> Result<()> {
     sh(
         Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .args(args)
+            .envs(vars.iter().copied())
             .current_dir(workspace_root()),
     )
 }

@@ -18,7 +18,11 @@ use std::{
     collections::HashSet,
     io,
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
 };
 
 use serde_json::Value;
@@ -31,6 +35,8 @@ pub use writer::{Rotation, rfc3339, rotated};
 #[derive(Clone)]
 pub struct Audit {
     tx: mpsc::Sender<Message>,
+    /// Lines the writer could not write (full or read-only disk), since the daemon started.
+    lost: Arc<AtomicU64>,
 }
 
 impl Audit {
@@ -42,8 +48,15 @@ impl Audit {
 
     /// Like [`Audit::open`], rotating the file as `rotation` says.
     pub fn open_rotating(path: &Path, rotation: Option<Rotation>) -> io::Result<Self> {
-        let tx = writer::start(path, rotation)?;
-        Ok(Self { tx })
+        let lost = Arc::new(AtomicU64::new(0));
+        let tx = writer::start(path, rotation, Arc::clone(&lost))?;
+        Ok(Self { tx, lost })
+    }
+
+    /// Lines that could not be written since the daemon started (each is also in the count of
+    /// the `audit_lines_lost` line written when the trail works again).
+    pub fn lines_lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
     }
 
     /// Queues one record: `ts` (now, RFC 3339 UTC), `agent` and `kind` first, then `fields`.

@@ -12,7 +12,11 @@ use std::{
     fs::{File, OpenOptions},
     io::{self, Write as _},
     path::{Path, PathBuf},
-    sync::mpsc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
     time::{Duration, Instant},
 };
 
@@ -288,32 +292,100 @@ fn rotate(path: &Path, keep: u32) -> io::Result<()> {
     std::fs::rename(path, rotated(path, 1))
 }
 
-/// Opens the sink and starts the writer thread; returns the queue into it.
-pub(super) fn start(path: &Path, rotation: Option<Rotation>) -> io::Result<mpsc::Sender<Message>> {
+/// Opens the sink and starts the writer thread; returns the queue into it. `lost` counts the
+/// lines that could not be written.
+pub(super) fn start(
+    path: &Path,
+    rotation: Option<Rotation>,
+    lost: Arc<AtomicU64>,
+) -> io::Result<mpsc::Sender<Message>> {
     let sink = Sink::open(path, rotation)?;
     let (tx, rx) = mpsc::channel::<Message>();
     std::thread::Builder::new()
         .name("audit-writer".into())
-        .spawn(move || run(sink, &rx))?;
+        .spawn(move || run(sink, &rx, &lost))?;
     Ok(tx)
+}
+
+/// Lines that could not be written since the trail last worked: written into the trail, as an
+/// `audit_lines_lost` line chained like any other, as soon as it works again, so the trail
+/// itself says where it has a gap and how large.
+struct Gap {
+    count: u64,
+    first: time::OffsetDateTime,
+    last: time::OffsetDateTime,
+    error: String,
+}
+
+impl Gap {
+    fn record(&self) -> Record {
+        Record {
+            ts: time::OffsetDateTime::now_utc(),
+            agent: None,
+            kind: "audit_lines_lost".to_owned(),
+            fields: serde_json::json!({
+                "count": self.count,
+                "first": rfc3339(self.first),
+                "last": rfc3339(self.last),
+                "error": self.error,
+            }),
+        }
+    }
+}
+
+/// Writes `r`, or counts it into the gap. An open gap is written first: the trail says it
+/// lost lines before it goes on.
+fn write_or_count(sink: &mut Sink, gap: &mut Option<Gap>, r: Record, lost: &AtomicU64) -> bool {
+    let ts = r.ts;
+    if let Some(g) = gap.as_mut() {
+        if sink.write(g.record()).is_err() {
+            g.count += 1;
+            g.last = ts;
+            lost.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        tracing::warn!(
+            lost = g.count,
+            "the audit trail is writable again; an audit_lines_lost line marks the gap"
+        );
+        *gap = None;
+    }
+    match sink.write(r) {
+        Ok(()) => true,
+        Err(e) => {
+            // Once per gap: a full disk would otherwise log as fast as the agents are denied.
+            tracing::error!(
+                "writing the audit trail: {e}; lines are counted (agentwatch_audit_lines_lost_total) \
+                 until it works again, and the gap is then marked in it"
+            );
+            *gap = Some(Gap {
+                count: 1,
+                first: ts,
+                last: ts,
+                error: e.to_string(),
+            });
+            lost.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
 }
 
 /// The writer's loop: lines in the order they came, an fsync at most [`SYNC_EVERY`] after the
 /// first line it did not cover (also under a steady flood, when the queue never runs dry).
-fn run(mut sink: Sink, rx: &mpsc::Receiver<Message>) {
+fn run(mut sink: Sink, rx: &mpsc::Receiver<Message>, lost: &AtomicU64) {
     let mut first_unsynced: Option<Instant> = None;
+    let mut gap: Option<Gap> = None;
     loop {
         let message = match first_unsynced {
             None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
             Some(t) => rx.recv_timeout(SYNC_EVERY.saturating_sub(t.elapsed())),
         };
         match message {
-            Ok(Message::Record(r)) => match sink.write(r) {
-                Ok(()) => {
+            Ok(Message::Record(r)) => {
+                if write_or_count(&mut sink, &mut gap, r, lost) {
                     first_unsynced.get_or_insert_with(Instant::now);
                 }
-                Err(e) => tracing::error!("writing the audit trail: {e}"),
-            },
+            }
             Ok(Message::Sync { durable, done }) => {
                 if durable {
                     sink.sync();

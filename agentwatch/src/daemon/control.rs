@@ -20,6 +20,12 @@ use crate::{
 /// How long kill and freeze wait for the kernel before they report failure.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 pub(super) const FREEZE_WAIT: Duration = Duration::from_secs(5);
+/// A peer has this long to send its request line, and again to take the answer: one that
+/// stalls is dropped, and holds nothing but its own connection meanwhile.
+pub(super) const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once. Beyond it a new peer is told the daemon is busy and dropped, so
+/// no number of idle peers can use up the daemon's file descriptors.
+pub(super) const MAX_CONNECTIONS: usize = 4096;
 /// Most lines a `Recent` request returns, and how far back from the trail's end it reads.
 const RECENT_MAX: usize = 1000;
 const RECENT_BYTES: u64 = 512 * 1024;
@@ -29,15 +35,40 @@ pub(super) async fn serve(
     listener: UnixListener,
     admin_gid: Option<u32>,
 ) -> Result<()> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors (or memory): the listener itself is fine. Serving
+                // stops for a moment, not for good.
+                tracing::warn!("control socket: accepting a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tokio::spawn(async move {
+                let _ = answer(stream, &Response::err("busy: too many control connections")).await;
+            });
+            continue;
+        };
         let state = Arc::clone(&state);
         tokio::spawn(async move {
             if let Err(e) = control_connection(state, stream, admin_gid).await {
                 tracing::debug!("control connection: {e:#}");
             }
+            drop(slot);
         });
     }
+}
+
+/// Writes one response line to `stream` within [`PEER_TIMEOUT`].
+async fn answer(mut stream: UnixStream, response: &Response) -> Result<()> {
+    let mut line = serde_json::to_vec(response)?;
+    line.push(b'\n');
+    tokio::time::timeout(PEER_TIMEOUT, stream.write_all(&line)).await??;
+    Ok(())
 }
 
 async fn control_connection(
@@ -53,23 +84,34 @@ async fn control_connection(
             gid,
             "control socket: refused a peer that is not root or an admin"
         );
-        let mut line = serde_json::to_vec(&Response::err(format!(
+        let refusal = Response::err(format!(
             "permission denied: uid {uid} is not root{}",
             if admin_gid.is_some() {
                 " or in the admin group"
             } else {
                 ""
             }
-        )))?;
-        line.push(b'\n');
-        stream.write_all(&line).await?;
-        return Ok(());
+        ));
+        return answer(stream, &refusal).await;
     }
     let (read, mut write) = stream.split();
     let mut reader = BufReader::new(read.take(control::MAX_REQUEST as u64));
-    let mut line = String::new();
-    reader.read_line(&mut line).await?;
-    let response = match serde_json::from_str::<Request>(&line) {
+    // Bytes, not a String: a request that is not UTF-8 gets "bad request" like any other
+    // malformed one, rather than a dropped connection.
+    let mut line = Vec::new();
+    match tokio::time::timeout(PEER_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
+        Ok(read) => {
+            read?;
+        }
+        Err(_) => {
+            tracing::debug!(
+                uid,
+                "control socket: dropped a peer that sent no request line in time"
+            );
+            return Ok(());
+        }
+    }
+    let response = match serde_json::from_slice::<Request>(&line) {
         Ok(req) => {
             tracing::debug!(?req, uid, "control request");
             let state = Arc::clone(&state);
@@ -86,7 +128,7 @@ async fn control_connection(
     };
     let mut out = serde_json::to_vec(&response)?;
     out.push(b'\n');
-    write.write_all(&out).await?;
+    tokio::time::timeout(PEER_TIMEOUT, write.write_all(&out)).await??;
     Ok(())
 }
 
@@ -185,6 +227,39 @@ impl State {
         Ok(json!({ "processes": n }))
     }
 
+    /// Finishes kill switches an earlier daemon did not (it died after revoking egress, which
+    /// held all along, and before killing the tree): a killed agent has no process left.
+    pub(super) fn finish_kills(&mut self) {
+        let names: Vec<String> = self.agents.names().map(str::to_owned).collect();
+        for name in names {
+            let killed = self
+                .agents
+                .info(&name)
+                .is_some_and(|i| i.state.flags & AGENT_FLAG_KILLED != 0);
+            let left = self
+                .agents
+                .cgroup(&name)
+                .and_then(|cg| cg.all_pids().ok())
+                .map_or(0, |p| p.len());
+            if !killed || left == 0 {
+                continue;
+            }
+            match self.kill_tree(&name, AGENT_FLAG_KILLED) {
+                Ok(n) => {
+                    tracing::warn!(agent = %name, processes = n, "finished a kill switch an earlier daemon did not");
+                    self.audit_agent(
+                        &name,
+                        "killed",
+                        json!({ "actor_uid": null, "processes": n, "finished_after_restart": true }),
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(agent = %name, "finishing an interrupted kill switch: {e}")
+                }
+            }
+        }
+    }
+
     /// Egress denied in the kernel first (nothing more leaves, even from a process that
     /// survives a moment), then the whole tree killed at once. Returns how many processes died.
     pub(super) fn kill_tree(&mut self, agent: &str, extra_flags: u32) -> Result<usize, String> {
@@ -192,6 +267,7 @@ impl State {
         self.agents
             .update_flags(agent, AGENT_FLAG_DENY_ALL | extra_flags, 0)
             .map_err(|e| e.to_string())?;
+        crate::crash::point("kill.denied");
         let before = cg.all_pids().map_err(|e| e.to_string())?;
         cg.kill().map_err(|e| e.to_string())?;
         cg.wait_empty(KILL_WAIT).map_err(|e| e.to_string())?;

@@ -67,6 +67,9 @@ struct State {
     /// The DNS forwarder of agents with hostname rules (its tasks run beside this state and
     /// never take its lock).
     dns: dns::Forwarder,
+    /// Configured agents whose cgroup was removed from under the daemon: out of the config in
+    /// force until their cgroup exists again (`sweep::sweep_vanished`).
+    vanished: Vec<crate::config::Agent>,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -76,6 +79,31 @@ fn lock(state: &Shared) -> MutexGuard<'_, State> {
     state
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Raises the soft limit on open files to the hard one: the daemon holds a descriptor per map,
+/// program, link and control peer, and the usual soft limit (1,024) is far below what the
+/// control socket's connection cap allows.
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0
+        }
+    };
+    if raised {
+        tracing::debug!(limit = lim.rlim_cur, "open files limit");
+    } else {
+        tracing::warn!(
+            "could not raise the open files limit: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -93,6 +121,17 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
     }
     let socket_path = config.daemon.control_socket.clone();
     refuse_if_running(&socket_path)?;
+    raise_nofile();
+    // Bound before anything is guarded: a port in use is a config error reported at once, not
+    // a daemon that stops halfway through starting.
+    let metrics_addr = config.daemon.metrics_listen;
+    let metrics = tokio::net::TcpListener::bind(metrics_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "binding metrics_listen {metrics_addr} (is another daemon or program using it?)"
+            )
+        })?;
     let mount = cgroup::cgroup2_mount()?;
     tracing::info!(mount = %mount.display(), "cgroup2 found");
     // Read before the trail is opened for writing: what it ends with is what was written.
@@ -120,7 +159,6 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         .take_events()
         .context("the event ring buffer was already taken")?;
     let dns = start_dns(&config, &agents, &audit)?;
-    let metrics_addr = config.daemon.metrics_listen;
     let last_seen = match &source {
         ConfigSource::File(p) => std::fs::read(p).ok(),
         ConfigSource::EmbeddedDefault => None,
@@ -140,8 +178,10 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         monitors: BTreeMap::new(),
         swept: sweep::Swept::default(),
         dns,
+        vanished: Vec::new(),
     };
     state.apply(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    state.finish_kills();
     let stale = state.agents.forget_stale()?;
     if stale.states > 0 || !stale.link_dirs.is_empty() {
         tracing::info!(states = stale.states, links = ?stale.link_dirs, "removed what an earlier daemon left for agents no longer configured");
@@ -160,9 +200,6 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         &socket_path,
         lock(&state).config.daemon.admin_group.as_deref(),
     )?;
-    let metrics = tokio::net::TcpListener::bind(metrics_addr)
-        .await
-        .with_context(|| format!("binding metrics_listen {metrics_addr}"))?;
     tracing::info!(control_socket = %socket_path.display(), metrics = %format!("http://{}/metrics", metrics.local_addr()?), "agentwatch running");
 
     let admin_gid = lock(&state)

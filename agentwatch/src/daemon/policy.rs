@@ -23,13 +23,13 @@ use crate::{
 };
 
 /// An agent guarded while preparing a plan: what undoing it takes.
-struct Added {
+pub(super) struct Added {
     name: String,
     how: Guarding,
     /// This plan created the cgroup (remove it again on rollback).
     created: bool,
     /// The `agent_guarded` audit record, written once the plan went through.
-    audit: Value,
+    pub(super) audit: Value,
 }
 
 impl State {
@@ -37,6 +37,9 @@ impl State {
     /// keep running, reported), agents whose policy changed get it swapped atomically. A config
     /// that fails anywhere before the switch changes nothing.
     pub(super) fn apply(&mut self, new: Config) -> Result<String, String> {
+        // Agents waiting for their cgroup to come back are judged by the new config like any
+        // agent not guarded now: added if it names them (and their cgroup exists), else gone.
+        self.vanished.clear();
         // Pre-flight: adopted cgroups must exist (rules were compiled while validating).
         for a in &new.agents {
             if a.adopted && !self.mount.join(&a.cgroup).join("cgroup.procs").exists() {
@@ -134,12 +137,18 @@ impl State {
         }
 
         // 2. Switch.
+        if !prepared.is_empty() {
+            crate::crash::point("reload.prepared");
+        }
         let mut summary = Vec::new();
-        for (p, endpoint) in prepared {
+        for (i, (p, endpoint)) in prepared.into_iter().enumerate() {
             let name = p.name().to_owned();
             self.agents
                 .commit_policy(p)
                 .map_err(|e| format!("switching a policy: {e}"))?;
+            if i == 0 {
+                crate::crash::point("reload.switched_one");
+            }
             let Some(a) = new.agent(&name) else { continue };
             let served = match (!self.wants_dns(a), endpoint) {
                 (true, _) => {
@@ -205,7 +214,7 @@ impl State {
     }
 
     /// Guards agent `a` (creating or opening its cgroup); audits nothing yet.
-    fn add_agent(&mut self, a: &Agent) -> Result<Added, String> {
+    pub(super) fn add_agent(&mut self, a: &Agent) -> Result<Added, String> {
         let path = self.mount.join(&a.cgroup);
         let endpoint = if !self.wants_dns(a) {
             None

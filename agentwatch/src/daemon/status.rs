@@ -182,6 +182,7 @@ impl State {
             events_lost: self.agents.kernel().events_lost().unwrap_or(0),
             reloads_ok: self.reloads_ok,
             reloads_rejected: self.reloads_rejected,
+            audit_lines_lost: self.audit.lines_lost(),
         }
     }
 }

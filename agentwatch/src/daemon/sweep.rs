@@ -18,7 +18,6 @@ use crate::{bpf::ktime_ns, config::LeaseAction, privileges};
 const SUMMARY_DESTS: usize = 10;
 
 /// What the sweeps have accounted for so far.
-#[derive(Default)]
 pub(super) struct Swept {
     /// Per agent: the counters as of the last sweep (or as of its guarding).
     counters: BTreeMap<String, AgentCounters>,
@@ -26,6 +25,20 @@ pub(super) struct Swept {
     privileged: HashSet<(String, u32)>,
     /// Agents whose lease expiry was audited and acted on (until it is extended).
     lease_expired: HashSet<String>,
+    /// The pins were there at the last sweep.
+    pins_present: bool,
+}
+
+impl Default for Swept {
+    fn default() -> Self {
+        Self {
+            counters: BTreeMap::new(),
+            privileged: HashSet::new(),
+            lease_expired: HashSet::new(),
+            // The daemon made or found them at its start.
+            pins_present: true,
+        }
+    }
 }
 
 /// How often the sweep runs: summaries are per second.
@@ -50,6 +63,8 @@ impl State {
         for name in &names {
             self.summarise(name);
         }
+        self.sweep_pins();
+        self.sweep_vanished();
         self.sweep_dns();
         self.sweep_leases();
         if let Err(e) = self.agents.sync_nested() {
@@ -61,6 +76,93 @@ impl State {
         // Forget agents that are gone.
         self.swept.counters.retain(|n, _| names.contains(n));
         self.swept.privileged.retain(|(n, _)| names.contains(n));
+    }
+
+    /// The pins are what keeps enforcement when the daemon is gone. If they vanish (the bpffs
+    /// under `pin_dir` unmounted, or the folder removed), enforcement holds only while this
+    /// daemon runs: said loudly, once, in the log and the trail, with what to do.
+    fn sweep_pins(&mut self) {
+        let Some(pins) = self.agents.kernel().pins() else {
+            return;
+        };
+        let present = pins.exists();
+        if present == self.swept.pins_present {
+            return;
+        }
+        self.swept.pins_present = present;
+        let pin_dir = pins.root().display().to_string();
+        if present {
+            tracing::info!(%pin_dir, "the pins are back");
+            return;
+        }
+        tracing::error!(%pin_dir, "the pinned programs and maps are gone (bpffs unmounted or the folder removed): enforcement now holds only while this daemon runs; mount bpffs again and restart agentwatch to pin them again");
+        self.audit_daemon(
+            "pins_lost",
+            json!({
+                "pin_dir": pin_dir,
+                "effect": "enforcement holds only while this daemon runs",
+                "fix": "mount bpffs again and restart agentwatch",
+            }),
+        );
+    }
+
+    /// An agent whose cgroup was removed from under the daemon (a cgroup can only be removed
+    /// once empty: its processes are gone) loses its guard, audited (`agent_cgroup_removed`),
+    /// and is guarded again as soon as its cgroup exists again: at once for a cgroup agentwatch
+    /// made (made again), when the service comes back for an adopted one (systemd removes a
+    /// service's cgroup when it stops and makes a new one when it starts). Until then it is out
+    /// of the config in force; a reload that names it tries it like a new agent.
+    fn sweep_vanished(&mut self) {
+        let gone: Vec<crate::config::Agent> = self
+            .config
+            .agents
+            .iter()
+            .filter(|a| {
+                self.agents
+                    .cgroup(&a.name)
+                    .is_some_and(|cg| !cg.path().join("cgroup.procs").exists())
+            })
+            .cloned()
+            .collect();
+        for a in gone {
+            self.monitors.remove(&a.name);
+            self.dns.stop(&a.name);
+            let cgroup = self.mount.join(&a.cgroup);
+            if let Err(e) = self.agents.unguard(&a.name) {
+                tracing::error!(agent = %a.name, "dropping the guard of a removed cgroup: {e}");
+            }
+            self.config.agents.retain(|c| c.name != a.name);
+            tracing::warn!(agent = %a.name, cgroup = %cgroup.display(), adopted = a.adopted, "the agent's cgroup was removed from under agentwatch; it is guarded again when the cgroup exists again");
+            self.audit_agent(
+                &a.name,
+                "agent_cgroup_removed",
+                json!({
+                    "cgroup": cgroup.display().to_string(),
+                    "guarded_again": if a.adopted { "when the cgroup exists again" } else { "now: agentwatch makes it again" },
+                }),
+            );
+            self.vanished.push(a);
+        }
+        let waiting = std::mem::take(&mut self.vanished);
+        for a in waiting {
+            if a.adopted && !self.mount.join(&a.cgroup).join("cgroup.procs").exists() {
+                self.vanished.push(a);
+                continue;
+            }
+            match self.add_agent(&a) {
+                Ok(g) => {
+                    let mut fields = g.audit.clone();
+                    fields["again"] = json!(true);
+                    self.audit_agent(&a.name, "agent_guarded", fields);
+                    tracing::info!(agent = %a.name, "guarded again");
+                    self.config.agents.push(a);
+                }
+                Err(e) => {
+                    tracing::error!(agent = %a.name, "guarding again: {e}");
+                    self.vanished.push(a);
+                }
+            }
+        }
     }
 
     /// An expired lease is audited (`lease_expired`) and its action run, once per expiry. The

@@ -550,7 +550,7 @@ async fn handle(
             .learned
             .admit(agent.id, &query.name, &addrs, ktime_ns())
         {
-            Ok(true) => {}
+            Ok(true) => crate::crash::point("dns.admitted"),
             // The rules changed while upstream answered: judged by the rules in force now.
             Ok(false) => return Some(refuse(inner, agent, &query, transport)),
             Err(e) => return servfail(&format!("writing the learned addresses: {e}")),

@@ -1,0 +1,482 @@
+//! Faults around the daemon: a full disk under the audit trail, an agent's cgroup removed from
+//! under it, a configured cgroup that already has foreign programs, a metrics port that is
+//! taken. Each gets a clear error or a logged recovery; enforcement never stops and nothing is
+//! lost without being counted.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use agentwatch_tests::{
+    DaemonEnv, EPERM, agentwatch_bin, one, parse_attempts, privileged, tcp_listener,
+};
+
+/// A small tmpfs the test mounted; unmounted on drop, also when the test fails.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(at: &Path, size: &str) -> Self {
+        fs::create_dir_all(at).expect("mkdir");
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("mount");
+        assert!(ok.success(), "mount tmpfs at {}", at.display());
+        Self(at.to_owned())
+    }
+
+    /// Fills what is left with a file of its own; returns it.
+    fn fill(&self) -> PathBuf {
+        let filler = self.0.join("filler");
+        // dd stops at ENOSPC and says so: that is the point.
+        let _ = Command::new("dd")
+            .args(["if=/dev/zero", "bs=4096"])
+            .arg(format!("of={}", filler.display()))
+            .output()
+            .expect("dd");
+        // And any page left over by the large writes.
+        let _ = Command::new("dd")
+            .args(["if=/dev/zero", "bs=1"])
+            .arg(format!("of={}", self.0.join("filler-tail").display()))
+            .output()
+            .expect("dd");
+        filler
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn denied_connect(env: &DaemonEnv, port: u16) {
+    let r = one(parse_attempts(
+        &env.launch_probe("a", &["connect", "tcp", "127.0.0.1", &port.to_string()])
+            .stdout,
+    ));
+    assert_eq!((r.ok, r.errno), (false, EPERM), "{r:?}");
+}
+
+#[test]
+fn a_full_disk_loses_audit_lines_counted_and_the_trail_marks_the_gap() {
+    privileged!();
+    let (_l, port) = tcp_listener("127.0.0.1:0");
+    let mut env = DaemonEnv::new();
+    let small = SmallFs::mount(&env.dir.0.join("auditfs"), "1m");
+    env.audit = small.0.join("audit.jsonl");
+    env.write_config("[[agents]]\nname = \"a\"\negress = []\n");
+    env.start();
+    denied_connect(&env, port);
+    env.wait_audit("egress_denied", 1);
+
+    let filler = small.fill();
+    let lost = || {
+        env.metric("agentwatch_audit_lines_lost_total")
+            .unwrap_or(0.0) as usize
+    };
+    // The trail's last page may still have room for a few lines: use it up first.
+    let mut launched = 1;
+    while lost() == 0 {
+        assert!(launched < 50, "the trail never filled: {}", env.log());
+        denied_connect(&env, port);
+        launched += 1;
+    }
+    // Let the last launch's lines reach the writer, then count from here.
+    std::thread::sleep(Duration::from_millis(500));
+    let (lost_before, lines_before) = (lost(), env.audit_lines().len());
+    for _ in 0..10 {
+        denied_connect(&env, port);
+    }
+    launched += 10;
+    // Enforcement went on; each launch's two lines (`exec`, `egress_denied`) are counted as
+    // lost, none silently gone.
+    let t = std::time::Instant::now();
+    while lost() != lost_before + 20 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(lost(), lost_before + 20, "{}", env.log());
+    assert_eq!(env.audit_lines().len(), lines_before);
+    let lost_lines = lost();
+    assert_eq!(env.status()["a"]["denied"], launched);
+
+    let errors = env
+        .log()
+        .lines()
+        .filter(|l| l.contains("writing the audit trail"))
+        .count();
+    assert_eq!(
+        errors,
+        1,
+        "logged once per gap, not per line:\n{}",
+        env.log()
+    );
+
+    // Space again: the next line is preceded by one that says what is missing.
+    fs::remove_file(&filler).expect("rm filler");
+    fs::remove_file(small.0.join("filler-tail")).expect("rm filler");
+    let denials = env
+        .audit_lines()
+        .iter()
+        .filter(|l| l["kind"] == "egress_denied")
+        .count();
+    denied_connect(&env, port);
+    env.wait_audit("egress_denied", denials + 1);
+    let all = env.audit_lines();
+    let gaps: Vec<usize> = (0..all.len())
+        .filter(|&i| all[i]["kind"] == "audit_lines_lost")
+        .collect();
+    assert_eq!(gaps.len(), 1, "one gap");
+    let gap = gaps[0];
+    assert_eq!(
+        gap, lines_before,
+        "the gap line follows the last line written"
+    );
+    assert_eq!(all[gap]["count"], lost_lines, "{}", all[gap]);
+    assert!(
+        all[gap]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("No space")),
+        "{}",
+        all[gap]
+    );
+    assert_eq!(all[gap + 1]["kind"], "exec");
+    assert_eq!(all[gap + 2]["kind"], "egress_denied");
+    assert!(
+        env.log().contains("the audit trail is writable again"),
+        "{}",
+        env.log()
+    );
+    // The chain is intact across the gap.
+    let out = Command::new(agentwatch_bin())
+        .args(["audit", "verify"])
+        .arg(&env.audit)
+        .output()
+        .expect("verify");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn a_metrics_port_in_use_is_a_clear_error_before_anything_is_guarded() {
+    privileged!();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let env = DaemonEnv::new();
+    let config = env.daemon_section().replace(
+        "metrics_listen = \"127.0.0.1:0\"",
+        &format!("metrics_listen = \"127.0.0.1:{port}\""),
+    );
+    fs::write(
+        &env.config,
+        format!("{config}[[agents]]\nname = \"a\"\negress = []\n"),
+    )
+    .expect("config");
+    let out = Command::new("timeout")
+        .arg("20")
+        .arg(agentwatch_bin())
+        .args(["run", "--config"])
+        .arg(&env.config)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("binding metrics_listen 127.0.0.1:{port}"))
+            && stderr.contains("Address already in use"),
+        "{stderr}"
+    );
+    assert!(!env.agent_cgroup("a").exists(), "nothing was guarded");
+    assert!(!env.pin_dir.exists(), "nothing was pinned");
+}
+
+#[test]
+fn an_agent_whose_cgroup_is_removed_from_under_the_daemon_is_guarded_again() {
+    privileged!();
+    let (_l, allowed) = tcp_listener("127.0.0.1:0");
+    let (_u, unlisted) = tcp_listener("127.0.0.1:0");
+    // The adopted cgroup stands for a service's: systemd removes it when the service stops and
+    // makes a new one when it starts.
+    let svc = agentwatch_tests::TestCgroup::new();
+    let mount = agentwatch::cgroup::cgroup2_mount().expect("mount");
+    let rel = svc.path().strip_prefix(&mount).expect("below the mount");
+    let mut env = DaemonEnv::new();
+    env.write_config(&format!(
+        "[[agents]]\nname = \"made\"\negress = [\"tcp 127.0.0.1 {allowed}\"]\n\
+         [[agents]]\nname = \"svc\"\ncgroup = \"{}\"\negress = [\"tcp 127.0.0.1 {allowed}\"]\n",
+        rel.display()
+    ));
+    env.start();
+    let verdict = |cgroup: &Path, port: u16| {
+        let a = one(agentwatch_tests::probe(
+            Some(cgroup),
+            &["connect", "tcp", "127.0.0.1", &port.to_string()],
+        ));
+        (a.ok, a.errno)
+    };
+    let guarded_again = |name: &str, n: usize| {
+        env.wait_audit("agent_guarded", n)
+            .into_iter()
+            .filter(|l| l["agent"] == name && l["again"] == true)
+            .count()
+    };
+
+    // A cgroup agentwatch made is made again and guarded at once.
+    fs::remove_dir(env.agent_cgroup("made")).expect("rmdir made");
+    let removed = env.wait_audit("agent_cgroup_removed", 1);
+    assert_eq!(removed[0]["agent"], "made", "{removed:?}");
+    wait_for(|| guarded_again("made", 3) == 1);
+    assert_eq!(verdict(&env.agent_cgroup("made"), allowed), (true, 0));
+    assert_eq!(verdict(&env.agent_cgroup("made"), unlisted), (false, EPERM));
+
+    // An adopted one is guarded again as soon as it exists again.
+    fs::remove_dir(svc.path()).expect("rmdir svc");
+    let removed = env.wait_audit("agent_cgroup_removed", 2);
+    assert_eq!(removed[1]["agent"], "svc", "{removed:?}");
+    assert!(!env.status().contains_key("svc"), "not guarded while gone");
+    fs::create_dir(svc.path()).expect("mkdir svc");
+    wait_for(|| guarded_again("svc", 4) == 1);
+    assert_eq!(verdict(svc.path(), allowed), (true, 0));
+    assert_eq!(verdict(svc.path(), unlisted), (false, EPERM));
+    assert_eq!(env.status()["svc"]["state"], "running");
+}
+
+fn wait_for(mut f: impl FnMut() -> bool) {
+    let t = std::time::Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(10), "timed out");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The daemon's resident memory (KiB) and open descriptors.
+fn footprint(pid: u32) -> (u64, usize) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    let fds = fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fds")
+        .count();
+    (rss, fds)
+}
+
+#[test]
+fn memory_and_descriptors_stay_flat_across_launches_and_reloads() {
+    privileged!();
+    let (_l, port) = tcp_listener("127.0.0.1:0");
+    let mut env = DaemonEnv::new();
+    let config = |n: u16| {
+        format!(
+            "[[agents]]\nname = \"a\"\negress = [\"tcp 127.0.0.1 {port}\", \"udp 127.0.0.1 {n}\"]\n"
+        )
+    };
+    env.write_config(&config(1));
+    env.start();
+    let pid = env.pid().expect("daemon pid");
+    let work = |launches: usize, reloads: u16| {
+        for i in 0..launches {
+            let out = Command::new(agentwatch_bin())
+                .arg("--socket")
+                .arg(&env.socket)
+                .args(["launch", "--agent", "a", "--", "/bin/true"])
+                .output()
+                .expect("launch");
+            assert!(
+                out.status.success(),
+                "launch {i}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        for i in 0..reloads {
+            env.write_config(&config(2 + i % 2));
+            assert!(env.cli(&["reload"]).status.success(), "reload {i}");
+        }
+    };
+    // Warm up: allocator pools, the runtime's threads, first-use tables.
+    work(200, 40);
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = footprint(pid);
+    work(1000, 200);
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = footprint(pid);
+    println!(
+        "daemon footprint (RSS KiB, fds): {before:?} -> {after:?} over 1,000 launches and 200 reloads"
+    );
+    assert_eq!(
+        after.1, before.1,
+        "descriptors leaked: {before:?} -> {after:?}"
+    );
+    assert!(
+        after.0 <= before.0 + 2048,
+        "resident memory grew by more than 2 MiB: {before:?} -> {after:?}"
+    );
+}
+
+/// Loads `r0 = 1; exit` as a cgroup connect4 program (it allows everything) and attaches it to
+/// `cgroup` the old way, exclusively (no BPF_F_ALLOW_MULTI), as some other tool might have.
+/// Returns the program's fd (attached as long as the cgroup lives or it is detached).
+fn attach_foreign_exclusive(cgroup: &Path) -> std::os::fd::OwnedFd {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    const BPF_PROG_LOAD: i64 = 5;
+    const BPF_PROG_ATTACH: i64 = 8;
+    const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+    const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+    // mov64 r0, 1 ; exit
+    let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x0000_0000_0000_0095];
+    let license = b"GPL\0";
+    #[repr(C)]
+    #[derive(Default)]
+    struct Load {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+        _rest: [u64; 8],
+    }
+    let load = Load {
+        prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        insn_cnt: 2,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        expected_attach_type: BPF_CGROUP_INET4_CONNECT,
+        prog_name: *b"foreign\0\0\0\0\0\0\0\0\0",
+        ..Load::default()
+    };
+    // SAFETY: bpf(2) with a zero-padded attr of the size given.
+    let prog = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &load as *const Load,
+            std::mem::size_of::<Load>(),
+        )
+    };
+    assert!(prog >= 0, "loading: {}", std::io::Error::last_os_error());
+    // SAFETY: a new fd the kernel just returned, owned by nobody else.
+    let prog = unsafe { OwnedFd::from_raw_fd(prog as i32) };
+    let dir = fs::File::open(cgroup).expect("cgroup dir");
+    #[repr(C)]
+    #[derive(Default)]
+    struct Attach {
+        target_fd: u32,
+        attach_bpf_fd: u32,
+        attach_type: u32,
+        attach_flags: u32,
+        _rest: [u64; 8],
+    }
+    let attach = Attach {
+        target_fd: dir.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type: BPF_CGROUP_INET4_CONNECT,
+        attach_flags: 0,
+        ..Attach::default()
+    };
+    // SAFETY: as above.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_ATTACH,
+            &attach as *const Attach,
+            std::mem::size_of::<Attach>(),
+        )
+    };
+    assert_eq!(r, 0, "attaching: {}", std::io::Error::last_os_error());
+    prog
+}
+
+#[test]
+fn a_cgroup_with_foreign_exclusive_programs_is_refused_with_a_clear_error() {
+    privileged!();
+    let svc = agentwatch_tests::TestCgroup::new();
+    let _foreign = attach_foreign_exclusive(svc.path());
+    let mount = agentwatch::cgroup::cgroup2_mount().expect("mount");
+    let rel = svc.path().strip_prefix(&mount).expect("below the mount");
+    let mut env = DaemonEnv::new();
+    env.write_config("[[agents]]\nname = \"ok\"\negress = []\n");
+    env.start();
+    env.write_config(&format!(
+        "[[agents]]\nname = \"ok\"\negress = []\n[[agents]]\nname = \"svc\"\ncgroup = \"{}\"\negress = []\n",
+        rel.display()
+    ));
+    let out = env.cli(&["reload"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{stderr}");
+    println!("reload refused: {stderr}");
+    assert!(
+        stderr.contains("svc") && stderr.contains(&svc.path().display().to_string()),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("Operation not permitted")
+            && stderr.contains("another program is attached to this cgroup"),
+        "{stderr}"
+    );
+    let rejected = env.wait_audit("policy_rejected", 1);
+    assert!(
+        rejected[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("another program"))
+    );
+    // The agent in force is untouched; the daemon serves on.
+    assert_eq!(env.status().len(), 1);
+    assert_eq!(env.status()["ok"]["state"], "running");
+}
+
+#[test]
+fn pins_that_vanish_under_a_running_daemon_are_reported_and_enforcement_holds() {
+    privileged!();
+    let (_l, port) = tcp_listener("127.0.0.1:0");
+    let mut env = DaemonEnv::new();
+    // A bpffs of the test's own: unmounting /sys/fs/bpf would take everyone's pins.
+    let fs_dir = env.dir.0.join("bpffs");
+    fs::create_dir_all(&fs_dir).expect("mkdir");
+    assert!(
+        Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&fs_dir)
+            .status()
+            .expect("mount")
+            .success()
+    );
+    let _mounted = SmallFs(fs_dir.clone());
+    env.pin_dir = fs_dir.join("agentwatch");
+    env.write_config("[[agents]]\nname = \"a\"\negress = []\n");
+    env.start();
+    denied_connect(&env, port);
+    assert!(
+        Command::new("umount")
+            .arg("-l")
+            .arg(&fs_dir)
+            .status()
+            .expect("umount")
+            .success()
+    );
+    let lost = env.wait_audit("pins_lost", 1);
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert!(
+        env.log().contains("the pinned programs and maps are gone"),
+        "{}",
+        env.log()
+    );
+    // The daemon still holds its links: enforcement goes on while it runs.
+    denied_connect(&env, port);
+    assert_eq!(env.status()["a"]["denied"], 2);
+}
