@@ -58,6 +58,19 @@ macro_rules! privileged {
     };
 }
 
+/// `limit` stretched by `AGENTWATCH_TEST_TIME_SCALE` (default 1), for the helpers' deadlines
+/// (how long to wait for something that will happen), never for a rate or a window a test
+/// asserts on. `cargo xtask vmtest` sets it: under QEMU's TCG the guest runs the daemon's
+/// start-up (BPF verification) about 10-20 times slower than the host.
+pub fn patience(limit: Duration) -> Duration {
+    let scale = std::env::var("AGENTWATCH_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(1);
+    limit * scale
+}
+
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique to this test process: `agentwatch-test-<pid>-<n>`.
@@ -116,7 +129,7 @@ impl Drop for TestCgroup {
         // Thaw first: a frozen process cannot die until thawed on older kernels.
         let _ = self.cgroup.set_frozen(false);
         let _ = self.cgroup.kill();
-        if let Err(e) = self.cgroup.wait_empty(Duration::from_secs(5)) {
+        if let Err(e) = self.cgroup.wait_empty(patience(Duration::from_secs(5))) {
             eprintln!("test cgroup cleanup: {e}");
         }
         if let Err(e) = self.cgroup.remove() {
@@ -301,7 +314,7 @@ pub fn read_events(ring: &mut RingBuf<MapData>, n: usize) -> Vec<EgressAttempt> 
                 return out;
             }
         }
-        if start.elapsed() > Duration::from_secs(5) {
+        if start.elapsed() > patience(Duration::from_secs(5)) {
             return out;
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -432,7 +445,7 @@ impl DaemonEnv {
                 panic!("agentwatch run exited with {status}:\n{}", self.log());
             }
             assert!(
-                start.elapsed() < Duration::from_secs(15),
+                start.elapsed() < patience(Duration::from_secs(15)),
                 "daemon did not start:\n{}",
                 self.log()
             );
@@ -494,7 +507,7 @@ impl DaemonEnv {
                 return status.code();
             }
             assert!(
-                start.elapsed() < Duration::from_secs(15),
+                start.elapsed() < patience(Duration::from_secs(15)),
                 "daemon did not stop:\n{}",
                 self.log()
             );
@@ -571,7 +584,7 @@ impl DaemonEnv {
                 .into_iter()
                 .filter(|l| l["kind"] == kind)
                 .collect();
-            if lines.len() >= n || start.elapsed() > Duration::from_secs(10) {
+            if lines.len() >= n || start.elapsed() > patience(Duration::from_secs(10)) {
                 return lines;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -626,7 +639,7 @@ impl Drop for DaemonEnv {
         if let Ok(cg) = Cgroup::open(&self.cgroup_parent) {
             let _ = cg.set_frozen(false);
             let _ = cg.kill();
-            let _ = cg.wait_empty(Duration::from_secs(5));
+            let _ = cg.wait_empty(patience(Duration::from_secs(5)));
         }
         if let Err(e) = agentwatch::kernel::PinDir::new(&self.pin_dir).remove_all() {
             eprintln!("daemon env cleanup: {e}");
@@ -645,6 +658,7 @@ pub use agentwatch::bpf::ktime_ns as monotonic_ns;
 /// Polls `f` every 10 ms until it holds; fails the test after `timeout`, naming `what`.
 #[track_caller]
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let timeout = patience(timeout);
     let start = Instant::now();
     while !f() {
         assert!(start.elapsed() < timeout, "timed out waiting for {what}");

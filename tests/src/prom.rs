@@ -203,7 +203,7 @@ impl Prometheus {
                 return true;
             }
             assert!(
-                start.elapsed() < Duration::from_secs(30),
+                start.elapsed() < crate::patience(Duration::from_secs(30)),
                 "prometheus not ready after 30 s:\n{}",
                 self.log()
             );
@@ -282,7 +282,7 @@ impl Prometheus {
             // Prometheus starts scraping up to 5 s after it is ready (it applies discovered
             // targets at most every 5 s), then every second.
             assert!(
-                start.elapsed() < Duration::from_secs(20),
+                start.elapsed() < crate::patience(Duration::from_secs(20)),
                 "no successful scrape after {t} within 20 s (samples {samples:?}):\n{}",
                 self.log()
             );

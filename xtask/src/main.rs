@@ -17,6 +17,8 @@ use serde_json::{Value, json};
 
 mod chaos;
 
+mod vmtest;
+
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
 struct Cli {
@@ -54,6 +56,20 @@ enum Cmd {
         #[arg(long, default_value_t = 50)]
         rounds: usize,
     },
+    /// Set up, then run the privileged suite in QEMU guests with Debian's kernels (TCG, cgroup2
+    /// at /sys/fs/cgroup with nsdelegate). The host's own kernel is `cargo xtask test`.
+    Vmtest {
+        /// Kernel series (6.1, 6.12) or exact Debian version (6.1.0-47-cloud-amd64); repeat
+        /// for several. Default: 6.1.
+        #[arg(long = "kernel", value_name = "VERSION")]
+        kernels: Vec<String>,
+        /// Every kernel series of the matrix.
+        #[arg(long, conflicts_with = "kernels")]
+        all: bool,
+        /// Minutes after which each guest is stopped and counted as failed.
+        #[arg(long, default_value_t = 120)]
+        timeout_minutes: u64,
+    },
 }
 
 /// bpf-linker release that matches the nightly's LLVM (see kernel-and-toolchain.md).
@@ -69,6 +85,17 @@ fn main() -> ExitCode {
         Cmd::Lint => setup().and_then(|()| lint()),
         Cmd::Bench { quick } => setup().and_then(|()| bench(quick)),
         Cmd::Chaos { rounds } => setup().and_then(|()| chaos::chaos(rounds)),
+        Cmd::Vmtest {
+            kernels,
+            all,
+            timeout_minutes,
+        } => setup().and_then(|()| {
+            vmtest::vmtest(&vmtest::Args {
+                kernels,
+                all,
+                timeout: std::time::Duration::from_secs(timeout_minutes * 60),
+            })
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -312,8 +339,13 @@ fn present(p: &Present) -> bool {
 }
 
 fn debian_packages() -> Result<()> {
+    install_debian_packages(&DEBIAN_PACKAGES)
+}
+
+/// Installs the packages whose part is missing (none: nothing runs).
+fn install_debian_packages(packages: &[(Present, &str)]) -> Result<()> {
     let mut missing: Vec<&str> = Vec::new();
-    for (p, pkg) in &DEBIAN_PACKAGES {
+    for (p, pkg) in packages {
         if !present(p) && !missing.contains(pkg) {
             missing.push(pkg);
         }
@@ -336,7 +368,7 @@ fn debian_packages() -> Result<()> {
     if missing.contains(&"prometheus") {
         disable_system_prometheus()?;
     }
-    for (p, pkg) in &DEBIAN_PACKAGES {
+    for (p, pkg) in packages {
         if !present(p) {
             bail!(
                 "installed the Debian package {pkg}, but its part the tests need is still missing"
