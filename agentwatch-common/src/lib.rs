@@ -93,6 +93,12 @@ pub struct Settings {
     /// lookups per call, which matters on sys_enter. `max_level == 0`: no agent yet.
     pub min_level: u32,
     pub max_level: u32,
+    /// Where `child_pid` sits in the `sched/sched_process_fork` record, read from tracefs when
+    /// the daemon loads: the record's layout changed between kernels (44 on 6.1 and 6.12,
+    /// whose comms are `char[16]`; 20 on 6.18, whose comms are `__data_loc`). 0: not known yet
+    /// (forks are then counted, but their parents not recorded).
+    pub fork_child_pid: u32,
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]
@@ -125,4 +131,4 @@ mod pod {
 }
 
 const _: () = assert!(core::mem::size_of::<AgentState>() == 16);
-const _: () = assert!(core::mem::size_of::<Settings>() == 8);
+const _: () = assert!(core::mem::size_of::<Settings>() == 16);

@@ -20,7 +20,10 @@ use aya_ebpf::{
 };
 
 use crate::{
-    agent::{BREAKER_TRIPS, EVENTS, count_lost_event, counters, current_agent, current_agent_key},
+    agent::{
+        BREAKER_TRIPS, EVENTS, SETTINGS, count_lost_event, counters, current_agent,
+        current_agent_key,
+    },
     egress::{CapKind, over_limit},
     learn,
     sockets::TASKS,
@@ -40,9 +43,10 @@ static SCRATCH: PerCpuArray<ExecKey> = PerCpuArray::with_max_entries(1, 0);
 
 const SIGKILL: u32 = 9;
 
-/// Offsets in the tracepoints' records (/sys/kernel/tracing/events/sched/*/format).
+/// Offset in the exec tracepoint's record (/sys/kernel/tracing/events/sched/*/format; the
+/// same from 6.1 to 6.18). The fork record's layout changed between kernels: its `child_pid`
+/// offset comes from the daemon, which reads it from tracefs (`Settings::fork_child_pid`).
 const EXEC_FILENAME_LOC: usize = 8;
-const FORK_CHILD_PID: usize = 20;
 
 #[tracepoint(category = "sched", name = "sched_process_exec")]
 pub fn exec_sched_process_exec(ctx: TracePointContext) -> u32 {
@@ -61,8 +65,12 @@ pub fn exec_sched_process_fork(ctx: TracePointContext) -> u32 {
     // BREAKER_TRIPS is the daemon's; one reference from a program keeps the linker from
     // dropping it from the object (an array lookup on a rare event costs nothing).
     let _ = BREAKER_TRIPS.get_ptr(state.id);
-    // SAFETY: reading the tracepoint's own record at an offset from its format.
-    if let Ok(child) = unsafe { ctx.read_at::<i32>(FORK_CHILD_PID) } {
+    let offset = SETTINGS.get(0).map_or(0, |s| s.fork_child_pid) as usize;
+    if offset == 0 {
+        return 0;
+    }
+    // SAFETY: reading the tracepoint's own record at the offset its format gives.
+    if let Ok(child) = unsafe { ctx.read_at::<i32>(offset) } {
         let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
         let _ = PARENTS.insert(child as u32, parent, 0);
         // The child belongs to the parent's agent wherever it moves later (the escape check).

@@ -710,12 +710,15 @@ impl Agents {
                 levels.extend([cur.min_level, cur.max_level]);
             }
         }
-        let settings = match (levels.iter().min(), levels.iter().max()) {
-            (Some(&min_level), Some(&max_level)) => Settings {
-                min_level,
-                max_level,
-            },
-            _ => Settings::default(),
+        let (min_level, max_level) = match (levels.iter().min(), levels.iter().max()) {
+            (Some(&min), Some(&max)) => (min, max),
+            _ => (0, 0),
+        };
+        let settings = Settings {
+            min_level,
+            max_level,
+            fork_child_pid: self.kernel.fork_child_pid,
+            _pad: 0,
         };
         self.kernel
             .settings

@@ -43,6 +43,8 @@ pub struct Kernel {
     pub(crate) bytes: BytesMaps,
     pub(crate) learn: LearnMaps,
     pub(crate) settings: Array<MapData, Settings>,
+    /// `child_pid`'s offset in this kernel's `sched_process_fork` record.
+    pub(crate) fork_child_pid: u32,
     trips: Array<MapData, [u64; 4]>,
     pins: Option<PinDir>,
 }
@@ -128,6 +130,7 @@ impl Kernel {
         }
         raise_memlock();
         ensure_tracefs()?;
+        let fork_child_pid = tracepoint_field_offset("sched", "sched_process_fork", "child_pid")?;
         // A thread that signals are rained on spends its time in handlers and never finishes
         // loading; blocked, they wait until the object is loaded (see `load_program`).
         let _mask = SignalsBlocked::new();
@@ -180,6 +183,7 @@ impl Kernel {
             bytes,
             learn,
             settings,
+            fork_child_pid,
             trips,
             pins,
         })
@@ -295,6 +299,52 @@ fn ensure_tracefs() -> Result<(), KernelError> {
     }
 }
 
+/// The offset of `field` in tracepoint `category/name`'s record, from its format file: record
+/// layouts change between kernels (the fork record's comms became `__data_loc` after 6.12).
+fn tracepoint_field_offset(category: &str, name: &str, field: &str) -> Result<u32, KernelError> {
+    let candidates = [
+        "/sys/kernel/tracing/events",
+        "/sys/kernel/debug/tracing/events",
+    ];
+    let path = candidates
+        .iter()
+        .map(|root| Path::new(root).join(category).join(name).join("format"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            Path::new(candidates[0])
+                .join(category)
+                .join(name)
+                .join("format")
+        });
+    let pin_err = |source| KernelError::Pin {
+        path: path.clone(),
+        source,
+    };
+    let format = std::fs::read_to_string(&path).map_err(pin_err)?;
+    parse_field_offset(&format, field).ok_or_else(|| {
+        pin_err(std::io::Error::other(format!(
+            "no field `{field}` with an offset in the tracepoint's format"
+        )))
+    })
+}
+
+/// `offset:N` of the line declaring `field` in a tracepoint format
+/// (`\tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;`).
+fn parse_field_offset(format: &str, field: &str) -> Option<u32> {
+    format.lines().find_map(|line| {
+        let decl = line.trim().strip_prefix("field:")?;
+        let (decl, rest) = decl.split_once(';')?;
+        let name = decl.split_whitespace().last()?;
+        if name.split('[').next()? != field {
+            return None;
+        }
+        let offset = rest
+            .split(';')
+            .find_map(|p| p.trim().strip_prefix("offset:"))?;
+        offset.trim().parse().ok()
+    })
+}
+
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; newer ones ignore it. Raising it
 /// costs nothing and keeps older kernels from failing with a confusing EPERM.
 fn raise_memlock() {
@@ -309,5 +359,22 @@ fn raise_memlock() {
             "could not raise RLIMIT_MEMLOCK: {}",
             std::io::Error::last_os_error()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_field_offset_in_a_tracepoint_format() {
+        // 6.1's record (comms inline) and 6.18's (comms as __data_loc).
+        let v61 = "name: sched_process_fork\nID: 300\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\n\tfield:char parent_comm[16];\toffset:8;\tsize:16;\tsigned:0;\n\tfield:pid_t parent_pid;\toffset:24;\tsize:4;\tsigned:1;\n\tfield:char child_comm[16];\toffset:28;\tsize:16;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:44;\tsize:4;\tsigned:1;\n";
+        assert_eq!(parse_field_offset(v61, "child_pid"), Some(44));
+        assert_eq!(parse_field_offset(v61, "parent_comm"), Some(8));
+        let v618 = "format:\n\tfield:__data_loc char[] parent_comm;\toffset:8;\tsize:4;\tsigned:0;\n\tfield:pid_t parent_pid;\toffset:12;\tsize:4;\tsigned:1;\n\tfield:__data_loc char[] child_comm;\toffset:16;\tsize:4;\tsigned:0;\n\tfield:pid_t child_pid;\toffset:20;\tsize:4;\tsigned:1;\n";
+        assert_eq!(parse_field_offset(v618, "child_pid"), Some(20));
+        assert_eq!(parse_field_offset(v618, "pid"), None);
+        assert_eq!(parse_field_offset("", "child_pid"), None);
     }
 }
