@@ -15,6 +15,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod chaos;
+mod soak;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -47,6 +48,13 @@ enum Cmd {
         #[arg(long, default_value_t = 50)]
         rounds: usize,
     },
+    /// Set up, then run a real daemon under mixed load for MINUTES (release build), sample
+    /// its RSS, CPU, fds, threads and map entries every second into target/soak/ (CSV, PNG,
+    /// report), and fail if any of them grows (needs root).
+    Soak {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+    },
 }
 
 /// bpf-linker release that matches the nightly's LLVM (see kernel-and-toolchain.md).
@@ -62,6 +70,7 @@ fn main() -> ExitCode {
         Cmd::Lint => setup().and_then(|()| lint()),
         Cmd::Bench => setup().and_then(|()| bench()),
         Cmd::Chaos { rounds } => setup().and_then(|()| chaos::chaos(rounds)),
+        Cmd::Soak { minutes } => setup().and_then(|()| soak::soak(minutes)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
