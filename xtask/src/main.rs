@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 
 mod chaos;
+mod soak;
 
 mod vmtest;
 
@@ -70,6 +71,13 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         timeout_minutes: u64,
     },
+    /// Set up, then run a real daemon under mixed load for MINUTES (release build), sample
+    /// its RSS, CPU, fds, threads and map entries every second into target/soak/ (CSV, PNG,
+    /// report), and fail if any of them grows (needs root).
+    Soak {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+    },
 }
 
 /// bpf-linker release that matches the nightly's LLVM (see kernel-and-toolchain.md).
@@ -96,6 +104,7 @@ fn main() -> ExitCode {
                 timeout: std::time::Duration::from_secs(timeout_minutes * 60),
             })
         }),
+        Cmd::Soak { minutes } => setup().and_then(|()| soak::soak(minutes)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
