@@ -255,6 +255,8 @@ struct ProgLoadAttr {
     kern_version: u32,
     prog_flags: u32,
     prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
 }
 
 #[repr(C)]
@@ -264,16 +266,14 @@ struct RawTracepointAttr {
     _pad: u32,
 }
 
-fn bpf(cmd: libc::c_long, attr: *const u8, size: usize) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd as _;
+/// The bpf syscall, retried on EAGAIN: its non-negative return value.
+fn bpf_call(cmd: libc::c_long, attr: *const u8, size: usize) -> std::io::Result<i64> {
     // The verifier may return EAGAIN when a signal is pending (kernel-and-toolchain.md).
     for _ in 0..5 {
         // SAFETY: `attr` points to a live, initialised attr of `size` bytes.
-        let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
-        if fd >= 0 {
-            let fd = i32::try_from(fd).expect("fd");
-            // SAFETY: the kernel just returned this fd to us.
-            return Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr, size) };
+        if r >= 0 {
+            return Ok(r);
         }
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EAGAIN) {
@@ -283,9 +283,36 @@ fn bpf(cmd: libc::c_long, attr: *const u8, size: usize) -> std::io::Result<std::
     Err(std::io::Error::from_raw_os_error(libc::EAGAIN))
 }
 
+/// A bpf command that returns a new fd (PROG_LOAD, RAW_TRACEPOINT_OPEN, ...).
+pub fn bpf(
+    cmd: libc::c_long,
+    attr: *const u8,
+    size: usize,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    let fd = i32::try_from(bpf_call(cmd, attr, size)?).expect("fd");
+    // SAFETY: the kernel just returned this fd to us.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// A bpf command that returns 0 (PROG_ATTACH, ...).
+pub fn bpf_op(cmd: libc::c_long, attr: *const u8, size: usize) -> std::io::Result<()> {
+    bpf_call(cmd, attr, size).map(drop)
+}
+
 fn load_empty(prog_type: u32) -> std::os::fd::OwnedFd {
-    // mov64 r0, 0; exit
-    let insns: [u64; 2] = [0xb7, 0x95];
+    load_trivial(prog_type, 0, 0)
+}
+
+/// Loads `r0 = r0_value; exit` as a program of `prog_type` (for cgroup hooks, with
+/// `expected_attach_type`), with the bpf syscall directly: a program that is not agentwatch's.
+pub fn load_trivial(
+    prog_type: u32,
+    expected_attach_type: u32,
+    r0_value: i32,
+) -> std::os::fd::OwnedFd {
+    // mov64 r0, IMM; exit
+    let insns: [u64; 2] = [0xb7 | (u64::from(r0_value as u32) << 32), 0x95];
     let license = c"GPL";
     let mut name = [0u8; 16];
     name[..9].copy_from_slice(b"aw_bench0");
@@ -300,13 +327,15 @@ fn load_empty(prog_type: u32) -> std::os::fd::OwnedFd {
         kern_version: 0,
         prog_flags: 0,
         prog_name: name,
+        prog_ifindex: 0,
+        expected_attach_type,
     };
     bpf(
         BPF_PROG_LOAD,
         (&raw const attr).cast(),
         std::mem::size_of::<ProgLoadAttr>(),
     )
-    .expect("loading an empty BPF program")
+    .expect("loading a trivial BPF program")
 }
 
 impl EmptyProgram {

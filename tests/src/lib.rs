@@ -453,6 +453,21 @@ impl DaemonEnv {
         }
     }
 
+    /// `agentwatch audit verify` on this environment's trail; panics with its report unless the
+    /// chain is intact.
+    pub fn verify_audit(&self) {
+        let out = Command::new(agentwatch_bin())
+            .args(["audit", "verify"])
+            .arg(&self.audit)
+            .output()
+            .expect("audit verify");
+        assert!(
+            out.status.success(),
+            "the audit chain: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
     /// Sets the environment of the daemons started from now on (replacing earlier settings).
     pub fn set_daemon_env(&mut self, vars: &[(&str, &str)]) {
         self.daemon_env = vars

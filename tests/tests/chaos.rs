@@ -359,16 +359,7 @@ fn run_chaos(rounds: usize) {
         "wrong verdicts over {rounds} crashes: last prober {s}"
     );
     assert!(attempts >= 100, "the prober ran too little: {attempts}");
-    let out = std::process::Command::new(agentwatch_bin())
-        .args(["audit", "verify"])
-        .arg(&env.audit)
-        .output()
-        .expect("verify");
-    assert!(
-        out.status.success(),
-        "the audit chain across {rounds} crashes: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    env.verify_audit();
     println!("chaos: {rounds} crashes survived, {attempts} prober calls, {wrong} wrong verdicts");
     drop(dns);
 }

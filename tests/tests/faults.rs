@@ -152,16 +152,7 @@ fn a_full_disk_loses_audit_lines_counted_and_the_trail_marks_the_gap() {
         env.log()
     );
     // The chain is intact across the gap.
-    let out = Command::new(agentwatch_bin())
-        .args(["audit", "verify"])
-        .arg(&env.audit)
-        .output()
-        .expect("verify");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    env.verify_audit();
 }
 
 #[test]
@@ -326,79 +317,36 @@ fn memory_and_descriptors_stay_flat_across_launches_and_reloads() {
 /// `cgroup` the old way, exclusively (no BPF_F_ALLOW_MULTI), as some other tool might have.
 /// Returns the program's fd (attached as long as the cgroup lives or it is detached).
 fn attach_foreign_exclusive(cgroup: &Path) -> std::os::fd::OwnedFd {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-    const BPF_PROG_LOAD: i64 = 5;
-    const BPF_PROG_ATTACH: i64 = 8;
+    use std::os::fd::AsRawFd as _;
+    const BPF_PROG_ATTACH: libc::c_long = 8;
     const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
     const BPF_CGROUP_INET4_CONNECT: u32 = 10;
-    // mov64 r0, 1 ; exit
-    let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x0000_0000_0000_0095];
-    let license = b"GPL\0";
-    #[repr(C)]
-    #[derive(Default)]
-    struct Load {
-        prog_type: u32,
-        insn_cnt: u32,
-        insns: u64,
-        license: u64,
-        log_level: u32,
-        log_size: u32,
-        log_buf: u64,
-        kern_version: u32,
-        prog_flags: u32,
-        prog_name: [u8; 16],
-        prog_ifindex: u32,
-        expected_attach_type: u32,
-        _rest: [u64; 8],
-    }
-    let load = Load {
-        prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-        insn_cnt: 2,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        expected_attach_type: BPF_CGROUP_INET4_CONNECT,
-        prog_name: *b"foreign\0\0\0\0\0\0\0\0\0",
-        ..Load::default()
-    };
-    // SAFETY: bpf(2) with a zero-padded attr of the size given.
-    let prog = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &load as *const Load,
-            std::mem::size_of::<Load>(),
-        )
-    };
-    assert!(prog >= 0, "loading: {}", std::io::Error::last_os_error());
-    // SAFETY: a new fd the kernel just returned, owned by nobody else.
-    let prog = unsafe { OwnedFd::from_raw_fd(prog as i32) };
+    let prog = agentwatch_tests::bench::load_trivial(
+        BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        BPF_CGROUP_INET4_CONNECT,
+        1,
+    );
     let dir = fs::File::open(cgroup).expect("cgroup dir");
     #[repr(C)]
-    #[derive(Default)]
     struct Attach {
         target_fd: u32,
         attach_bpf_fd: u32,
         attach_type: u32,
         attach_flags: u32,
-        _rest: [u64; 8],
     }
     let attach = Attach {
         target_fd: dir.as_raw_fd() as u32,
         attach_bpf_fd: prog.as_raw_fd() as u32,
         attach_type: BPF_CGROUP_INET4_CONNECT,
+        // No BPF_F_ALLOW_MULTI: exclusive.
         attach_flags: 0,
-        ..Attach::default()
     };
-    // SAFETY: as above.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_ATTACH,
-            &attach as *const Attach,
-            std::mem::size_of::<Attach>(),
-        )
-    };
-    assert_eq!(r, 0, "attaching: {}", std::io::Error::last_os_error());
+    agentwatch_tests::bench::bpf_op(
+        BPF_PROG_ATTACH,
+        (&raw const attach).cast(),
+        std::mem::size_of::<Attach>(),
+    )
+    .expect("attaching the foreign program");
     prog
 }
 
