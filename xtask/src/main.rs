@@ -78,6 +78,15 @@ enum Cmd {
         #[arg(long, default_value_t = 10.0)]
         minutes: f64,
     },
+    /// Build the fuzz targets (cargo-fuzz, nightly) and run each for a bounded time; fails on
+    /// a crash and leaves the crashing input in fuzz/artifacts/TARGET/.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Only this target (default: every one in fuzz/fuzz_targets/).
+        target: Option<String>,
+    },
 }
 
 /// bpf-linker release that matches the nightly's LLVM (see kernel-and-toolchain.md).
@@ -105,6 +114,7 @@ fn main() -> ExitCode {
             })
         }),
         Cmd::Soak { minutes } => setup().and_then(|()| soak::soak(minutes)),
+        Cmd::Fuzz { seconds, target } => fuzz_setup().and_then(|()| fuzz(seconds, target)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -162,7 +172,20 @@ fn cargo_env(args: &[&str], vars: &[(&str, &str)]) -> Result<()> {
 
 fn setup() -> Result<()> {
     let start = Instant::now();
-    // bpf-linker goes to ~/.cargo/bin; make sure this process and its children find it.
+    cargo_bin_on_path()?;
+    nightly_rust_src()?;
+    bpf_linker()?;
+    cargo_fuzz()?;
+    mounts()?;
+    debian_packages()?;
+    kubernetes_validate()?;
+    eprintln!("xtask: setup done in {:.1}s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// `cargo install` puts bpf-linker and cargo-fuzz in ~/.cargo/bin; make sure this process and
+/// its children find them.
+fn cargo_bin_on_path() -> Result<()> {
     let cargo_bin = home()?.join(".cargo/bin");
     let path = env::var_os("PATH").unwrap_or_default();
     if !env::split_paths(&path).any(|p| p == cargo_bin) {
@@ -170,12 +193,6 @@ fn setup() -> Result<()> {
         // SAFETY: single-threaded at this point; no other thread reads the environment.
         unsafe { env::set_var("PATH", joined) };
     }
-    nightly_rust_src()?;
-    bpf_linker()?;
-    mounts()?;
-    debian_packages()?;
-    kubernetes_validate()?;
-    eprintln!("xtask: setup done in {:.1}s", start.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -479,6 +496,8 @@ fn run(args: &[String]) -> Result<()> {
 
 fn lint() -> Result<()> {
     cargo(&["fmt", "--all", "--check"])?;
+    // The fuzz crate is outside the workspace (it builds only under cargo-fuzz): its own check.
+    cargo(&["fmt", "--check", "--manifest-path", "fuzz/Cargo.toml"])?;
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     // The eBPF crate only builds for the BPF target with nightly and build-std.
     sh(Command::new("cargo")
@@ -843,6 +862,205 @@ fn render_markdown(host: &Host, records: &[Value], seconds: &[f64]) -> String {
         let _ = writeln!(md, "_Section run time: {secs:.0} s._\n");
     }
     md
+}
+
+/// cargo-fuzz release `setup` installs (the one measured here: about 2.5 minutes to build on a
+/// loaded 2-core machine).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// cargo-fuzz, for `cargo xtask fuzz`; a second setup only asks the installed one its version.
+fn cargo_fuzz() -> Result<()> {
+    if output(Command::new("cargo").args(["fuzz", "--version"])).is_some() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} (a few minutes)");
+    sh(Command::new("cargo").args([
+        "install",
+        &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+        "--locked",
+    ]))
+}
+
+/// What `cargo xtask fuzz` needs of setup: the nightly toolchain (libFuzzer's sanitizer
+/// flags) and cargo-fuzz. Not the rest (bpf-linker, mounts, Debian packages): the fuzz build
+/// skips the eBPF object.
+fn fuzz_setup() -> Result<()> {
+    cargo_bin_on_path()?;
+    nightly_rust_src()?;
+    cargo_fuzz()
+}
+
+/// One target's run, as libFuzzer reported it.
+struct FuzzRun {
+    target: String,
+    executed: Option<u64>,
+    per_second: Option<u64>,
+    /// Where libFuzzer wrote each crashing (or hanging, or leaking) input.
+    crashes: Vec<String>,
+    /// libFuzzer or cargo-fuzz failed.
+    failed: bool,
+}
+
+/// Builds every fuzz target, then runs each (or only `only`) for `seconds`, one at a time in
+/// one process (libFuzzer's default: `-jobs`/`-workers` would move its output into log
+/// files). New inputs go to fuzz/work/TARGET/ (not checked in), the seeds are read from
+/// fuzz/corpus/TARGET/, crashes land in fuzz/artifacts/TARGET/.
+fn fuzz(seconds: u64, only: Option<String>) -> Result<()> {
+    let fuzz_dir = workspace_root().join("fuzz");
+    let mut targets: Vec<String> = fs::read_dir(fuzz_dir.join("fuzz_targets"))
+        .context("listing fuzz/fuzz_targets")?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_suffix(".rs").map(str::to_owned)
+        })
+        .collect();
+    targets.sort();
+    if let Some(only) = only {
+        if !targets.contains(&only) {
+            bail!(
+                "no fuzz target `{only}`; the targets are {}",
+                targets.join(", ")
+            );
+        }
+        targets = vec![only];
+    }
+    let cargo_fuzz = |command: &str, args: &[&str]| {
+        let mut cmd = Command::new("cargo");
+        // Release with debug assertions and overflow checks (cargo-fuzz's default), without
+        // AddressSanitizer: the code fuzzed is safe Rust (its one unsafe read is checked for
+        // length first), and without ASan the build is shorter and runs about twice as many
+        // inputs a second. The same flags for `build` and `run`, or `run` builds again.
+        // The library builds without the eBPF object (agentwatch/build.rs): nothing fuzzed
+        // here loads kernel programs, and the fuzz build needs no bpf-linker.
+        cmd.args(["+nightly", "fuzz", command, "--sanitizer", "none"])
+            .args(args)
+            .env("AYA_BUILD_SKIP", "1")
+            .current_dir(&fuzz_dir);
+        cmd
+    };
+    let start = Instant::now();
+    sh(&mut cargo_fuzz("build", &[]))?;
+    eprintln!(
+        "xtask: fuzz targets built in {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+    let mut runs = Vec::new();
+    for target in &targets {
+        runs.push(fuzz_one(&fuzz_dir, target, seconds, &cargo_fuzz)?);
+    }
+    println!(
+        "fuzz: {:<14} {:>12} {:>8} crashes",
+        "target", "inputs", "exec/s"
+    );
+    let shown = |n: Option<u64>| n.map_or_else(|| "?".to_owned(), |n| n.to_string());
+    for r in &runs {
+        println!(
+            "fuzz: {:<14} {:>12} {:>8} {}{}",
+            r.target,
+            shown(r.executed),
+            shown(r.per_second),
+            r.crashes.len(),
+            if r.failed && r.crashes.is_empty() {
+                " (libFuzzer failed, see its log)"
+            } else {
+                ""
+            }
+        );
+        for c in &r.crashes {
+            println!("fuzz:   crash input: {c}");
+        }
+    }
+    println!(
+        "fuzz: {} target(s) in {:.1}s with the build",
+        runs.len(),
+        start.elapsed().as_secs_f64()
+    );
+    let bad: Vec<&str> = runs
+        .iter()
+        .filter(|r| r.failed || !r.crashes.is_empty())
+        .map(|r| r.target.as_str())
+        .collect();
+    if !bad.is_empty() {
+        bail!(
+            "fuzzing found crashes in {} (reproduce with `cd fuzz && AYA_BUILD_SKIP=1 cargo +nightly fuzz run TARGET INPUT`)",
+            bad.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn fuzz_one(
+    fuzz_dir: &Path,
+    target: &str,
+    seconds: u64,
+    cargo_fuzz: &dyn Fn(&str, &[&str]) -> Command,
+) -> Result<FuzzRun> {
+    let work = fuzz_dir.join("work").join(target);
+    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let log_path = fuzz_dir.join("work").join(format!("{target}.log"));
+    let seeds = fuzz_dir.join("corpus").join(target);
+    let dict = fuzz_dir.join("dict").join(format!("{target}.dict"));
+    let mut args: Vec<String> = vec![
+        target.into(),
+        work.display().to_string(),
+        seeds.display().to_string(),
+        "--".into(),
+        format!("-max_total_time={seconds}"),
+        "-print_final_stats=1".into(),
+        // An input that takes this long is a hang worth a report (the default is 20 minutes).
+        "-timeout=10".into(),
+    ];
+    if dict.exists() {
+        args.push(format!("-dict={}", dict.display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    eprintln!(
+        "xtask: fuzzing {target} for {seconds}s (log: {})",
+        log_path.display()
+    );
+    let log =
+        fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    // libFuzzer prints a line per new input found: into the log, not the terminal.
+    let status = cargo_fuzz("run", &args)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .status()
+        .with_context(|| format!("starting cargo fuzz run {target}"))?;
+    let text = fs::read_to_string(&log_path).unwrap_or_default();
+    let stat = |key: &str| {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(key))
+            .filter_map(|v| v.trim().parse::<u64>().ok())
+            .next_back()
+    };
+    // After a crash there are no final stats: the last status line (`#N ...`) tells how far
+    // it got.
+    let last_status = text
+        .lines()
+        .filter_map(|l| l.strip_prefix('#'))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .next_back();
+    let crashes: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.split_once("Test unit written to "))
+        .map(|(_, path)| path.trim().to_owned())
+        .collect();
+    let failed = !status.success();
+    if failed || !crashes.is_empty() {
+        let lines: Vec<&str> = text.lines().collect();
+        eprintln!("xtask: {target} failed; the end of its log:");
+        for l in &lines[lines.len().saturating_sub(60)..] {
+            eprintln!("  {l}");
+        }
+    }
+    Ok(FuzzRun {
+        target: target.to_owned(),
+        executed: stat("stat::number_of_executed_units:").or(last_status),
+        per_second: stat("stat::average_exec_per_sec:"),
+        crashes,
+        failed,
+    })
 }
 
 /// `N` in "ok. N passed; M failed; ..." for `what` = "passed".

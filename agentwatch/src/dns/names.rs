@@ -76,10 +76,13 @@ impl FromStr for NamePattern {
         if rest.is_empty() || name.num_labels() == 0 {
             return Err(NameError::Invalid(s.to_owned(), "empty name".to_owned()));
         }
-        if rest
-            .rsplit('.')
-            .next()
-            .is_some_and(|tld| tld.chars().all(|c| c.is_ascii_digit()))
+        // The parsed name's last label, not the text's last `.`-separated piece: escapes
+        // (`\.` inside a label, a trailing `\`) make the two differ, and the canonical text
+        // written back must be judged as the rule was.
+        if name
+            .iter()
+            .next_back()
+            .is_some_and(|tld| tld.iter().all(u8::is_ascii_digit))
         {
             return Err(NameError::Invalid(
                 s.to_owned(),
@@ -168,6 +171,24 @@ mod tests {
 
     fn pat(s: &str) -> NamePattern {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_numeric_last_label_is_refused_however_it_is_written() {
+        // Found by fuzz/fuzz_targets/egress_rules.rs: the trailing `\` hid the numeric last
+        // label from a check on the text, so the rule was accepted while its canonical text
+        // (`udp apixap2\.0.2 587`) was refused.
+        let rule = r"udp APIxap2\.0.2.\ 587";
+        let err = rule
+            .parse::<crate::egress::rules::EgressRule>()
+            .expect_err(rule);
+        assert!(
+            err.to_string().contains("no top-level domain is numeric"),
+            "{err}"
+        );
+        // An escaped dot is inside a label: `x.5` is not numeric, and the text reads back.
+        let p = pat(r"api.x\.5");
+        assert_eq!(pat(&p.to_string()), p);
     }
 
     #[test]
