@@ -70,6 +70,13 @@ enum Cmd {
         /// Minutes after which each guest is stopped and counted as failed.
         #[arg(long, default_value_t = 120)]
         timeout_minutes: u64,
+        /// Only these test files of tests/tests (e.g. `--test egress`); repeat for several.
+        /// Default: every test binary of the workspace.
+        #[arg(long = "test", value_name = "FILE")]
+        tests: Vec<String>,
+        /// Passed to each test binary (a name filter, `--exact`, ...), after `--`.
+        #[arg(last = true)]
+        test_args: Vec<String>,
     },
     /// Set up, then run a real daemon under mixed load for MINUTES (release build), sample
     /// its RSS, CPU, fds, threads and map entries every second into target/soak/ (CSV, PNG,
@@ -106,11 +113,15 @@ fn main() -> ExitCode {
             kernels,
             all,
             timeout_minutes,
+            tests,
+            test_args,
         } => setup().and_then(|()| {
             vmtest::vmtest(&vmtest::Args {
                 kernels,
                 all,
                 timeout: std::time::Duration::from_secs(timeout_minutes * 60),
+                tests,
+                test_args,
             })
         }),
         Cmd::Soak { minutes } => setup().and_then(|()| soak::soak(minutes)),

@@ -83,6 +83,10 @@ pub struct Args {
     pub kernels: Vec<String>,
     pub all: bool,
     pub timeout: Duration,
+    /// Test files to run (tests/tests/NAME.rs); empty: every test binary.
+    pub tests: Vec<String>,
+    /// Arguments for each test binary (libtest's filter and flags).
+    pub test_args: Vec<String>,
 }
 
 pub fn vmtest(args: &Args) -> Result<()> {
@@ -97,7 +101,7 @@ pub fn vmtest(args: &Args) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
 
     let target = target_dir()?;
-    let binaries = build_test_binaries()?;
+    let binaries = select_binaries(build_test_binaries()?, &args.tests)?;
     eprintln!(
         "xtask: {} test binaries to run in each guest",
         binaries.len()
@@ -105,7 +109,7 @@ pub fn vmtest(args: &Args) -> Result<()> {
 
     let mut results = Vec::new();
     for k in &kernels {
-        let r = run_guest(k, &target, &binaries, args.timeout)
+        let r = run_guest(k, &target, &binaries, args)
             .with_context(|| format!("guest with kernel {}", k.version));
         results.push((k.version.clone(), r));
     }
@@ -330,6 +334,38 @@ fn build_test_binaries() -> Result<Vec<TestBinary>> {
     Ok(bins)
 }
 
+/// The test binaries of the files asked for (`--test egress` is agentwatch-tests/egress), all
+/// when none was; a name that matches no test file is an error, not an empty run.
+fn select_binaries(all: Vec<TestBinary>, tests: &[String]) -> Result<Vec<TestBinary>> {
+    if tests.is_empty() {
+        return Ok(all);
+    }
+    for t in tests {
+        if !all
+            .iter()
+            .any(|b| b.name.rsplit('/').next() == Some(t.as_str()))
+        {
+            let names: Vec<&str> = all
+                .iter()
+                .filter_map(|b| b.name.split_once('/'))
+                .map(|(_, n)| n)
+                .collect();
+            bail!(
+                "--test {t}: no such test file (there are: {})",
+                names.join(", ")
+            );
+        }
+    }
+    Ok(all
+        .into_iter()
+        .filter(|b| {
+            tests
+                .iter()
+                .any(|t| b.name.rsplit('/').next() == Some(t.as_str()))
+        })
+        .collect())
+}
+
 /// A package id's name: "path+file:///w/tests#agentwatch-tests@0.1.0" -> "agentwatch-tests";
 /// cargo leaves the name out when it is the folder's, "path+file:///w/agentwatch#0.1.0" ->
 /// "agentwatch".
@@ -372,12 +408,8 @@ impl Drop for Guard {
     }
 }
 
-fn run_guest(
-    k: &Kernel,
-    target: &Path,
-    binaries: &[TestBinary],
-    timeout: Duration,
-) -> Result<GuestRun> {
+fn run_guest(k: &Kernel, target: &Path, binaries: &[TestBinary], args: &Args) -> Result<GuestRun> {
+    let timeout = args.timeout;
     let dir = target.join("vmtest").join(&k.version);
     let share = dir.join("share");
     let rootfs = dir.join("rootfs");
@@ -396,7 +428,7 @@ fn run_guest(
     let initramfs = dir.join("initramfs.cpio");
     build_initramfs(k, &dir.join("initramfs"), &initramfs)?;
     let script = share.join("guest.sh");
-    fs::write(&script, guest_script(k, binaries)?)?;
+    fs::write(&script, guest_script(k, binaries, &args.test_args)?)?;
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755))?;
 
     for s in [&root_sock, &share_sock] {
@@ -722,7 +754,12 @@ fn quote_path(p: &Path) -> Result<String> {
 /// Stage two, PID 1 in the host's root (its /bin/sh): what a systemd host mounts, the guest
 /// kernel's modules where modprobe looks, then each test binary in its package's folder with
 /// the environment `cargo test` gives it.
-fn guest_script(k: &Kernel, binaries: &[TestBinary]) -> Result<String> {
+fn guest_script(k: &Kernel, binaries: &[TestBinary], test_args: &[String]) -> Result<String> {
+    let test_args = test_args
+        .iter()
+        .map(|a| quote(a))
+        .collect::<Vec<_>>()
+        .join(" ");
     let home = home()?;
     let path = env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
     let modules = k.modules();
@@ -767,7 +804,7 @@ echo "vmtest: kernel $(uname -r), userland up at ${{boot}}s; LSMs: $(cat /sys/ke
         let name = quote(&b.name);
         s.push_str(&format!(
             r#"echo "vmtest: [{n}/{total}] "{name}" at $(cut -d' ' -f1 /proc/uptime)s"
-(cd {cwd} && CARGO_MANIFEST_DIR={cwd} {exe}; echo $? > /vmtest/out/{i}.rc) 2>&1 | tee /vmtest/out/{i}.log
+(cd {cwd} && CARGO_MANIFEST_DIR={cwd} {exe} {test_args}; echo $? > /vmtest/out/{i}.rc) 2>&1 | tee /vmtest/out/{i}.log
 "#,
             n = i + 1,
             total = binaries.len(),
