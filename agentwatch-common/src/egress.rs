@@ -155,7 +155,17 @@ pub struct AgentCounters {
     /// Destinations and execs of a learn-mode agent the kernel had no room to record
     /// (`LEARN_DESTS` / `LEARN_EXECS` full): `agentwatch learn` says its proposal is partial.
     pub learn_lost: u64,
-    pub _reserved: [u64; 1],
+    /// File opens outside the agent's `[agents.files]` list: refused with EACCES (BPF LSM)
+    /// or, where the kernel has no BPF LSM, seen by the open tracepoints and judged by the
+    /// daemon (which counts what it found outside in its own counter).
+    pub files_denied: u64,
+    /// File events not written (over the agent's event rate): refused opens whose line is
+    /// missing, or, without BPF LSM, opens the daemon could not judge.
+    pub files_suppressed: u64,
+    /// Packet sockets refused with EPERM (`lsm/socket_create`, where the kernel has BPF LSM;
+    /// elsewhere the process is killed: `packet_sockets_killed`).
+    pub packet_sockets_denied: u64,
+    pub _reserved: [u64; 2],
 }
 
 impl AgentCounters {
@@ -176,6 +186,7 @@ impl AgentCounters {
             + self.sockets_suppressed
             + self.execs_suppressed
             + self.escapes_suppressed
+            + self.files_suppressed
     }
 }
 
@@ -237,7 +248,7 @@ const _: () = assert!(core::mem::size_of::<RuleKeyV4>() == 8);
 const _: () = assert!(core::mem::size_of::<RuleKeyV6>() == 20);
 const _: () = assert!(core::mem::size_of::<PortRange>() == 16);
 const _: () = assert!(core::mem::size_of::<RuleValue>() == 8 + 16 * MAX_PORT_RANGES);
-const _: () = assert!(core::mem::size_of::<AgentCounters>() == 32 * 8);
+const _: () = assert!(core::mem::size_of::<AgentCounters>() == 36 * 8);
 const _: () = assert!(core::mem::size_of::<EgressEvent>() == 64);
 const _: () = assert!(core::mem::offset_of!(EgressEvent, addr) == 40);
 const _: () = assert!(core::mem::offset_of!(EgressEvent, port) == 56);

@@ -8,6 +8,7 @@
 pub mod dns;
 pub mod egress;
 pub mod exec;
+pub mod files;
 pub mod learn;
 pub mod limits;
 pub mod sockets;
@@ -15,6 +16,7 @@ pub mod sockets;
 pub use dns::*;
 pub use egress::*;
 pub use exec::*;
+pub use files::*;
 pub use learn::*;
 pub use limits::*;
 pub use sockets::*;
@@ -61,6 +63,9 @@ pub const AGENT_FLAG_DNS: u32 = 1 << 3;
 /// and reported; caps, the exec allow-list, the escape guards, leases and the kill switch
 /// still hold.
 pub const AGENT_FLAG_LEARN: u32 = 1 << 4;
+/// The agent has a file guard (`[agents.files]`): opens outside its `FILE_ALLOW` prefixes are
+/// refused (BPF LSM) or reported to the daemon (the open tracepoints, elsewhere).
+pub const AGENT_FLAG_FILES: u32 = 1 << 5;
 /// Userspace bookkeeping, ignored by the kernel but kept in its map so that it survives a daemon
 /// restart: the agent was killed with the kill switch and awaits `approve`.
 pub const AGENT_FLAG_KILLED: u32 = 1 << 8;
@@ -83,6 +88,13 @@ pub const EVENT_SOCKET_KILLED: u32 = 6;
 pub const EVENT_CGROUP_ESCAPE: u32 = 7;
 /// Learn mode: an egress call the allow-list would have denied (it went through).
 pub const EVENT_EGRESS_WOULD_DENY: u32 = 8;
+/// An exec refused with EPERM at `lsm/bprm_check_security` (the process lives on).
+pub const EVENT_EXEC_REFUSED: u32 = 9;
+/// A file open refused with EACCES at `lsm/file_open` ([`FileEvent`]).
+pub const EVENT_FILE_DENIED: u32 = 10;
+/// Without BPF LSM: a file open of a guarded agent that the kernel could not clear, for the
+/// daemon to judge ([`FileEvent`] with the syscall's arguments and result).
+pub const EVENT_FILE_OPENED: u32 = 11;
 
 /// Daemon-wide settings the kernel programs read (slot 0 of the `SETTINGS` array).
 #[repr(C)]
@@ -98,8 +110,17 @@ pub struct Settings {
     /// whose comms are `char[16]`; 20 on 6.18, whose comms are `__data_loc`). 0: not known yet
     /// (forks are then counted, but their parents not recorded).
     pub fork_child_pid: u32,
-    pub _pad: u32,
+    /// `LSM_*` bits: which BPF LSM guards are attached. The tracepoints that stand in for
+    /// them where the kernel has no BPF LSM (the packet-socket kill) step aside when set.
+    pub lsm: u32,
 }
+
+/// [`Settings::lsm`]: `lsm/socket_create` refuses agents' packet sockets.
+pub const LSM_SOCKETS: u32 = 1 << 0;
+/// [`Settings::lsm`]: `lsm/file_open` guards agents' files.
+pub const LSM_FILES: u32 = 1 << 1;
+/// [`Settings::lsm`]: `lsm/bprm_check_security` refuses execs outside the allow-list.
+pub const LSM_EXEC: u32 = 1 << 2;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -128,6 +149,8 @@ mod pod {
     unsafe impl aya::Pod for super::Seen {}
     unsafe impl aya::Pod for super::LearnNameKey {}
     unsafe impl aya::Pod for super::LearnName {}
+    unsafe impl aya::Pod for super::FilePath {}
+    unsafe impl aya::Pod for super::FileEvent {}
 }
 
 const _: () = assert!(core::mem::size_of::<AgentState>() == 16);

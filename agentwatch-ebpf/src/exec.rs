@@ -5,8 +5,8 @@
 //! single user instruction, whatever the daemon is doing.
 
 use agentwatch_common::{
-    AGENT_FLAG_EXEC_ALLOW, AGENT_FLAG_LEARN, EVENT_EXEC, EVENT_EXEC_DENIED, EXEC_PATH_MAX,
-    ExecEvent, ExecKey, MAX_AGENTS,
+    AGENT_FLAG_EXEC_ALLOW, AGENT_FLAG_LEARN, EVENT_EXEC, EVENT_EXEC_DENIED, EVENT_EXEC_REFUSED,
+    EXEC_PATH_MAX, ExecEvent, ExecKey, MAX_AGENTS,
 };
 use aya_ebpf::{
     EbpfContext as _,
@@ -14,9 +14,9 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes,
         generated::{bpf_ktime_get_ns, bpf_send_signal},
     },
-    macros::{map, tracepoint},
+    macros::{lsm, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray},
-    programs::TracePointContext,
+    programs::{LsmContext, TracePointContext},
 };
 
 use crate::{
@@ -47,6 +47,83 @@ const SIGKILL: u32 = 9;
 /// same from 6.1 to 6.18). The fork record's layout changed between kernels: its `child_pid`
 /// offset comes from the daemon, which reads it from tracefs (`Settings::fork_child_pid`).
 const EXEC_FILENAME_LOC: usize = 8;
+
+/// Offset of `filename` in `struct linux_binprm` on the running kernel, from its BTF (written
+/// into `.rodata` by the daemon before loading; aya-ebpf has no CO-RE).
+#[unsafe(no_mangle)]
+static BPRM_FILENAME: u32 = 0;
+
+const EPERM: i32 = 1;
+
+/// With BPF LSM: an exec outside the agent's allow-list fails with EPERM before the new
+/// image replaces the caller, which lives on (the tracepoint's SIGKILL is for kernels
+/// without it). `bprm->filename` is the path the tracepoint reports, so both judge alike.
+#[lsm(hook = "bprm_check_security")]
+pub fn exec_bprm_check_security(ctx: LsmContext) -> i32 {
+    let Some(state) = current_agent() else {
+        return 0;
+    };
+    if state.flags & AGENT_FLAG_EXEC_ALLOW == 0 {
+        return 0;
+    }
+    let Some(key) = SCRATCH.get_ptr_mut(0) else {
+        return -EPERM;
+    };
+    // SAFETY: per-CPU scratch slot, this program's alone while it runs.
+    let key = unsafe { &mut *key };
+    key.agent = state.id;
+    key.path = [0; EXEC_PATH_MAX + 1];
+    let bprm: *const u8 = ctx.arg(0);
+    // SAFETY: a read-only global the loader fills (volatile: loaded, not folded); `bprm` is
+    // the hook's `struct linux_binprm *` and the offset its `filename` field's here.
+    let filename = unsafe {
+        let off = core::ptr::read_volatile(&BPRM_FILENAME) as usize;
+        core::ptr::read_volatile(bprm.add(off).cast::<*const u8>())
+    };
+    // SAFETY: a kernel string, read through the helper.
+    if unsafe { bpf_probe_read_kernel_str_bytes(filename, &mut key.path) }.is_err() {
+        // A path that cannot be read matches no entry: refused, as the tracepoint would kill.
+        key.path = [0; EXEC_PATH_MAX + 1];
+    }
+    #[allow(clippy::needless_borrows_for_generic_args, reason = "see on_exec")]
+    // SAFETY: HashMap values are copied out at once.
+    let allowed = unsafe { EXEC_ALLOW.get(&*key) }.is_some();
+    if allowed {
+        return 0;
+    }
+    if state.flags & AGENT_FLAG_LEARN != 0 {
+        learn::record_exec(key, true);
+    }
+    if let Some(c) = counters(state.id) {
+        c.execs_denied += 1;
+    }
+    if over_limit(state.id, CapKind::Events) {
+        if let Some(c) = counters(state.id) {
+            c.execs_suppressed += 1;
+        }
+        return -EPERM;
+    }
+    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
+        count_lost_event(state.id);
+        return -EPERM;
+    };
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: LRU values are plain integers copied out at once.
+    let ppid = unsafe { PARENTS.get(pid) }.copied().unwrap_or(0);
+    let event = entry.as_mut_ptr();
+    // SAFETY: writing every field of the reserved record before submitting it.
+    unsafe {
+        (*event).kind = EVENT_EXEC_REFUSED;
+        (*event).agent = state.id;
+        (*event).pid = pid;
+        (*event).ppid = ppid;
+        (*event).ts_ns = bpf_ktime_get_ns();
+        (*event).comm = bpf_get_current_comm().unwrap_or_default();
+        (*event).path = key.path;
+    }
+    entry.submit(0);
+    -EPERM
+}
 
 #[tracepoint(category = "sched", name = "sched_process_exec")]
 pub fn exec_sched_process_exec(ctx: TracePointContext) -> u32 {

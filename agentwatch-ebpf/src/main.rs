@@ -14,6 +14,7 @@ mod bytes;
 mod dns;
 mod egress;
 mod exec;
+mod files;
 mod learn;
 mod lease;
 mod sockets;

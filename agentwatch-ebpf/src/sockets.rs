@@ -16,8 +16,8 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub};
 
 use agentwatch_common::{
     ESCAPE_FLAG_MOVED_DOOMED, ESCAPE_FLAG_MOVED_KILLED, ESCAPE_FLAG_WRITER_KILLED, ESCAPE_PATH_MAX,
-    EVENT_CGROUP_ESCAPE, EVENT_SOCKET_DENIED, EVENT_SOCKET_KILLED, EscapeEvent, SocketEvent,
-    UNKNOWN_AGENT,
+    EVENT_CGROUP_ESCAPE, EVENT_SOCKET_DENIED, EVENT_SOCKET_KILLED, EscapeEvent, LSM_SOCKETS,
+    SocketEvent, UNKNOWN_AGENT,
 };
 use aya_ebpf::{
     EbpfContext as _,
@@ -26,13 +26,15 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes,
         generated::{bpf_ktime_get_ns, bpf_send_signal},
     },
-    macros::{cgroup_sock, map, tracepoint},
+    macros::{cgroup_sock, lsm, map, tracepoint},
     maps::{Array, HashMap, LruHashMap},
-    programs::{SockContext, TracePointContext},
+    programs::{LsmContext, SockContext, TracePointContext},
 };
 
 use crate::{
-    agent::{AGENTS, EVENTS, count_lost_event, counters, current_agent, current_agent_key},
+    agent::{
+        AGENTS, EVENTS, SETTINGS, count_lost_event, counters, current_agent, current_agent_key,
+    },
     egress::{CapKind, over_limit},
 };
 
@@ -113,6 +115,46 @@ pub fn sockets_create(ctx: SockContext) -> i32 {
     DENY
 }
 
+const EPERM: i32 = 1;
+
+/// With BPF LSM: an agent's packet socket fails with EPERM and the process lives on (the
+/// tracepoint below kills instead where the kernel has no BPF LSM). Sockets the kernel makes
+/// for itself (`kern`) are not the agent's doing.
+#[lsm(hook = "socket_create")]
+pub fn sockets_socket_create(ctx: LsmContext) -> i32 {
+    let (family, sock_type, protocol, kern): (i32, i32, i32, i32) =
+        (ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3));
+    if kern != 0 || !is_packet(family as u32, sock_type as u32) {
+        return 0;
+    }
+    let Some(state) = current_agent() else {
+        return 0;
+    };
+    if let Some(c) = counters(state.id) {
+        c.packet_sockets_denied += 1;
+    }
+    if over_limit(state.id, CapKind::Events) {
+        if let Some(c) = counters(state.id) {
+            c.sockets_suppressed += 1;
+        }
+    } else {
+        emit_socket(
+            EVENT_SOCKET_DENIED,
+            state.id,
+            family as u32,
+            sock_type as u32,
+            protocol as u32,
+        );
+    }
+    -EPERM
+}
+
+#[inline(always)]
+fn is_packet(family: u32, sock_type: u32) -> bool {
+    family == AF_PACKET
+        || ((family == AF_INET || family == AF_INET6) && sock_type & SOCK_TYPE_MASK == SOCK_PACKET)
+}
+
 #[tracepoint(category = "syscalls", name = "sys_enter_socket")]
 pub fn sockets_sys_enter_socket(ctx: TracePointContext) -> u32 {
     kill_if_doomed();
@@ -120,9 +162,11 @@ pub fn sockets_sys_enter_socket(ctx: TracePointContext) -> u32 {
     // the agent (one to a few map lookups).
     let family = tp_u64(&ctx, SOCKET_FAMILY) as u32;
     let sock_type = tp_u64(&ctx, SOCKET_TYPE) as u32;
-    let packet = family == AF_PACKET
-        || ((family == AF_INET || family == AF_INET6) && sock_type & SOCK_TYPE_MASK == SOCK_PACKET);
-    if !packet {
+    if !is_packet(family, sock_type) {
+        return 0;
+    }
+    // lsm/socket_create refuses it with EPERM: nothing to kill.
+    if SETTINGS.get(0).is_some_and(|s| s.lsm & LSM_SOCKETS != 0) {
         return 0;
     }
     let Some(state) = current_agent() else {

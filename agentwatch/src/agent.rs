@@ -14,8 +14,9 @@ use std::{
 };
 
 use agentwatch_common::{
-    AGENT_FLAG_DNS, AGENT_FLAG_EXEC_ALLOW, AGENT_FLAG_LEARN, AGENT_FLAG_MONITOR_SYSCALLS,
-    AgentCounters, AgentState, DnsPorts, MAX_AGENTS, Settings, rule_scope,
+    AGENT_FLAG_DNS, AGENT_FLAG_EXEC_ALLOW, AGENT_FLAG_FILES, AGENT_FLAG_LEARN,
+    AGENT_FLAG_MONITOR_SYSCALLS, AgentCounters, AgentState, DnsPorts, LSM_EXEC, LSM_FILES,
+    LSM_SOCKETS, MAX_AGENTS, Settings, rule_scope,
 };
 use aya::maps::{MapData, RingBuf};
 
@@ -26,6 +27,7 @@ use crate::{
     dns,
     egress::{self, Caps, CompiledRules},
     exec,
+    files::{self, FileRule},
     kernel::Kernel,
     lease,
     link::Link,
@@ -43,6 +45,8 @@ pub struct Policy {
     pub events_per_second: Option<u32>,
     /// Exec allow-list (None: any exec is allowed; Some(empty): every exec is killed).
     pub exec_allow: Option<Vec<PathBuf>>,
+    /// File guard prefixes (None: no file guard; Some(empty): every open is outside).
+    pub files: Option<Vec<FileRule>>,
     /// Count the agent's syscalls (attaches the host-wide sys_enter hook).
     pub monitor_syscalls: bool,
     /// The agent has hostname rules and its DNS forwarder listens here: its DNS calls go
@@ -81,13 +85,19 @@ impl Policy {
         if self.learn {
             f |= AGENT_FLAG_LEARN;
         }
+        if self.files.is_some() {
+            f |= AGENT_FLAG_FILES;
+        }
         f
     }
 }
 
 /// Flags owned by the policy (the rest belong to the kill switch and breaker).
-const POLICY_FLAGS: u32 =
-    AGENT_FLAG_EXEC_ALLOW | AGENT_FLAG_MONITOR_SYSCALLS | AGENT_FLAG_DNS | AGENT_FLAG_LEARN;
+const POLICY_FLAGS: u32 = AGENT_FLAG_EXEC_ALLOW
+    | AGENT_FLAG_MONITOR_SYSCALLS
+    | AGENT_FLAG_DNS
+    | AGENT_FLAG_LEARN
+    | AGENT_FLAG_FILES;
 
 /// One guarded agent.
 struct Guarded {
@@ -171,6 +181,8 @@ impl Agents {
         let host_dir = kernel.pins().map(PinDir::host_links);
         let mut host = exec::attach(&mut kernel.ebpf, host_dir.as_deref())?;
         host.extend(sockets::attach_host(&mut kernel.ebpf, host_dir.as_deref())?);
+        let lsm = kernel.files.lsm();
+        host.extend(files::attach(&mut kernel.ebpf, lsm, host_dir.as_deref())?);
         // An earlier daemon's sys_enter pin is adopted; sync_syscalls drops it if unneeded.
         let syscalls = match &host_dir {
             Some(dir) if syscalls::pinned(dir) => {
@@ -258,6 +270,7 @@ impl Agents {
                 self.kernel
                     .exec
                     .sync(state.id, policy.exec_allow.as_deref())?;
+                self.kernel.files.sync(state.id, policy.files.as_deref())?;
                 state.generation ^= 1;
                 state.flags = (state.flags & !POLICY_FLAGS) | policy.flags();
                 self.write_state(cgroup_id, state)?;
@@ -288,6 +301,7 @@ impl Agents {
                     .lease
                     .set(id, policy.lease.map(lease::deadline_in))?;
                 self.kernel.exec.sync(id, policy.exec_allow.as_deref())?;
+                self.kernel.files.sync(id, policy.files.as_deref())?;
                 self.write_state(cgroup_id, state)?;
                 crate::crash::point("guard.state");
                 (state, Guarding::New)
@@ -334,6 +348,7 @@ impl Agents {
                         .egress
                         .clear(rule_scope(state.id, 0), &policy.rules);
                     let _ = self.kernel.exec.sync(state.id, None);
+                    let _ = self.kernel.files.sync(state.id, None);
                 }
                 return Err(e);
             }
@@ -395,6 +410,9 @@ impl Agents {
                 for p in prepared.policy.exec_allow.iter().flatten() {
                     self.kernel.exec.insert(id, p)?;
                 }
+                if let Some(rules) = &prepared.policy.files {
+                    self.kernel.files.insert(id, rules)?;
+                }
                 Ok(())
             });
         match written {
@@ -414,7 +432,9 @@ impl Agents {
             .clear(prepared.scope, &prepared.policy.rules);
         if let Some(g) = self.by_name.get(&prepared.name) {
             let (id, live) = (g.id, g.policy.exec_allow.clone());
+            let files = g.policy.files.clone();
             let _ = self.kernel.exec.sync(id, live.as_deref());
+            let _ = self.kernel.files.sync(id, files.as_deref());
         }
     }
 
@@ -447,6 +467,7 @@ impl Agents {
         state.flags = (state.flags & !POLICY_FLAGS) | policy.flags();
         self.write_state(cgroup_id, state)?;
         self.kernel.exec.sync(id, policy.exec_allow.as_deref())?;
+        self.kernel.files.sync(id, policy.files.as_deref())?;
         let g = self.get_mut(&name)?;
         g.state = state;
         let old = std::mem::replace(&mut g.policy, policy);
@@ -598,6 +619,15 @@ impl Agents {
         self.by_name.keys().map(String::as_str)
     }
 
+    /// The file guard prefixes of the agent with kernel id `id` (None: no such agent, or no
+    /// file guard).
+    pub fn files_of(&self, id: u32) -> Option<Vec<FileRule>> {
+        self.by_name
+            .values()
+            .find(|g| g.id == id)
+            .and_then(|g| g.policy.files.clone())
+    }
+
     /// Name of the agent with kernel id `id`.
     pub fn name_of(&self, id: u32) -> Option<&str> {
         self.by_name
@@ -656,6 +686,7 @@ impl Agents {
     /// Clears everything indexed by slot `id` so the next agent in it starts clean.
     fn forget_slot(&mut self, id: u32) -> Result<(), KernelError> {
         self.kernel.exec.sync(id, None)?;
+        self.kernel.files.sync(id, None)?;
         self.kernel.egress.clear_caps(id)?;
         self.kernel.bytes.write_cap(id, None)?;
         self.kernel.dns.clear(id)?;
@@ -718,7 +749,11 @@ impl Agents {
             min_level,
             max_level,
             fork_child_pid: self.kernel.fork_child_pid,
-            _pad: 0,
+            lsm: if self.kernel.files.lsm() {
+                LSM_SOCKETS | LSM_FILES | LSM_EXEC
+            } else {
+                0
+            },
         };
         self.kernel
             .settings

@@ -150,6 +150,8 @@ struct RawAgent {
     #[serde(default)]
     monitor: Monitor,
     #[serde(default)]
+    files: Option<Spanned<RawFiles>>,
+    #[serde(default)]
     mode: Mode,
     #[serde(default)]
     lease: Option<Spanned<String>>,
@@ -268,6 +270,13 @@ impl Default for Breaker {
     }
 }
 
+/// `[agents.files]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFiles {
+    allow: Vec<Spanned<String>>,
+}
+
 /// `[agents.monitor]`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -296,6 +305,9 @@ pub struct Agent {
     pub compiled: CompiledRules,
     /// None: no exec allow-list; Some(list): an exec of anything else is killed.
     pub exec_allow: Option<Vec<PathBuf>>,
+    /// `[agents.files] allow`: None, no file guard; Some(list): opens outside it are refused
+    /// (BPF LSM) or detected and acted on.
+    pub files: Option<Vec<crate::files::FileRule>>,
     pub limits: Limits,
     pub breaker: Option<Breaker>,
     pub monitor: Monitor,
@@ -624,6 +636,16 @@ fn validate(
             }
             paths
         });
+        let files = a.files.as_ref().map(|f| {
+            let mut rules = Vec::new();
+            for entry in &f.get_ref().allow {
+                match crate::files::FileRule::parse(entry.get_ref()) {
+                    Ok(r) => rules.push(r),
+                    Err(e) => c.at(entry.span(), format!("files.allow entry {e}")),
+                }
+            }
+            rules
+        });
         let limits = match &a.limits {
             Some(l) => {
                 let v = *l.get_ref();
@@ -690,6 +712,7 @@ fn validate(
             hostnames,
             compiled,
             exec_allow,
+            files,
             limits,
             breaker,
             monitor: a.monitor,

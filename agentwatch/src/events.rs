@@ -4,6 +4,7 @@
 pub use crate::{
     egress::events::{EgressAttempt, dest_addr, proto_name},
     exec::ExecRecord,
+    files::FileRecord,
     sockets::{EscapeRecord, SocketAttempt},
 };
 
@@ -14,6 +15,7 @@ pub enum Event {
     Exec(ExecRecord),
     Socket(SocketAttempt),
     Escape(EscapeRecord),
+    File(FileRecord),
     /// A record this daemon does not know (a newer kernel object); counted, not dropped silently.
     Unknown {
         kind: u32,
@@ -32,6 +34,7 @@ pub fn decode(bytes: &[u8]) -> Event {
         .or_else(|| crate::exec::decode(kind, bytes).map(Event::Exec))
         .or_else(|| crate::sockets::decode_socket(kind, bytes).map(Event::Socket))
         .or_else(|| crate::sockets::decode_escape(kind, bytes).map(Event::Escape))
+        .or_else(|| crate::files::decode(kind, bytes).map(Event::File))
         .unwrap_or(Event::Unknown {
             kind,
             len: bytes.len(),

@@ -6,7 +6,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agentwatch_common::{EVENT_EXEC, EVENT_EXEC_DENIED, EXEC_PATH_MAX, ExecEvent, ExecKey};
+use agentwatch_common::{
+    EVENT_EXEC, EVENT_EXEC_DENIED, EVENT_EXEC_REFUSED, EXEC_PATH_MAX, ExecEvent, ExecKey,
+};
 use aya::{
     Ebpf,
     maps::{HashMap, MapData},
@@ -84,8 +86,10 @@ pub(crate) fn attach(ebpf: &mut Ebpf, pin_dir: Option<&Path>) -> Result<Vec<Link
 /// An exec of an agent process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecRecord {
-    /// `exec` or `exec_denied` (killed by the allow-list).
+    /// `exec` or `exec_denied` (killed or refused by the allow-list).
     pub kind: &'static str,
+    /// exec_denied: refused with EPERM by BPF LSM (the process lives on), not killed.
+    pub refused: bool,
     pub agent_id: u32,
     pub pid: u32,
     /// 0 when the fork predates the programs.
@@ -104,7 +108,7 @@ impl ExecRecord {
         } else {
             proc_ppid(self.pid).unwrap_or(0)
         };
-        KernelLine {
+        let mut line = KernelLine {
             agent_id: self.agent_id,
             ts_ns: self.ts_ns,
             kind: self.kind,
@@ -115,22 +119,27 @@ impl ExecRecord {
                 "comm": self.comm,
                 "path": self.path,
             }),
+        };
+        if self.kind == "exec_denied" {
+            line.fields["action"] = json!(if self.refused { "refused" } else { "killed" });
         }
+        line
     }
 }
 
 /// Decodes an exec record (`kind` is its first word); None for other kinds.
 pub fn decode(kind: u32, bytes: &[u8]) -> Option<ExecRecord> {
-    if kind != EVENT_EXEC && kind != EVENT_EXEC_DENIED {
+    if kind != EVENT_EXEC && kind != EVENT_EXEC_DENIED && kind != EVENT_EXEC_REFUSED {
         return None;
     }
     let e = read_record::<ExecEvent>(bytes)?;
     Some(ExecRecord {
-        kind: if e.kind == EVENT_EXEC_DENIED {
-            "exec_denied"
-        } else {
+        kind: if e.kind == EVENT_EXEC {
             "exec"
+        } else {
+            "exec_denied"
         },
+        refused: e.kind == EVENT_EXEC_REFUSED,
         agent_id: e.agent,
         pid: e.pid,
         ppid: e.ppid,

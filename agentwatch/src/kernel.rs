@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use agentwatch_common::{
     AgentCounters, AgentLimits, AgentState, ByteCap, DestKey, DnsKey, DnsOrig, DnsPorts, DnsValue,
-    ExecKey, LearnName, LearnNameKey, RuleHitKey, RuleKeyV4, RuleKeyV6, RuleValue, Seen, Settings,
+    ExecKey, FilePath, LearnName, LearnNameKey, RuleHitKey, RuleKeyV4, RuleKeyV6, RuleValue, Seen,
+    Settings,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -19,6 +20,7 @@ use crate::{
     dns::DnsMaps,
     egress::EgressMaps,
     exec::ExecMaps,
+    files::FilesMaps,
     learn::LearnMaps,
     lease::LeaseMaps,
     sockets::SocketMaps,
@@ -37,6 +39,7 @@ pub struct Kernel {
     events: Option<RingBuf<MapData>>,
     pub(crate) egress: EgressMaps,
     pub(crate) exec: ExecMaps,
+    pub(crate) files: FilesMaps,
     pub(crate) sockets: SocketMaps,
     pub(crate) dns: DnsMaps,
     pub(crate) lease: LeaseMaps,
@@ -51,7 +54,7 @@ pub struct Kernel {
 
 /// Every map of the object with the key and value sizes this build expects of it. A pinned map
 /// of another layout (an older agentwatch) is refused rather than misread.
-const MAPS: [(&str, u32, u32); 28] = [
+const MAPS: [(&str, u32, u32); 31] = [
     ("AGENTS", 8, size_of::<AgentState>() as u32),
     ("COUNTERS", 4, size_of::<AgentCounters>() as u32),
     ("EVENTS", 0, 0),
@@ -104,6 +107,10 @@ const MAPS: [(&str, u32, u32); 28] = [
         size_of::<LearnNameKey>() as u32,
         size_of::<LearnName>() as u32,
     ),
+    ("FILE_ALLOW", 4 + size_of::<FilePath>() as u32, 4),
+    // The trie key and a PATH_MAX buffer.
+    ("FILE_SCRATCH", 4, 4 + size_of::<FilePath>() as u32 + 4096),
+    ("OPENS", 8, 16),
 ];
 
 /// The embedded object's bytes (empty in a build without eBPF programs).
@@ -131,10 +138,17 @@ impl Kernel {
         raise_memlock();
         ensure_tracefs()?;
         let fork_child_pid = tracepoint_field_offset("sched", "sched_process_fork", "child_pid")?;
+        let lsm = lsm_offsets();
         // A thread that signals are rained on spends its time in handlers and never finishes
         // loading; blocked, they wait until the object is loaded (see `load_program`).
         let _mask = SignalsBlocked::new();
         let mut loader = EbpfLoader::new();
+        if let Some(o) = &lsm {
+            loader
+                .override_global("FILE_F_PATH", &o.file_f_path, true)
+                .override_global("FILE_F_MODE", &o.file_f_mode, true)
+                .override_global("BPRM_FILENAME", &o.bprm_filename, true);
+        }
         if let Some(pins) = &pins {
             pins.create()?;
             for (name, key, value) in MAPS {
@@ -163,6 +177,7 @@ impl Kernel {
         // Each concern loads (verifies) its own programs and takes its own maps.
         let egress = EgressMaps::load(&mut ebpf)?;
         let exec = ExecMaps::load(&mut ebpf)?;
+        let files = FilesMaps::load(&mut ebpf, lsm.is_some())?;
         let sockets = SocketMaps::load(&mut ebpf)?;
         let dns = DnsMaps::load(&mut ebpf)?;
         let lease = LeaseMaps::load(&mut ebpf)?;
@@ -177,6 +192,7 @@ impl Kernel {
             events,
             egress,
             exec,
+            files,
             sockets,
             dns,
             lease,
@@ -280,6 +296,43 @@ impl Kernel {
 }
 
 /// Tracepoints need tracefs; mount it where the kernel expects it when it is missing.
+/// Offsets the LSM programs read, from the running kernel's BTF.
+struct LsmOffsets {
+    file_f_path: u32,
+    file_f_mode: u32,
+    bprm_filename: u32,
+}
+
+/// The LSM programs' offsets when this kernel runs BPF LSM, else None (the tracepoints stand
+/// in: files detected, execs and packet sockets killed). Said in the log either way, and by
+/// `status` and `check`.
+fn lsm_offsets() -> Option<LsmOffsets> {
+    if !crate::files::bpf_lsm_active() {
+        tracing::info!(
+            "BPF LSM is not active (no `bpf` in /sys/kernel/security/lsm): file opens are \
+             detected, execs and packet sockets killed, rather than refused"
+        );
+        return None;
+    }
+    let offsets = crate::btf::Btf::vmlinux().and_then(|btf| {
+        Ok(LsmOffsets {
+            file_f_path: btf.member_offset("file", "f_path")?,
+            file_f_mode: btf.member_offset("file", "f_mode")?,
+            bprm_filename: btf.member_offset("linux_binprm", "filename")?,
+        })
+    });
+    match offsets {
+        Ok(o) => Some(o),
+        Err(e) => {
+            tracing::warn!(
+                "BPF LSM is active but the kernel's BTF does not say where the LSM programs' \
+                 fields are ({e}): falling back to detection"
+            );
+            None
+        }
+    }
+}
+
 fn ensure_tracefs() -> Result<(), KernelError> {
     let events = Path::new("/sys/kernel/tracing/events");
     if events.exists() || Path::new("/sys/kernel/debug/tracing/events").exists() {

@@ -6,7 +6,7 @@
 //!
 //! Modules follow the concerns, each named like its kernel half and owning its programs and
 //! maps: [`egress`] (allow-lists, caps, denial summaries), [`exec`] (exec allow-list),
-//! [`syscalls`], [`sockets`] (escape guards). [`agent`] writes one agent's policy across them;
+//! [`files`] (file guard, and the BPF LSM programs), [`syscalls`], [`sockets`] (escape guards). [`agent`] writes one agent's policy across them;
 //! [`kernel`] loads the object and hands each concern its part, with [`bpf`] (errors, loading,
 //! pins) and [`link`] below. The daemon ([`daemon`]) is a set of tasks around one policy, with
 //! one audit writer ([`audit`]) and a pure breaker ([`breaker`]). Around them: [`cgroup`],
@@ -17,6 +17,7 @@ pub mod agent;
 pub mod audit;
 pub mod bpf;
 pub mod breaker;
+pub mod btf;
 pub mod bytes;
 pub mod cgroup;
 pub mod config;
@@ -28,6 +29,7 @@ pub mod dns;
 pub mod egress;
 pub mod events;
 pub mod exec;
+pub mod files;
 pub mod harden;
 pub mod kernel;
 pub mod launch;

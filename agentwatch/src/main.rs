@@ -226,6 +226,23 @@ fn real_main(cmd: Cmd, socket: PathBuf) -> Result<ExitCode> {
                         return Ok(ExitCode::FAILURE);
                     }
                     println!("{}: ok ({} agent(s))", config.display(), c.agents.len());
+                    // What the guards do here depends on the kernel: say it before a reload.
+                    let modes = agentwatch::files::modes(agentwatch::files::bpf_lsm_active());
+                    for (key, used) in [
+                        ("files", c.agents.iter().any(|a| a.files.is_some())),
+                        (
+                            "exec_allow",
+                            c.agents.iter().any(|a| a.exec_allow.is_some()),
+                        ),
+                        ("packet_sockets", !c.agents.is_empty()),
+                    ] {
+                        if used {
+                            println!(
+                                "  {key} on this host: {}",
+                                modes[key].as_str().unwrap_or("?")
+                            );
+                        }
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {

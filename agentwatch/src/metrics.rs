@@ -148,6 +148,12 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
         "Attempts to get around the guard, by kind (refused or killed in the kernel)",
         &["agent", "kind"],
     )?;
+    let files_denied = counter_vec(
+        &r,
+        "agentwatch_files_denied_total",
+        "File opens outside the agent's [agents.files] list: refused (BPF LSM) or detected",
+        &["agent"],
+    )?;
     let suppressed = counter_vec(
         &r,
         "agentwatch_audit_suppressed_total",
@@ -251,12 +257,16 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
         let c = &a.counters;
         for (kind, n_) in [
             ("raw_socket", c.raw_sockets_denied),
-            ("packet_socket", c.packet_sockets_killed),
+            (
+                "packet_socket",
+                c.packet_sockets_killed + c.packet_sockets_denied,
+            ),
             ("cgroup_escape", c.cgroup_escapes),
         ] {
             escapes.with_label_values(&[n, kind]).inc_by(n_);
         }
         suppressed.with_label_values(&[n]).inc_by(c.suppressed());
+        files_denied.with_label_values(&[n]).inc_by(c.files_denied);
         for (verdict, count) in [
             ("allowed", a.dns.allowed),
             ("denied", a.dns.denied),

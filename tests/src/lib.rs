@@ -302,8 +302,8 @@ pub fn read_events(ring: &mut RingBuf<MapData>, n: usize) -> Vec<EgressAttempt> 
         while let Some(item) = ring.next() {
             match events::decode(&item) {
                 Event::Egress(e) => out.push(e),
-                // Exec, socket and escape events have their own tests.
-                Event::Exec(_) | Event::Socket(_) | Event::Escape(_) => {}
+                // Exec, socket, escape and file events have their own tests.
+                Event::Exec(_) | Event::Socket(_) | Event::Escape(_) | Event::File(_) => {}
                 Event::Unknown { kind, len } => panic!("unknown event kind {kind} ({len} bytes)"),
             }
         }
@@ -322,6 +322,26 @@ pub fn read_events(ring: &mut RingBuf<MapData>, n: usize) -> Vec<EgressAttempt> 
 }
 
 pub const EPERM: i32 = libc::EPERM;
+
+/// Does this kernel run BPF LSM? Then agentwatch refuses (EPERM) an exec outside an agent's
+/// allow-list where it otherwise kills it: tests expect one or the other from this.
+pub fn bpf_lsm() -> bool {
+    agentwatch::files::bpf_lsm_active()
+}
+
+/// Asserts how a spawn-each line of an exec outside the allow-list ended: refused with EPERM
+/// (BPF LSM) or killed by SIGKILL.
+pub fn assert_exec_denied(line: &serde_json::Value) {
+    if bpf_lsm() {
+        assert_eq!(
+            (line["errno"].as_i64(), line["signal"].as_i64()),
+            (Some(i64::from(EPERM)), None),
+            "refused: {line}"
+        );
+    } else {
+        assert_eq!(line["signal"].as_i64(), Some(9), "killed: {line}");
+    }
+}
 
 /// A scratch folder removed on Drop.
 pub struct TempDir(pub PathBuf);

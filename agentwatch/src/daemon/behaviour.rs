@@ -66,41 +66,7 @@ impl State {
                 rate,
                 baseline,
                 action,
-            } => {
-                let (name, index) = action_label(action);
-                tracing::warn!(
-                    agent,
-                    signal = signal.name(),
-                    rate,
-                    baseline,
-                    action = name,
-                    "breaker tripped"
-                );
-                if let Err(e) = self.agents.count_trip(agent, index) {
-                    tracing::error!(agent, "counting the trip: {e}");
-                }
-                let result = match action {
-                    Action::Alert => self.set_flags(agent, AGENT_FLAG_TRIPPED),
-                    Action::Deny => self.set_flags(agent, AGENT_FLAG_TRIPPED | AGENT_FLAG_DENY_ALL),
-                    Action::Freeze => self.set_flags(agent, AGENT_FLAG_TRIPPED).and_then(|()| {
-                        self.cgroup_of(agent)?
-                            .set_frozen(true)
-                            .map_err(|e| e.to_string())
-                    }),
-                    Action::Kill => self.kill_tree(agent, AGENT_FLAG_TRIPPED).map(drop),
-                };
-                let mut fields = json!({
-                    "signal": signal.name(),
-                    "rate": round(rate),
-                    "baseline": round(baseline),
-                    "action": name,
-                });
-                if let Err(e) = &result {
-                    tracing::error!(agent, "breaker action {name}: {e}");
-                    fields["action_error"] = json!(e);
-                }
-                self.audit_agent(agent, "breaker_tripped", fields);
-            }
+            } => self.run_trip(agent, signal.name(), rate, baseline, action),
             Transition::HalfOpen => {
                 // Lift the action; the next window decides whether the breaker closes.
                 let _ = self.agents.update_flags(agent, 0, AGENT_FLAG_DENY_ALL);
@@ -116,6 +82,60 @@ impl State {
                 self.audit_agent(agent, "breaker_closed", json!({}));
             }
         }
+    }
+
+    /// Runs a trip's action and audits `breaker_tripped`.
+    fn run_trip(&mut self, agent: &str, signal: &str, rate: f64, baseline: f64, action: Action) {
+        let (name, index) = action_label(action);
+        tracing::warn!(
+            agent,
+            signal,
+            rate,
+            baseline,
+            action = name,
+            "breaker tripped"
+        );
+        if let Err(e) = self.agents.count_trip(agent, index) {
+            tracing::error!(agent, "counting the trip: {e}");
+        }
+        let result = match action {
+            Action::Alert => self.set_flags(agent, AGENT_FLAG_TRIPPED),
+            Action::Deny => self.set_flags(agent, AGENT_FLAG_TRIPPED | AGENT_FLAG_DENY_ALL),
+            Action::Freeze => self.set_flags(agent, AGENT_FLAG_TRIPPED).and_then(|()| {
+                self.cgroup_of(agent)?
+                    .set_frozen(true)
+                    .map_err(|e| e.to_string())
+            }),
+            Action::Kill => self.kill_tree(agent, AGENT_FLAG_TRIPPED).map(drop),
+        };
+        let mut fields = json!({
+            "signal": signal,
+            "rate": round(rate),
+            "baseline": round(baseline),
+            "action": name,
+        });
+        if let Err(e) = &result {
+            tracing::error!(agent, "breaker action {name}: {e}");
+            fields["action_error"] = json!(e);
+        }
+        self.audit_agent(agent, "breaker_tripped", fields);
+    }
+
+    /// Without BPF LSM, an open outside the agent's file list is found after the fact: the
+    /// breaker opens on signal `files` and its action runs (kill when the agent has no
+    /// breaker: the open was meant to be refused). Once per trip: while the breaker stays
+    /// open, later opens are audited but not acted on again.
+    pub(super) fn trip_on_file(&mut self, agent: &str) {
+        let now = Instant::now();
+        let Some(monitor) = self.monitors.get_mut(agent) else {
+            return;
+        };
+        if monitor.is_open() {
+            return;
+        }
+        let action = monitor.config().map_or(Action::Kill, |c| c.action);
+        monitor.force_open(now);
+        self.run_trip(agent, "files", 1.0, 0.0, action);
     }
 
     fn set_flags(&mut self, agent: &str, flags: u32) -> Result<(), String> {

@@ -135,7 +135,10 @@ async fn control_connection(
 impl State {
     fn handle(&mut self, req: Request, uid: u32) -> Response {
         let result = match req {
-            Request::Status { rules } => Ok(json!({ "agents": self.status(rules) })),
+            Request::Status { rules } => Ok(json!({
+                "agents": self.status(rules),
+                "guards": crate::files::modes(self.agents.kernel().files.lsm()),
+            })),
             Request::Reload => self
                 .reload_from_disk()
                 .map(|changes| json!({ "changes": changes })),

@@ -70,6 +70,9 @@ struct State {
     /// Configured agents whose cgroup was removed from under the daemon: out of the config in
     /// force until their cgroup exists again (`sweep::sweep_vanished`).
     vanished: Vec<crate::config::Agent>,
+    /// Without BPF LSM: opens outside an agent's file list found by the daemon (added to the
+    /// kernel's `files_denied` wherever counters are shown).
+    files_detected: BTreeMap<String, u64>,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -176,6 +179,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         reloads_rejected: 0,
         last_seen,
         monitors: BTreeMap::new(),
+        files_detected: BTreeMap::new(),
         swept: sweep::Swept::default(),
         dns,
         vanished: Vec::new(),

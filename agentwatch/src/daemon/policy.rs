@@ -396,6 +396,7 @@ fn policy_of(a: &Agent, audit_rate: u32) -> Policy {
         sends_per_second: a.limits.sends_per_second,
         events_per_second: Some(audit_rate),
         exec_allow: a.exec_allow.clone(),
+        files: a.files.clone(),
         monitor_syscalls: a.monitor.syscalls,
         // Set by the caller once the forwarder's sockets are bound.
         dns: None,

@@ -12,6 +12,7 @@ use super::{Shared, State, lock};
 use crate::{
     audit,
     events::{self, Event},
+    files,
 };
 
 /// Reads the ring buffer for as long as the daemon runs. `written` are the records whose lines
@@ -39,6 +40,8 @@ pub(super) async fn read_events(
 fn drain(ring: &mut RingBuf<MapData>, state: &Shared, written: &mut HashSet<audit::RecordId>) {
     while let Some(item) = ring.next() {
         let event = events::decode(&item);
+        // Without BPF LSM: the agent whose open the daemon found outside its list.
+        let mut act_on_file = None;
         let line = match &event {
             Event::Egress(e) => e.audit_line(),
             Event::Exec(e) => {
@@ -63,6 +66,23 @@ fn drain(ring: &mut RingBuf<MapData>, state: &Shared, written: &mut HashSet<audi
                 tracing::warn!(pid = e.pid, writer = e.writer, to = %e.to, "cgroup escape");
                 e.audit_line(moved_comm, killed)
             }
+            Event::File(f) if f.refused => {
+                tracing::warn!(pid = f.pid, path = %f.path, access = f.access(), "file open refused");
+                f.audit_line(&f.path)
+            }
+            Event::File(f) => {
+                // Judged here, outside the lock: resolving reads /proc.
+                let Some(rules) = lock(state).agents.files_of(f.agent_id) else {
+                    continue;
+                };
+                let path = f.resolve();
+                if files::admitted(&rules, &path, f.write) {
+                    continue;
+                }
+                tracing::warn!(pid = f.pid, path = %path, access = f.access(), "file open outside the list (detected)");
+                act_on_file = Some(f.agent_id);
+                f.audit_line(&path)
+            }
             Event::Unknown { kind, len } => {
                 tracing::warn!(kind, len, "unknown event kind from the kernel");
                 continue;
@@ -71,8 +91,14 @@ fn drain(ring: &mut RingBuf<MapData>, state: &Shared, written: &mut HashSet<audi
         if !written.is_empty() && written.remove(&line.id()) {
             continue;
         }
-        let s = lock(state);
+        let mut s = lock(state);
         s.audit_event(line);
+        if let Some(id) = act_on_file
+            && let Some(name) = s.agents.name_of(id).map(str::to_owned)
+        {
+            *s.files_detected.entry(name.clone()).or_default() += 1;
+            s.trip_on_file(&name);
+        }
         // The ring buffer forgets a record when its item is dropped: only once its line is
         // written, so a daemon killed in between finds the record again when it restarts.
         // (The kernel's per-agent audit rate bounds how often this waits.)

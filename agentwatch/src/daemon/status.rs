@@ -18,6 +18,14 @@ use crate::{
 };
 
 impl State {
+    /// The kernel's counters of agent `name`, with the file opens the daemon found outside its
+    /// list (without BPF LSM) in `files_denied`.
+    pub(super) fn agent_counters(&self, name: &str) -> agentwatch_common::AgentCounters {
+        let mut c = self.agents.counters(name).unwrap_or_default();
+        c.files_denied += self.files_detected.get(name).copied().unwrap_or(0);
+        c
+    }
+
     fn agent_state(&self, name: &str, cg: &Cgroup) -> &'static str {
         let flags = self.agents.info(name).map_or(0, |i| i.state.flags);
         if flags & AGENT_FLAG_KILLED != 0 {
@@ -44,7 +52,7 @@ impl State {
             let Some(cg) = self.agents.cgroup(name) else {
                 continue;
             };
-            let c = self.agents.counters(name).unwrap_or_default();
+            let c = self.agent_counters(name);
             let dns = self.dns.stats(name);
             let per_proto: serde_json::Map<String, Value> =
                 [(0u8, "tcp"), (1, "udp"), (2, "other")]
@@ -90,9 +98,11 @@ impl State {
                 "baselines": self.monitors.get(name).map(|m| Signal::ALL.iter().map(|s| (s.name().to_owned(), json!(m.baseline(*s).map(round)))).collect::<serde_json::Map<_, _>>()),
                 "anomaly_score": self.monitors.get(name).map(|m| round(m.anomaly_score())),
                 "egress": per_proto,
+                "files_denied": c.files_denied,
+                "files": self.config.agent(name).and_then(|a| a.files.as_ref()).map(|_| crate::files::modes(self.agents.kernel().files.lsm())["files"].clone()),
                 "escape_attempts": {
                     "raw_socket": c.raw_sockets_denied,
-                    "packet_socket": c.packet_sockets_killed,
+                    "packet_socket": c.packet_sockets_killed + c.packet_sockets_denied,
                     "cgroup_escape": c.cgroup_escapes,
                 },
                 "dns": {
@@ -149,7 +159,7 @@ impl State {
                 let m = self.monitors.get(name);
                 AgentSnapshot {
                     name: name.to_owned(),
-                    counters: self.agents.counters(name).unwrap_or_default(),
+                    counters: self.agent_counters(name),
                     frozen: self
                         .agents
                         .cgroup(name)

@@ -7,6 +7,10 @@
 //! - `sendto ADDR PORT [COUNT] [PAYLOAD]`: one UDP datagram per attempt
 //! - `exec PROGRAM [ARGS...]`: replace itself with PROGRAM
 //! - `exit CODE`: exit with CODE (to check exit-status passthrough)
+//! - `open PATH read|write|create [HOLD_MS] ...`: open PATH (read-only; write-only; or
+//!   created and truncated), keep it open HOLD_MS (default 0), close it; then the next
+//!   PATH/mode pair. One line per open: op `open`, `dest` = PATH
+//! - `symlink TARGET LINK`: create the symlink LINK -> TARGET (op `symlink`)
 //! - `upload ADDR PORT SECS`: one TCP connection, written to as fast as it goes for SECS;
 //!   prints `{"op":"upload","bytes":N,"errno":E,"secs":S}` (bytes accepted by the socket)
 //! - `upload-paced ADDR PORT BYTES_PER_SEC:SECS...`: one TCP connection written to at each
@@ -20,7 +24,8 @@
 //!   MARKS; prints `{"ok":N,"eperm":M,"other":K,"elapsed":SECS}` at the end
 //! - `fork-loop`: fork a child every 5 ms, forever; each child sleeps until killed
 //! - `spawn-each PROGRAM...`: fork+exec each program (no arguments, stdin closed), print one
-//!   line per child: `{"program":P,"exit":CODE,"signal":SIG}`
+//!   line per child: `{"program":P,"exit":CODE,"signal":SIG,"errno":E}` (errno: the exec's
+//!   error, 0 when the program ran)
 //! - `getppid N`: call getppid() N times
 //! - `time-sendto ADDR PORT N`: N UDP sends in batches of 1000; prints the median batch's
 //!   nanoseconds per send as `{"ns_per_call":X,"cpu_ns_per_call":Y}` (every `time-*` command
@@ -130,6 +135,12 @@ fn main() -> ExitCode {
                 let r = socket.send_to(payload.as_bytes(), dest).map(drop);
                 report("sendto", "udp", &dest, r);
             }
+            ExitCode::SUCCESS
+        }
+        ["open", rest @ ..] => open_files(rest),
+        ["symlink", target, link] => {
+            let r = std::os::unix::fs::symlink(target, link);
+            report_path("symlink", link, r.map(drop));
             ExitCode::SUCCESS
         }
         ["exec", program, rest @ ..] => {
@@ -343,13 +354,18 @@ fn main() -> ExitCode {
                 let status = Command::new(program)
                     .stdin(std::process::Stdio::null())
                     .status();
-                let (code, signal) = match status {
-                    Ok(s) => (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)),
-                    Err(_) => (None, None),
+                // An exec refused in the kernel (BPF LSM: EPERM) comes back as spawn's error.
+                let (code, signal, errno) = match status {
+                    Ok(s) => (
+                        s.code(),
+                        std::os::unix::process::ExitStatusExt::signal(&s),
+                        0,
+                    ),
+                    Err(e) => (None, None, e.raw_os_error().unwrap_or(-1)),
                 };
                 println!(
                     "{}",
-                    serde_json::json!({"program": program, "exit": code, "signal": signal})
+                    serde_json::json!({"program": program, "exit": code, "signal": signal, "errno": errno})
                 );
             }
             ExitCode::SUCCESS
@@ -759,6 +775,54 @@ fn report(op: &str, proto: &str, dest: &SocketAddr, r: std::io::Result<()>) {
         "op": op,
         "proto": proto,
         "dest": dest.to_string(),
+        "ok": r.is_ok(),
+        "errno": errno,
+        "pid": std::process::id(),
+        // SAFETY: getppid has no preconditions.
+        "ppid": unsafe { libc::getppid() },
+    });
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+}
+
+/// `open PATH MODE [HOLD_MS]`, repeated.
+fn open_files(mut args: &[&str]) -> ExitCode {
+    while let [path, mode, rest @ ..] = args {
+        let (hold, rest) = match rest.first().and_then(|h| h.parse::<u64>().ok()) {
+            Some(ms) => (ms, &rest[1..]),
+            None => (0, rest),
+        };
+        let mut o = std::fs::OpenOptions::new();
+        match *mode {
+            "read" => o.read(true),
+            "write" => o.write(true),
+            "create" => o.write(true).create(true).truncate(true),
+            _ => return usage("open mode must be read, write or create"),
+        };
+        match o.open(path) {
+            Ok(file) => {
+                report_path("open", path, Ok(()));
+                std::thread::sleep(Duration::from_millis(hold));
+                drop(file);
+            }
+            Err(e) => report_path("open", path, Err(e)),
+        }
+        args = rest;
+    }
+    if !args.is_empty() {
+        return usage("open needs PATH MODE pairs");
+    }
+    ExitCode::SUCCESS
+}
+
+fn report_path(op: &str, path: &str, r: std::io::Result<()>) {
+    let errno = r
+        .as_ref()
+        .err()
+        .map_or(0, |e| e.raw_os_error().unwrap_or(-1));
+    let line = serde_json::json!({
+        "op": op,
+        "dest": path,
         "ok": r.is_ok(),
         "errno": errno,
         "pid": std::process::id(),

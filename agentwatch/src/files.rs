@@ -1,0 +1,448 @@
+//! The file guard (`[agents.files]`): the userspace half of `agentwatch-ebpf/src/files.rs`.
+//!
+//! Where the kernel has BPF LSM, `lsm/file_open` refuses opens outside an agent's prefixes
+//! with EACCES and reports them. Elsewhere the open syscalls' tracepoints report the agent's
+//! opens and this module resolves each (through /proc, as the process sees it) and judges it:
+//! an open outside the list is audited and the agent's breaker action runs.
+
+use std::path::{Component, Path, PathBuf};
+
+use agentwatch_common::{
+    EVENT_FILE_DENIED, EVENT_FILE_OPENED, FILE_ACCESS_READ, FILE_ACCESS_WRITE, FILE_KEY_AGENT_BITS,
+    FILE_RULE_MAX, FILE_RULE_READ_ONLY, FileEvent, FilePath,
+};
+use aya::{
+    Btf, Ebpf,
+    maps::{
+        MapData,
+        lpm_trie::{Key, LpmTrie},
+    },
+    programs::{Lsm, TracePoint, links::FdLink},
+};
+use serde_json::json;
+
+use crate::{
+    audit::KernelLine,
+    bpf::{
+        KernelError, c_string, ignore_missing, load_program, map_err, program, read_record,
+        take_map,
+    },
+    link::Link,
+};
+
+/// One `[agents.files] allow` entry: a path prefix, read-only with `:ro`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRule {
+    pub prefix: String,
+    pub read_only: bool,
+}
+
+impl FileRule {
+    /// Parses `"/srv/app/"` or `"/usr/:ro"`: an absolute path without `.` or `..` components
+    /// (the kernel compares the resolved path, which never has them), at most
+    /// FILE_RULE_MAX bytes.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (prefix, read_only) = match text.strip_suffix(":ro") {
+            Some(p) => (p, true),
+            None => (text, false),
+        };
+        if !prefix.starts_with('/') {
+            return Err(format!("`{text}` must be an absolute path prefix"));
+        }
+        if prefix.contains('\0') {
+            return Err(format!("`{text}` contains a NUL byte"));
+        }
+        if prefix.len() > FILE_RULE_MAX {
+            return Err(format!(
+                "`{text}` is longer than {FILE_RULE_MAX} bytes, the longest prefix the kernel compares"
+            ));
+        }
+        if prefix.split('/').any(|c| c == "." || c == "..") || prefix.contains("//") {
+            return Err(format!(
+                "`{text}` must be a plain path: no `.` or `..` components and no `//` (the \
+                 kernel compares the path it resolved, which has none)"
+            ));
+        }
+        Ok(Self {
+            prefix: prefix.to_owned(),
+            read_only,
+        })
+    }
+
+    /// Does this rule admit `path` (absolute, resolved) for `write`?
+    pub fn admits(&self, path: &str, write: bool) -> bool {
+        if write && self.read_only {
+            return false;
+        }
+        path.starts_with(&self.prefix)
+            || self
+                .prefix
+                .strip_suffix('/')
+                .is_some_and(|dir| !dir.is_empty() && path == dir)
+    }
+
+    /// Its entries in the kernel's trie: the prefix, and for `/dir/` the directory itself
+    /// (`/dir` followed by its NUL, an exact match).
+    fn keys(&self, agent: u32) -> Vec<Key<FilePath>> {
+        let mut out = vec![key(agent, self.prefix.as_bytes(), false)];
+        if let Some(dir) = self.prefix.strip_suffix('/')
+            && !dir.is_empty()
+        {
+            out.push(key(agent, dir.as_bytes(), true));
+        }
+        out
+    }
+}
+
+fn key(agent: u32, bytes: &[u8], with_nul: bool) -> Key<FilePath> {
+    let mut data = FilePath {
+        agent,
+        ..FilePath::default()
+    };
+    data.path[..bytes.len()].copy_from_slice(bytes);
+    let len = bytes.len() + usize::from(with_nul);
+    Key::new(FILE_KEY_AGENT_BITS + 8 * len as u32, data)
+}
+
+/// Does any rule admit `path` for `write`? (What the kernel's trie answers.)
+pub fn admitted(rules: &[FileRule], path: &str, write: bool) -> bool {
+    // The longest matching prefix decides, as in the kernel's trie: `/srv/:ro` with
+    // `/srv/app/` lets the agent write under /srv/app/ only.
+    let best = rules
+        .iter()
+        .filter(|r| r.admits(path, false))
+        .max_by_key(|r| r.prefix.len());
+    best.is_some_and(|r| !write || !r.read_only)
+}
+
+/// LSM hook names, by program.
+pub const LSM_PROGRAMS: [(&str, &str); 3] = [
+    ("files_file_open", "file_open"),
+    ("exec_bprm_check_security", "bprm_check_security"),
+    ("sockets_socket_create", "socket_create"),
+];
+
+/// The open tracepoints that stand in for `lsm/file_open` where the kernel has no BPF LSM.
+pub const TRACEPOINTS: [(&str, &str, &str); 8] = [
+    ("files_sys_enter_openat", "syscalls", "sys_enter_openat"),
+    ("files_sys_exit_openat", "syscalls", "sys_exit_openat"),
+    ("files_sys_enter_openat2", "syscalls", "sys_enter_openat2"),
+    ("files_sys_exit_openat2", "syscalls", "sys_exit_openat2"),
+    ("files_sys_enter_open", "syscalls", "sys_enter_open"),
+    ("files_sys_exit_open", "syscalls", "sys_exit_open"),
+    ("files_sys_enter_creat", "syscalls", "sys_enter_creat"),
+    ("files_sys_exit_creat", "syscalls", "sys_exit_creat"),
+];
+
+/// Is BPF LSM active on this kernel (`bpf` among /sys/kernel/security/lsm)?
+pub fn bpf_lsm_active() -> bool {
+    std::fs::read_to_string("/sys/kernel/security/lsm")
+        .is_ok_and(|l| l.trim().split(',').any(|m| m == "bpf"))
+}
+
+/// The file guards' map, and whether BPF LSM programs guard this host.
+pub struct FilesMaps {
+    allow: LpmTrie<MapData, FilePath, u32>,
+    lsm: bool,
+}
+
+impl FilesMaps {
+    /// Loads (verifies) the LSM programs when `lsm`, else the open tracepoints.
+    pub(crate) fn load(ebpf: &mut Ebpf, lsm: bool) -> Result<Self, KernelError> {
+        if lsm {
+            let btf = Btf::from_sys_fs().map_err(|e| KernelError::Policy(format!("BTF: {e}")))?;
+            for (name, hook) in LSM_PROGRAMS {
+                load_program(name, program::<Lsm>(ebpf, name)?, |p| p.load(hook, &btf))?;
+            }
+        } else {
+            for (name, _, _) in TRACEPOINTS {
+                load_program(name, program::<TracePoint>(ebpf, name)?, TracePoint::load)?;
+            }
+        }
+        Ok(Self {
+            allow: take_map(ebpf, "FILE_ALLOW")?,
+            lsm,
+        })
+    }
+
+    /// BPF LSM programs guard files, execs and packet sockets (else: tracepoints detect).
+    pub fn lsm(&self) -> bool {
+        self.lsm
+    }
+
+    /// Makes agent `id`'s prefixes exactly `rules` (None: none): inserts first, then removes
+    /// what is no longer listed, so a prefix on both the old and the new list is never missing.
+    pub(crate) fn sync(&mut self, id: u32, rules: Option<&[FileRule]>) -> Result<(), KernelError> {
+        let mut want = Vec::new();
+        for r in rules.unwrap_or_default() {
+            let value = if r.read_only { FILE_RULE_READ_ONLY } else { 0 };
+            for k in r.keys(id) {
+                self.allow
+                    .insert(&k, value, 0)
+                    .map_err(map_err("FILE_ALLOW"))?;
+                want.push((k.prefix_len(), k.data()));
+            }
+        }
+        let stale: Vec<Key<FilePath>> = self
+            .allow
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.data().agent == id && !want.contains(&(k.prefix_len(), k.data())))
+            .collect();
+        for k in stale {
+            ignore_missing(self.allow.remove(&k), "FILE_ALLOW")?;
+        }
+        Ok(())
+    }
+
+    /// Adds `rules` for agent `id` without removing anything (a reload's first step).
+    pub(crate) fn insert(&mut self, id: u32, rules: &[FileRule]) -> Result<(), KernelError> {
+        for r in rules {
+            let value = if r.read_only { FILE_RULE_READ_ONLY } else { 0 };
+            for k in r.keys(id) {
+                self.allow
+                    .insert(&k, value, 0)
+                    .map_err(map_err("FILE_ALLOW"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Attaches the file guard host-wide: the LSM programs (which also refuse execs outside an
+/// allow-list and packet sockets) or the open tracepoints. Pinned under `pin_dir` when given.
+pub(crate) fn attach(
+    ebpf: &mut Ebpf,
+    lsm: bool,
+    pin_dir: Option<&Path>,
+) -> Result<Vec<Link>, KernelError> {
+    if !lsm {
+        return crate::link::attach_tracepoints(ebpf, &TRACEPOINTS, pin_dir);
+    }
+    let mut links = Vec::new();
+    for (name, _) in LSM_PROGRAMS {
+        links.push(Link::pinned_or_attach(pin_dir, name, || {
+            let prog = program::<Lsm>(ebpf, name)?;
+            let id = prog
+                .attach()
+                .map_err(|source| KernelError::Program { name, source })?;
+            let link = prog
+                .take_link(id)
+                .map_err(|source| KernelError::Program { name, source })?;
+            Ok(FdLink::from(link))
+        })?);
+    }
+    Ok(links)
+}
+
+/// A file open of an agent: refused by the kernel, or (without BPF LSM) made, to be judged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRecord {
+    /// Refused by `lsm/file_open` (else: an open the tracepoints saw, not yet judged).
+    pub refused: bool,
+    pub agent_id: u32,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub write: bool,
+    pub read: bool,
+    /// Refused: the path the kernel resolved. Opened: the path as passed.
+    pub path: String,
+    pub fd: i32,
+    pub dirfd: i32,
+    pub ts_ns: u64,
+}
+
+/// Decodes a file record (`kind` is its first word); None for other kinds.
+pub fn decode(kind: u32, bytes: &[u8]) -> Option<FileRecord> {
+    if kind != EVENT_FILE_DENIED && kind != EVENT_FILE_OPENED {
+        return None;
+    }
+    let e = read_record::<FileEvent>(bytes)?;
+    Some(FileRecord {
+        refused: e.kind == EVENT_FILE_DENIED,
+        agent_id: e.agent,
+        pid: e.tgid,
+        tid: e.pid,
+        comm: c_string(&e.comm),
+        write: e.access & FILE_ACCESS_WRITE != 0,
+        read: e.access & FILE_ACCESS_READ != 0,
+        path: c_string(&e.path),
+        fd: e.fd,
+        dirfd: e.dirfd,
+        ts_ns: e.ts_ns,
+    })
+}
+
+const AT_FDCWD: i32 = -100;
+
+impl FileRecord {
+    /// "read", "write" or "read_write".
+    pub fn access(&self) -> &'static str {
+        match (self.read, self.write) {
+            (true, true) => "read_write",
+            (false, true) => "write",
+            _ => "read",
+        }
+    }
+
+    /// The opened file's path as the process saw it: the path it passed, made absolute
+    /// against its working directory (or `dirfd`), with symlinks and `..` resolved as they are
+    /// now (lexically where the file is gone). Not the fd's /proc link: by the time the daemon
+    /// reads the record the process may have closed the fd and opened something else on the
+    /// same number (seen: an fd reused across an exec).
+    pub fn resolve(&self) -> String {
+        let proc = PathBuf::from(format!("/proc/{}", self.pid));
+        let passed = Path::new(&self.path);
+        let absolute = if passed.is_absolute() {
+            passed.to_path_buf()
+        } else {
+            let base = if self.dirfd == AT_FDCWD {
+                std::fs::read_link(proc.join("cwd"))
+            } else {
+                std::fs::read_link(proc.join("fd").join(self.dirfd.to_string()))
+            };
+            base.unwrap_or_else(|_| PathBuf::from("/")).join(passed)
+        };
+        std::fs::canonicalize(&absolute)
+            .unwrap_or_else(|_| normalize(&absolute))
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// `file_denied` (pid, tid, comm, path, access, enforced: refused by the kernel, or only
+    /// detected after the open).
+    pub fn audit_line(&self, path: &str) -> KernelLine {
+        KernelLine {
+            agent_id: self.agent_id,
+            ts_ns: self.ts_ns,
+            kind: "file_denied",
+            pid: self.pid,
+            fields: json!({
+                "pid": self.pid,
+                "tid": self.tid,
+                "comm": self.comm,
+                "path": path,
+                "access": self.access(),
+                "enforced": self.refused,
+            }),
+        }
+    }
+}
+
+/// `.` and `..` removed without touching the filesystem (`..` of `/` is `/`).
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
+}
+
+/// How the file guard, exec allow-list and packet-socket guard act on this host.
+pub fn modes(lsm: bool) -> serde_json::Value {
+    if lsm {
+        json!({
+            "files": "enforced (BPF LSM: EACCES)",
+            "exec_allow": "enforced (BPF LSM: EPERM)",
+            "packet_sockets": "enforced (BPF LSM: EPERM)",
+        })
+    } else {
+        json!({
+            "files": "detected (no BPF LSM: open tracepoints, then the breaker action)",
+            "exec_allow": "killed (no BPF LSM: SIGKILL at exec)",
+            "packet_sockets": "killed (no BPF LSM: SIGKILL at socket())",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_prefixes_and_refuses_what_the_kernel_could_not_match() {
+        assert_eq!(
+            FileRule::parse("/usr/:ro"),
+            Ok(FileRule {
+                prefix: "/usr/".into(),
+                read_only: true
+            })
+        );
+        assert_eq!(
+            FileRule::parse("/tmp/x"),
+            Ok(FileRule {
+                prefix: "/tmp/x".into(),
+                read_only: false
+            })
+        );
+        for bad in ["usr/", "", ":ro", "/a/../b", "/a/./b", "/a//b", "/a/.."] {
+            assert!(FileRule::parse(bad).is_err(), "{bad}");
+        }
+        let long = format!("/{}", "a".repeat(FILE_RULE_MAX));
+        assert!(FileRule::parse(&long).unwrap_err().contains("longer than"));
+    }
+
+    #[test]
+    fn judges_like_the_kernel_trie() {
+        let rules: Vec<FileRule> = ["/srv/app/", "/usr/:ro", "/srv/:ro"]
+            .iter()
+            .map(|r| FileRule::parse(r).unwrap())
+            .collect();
+        assert!(admitted(&rules, "/srv/app/data", true));
+        assert!(admitted(&rules, "/srv/app", true), "the directory itself");
+        assert!(!admitted(&rules, "/srv/application", true));
+        assert!(
+            admitted(&rules, "/srv/application", false),
+            "/srv/ is readable"
+        );
+        assert!(admitted(&rules, "/usr/lib/x", false));
+        assert!(!admitted(&rules, "/usr/lib/x", true), "read-only");
+        assert!(!admitted(&rules, "/etc/shadow", false));
+        assert!(!admitted(&rules, "/", false));
+    }
+
+    #[test]
+    fn trie_keys_cover_the_prefix_and_the_directory() {
+        let r = FileRule::parse("/tmp/").unwrap();
+        let keys = r.keys(7);
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[0].prefix_len(), 32 + 8 * 5);
+        assert_eq!(&keys[0].data().path[..5], b"/tmp/");
+        assert_eq!(keys[1].prefix_len(), 32 + 8 * 5, "`/tmp` and its NUL");
+        assert_eq!(&keys[1].data().path[..5], b"/tmp\0");
+        assert!(keys.iter().all(|k| k.data().agent == 7));
+        assert_eq!(FileRule::parse("/").unwrap().keys(1).len(), 1);
+        const { assert!(agentwatch_common::FILE_KEY_PATH > FILE_RULE_MAX + 1) };
+    }
+
+    #[test]
+    fn resolves_relative_paths_and_dot_dot() {
+        assert_eq!(
+            normalize(Path::new("/a/b/../../../etc/./x")),
+            Path::new("/etc/x")
+        );
+        let me = std::process::id();
+        let r = FileRecord {
+            refused: false,
+            agent_id: 1,
+            pid: me,
+            tid: me,
+            comm: String::new(),
+            write: false,
+            read: true,
+            path: "no/such/dir/../file".into(),
+            fd: 1_000_000,
+            dirfd: AT_FDCWD,
+            ts_ns: 0,
+        };
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(Path::new(&r.resolve()), cwd.join("no/such/file"));
+    }
+}

@@ -1,0 +1,345 @@
+//! The file guard (`[agents.files]`), as an agent that wants out meets it: a read outside the
+//! list, a write under a read-only prefix, a symlink planted in its own writable directory that
+//! points outside. Where the kernel has BPF LSM (the Debian guests of `cargo xtask vmtest`)
+//! each open fails with EACCES in the kernel; where it has not (this project's CI host), the
+//! opens happen, the daemon finds each one, audits it and runs the breaker's action. Which of
+//! the two the test expects comes from the kernel's LSM list, read here, not from the daemon.
+
+use std::{fs, os::unix::process::ExitStatusExt as _, path::Path, process::Stdio};
+
+use agentwatch::files::bpf_lsm_active;
+use agentwatch_tests::{DaemonEnv, TempDir, parse_attempts, patience, privileged, wait_until};
+
+const EACCES: i32 = libc::EACCES;
+
+/// The prefixes every guarded test agent needs besides its own directories (the probe is
+/// already loaded when it joins the agent, so this is generous rather than necessary).
+const BASE: &str = r#""/usr/:ro", "/lib/:ro", "/lib64/:ro", "/etc/:ro", "/dev/", "/proc/""#;
+
+fn agent(name: &str, allow: &[&Path], ro: &[&Path], breaker: &str) -> String {
+    let mut list = BASE.to_owned();
+    for p in allow {
+        list.push_str(&format!(", \"{}/\"", p.display()));
+    }
+    for p in ro {
+        list.push_str(&format!(", \"{}/:ro\"", p.display()));
+    }
+    format!(
+        "[[agents]]\nname = \"{name}\"\negress = []\n{breaker}\n[agents.files]\nallow = [{list}]\n"
+    )
+}
+
+/// Without BPF LSM: waits for the breaker's `n`th trip (a detection) and approves the agent,
+/// as a human would, so that it can be launched into again.
+fn approve_after_trips(env: &DaemonEnv, lsm: bool, n: usize) {
+    if lsm {
+        return;
+    }
+    let trips = env.wait_audit("breaker_tripped", n);
+    assert_eq!(trips.len(), n, "{trips:#?}");
+    let out = env.cli(&["approve", "fs"]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+fn file_lines(env: &DaemonEnv) -> Vec<serde_json::Value> {
+    env.audit_lines()
+        .into_iter()
+        .filter(|l| l["kind"] == "file_denied")
+        .collect()
+}
+
+#[test]
+fn opens_outside_the_list_are_refused_or_found_and_every_one_audited() {
+    privileged!();
+    let lsm = bpf_lsm_active();
+    let (work, ro, outside) = (TempDir::new(), TempDir::new(), TempDir::new());
+    fs::write(ro.0.join("config"), "ro").expect("ro file");
+    fs::write(outside.0.join("secret"), "secret").expect("secret");
+    let secret = outside.0.join("secret");
+    let (link, planted) = (work.0.join("link"), work.0.join("new"));
+    let mut env = DaemonEnv::new();
+    // A breaker that never trips on rates (an hour of warm-up) and only alerts: the probe
+    // lives through every detection, so each open is made and judged.
+    let breaker = "[agents.breaker]\nwarmup = \"1h\"\naction = \"alert\"\nrequire_approval = true";
+    env.write_config(&agent("fs", &[&work.0], &[&ro.0], breaker));
+    env.start();
+
+    let check = env.cli(&["check", "--config", &env.config.display().to_string()]);
+    let check = String::from_utf8_lossy(&check.stdout);
+    let want = if lsm {
+        "files on this host: enforced"
+    } else {
+        "files on this host: detected"
+    };
+    assert!(check.contains(want), "check said: {check}");
+    let status = env.cli(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status");
+    let mode = status["guards"]["files"].as_str().unwrap_or_default();
+    assert!(
+        mode.starts_with(if lsm { "enforced" } else { "detected" }),
+        "{mode}"
+    );
+    assert_eq!(status["agents"][0]["files"], status["guards"]["files"]);
+
+    let out = env.launch_probe(
+        "fs",
+        &[
+            "open",
+            &work.0.join("a").display().to_string(),
+            "create",
+            &ro.0.join("config").display().to_string(),
+            "read",
+            &ro.0.join("config").display().to_string(),
+            "write",
+            &secret.display().to_string(),
+            "read",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let opens = parse_attempts(&out.stdout);
+    let results: Vec<(bool, i32)> = opens.iter().map(|a| (a.ok, a.errno)).collect();
+    if lsm {
+        assert_eq!(
+            results,
+            [(true, 0), (true, 0), (false, EACCES), (false, EACCES)]
+        );
+    } else {
+        assert_eq!(results, [(true, 0); 4], "without BPF LSM the opens happen");
+    }
+    // Without BPF LSM the first detection opened the breaker (alert): a human approves.
+    approve_after_trips(&env, lsm, 1);
+    // The agent plants a symlink in its own writable directory and reads through it.
+    let out = env.launch_probe(
+        "fs",
+        &[
+            "symlink",
+            &secret.display().to_string(),
+            &link.display().to_string(),
+        ],
+    );
+    let made = parse_attempts(&out.stdout);
+    assert!(made.first().is_some_and(|a| a.ok), "{out:?}");
+    let out = env.launch_probe("fs", &["open", &link.display().to_string(), "read"]);
+    let through = parse_attempts(&out.stdout);
+    assert_eq!(
+        (through[0].ok, through[0].errno),
+        if lsm { (false, EACCES) } else { (true, 0) },
+        "through the symlink"
+    );
+
+    approve_after_trips(&env, lsm, 2);
+    let pid = opens[0].pid;
+    wait_until(
+        "three file_denied lines",
+        patience(std::time::Duration::from_secs(10)),
+        || file_lines(&env).len() >= 3,
+    );
+    let lines = file_lines(&env);
+    let ro_file = ro.0.join("config").display().to_string();
+    let secret_s = secret.display().to_string();
+    assert_eq!(
+        lines
+            .iter()
+            .map(|l| (
+                l["path"].as_str().unwrap_or_default(),
+                l["access"].as_str().unwrap_or_default()
+            ))
+            .collect::<Vec<_>>(),
+        vec![
+            (ro_file.as_str(), "write"),
+            (secret_s.as_str(), "read"),
+            (secret_s.as_str(), "read"),
+        ],
+        "{lines:#?}"
+    );
+    for l in &lines {
+        assert_eq!(l["agent"], "fs");
+        assert_eq!(l["enforced"], lsm);
+        assert_eq!(l["comm"], "aw-probe");
+    }
+    assert_eq!(lines[0]["pid"], pid);
+    assert_eq!(lines[2]["pid"], through[0].pid);
+    let trips: Vec<_> = env
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["kind"] == "breaker_tripped")
+        .collect();
+    if lsm {
+        assert!(trips.is_empty(), "refused opens need no action: {trips:#?}");
+    } else {
+        // One trip per probe: the first detection opens the breaker (require_approval), the
+        // secret's read after it in the same probe is audited without acting again.
+        assert_eq!(trips.len(), 2, "{trips:#?}");
+        for t in &trips {
+            assert_eq!(
+                (t["signal"].as_str(), t["action"].as_str()),
+                (Some("files"), Some("alert"))
+            );
+        }
+    }
+    assert_eq!(env.status()["fs"]["files_denied"], 3);
+    assert_eq!(
+        env.metric("agentwatch_files_denied_total{agent=\"fs\"}"),
+        Some(3.0)
+    );
+
+    // A reload that lists the outside directory read-only lets the same read through, still
+    // refuses a write there, and the planted file in the writable directory stays fine.
+    env.write_config(&agent("fs", &[&work.0], &[&ro.0, &outside.0], breaker));
+    wait_until(
+        "the reload",
+        patience(std::time::Duration::from_secs(10)),
+        || {
+            env.audit_lines()
+                .iter()
+                .any(|l| l["kind"] == "policy_reloaded")
+        },
+    );
+    let out = env.launch_probe(
+        "fs",
+        &[
+            "open",
+            &secret_s,
+            "read",
+            &planted.display().to_string(),
+            "create",
+            &secret_s,
+            "write",
+        ],
+    );
+    let after: Vec<(bool, i32)> = parse_attempts(&out.stdout)
+        .iter()
+        .map(|a| (a.ok, a.errno))
+        .collect();
+    if lsm {
+        assert_eq!(after, [(true, 0), (true, 0), (false, EACCES)]);
+    } else {
+        assert_eq!(after, [(true, 0); 3]);
+    }
+    wait_until(
+        "the write's line",
+        patience(std::time::Duration::from_secs(10)),
+        || file_lines(&env).len() >= 4,
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let lines = file_lines(&env);
+    assert_eq!(lines.len(), 4, "only the write is outside now: {lines:#?}");
+    assert_eq!(
+        (lines[3]["path"].as_str(), lines[3]["access"].as_str()),
+        (Some(secret_s.as_str()), Some("write"))
+    );
+    // Opened for writing (detected) or refused, the secret was not written to.
+    assert_eq!(fs::read_to_string(&secret).expect("secret"), "secret");
+    env.verify_audit();
+}
+
+#[test]
+fn without_a_breaker_an_open_outside_costs_the_agent_its_processes_or_is_refused() {
+    privileged!();
+    let lsm = bpf_lsm_active();
+    let (work, outside) = (TempDir::new(), TempDir::new());
+    let secret = outside.0.join("secret");
+    fs::write(&secret, "secret").expect("secret");
+    let mut env = DaemonEnv::new();
+    env.write_config(&agent("nobreaker", &[&work.0], &[], ""));
+    env.start();
+    // The probe holds the file open for a minute: killed long before, or refused at once.
+    let started = std::time::Instant::now();
+    let out = env
+        .probe_command("nobreaker")
+        .args(["open", &secret.display().to_string(), "read", "60000"])
+        .stderr(Stdio::piped())
+        .output()
+        .expect("launch");
+    let took = started.elapsed();
+    let opens = parse_attempts(&out.stdout);
+    if lsm {
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!((opens[0].ok, opens[0].errno), (false, EACCES));
+    } else {
+        assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{out:?}");
+        // The kill may come before the probe prints that its open succeeded.
+        assert!(opens.iter().all(|a| a.ok), "{opens:?}");
+        assert!(
+            took < patience(std::time::Duration::from_secs(10)),
+            "killed after {took:?}"
+        );
+        let trips = env.wait_audit("breaker_tripped", 1);
+        assert_eq!(
+            (trips[0]["signal"].as_str(), trips[0]["action"].as_str()),
+            (Some("files"), Some("kill"))
+        );
+        // The agent is held killed until approved, like any breaker kill.
+        assert_eq!(env.status()["nobreaker"]["state"], "tripped");
+    }
+    let lines = env.wait_audit("file_denied", 1);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert_eq!(lines[0]["path"], secret.display().to_string());
+    assert_eq!(lines[0]["enforced"], lsm);
+    assert_eq!(env.status()["nobreaker"]["files_denied"], 1);
+}
+
+#[test]
+fn agents_without_a_file_list_and_processes_outside_agents_are_untouched() {
+    privileged!();
+    let outside = TempDir::new();
+    let secret = outside.0.join("secret");
+    fs::write(&secret, "secret").expect("secret");
+    let mut env = DaemonEnv::new();
+    env.write_config(&format!(
+        "[[agents]]\nname = \"free\"\negress = []\n{}",
+        agent("guarded", &[], &[], "")
+    ));
+    env.start();
+    let s = secret.display().to_string();
+    let out = env.launch_probe("free", &["open", &s, "read", &s, "write"]);
+    let r: Vec<(bool, i32)> = parse_attempts(&out.stdout)
+        .iter()
+        .map(|a| (a.ok, a.errno))
+        .collect();
+    assert_eq!(r, [(true, 0), (true, 0)]);
+    // The daemon's own reads (and this test's) are not an agent's.
+    assert_eq!(fs::read_to_string(&secret).expect("read"), "secret");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(file_lines(&env).is_empty(), "{:#?}", file_lines(&env));
+    assert_eq!(env.status()["free"]["files_denied"], 0);
+    assert_eq!(env.status()["free"]["files"], serde_json::Value::Null);
+}
+
+#[test]
+fn a_bad_file_list_is_refused_whole_and_the_old_policy_stays() {
+    privileged!();
+    let work = TempDir::new();
+    let mut env = DaemonEnv::new();
+    env.write_config(&agent("fs", &[&work.0], &[], ""));
+    env.start();
+    for bad in ["\"relative/\"", "\"/a/../etc/\"", "\"/a//b\""] {
+        env.write_config(&format!(
+            "[[agents]]\nname = \"fs\"\negress = []\n[agents.files]\nallow = [{bad}]\n"
+        ));
+        let out = env.cli(&["check", "--config", &env.config.display().to_string()]);
+        assert!(!out.status.success(), "{bad}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("files.allow entry"),
+            "{bad}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    wait_until(
+        "a rejected reload",
+        patience(std::time::Duration::from_secs(10)),
+        || {
+            env.audit_lines()
+                .iter()
+                .any(|l| l["kind"] == "policy_rejected")
+        },
+    );
+    // The old list still holds: the work directory is writable.
+    let out = env.launch_probe(
+        "fs",
+        &["open", &work.0.join("x").display().to_string(), "create"],
+    );
+    assert!(parse_attempts(&out.stdout)[0].ok, "{out:?}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(file_lines(&env).is_empty());
+}
