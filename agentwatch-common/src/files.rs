@@ -34,6 +34,9 @@ pub const FILE_RULE_READ_ONLY: u32 = 1 << 0;
 /// [`FileEvent::access`] bits.
 pub const FILE_ACCESS_READ: u32 = 1 << 0;
 pub const FILE_ACCESS_WRITE: u32 = 1 << 1;
+/// A hard link (BPF LSM `path_link`): refused to guarded agents outright, since a hard link
+/// in an allowed directory would give an outside file an allowed path.
+pub const FILE_ACCESS_LINK: u32 = 1 << 2;
 
 /// Longest path a [`FileEvent`] carries, with its NUL.
 pub const FILE_EVENT_PATH: usize = 256;

@@ -2,7 +2,9 @@
 //!
 //! - `files_file_open` (BPF LSM, host-wide, acts on agents' tasks only): an open whose path,
 //!   as the kernel resolved it (`bpf_d_path`: symlinks and `..` already followed), is outside
-//!   the agent's prefixes, or a write under a read-only one, fails with EACCES.
+//!   the agent's prefixes, or a write under a read-only one, fails with EACCES;
+//!   `files_path_link` refuses the agent hard links (EPERM), which would give an outside file
+//!   an allowed path.
 //! - Where the kernel has no BPF LSM, the open syscalls' tracepoints stand in: an agent's
 //!   successful open is reported to the daemon with its arguments and the fd it got, and the
 //!   daemon resolves and judges it (detection, not prevention). Only a clean absolute path
@@ -10,8 +12,9 @@
 //!   through the guard; everything else, writable prefixes included, goes to the daemon.
 
 use agentwatch_common::{
-    AGENT_FLAG_FILES, EVENT_FILE_DENIED, EVENT_FILE_OPENED, FILE_ACCESS_READ, FILE_ACCESS_WRITE,
-    FILE_EVENT_PATH, FILE_KEY_AGENT_BITS, FILE_KEY_PATH, FILE_RULE_READ_ONLY, FileEvent, FilePath,
+    AGENT_FLAG_FILES, EVENT_FILE_DENIED, EVENT_FILE_OPENED, FILE_ACCESS_LINK, FILE_ACCESS_READ,
+    FILE_ACCESS_WRITE, FILE_EVENT_PATH, FILE_KEY_AGENT_BITS, FILE_KEY_PATH, FILE_RULE_READ_ONLY,
+    FileEvent, FilePath,
 };
 use aya_ebpf::{
     bindings::path,
@@ -128,6 +131,34 @@ pub fn files_file_open(ctx: LsmContext) -> i32 {
     -EACCES
 }
 
+const EPERM: i32 = 1;
+
+/// A hard link is its own path to the same file: one made in an allowed directory to a file
+/// outside would pass `file_open` (the resolved path is the link's). Agents with a file guard
+/// may make none; the open check cannot tell such a link from the file's own name.
+#[lsm(hook = "path_link")]
+pub fn files_path_link(_ctx: LsmContext) -> i32 {
+    let Some(state) = current_agent() else {
+        return 0;
+    };
+    if state.flags & AGENT_FLAG_FILES == 0 {
+        return 0;
+    }
+    if let Some(c) = counters(state.id) {
+        c.files_denied += 1;
+    }
+    emit(
+        state.id,
+        EVENT_FILE_DENIED,
+        FILE_ACCESS_LINK,
+        -1,
+        0,
+        0,
+        &[0],
+    );
+    -EPERM
+}
+
 /// Does agent `agent`'s list admit the path in `scratch.full` (`write`: for writing)?
 #[inline(always)]
 fn admitted(scratch: &mut Scratch, agent: u32, write: bool) -> bool {
@@ -174,8 +205,10 @@ fn emit(agent: u32, kind: u32, access: u32, fd: i32, dirfd: i32, flags: u32, pat
         (*event).dirfd = dirfd;
         (*event).flags = flags;
         (*event).path = [0; FILE_EVENT_PATH];
-        let n = path.len().min(FILE_EVENT_PATH - 1);
-        let _ = bpf_probe_read_kernel_buf(path.as_ptr(), &mut (&mut (*event).path)[..n]);
+        if path.len() >= FILE_EVENT_PATH - 1 {
+            let n = FILE_EVENT_PATH - 1;
+            let _ = bpf_probe_read_kernel_buf(path.as_ptr(), &mut (&mut (*event).path)[..n]);
+        }
     }
     entry.submit(0);
 }

@@ -8,8 +8,8 @@
 use std::path::{Component, Path, PathBuf};
 
 use agentwatch_common::{
-    EVENT_FILE_DENIED, EVENT_FILE_OPENED, FILE_ACCESS_READ, FILE_ACCESS_WRITE, FILE_KEY_AGENT_BITS,
-    FILE_RULE_MAX, FILE_RULE_READ_ONLY, FileEvent, FilePath,
+    EVENT_FILE_DENIED, EVENT_FILE_OPENED, FILE_ACCESS_LINK, FILE_ACCESS_READ, FILE_ACCESS_WRITE,
+    FILE_KEY_AGENT_BITS, FILE_RULE_MAX, FILE_RULE_READ_ONLY, FileEvent, FilePath,
 };
 use aya::{
     Btf, Ebpf,
@@ -116,8 +116,9 @@ pub fn admitted(rules: &[FileRule], path: &str, write: bool) -> bool {
 }
 
 /// LSM hook names, by program.
-pub const LSM_PROGRAMS: [(&str, &str); 3] = [
+pub const LSM_PROGRAMS: [(&str, &str); 4] = [
     ("files_file_open", "file_open"),
+    ("files_path_link", "path_link"),
     ("exec_bprm_check_security", "bprm_check_security"),
     ("sockets_socket_create", "socket_create"),
 ];
@@ -246,6 +247,8 @@ pub struct FileRecord {
     pub comm: String,
     pub write: bool,
     pub read: bool,
+    /// A hard link refused (no path: the hook names dentries, not paths).
+    pub link: bool,
     /// Refused: the path the kernel resolved. Opened: the path as passed.
     pub path: String,
     pub fd: i32,
@@ -267,6 +270,7 @@ pub fn decode(kind: u32, bytes: &[u8]) -> Option<FileRecord> {
         comm: c_string(&e.comm),
         write: e.access & FILE_ACCESS_WRITE != 0,
         read: e.access & FILE_ACCESS_READ != 0,
+        link: e.access & FILE_ACCESS_LINK != 0,
         path: c_string(&e.path),
         fd: e.fd,
         dirfd: e.dirfd,
@@ -277,8 +281,11 @@ pub fn decode(kind: u32, bytes: &[u8]) -> Option<FileRecord> {
 const AT_FDCWD: i32 = -100;
 
 impl FileRecord {
-    /// "read", "write" or "read_write".
+    /// "read", "write", "read_write" or "link".
     pub fn access(&self) -> &'static str {
+        if self.link {
+            return "link";
+        }
         match (self.read, self.write) {
             (true, true) => "read_write",
             (false, true) => "write",
@@ -349,13 +356,13 @@ fn normalize(path: &Path) -> PathBuf {
 pub fn modes(lsm: bool) -> serde_json::Value {
     if lsm {
         json!({
-            "files": "enforced (BPF LSM: EACCES)",
+            "files": "enforced (BPF LSM: EACCES; hard links refused)",
             "exec_allow": "enforced (BPF LSM: EPERM)",
             "packet_sockets": "enforced (BPF LSM: EPERM)",
         })
     } else {
         json!({
-            "files": "detected (no BPF LSM: open tracepoints, then the breaker action)",
+            "files": "detected (no BPF LSM: open tracepoints, then the breaker action; hard links not judged)",
             "exec_allow": "killed (no BPF LSM: SIGKILL at exec)",
             "packet_sockets": "killed (no BPF LSM: SIGKILL at socket())",
         })
@@ -437,6 +444,7 @@ mod tests {
             comm: String::new(),
             write: false,
             read: true,
+            link: false,
             path: "no/such/dir/../file".into(),
             fd: 1_000_000,
             dirfd: AT_FDCWD,

@@ -279,6 +279,49 @@ fn without_a_breaker_an_open_outside_costs_the_agent_its_processes_or_is_refused
     assert_eq!(env.status()["nobreaker"]["files_denied"], 1);
 }
 
+/// A hard link in the agent's own directory to a file outside gives that file an allowed
+/// path: with BPF LSM the agent may make no hard link at all (EPERM, audited as access
+/// `link`). Without it the link is made and reads through it are not judged, as `status`
+/// says ("hard links not judged"): this asserts that limit, so a change to it is noticed.
+#[test]
+fn a_hard_link_to_an_outside_file_is_refused_where_the_kernel_can() {
+    privileged!();
+    let lsm = bpf_lsm_active();
+    let (work, outside) = (TempDir::new(), TempDir::new());
+    let secret = outside.0.join("secret");
+    fs::write(&secret, "secret").expect("secret");
+    let hard = work.0.join("hard");
+    let mut env = DaemonEnv::new();
+    env.write_config(&agent("linker", &[&work.0], &[], ""));
+    env.start();
+    let out = env.launch_probe(
+        "linker",
+        &[
+            "hardlink",
+            &secret.display().to_string(),
+            &hard.display().to_string(),
+        ],
+    );
+    let made = parse_attempts(&out.stdout);
+    assert_eq!(made.len(), 1, "{out:?}");
+    if lsm {
+        assert_eq!((made[0].ok, made[0].errno), (false, libc::EPERM));
+        assert!(!hard.exists());
+        let lines = env.wait_audit("file_denied", 1);
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+        assert_eq!(
+            (lines[0]["access"].as_str(), lines[0]["enforced"].as_bool()),
+            (Some("link"), Some(true))
+        );
+        assert_eq!(env.status()["linker"]["files_denied"], 1);
+    } else {
+        assert_eq!((made[0].ok, made[0].errno), (true, 0));
+        assert!(hard.exists());
+        let modes = env.cli(&["status", "--json"]);
+        assert!(String::from_utf8_lossy(&modes.stdout).contains("hard links not judged"));
+    }
+}
+
 #[test]
 fn agents_without_a_file_list_and_processes_outside_agents_are_untouched() {
     privileged!();

@@ -11,6 +11,7 @@
 //!   created and truncated), keep it open HOLD_MS (default 0), close it; then the next
 //!   PATH/mode pair. One line per open: op `open`, `dest` = PATH
 //! - `symlink TARGET LINK`: create the symlink LINK -> TARGET (op `symlink`)
+//! - `hardlink TARGET LINK`: create the hard link LINK to TARGET (op `hardlink`)
 //! - `upload ADDR PORT SECS`: one TCP connection, written to as fast as it goes for SECS;
 //!   prints `{"op":"upload","bytes":N,"errno":E,"secs":S}` (bytes accepted by the socket)
 //! - `upload-paced ADDR PORT BYTES_PER_SEC:SECS...`: one TCP connection written to at each
@@ -141,6 +142,10 @@ fn main() -> ExitCode {
         ["symlink", target, link] => {
             let r = std::os::unix::fs::symlink(target, link);
             report_path("symlink", link, r.map(drop));
+            ExitCode::SUCCESS
+        }
+        ["hardlink", target, link] => {
+            report_path("hardlink", link, std::fs::hard_link(target, link));
             ExitCode::SUCCESS
         }
         ["exec", program, rest @ ..] => {
