@@ -163,6 +163,8 @@ pub struct Agents {
     host: Vec<Link>,
     /// The sys_enter hook, while some agent monitors syscalls.
     syscalls: Option<Link>,
+    /// The file guard's programs, while some agent has a file list.
+    file_guard: Option<Vec<Link>>,
 }
 
 impl Agents {
@@ -182,7 +184,19 @@ impl Agents {
         let mut host = exec::attach(&mut kernel.ebpf, host_dir.as_deref())?;
         host.extend(sockets::attach_host(&mut kernel.ebpf, host_dir.as_deref())?);
         let lsm = kernel.files.lsm();
-        host.extend(files::attach(&mut kernel.ebpf, lsm, host_dir.as_deref())?);
+        host.extend(files::attach_host(
+            &mut kernel.ebpf,
+            lsm,
+            host_dir.as_deref(),
+        )?);
+        // An earlier daemon's file guard is adopted (never a moment detached); sync_files
+        // drops it if no agent needs it.
+        let file_guard = match &host_dir {
+            Some(dir) if files::guard_pinned(dir, lsm) => {
+                Some(files::attach_guard(&mut kernel.ebpf, lsm, Some(dir))?)
+            }
+            _ => None,
+        };
         // An earlier daemon's sys_enter pin is adopted; sync_syscalls drops it if unneeded.
         let syscalls = match &host_dir {
             Some(dir) if syscalls::pinned(dir) => {
@@ -196,6 +210,7 @@ impl Agents {
             by_name: BTreeMap::new(),
             host,
             syscalls,
+            file_guard,
         })
     }
 
@@ -248,6 +263,7 @@ impl Agents {
                 cgroup.path().display().to_string(),
             )));
         }
+        self.attach_file_guard(policy.files.is_some())?;
         let existing = self.kernel.agents.get(&cgroup_id, 0).ok();
         let (state, how) = match existing {
             Some(mut state) => {
@@ -463,6 +479,7 @@ impl Agents {
                 .lease
                 .set(id, policy.lease.map(lease::deadline_in))?;
         }
+        self.attach_file_guard(policy.files.is_some())?;
         state.generation = scope & 1;
         state.flags = (state.flags & !POLICY_FLAGS) | policy.flags();
         self.write_state(cgroup_id, state)?;
@@ -761,8 +778,40 @@ impl Agents {
             .map_err(map_err("SETTINGS"))
     }
 
-    /// Attaches the sys_enter hook while some agent monitors syscalls; detaches it otherwise.
+    /// Attaches the file guard if `needed` and it is not attached yet: before an agent's flag
+    /// turns its file list on, so no open of it goes unjudged.
+    fn attach_file_guard(&mut self, needed: bool) -> Result<(), KernelError> {
+        if needed && self.file_guard.is_none() {
+            let dir = self.kernel.pins().map(PinDir::host_links);
+            let lsm = self.kernel.files.lsm();
+            self.file_guard = Some(files::attach_guard(
+                &mut self.kernel.ebpf,
+                lsm,
+                dir.as_deref(),
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Detaches the file guard when no agent has a file list (every open on the host pays
+    /// for it while attached).
+    fn sync_file_guard(&mut self) -> Result<(), KernelError> {
+        if self.by_name.values().any(|g| g.policy.files.is_some()) {
+            return Ok(());
+        }
+        for link in self.file_guard.take().into_iter().flatten() {
+            link.detach().map_err(|source| KernelError::Pin {
+                path: PathBuf::from("file guard"),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the sys_enter hook while some agent monitors syscalls; detaches it otherwise;
+    /// and detaches the file guard once no agent needs it.
     fn sync_syscalls(&mut self) -> Result<(), KernelError> {
+        self.sync_file_guard()?;
         let wanted = self.by_name.values().any(|g| g.policy.monitor_syscalls);
         match (wanted, self.syscalls.is_some()) {
             (true, false) => {

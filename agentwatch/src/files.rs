@@ -115,10 +115,15 @@ pub fn admitted(rules: &[FileRule], path: &str, write: bool) -> bool {
     best.is_some_and(|r| !write || !r.read_only)
 }
 
-/// LSM hook names, by program.
-pub const LSM_PROGRAMS: [(&str, &str); 4] = [
+/// LSM programs and their hooks: the file guard's, attached while some agent has a file list
+/// (`file_open` runs for every open on the host) ...
+pub const LSM_FILE_PROGRAMS: [(&str, &str); 2] = [
     ("files_file_open", "file_open"),
     ("files_path_link", "path_link"),
+];
+/// ... and the exec allow-list's and packet-socket guard's, attached for as long as the daemon
+/// guards anything (they replace tracepoints that are always attached).
+pub const LSM_HOST_PROGRAMS: [(&str, &str); 2] = [
     ("exec_bprm_check_security", "bprm_check_security"),
     ("sockets_socket_create", "socket_create"),
 ];
@@ -152,7 +157,7 @@ impl FilesMaps {
     pub(crate) fn load(ebpf: &mut Ebpf, lsm: bool) -> Result<Self, KernelError> {
         if lsm {
             let btf = Btf::from_sys_fs().map_err(|e| KernelError::Policy(format!("BTF: {e}")))?;
-            for (name, hook) in LSM_PROGRAMS {
+            for (name, hook) in LSM_FILE_PROGRAMS.into_iter().chain(LSM_HOST_PROGRAMS) {
                 load_program(name, program::<Lsm>(ebpf, name)?, |p| p.load(hook, &btf))?;
             }
         } else {
@@ -210,18 +215,53 @@ impl FilesMaps {
     }
 }
 
-/// Attaches the file guard host-wide: the LSM programs (which also refuse execs outside an
-/// allow-list and packet sockets) or the open tracepoints. Pinned under `pin_dir` when given.
-pub(crate) fn attach(
+/// Attaches the file guard host-wide (it acts on agents with a file list only): the LSM
+/// programs, or the open tracepoints. Pinned under `pin_dir` when given; pins of an earlier
+/// daemon are adopted.
+pub(crate) fn attach_guard(
     ebpf: &mut Ebpf,
     lsm: bool,
     pin_dir: Option<&Path>,
 ) -> Result<Vec<Link>, KernelError> {
-    if !lsm {
-        return crate::link::attach_tracepoints(ebpf, &TRACEPOINTS, pin_dir);
+    if lsm {
+        attach_lsm(ebpf, &LSM_FILE_PROGRAMS, pin_dir)
+    } else {
+        crate::link::attach_tracepoints(ebpf, &TRACEPOINTS, pin_dir)
     }
+}
+
+/// Did an earlier daemon leave the file guard attached (pinned under `pin_dir`)?
+pub(crate) fn guard_pinned(pin_dir: &Path, lsm: bool) -> bool {
+    if lsm {
+        LSM_FILE_PROGRAMS
+            .iter()
+            .any(|(n, _)| pin_dir.join(n).exists())
+    } else {
+        TRACEPOINTS.iter().any(|(n, _, _)| pin_dir.join(n).exists())
+    }
+}
+
+/// Attaches the exec and packet-socket LSM programs when the kernel has BPF LSM (nothing
+/// otherwise: the tracepoints that kill instead are exec.rs's and sockets.rs's).
+pub(crate) fn attach_host(
+    ebpf: &mut Ebpf,
+    lsm: bool,
+    pin_dir: Option<&Path>,
+) -> Result<Vec<Link>, KernelError> {
+    if lsm {
+        attach_lsm(ebpf, &LSM_HOST_PROGRAMS, pin_dir)
+    } else {
+        Ok(Vec::new())
+    }
+}
+
+fn attach_lsm(
+    ebpf: &mut Ebpf,
+    programs: &[(&'static str, &str)],
+    pin_dir: Option<&Path>,
+) -> Result<Vec<Link>, KernelError> {
     let mut links = Vec::new();
-    for (name, _) in LSM_PROGRAMS {
+    for &(name, _) in programs {
         links.push(Link::pinned_or_attach(pin_dir, name, || {
             let prog = program::<Lsm>(ebpf, name)?;
             let id = prog

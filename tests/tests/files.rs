@@ -349,6 +349,44 @@ fn agents_without_a_file_list_and_processes_outside_agents_are_untouched() {
     assert_eq!(env.status()["free"]["files"], serde_json::Value::Null);
 }
 
+/// The file guard's programs run on every open of the host: attached while some agent has a
+/// file list, detached when none has (and pinned meanwhile, like every program).
+#[test]
+fn the_file_guard_is_attached_only_while_an_agent_needs_it() {
+    privileged!();
+    let work = TempDir::new();
+    let mut env = DaemonEnv::new();
+    env.write_config("[[agents]]\nname = \"fs\"\negress = []\n");
+    env.start();
+    let pin = env
+        .pin_dir
+        .join("links")
+        .join("_host")
+        .join(if bpf_lsm_active() {
+            "files_file_open"
+        } else {
+            "files_sys_enter_openat"
+        });
+    assert!(!pin.exists(), "no agent has a file list yet");
+    env.write_config(&agent("fs", &[&work.0], &[], ""));
+    wait_until(
+        "the guard attached",
+        patience(std::time::Duration::from_secs(10)),
+        || pin.exists(),
+    );
+    // A restart adopts it (the agent's opens stay judged throughout).
+    env.stop_with(libc::SIGTERM);
+    assert!(pin.exists(), "pinned: it outlives the daemon");
+    env.start();
+    assert!(pin.exists());
+    env.write_config("[[agents]]\nname = \"fs\"\negress = []\n");
+    wait_until(
+        "the guard detached",
+        patience(std::time::Duration::from_secs(10)),
+        || !pin.exists(),
+    );
+}
+
 #[test]
 fn a_bad_file_list_is_refused_whole_and_the_old_policy_stays() {
     privileged!();
