@@ -12,12 +12,16 @@ use agentwatch_tests::{DaemonEnv, TempDir, parse_attempts, patience, privileged,
 
 const EACCES: i32 = libc::EACCES;
 
-/// The prefixes every guarded test agent needs besides its own directories (the probe is
-/// already loaded when it joins the agent, so this is generous rather than necessary).
+/// The prefixes every guarded test agent needs besides its own directories: its libraries,
+/// and (below, added per test) the directory of aw-probe, which `launch` execs inside the
+/// agent: with BPF LSM an exec opens the binary through `file_open` like any read.
 const BASE: &str = r#""/usr/:ro", "/lib/:ro", "/lib64/:ro", "/etc/:ro", "/dev/", "/proc/""#;
 
 fn agent(name: &str, allow: &[&Path], ro: &[&Path], breaker: &str) -> String {
     let mut list = BASE.to_owned();
+    let probe = agentwatch_tests::probe_bin();
+    let bin_dir = probe.parent().expect("aw-probe's directory");
+    list.push_str(&format!(", \"{}/:ro\"", bin_dir.display()));
     for p in allow {
         list.push_str(&format!(", \"{}/\"", p.display()));
     }
