@@ -24,7 +24,7 @@ use aya_ebpf::{
         generated::{bpf_d_path, bpf_ktime_get_ns},
     },
     macros::{lsm, map, tracepoint},
-    maps::{HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::{LsmContext, TracePointContext},
 };
 
@@ -50,8 +50,9 @@ pub struct Scratch {
 
 /// Open arguments an agent thread passed to the syscall it is in (thread id -> arguments),
 /// from the enter tracepoint to the exit one. No LSM needed; only guarded agents' threads.
+/// LRU: an entry whose exit never came (a thread gone mid-call) cannot fill it.
 #[map]
-static OPENS: HashMap<u64, OpenArgs> = HashMap::with_max_entries(16384, 0);
+static OPENS: LruHashMap<u64, OpenArgs> = LruHashMap::with_max_entries(16384, 0);
 
 #[derive(Clone, Copy)]
 #[repr(C)]
@@ -290,7 +291,7 @@ fn enter(dirfd: i32, filename: u64, flags: u32) {
         flags,
         dirfd,
     };
-    // Full: the open goes unjudged; counted, never silent.
+    // An insert that fails leaves the open unjudged: counted, never silent.
     if OPENS.insert(bpf_get_current_pid_tgid(), args, 0).is_err()
         && let Some(c) = counters(state.id)
     {
