@@ -675,6 +675,91 @@ fn syscalls() {
          calling thread (fork+exec+wait: wall time, as most of its work is the child's).",
         ns(median(&mut r[1][0].clone()))
     ));
+    file_guard(&report, rounds);
+}
+
+/// What the file guard costs an open(): attached host-wide while some agent has a file list.
+/// Without BPF LSM (this host) that is the open tracepoints; a process outside every agent
+/// pays a cgroup lookup per open, a guarded agent's open of a read-only prefix is cleared in
+/// the kernel, one under a writable prefix is reported to the daemon.
+fn file_guard(report: &Report, rounds: usize) {
+    let n = pick("100000", "20000");
+    let agent = TestCgroup::new();
+    let outside = TestCgroup::new();
+    let dir = agentwatch_tests::TempDir::new();
+    let file = dir.0.join("f");
+    std::fs::write(&file, "x").expect("file");
+    let file_s = file.display().to_string();
+    let usr_file = "/usr/bin/env";
+    let measures: [(&str, &Path, Vec<&str>); 3] = [
+        (
+            "open()+close(), outside every agent",
+            outside.path(),
+            vec!["time-open", usr_file, n],
+        ),
+        (
+            "open()+close() under a read-only prefix, inside the agent",
+            agent.path(),
+            vec!["time-open", usr_file, n],
+        ),
+        (
+            "open()+close() under a writable prefix, inside the agent",
+            agent.path(),
+            vec!["time-open", &file_s, n],
+        ),
+    ];
+    const STATES: [&str; 2] = ["no file guard", "file guard attached"];
+    let mut r = vec![vec![Vec::new(); measures.len()]; STATES.len()];
+    for _ in 0..rounds {
+        for (s, _) in STATES.iter().enumerate() {
+            let mut a = Agents::load().expect("load");
+            let policy = Policy {
+                files: (s == 1).then(|| {
+                    vec![
+                        agentwatch::files::FileRule::parse("/usr/:ro").expect("rule"),
+                        agentwatch::files::FileRule::parse(&format!("{}/", dir.0.display()))
+                            .expect("rule"),
+                    ]
+                }),
+                ..Policy::default()
+            };
+            a.guard("bench", agent.cgroup().clone(), policy)
+                .expect("guard");
+            // The daemon's ring buffer reader is not running: the records of the writable
+            // prefix's opens are written and dropped by the kernel, as a reader that keeps up
+            // would see them (the audit rate caps them).
+            for (m, (_, cg, args)) in measures.iter().enumerate() {
+                r[s][m].push(cpu_ns_per_call(cg, args));
+            }
+            drop(a);
+        }
+    }
+    let lsm = agentwatch::files::bpf_lsm_active();
+    for (m, (call, _, _)) in measures.iter().enumerate() {
+        let off = median(&mut r[0][m]);
+        let on = median(&mut r[1][m]);
+        report.row(
+            "The file guard's cost per open (median of the rounds)",
+            &["call", "no file guard", "file guard attached", "added"],
+            &[
+                (*call).into(),
+                ns(off),
+                ns(on),
+                format!("{:+.0} ns ({})", on - off, ratio(on, off)),
+            ],
+            json!({"call": call, "off_ns": off, "on_ns": on, "lsm": lsm, "rounds": rounds}),
+        );
+    }
+    report.note(&format!(
+        "File guard: {} here. Both states guard the same agent, with and without a file list \
+         (`/usr/:ro` and a writable directory); open()+close() {n} times per batch, CPU time of \
+         the calling thread, {rounds} rounds interleaved.",
+        if lsm {
+            "BPF LSM (lsm/file_open)"
+        } else {
+            "no BPF LSM: the open tracepoints"
+        }
+    ));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@
 //! - `time-sendto ADDR PORT N`: N UDP sends in batches of 1000; prints the median batch's
 //!   nanoseconds per send as `{"ns_per_call":X,"cpu_ns_per_call":Y}` (every `time-*` command
 //!   prints both: wall time, and the CPU time of the calling thread)
+//! - `time-open PATH N`: N open(PATH, O_RDONLY)+close() pairs, timed like `time-socket`
 //! - `time-socket N`, `time-getppid N`: N socket()+close() pairs / getppid() calls in batches
 //!   of 1000; prints the median batch's nanoseconds per call as `{"ns_per_call":X}`
 //! - `fork-tree CHILDREN GRANDCHILDREN`: fork CHILDREN children that each fork GRANDCHILDREN
@@ -384,6 +385,23 @@ fn main() -> ExitCode {
                 std::hint::black_box(unsafe { libc::getppid() });
             }
             ExitCode::SUCCESS
+        }
+        ["time-open", path, n] => {
+            let Ok(n) = n.parse::<usize>() else {
+                return usage("bad N");
+            };
+            let Ok(c_path) = std::ffi::CString::new(*path) else {
+                return usage("bad PATH");
+            };
+            time_calls(n, || {
+                // SAFETY: open(2) with a NUL-terminated path; close(2) of the fd it returned.
+                let fd = unsafe { libc::open(c_path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+                if fd >= 0 {
+                    // SAFETY: as above.
+                    unsafe { libc::close(fd) };
+                }
+                fd >= 0
+            })
         }
         ["time-socket", n] => {
             let Ok(n) = n.parse::<usize>() else {
