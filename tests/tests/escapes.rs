@@ -59,7 +59,7 @@ fn spawn_in(cgroup: &Path, args: &[&str]) -> Child {
     child
 }
 
-/// Waits (5 s at most) for `child` to die; returns how.
+/// Waits (5 s at most, stretched under emulation) for `child` to die; returns how.
 fn wait_dead(child: &mut Child) -> ExitStatus {
     let start = Instant::now();
     loop {
@@ -67,7 +67,7 @@ fn wait_dead(child: &mut Child) -> ExitStatus {
             return s;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(5),
+            start.elapsed() < agentwatch_tests::patience(Duration::from_secs(5)),
             "the moved process lives on"
         );
         std::thread::sleep(Duration::from_micros(200));
