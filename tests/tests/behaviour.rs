@@ -529,8 +529,8 @@ fn syscalls_are_counted_per_agent_and_the_hook_is_attached_only_while_needed() {
 }
 
 /// Trips `agent`'s breaker with a burst (10/s for 3 s, then 300/s), waits until it is frozen,
-/// and ends the burst. Returns the agent's cgroup.
-fn trip_and_freeze(env: &DaemonEnv, agent: &str, port: u16) -> Cgroup {
+/// and ends the burst. Returns the agent's cgroup and the baseline the trip was judged on.
+fn trip_and_freeze(env: &DaemonEnv, agent: &str, port: u16) -> (Cgroup, f64) {
     let cg = Cgroup::open(env.agent_cgroup(agent)).expect("cgroup");
     let mut child = pace(
         env,
@@ -547,8 +547,15 @@ fn trip_and_freeze(env: &DaemonEnv, agent: &str, port: u16) -> Cgroup {
     // A frozen process still dies of SIGKILL; the burst's calls stay in the rate window.
     let _ = child.kill();
     let _ = child.wait();
-    assert_eq!(env.wait_audit("breaker_tripped", 1).len(), 1);
-    cg
+    let tripped = env.wait_audit("breaker_tripped", 1);
+    assert_eq!(tripped.len(), 1);
+    let baseline = tripped[0]["baseline"].as_f64().expect("baseline");
+    assert!(
+        rate_range(5.0, 15.0).contains(&baseline),
+        "learned about 10/s: {}",
+        tripped[0]
+    );
+    (cg, baseline)
 }
 
 fn trips(env: &DaemonEnv) -> usize {
@@ -566,7 +573,7 @@ fn approve_relearns_from_now_so_the_approved_rate_goes_on_thawed() {
     let mut env = DaemonEnv::new();
     env.write_config(&breaker_agent("vouched", port, "freeze"));
     env.start();
-    let cg = trip_and_freeze(&env, "vouched", port);
+    let (cg, _) = trip_and_freeze(&env, "vouched", port);
     let out = env.cli(&["approve", "vouched"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let approved = env.wait_audit("approved", 1);
@@ -604,7 +611,8 @@ fn approve_keeping_the_baseline_judges_only_calls_made_after_it() {
     let mut env = DaemonEnv::new();
     env.write_config(&breaker_agent("kept", port, "freeze"));
     env.start();
-    let cg = trip_and_freeze(&env, "kept", port);
+    let (cg, tripped_on) = trip_and_freeze(&env, "kept", port);
+    let approving = Instant::now();
     let out = env.cli(&["approve", "kept", "--keep-baseline"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(env.wait_audit("approved", 1)[0]["keep_baseline"], true);
@@ -614,14 +622,20 @@ fn approve_keeping_the_baseline_judges_only_calls_made_after_it() {
     assert!(!cg.frozen().expect("events"));
     assert_eq!(trips(&env), 1, "tripped on calls made before the approval");
     assert_eq!(env.status()["kept"]["breaker"], "closed");
-    // The baseline stayed (about 10/s), so a new burst trips at once, without a warmup.
+    // The baseline stayed (about 10/s), so a new burst trips at once, without a warmup. Kept,
+    // it goes on learning from the idle windows since the approval (EWMA weight 0.2 each):
+    // between 0.8^n and 1 times what the trip was judged on, n the windows that can have ended
+    // by now (3 on the host). Forgotten, it would be absent, or learned again from nothing.
     let baseline = metric(
         &env,
         "agentwatch_baseline_per_second{agent=\"kept\",signal=\"connects\"}",
     );
+    let windows =
+        approving.elapsed().as_secs_f64() / scaled(Duration::from_millis(500)).as_secs_f64();
+    let least = tripped_on * 0.8f64.powi(windows.floor() as i32);
     assert!(
-        rate_range(5.0, 15.0).contains(&baseline),
-        "baseline {baseline}"
+        (least - 1e-6..=tripped_on + 1e-6).contains(&baseline),
+        "baseline {baseline}: kept from {tripped_on}, at least {least} after {windows:.1} windows"
     );
     let started = Instant::now();
     let mut child = pace(&env, "kept", port, "tcp", &[pace_phase(300.0, 5.0)]);
