@@ -542,9 +542,18 @@ pub fn oversized_junk(id: u16, len: usize) -> Vec<u8> {
 /// A real daemon whose DNS forwarder asks `server`, with `agents` (TOML `[[agents]]` tables)
 /// and answers' TTLs bounded to [1s, 1h].
 pub fn start_daemon(server: &TestDnsServer, agents: &str) -> crate::DaemonEnv {
+    start_daemon_with_min_ttl(server, agents, "1s")
+}
+
+/// [`start_daemon`] with `dns_min_ttl` set to `min_ttl` (a config duration).
+pub fn start_daemon_with_min_ttl(
+    server: &TestDnsServer,
+    agents: &str,
+    min_ttl: &str,
+) -> crate::DaemonEnv {
     let mut env = crate::DaemonEnv::new();
     env.set_daemon_extra(&format!(
-        "dns_upstream = \"{}\"\ndns_min_ttl = \"1s\"\ndns_max_ttl = \"1h\"\n",
+        "dns_upstream = \"{}\"\ndns_min_ttl = \"{min_ttl}\"\ndns_max_ttl = \"1h\"\n",
         server.addr()
     ));
     env.write_config(agents);

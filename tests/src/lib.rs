@@ -63,12 +63,49 @@ macro_rules! privileged {
 /// asserts on. `cargo xtask vmtest` sets it: under QEMU's TCG the guest runs the daemon's
 /// start-up (BPF verification) about 10-20 times slower than the host.
 pub fn patience(limit: Duration) -> Duration {
-    let scale = std::env::var("AGENTWATCH_TEST_TIME_SCALE")
+    limit * time_scale()
+}
+
+/// `AGENTWATCH_TEST_TIME_SCALE` (default 1): how many times slower than the host this machine
+/// runs the tests.
+pub fn time_scale() -> u32 {
+    std::env::var("AGENTWATCH_TEST_TIME_SCALE")
         .ok()
         .and_then(|v| v.parse::<u32>().ok())
         .filter(|&n| n > 0)
-        .unwrap_or(1);
-    limit * scale
+        .unwrap_or(1)
+}
+
+/// `d` stretched by the time scale, for the durations a test configures and then asserts on
+/// (a breaker's warmup and window, a TTL, a lease, the phases and sleeps timed against them).
+/// Stretched together they keep the test's meaning; on the host (scale 1) nothing changes.
+/// Under TCG, starting a process (`agentwatch launch`, a probe) takes seconds, so a 1 s TTL
+/// or a 500 ms window would judge the emulator instead of agentwatch.
+pub fn scaled(d: Duration) -> Duration {
+    d * time_scale()
+}
+
+/// [`scaled`] as a config duration (`"5000ms"`).
+pub fn scaled_toml(d: Duration) -> String {
+    format!("{}ms", scaled(d).as_millis())
+}
+
+/// `per_second` divided by the time scale: the rate of a test whose durations are [`scaled`],
+/// so every window sees the same number of calls as on the host (a guest under TCG cannot
+/// make 300 TCP connects a second, but 30 over a window ten times as long is the same burst
+/// to the breaker). On the host (scale 1) the rate is unchanged.
+pub fn scaled_rate(per_second: f64) -> f64 {
+    per_second / f64::from(time_scale())
+}
+
+/// A `rate:seconds` phase for `aw-probe pace`, with the rate [`scaled_rate`] and the seconds
+/// [`scaled`]: the same number of calls, spread over a stretched time.
+pub fn pace_phase(per_second: f64, secs: f64) -> String {
+    format!(
+        "{}:{}",
+        scaled_rate(per_second),
+        secs * f64::from(time_scale())
+    )
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -558,6 +595,17 @@ impl DaemonEnv {
             .args(args)
             .output()
             .expect("running agentwatch")
+    }
+
+    /// Sends `request` over the control socket as the CLI does, but waits as long as
+    /// [`patience`] allows instead of the CLI's fixed 30 s: under TCG a request over a full
+    /// kernel map (`learn` after a flood) takes longer than that. The daemon's answer, or the
+    /// test fails with its refusal.
+    pub fn request(&self, request: &agentwatch::control::Request) -> serde_json::Value {
+        agentwatch::control::call(&self.socket, request, patience(Duration::from_secs(30)))
+            .unwrap_or_else(|e| panic!("control request: {e}"))
+            .into_result()
+            .unwrap_or_else(|e| panic!("control request refused: {e}"))
     }
 
     /// `agentwatch --socket <this socket> launch --agent AGENT -- aw-probe`, for the caller to

@@ -8,6 +8,7 @@ use std::{
 };
 
 use agentwatch_tests::{DaemonEnv, parse_attempts, privileged};
+use agentwatch_tests::{scaled_rate, scaled_toml, time_scale};
 
 #[test]
 fn outbound_bytes_are_counted_exactly() {
@@ -117,21 +118,34 @@ fn a_jump_in_bytes_trips_the_breaker_while_connects_stay_flat() {
         }
     });
     let mut env = DaemonEnv::new();
+    // Times stretched and rates shrunk by the time scale alike (see `scaled`): each window
+    // carries the same bytes as on the host.
     env.write_config(&format!(
         "[[agents]]\nname = \"exfil\"\negress = [\"tcp 127.0.0.1 {port}\"]\n\n\
-         [agents.breaker]\nwarmup = \"2s\"\nwindow = \"1s\"\ntrip_factor = 5.0\n\
-         min_rate = 20.0\nmin_bytes_rate = 65536\naction = \"alert\"\n"
+         [agents.breaker]\nwarmup = \"{}\"\nwindow = \"{}\"\ntrip_factor = 5.0\n\
+         min_rate = {:?}\nmin_bytes_rate = {:?}\naction = \"alert\"\n",
+        scaled_toml(Duration::from_secs(2)),
+        scaled_toml(Duration::from_secs(1)),
+        scaled_rate(20.0),
+        scaled_rate(65536.0),
     ));
     env.start();
-    // 40 KB/s for 4 s (the baseline), then 2 MB/s.
+    // 40 KB/s for 4 s (the baseline), then 2 MB/s (upload-paced takes whole bytes a second).
+    let phase = |bytes_per_second: f64, secs: f64| {
+        format!(
+            "{}:{}",
+            scaled_rate(bytes_per_second).round(),
+            secs * f64::from(time_scale())
+        )
+    };
     let out = env.launch_probe(
         "exfil",
         &[
             "upload-paced",
             "127.0.0.1",
             &port.to_string(),
-            "40000:4",
-            "2000000:2",
+            &phase(40_000.0, 4.0),
+            &phase(2_000_000.0, 2.0),
         ],
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report");
@@ -144,7 +158,7 @@ fn a_jump_in_bytes_trips_the_breaker_while_connects_stay_flat() {
     assert_eq!(trips[0]["signal"], "bytes", "{trips:?}");
     let baseline = trips[0]["baseline"].as_f64().expect("baseline");
     assert!(
-        (20_000.0..80_000.0).contains(&baseline),
+        (scaled_rate(20_000.0)..scaled_rate(80_000.0)).contains(&baseline),
         "learned about 40 KB/s: {trips:?}"
     );
     let row = &env.status()["exfil"];

@@ -10,10 +10,10 @@ use std::{
 };
 
 use agentwatch::cgroup::Cgroup;
-use agentwatch_tests::tcp_listener;
 use agentwatch_tests::{
     DaemonEnv, EPERM, TempDir, agentwatch_bin, one, parse_attempts, privileged, probe, probe_bin,
 };
+use agentwatch_tests::{tcp_listener, wait_until};
 
 fn agentwatch(args: &[&str]) -> std::process::Output {
     Command::new(agentwatch_bin())
@@ -256,8 +256,18 @@ fn reload_under_load_never_gives_a_wrong_verdict() {
     std::thread::sleep(Duration::from_millis(200));
     for i in 0..100 {
         env.write_config(if i % 2 == 0 { &policy_b } else { &policy_a });
+        let started = Instant::now();
         let out = env.cli(&["reload"]);
-        assert!(out.status.success(), "reload {i}: {}", stderr(&out));
+        let log = env.log();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        assert!(
+            out.status.success(),
+            "reload {i} after {:?}: {}\ndaemon log, newest first:\n{}",
+            started.elapsed(),
+            stderr(&out),
+            tail.join("\n")
+        );
+        println!("reload {i}: {:?}", started.elapsed());
     }
     fs::write(&stop, "").expect("stop file");
     let out = prober.wait_with_output().expect("prober output");
@@ -378,6 +388,18 @@ fn reload_adds_and_removes_agents_and_follows_file_edits_and_sighup() {
         .args(["spin", env.dir.0.join("spin").to_str().expect("utf8")])
         .spawn()
         .expect("spinner");
+    // The probe moves itself into the cgroup: wait for that, or the daemon may remove the
+    // still-empty cgroup first (seen under TCG, where starting a process takes seconds).
+    let first_cg = Cgroup::open(&first).expect("first cgroup");
+    wait_until(
+        "the spinner to join `first`",
+        Duration::from_secs(5),
+        || {
+            first_cg
+                .all_pids()
+                .is_ok_and(|pids| pids.contains(&spinner.id()))
+        },
+    );
     // The file watcher picks up an edit: `second` appears, `first` goes.
     env.write_config(&one_agent("second", &[format!("tcp 127.0.0.1 {port}")]));
     let removed = env.wait_audit("agent_removed", 1);

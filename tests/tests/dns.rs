@@ -18,11 +18,11 @@ use agentwatch_tests::{
     Attempt, DaemonEnv, EPERM,
     dns::{
         Lookup, RawReply, Rdata, TestDnsServer, ZoneRecord, hex, malformed_with_header,
-        oversized_junk, parse_lookups, parse_raw, rec, start_daemon,
+        oversized_junk, parse_lookups, parse_raw, rec, start_daemon, start_daemon_with_min_ttl,
     },
     one, parse_attempts, privileged, probe_bin,
 };
-use agentwatch_tests::{sleep_until, wait_until};
+use agentwatch_tests::{scaled, scaled_toml, sleep_until, wait_until};
 use hickory_proto::rr::RecordType;
 
 /// The resolver address the agents ask: nothing listens there; only the redirect answers.
@@ -442,17 +442,26 @@ fn wildcards_apex_cname_chains_case_trailing_dots_and_aaaa() {
 fn learned_addresses_expire_after_the_bounded_ttl() {
     privileged!();
     let (_l, port) = listen_all(&["127.0.20.21", "127.0.20.22", "127.0.20.23"]);
+    // The TTLs, dns_min_ttl and the sleeps are stretched alike by the time scale (see
+    // `scaled`): under TCG a lookup and a connect (two processes) take seconds, longer than a
+    // 1 s TTL. On the host they are 2 s, 1 s and the times below.
+    let api_ttl = scaled(Duration::from_secs(2));
     let server = TestDnsServer::start([
-        a("api.agentwatch.test", [127, 0, 20, 21], 2),
+        a(
+            "api.agentwatch.test",
+            [127, 0, 20, 21],
+            u32::try_from(api_ttl.as_secs()).expect("ttl"),
+        ),
         // TTL 0: raised to dns_min_ttl (1 s) in the kernel, so the connect after the answer
         // still gets through.
         a("zero.agentwatch.test", [127, 0, 20, 22], 0),
         // A day: lowered to dns_max_ttl (1 h), in the kernel and in the answer.
         a("long.agentwatch.test", [127, 0, 20, 23], 86_400),
     ]);
-    let env = start_daemon(
+    let env = start_daemon_with_min_ttl(
         &server,
         &agent("ttl", &[format!("tcp *.agentwatch.test {port}")]),
+        &scaled_toml(Duration::from_secs(1)),
     );
     let ttl = Agent::launched(&env, "ttl");
     let from = "10.53.0.1:53";
@@ -469,15 +478,15 @@ fn learned_addresses_expire_after_the_bounded_ttl() {
     let l = ttl.resolve("api.agentwatch.test", "A");
     let t0 = Instant::now();
     assert_answer(&l, &["127.0.20.21"], from);
-    assert_eq!(l.ttls, [2]);
+    assert_eq!(l.ttls, [u32::try_from(api_ttl.as_secs()).expect("ttl")]);
     ttl.assert_connects("127.0.20.21", port, "TTL 2 s, right after the answer");
 
     // 1.4 s on: the TTL-0 entry (1 s) is gone, the 2 s one is not.
-    sleep_until(t0 + Duration::from_millis(1400));
+    sleep_until(t0 + scaled(Duration::from_millis(1400)));
     ttl.assert_connects("127.0.20.21", port, "TTL 2 s, 1.4 s after the answer");
     ttl.assert_eperm("127.0.20.22", port, "TTL 0 raised to 1 s, 1.4 s after");
 
-    sleep_until(t0 + Duration::from_millis(3500));
+    sleep_until(t0 + scaled(Duration::from_millis(3500)));
     ttl.assert_eperm("127.0.20.21", port, "TTL 2 s, 3.5 s after the answer");
     ttl.assert_connects("127.0.20.23", port, "dns_max_ttl, 3.5 s after");
     wait_until(

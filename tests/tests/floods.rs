@@ -7,7 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentwatch_tests::{DaemonEnv, privileged, probe_bin};
+use agentwatch::control::Request;
+use agentwatch_common::burst_of;
+use agentwatch_tests::{DaemonEnv, privileged, probe_bin, time_scale};
 
 /// The floods take both cores: two at once would measure each other (libtest runs the tests
 /// of a file in parallel).
@@ -124,9 +126,12 @@ fn an_eight_second_flood_leaves_a_small_trail_a_calm_daemon_and_every_denial_cou
         trail_bytes as f64 / 1e6,
         cpu * 100.0
     );
+    // Over 100,000 denials in 8 s on the host; a guest under TCG makes a tenth as many (about
+    // 20,000 measured on 6.1 and 6.12), still 25 times what the audit rate writes one by one.
+    let strong = 100_000 / u64::from(time_scale());
     assert!(
-        denied > 100_000,
-        "the flood was too weak to test anything: {denied}"
+        denied > strong,
+        "the flood was too weak to test anything: {denied} (at least {strong})"
     );
     assert_eq!(lost, 0);
     assert_eq!(
@@ -135,7 +140,17 @@ fn an_eight_second_flood_leaves_a_small_trail_a_calm_daemon_and_every_denial_cou
         "every denial is a line of its own or counted in a summary"
     );
     assert!(trail_bytes < 20_000_000, "trail {trail_bytes} bytes");
-    assert!(cpu < 0.30, "daemon used {:.1}% of a CPU", cpu * 100.0);
+    if std::env::var_os("AGENTWATCH_IN_VM").is_some() {
+        // The daemon's fixed work a second (ticks, the audit rate's lines, the summaries) costs
+        // ten to fifty times the CPU under emulation, while the flood it is measured against
+        // slows down as much: the share says how fast QEMU is, not how calm the daemon is.
+        println!(
+            "SKIPPED under TCG: the daemon's CPU share ({:.1}%) is judged on the host only",
+            cpu * 100.0
+        );
+    } else {
+        assert!(cpu < 0.30, "daemon used {:.1}% of a CPU", cpu * 100.0);
+    }
     // The summaries name the destinations, busiest first.
     let dests: Vec<&str> = summaries[0]["dests"]
         .as_array()
@@ -158,6 +173,11 @@ fn an_exec_loop_is_summarised_too_and_every_exec_accounted_for() {
     privileged!();
     let _alone = flood_alone();
     let mut env = DaemonEnv::new();
+    // The host makes thousands of execs a second against the default audit rate of 100; a
+    // guest under TCG about 10 (43 in 4 s measured on 6.1), so there the audit rate shrinks by
+    // the square of the time scale (to 1 a second at 10) to keep the loop far above it.
+    let audit_rate = (100 / time_scale().pow(2)).max(1);
+    env.set_daemon_extra(&format!("audit_rate = {audit_rate}\n"));
     env.write_config("[[agents]]\nname = \"forker\"\n");
     env.start();
     let cg = env.agent_cgroup("forker");
@@ -195,14 +215,14 @@ fn an_exec_loop_is_summarised_too_and_every_exec_accounted_for() {
     println!(
         "exec loop: {execs} execs in 4 s; {one_by_one} written one by one, {summarised} summarised"
     );
-    // The loop outran the audit rate (100 a second, burst 20), so summaries had to happen;
-    // the lines written one by one stay within that rate over the loop's seconds.
+    // The loop outran the audit rate (on the host 100 a second, burst 20), so summaries had
+    // to happen; the lines written one by one stay within that rate over the loop's seconds.
     assert!(
         summarised > 0,
         "the loop never exceeded the audit rate: {execs} execs"
     );
     assert!(
-        one_by_one <= 100 * 7 + 20,
+        one_by_one <= u64::from(audit_rate * 7 + burst_of(audit_rate)),
         "{one_by_one} exec lines: not rate-limited"
     );
     assert_eq!(
@@ -227,13 +247,13 @@ fn a_learn_mode_agent_that_floods_its_records_cannot_hide_what_it_did() {
         (Some(300_000), Some(0)),
         "learn mode denies nothing"
     );
-    let out = env.cli(&["learn", "sprayer", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let p: serde_json::Value = serde_json::from_slice(&out.stdout).expect("proposal");
+    // `agentwatch learn sprayer --json`, waiting as patiently as the machine needs: the
+    // proposal reads the full map (262,144 records), longer than the CLI's 30 s under TCG.
+    let p = env.request(&Request::Learn {
+        agent: "sprayer".into(),
+        widen_v4: None,
+        widen_v6: None,
+    });
     let recorded: u64 = p["egress"]
         .as_array()
         .expect("egress")

@@ -9,7 +9,7 @@ use std::{
 };
 
 use agentwatch_tests::{DaemonEnv, EPERM, one, parse_attempts, privileged, probe};
-use agentwatch_tests::{sleep_until, tcp_listener, wait_until};
+use agentwatch_tests::{scaled, scaled_toml, sleep_until, tcp_listener, wait_until};
 
 /// `agentwatch launch` a TCP connect to 127.0.0.1:`port` in `agent`: (ok, errno).
 fn connect(env: &DaemonEnv, agent: &str, port: u16) -> (bool, i32) {
@@ -32,8 +32,13 @@ fn a_lease_ends_egress_in_the_kernel_even_with_the_daemon_down_and_extend_reopen
     privileged!();
     let (_l, port) = tcp_listener("127.0.0.1:0");
     let mut env = DaemonEnv::new();
+    // The leases, the extension and the sleeps are stretched alike by the time scale (see
+    // `scaled`; 3 s, 30 s and 2 s on the host): under TCG a launched connect, a status and a
+    // scrape take longer than 3 s, and the lease must still be open when the daemon dies.
+    let lease = scaled(Duration::from_secs(3)).as_secs_f64();
     env.write_config(&format!(
-        "[[agents]]\nname = \"worker\"\negress = [\"tcp 127.0.0.1 {port}\"]\nlease = \"3s\"\n"
+        "[[agents]]\nname = \"worker\"\negress = [\"tcp 127.0.0.1 {port}\"]\nlease = \"{}\"\n",
+        scaled_toml(Duration::from_secs(3))
     ));
     env.start();
     assert_eq!(connect(&env, "worker", port), (true, 0), "inside the lease");
@@ -41,7 +46,7 @@ fn a_lease_ends_egress_in_the_kernel_even_with_the_daemon_down_and_extend_reopen
     assert_eq!(row["action"], "deny");
     assert_eq!(row["expired"], false);
     let left = row["seconds_left"].as_f64().expect("seconds_left");
-    assert!(left > 0.0 && left <= 3.0, "{row}");
+    assert!(left > 0.0 && left <= lease, "{row}");
     // The lease runs from when the daemon guarded the agent, which a loaded machine may take a
     // while to get to after start: time the expiry from the deadline the daemon reports, not
     // from before the start. (Read after the status was computed, so never early by more than
@@ -50,7 +55,7 @@ fn a_lease_ends_egress_in_the_kernel_even_with_the_daemon_down_and_extend_reopen
     let metric = env
         .metric("agentwatch_lease_seconds_left{agent=\"worker\"}")
         .expect("lease metric");
-    assert!(metric > 0.0 && metric <= 3.0, "{metric}");
+    assert!(metric > 0.0 && metric <= lease, "{metric}");
 
     // The daemon dies; the kernel ends the lease on time by itself.
     env.stop_with(libc::SIGKILL);
@@ -70,7 +75,8 @@ fn a_lease_ends_egress_in_the_kernel_even_with_the_daemon_down_and_extend_reopen
     assert_eq!(expired[0]["action"], "deny");
     assert_eq!(env.status()["worker"]["lease"]["expired"], true);
 
-    let out = env.cli(&["extend", "worker", "30s"]);
+    let extension = scaled(Duration::from_secs(30)).as_secs();
+    let out = env.cli(&["extend", "worker", &format!("{extension}s")]);
     assert!(
         out.status.success(),
         "{}",
@@ -85,7 +91,7 @@ fn a_lease_ends_egress_in_the_kernel_even_with_the_daemon_down_and_extend_reopen
     let extended = env.wait_audit("lease_extended", 1);
     assert_eq!(extended.len(), 1, "{extended:?}");
     assert_eq!(extended[0]["actor_uid"], 0);
-    assert_eq!(extended[0]["seconds"], 30);
+    assert_eq!(extended[0]["seconds"], extension);
     assert!(
         extended[0]["until"]
             .as_str()
@@ -95,7 +101,10 @@ fn a_lease_ends_egress_in_the_kernel_even_with_the_daemon_down_and_extend_reopen
     let left = env.status()["worker"]["lease"]["seconds_left"]
         .as_f64()
         .expect("seconds_left");
-    assert!(left > 28.0 && left <= 30.0, "{left}");
+    assert!(
+        left > scaled(Duration::from_secs(28)).as_secs_f64() && left <= extension as f64,
+        "{left}"
+    );
 
     // Refusals say why.
     let out = env.cli(&["extend", "nobody", "1m"]);
@@ -107,12 +116,13 @@ fn a_lease_ends_egress_in_the_kernel_even_with_the_daemon_down_and_extend_reopen
 
     // A reload that changes the lease starts it again from now; one that removes it, ends it.
     env.write_config(&format!(
-        "[[agents]]\nname = \"worker\"\negress = [\"tcp 127.0.0.1 {port}\"]\nlease = \"2s\"\n"
+        "[[agents]]\nname = \"worker\"\negress = [\"tcp 127.0.0.1 {port}\"]\nlease = \"{}\"\n",
+        scaled_toml(Duration::from_secs(2))
     ));
     assert!(env.cli(&["reload"]).status.success());
     let reloaded = Instant::now();
     assert_eq!(connect(&env, "worker", port), (true, 0));
-    sleep_until(reloaded + Duration::from_millis(2500));
+    sleep_until(reloaded + scaled(Duration::from_millis(2500)));
     assert_eq!(
         connect(&env, "worker", port),
         (false, EPERM),
