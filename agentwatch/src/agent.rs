@@ -672,6 +672,20 @@ impl Agents {
         self.kernel.lease.deadline(g.id)
     }
 
+    /// Was the expiry of agent `name`'s current lease deadline audited (by this daemon or an
+    /// earlier one)?
+    pub fn lease_expiry_audited(&self, name: &str) -> bool {
+        self.by_name
+            .get(name)
+            .is_some_and(|g| g.policy.lease.is_some() && self.kernel.lease.expiry_audited(g.id))
+    }
+
+    /// Records that the expiry of agent `name`'s current lease deadline was audited.
+    pub fn mark_lease_expiry_audited(&mut self, name: &str) -> Result<(), KernelError> {
+        let id = self.get(name)?.id;
+        self.kernel.lease.mark_audited(id)
+    }
+
     /// Moves agent `name`'s lease deadline to `length` from now; returns the new deadline.
     pub fn extend_lease(&mut self, name: &str, length: Duration) -> Result<u64, KernelError> {
         let g = self.get(name)?;

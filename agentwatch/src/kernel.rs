@@ -51,7 +51,7 @@ pub struct Kernel {
 
 /// Every map of the object with the key and value sizes this build expects of it. A pinned map
 /// of another layout (an older agentwatch) is refused rather than misread.
-const MAPS: [(&str, u32, u32); 28] = [
+const MAPS: [(&str, u32, u32); 29] = [
     ("AGENTS", 8, size_of::<AgentState>() as u32),
     ("COUNTERS", 4, size_of::<AgentCounters>() as u32),
     ("EVENTS", 0, 0),
@@ -87,6 +87,7 @@ const MAPS: [(&str, u32, u32); 28] = [
     ("DNS_ORIG", 8, size_of::<DnsOrig>() as u32),
     ("DNS_COUNTS", 4, 8 * agentwatch_common::DNS_VERDICTS as u32),
     ("LEASES", 4, 8),
+    ("LEASE_AUDITED", 4, 8),
     ("BYTE_CAPS", 4, size_of::<ByteCap>() as u32),
     ("RULE_HITS", size_of::<RuleHitKey>() as u32, 8),
     (

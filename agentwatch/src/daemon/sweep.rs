@@ -23,10 +23,10 @@ pub(super) struct Swept {
     counters: BTreeMap<String, AgentCounters>,
     /// (agent, pid) already audited as holding a dangerous capability.
     privileged: HashSet<(String, u32)>,
-    /// Agents whose lease expiry was audited and acted on (until it is extended).
-    lease_expired: HashSet<String>,
     /// The pins were there at the last sweep.
     pins_present: bool,
+    /// The last error pinning again, so that a sweep that fails alike says nothing new.
+    restore_error: Option<String>,
 }
 
 impl Default for Swept {
@@ -34,9 +34,9 @@ impl Default for Swept {
         Self {
             counters: BTreeMap::new(),
             privileged: HashSet::new(),
-            lease_expired: HashSet::new(),
             // The daemon made or found them at its start.
             pins_present: true,
+            restore_error: None,
         }
     }
 }
@@ -48,12 +48,6 @@ impl Swept {
     /// Agent `name` is guarded now, with `counters`: the next sweep summarises from there.
     pub(super) fn start(&mut self, name: &str, counters: AgentCounters) {
         self.counters.insert(name.to_owned(), counters);
-    }
-
-    /// Agent `name`'s lease was extended: its next expiry is acted on again. True if the
-    /// last one had been.
-    pub(super) fn lease_reopened(&mut self, name: &str) -> bool {
-        self.lease_expired.remove(name)
     }
 }
 
@@ -167,7 +161,8 @@ impl State {
 
     /// An expired lease is audited (`lease_expired`) and its action run, once per expiry. The
     /// kernel already denies the agent's egress from the deadline on, daemon or not; a daemon
-    /// that starts after the deadline audits and acts then.
+    /// that starts after the deadline audits and acts then. Which expiry was audited is kept
+    /// in the kernel beside the deadline, so a restarted daemon does not audit it again.
     fn sweep_leases(&mut self) {
         let leased: Vec<(String, LeaseAction)> = self
             .config
@@ -176,14 +171,11 @@ impl State {
             .filter(|a| a.lease.is_some())
             .map(|a| (a.name.clone(), a.lease_action))
             .collect();
-        self.swept
-            .lease_expired
-            .retain(|n| leased.iter().any(|(l, _)| l == n));
         for (name, action) in leased {
             let Some(deadline) = self.agents.lease_deadline(&name) else {
                 continue;
             };
-            if ktime_ns() < deadline || !self.swept.lease_expired.insert(name.clone()) {
+            if ktime_ns() < deadline || self.agents.lease_expiry_audited(&name) {
                 continue;
             }
             let result = match action {
@@ -200,6 +192,11 @@ impl State {
             }
             tracing::warn!(agent = %name, action = action.name(), "egress lease expired");
             self.audit_agent(&name, "lease_expired", fields);
+            // Recorded after the line is handed to the writer: a crash in between repeats the
+            // line after the restart rather than lose it.
+            if let Err(e) = self.agents.mark_lease_expiry_audited(&name) {
+                tracing::error!(agent = %name, "recording the audited lease expiry: {e}");
+            }
         }
     }
 
