@@ -611,6 +611,23 @@ impl Agents {
         self.kernel.counters(self.get(name)?.id)
     }
 
+    /// Pins again what this daemon holds whose pin is gone (bpffs unmounted and mounted again,
+    /// the folder removed): every map and every link, so enforcement outlives this process
+    /// again. Returns (maps, links) pinned.
+    pub fn restore_pins(&self) -> Result<(usize, usize), KernelError> {
+        let maps = self.kernel.restore_map_pins()?;
+        let mut links = 0;
+        for link in self
+            .host
+            .iter()
+            .chain(self.syscalls.iter())
+            .chain(self.by_name.values().flat_map(|g| g.links.iter()))
+        {
+            links += usize::from(link.repin()?);
+        }
+        Ok((maps, links))
+    }
+
     /// Kernel ids of the links of agent `name` (for diagnostics and leak checks).
     pub fn link_ids(&self, name: &str) -> Vec<u32> {
         self.by_name

@@ -74,30 +74,48 @@ impl State {
 
     /// The pins are what keeps enforcement when the daemon is gone. If they vanish (the bpffs
     /// under `pin_dir` unmounted, or the folder removed), enforcement holds only while this
-    /// daemon runs: said loudly, once, in the log and the trail, with what to do.
+    /// daemon runs: said loudly, once, in the log and the trail (`pins_lost`). This daemon
+    /// still holds every map and link, so as soon as there is a bpffs at `pin_dir` again (the
+    /// folder can be made, or bpffs is mounted again) it pins them all again, audited
+    /// (`pins_restored`): a daemon killed after that leaves enforcement in place again.
     fn sweep_pins(&mut self) {
         let Some(pins) = self.agents.kernel().pins() else {
             return;
         };
-        let present = pins.exists();
-        if present == self.swept.pins_present {
-            return;
-        }
-        self.swept.pins_present = present;
         let pin_dir = pins.root().display().to_string();
-        if present {
-            tracing::info!(%pin_dir, "the pins are back");
+        if self.swept.pins_present && !pins.exists() {
+            self.swept.pins_present = false;
+            tracing::error!(%pin_dir, "the pinned programs and maps are gone (bpffs unmounted or the folder removed): enforcement now holds only while this daemon runs; agentwatch pins them again as soon as bpffs is mounted there again");
+            self.audit_daemon(
+                "pins_lost",
+                json!({
+                    "pin_dir": pin_dir,
+                    "effect": "enforcement holds only while this daemon runs",
+                    "fix": "mount bpffs again at or above pin_dir: agentwatch pins everything again by itself",
+                }),
+            );
+        }
+        if self.swept.pins_present || !pins.on_bpffs() {
             return;
         }
-        tracing::error!(%pin_dir, "the pinned programs and maps are gone (bpffs unmounted or the folder removed): enforcement now holds only while this daemon runs; mount bpffs again and restart agentwatch to pin them again");
-        self.audit_daemon(
-            "pins_lost",
-            json!({
-                "pin_dir": pin_dir,
-                "effect": "enforcement holds only while this daemon runs",
-                "fix": "mount bpffs again and restart agentwatch",
-            }),
-        );
+        match self.agents.restore_pins() {
+            Ok((maps, links)) => {
+                self.swept.pins_present = true;
+                self.swept.restore_error = None;
+                tracing::info!(%pin_dir, maps, links, "pinned the maps and links again: enforcement outlives this daemon again");
+                self.audit_daemon(
+                    "pins_restored",
+                    json!({ "pin_dir": pin_dir, "maps": maps, "links": links }),
+                );
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if self.swept.restore_error.as_ref() != Some(&e) {
+                    tracing::error!(%pin_dir, "pinning the maps and links again: {e}; retrying every second");
+                    self.swept.restore_error = Some(e);
+                }
+            }
+        }
     }
 
     /// An agent whose cgroup was removed from under the daemon (a cgroup can only be removed
