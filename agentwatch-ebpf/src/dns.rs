@@ -13,9 +13,9 @@ use agentwatch_common::{
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
-    macros::{cgroup_sock_addr, map},
+    macros::{cgroup_sock, cgroup_sock_addr, map},
     maps::{Array, HashMap, LruHashMap},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
 };
 
 use crate::egress::Dest;
@@ -33,7 +33,9 @@ static DNS_PORTS: Array<DnsPorts> = Array::with_max_entries(MAX_AGENTS, 0);
 static DNS_ALLOW: HashMap<DnsKey, DnsValue> =
     HashMap::with_max_entries(MAX_LEARNED, BPF_F_NO_PREALLOC);
 
-/// Socket cookie -> the resolver it asked. LRU: sockets close without telling us.
+/// Socket cookie -> the resolver it asked. `dns_release` removes a socket's entry when the
+/// socket goes; LRU only for sockets released outside every agent cgroup (one passed to a
+/// process elsewhere), whose release no hook of ours sees.
 #[map]
 static DNS_ORIG: LruHashMap<u64, DnsOrig> = LruHashMap::with_max_entries(65536, 0);
 
@@ -123,6 +125,18 @@ pub fn learned_rule(id: u32, proto: u8, dest: &Dest) -> Option<u64> {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     value.admitting_rule(proto, dest.port, now)
+}
+
+/// A redirected socket's record is read only by its own recvmsg and getpeername calls; once the
+/// socket is released there are none (a cookie is never reused), so the record goes with it.
+/// Without this every lookup left an entry behind until the LRU evicted it.
+#[cgroup_sock(sock_release)]
+pub fn dns_release(ctx: SockContext) -> i32 {
+    // SAFETY: the context pointer is what the kernel handed this program.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock.cast()) };
+    // Most sockets were never redirected: a missing entry is the common case, not an error.
+    let _ = DNS_ORIG.remove(cookie);
+    PASS
 }
 
 #[cgroup_sock_addr(recvmsg4)]

@@ -11,6 +11,12 @@ use aya_ebpf::{helpers::generated::bpf_ktime_get_ns, macros::map, maps::Array};
 #[map]
 static LEASES: Array<u64> = Array::with_max_entries(MAX_AGENTS, 0);
 
+/// Agent id -> the deadline whose expiry the daemon audited (0: none yet). Only the daemon
+/// reads and writes it; it lives here, pinned with the other maps, so a restarted daemon
+/// neither audits an expiry again nor misses one that happened while it was down.
+#[map]
+static LEASE_AUDITED: Array<u64> = Array::with_max_entries(MAX_AGENTS, 0);
+
 /// Has agent `id`'s lease run out?
 #[inline(always)]
 pub fn expired(id: u32) -> bool {

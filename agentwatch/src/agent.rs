@@ -658,6 +658,23 @@ impl Agents {
         self.kernel.counters(self.get(name)?.id)
     }
 
+    /// Pins again what this daemon holds whose pin is gone (bpffs unmounted and mounted again,
+    /// the folder removed): every map and every link, so enforcement outlives this process
+    /// again. Returns (maps, links) pinned.
+    pub fn restore_pins(&self) -> Result<(usize, usize), KernelError> {
+        let maps = self.kernel.restore_map_pins()?;
+        let mut links = 0;
+        for link in self
+            .host
+            .iter()
+            .chain(self.syscalls.iter())
+            .chain(self.by_name.values().flat_map(|g| g.links.iter()))
+        {
+            links += usize::from(link.repin()?);
+        }
+        Ok((maps, links))
+    }
+
     /// Kernel ids of the links of agent `name` (for diagnostics and leak checks).
     pub fn link_ids(&self, name: &str) -> Vec<u32> {
         self.by_name
@@ -718,6 +735,20 @@ impl Agents {
         let g = self.by_name.get(name)?;
         g.policy.lease?;
         self.kernel.lease.deadline(g.id)
+    }
+
+    /// Was the expiry of agent `name`'s current lease deadline audited (by this daemon or an
+    /// earlier one)?
+    pub fn lease_expiry_audited(&self, name: &str) -> bool {
+        self.by_name
+            .get(name)
+            .is_some_and(|g| g.policy.lease.is_some() && self.kernel.lease.expiry_audited(g.id))
+    }
+
+    /// Records that the expiry of agent `name`'s current lease deadline was audited.
+    pub fn mark_lease_expiry_audited(&mut self, name: &str) -> Result<(), KernelError> {
+        let id = self.get(name)?.id;
+        self.kernel.lease.mark_audited(id)
     }
 
     /// Moves agent `name`'s lease deadline to `length` from now; returns the new deadline.

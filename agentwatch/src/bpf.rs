@@ -6,7 +6,12 @@
 //! import circle.
 
 use std::{
-    fs,
+    ffi::CString,
+    fs, io,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
     path::{Path, PathBuf},
 };
 
@@ -276,6 +281,43 @@ impl PinDir {
         self.root.join("maps").exists()
     }
 
+    /// Is the root (or, while it does not exist, its nearest existing parent) on a bpffs? Only
+    /// there can pins be made: a folder left where a bpffs was unmounted is not one.
+    pub fn on_bpffs(&self) -> bool {
+        /// `BPF_FS_MAGIC` of linux/magic.h.
+        const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
+        let Some(dir) = self.root.ancestors().find(|d| d.exists()) else {
+            return false;
+        };
+        let Ok(path) = CString::new(dir.as_os_str().as_bytes()) else {
+            return false;
+        };
+        // SAFETY: an all-zero statfs is a valid value for statfs(2) to overwrite.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a NUL-terminated path and a statfs the call writes into.
+        let ret = unsafe { libc::statfs(path.as_ptr(), &mut st) };
+        #[allow(clippy::unnecessary_cast)] // f_type's type differs between libc targets.
+        let f_type = st.f_type as libc::c_long;
+        ret == 0 && f_type == BPF_FS_MAGIC
+    }
+
+    /// Pins again every map of `maps` (name, kernel id) whose pin is missing; returns how many
+    /// it pinned. The maps live on while this daemon holds them, so their ids still name them.
+    pub(crate) fn restore_maps(&self, maps: &[(&'static str, u32)]) -> Result<usize, KernelError> {
+        self.create()?;
+        let mut n = 0;
+        for &(name, id) in maps {
+            let path = self.map(name);
+            if path.exists() {
+                continue;
+            }
+            pin_by_id(BPF_MAP_GET_FD_BY_ID, id, &path)
+                .map_err(|source| KernelError::Pin { path, source })?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Detaches every pinned link and removes every pin and folder under the root. Returns the
     /// number of links detached. Processes of the agents keep running, unguarded.
     pub fn remove_all(&self) -> Result<usize, KernelError> {
@@ -323,6 +365,68 @@ pub(crate) fn remove_link_dir(dir: &Path) -> Result<usize, KernelError> {
     }
     fs::remove_dir(dir).map_err(pin_err)?;
     Ok(n)
+}
+
+/// bpf(2) commands used to pin again what this daemon holds (linux/bpf.h).
+pub(crate) const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+pub(crate) const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_OBJ_PIN: libc::c_long = 6;
+
+fn bpf_call<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a #[repr(C)] prefix of union bpf_attr for `cmd`, alive for the call;
+    // the kernel reads at most size_of::<T>() bytes of it.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_ref(attr),
+            std::mem::size_of::<T>(),
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Pins the map or link with kernel id `id` (`get_cmd`: `BPF_MAP_GET_FD_BY_ID` or
+/// `BPF_LINK_GET_FD_BY_ID`) at `path`, which must be on a bpffs.
+pub(crate) fn pin_by_id(get_cmd: libc::c_long, id: u32, path: &Path) -> io::Result<()> {
+    #[repr(C)]
+    struct GetFd {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    let raw = bpf_call(
+        get_cmd,
+        &GetFd {
+            id,
+            next_id: 0,
+            open_flags: 0,
+        },
+    )?;
+    let raw = i32::try_from(raw).map_err(io::Error::other)?;
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let name = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let attr = ObjPin {
+        pathname: name.as_ptr() as u64,
+        bpf_fd: u32::try_from(fd.as_raw_fd()).map_err(io::Error::other)?,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    bpf_call(BPF_OBJ_PIN, &attr).map(drop)
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, so of the kernel's event

@@ -50,11 +50,13 @@ pub struct Kernel {
     pub(crate) fork_child_pid: u32,
     trips: Array<MapData, [u64; 4]>,
     pins: Option<PinDir>,
+    /// Kernel ids of the pinned maps, to pin them again if their pins vanish.
+    map_ids: Vec<(&'static str, u32)>,
 }
 
 /// Every map of the object with the key and value sizes this build expects of it. A pinned map
 /// of another layout (an older agentwatch) is refused rather than misread.
-const MAPS: [(&str, u32, u32); 31] = [
+const MAPS: [(&str, u32, u32); 32] = [
     ("AGENTS", 8, size_of::<AgentState>() as u32),
     ("COUNTERS", 4, size_of::<AgentCounters>() as u32),
     ("EVENTS", 0, 0),
@@ -90,6 +92,7 @@ const MAPS: [(&str, u32, u32); 31] = [
     ("DNS_ORIG", 8, size_of::<DnsOrig>() as u32),
     ("DNS_COUNTS", 4, 8 * agentwatch_common::DNS_VERDICTS as u32),
     ("LEASES", 4, 8),
+    ("LEASE_AUDITED", 4, 8),
     ("BYTE_CAPS", 4, size_of::<ByteCap>() as u32),
     ("RULE_HITS", size_of::<RuleHitKey>() as u32, 8),
     (
@@ -168,6 +171,11 @@ impl Kernel {
             }
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
+        let map_ids = pins.as_ref().map_or_else(Vec::new, |p| {
+            MAPS.iter()
+                .filter_map(|&(name, _, _)| Some((name, MapInfo::from_pin(p.map(name)).ok()?.id())))
+                .collect()
+        });
         let agents = take_map(&mut ebpf, "AGENTS")?;
         let counters = take_map(&mut ebpf, "COUNTERS")?;
         let lost = take_map(&mut ebpf, "EVENTS_LOST")?;
@@ -202,12 +210,21 @@ impl Kernel {
             fork_child_pid,
             trips,
             pins,
+            map_ids,
         })
     }
 
     /// Where this object's maps and links are pinned, if they are.
     pub fn pins(&self) -> Option<&PinDir> {
         self.pins.as_ref()
+    }
+
+    /// Pins again the maps whose pins are gone; returns how many.
+    pub(crate) fn restore_map_pins(&self) -> Result<usize, KernelError> {
+        match &self.pins {
+            Some(pins) => pins.restore_maps(&self.map_ids),
+            None => Ok(0),
+        }
     }
 
     /// The addresses hostname rules admitted (shared with the DNS forwarder).

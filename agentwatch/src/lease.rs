@@ -14,16 +14,37 @@ use aya::{
 
 use crate::bpf::{KernelError, ktime_ns, map_err, take_map};
 
-/// The deadlines, per agent id.
+/// The deadlines, per agent id, and which of them the daemon audited the expiry of.
 pub struct LeaseMaps {
     deadlines: Array<MapData, u64>,
+    /// The deadline whose expiry was audited (0: none). Kept in the kernel, not in the
+    /// daemon, so that it outlives a restart like the deadline itself.
+    audited: Array<MapData, u64>,
 }
 
 impl LeaseMaps {
     pub(crate) fn load(ebpf: &mut Ebpf) -> Result<Self, KernelError> {
         Ok(Self {
             deadlines: take_map(ebpf, "LEASES")?,
+            audited: take_map(ebpf, "LEASE_AUDITED")?,
         })
+    }
+
+    /// Was the expiry of agent `id`'s current deadline audited? A new deadline (extend, a
+    /// reload that changes the lease) is a new expiry, audited again.
+    pub(crate) fn expiry_audited(&self, id: u32) -> bool {
+        self.deadline(id)
+            .is_some_and(|d| self.audited.get(&id, 0).ok() == Some(d))
+    }
+
+    /// Records that the expiry of agent `id`'s current deadline was audited.
+    pub(crate) fn mark_audited(&mut self, id: u32) -> Result<(), KernelError> {
+        let Some(deadline) = self.deadline(id) else {
+            return Ok(());
+        };
+        self.audited
+            .set(id, deadline, 0)
+            .map_err(map_err("LEASE_AUDITED"))
     }
 
     /// Agent `id`'s deadline (CLOCK_MONOTONIC ns), if it has a lease.
@@ -33,6 +54,12 @@ impl LeaseMaps {
 
     /// Sets (Some) or removes (None) agent `id`'s deadline.
     pub(crate) fn set(&mut self, id: u32, deadline: Option<u64>) -> Result<(), KernelError> {
+        if deadline.is_none() {
+            // The slot's next agent starts with no expiry on record.
+            self.audited
+                .set(id, 0, 0)
+                .map_err(map_err("LEASE_AUDITED"))?;
+        }
         self.deadlines
             .set(id, deadline.unwrap_or(0), 0)
             .map_err(map_err("LEASES"))

@@ -68,6 +68,30 @@ impl Link {
         self.link.info().ok().map(|i| i.id())
     }
 
+    /// Pins the link again if it has a pin path and the pin is gone (its bpffs was unmounted,
+    /// the folder removed); the link itself stayed attached through this process's fd. True
+    /// if it pinned it.
+    pub(crate) fn repin(&self) -> Result<bool, KernelError> {
+        let Some(pin) = &self.pin else {
+            return Ok(false);
+        };
+        if pin.exists() {
+            return Ok(false);
+        }
+        let pin_err = |source| KernelError::Pin {
+            path: pin.clone(),
+            source,
+        };
+        if let Some(dir) = pin.parent() {
+            std::fs::create_dir_all(dir).map_err(pin_err)?;
+        }
+        let id = self
+            .id()
+            .ok_or_else(|| pin_err(std::io::Error::other("the link's id is unknown")))?;
+        crate::bpf::pin_by_id(crate::bpf::BPF_LINK_GET_FD_BY_ID, id, pin).map_err(pin_err)?;
+        Ok(true)
+    }
+
     /// Attached by this process rather than adopted from a pin.
     pub fn fresh(&self) -> bool {
         self.fresh

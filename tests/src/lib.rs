@@ -774,3 +774,58 @@ pub fn accepting() -> u16 {
     });
     port
 }
+
+/// The entries of a map, counted with BPF_MAP_GET_NEXT_KEY (aya keeps its key iterator to
+/// typed maps; this counts any map whatever its key type).
+pub fn count_entries(info: &aya::maps::MapInfo) -> Option<u64> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let fd = info.fd().ok()?;
+    let size = usize::try_from(info.key_size()).ok()?;
+    let (mut key, mut next) = (vec![0u8; size], vec![0u8; size]);
+    let mut first = true;
+    let mut n = 0u64;
+    // A concurrent delete can restart the walk; bound it rather than loop forever.
+    let bound = u64::from(info.max_entries()) * 2 + 2;
+    while n < bound {
+        // union bpf_attr for BPF_MAP_GET_NEXT_KEY: map_fd, pad, key, next_key.
+        #[repr(C)]
+        struct Attr {
+            map_fd: u32,
+            _pad: u32,
+            key: u64,
+            next_key: u64,
+            flags: u64,
+        }
+        let attr = Attr {
+            map_fd: u32::try_from(fd.as_fd().as_raw_fd()).ok()?,
+            _pad: 0,
+            // NULL asks for the first key.
+            key: if first { 0 } else { key.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: BPF_MAP_GET_NEXT_KEY reads key_size bytes at `key` and writes key_size bytes
+        // at `next_key`, both buffers of that size that outlive the call.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                libc::c_long::from(4i32), // BPF_MAP_GET_NEXT_KEY
+                &attr as *const Attr,
+                std::mem::size_of::<Attr>(),
+            )
+        };
+        if ret != 0 {
+            break;
+        }
+        std::mem::swap(&mut key, &mut next);
+        first = false;
+        n += 1;
+    }
+    Some(n)
+}
+
+/// The entries of the map pinned at `pin_dir/maps/name` (None: no such pin).
+pub fn pinned_entries(pin_dir: &std::path::Path, name: &str) -> Option<u64> {
+    let info = aya::maps::MapInfo::from_pin(pin_dir.join("maps").join(name)).ok()?;
+    count_entries(&info)
+}

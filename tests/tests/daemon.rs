@@ -197,7 +197,7 @@ fn launch_runs_in_the_agent_denials_are_audited_and_cleanup_removes_everything()
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        String::from_utf8_lossy(&out.stdout).starts_with("detached 15 link(s)"),
+        String::from_utf8_lossy(&out.stdout).starts_with("detached 16 link(s)"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );

@@ -611,6 +611,60 @@ fn every_resolver_address_and_transport_goes_through_the_forwarder() {
     assert_eq!(dns_counts(&env, "res"), (9, 0, 0, 0, 1));
 }
 
+/// Each redirected socket's record of the resolver it asked (`DNS_ORIG`) is what shows the
+/// answer as coming from that resolver; it must go when the socket goes. Before the release
+/// hook every lookup left one entry behind for good (the soak's map grew 150 a minute).
+#[test]
+fn every_lookup_leaves_no_redirect_record_behind() {
+    privileged!();
+    let (_l, port) = listen_all(&["127.0.20.42"]);
+    let modes = [
+        ("10.53.0.1", "udp", "10.53.0.1:53"),
+        ("10.53.0.1", "udp-connected", "10.53.0.1:53"),
+        ("10.53.0.1", "tcp", "10.53.0.1:53"),
+        ("fd00::53", "udp", "[fd00::53]:53"),
+        ("fd00::53", "tcp", "[fd00::53]:53"),
+    ];
+    const ROUNDS: usize = 4;
+    let server = TestDnsServer::start([a("leak.agentwatch.test", [127, 0, 20, 42], 60)]);
+    let env = start_daemon(
+        &server,
+        &agent("leak", &[format!("tcp leak.agentwatch.test {port}")]),
+    );
+    assert_eq!(
+        agentwatch_tests::pinned_entries(&env.pin_dir, "DNS_ORIG"),
+        Some(0)
+    );
+    let leak = Agent::launched(&env, "leak");
+    for _ in 0..ROUNDS {
+        for (resolver, mode, from) in modes {
+            let l = leak.resolve_at(resolver, "leak.agentwatch.test", "A", mode);
+            // The answer shows the resolver asked: the record was there while it was needed.
+            assert_answer(&l, &["127.0.20.42"], from);
+        }
+        // A refused name is redirected (and recorded) all the same.
+        let l = leak.resolve_at(RESOLVER, "other.example", "A", "udp");
+        assert_refused(&l, "10.53.0.1:53");
+    }
+    let lookups = ROUNDS * (modes.len() + 1);
+    assert_eq!(server.queries().len(), ROUNDS * modes.len());
+    assert_eq!(
+        dns_counts(&env, "leak"),
+        ((ROUNDS * modes.len()) as u64, ROUNDS as u64, 0, 0, 1)
+    );
+    // The count reads pinned maps for real: the one learned address is there.
+    assert_eq!(
+        agentwatch_tests::pinned_entries(&env.pin_dir, "DNS_ALLOW"),
+        Some(1)
+    );
+    // Every probe process exited, so every redirected socket was released.
+    assert_eq!(
+        agentwatch_tests::pinned_entries(&env.pin_dir, "DNS_ORIG"),
+        Some(0),
+        "{lookups} lookups"
+    );
+}
+
 fn one_lookup(out: &Output) -> Lookup {
     let mut l = parse_lookups(&out.stdout);
     assert_eq!(l.len(), 1, "{l:?}");

@@ -512,9 +512,9 @@ fn nothing_the_test_made_remains_afterwards() {
         let mut link_ids = agents.link_ids("t9");
         assert_eq!(
             link_ids.len(),
-            10,
+            11,
             "one link per egress hook, one for sock_create, one per DNS reply hook, one for the \
-             byte counter"
+             DNS sock_release hook, one for the byte counter"
         );
         let host = agents.host_link_ids();
         assert_eq!(
@@ -527,9 +527,9 @@ fn nothing_the_test_made_remains_afterwards() {
         let prog_ids = agents.kernel().program_ids();
         assert_eq!(
             prog_ids.len(),
-            16,
-            "4 egress, 4 DNS reply hooks, 1 byte counter, 2 exec/fork, 4 sockets, 1 sys_enter \
-             (loaded, not attached)"
+            17,
+            "4 egress, 4 DNS reply hooks, 1 DNS release hook, 1 byte counter, 2 exec/fork, 4 \
+             sockets, 1 sys_enter (loaded, not attached)"
         );
         (
             cg.path().to_owned(),

@@ -389,7 +389,7 @@ fn a_cgroup_with_foreign_exclusive_programs_is_refused_with_a_clear_error() {
 }
 
 #[test]
-fn pins_that_vanish_under_a_running_daemon_are_reported_and_enforcement_holds() {
+fn pins_that_vanish_under_a_running_daemon_are_reported_and_pinned_again_when_bpffs_returns() {
     privileged!();
     let (_l, port) = tcp_listener("127.0.0.1:0");
     let mut env = DaemonEnv::new();
@@ -427,4 +427,57 @@ fn pins_that_vanish_under_a_running_daemon_are_reported_and_enforcement_holds() 
     // The daemon still holds its links: enforcement goes on while it runs.
     denied_connect(&env, port);
     assert_eq!(env.status()["a"]["denied"], 2);
+
+    // bpffs comes back (a new, empty instance): the daemon pins everything it holds again.
+    assert!(
+        Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&fs_dir)
+            .status()
+            .expect("mount")
+            .success()
+    );
+    let restored = env.wait_audit("pins_restored", 1);
+    assert_eq!(restored.len(), 1, "{restored:?}");
+    // Every map of the object; the host-wide links (2 exec/fork, 3 socket guards) and the
+    // agent's 11 (4 egress, 4 DNS replies, DNS release, sock_create, bytes).
+    assert_eq!(restored[0]["maps"], 29, "{restored:?}");
+    assert_eq!(restored[0]["links"], 16, "{restored:?}");
+    assert_eq!(
+        env.audit_lines()
+            .iter()
+            .filter(|l| l["kind"] == "pins_lost")
+            .count(),
+        1
+    );
+    assert!(env.pin_dir.join("maps").join("AGENTS").exists());
+    assert!(env.pin_dir.join("links").join("_host").is_dir());
+    let agent_links: Vec<_> = fs::read_dir(env.pin_dir.join("links"))
+        .expect("links")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("a@"))
+        .map(|e| fs::read_dir(e.path()).expect("agent links").count())
+        .collect();
+    assert_eq!(agent_links, [11]);
+
+    // The pins hold enforcement again: with the daemon SIGKILLed, a process put in the
+    // agent's cgroup is still refused, and a new daemon adopts the pins (counters kept).
+    let cgroup = env.agent_cgroup("a");
+    env.stop_with(libc::SIGKILL);
+    let r = one(agentwatch_tests::probe(
+        Some(&cgroup),
+        &["connect", "tcp", "127.0.0.1", &port.to_string()],
+    ));
+    assert_eq!((r.ok, r.errno), (false, EPERM), "no daemon: {r:?}");
+    env.start();
+    assert_eq!(env.status()["a"]["denied"], 3);
+    denied_connect(&env, port);
+    assert_eq!(env.status()["a"]["denied"], 4);
+    assert_eq!(
+        env.audit_lines()
+            .iter()
+            .filter(|l| l["kind"] == "pins_restored")
+            .count(),
+        1
+    );
 }

@@ -202,3 +202,72 @@ fn lease_action_freeze_and_kill_stop_the_agent_and_extend_thaws_a_frozen_one() {
         let _ = s.wait();
     }
 }
+
+/// The `lease_expired` lines of `agent` in the trail.
+fn expiries(env: &DaemonEnv, agent: &str) -> usize {
+    env.audit_lines()
+        .iter()
+        .filter(|l| l["kind"] == "lease_expired" && l["agent"] == agent)
+        .count()
+}
+
+/// Waits until `agent` has `n` `lease_expired` lines (a sweep of the running daemon ran).
+fn wait_expiries(env: &DaemonEnv, agent: &str, n: usize) {
+    wait_until(
+        &format!("{n} lease_expired line(s) of {agent}"),
+        Duration::from_secs(10),
+        || expiries(env, agent) >= n,
+    );
+}
+
+/// Which expiry was audited is kept in the kernel beside the deadline: a daemon restarted after
+/// an expiry it audited (SIGTERM or SIGKILL) does not audit it again, one that expired while no
+/// daemon ran is audited once by the next, and an extended lease's next expiry is a new one.
+#[test]
+fn each_lease_expiry_is_audited_exactly_once_across_restarts() {
+    privileged!();
+    let (_l, port) = tcp_listener("127.0.0.1:0");
+    let mut env = DaemonEnv::new();
+    env.write_config(&format!(
+        "[[agents]]\nname = \"early\"\negress = [\"tcp 127.0.0.1 {port}\"]\nlease = \"1s\"\n\n\
+         [[agents]]\nname = \"late\"\negress = [\"tcp 127.0.0.1 {port}\"]\nlease = \"5s\"\n"
+    ));
+    env.start();
+    let left = env.status()["late"]["lease"]["seconds_left"]
+        .as_f64()
+        .expect("seconds_left");
+    let late_ends = Instant::now() + Duration::from_secs_f64(left);
+    wait_expiries(&env, "early", 1);
+    assert_eq!(expiries(&env, "late"), 0, "late's lease still runs");
+
+    // Down over late's deadline (SIGTERM): the next daemon audits late's expiry, once, and
+    // not early's again.
+    env.stop_with(libc::SIGTERM);
+    sleep_until(late_ends + Duration::from_millis(500));
+    assert_eq!(expiries(&env, "late"), 0, "no daemon to audit it");
+    env.start();
+    wait_expiries(&env, "late", 1);
+    assert_eq!(
+        connect(&env, "late", port),
+        (false, EPERM),
+        "late's lease over"
+    );
+    assert_eq!((expiries(&env, "early"), expiries(&env, "late")), (1, 1));
+
+    // SIGKILL, then a restart: both expiries are on record in the kernel; nothing repeats.
+    // Extending late gives it a new expiry, audited once: proof that sweeps ran meanwhile.
+    env.stop_with(libc::SIGKILL);
+    env.start();
+    assert!(env.cli(&["extend", "late", "1s"]).status.success());
+    wait_expiries(&env, "late", 2);
+    assert_eq!((expiries(&env, "early"), expiries(&env, "late")), (1, 2));
+
+    // Once more with SIGTERM, given a few sweeps to repeat anything they would.
+    env.stop_with(libc::SIGTERM);
+    env.start();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!((expiries(&env, "early"), expiries(&env, "late")), (1, 2));
+    assert_eq!(env.status()["early"]["lease"]["expired"], true);
+    assert_eq!(env.status()["late"]["lease"]["expired"], true);
+    env.verify_audit();
+}

@@ -22,7 +22,6 @@ use std::{
     fs,
     io::Write as _,
     net::{Ipv4Addr, UdpSocket},
-    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
     process::Stdio,
     sync::{
@@ -34,7 +33,7 @@ use std::{
 
 use agentwatch::cgroup::Cgroup;
 use agentwatch_tests::{
-    DaemonEnv, EPERM, accepting,
+    DaemonEnv, EPERM, accepting, count_entries,
     dns::{Rdata, TestDnsServer, parse_lookups, rec},
     parse_attempts, privileged, sleep_until, tcp_listener,
 };
@@ -428,54 +427,6 @@ fn keyed(t: MapType) -> bool {
             | MapType::LruPerCpuHash
             | MapType::LpmTrie
     )
-}
-
-/// The entries of a map, counted with BPF_MAP_GET_NEXT_KEY (aya keeps its key iterator to
-/// typed maps; this counts any map whatever its key type).
-fn count_entries(info: &MapInfo) -> Option<u64> {
-    let fd = info.fd().ok()?;
-    let size = usize::try_from(info.key_size()).ok()?;
-    let (mut key, mut next) = (vec![0u8; size], vec![0u8; size]);
-    let mut first = true;
-    let mut n = 0u64;
-    // A concurrent delete can restart the walk; bound it rather than loop forever.
-    let bound = u64::from(info.max_entries()) * 2 + 2;
-    while n < bound {
-        // union bpf_attr for BPF_MAP_GET_NEXT_KEY: map_fd, pad, key, next_key.
-        #[repr(C)]
-        struct Attr {
-            map_fd: u32,
-            _pad: u32,
-            key: u64,
-            next_key: u64,
-            flags: u64,
-        }
-        let attr = Attr {
-            map_fd: u32::try_from(fd.as_fd().as_raw_fd()).ok()?,
-            _pad: 0,
-            // NULL asks for the first key.
-            key: if first { 0 } else { key.as_ptr() as u64 },
-            next_key: next.as_mut_ptr() as u64,
-            flags: 0,
-        };
-        // SAFETY: BPF_MAP_GET_NEXT_KEY reads key_size bytes at `key` and writes key_size bytes
-        // at `next_key`, both buffers of that size that outlive the call.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                libc::c_long::from(4i32), // BPF_MAP_GET_NEXT_KEY
-                &attr as *const Attr,
-                std::mem::size_of::<Attr>(),
-            )
-        };
-        if ret != 0 {
-            break;
-        }
-        std::mem::swap(&mut key, &mut next);
-        first = false;
-        n += 1;
-    }
-    Some(n)
 }
 
 /// LRU maps evict their oldest entries when full: growth there is bounded by max_entries,

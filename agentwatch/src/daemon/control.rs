@@ -287,12 +287,14 @@ impl State {
             return Err("extend by at least 1s".to_owned());
         }
         let cg = self.cgroup_of(agent)?;
+        // Whether the expiry being reopened was acted on, read before the deadline moves.
+        let reopened = self.agents.lease_expiry_audited(agent);
         let deadline = self
             .agents
             .extend_lease(agent, Duration::from_secs(seconds))
             .map_err(|e| e.to_string())?;
         let action = self.config.agent(agent).map(|a| a.lease_action);
-        if self.swept.lease_reopened(agent) && action == Some(LeaseAction::Freeze) {
+        if reopened && action == Some(LeaseAction::Freeze) {
             cg.set_frozen(false).map_err(|e| e.to_string())?;
         }
         let until = crate::audit::rfc3339(crate::events::wall_time(deadline));

@@ -23,10 +23,10 @@ pub(super) struct Swept {
     counters: BTreeMap<String, AgentCounters>,
     /// (agent, pid) already audited as holding a dangerous capability.
     privileged: HashSet<(String, u32)>,
-    /// Agents whose lease expiry was audited and acted on (until it is extended).
-    lease_expired: HashSet<String>,
     /// The pins were there at the last sweep.
     pins_present: bool,
+    /// The last error pinning again, so that a sweep that fails alike says nothing new.
+    restore_error: Option<String>,
 }
 
 impl Default for Swept {
@@ -34,9 +34,9 @@ impl Default for Swept {
         Self {
             counters: BTreeMap::new(),
             privileged: HashSet::new(),
-            lease_expired: HashSet::new(),
             // The daemon made or found them at its start.
             pins_present: true,
+            restore_error: None,
         }
     }
 }
@@ -48,12 +48,6 @@ impl Swept {
     /// Agent `name` is guarded now, with `counters`: the next sweep summarises from there.
     pub(super) fn start(&mut self, name: &str, counters: AgentCounters) {
         self.counters.insert(name.to_owned(), counters);
-    }
-
-    /// Agent `name`'s lease was extended: its next expiry is acted on again. True if the
-    /// last one had been.
-    pub(super) fn lease_reopened(&mut self, name: &str) -> bool {
-        self.lease_expired.remove(name)
     }
 }
 
@@ -80,30 +74,48 @@ impl State {
 
     /// The pins are what keeps enforcement when the daemon is gone. If they vanish (the bpffs
     /// under `pin_dir` unmounted, or the folder removed), enforcement holds only while this
-    /// daemon runs: said loudly, once, in the log and the trail, with what to do.
+    /// daemon runs: said loudly, once, in the log and the trail (`pins_lost`). This daemon
+    /// still holds every map and link, so as soon as there is a bpffs at `pin_dir` again (the
+    /// folder can be made, or bpffs is mounted again) it pins them all again, audited
+    /// (`pins_restored`): a daemon killed after that leaves enforcement in place again.
     fn sweep_pins(&mut self) {
         let Some(pins) = self.agents.kernel().pins() else {
             return;
         };
-        let present = pins.exists();
-        if present == self.swept.pins_present {
-            return;
-        }
-        self.swept.pins_present = present;
         let pin_dir = pins.root().display().to_string();
-        if present {
-            tracing::info!(%pin_dir, "the pins are back");
+        if self.swept.pins_present && !pins.exists() {
+            self.swept.pins_present = false;
+            tracing::error!(%pin_dir, "the pinned programs and maps are gone (bpffs unmounted or the folder removed): enforcement now holds only while this daemon runs; agentwatch pins them again as soon as bpffs is mounted there again");
+            self.audit_daemon(
+                "pins_lost",
+                json!({
+                    "pin_dir": pin_dir,
+                    "effect": "enforcement holds only while this daemon runs",
+                    "fix": "mount bpffs again at or above pin_dir: agentwatch pins everything again by itself",
+                }),
+            );
+        }
+        if self.swept.pins_present || !pins.on_bpffs() {
             return;
         }
-        tracing::error!(%pin_dir, "the pinned programs and maps are gone (bpffs unmounted or the folder removed): enforcement now holds only while this daemon runs; mount bpffs again and restart agentwatch to pin them again");
-        self.audit_daemon(
-            "pins_lost",
-            json!({
-                "pin_dir": pin_dir,
-                "effect": "enforcement holds only while this daemon runs",
-                "fix": "mount bpffs again and restart agentwatch",
-            }),
-        );
+        match self.agents.restore_pins() {
+            Ok((maps, links)) => {
+                self.swept.pins_present = true;
+                self.swept.restore_error = None;
+                tracing::info!(%pin_dir, maps, links, "pinned the maps and links again: enforcement outlives this daemon again");
+                self.audit_daemon(
+                    "pins_restored",
+                    json!({ "pin_dir": pin_dir, "maps": maps, "links": links }),
+                );
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if self.swept.restore_error.as_ref() != Some(&e) {
+                    tracing::error!(%pin_dir, "pinning the maps and links again: {e}; retrying every second");
+                    self.swept.restore_error = Some(e);
+                }
+            }
+        }
     }
 
     /// An agent whose cgroup was removed from under the daemon (a cgroup can only be removed
@@ -167,7 +179,8 @@ impl State {
 
     /// An expired lease is audited (`lease_expired`) and its action run, once per expiry. The
     /// kernel already denies the agent's egress from the deadline on, daemon or not; a daemon
-    /// that starts after the deadline audits and acts then.
+    /// that starts after the deadline audits and acts then. Which expiry was audited is kept
+    /// in the kernel beside the deadline, so a restarted daemon does not audit it again.
     fn sweep_leases(&mut self) {
         let leased: Vec<(String, LeaseAction)> = self
             .config
@@ -176,14 +189,11 @@ impl State {
             .filter(|a| a.lease.is_some())
             .map(|a| (a.name.clone(), a.lease_action))
             .collect();
-        self.swept
-            .lease_expired
-            .retain(|n| leased.iter().any(|(l, _)| l == n));
         for (name, action) in leased {
             let Some(deadline) = self.agents.lease_deadline(&name) else {
                 continue;
             };
-            if ktime_ns() < deadline || !self.swept.lease_expired.insert(name.clone()) {
+            if ktime_ns() < deadline || self.agents.lease_expiry_audited(&name) {
                 continue;
             }
             let result = match action {
@@ -200,6 +210,11 @@ impl State {
             }
             tracing::warn!(agent = %name, action = action.name(), "egress lease expired");
             self.audit_agent(&name, "lease_expired", fields);
+            // Recorded after the line is handed to the writer: a crash in between repeats the
+            // line after the restart rather than lose it.
+            if let Err(e) = self.agents.mark_lease_expiry_audited(&name) {
+                tracing::error!(agent = %name, "recording the audited lease expiry: {e}");
+            }
         }
     }
 

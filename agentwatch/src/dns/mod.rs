@@ -19,6 +19,7 @@ pub mod names;
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
     net::IpAddr,
+    os::fd::AsFd as _,
     path::Path,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
@@ -28,7 +29,7 @@ use agentwatch_common::{DNS_RANGES, DNS_VERDICTS, DnsKey, DnsPorts, DnsRange, Dn
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData},
-    programs::CgroupSockAddr,
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, links::FdLink},
 };
 
 use crate::{
@@ -48,6 +49,9 @@ pub const PROGRAMS: [&str; 4] = [
     "dns_getpeername6",
 ];
 
+/// The sock_release hook that forgets a redirected socket's resolver when the socket goes.
+pub const RELEASE_PROGRAM: &str = "dns_release";
+
 /// The forwarder ports per agent, and the learned addresses.
 pub struct DnsMaps {
     ports: Array<MapData, DnsPorts>,
@@ -60,6 +64,11 @@ impl DnsMaps {
         for name in PROGRAMS {
             load_program(name, program(ebpf, name)?, CgroupSockAddr::load)?;
         }
+        load_program(
+            RELEASE_PROGRAM,
+            program::<CgroupSock>(ebpf, RELEASE_PROGRAM)?,
+            CgroupSock::load,
+        )?;
         Ok(Self {
             ports: take_map(ebpf, "DNS_PORTS")?,
             learned: Learned::new(take_map(ebpf, "DNS_ALLOW")?, take_map(ebpf, "DNS_COUNTS")?),
@@ -83,13 +92,44 @@ impl DnsMaps {
     }
 }
 
-/// Attaches the reply hooks to `cgroup` (pinned like the egress programs).
+/// Attaches the reply hooks and the release hook to `cgroup` (pinned like the egress
+/// programs; pins of an earlier daemon are adopted).
 pub(crate) fn attach(
     ebpf: &mut Ebpf,
     cgroup: &Cgroup,
     pin_dir: Option<&Path>,
 ) -> Result<Vec<Link>, KernelError> {
-    crate::egress::attach_sock_addr(ebpf, cgroup, pin_dir, &PROGRAMS)
+    let mut links = crate::egress::attach_sock_addr(ebpf, cgroup, pin_dir, &PROGRAMS)?;
+    let dir = cgroup.dir()?;
+    let release = Link::pinned_or_attach(pin_dir, RELEASE_PROGRAM, || {
+        let attach_err = |source| KernelError::Attach {
+            name: RELEASE_PROGRAM,
+            cgroup: cgroup.path().display().to_string(),
+            source,
+        };
+        let prog = program::<CgroupSock>(ebpf, RELEASE_PROGRAM)?;
+        let id = prog
+            .attach(dir.as_fd(), CgroupAttachMode::Single)
+            .map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        FdLink::try_from(link).map_err(|source| KernelError::Link {
+            name: RELEASE_PROGRAM,
+            source,
+        })
+    });
+    match release {
+        Ok(link) => {
+            links.push(link);
+            Ok(links)
+        }
+        Err(e) => {
+            // No half-guarded agent: undo what this call attached (adopted pins stay).
+            for link in links.into_iter().filter(Link::fresh) {
+                let _ = link.detach();
+            }
+            Err(e)
+        }
+    }
 }
 
 /// The addresses DNS answers admitted, per agent: the kernel's `DNS_ALLOW` with a copy kept
