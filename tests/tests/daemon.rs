@@ -475,9 +475,10 @@ fn sigkill_keeps_enforcement_and_a_restart_readopts_without_a_gap() {
     let links_before = link_ids(&env.pin_dir);
     assert_eq!(
         links_before.len(),
-        15,
-        "4 egress hooks + sock_create + 4 DNS reply hooks + the byte counter, exec and fork \
-         tracepoints, 3 socket/escape tracepoints"
+        if agentwatch_tests::bpf_lsm() { 18 } else { 16 },
+        "4 egress hooks + sock_create + 4 DNS reply hooks + the DNS release hook + the byte \
+         counter, exec and fork tracepoints, 3 socket/escape tracepoints, with BPF LSM its exec \
+         and packet-socket programs"
     );
 
     env.stop_with(libc::SIGKILL);

@@ -516,20 +516,23 @@ fn nothing_the_test_made_remains_afterwards() {
             "one link per egress hook, one for sock_create, one per DNS reply hook, one for the \
              DNS sock_release hook, one for the byte counter"
         );
+        let lsm = agentwatch_tests::bpf_lsm();
         let host = agents.host_link_ids();
         assert_eq!(
             host.len(),
-            5,
-            "exec and fork tracepoints, 3 socket/escape tracepoints; no sys_enter without \
-             monitoring"
+            if lsm { 7 } else { 5 },
+            "exec and fork tracepoints, 3 socket/escape tracepoints, with BPF LSM its exec and \
+             packet-socket programs; no sys_enter without monitoring, no file guard without a \
+             file list"
         );
         link_ids.extend(host);
         let prog_ids = agents.kernel().program_ids();
         assert_eq!(
             prog_ids.len(),
-            17,
+            if lsm { 21 } else { 25 },
             "4 egress, 4 DNS reply hooks, 1 DNS release hook, 1 byte counter, 2 exec/fork, 4 \
-             sockets, 1 sys_enter (loaded, not attached)"
+             sockets, 1 sys_enter (loaded, not attached), and the file guard's (4 LSM programs \
+             with BPF LSM, else 8 open tracepoints; loaded, not attached)"
         );
         (
             cg.path().to_owned(),
