@@ -179,16 +179,13 @@ impl FilesMaps {
     /// Makes agent `id`'s prefixes exactly `rules` (None: none): inserts first, then removes
     /// what is no longer listed, so a prefix on both the old and the new list is never missing.
     pub(crate) fn sync(&mut self, id: u32, rules: Option<&[FileRule]>) -> Result<(), KernelError> {
-        let mut want = Vec::new();
-        for r in rules.unwrap_or_default() {
-            let value = if r.read_only { FILE_RULE_READ_ONLY } else { 0 };
-            for k in r.keys(id) {
-                self.allow
-                    .insert(&k, value, 0)
-                    .map_err(map_err("FILE_ALLOW"))?;
-                want.push((k.prefix_len(), k.data()));
-            }
-        }
+        let rules = rules.unwrap_or_default();
+        self.insert(id, rules)?;
+        let want: Vec<(u32, FilePath)> = rules
+            .iter()
+            .flat_map(|r| r.keys(id))
+            .map(|k| (k.prefix_len(), k.data()))
+            .collect();
         let stale: Vec<Key<FilePath>> = self
             .allow
             .keys()

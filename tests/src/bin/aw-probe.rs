@@ -790,20 +790,31 @@ fn udp_socket(dest: &SocketAddr) -> std::io::Result<UdpSocket> {
 }
 
 fn report(op: &str, proto: &str, dest: &SocketAddr, r: std::io::Result<()>) {
+    report_line(op, Some(proto), &dest.to_string(), r);
+}
+
+/// One attempt on a path (`dest` is the path).
+fn report_path(op: &str, path: &str, r: std::io::Result<()>) {
+    report_line(op, None, path, r);
+}
+
+fn report_line(op: &str, proto: Option<&str>, dest: &str, r: std::io::Result<()>) {
     let errno = r
         .as_ref()
         .err()
         .map_or(0, |e| e.raw_os_error().unwrap_or(-1));
-    let line = serde_json::json!({
+    let mut line = serde_json::json!({
         "op": op,
-        "proto": proto,
-        "dest": dest.to_string(),
+        "dest": dest,
         "ok": r.is_ok(),
         "errno": errno,
         "pid": std::process::id(),
         // SAFETY: getppid has no preconditions.
         "ppid": unsafe { libc::getppid() },
     });
+    if let Some(proto) = proto {
+        line["proto"] = proto.into();
+    }
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
 }
@@ -836,24 +847,6 @@ fn open_files(mut args: &[&str]) -> ExitCode {
         return usage("open needs PATH MODE pairs");
     }
     ExitCode::SUCCESS
-}
-
-fn report_path(op: &str, path: &str, r: std::io::Result<()>) {
-    let errno = r
-        .as_ref()
-        .err()
-        .map_or(0, |e| e.raw_os_error().unwrap_or(-1));
-    let line = serde_json::json!({
-        "op": op,
-        "dest": path,
-        "ok": r.is_ok(),
-        "errno": errno,
-        "pid": std::process::id(),
-        // SAFETY: getppid has no preconditions.
-        "ppid": unsafe { libc::getppid() },
-    });
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
 }
 
 fn alternate(good: SocketAddr, bad: SocketAddr, stop: &str) -> ExitCode {
