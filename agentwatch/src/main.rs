@@ -442,6 +442,9 @@ fn print_status(data: &Value) {
             count(&r["dns"]["denied"]),
             r["cgroup"].as_str().unwrap_or("?"),
         );
+        if let Some(files) = r["files"].as_str() {
+            println!("  files: {} denied, {files}", count(&r["files_denied"]));
+        }
         // Nothing stops a process holding these from switching agentwatch off: say so.
         for p in r["privileged_processes"].as_array().into_iter().flatten() {
             println!(

@@ -182,6 +182,14 @@ fn opens_outside_the_list_are_refused_or_found_and_every_one_audited() {
         }
     }
     assert_eq!(env.status()["fs"]["files_denied"], 3);
+    let text = env.cli(&["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    let want = if lsm {
+        "files: 3 denied, enforced"
+    } else {
+        "files: 3 denied, detected"
+    };
+    assert!(text.contains(want), "{text}");
     assert_eq!(
         env.metric("agentwatch_files_denied_total{agent=\"fs\"}"),
         Some(3.0)
