@@ -140,6 +140,14 @@ pub const TRACEPOINTS: [(&str, &str, &str); 8] = [
     ("files_sys_exit_creat", "syscalls", "sys_exit_creat"),
 ];
 
+fn load_lsm(ebpf: &mut Ebpf) -> Result<(), KernelError> {
+    let btf = Btf::from_sys_fs().map_err(|e| KernelError::Policy(format!("BTF: {e}")))?;
+    for (name, hook) in LSM_FILE_PROGRAMS.into_iter().chain(LSM_HOST_PROGRAMS) {
+        load_program(name, program::<Lsm>(ebpf, name)?, |p| p.load(hook, &btf))?;
+    }
+    Ok(())
+}
+
 /// Is BPF LSM active on this kernel (`bpf` among /sys/kernel/security/lsm)?
 pub fn bpf_lsm_active() -> bool {
     std::fs::read_to_string("/sys/kernel/security/lsm")
@@ -153,14 +161,22 @@ pub struct FilesMaps {
 }
 
 impl FilesMaps {
-    /// Loads (verifies) the LSM programs when `lsm`, else the open tracepoints.
+    /// Loads (verifies) the LSM programs when `lsm`, else (or if this kernel refuses one of
+    /// them: a hook built out, a helper not allowed there) the open tracepoints, saying so in
+    /// the log; `status` and `check` show the mode that resulted.
     pub(crate) fn load(ebpf: &mut Ebpf, lsm: bool) -> Result<Self, KernelError> {
-        if lsm {
-            let btf = Btf::from_sys_fs().map_err(|e| KernelError::Policy(format!("BTF: {e}")))?;
-            for (name, hook) in LSM_FILE_PROGRAMS.into_iter().chain(LSM_HOST_PROGRAMS) {
-                load_program(name, program::<Lsm>(ebpf, name)?, |p| p.load(hook, &btf))?;
-            }
-        } else {
+        let lsm = lsm
+            && match load_lsm(ebpf) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(
+                        "BPF LSM is active but this kernel refused agentwatch's LSM programs \
+                         ({e}): files are detected, execs and packet sockets killed, instead"
+                    );
+                    false
+                }
+            };
+        if !lsm {
             for (name, _, _) in TRACEPOINTS {
                 load_program(name, program::<TracePoint>(ebpf, name)?, TracePoint::load)?;
             }
