@@ -453,9 +453,9 @@ fn sigkill_keeps_enforcement_and_a_restart_readopts_without_a_gap() {
     let links_before = link_ids(&env.pin_dir);
     assert_eq!(
         links_before.len(),
-        15,
-        "4 egress hooks + sock_create + 4 DNS reply hooks + the byte counter, exec and fork \
-         tracepoints, 3 socket/escape tracepoints"
+        16,
+        "4 egress hooks + sock_create + 4 DNS reply hooks + the DNS release hook + the byte \
+         counter, exec and fork tracepoints, 3 socket/escape tracepoints"
     );
 
     env.stop_with(libc::SIGKILL);
