@@ -81,9 +81,18 @@ enum Cmd {
     /// Set up, then run a real daemon under mixed load for MINUTES (release build), sample
     /// its RSS, CPU, fds, threads and map entries every second into target/soak/ (CSV, PNG,
     /// report), and fail if any of them grows (needs root).
+    /// With --launches/--reloads instead: a release daemon's RSS and fds before and after that
+    /// many agent launches and config reloads (tests/tests/faults.rs, ignored there), failing if
+    /// a descriptor leaks or RSS grows by more than 2 MiB.
     Soak {
         #[arg(long, default_value_t = 10.0)]
         minutes: f64,
+        /// Agent launches for the footprint run (e.g. 10000).
+        #[arg(long)]
+        launches: Option<u16>,
+        /// Config reloads for the footprint run (e.g. 1000).
+        #[arg(long)]
+        reloads: Option<u16>,
     },
     /// Build the fuzz targets (cargo-fuzz, nightly) and run each for a bounded time; fails on
     /// a crash and leaves the crashing input in fuzz/artifacts/TARGET/.
@@ -124,7 +133,15 @@ fn main() -> ExitCode {
                 test_args,
             })
         }),
-        Cmd::Soak { minutes } => setup().and_then(|()| soak::soak(minutes)),
+        Cmd::Soak {
+            minutes,
+            launches: None,
+            reloads: None,
+        } => setup().and_then(|()| soak::soak(minutes)),
+        Cmd::Soak {
+            launches, reloads, ..
+        } => setup()
+            .and_then(|()| soak::footprint(launches.unwrap_or(10_000), reloads.unwrap_or(1_000))),
         Cmd::Fuzz { seconds, target } => fuzz_setup().and_then(|()| fuzz(seconds, target)),
     };
     match result {

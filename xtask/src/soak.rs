@@ -66,6 +66,34 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
+/// `cargo xtask soak --launches N --reloads M`: the footprint test of tests/tests/faults.rs at
+/// that size, release build; it prints RSS and fds before and after and the time taken.
+pub fn footprint(launches: u16, reloads: u16) -> Result<()> {
+    if !is_root() {
+        bail!("the footprint run loads BPF programs and makes cgroups: run it as root");
+    }
+    cargo_env(&["build", "--release", "--bins"], &[])?;
+    cargo_env(
+        &[
+            "test",
+            "--release",
+            "--package",
+            "agentwatch-tests",
+            "--test",
+            "faults",
+            "--",
+            "--ignored",
+            "--nocapture",
+            "--exact",
+            "memory_and_descriptors_stay_flat_across_10000_launches_and_1000_reloads",
+        ],
+        &[
+            ("AGENTWATCH_FLAT_LAUNCHES", &launches.to_string()),
+            ("AGENTWATCH_FLAT_RELOADS", &reloads.to_string()),
+        ],
+    )
+}
+
 pub fn soak(minutes: f64) -> Result<()> {
     if !is_root() {
         bail!("the soak loads BPF programs and makes cgroups: run it as root");

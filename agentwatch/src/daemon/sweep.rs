@@ -27,7 +27,12 @@ pub(super) struct Swept {
     pins_present: bool,
     /// The last error pinning again, so that a sweep that fails alike says nothing new.
     restore_error: Option<String>,
+    /// Sweeps run so far (the allocator is trimmed every [`TRIM_EVERY`]th).
+    sweeps: u64,
 }
+
+/// How many sweeps (seconds) between two trims of the allocator's free memory.
+const TRIM_EVERY: u64 = 10;
 
 impl Default for Swept {
     fn default() -> Self {
@@ -37,6 +42,7 @@ impl Default for Swept {
             // The daemon made or found them at its start.
             pins_present: true,
             restore_error: None,
+            sweeps: 0,
         }
     }
 }
@@ -48,6 +54,21 @@ impl Swept {
     /// Agent `name` is guarded now, with `counters`: the next sweep summarises from there.
     pub(super) fn start(&mut self, name: &str, counters: AgentCounters) {
         self.counters.insert(name.to_owned(), counters);
+    }
+}
+
+/// Hands the allocator's free pages back to the kernel. The daemon's live heap stays under a
+/// megabyte (measured with heaptrack after 1,500 launches and 100 reloads: 383 KiB live), but
+/// glibc keeps what its per-thread arenas freed: with the tokio threads' short-lived
+/// allocations interleaved with longer-lived ones, the soak's RSS crept up 46-75 KiB a minute
+/// in those arenas with nothing live growing. malloc_trim releases every free page of every
+/// arena, not only the top of the main heap; on a heap this small it takes well under a
+/// millisecond.
+fn trim_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and releases the allocator's own free memory.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -70,6 +91,10 @@ impl State {
         // Forget agents that are gone.
         self.swept.counters.retain(|n, _| names.contains(n));
         self.swept.privileged.retain(|(n, _)| names.contains(n));
+        self.swept.sweeps += 1;
+        if self.swept.sweeps.is_multiple_of(TRIM_EVERY) {
+            trim_allocator();
+        }
     }
 
     /// The pins are what keeps enforcement when the daemon is gone. If they vanish (the bpffs
@@ -308,6 +333,11 @@ impl State {
         let Some(pids) = self.agents.cgroup(name).and_then(|cg| cg.all_pids().ok()) else {
             return;
         };
+        // Processes that left (exited) are forgotten: the set holds live processes only, not
+        // one entry per privileged process the agent ever ran.
+        self.swept
+            .privileged
+            .retain(|(n, pid)| n != name || pids.contains(pid));
         let Ok(held) = privileges::dangerous_held_by(&pids) else {
             return;
         };
