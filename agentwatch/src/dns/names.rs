@@ -35,10 +35,11 @@ pub enum NameError {
     SingleLabel(String),
 }
 
-/// The canonical form of a name as asked: lowercase, no trailing dot.
+/// The canonical form of a name as asked: lowercase, no trailing dot (the root's: a last
+/// label ending in an escaped dot, `exl\.`, keeps it).
 pub fn canonical(name: &Name) -> String {
     let mut s = name.to_ascii().to_ascii_lowercase();
-    if s.ends_with('.') {
+    if name.is_fqdn() && s.ends_with('.') {
         s.pop();
     }
     s
@@ -63,7 +64,9 @@ impl FromStr for NamePattern {
         if !s.is_ascii() {
             return Err(NameError::NotAscii(s.to_owned()));
         }
-        let lower = s.trim_end_matches('.').to_ascii_lowercase();
+        // The trailing dot (the root) is left to the name parser: trimmed off the text, it
+        // would also take the dot of an escape (`exl\.`) and change the name.
+        let lower = s.to_ascii_lowercase();
         let (wild, rest) = match lower.strip_prefix("*.") {
             Some(rest) => (true, rest),
             None => (false, lower.as_str()),
@@ -189,6 +192,26 @@ mod tests {
         // An escaped dot is inside a label: `x.5` is not numeric, and the text reads back.
         let p = pat(r"api.x\.5");
         assert_eq!(pat(&p.to_string()), p);
+    }
+
+    #[test]
+    fn a_last_label_ending_in_an_escaped_dot_reads_back_as_itself() {
+        // Found by fuzz/fuzz_targets/egress_rules.rs (3.5 million inputs in): the escaped dot
+        // ending the last label was taken for the root's trailing dot and dropped, leaving a
+        // dangling `\` in the canonical text (`tcp api.exl\ 22`), which reads as another name.
+        let rule = r"tcp api.exl\.\ 22";
+        let parsed: crate::egress::rules::EgressRule = rule.parse().expect(rule);
+        let canonical = parsed.to_string();
+        assert_eq!(
+            canonical.parse::<crate::egress::rules::EgressRule>(),
+            Ok(parsed),
+            "{canonical}"
+        );
+        assert_eq!(pat(r"api.exl\."), pat(r"api.exl\.\"));
+        assert_ne!(pat(r"api.exl\."), pat("api.exl"));
+        // The root's dot still goes.
+        assert_eq!(pat("api.exl."), pat("api.exl"));
+        assert_eq!(pat(r"api.exl\.."), pat(r"api.exl\."));
     }
 
     #[test]
