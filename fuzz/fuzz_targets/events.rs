@@ -7,8 +7,9 @@
 use agentwatch::events::{Event, decode};
 use agentwatch_common::{
     EVENT_CGROUP_ESCAPE, EVENT_EGRESS_CAPPED, EVENT_EGRESS_DENIED, EVENT_EGRESS_WOULD_DENY,
-    EVENT_EXEC, EVENT_EXEC_DENIED, EVENT_SOCKET_DENIED, EVENT_SOCKET_KILLED, EgressEvent,
-    EscapeEvent, ExecEvent, SocketEvent,
+    EVENT_EXEC, EVENT_EXEC_DENIED, EVENT_EXEC_REFUSED, EVENT_FILE_DENIED, EVENT_FILE_OPENED,
+    EVENT_SOCKET_DENIED, EVENT_SOCKET_KILLED, EgressEvent, EscapeEvent, ExecEvent, FileEvent,
+    SocketEvent,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -18,7 +19,8 @@ fn record_len(kind: u32) -> Option<usize> {
         EVENT_EGRESS_DENIED | EVENT_EGRESS_CAPPED | EVENT_EGRESS_WOULD_DENY => {
             Some(size_of::<EgressEvent>())
         }
-        EVENT_EXEC | EVENT_EXEC_DENIED => Some(size_of::<ExecEvent>()),
+        EVENT_EXEC | EVENT_EXEC_DENIED | EVENT_EXEC_REFUSED => Some(size_of::<ExecEvent>()),
+        EVENT_FILE_DENIED | EVENT_FILE_OPENED => Some(size_of::<FileEvent>()),
         EVENT_SOCKET_DENIED | EVENT_SOCKET_KILLED => Some(size_of::<SocketEvent>()),
         EVENT_CGROUP_ESCAPE => Some(size_of::<EscapeEvent>()),
         _ => None,
@@ -56,11 +58,17 @@ fuzz_target!(|data: &[u8]| {
         Event::Exec(e) => drop(e.audit_line()),
         Event::Socket(e) => drop(e.audit_line()),
         Event::Escape(e) => drop(e.audit_line(Some(String::new()), true)),
+        // The daemon judges an opened file by the path as passed (no /proc lookup here: the
+        // pid is arbitrary): the rules and the line must take any bytes.
+        Event::File(e) => {
+            let _ = agentwatch::files::admitted(&[], &e.path, e.write);
+            drop(e.audit_line(&e.path));
+        }
         Event::Unknown { .. } => {}
     }
     // Each decoder under each kind (the reader passes the kind it read, which a buggy caller
     // could get wrong): only its own kinds, only whole records.
-    for kind in 0..=9 {
+    for kind in 0..=12 {
         let fits = |len: usize| data.len() >= len;
         let is = |kinds: &[u32]| kinds.contains(&kind);
         let egress = agentwatch::egress::events::decode(kind, data);
@@ -75,7 +83,13 @@ fuzz_target!(|data: &[u8]| {
         let exec = agentwatch::exec::decode(kind, data);
         assert_eq!(
             exec.is_some(),
-            is(&[EVENT_EXEC, EVENT_EXEC_DENIED]) && fits(size_of::<ExecEvent>())
+            is(&[EVENT_EXEC, EVENT_EXEC_DENIED, EVENT_EXEC_REFUSED])
+                && fits(size_of::<ExecEvent>())
+        );
+        let file = agentwatch::files::decode(kind, data);
+        assert_eq!(
+            file.is_some(),
+            is(&[EVENT_FILE_DENIED, EVENT_FILE_OPENED]) && fits(size_of::<FileEvent>())
         );
         let socket = agentwatch::sockets::decode_socket(kind, data);
         assert_eq!(
