@@ -76,6 +76,19 @@ pub fn time_scale() -> u32 {
         .unwrap_or(1)
 }
 
+/// In a guest of `cargo xtask vmtest` (`AGENTWATCH_IN_VM` set): prints
+/// `SKIPPED under TCG: <reason>` where the run's log shows it (straight to stdout: libtest keeps
+/// a passing test's `println!` to itself) and returns true, for the caller to skip what
+/// emulation cannot judge. On the host: false, nothing printed.
+pub fn skipped_under_tcg(reason: &str) -> bool {
+    if std::env::var_os("AGENTWATCH_IN_VM").is_none() {
+        return false;
+    }
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stdout(), "SKIPPED under TCG: {reason}");
+    true
+}
+
 /// `d` stretched by the time scale, for the durations a test configures and then asserts on
 /// (a breaker's warmup and window, a TTL, a lease, the phases and sleeps timed against them).
 /// Stretched together they keep the test's meaning; on the host (scale 1) nothing changes.

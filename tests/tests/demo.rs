@@ -11,7 +11,7 @@ use std::{
 };
 
 use agentwatch::cgroup;
-use agentwatch_tests::{agentwatch_bin, privileged};
+use agentwatch_tests::{agentwatch_bin, privileged, skipped_under_tcg};
 
 /// One demo at a time: the process check below looks at the whole host.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -46,17 +46,16 @@ fn demo_agents() -> Vec<u32> {
 #[test]
 fn the_demo_tells_the_story_and_leaves_nothing_behind() {
     privileged!();
-    if std::env::var_os("AGENTWATCH_IN_VM").is_some() {
-        // The demo is the product's fixed script, not a test's: its breaker (min_rate 20/s over
-        // a 1 s window) must see the agent's 2 s burst of HTTP calls to the demo's own model
-        // provider. Under TCG the steps before it take seconds, so the baseline learns next to
-        // nothing and only min_rate is left, and the burst stayed under it: the demo failed at
-        // "the breaker did not freeze the agent" on 6.12 and on 6.1. Its cleanup is still judged
-        // in the guest by an_interrupted_demo_cleans_up_too.
-        println!(
-            "SKIPPED under TCG: the demo's fixed burst (HTTP calls for 2 s) cannot reach its \
-             breaker's min_rate of 20 calls/s under emulation"
-        );
+    // The demo is the product's fixed script, not a test's: its breaker (min_rate 20/s over a
+    // 1 s window) must see the agent's 2 s burst of HTTP calls to the demo's own model
+    // provider. Under TCG the steps before it take seconds, so the baseline learns next to
+    // nothing and only min_rate is left, and the burst stayed under it: the demo failed at "the
+    // breaker did not freeze the agent" on 6.12 and on 6.1. Its cleanup is still judged in the
+    // guest by an_interrupted_demo_cleans_up_too.
+    if skipped_under_tcg(
+        "the demo's fixed burst (HTTP calls for 2 s) cannot reach its breaker's min_rate of 20 \
+         calls/s under emulation",
+    ) {
         return;
     }
     let _one = ONE_AT_A_TIME
