@@ -138,13 +138,15 @@ impl Kernel {
         if EBPF_OBJECT.is_empty() {
             return Err(KernelError::NoObject);
         }
+        // A thread that signals are rained on spends its time in handlers and never finishes
+        // loading; blocked, they wait until the object is loaded (see `load_program`). From
+        // the first step: reading the kernel's BTF (megabytes from sysfs) under a signal every
+        // 50 us never finished in a TCG guest, where each read outlasts the gap between them.
+        let _mask = SignalsBlocked::new();
         raise_memlock();
         ensure_tracefs()?;
         let fork_child_pid = tracepoint_field_offset("sched", "sched_process_fork", "child_pid")?;
         let lsm = lsm_offsets();
-        // A thread that signals are rained on spends its time in handlers and never finishes
-        // loading; blocked, they wait until the object is loaded (see `load_program`).
-        let _mask = SignalsBlocked::new();
         let mut loader = EbpfLoader::new();
         if let Some(o) = &lsm {
             loader
