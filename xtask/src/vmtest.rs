@@ -497,7 +497,14 @@ fn run_guest(k: &Kernel, target: &Path, binaries: &[TestBinary], args: &Args) ->
             .arg("-initrd")
             .arg(&initramfs)
             // panic=-1: a guest panic reboots at once, and -no-reboot turns that into an exit.
-            .args(["-append", "console=ttyS0 panic=-1 loglevel=4"])
+            // A CPU stuck in the kernel panics too, with every CPU's backtrace, rather than
+            // hold the guest until the timeout; 60 s (watchdog_thresh 30) so that TCG's slow
+            // but moving kernel paths (the verifier) are not taken for one.
+            .args([
+                "-append",
+                "console=ttyS0 panic=-1 loglevel=4 softlockup_panic=1 \
+                 softlockup_all_cpu_backtrace=1 watchdog_thresh=30",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -790,6 +797,8 @@ ip link set lo up
 # IPv4 only then (tests/tests/dns.rs runs getent): the guest has no NIC, so a dummy one.
 ip link add eth0 type dummy && ip addr add 10.0.2.15/24 dev eth0 && ip link set eth0 up
 hostname vmtest
+# Quiet while booting; from here on the console shows warnings and backtraces (a lockup's).
+echo 5 > /proc/sys/kernel/printk
 export HOME={home} PATH={path} AGENTWATCH_IN_VM={version} RUST_BACKTRACE=1
 export AGENTWATCH_TEST_TIME_SCALE={TIME_SCALE}
 boot=$(cut -d' ' -f1 /proc/uptime)
