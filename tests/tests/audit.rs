@@ -12,7 +12,9 @@ use std::{
 };
 
 use agentwatch::audit::{link, rotated};
-use agentwatch_tests::{DaemonEnv, EPERM, TempDir, agentwatch_bin, parse_attempts, privileged};
+use agentwatch_tests::{
+    DaemonEnv, EPERM, TempDir, agentwatch_bin, parse_attempts, patience, privileged,
+};
 
 /// Rotated files kept: more than this test writes, so the trail starts at its first line.
 const KEEP: u32 = 20;
@@ -56,7 +58,7 @@ fn wait_kind(audit: &Path, kind: &str, n: usize) {
             return;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(10),
+            start.elapsed() < patience(Duration::from_secs(10)),
             "{got} of {n} {kind} lines after 10 s:\n{}",
             trail_lines(audit).join("\n")
         );

@@ -20,7 +20,7 @@ use std::{
 use agentwatch_tests::{
     DaemonEnv, EPERM, accepting, agentwatch_bin,
     dns::{Rdata, TestDnsServer, rec},
-    one, parse_attempts, privileged, tcp_listener,
+    one, parse_attempts, patience, privileged, tcp_listener,
 };
 
 const POINTS: [&str; 6] = [
@@ -101,7 +101,7 @@ fn start_prober(env: &DaemonEnv, w: &World, stop: &Path) -> Child {
         <= before
     {
         assert!(
-            t.elapsed() < Duration::from_secs(10),
+            t.elapsed() < patience(Duration::from_secs(10)),
             "the prober never started"
         );
         std::thread::sleep(Duration::from_millis(10));
@@ -232,7 +232,7 @@ fn run_chaos(rounds: usize) {
                     .is_empty()
                 {
                     assert!(
-                        t.elapsed() < Duration::from_secs(10),
+                        t.elapsed() < patience(Duration::from_secs(10)),
                         "victim never started"
                     );
                     std::thread::sleep(Duration::from_millis(10));
@@ -327,7 +327,7 @@ fn run_chaos(rounds: usize) {
             let t = Instant::now();
             while child.try_wait().expect("try_wait").is_none() {
                 assert!(
-                    t.elapsed() < Duration::from_secs(10),
+                    t.elapsed() < patience(Duration::from_secs(10)),
                     "round {round}: the victim outlived a kill switch cut short:\n{}",
                     env.log()
                 );

@@ -13,7 +13,7 @@ use agentwatch::cgroup::Cgroup;
 use agentwatch_tests::{
     DaemonEnv, EPERM, TempDir, agentwatch_bin, one, parse_attempts, privileged, probe, probe_bin,
 };
-use agentwatch_tests::{tcp_listener, wait_until};
+use agentwatch_tests::{patience, tcp_listener, wait_until};
 
 fn agentwatch(args: &[&str]) -> std::process::Output {
     Command::new(agentwatch_bin())
@@ -356,7 +356,7 @@ fn a_rejected_reload_changes_nothing() {
     let start = Instant::now();
     while env.wait_audit("policy_rejected", 2).len() < 2 {
         assert!(
-            start.elapsed() < Duration::from_secs(10),
+            start.elapsed() < patience(Duration::from_secs(10)),
             "watcher did not reject:\n{}",
             env.log()
         );
@@ -435,7 +435,7 @@ fn reload_adds_and_removes_agents_and_follows_file_edits_and_sighup() {
         < before + 1.0
     {
         assert!(
-            start.elapsed() < Duration::from_secs(10),
+            start.elapsed() < patience(Duration::from_secs(10)),
             "SIGHUP did not reload:\n{}",
             env.log()
         );
@@ -552,7 +552,7 @@ fn freeze_thaw_and_kill_switch() {
         let start = Instant::now();
         while read_counter(&counter) <= n {
             assert!(
-                start.elapsed() < Duration::from_secs(10),
+                start.elapsed() < patience(Duration::from_secs(10)),
                 "counter stuck at {n}"
             );
             std::thread::sleep(Duration::from_millis(10));
@@ -595,7 +595,7 @@ fn freeze_thaw_and_kill_switch() {
     let start = Instant::now();
     while cg.all_pids().expect("pids").len() < 50 {
         assert!(
-            start.elapsed() < Duration::from_secs(10),
+            start.elapsed() < patience(Duration::from_secs(10)),
             "tree did not grow"
         );
         std::thread::sleep(Duration::from_millis(10));

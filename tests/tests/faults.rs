@@ -252,7 +252,7 @@ fn an_agent_whose_cgroup_is_removed_from_under_the_daemon_is_guarded_again() {
 fn wait_for(mut f: impl FnMut() -> bool) {
     let t = std::time::Instant::now();
     while !f() {
-        assert!(t.elapsed() < Duration::from_secs(10), "timed out");
+        assert!(t.elapsed() < patience(Duration::from_secs(10)), "timed out");
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentwatch_tests::{DaemonEnv, agentwatch_bin, privileged};
+use agentwatch_tests::{DaemonEnv, agentwatch_bin, patience, privileged};
 
 const ROWS: u16 = 45;
 const COLS: u16 = 150;
@@ -104,7 +104,7 @@ impl Pty {
                 return;
             }
             assert!(
-                start.elapsed() < Duration::from_secs(10),
+                start.elapsed() < patience(Duration::from_secs(10)),
                 "the screen never showed {what}:\n{screen}"
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -197,7 +197,10 @@ fn top_shows_the_agents_and_a_confirmed_key_freezes_and_thaws_one() {
         if let Some(s) = top.child.try_wait().expect("wait") {
             break s;
         }
-        assert!(start.elapsed() < Duration::from_secs(5), "top did not quit");
+        assert!(
+            start.elapsed() < patience(Duration::from_secs(5)),
+            "top did not quit"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status}");
