@@ -476,7 +476,12 @@ fn run_guest(k: &Kernel, target: &Path, binaries: &[TestBinary], args: &Args) ->
         child: Command::new("nice")
             .args(["-n", "10", "qemu-system-x86_64"])
             // TCG: KVM guests do not run on these machines (kernel-and-toolchain.md).
-            .args(["-accel", "tcg", "-cpu", "max", "-smp", GUEST_CPUS])
+            // thread=single: one host thread runs both vCPUs in turn. With a thread per vCPU
+            // (QEMU 7.2's default), 6.1 guests twice locked up for good when the kernel
+            // patched a static branch (a tracepoint being attached) while the other vCPU ran
+            // through it: that vCPU kept trapping on the int3 already written back.
+            .args(["-accel", "tcg,thread=single"])
+            .args(["-cpu", "max", "-smp", GUEST_CPUS])
             .args(["-m", &format!("{GUEST_MEM_MIB}M")])
             .args(["-nographic", "-no-reboot", "-nic", "none"])
             // vhost-user (virtiofsd) needs the guest's memory shared with it.
