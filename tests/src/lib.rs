@@ -751,15 +751,29 @@ impl Drop for DaemonEnv {
 /// CLOCK_MONOTONIC in nanoseconds (the clock of the kernel's event timestamps).
 pub use agentwatch::bpf::ktime_ns as monotonic_ns;
 
-/// Polls `f` every 10 ms until it holds; fails the test after `timeout`, naming `what`.
+/// Polls `f` every 10 ms until it holds; fails the test after `patience(timeout)`, naming
+/// `what`.
 #[track_caller]
-pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, timeout: Duration, f: impl FnMut() -> bool) {
+    assert!(
+        holds_within(timeout, f),
+        "timed out after {:?} waiting for {what}",
+        patience(timeout)
+    );
+}
+
+/// Polls `f` every 10 ms until it holds: true then, false once `patience(timeout)` has passed
+/// without it. For a wait whose failure message needs what was seen last.
+pub fn holds_within(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let timeout = patience(timeout);
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        if start.elapsed() >= timeout {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
+    true
 }
 
 /// Sleeps until `at` (at once if it passed).

@@ -8,12 +8,12 @@ use std::{
     net::TcpListener,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use agentwatch::audit::{link, rotated};
 use agentwatch_tests::{
-    DaemonEnv, EPERM, TempDir, agentwatch_bin, parse_attempts, patience, privileged,
+    DaemonEnv, EPERM, TempDir, agentwatch_bin, holds_within, parse_attempts, patience, privileged,
 };
 
 /// Rotated files kept: more than this test writes, so the trail starts at its first line.
@@ -47,23 +47,21 @@ fn trail_lines(audit: &Path) -> Vec<String> {
 /// Waits until the whole trail (all files) holds `n` lines of `kind`.
 fn wait_kind(audit: &Path, kind: &str, n: usize) {
     let needle = format!("\"kind\":\"{kind}\"");
-    let start = Instant::now();
-    loop {
-        let got = trail_lines(audit)
+    let mut got = 0;
+    let held = holds_within(Duration::from_secs(10), || {
+        got = trail_lines(audit)
             .iter()
             .filter(|l| l.contains(&needle))
             .count();
-        if got >= n {
-            assert_eq!(got, n, "more {kind} lines than attempts");
-            return;
-        }
-        assert!(
-            start.elapsed() < patience(Duration::from_secs(10)),
-            "{got} of {n} {kind} lines after 10 s:\n{}",
-            trail_lines(audit).join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        got >= n
+    });
+    assert!(
+        held,
+        "{got} of {n} {kind} lines after {:?}:\n{}",
+        patience(Duration::from_secs(10)),
+        trail_lines(audit).join("\n")
+    );
+    assert_eq!(got, n, "more {kind} lines than attempts");
 }
 
 /// `count` connects the agent is denied, each one audited.

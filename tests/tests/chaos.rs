@@ -20,7 +20,7 @@ use std::{
 use agentwatch_tests::{
     DaemonEnv, EPERM, accepting, agentwatch_bin,
     dns::{Rdata, TestDnsServer, rec},
-    one, parse_attempts, patience, privileged, tcp_listener,
+    holds_within, one, parse_attempts, privileged, tcp_listener, wait_until,
 };
 
 const POINTS: [&str; 6] = [
@@ -93,19 +93,13 @@ fn start_prober(env: &DaemonEnv, w: &World, stop: &Path) -> Child {
         .lines()
         .count();
     let child = spawn_prober(env, w, stop);
-    let t = Instant::now();
-    while fs::read_to_string(env.agent_cgroup("prober").join("cgroup.procs"))
-        .unwrap_or_default()
-        .lines()
-        .count()
-        <= before
-    {
-        assert!(
-            t.elapsed() < patience(Duration::from_secs(10)),
-            "the prober never started"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("the prober to start", Duration::from_secs(10), || {
+        fs::read_to_string(env.agent_cgroup("prober").join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+            > before
+    });
     child
 }
 
@@ -225,18 +219,12 @@ fn run_chaos(rounds: usize) {
                     .expect("victim");
                 // Wait until it is in the agent's cgroup.
                 let procs = env.agent_cgroup("victim").join("cgroup.procs");
-                let t = Instant::now();
-                while fs::read_to_string(&procs)
-                    .unwrap_or_default()
-                    .trim()
-                    .is_empty()
-                {
-                    assert!(
-                        t.elapsed() < patience(Duration::from_secs(10)),
-                        "victim never started"
-                    );
-                    std::thread::sleep(Duration::from_millis(10));
-                }
+                wait_until("the victim to start", Duration::from_secs(10), || {
+                    !fs::read_to_string(&procs)
+                        .unwrap_or_default()
+                        .trim()
+                        .is_empty()
+                });
                 victim = Some(child);
                 let _ = env.cli(&["kill", "victim"]);
             }
@@ -324,15 +312,14 @@ fn run_chaos(rounds: usize) {
         }
         if let Some(mut child) = victim {
             // A kill switch cut short is finished by the new daemon: nothing of the victim runs.
-            let t = Instant::now();
-            while child.try_wait().expect("try_wait").is_none() {
-                assert!(
-                    t.elapsed() < patience(Duration::from_secs(10)),
-                    "round {round}: the victim outlived a kill switch cut short:\n{}",
-                    env.log()
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            assert!(
+                holds_within(Duration::from_secs(10), || child
+                    .try_wait()
+                    .expect("try_wait")
+                    .is_some()),
+                "round {round}: the victim outlived a kill switch cut short:\n{}",
+                env.log()
+            );
             assert_eq!(status["victim"]["state"], "killed", "{}", status["victim"]);
             assert!(env.cli(&["approve", "victim"]).status.success());
         }

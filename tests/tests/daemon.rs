@@ -13,7 +13,7 @@ use agentwatch::cgroup::Cgroup;
 use agentwatch_tests::{
     DaemonEnv, EPERM, TempDir, agentwatch_bin, one, parse_attempts, privileged, probe, probe_bin,
 };
-use agentwatch_tests::{patience, tcp_listener, wait_until};
+use agentwatch_tests::{holds_within, tcp_listener, wait_until};
 
 fn agentwatch(args: &[&str]) -> std::process::Output {
     Command::new(agentwatch_bin())
@@ -353,14 +353,14 @@ fn a_rejected_reload_changes_nothing() {
     );
     // Broken TOML is rejected the same way (here through the file watcher, no command).
     fs::write(&env.config, "[[agents]\nname = ").expect("write");
-    let start = Instant::now();
-    while env.wait_audit("policy_rejected", 2).len() < 2 {
-        assert!(
-            start.elapsed() < patience(Duration::from_secs(10)),
-            "watcher did not reject:\n{}",
-            env.log()
-        );
-    }
+    assert!(
+        holds_within(Duration::from_secs(10), || env
+            .wait_audit("policy_rejected", 2)
+            .len()
+            >= 2),
+        "watcher did not reject:\n{}",
+        env.log()
+    );
     let r = one(probe(
         Some(&cg),
         &["connect", "tcp", "127.0.0.1", &denied.to_string()],
@@ -428,19 +428,14 @@ fn reload_adds_and_removes_agents_and_follows_file_edits_and_sighup() {
         .metric("agentwatch_policy_reloads_total{result=\"ok\"}")
         .expect("metric");
     env.signal(libc::SIGHUP);
-    let start = Instant::now();
-    while env
-        .metric("agentwatch_policy_reloads_total{result=\"ok\"}")
-        .expect("metric")
-        < before + 1.0
-    {
-        assert!(
-            start.elapsed() < patience(Duration::from_secs(10)),
-            "SIGHUP did not reload:\n{}",
-            env.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        holds_within(Duration::from_secs(10), || env
+            .metric("agentwatch_policy_reloads_total{result=\"ok\"}")
+            .expect("metric")
+            >= before + 1.0),
+        "SIGHUP did not reload:\n{}",
+        env.log()
+    );
     let _ = spinner.kill();
     let _ = spinner.wait();
     // `first`'s cgroup was agentwatch's; its cgroup goes once empty at the next cleanup.
@@ -549,14 +544,11 @@ fn freeze_thaw_and_kill_switch() {
         .spawn()
         .expect("spinner");
     let wait_past = |n: u64| {
-        let start = Instant::now();
-        while read_counter(&counter) <= n {
-            assert!(
-                start.elapsed() < patience(Duration::from_secs(10)),
-                "counter stuck at {n}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_until(
+            &format!("the counter to pass {n}"),
+            Duration::from_secs(10),
+            || read_counter(&counter) > n,
+        )
     };
     wait_past(2000);
 
@@ -592,14 +584,9 @@ fn freeze_thaw_and_kill_switch() {
         .stdout(Stdio::null())
         .spawn()
         .expect("tree");
-    let start = Instant::now();
-    while cg.all_pids().expect("pids").len() < 50 {
-        assert!(
-            start.elapsed() < patience(Duration::from_secs(10)),
-            "tree did not grow"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("the tree to grow to 50", Duration::from_secs(10), || {
+        cg.all_pids().expect("pids").len() >= 50
+    });
     let pids = cg.all_pids().expect("pids");
     assert_eq!(pids.len(), 50);
     let out = env.cli(&["kill", "worker"]);

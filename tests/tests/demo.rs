@@ -138,17 +138,12 @@ fn an_interrupted_demo_cleans_up_too() {
     assert!(!demo_agents().is_empty(), "the agent is running");
     // SAFETY: signalling the demo this test started.
     unsafe { libc::kill(i32::try_from(pid).expect("pid"), libc::SIGINT) };
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the demo did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let mut status = None;
+    agentwatch_tests::wait_until("the demo to stop", Duration::from_secs(20), || {
+        status = child.try_wait().expect("wait");
+        status.is_some()
+    });
+    let status = status.expect("stopped");
     assert_eq!(status.code(), Some(130));
     let rest: Vec<String> = rx.try_iter().collect();
     assert!(

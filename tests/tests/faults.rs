@@ -11,7 +11,8 @@ use std::{
 };
 
 use agentwatch_tests::{
-    DaemonEnv, EPERM, agentwatch_bin, one, parse_attempts, patience, privileged, tcp_listener,
+    DaemonEnv, EPERM, agentwatch_bin, holds_within, one, parse_attempts, privileged, tcp_listener,
+    wait_until,
 };
 
 /// A small tmpfs the test mounted; unmounted on drop, also when the test fails.
@@ -101,10 +102,8 @@ fn a_full_disk_loses_audit_lines_counted_and_the_trail_marks_the_gap() {
     // Enforcement went on; each launch's two lines (`exec`, `egress_denied`) are counted as
     // lost, none silently gone, and so is each `privileged_process` line.
     let expected = || lost_before + 20 + (privileged() - privileged_before);
-    let t = std::time::Instant::now();
-    while lost() != expected() && t.elapsed() < patience(Duration::from_secs(10)) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // On timeout the assertion below says by how much.
+    let _ = holds_within(Duration::from_secs(10), || lost() == expected());
     assert_eq!(lost(), expected(), "{}", env.log());
     assert_eq!(env.audit_lines().len(), lines_before);
     let lost_lines = lost();
@@ -233,7 +232,9 @@ fn an_agent_whose_cgroup_is_removed_from_under_the_daemon_is_guarded_again() {
     fs::remove_dir(env.agent_cgroup("made")).expect("rmdir made");
     let removed = env.wait_audit("agent_cgroup_removed", 1);
     assert_eq!(removed[0]["agent"], "made", "{removed:?}");
-    wait_for(|| guarded_again("made", 3) == 1);
+    wait_until("made to be guarded again", Duration::from_secs(10), || {
+        guarded_again("made", 3) == 1
+    });
     assert_eq!(verdict(&env.agent_cgroup("made"), allowed), (true, 0));
     assert_eq!(verdict(&env.agent_cgroup("made"), unlisted), (false, EPERM));
 
@@ -243,18 +244,12 @@ fn an_agent_whose_cgroup_is_removed_from_under_the_daemon_is_guarded_again() {
     assert_eq!(removed[1]["agent"], "svc", "{removed:?}");
     assert!(!env.status().contains_key("svc"), "not guarded while gone");
     fs::create_dir(svc.path()).expect("mkdir svc");
-    wait_for(|| guarded_again("svc", 4) == 1);
+    wait_until("svc to be guarded again", Duration::from_secs(10), || {
+        guarded_again("svc", 4) == 1
+    });
     assert_eq!(verdict(svc.path(), allowed), (true, 0));
     assert_eq!(verdict(svc.path(), unlisted), (false, EPERM));
     assert_eq!(env.status()["svc"]["state"], "running");
-}
-
-fn wait_for(mut f: impl FnMut() -> bool) {
-    let t = std::time::Instant::now();
-    while !f() {
-        assert!(t.elapsed() < patience(Duration::from_secs(10)), "timed out");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The daemon's resident memory (KiB) and open descriptors.

@@ -11,10 +11,10 @@ use std::{
     },
     process::{Command, Stdio},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use agentwatch_tests::{DaemonEnv, agentwatch_bin, patience, privileged};
+use agentwatch_tests::{DaemonEnv, agentwatch_bin, holds_within, privileged, wait_until};
 
 const ROWS: u16 = 45;
 const COLS: u16 = 150;
@@ -97,18 +97,12 @@ impl Pty {
 
     #[track_caller]
     fn wait_for(&self, what: &str, f: impl Fn(&str) -> bool) {
-        let start = Instant::now();
-        loop {
-            let screen = self.contents();
-            if f(&screen) {
-                return;
-            }
-            assert!(
-                start.elapsed() < patience(Duration::from_secs(10)),
-                "the screen never showed {what}:\n{screen}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut screen = String::new();
+        let shown = holds_within(Duration::from_secs(10), || {
+            screen = self.contents();
+            f(&screen)
+        });
+        assert!(shown, "the screen never showed {what}:\n{screen}");
     }
 }
 
@@ -192,17 +186,12 @@ fn top_shows_the_agents_and_a_confirmed_key_freezes_and_thaws_one() {
     assert_eq!(env.status()["alpha"]["state"], "running");
 
     top.type_key("q");
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = top.child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            start.elapsed() < patience(Duration::from_secs(5)),
-            "top did not quit"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let mut status = None;
+    wait_until("top to quit", Duration::from_secs(5), || {
+        status = top.child.try_wait().expect("wait");
+        status.is_some()
+    });
+    let status = status.expect("quit");
     assert!(status.success(), "{status}");
     let _ = spin.kill();
     let _ = spin.wait();
