@@ -120,6 +120,11 @@ pub enum ClientError {
     Protocol(#[from] serde_json::Error),
     #[error("the agentwatch daemon closed the connection without answering (refused?)")]
     NoAnswer,
+    #[error(
+        "the agentwatch daemon did not answer within {} (busy or stuck? see its log)",
+        humantime::format_duration(*.0)
+    )]
+    Timeout(Duration),
 }
 
 /// Sends one request and waits for its response (`timeout` bounds each read and write).
@@ -130,6 +135,13 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
     })?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
+    // A socket timeout surfaces as EAGAIN, which would read "Resource temporarily unavailable".
+    let timed_out = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            ClientError::Timeout(timeout)
+        }
+        _ => ClientError::Io(e),
+    };
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
     match (&stream).write_all(&line) {
@@ -140,10 +152,12 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
                 e.kind(),
                 std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
             ) => {}
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(timed_out(e)),
     }
     let mut answer = String::new();
-    BufReader::new(&stream).read_line(&mut answer)?;
+    BufReader::new(&stream)
+        .read_line(&mut answer)
+        .map_err(timed_out)?;
     if answer.trim().is_empty() {
         return Err(ClientError::NoAnswer);
     }
@@ -183,6 +197,28 @@ pub fn group_id(name: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_daemon_that_never_answers_is_reported_as_a_timeout() {
+        let dir = std::env::temp_dir().join(format!("agentwatch-control-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sock");
+        let _ = std::fs::remove_file(&path);
+        // Accepts (the kernel queues the connection) and never reads or answers.
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let err = call(
+            &path,
+            &Request::Status { rules: false },
+            Duration::from_millis(200),
+        )
+        .unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(matches!(err, ClientError::Timeout(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "the agentwatch daemon did not answer within 200ms (busy or stuck? see its log)"
+        );
+    }
 
     #[test]
     fn requests_are_small_tagged_json() {
