@@ -97,31 +97,7 @@ pub fn exec_bprm_check_security(ctx: LsmContext) -> i32 {
     if let Some(c) = counters(state.id) {
         c.execs_denied += 1;
     }
-    if over_limit(state.id, CapKind::Events) {
-        if let Some(c) = counters(state.id) {
-            c.execs_suppressed += 1;
-        }
-        return -EPERM;
-    }
-    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
-        count_lost_event(state.id);
-        return -EPERM;
-    };
-    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    // SAFETY: LRU values are plain integers copied out at once.
-    let ppid = unsafe { PARENTS.get(pid) }.copied().unwrap_or(0);
-    let event = entry.as_mut_ptr();
-    // SAFETY: writing every field of the reserved record before submitting it.
-    unsafe {
-        (*event).kind = EVENT_EXEC_REFUSED;
-        (*event).agent = state.id;
-        (*event).pid = pid;
-        (*event).ppid = ppid;
-        (*event).ts_ns = bpf_ktime_get_ns();
-        (*event).comm = bpf_get_current_comm().unwrap_or_default();
-        (*event).path = key.path;
-    }
-    entry.submit(0);
+    report(state.id, EVENT_EXEC_REFUSED, key);
     -EPERM
 }
 
@@ -173,6 +149,7 @@ fn on_exec(ctx: &TracePointContext) {
     // SAFETY: reading the tracepoint's own record; __data_loc holds offset (low 16 bits).
     let loc = unsafe { ctx.read_at::<u32>(EXEC_FILENAME_LOC) }.unwrap_or(0);
     let filename = (loc & 0xffff) as usize;
+    // An unreadable path is left zeroed by the helper: it matches no entry.
     // SAFETY: the string lies inside the tracepoint record.
     let _ = unsafe {
         bpf_probe_read_kernel_str_bytes(ctx.as_ptr().cast::<u8>().add(filename), &mut key.path)
@@ -197,16 +174,27 @@ fn on_exec(ctx: &TracePointContext) {
             c.execs_denied += 1;
         }
     }
-    // Under the agent's event rate like denials: a fork+exec loop cannot flood the trail; the
-    // daemon summarises what is counted here.
-    if over_limit(state.id, CapKind::Events) {
-        if let Some(c) = counters(state.id) {
+    let kind = if allowed {
+        EVENT_EXEC
+    } else {
+        EVENT_EXEC_DENIED
+    };
+    report(state.id, kind, key);
+}
+
+/// Sends the daemon an exec record of `kind` for the current task. Under the agent's event
+/// rate like denials: a fork+exec loop cannot flood the trail; the daemon summarises what is
+/// counted here instead.
+#[inline(always)]
+fn report(agent: u32, kind: u32, key: &ExecKey) {
+    if over_limit(agent, CapKind::Events) {
+        if let Some(c) = counters(agent) {
             c.execs_suppressed += 1;
         }
         return;
     }
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
-        count_lost_event(state.id);
+        count_lost_event(agent);
         return;
     };
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -215,21 +203,13 @@ fn on_exec(ctx: &TracePointContext) {
     let event = entry.as_mut_ptr();
     // SAFETY: writing every field of the reserved record before submitting it.
     unsafe {
-        (*event).kind = if allowed {
-            EVENT_EXEC
-        } else {
-            EVENT_EXEC_DENIED
-        };
-        (*event).agent = state.id;
+        (*event).kind = kind;
+        (*event).agent = agent;
         (*event).pid = pid;
         (*event).ppid = ppid;
         (*event).ts_ns = bpf_ktime_get_ns();
         (*event).comm = bpf_get_current_comm().unwrap_or_default();
-        (*event).path = [0; EXEC_PATH_MAX + 1];
-        let _ = bpf_probe_read_kernel_str_bytes(
-            ctx.as_ptr().cast::<u8>().add(filename),
-            &mut (*event).path,
-        );
+        (*event).path = key.path;
     }
     entry.submit(0);
 }
