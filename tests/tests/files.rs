@@ -5,7 +5,12 @@
 //! opens happen, the daemon finds each one, audits it and runs the breaker's action. Which of
 //! the two the test expects comes from the kernel's LSM list, read here, not from the daemon.
 
-use std::{fs, os::unix::process::ExitStatusExt as _, path::Path, process::Stdio};
+use std::{
+    fs,
+    os::unix::process::ExitStatusExt as _,
+    path::{Path, PathBuf},
+    process::Stdio,
+};
 
 use agentwatch::files::bpf_lsm_active;
 use agentwatch_tests::{DaemonEnv, TempDir, parse_attempts, patience, privileged, wait_until};
@@ -45,6 +50,13 @@ fn approve_after_trips(env: &DaemonEnv, lsm: bool, n: usize) {
     assert!(out.status.success(), "{out:?}");
 }
 
+/// A file `secret` holding "secret" in `dir`, outside every agent's list.
+fn secret_in(dir: &TempDir) -> PathBuf {
+    let secret = dir.0.join("secret");
+    fs::write(&secret, "secret").expect("secret");
+    secret
+}
+
 fn file_lines(env: &DaemonEnv) -> Vec<serde_json::Value> {
     env.audit_lines()
         .into_iter()
@@ -58,8 +70,7 @@ fn opens_outside_the_list_are_refused_or_found_and_every_one_audited() {
     let lsm = bpf_lsm_active();
     let (work, ro, outside) = (TempDir::new(), TempDir::new(), TempDir::new());
     fs::write(ro.0.join("config"), "ro").expect("ro file");
-    fs::write(outside.0.join("secret"), "secret").expect("secret");
-    let secret = outside.0.join("secret");
+    let secret = secret_in(&outside);
     let (link, planted) = (work.0.join("link"), work.0.join("new"));
     let mut env = DaemonEnv::new();
     // A breaker that never trips on rates (an hour of warm-up) and only alerts: the probe
@@ -250,8 +261,7 @@ fn without_a_breaker_an_open_outside_costs_the_agent_its_processes_or_is_refused
     privileged!();
     let lsm = bpf_lsm_active();
     let (work, outside) = (TempDir::new(), TempDir::new());
-    let secret = outside.0.join("secret");
-    fs::write(&secret, "secret").expect("secret");
+    let secret = secret_in(&outside);
     let mut env = DaemonEnv::new();
     env.write_config(&agent("nobreaker", &[&work.0], &[], ""));
     env.start();
@@ -300,8 +310,7 @@ fn a_hard_link_to_an_outside_file_is_refused_where_the_kernel_can() {
     privileged!();
     let lsm = bpf_lsm_active();
     let (work, outside) = (TempDir::new(), TempDir::new());
-    let secret = outside.0.join("secret");
-    fs::write(&secret, "secret").expect("secret");
+    let secret = secret_in(&outside);
     let hard = work.0.join("hard");
     let mut env = DaemonEnv::new();
     env.write_config(&agent("linker", &[&work.0], &[], ""));
@@ -338,8 +347,7 @@ fn a_hard_link_to_an_outside_file_is_refused_where_the_kernel_can() {
 fn agents_without_a_file_list_and_processes_outside_agents_are_untouched() {
     privileged!();
     let outside = TempDir::new();
-    let secret = outside.0.join("secret");
-    fs::write(&secret, "secret").expect("secret");
+    let secret = secret_in(&outside);
     let mut env = DaemonEnv::new();
     env.write_config(&format!(
         "[[agents]]\nname = \"free\"\negress = []\n{}",
