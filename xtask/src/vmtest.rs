@@ -477,9 +477,10 @@ fn run_guest(k: &Kernel, target: &Path, binaries: &[TestBinary], args: &Args) ->
             .args(["-n", "10", "qemu-system-x86_64"])
             // TCG: KVM guests do not run on these machines (kernel-and-toolchain.md).
             // thread=single: one host thread runs both vCPUs in turn. With a thread per vCPU
-            // (QEMU 7.2's default), 6.1 guests twice locked up for good when the kernel
-            // patched a static branch (a tracepoint being attached) while the other vCPU ran
-            // through it: that vCPU kept trapping on the int3 already written back.
+            // (QEMU 7.2's default), 2 of 3 whole 6.1 runs locked up for good: a vCPU kept
+            // trapping on an int3 in a static branch the kernel had already written back (a
+            // tracepoint being attached), which points at TCG's handling of code another
+            // vCPU modifies. Not proven; no run has locked up since (README "Kernel matrix").
             .args(["-accel", "tcg,thread=single"])
             .args(["-cpu", "max", "-smp", GUEST_CPUS])
             .args(["-m", &format!("{GUEST_MEM_MIB}M")])
