@@ -70,6 +70,12 @@ pub struct DaemonConfig {
     /// to this, so its cache forgets an address no later than the kernel does).
     #[serde(deserialize_with = "de::duration")]
     pub dns_max_ttl: Duration,
+    /// `launch` runs an agent without `user` as a uid of its own from this range (`LO-HI`).
+    #[serde(deserialize_with = "de::uid_range")]
+    pub agent_uids: crate::uids::UidRange,
+    /// The private homes of those agents: `<agent_homes>/<name>`, made by the daemon, owned
+    /// by the agent's uid, mode 0700.
+    pub agent_homes: PathBuf,
 }
 
 /// Deserializers of `[daemon]` values that TOML has no type for.
@@ -82,6 +88,11 @@ mod de {
         let s = String::deserialize(d)?;
         humantime::parse_duration(&s)
             .map_err(|e| D::Error::custom(format!("`{s}`: {e} (e.g. \"5s\", \"1h\")")))
+    }
+
+    pub fn uid_range<'de, D: Deserializer<'de>>(d: D) -> Result<crate::uids::UidRange, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(D::Error::custom)
     }
 
     pub fn upstream<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
@@ -127,6 +138,12 @@ impl Default for DaemonConfig {
             dns_min_ttl: Duration::from_secs(5),
             // A CDN's address is not trusted for longer than an hour without asking again.
             dns_max_ttl: Duration::from_secs(3600),
+            // 2^24 uids above systemd-nspawn's container range (524288-1879048191) and below
+            // 2^31: no login user, system user, DynamicUser or container has one, and few
+            // enough agents share it that their hashed uids seldom collide.
+            agent_uids: crate::uids::UidRange::DEFAULT,
+            // Persistent, root's, beside the rest of agentwatch's state.
+            agent_homes: PathBuf::from("/var/lib/agentwatch/home"),
         }
     }
 }
@@ -294,9 +311,10 @@ pub struct Agent {
     pub cgroup: String,
     /// True when the config names the cgroup (adopted, not created by agentwatch).
     pub adopted: bool,
-    /// `agentwatch launch` runs the command as this user (its groups, primary group and uid).
-    /// Only the name's form is checked here; whether the user exists is checked at launch.
-    pub user: Option<String>,
+    /// Whom `agentwatch launch` runs the command as: `user = "NAME"` (its groups, primary
+    /// group and uid; only the name's form is checked here, whether the user exists is checked
+    /// at launch), `user = "root"`, or without `user` a uid of its own (never root by default).
+    pub run_as: crate::uids::RunAs,
     /// The address rules of `egress` (enforced by the kernel's rule tries).
     pub egress: Vec<Rule>,
     /// The hostname rules of `egress` (enforced through the DNS forwarder).
@@ -532,6 +550,7 @@ fn validate(
     for (key, path) in [
         ("pin_dir", &daemon.pin_dir),
         ("control_socket", &daemon.control_socket),
+        ("agent_homes", &daemon.agent_homes),
     ] {
         if !path.is_absolute() {
             c.at(
@@ -707,7 +726,12 @@ fn validate(
             name,
             cgroup,
             adopted,
-            user: a.user.as_ref().map(|u| u.get_ref().clone()),
+            run_as: match a.user.as_ref().map(|u| u.get_ref().as_str()) {
+                Some("root") => crate::uids::RunAs::Root,
+                Some(u) => crate::uids::RunAs::User(u.to_owned()),
+                // The uid is filled in below, once every agent's name is known.
+                None => crate::uids::RunAs::Own { uid: 0 },
+            },
             egress,
             hostnames,
             compiled,
@@ -723,7 +747,38 @@ fn validate(
             table,
         });
     }
+    assign_uids(&daemon, &mut agents, c);
     Config { daemon, agents }
+}
+
+/// Gives every agent without `user` its own uid from `daemon.agent_uids` ([`crate::uids`]).
+fn assign_uids(daemon: &DaemonConfig, agents: &mut [Agent], c: &mut Collector<'_>) {
+    use crate::uids::RunAs;
+    let own: Vec<String> = agents
+        .iter()
+        .filter(|a| matches!(a.run_as, RunAs::Own { .. }))
+        .map(|a| a.name.clone())
+        .collect();
+    let Some(uids) = crate::uids::assign(own.iter().map(String::as_str), daemon.agent_uids) else {
+        c.at(
+            0..0,
+            format!(
+                "daemon.agent_uids {} holds {} uid(s), fewer than the {} agents without `user`",
+                daemon.agent_uids,
+                daemon.agent_uids.len(),
+                own.len()
+            ),
+        );
+        return;
+    };
+    let uids: HashMap<&str, u32> = uids.into_iter().collect();
+    for a in agents {
+        if let RunAs::Own { uid } = &mut a.run_as
+            && let Some(u) = uids.get(a.name.as_str())
+        {
+            *uid = *u;
+        }
+    }
 }
 
 /// Is one cgroup path equal to, or below, the other?
@@ -795,6 +850,7 @@ fn breaker(b: &Spanned<RawBreaker>, c: &mut Collector<'_>) -> Breaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::uids::UidRange;
 
     #[test]
     fn embedded_default_is_valid_and_empty() {
@@ -840,8 +896,12 @@ name = "coder"
         let m = &c.agents[0];
         assert_eq!(m.cgroup, "system.slice/mailer.service");
         assert!(m.adopted);
-        assert_eq!(m.user.as_deref(), Some("mailer"));
-        assert_eq!(c.agents[1].user, None);
+        assert_eq!(m.run_as, crate::uids::RunAs::User("mailer".into()));
+        let own = crate::uids::assign([c.agents[1].name.as_str()], UidRange::DEFAULT).unwrap();
+        assert_eq!(
+            c.agents[1].run_as,
+            crate::uids::RunAs::Own { uid: own[0].1 }
+        );
         assert_eq!(m.egress.len(), 3);
         assert_eq!(m.limits.connects_per_second, Some(50));
         assert_eq!(m.breaker.unwrap().action, Action::Kill);

@@ -11,7 +11,9 @@
 //! 2. **The bounding set** loses the [`DANGEROUS`] capabilities (PR_CAPBSET_DROP). This needs
 //!    CAP_SETPCAP, so it is done while still privileged, before the user switch: afterwards no
 //!    exec (of a setuid-root or file-capability binary, or as root) can bring them back.
-//! 3. **The user**, when the agent has one: its supplementary groups (initgroups semantics:
+//! 3. **The user**: the agent's `user`, or without one a uid of its own ([`crate::uids`]; its
+//!    group has the same number and it has no supplementary group); root only for
+//!    `user = "root"`. Its supplementary groups (initgroups semantics:
 //!    every group of the system user database that lists it, plus its primary group), then its
 //!    primary gid, then its uid, each for the real, effective and saved id. Groups before gid
 //!    before uid, because each step needs CAP_SETGID / CAP_SETUID, which the uid switch takes
@@ -27,13 +29,13 @@
 //! Then every promise is read back from the kernel ([`verify`]) before the caller execs.
 //!
 //! What this does NOT cover:
-//! - An agent without `user` still runs as uid 0. It keeps every other capability
-//!   (CAP_DAC_OVERRIDE, CAP_KILL, CAP_SETUID, ...) and root's file access: it can kill the
-//!   daemon, remove pins under bpffs, or read any file. And without `nsdelegate` on the cgroup2
-//!   mount (this project's test machine has none), writing its pid into another cgroup's
-//!   cgroup.procs needs only write access to that file, which root has: the cgroup namespace
-//!   alone does not stop the move there (the escape guard in [`crate::sockets`] then kills the
-//!   process before its write returns). Give agents a `user`.
+//! - An agent with `user = "root"` runs as uid 0. It keeps every other capability
+//!   (CAP_DAC_OVERRIDE, CAP_KILL, CAP_SETUID, ...) and root's file access: without BPF LSM it
+//!   can kill the daemon, remove pins under bpffs, or read any file. And without `nsdelegate`
+//!   on the cgroup2 mount (this project's test machine has none), writing its pid into another
+//!   cgroup's cgroup.procs needs only write access to that file, which root has: the cgroup
+//!   namespace alone does not stop the move there (the escape guard in [`crate::sockets`] then
+//!   kills the process before its write returns). That is why root is never the default.
 //! - No new mount, network, pid or user namespace, no seccomp filter, no resource limits, no
 //!   changed environment beyond HOME/USER/LOGNAME (set by the caller for a `user`).
 //! - Processes that are already running, and adopted agents (a systemd unit's or a pod's

@@ -226,6 +226,16 @@ fn real_main(cmd: Cmd, socket: PathBuf) -> Result<ExitCode> {
                         return Ok(ExitCode::FAILURE);
                     }
                     println!("{}: ok ({} agent(s))", config.display(), c.agents.len());
+                    for a in c.agents.iter().filter(|a| a.run_as.is_root()) {
+                        println!(
+                            "  warning: agent `{}` runs as root (user = \"root\"): it keeps root's \
+                             file access and CAP_KILL, so it can stop the daemon, remove its \
+                             pins and rewrite its config and trail; the control socket still \
+                             refuses it and the escape guards still hold. Without `user`, it \
+                             gets a uid of its own",
+                            a.name
+                        );
+                    }
                     // What the guards do here depends on the kernel: say it before a reload.
                     let modes = agentwatch::files::modes(agentwatch::files::bpf_lsm_active());
                     for (key, used) in [

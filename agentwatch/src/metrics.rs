@@ -17,6 +17,10 @@ pub struct AgentSnapshot {
     pub name: String,
     pub counters: AgentCounters,
     pub frozen: bool,
+    /// It runs as root (`user = "root"`).
+    pub root: bool,
+    /// Requests from inside it refused on the control socket.
+    pub control_refused: u64,
     /// Per signal (indexed like `Signal::ALL`): current rate and learned baseline.
     pub rates: [f64; SIGNALS],
     pub baselines: [Option<f64>; SIGNALS],
@@ -103,6 +107,12 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
         &r,
         "agentwatch_agent_frozen",
         "1 while the agent's cgroup is frozen",
+        &["agent"],
+    )?;
+    let root = gauge_vec(
+        &r,
+        "agentwatch_agent_root",
+        "1 for an agent that runs as root (user = \"root\"): without BPF LSM it can reach the daemon's files",
         &["agent"],
     )?;
     let lost = counter_vec(
@@ -247,6 +257,7 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
             }
         }
         frozen.with_label_values(&[n]).set(i64::from(a.frozen));
+        root.with_label_values(&[n]).set(i64::from(a.root));
         syscalls.with_label_values(&[n]).inc_by(a.counters.syscalls);
         execs
             .with_label_values(&[n, "allowed"])
@@ -262,6 +273,7 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
                 c.packet_sockets_killed + c.packet_sockets_denied,
             ),
             ("cgroup_escape", c.cgroup_escapes),
+            ("control_refused", a.control_refused),
         ] {
             escapes.with_label_values(&[n, kind]).inc_by(n_);
         }
@@ -338,6 +350,8 @@ mod tests {
                 name: "mailer".into(),
                 counters,
                 frozen: true,
+                root: true,
+                control_refused: 3,
                 rates: [12.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
                 baselines: [Some(2.0), None, None, None, None, None, None],
                 anomaly_score: 6.25,
@@ -363,6 +377,8 @@ mod tests {
             "agentwatch_egress_total{agent=\"mailer\",proto=\"udp\",verdict=\"allowed\"} 3",
             "agentwatch_egress_total{agent=\"mailer\",proto=\"tcp\",verdict=\"capped\"} 0",
             "agentwatch_agent_frozen{agent=\"mailer\"} 1",
+            "agentwatch_agent_root{agent=\"mailer\"} 1",
+            "agentwatch_escape_attempts_total{agent=\"mailer\",kind=\"control_refused\"} 3",
             "agentwatch_events_lost_total 2",
             "agentwatch_policy_reloads_total{result=\"ok\"} 4",
             "agentwatch_policy_reloads_total{result=\"rejected\"} 1",

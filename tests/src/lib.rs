@@ -461,13 +461,19 @@ impl DaemonEnv {
     pub fn daemon_section(&self) -> String {
         format!(
             "[daemon]\ncgroup_parent = \"{}\"\npin_dir = \"{}\"\ncontrol_socket = \"{}\"\n\
-             metrics_listen = \"127.0.0.1:0\"\naudit_log = \"{}\"\n{}\n",
+             metrics_listen = \"127.0.0.1:0\"\naudit_log = \"{}\"\nagent_homes = \"{}\"\n{}\n",
             self.parent_name,
             self.pin_dir.display(),
             self.socket.display(),
             self.audit.display(),
+            self.homes().display(),
             self.daemon_extra
         )
+    }
+
+    /// Where the daemon makes the homes of agents that run as a uid of their own.
+    pub fn homes(&self) -> PathBuf {
+        self.dir.0.join("homes")
     }
 
     /// Adds `lines` (TOML key = value lines, e.g. `dns_upstream = "127.0.0.1:5353"`) to the

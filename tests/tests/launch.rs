@@ -229,13 +229,13 @@ fn launched_as_root_without_the_eight_capabilities_in_its_own_cgroup_namespace()
     privileged!();
     let other = TestCgroup::new();
     let mut env = DaemonEnv::new();
-    env.write_config("[[agents]]\nname = \"rooted\"\n");
+    env.write_config("[[agents]]\nname = \"rooted\"\nuser = \"root\"\n");
     env.start();
     let r = launch_script(&env, "rooted", Some(other.path()), 0);
     eprintln!("{r:#?}");
     assert_eq!(r.exit, Some(0), "{}", r.stderr);
     assert_hardened(&r, &env, "rooted");
-    // No `user`: still uid 0, with every capability but the eight.
+    // `user = "root"`: uid 0, with every capability but the eight.
     assert_eq!(r.status.get("Uid").map(String::as_str), Some("0\t0\t0\t0"));
     let own = own_status();
     assert_eq!(mask(&r.status, "CapEff"), mask(&own, "CapEff") & !DROPPED);
@@ -307,6 +307,166 @@ fn launched_as_nobody_with_its_ids_and_the_exit_status_passed_through() {
     assert_eq!(
         fs::read_to_string(other.path().join("cgroup.procs")).ok(),
         Some(String::new())
+    );
+}
+
+#[test]
+fn without_user_an_agent_runs_as_a_uid_of_its_own_with_a_private_home() {
+    privileged!();
+    let other = TestCgroup::new();
+    let mut env = DaemonEnv::new();
+    env.write_config("[[agents]]\nname = \"plain\"\n\n[[agents]]\nname = \"other\"\n");
+    env.start();
+    let r = launch_script(&env, "plain", Some(other.path()), 3);
+    eprintln!("{r:#?}");
+    assert_eq!(r.exit, Some(3), "exit status passed through: {}", r.stderr);
+    assert_hardened(&r, &env, "plain");
+    // The uid the config gives it (stable: from its name), and its group of the same number.
+    let config = agentwatch::config::Config::load(&env.config).expect("config");
+    let uid = match config.agent("plain").map(|a| a.run_as.clone()) {
+        Some(agentwatch::uids::RunAs::Own { uid }) => uid,
+        other => panic!("plain runs as {other:?}"),
+    };
+    let other_uid = match config.agent("other").map(|a| a.run_as.clone()) {
+        Some(agentwatch::uids::RunAs::Own { uid }) => uid,
+        o => panic!("other runs as {o:?}"),
+    };
+    assert_ne!(uid, other_uid, "two agents, two uids");
+    assert!(agentwatch::uids::UidRange::DEFAULT.contains(uid), "{uid}");
+    assert_eq!(
+        r.status.get("Uid"),
+        Some(&format!("{uid}\t{uid}\t{uid}\t{uid}"))
+    );
+    assert_eq!(
+        r.status.get("Gid"),
+        Some(&format!("{uid}\t{uid}\t{uid}\t{uid}"))
+    );
+    assert_eq!(r.status.get("Groups").map(String::as_str), Some(""));
+    for key in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
+        assert_eq!(mask(&r.status, key), 0, "{key}");
+    }
+    assert_eq!(
+        r.attempts.get("cgroup_open"),
+        Some(&libc::EACCES),
+        "{:?}",
+        r.attempts
+    );
+    // Its private home: its own, nobody else's.
+    use std::os::unix::fs::MetadataExt as _;
+    let home = env.homes().join("plain");
+    let m = fs::metadata(&home).expect("the agent's home");
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (uid, uid, 0o700));
+    // status says whom it runs as, and that it is not root.
+    let row = &env.status()["plain"];
+    assert_eq!(row["runs_as"], format!("uid:{uid}"));
+    assert_eq!(row["root"], false);
+    // The home is writable by it, HOME points there, and the same uid comes back next time.
+    let out = env.cli(&[
+        "launch",
+        "--agent",
+        "plain",
+        "--",
+        "/bin/sh",
+        "-c",
+        "touch \"$HOME/ok\" && echo \"$HOME $(id -u)\"",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{} {uid}", home.display())
+    );
+    assert_eq!(fs::metadata(home.join("ok")).expect("written").uid(), uid);
+}
+
+#[test]
+fn a_working_directory_the_agent_cannot_read_is_a_clear_error() {
+    privileged!();
+    let dir = TempDir::new();
+    let private = dir.0.join("private");
+    fs::create_dir(&private).expect("mkdir");
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).expect("chmod");
+    let marker = dir.0.join("ran");
+    let mut env = DaemonEnv::new();
+    env.write_config("[[agents]]\nname = \"plain\"\n");
+    env.start();
+    let out = Command::new(agentwatch_bin())
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(["launch", "--agent", "plain", "--", "/bin/sh", "-c"])
+        .arg(format!("touch {}", marker.display()))
+        .current_dir(&private)
+        .output()
+        .expect("launch");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let uid = match agentwatch::config::Config::load(&env.config)
+        .expect("config")
+        .agent("plain")
+        .map(|a| a.run_as.clone())
+    {
+        Some(agentwatch::uids::RunAs::Own { uid }) => uid,
+        o => panic!("{o:?}"),
+    };
+    assert_eq!(
+        stderr.trim(),
+        format!(
+            "agentwatch: agent `plain` runs as uid {uid}, which cannot read the working \
+             directory {}; start it from a directory that uid can read (its home is {}), or \
+             give the agent a `user` who can",
+            private.display(),
+            env.homes().join("plain").display()
+        )
+    );
+    assert!(!marker.exists(), "the command ran");
+    // A command it may not execute, from a directory it may read.
+    let script = private.join("tool.sh");
+    fs::write(&script, "#!/bin/sh\ntrue\n").expect("write");
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = Command::new(agentwatch_bin())
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(["launch", "--agent", "plain", "--"])
+        .arg(&script)
+        .current_dir("/")
+        .output()
+        .expect("launch");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        format!(
+            "agentwatch: agent `plain` runs as uid {uid}, which cannot execute {} (or search a \
+             folder on its path); the command was not run",
+            script.display()
+        )
+    );
+}
+
+#[test]
+fn check_warns_of_a_root_agent() {
+    let dir = TempDir::new();
+    let path = dir.0.join("root.toml");
+    fs::write(
+        &path,
+        "[[agents]]\nname = \"a\"\nuser = \"root\"\n\n[[agents]]\nname = \"b\"\n",
+    )
+    .expect("write");
+    let out = Command::new(agentwatch_bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("running agentwatch check");
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let warnings: Vec<&str> = text.lines().filter(|l| l.contains("warning")).collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert!(
+        warnings[0].starts_with("  warning: agent `a` runs as root (user = \"root\"):"),
+        "{text}"
     );
 }
 

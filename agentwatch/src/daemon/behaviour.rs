@@ -122,10 +122,17 @@ impl State {
     }
 
     /// Without BPF LSM, an open outside the agent's file list is found after the fact: the
-    /// breaker opens on signal `files` and its action runs (kill when the agent has no
-    /// breaker: the open was meant to be refused). Once per trip: while the breaker stays
-    /// open, later opens are audited but not acted on again.
+    /// breaker opens on signal `files` and its action runs ([`Self::trip_on`]).
     pub(super) fn trip_on_file(&mut self, agent: &str) {
+        self.trip_on(agent, "files");
+    }
+
+    /// Something the agent did that was meant to be impossible (an open outside its file list
+    /// found after the fact, a request on the control socket, a guard switched off): the
+    /// breaker opens on `signal` and its action runs (kill when the agent has no breaker: the
+    /// attempt was meant to be refused). Once per trip: while the breaker stays open, later
+    /// attempts are audited but not acted on again.
+    pub(super) fn trip_on(&mut self, agent: &str, signal: &str) {
         let now = Instant::now();
         let Some(monitor) = self.monitors.get_mut(agent) else {
             return;
@@ -135,7 +142,7 @@ impl State {
         }
         let action = monitor.config().map_or(Action::Kill, |c| c.action);
         monitor.force_open(now);
-        self.run_trip(agent, "files", 1.0, 0.0, action);
+        self.run_trip(agent, signal, 1.0, 0.0, action);
     }
 
     fn set_flags(&mut self, agent: &str, flags: u32) -> Result<(), String> {

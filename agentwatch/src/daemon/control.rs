@@ -15,6 +15,7 @@ use crate::{
     cgroup::Cgroup,
     config::LeaseAction,
     control::{self, Request, Response},
+    uids::RunAs,
 };
 
 /// How long kill and freeze wait for the kernel before they report failure.
@@ -38,7 +39,9 @@ pub(super) async fn serve(
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+            // The peer connected before this instant (see crate::peer on kernels without
+            // SO_PEERPIDFD).
+            Ok((stream, _)) => (stream, crate::peer::boot_ticks()),
             Err(e) => {
                 // Out of file descriptors (or memory): the listener itself is fine. Serving
                 // stops for a moment, not for good.
@@ -47,6 +50,7 @@ pub(super) async fn serve(
                 continue;
             }
         };
+        let (stream, accepted) = stream;
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
             tokio::spawn(async move {
                 let _ = answer(stream, &Response::err("busy: too many control connections")).await;
@@ -55,7 +59,7 @@ pub(super) async fn serve(
         };
         let state = Arc::clone(&state);
         tokio::spawn(async move {
-            if let Err(e) = control_connection(state, stream, admin_gid).await {
+            if let Err(e) = control_connection(state, stream, admin_gid, accepted).await {
                 tracing::debug!("control connection: {e:#}");
             }
             drop(slot);
@@ -75,10 +79,43 @@ async fn control_connection(
     state: Shared,
     mut stream: UnixStream,
     admin_gid: Option<u32>,
+    accepted: u64,
 ) -> Result<()> {
-    let cred = stream.peer_cred()?;
-    let (uid, gid) = (cred.uid(), cred.gid());
-    if !control::authorized(uid, gid, cred.pid(), admin_gid) {
+    use std::os::fd::AsFd as _;
+    // Judged from the kernel before anything else (crate::peer): a peer that cannot be judged
+    // is refused.
+    let peer = match crate::peer::identify(stream.as_fd(), accepted) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("control socket: refused a peer that could not be judged: {e}");
+            return answer(stream, &Response::err(format!("permission denied: {e}"))).await;
+        }
+    };
+    let inside = lock(&state).agent_holding(&peer);
+    if let Some(agent) = inside {
+        // The guarded never steers the guard, root or not. What it asked goes in the trail.
+        let mut line = Vec::new();
+        {
+            let mut reader = BufReader::new((&mut stream).take(control::MAX_REQUEST as u64));
+            let _ = tokio::time::timeout(PEER_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
+        }
+        let request = refused_request(&line);
+        let message = format!(
+            "refused: this process (pid {}) is inside agent `{agent}`'s cgroup, and an agent \
+             never steers its guard; a human runs agentwatch from outside every agent",
+            peer.pid
+        );
+        let st = Arc::clone(&state);
+        tokio::task::spawn_blocking(move || {
+            let mut s = lock(&st);
+            s.refuse_control(&agent, &peer, request);
+            s.audit.sync();
+        })
+        .await?;
+        return answer(stream, &Response::err(message)).await;
+    }
+    let (uid, gid) = (peer.uid, peer.gid);
+    if !control::authorized(uid, gid, i32::try_from(peer.pid).ok(), admin_gid) {
         tracing::warn!(
             uid,
             gid,
@@ -132,7 +169,96 @@ async fn control_connection(
     Ok(())
 }
 
+/// What a refused peer asked, for its audit line: the request as the CLI sends it when it
+/// is one (cut to its command when long: the agent chooses its size), else `"unparsed"`.
+fn refused_request(line: &[u8]) -> Value {
+    match serde_json::from_slice::<Request>(line) {
+        Ok(req) => {
+            let v = serde_json::to_value(&req).unwrap_or(Value::Null);
+            if v.to_string().len() <= 512 {
+                v
+            } else {
+                json!({ "cmd": v["cmd"], "cut": true })
+            }
+        }
+        Err(_) => json!("unparsed"),
+    }
+}
+
+/// At most this many `control_refused` lines per agent and second; beyond it they are counted,
+/// and the next line written says how many were not.
+const REFUSALS_PER_SECOND: u32 = 10;
+
+/// The written and unwritten refusals of one agent in the current second.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Refusals {
+    /// All refusals since the daemon started (status, /metrics).
+    pub total: u64,
+    second: u64,
+    written: u32,
+    unwritten: u64,
+}
+
 impl State {
+    /// The agent whose cgroup holds `peer` (its own or one below it). A process under the
+    /// agents' parent cgroup but in no configured agent (one removed from the config
+    /// meanwhile) is agent ground too: named "" then.
+    pub(super) fn agent_holding(&self, peer: &crate::peer::Peer) -> Option<String> {
+        let at = peer.cgroup_path(&self.mount);
+        for name in self.agents.names() {
+            if let Some(cg) = self.agents.cgroup(name)
+                && crate::peer::inside(&at, cg.path())
+            {
+                return Some(name.to_owned());
+            }
+        }
+        crate::peer::inside(&at, &self.mount.join(&self.config.daemon.cgroup_parent))
+            .then(String::new)
+    }
+
+    /// A request from inside agent `agent`: audited `control_refused`, counted as an escape
+    /// attempt, and acted on like one (its breaker trips on signal `tamper`).
+    pub(super) fn refuse_control(&mut self, agent: &str, peer: &crate::peer::Peer, request: Value) {
+        tracing::warn!(
+            agent,
+            pid = peer.pid,
+            uid = peer.uid,
+            comm = %peer.comm,
+            %request,
+            "control socket: refused a request from inside an agent"
+        );
+        let second = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let r = self.control_refusals.entry(agent.to_owned()).or_default();
+        r.total += 1;
+        if r.second != second {
+            r.second = second;
+            r.written = 0;
+        }
+        if r.written >= REFUSALS_PER_SECOND {
+            r.unwritten += 1;
+        } else {
+            r.written += 1;
+            let mut fields = json!({
+                "pid": peer.pid,
+                "uid": peer.uid,
+                "comm": peer.comm,
+                "cgroup": peer.cgroup,
+                "request": request,
+                "judged_by": peer.method,
+            });
+            if r.unwritten > 0 {
+                fields["not_written_before"] = json!(r.unwritten);
+                r.unwritten = 0;
+            }
+            self.audit_agent(agent, "control_refused", fields);
+        }
+        if !agent.is_empty() {
+            self.trip_on(agent, "tamper");
+        }
+    }
+
     fn handle(&mut self, req: Request, uid: u32) -> Response {
         let result = match req {
             Request::Status { rules } => Ok(json!({
@@ -401,9 +527,40 @@ impl State {
                 "agent `{agent}`'s breaker is open; `agentwatch approve {agent}` first"
             ));
         }
-        Ok(json!({
-            "cgroup": cg.path().display().to_string(),
-            "user": self.config.agent(agent).and_then(|a| a.user.as_deref()),
-        }))
+        let run_as = self
+            .config
+            .agent(agent)
+            .map(|a| a.run_as.clone())
+            .ok_or_else(|| format!("agent `{agent}` is not in the config in force"))?;
+        let cgroup = cg.path().display().to_string();
+        Ok(match run_as {
+            RunAs::Root => json!({ "cgroup": cgroup, "user": "root" }),
+            RunAs::User(u) => json!({ "cgroup": cgroup, "user": u }),
+            RunAs::Own { uid } => {
+                // A uid of the user database is someone's: an agent must not share it.
+                if let Some(owner) = crate::uids::user_of(uid) {
+                    return Err(format!(
+                        "agent `{agent}`'s own uid {uid} belongs to user `{owner}` on this \
+                         host; give daemon.agent_uids a range ({}) no user has a uid in, or \
+                         give the agent a `user`",
+                        self.config.daemon.agent_uids
+                    ));
+                }
+                let home = crate::uids::make_home(&self.config.daemon.agent_homes, agent, uid)
+                    .map_err(|e| {
+                        format!(
+                            "making agent `{agent}`'s home in {}: {e}",
+                            self.config.daemon.agent_homes.display()
+                        )
+                    })?;
+                json!({
+                    "cgroup": cgroup,
+                    "user": null,
+                    "uid": uid,
+                    "gid": uid,
+                    "home": home.display().to_string(),
+                })
+            }
+        })
     }
 }

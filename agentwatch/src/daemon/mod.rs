@@ -73,6 +73,8 @@ struct State {
     /// Without BPF LSM: opens outside an agent's file list found by the daemon (added to the
     /// kernel's `files_denied` wherever counters are shown).
     files_detected: BTreeMap<String, u64>,
+    /// Requests refused on the control socket because they came from inside an agent.
+    control_refusals: BTreeMap<String, control::Refusals>,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -153,6 +155,11 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
     tracing::info!(audit_log = %audit::describe(&config.daemon.audit_log).display(), "audit trail open");
     let pins = PinDir::new(&config.daemon.pin_dir);
     ensure_bpffs(pins.root())?;
+    // Made now, so that it is the daemon's own: an agent that made it first owns it, and the
+    // check below refuses that.
+    std::fs::create_dir_all(pins.root())
+        .with_context(|| format!("creating pin_dir {}", pins.root().display()))?;
+    check_ownership(&config, &source)?;
     let adopting = pins.exists();
     let mut agents = Agents::load_pinned(pins).context("loading the kernel programs")?;
     if adopting {
@@ -180,6 +187,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         last_seen,
         monitors: BTreeMap::new(),
         files_detected: BTreeMap::new(),
+        control_refusals: BTreeMap::new(),
         swept: sweep::Swept::default(),
         dns,
         vanished: Vec::new(),
@@ -338,10 +346,29 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     )
 }
 
+/// The daemon refuses to run on files that anyone but root could write, replace or unlink
+/// ([`crate::ownership`]): an agent (never root unless the config says so) could otherwise
+/// rewrite its own allow-list, its trail, or the daemon's pins.
+fn check_ownership(config: &Config, source: &ConfigSource) -> Result<()> {
+    let mut paths = vec![("pin_dir", config.daemon.pin_dir.clone())];
+    if let ConfigSource::File(p) = source {
+        paths.push(("the config", p.clone()));
+    }
+    if config.daemon.audit_log != Path::new("-") {
+        paths.push(("the audit trail", config.daemon.audit_log.clone()));
+    }
+    for (what, path) in paths {
+        crate::ownership::check(what, &path)?;
+    }
+    Ok(())
+}
+
 fn bind_control(path: &Path, admin_group: Option<&str>) -> Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt as _;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        // Whoever may write the socket's folder could put a socket of its own in its place.
+        crate::ownership::check("the control socket's folder", dir)?;
     }
     // A stale socket of a daemon that died (refuse_if_running found nobody answering).
     let _ = std::fs::remove_file(path);

@@ -369,8 +369,10 @@ impl State {
         };
         let path = path.clone();
         self.last_seen = std::fs::read(&path).ok();
-        let result = Config::load(&path)
+        // A config someone else could have written is no config of root's (crate::ownership).
+        let result = crate::ownership::check("the config", &path)
             .map_err(|e| e.to_string())
+            .and_then(|()| Config::load(&path).map_err(|e| e.to_string()))
             .and_then(|c| self.apply(c));
         match &result {
             Ok(summary) => {

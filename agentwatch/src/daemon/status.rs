@@ -80,6 +80,10 @@ impl State {
                 "capped": c.verdict_total(VERDICT_CAPPED),
                 "would_deny": c.verdict_total(VERDICT_WOULD_DENY),
                 "mode": if self.config.agent(name).is_some_and(|a| a.learn) { "learn" } else { "enforce" },
+                // Whom `launch` runs it as; `root` flags an agent that can still reach what
+                // the file modes guard (README "Security model").
+                "runs_as": self.config.agent(name).map(|a| a.run_as.describe()),
+                "root": self.config.agent(name).is_some_and(|a| a.run_as.is_root()),
                 "connects": c.connects,
                 "egress_bytes": c.egress_bytes,
                 "egress_bytes_dropped": c.egress_bytes_dropped,
@@ -104,6 +108,7 @@ impl State {
                     "raw_socket": c.raw_sockets_denied,
                     "packet_socket": c.packet_sockets_killed + c.packet_sockets_denied,
                     "cgroup_escape": c.cgroup_escapes,
+                    "control_refused": self.control_refusals.get(name).map_or(0, |r| r.total),
                 },
                 "dns": {
                     "allowed": dns.allowed,
@@ -160,6 +165,8 @@ impl State {
                 AgentSnapshot {
                     name: name.to_owned(),
                     counters: self.agent_counters(name),
+                    root: self.config.agent(name).is_some_and(|a| a.run_as.is_root()),
+                    control_refused: self.control_refusals.get(name).map_or(0, |r| r.total),
                     frozen: self
                         .agents
                         .cgroup(name)
