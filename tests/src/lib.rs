@@ -471,6 +471,19 @@ impl DaemonEnv {
         )
     }
 
+    /// A folder every agent may write (mode 1777, like /tmp), for the files a test's agent
+    /// writes (counters, markers): agents run as uids of their own, and the environment's own
+    /// folder, which holds the config and the trail, is root's alone.
+    pub fn scratch(&self) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let p = self.dir.0.join("scratch");
+        if !p.exists() {
+            fs::create_dir_all(&p).expect("scratch dir");
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o1777)).expect("chmod scratch");
+        }
+        p
+    }
+
     /// Where the daemon makes the homes of agents that run as a uid of their own.
     pub fn homes(&self) -> PathBuf {
         self.dir.0.join("homes")

@@ -37,7 +37,7 @@ fn pace(
     proto: &str,
     phases: &[String],
 ) -> std::process::Child {
-    let marks = env.dir.0.join(format!("marks-{agent}"));
+    let marks = env.scratch().join(format!("marks-{agent}"));
     env.probe_command(agent)
         .arg("pace")
         .arg(&marks)

@@ -1086,7 +1086,7 @@ fn containment() {
                 });
                 child
             });
-            let marks = env.dir.0.join(format!("marks-{i}"));
+            let marks = env.scratch().join(format!("marks-{i}"));
             // Only the log's new bytes are read at each poll: rereading all of it every 0.5 ms
             // would take CPU from the daemon being measured.
             let mut log = fs::File::open(env.dir.0.join("daemon.log")).expect("daemon log");

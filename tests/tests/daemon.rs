@@ -387,7 +387,7 @@ fn reload_adds_and_removes_agents_and_follows_file_edits_and_sighup() {
     let mut spinner = Command::new(probe_bin())
         .arg("--cgroup")
         .arg(&first)
-        .args(["spin", env.dir.0.join("spin").to_str().expect("utf8")])
+        .args(["spin", env.scratch().join("spin").to_str().expect("utf8")])
         .spawn()
         .expect("spinner");
     // The probe moves itself into the cgroup: wait for that, or the daemon may remove the
@@ -537,7 +537,7 @@ fn freeze_thaw_and_kill_switch() {
     let mut env = DaemonEnv::new();
     env.write_config(&one_agent("worker", &[format!("tcp 127.0.0.1 {port}")]));
     env.start();
-    let counter = env.dir.0.join("counter");
+    let counter = env.scratch().join("counter");
     let mut spinner = env
         .probe_command("worker")
         .args(["spin", counter.to_str().expect("utf8")])

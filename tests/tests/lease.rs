@@ -155,7 +155,7 @@ fn lease_action_freeze_and_kill_stop_the_agent_and_extend_thaws_a_frozen_one() {
     ));
     env.start();
     let spin = |agent: &str| {
-        let file = env.dir.0.join(format!("{agent}.count"));
+        let file = env.scratch().join(format!("{agent}.count"));
         env.probe_command(agent)
             .args(["spin", file.to_str().expect("utf8")])
             .stdout(Stdio::null())

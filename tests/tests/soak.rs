@@ -265,7 +265,7 @@ fn bursty(env: &DaemonEnv, t: &Tally, p: &Ports, stop: &AtomicBool) {
         t.problem("bursty: no cgroup".into());
         return;
     };
-    let marks = env.dir.0.join("marks-bursty");
+    let marks = env.scratch().join("marks-bursty");
     t.add(&t.launches, 1);
     let child = env
         .probe_command("bursty")

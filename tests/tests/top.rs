@@ -132,7 +132,7 @@ fn top_shows_the_agents_and_a_confirmed_key_freezes_and_thaws_one() {
     // Something for the events pane, and a process for the freeze to stop.
     let out = env.launch_probe("alpha", &["connect", "udp", "127.0.0.2", "53"]);
     assert!(out.status.success());
-    let counter = env.dir.0.join("count");
+    let counter = env.scratch().join("count");
     let mut spin = env
         .probe_command("alpha")
         .args(["spin", counter.to_str().expect("utf8")])

@@ -41,6 +41,7 @@ pin_dir = "{pins}"
 control_socket = "{socket}"
 metrics_listen = "127.0.0.1:0"
 audit_log = "{audit}"
+agent_homes = "{homes}"
 
 [[agents]]
 name = "demo-agent"
@@ -147,6 +148,7 @@ impl Env {
             .replace("{pins}", &format!("/sys/fs/bpf/{parent}"))
             .replace("{socket}", &self.socket.display().to_string())
             .replace("{audit}", &self.audit.display().to_string())
+            .replace("{homes}", &self.dir.join("homes").display().to_string())
             .replace("{provider_ip}", &provider.ip().to_string())
             .replace("{provider_port}", &provider.port().to_string());
         std::fs::write(&self.config_path, &text)?;
@@ -406,7 +408,9 @@ async fn story(env: &mut Env) -> Result<()> {
     say(&format!(
         "[4/6] It works at 5 calls/s for {STEADY_SECS} s (the breaker learns its normal), then bursts."
     ));
-    let mark = env.dir.join("burst-started");
+    // The agent runs as a uid of its own: it writes its mark where it may (its home), not in
+    // the demo's folder, which is root's alone (it holds the config and the trail).
+    let mark = env.dir.join("homes").join(AGENT).join("burst-started");
     let mut pacer = env.launched(&[
         "pace",
         &provider_addr.to_string(),

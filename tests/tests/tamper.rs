@@ -1,0 +1,351 @@
+//! The guarded never steers the guard (issue 21): a hostile agent, launched with the defaults,
+//! tries every way around the daemon that the issue's table lists, finding its targets the way
+//! a real one would (the daemon's command line in /proc names the config, the config names the
+//! socket, the pins and the trail). Each attempt's exact errno is asserted, and then that
+//! nothing it aimed at changed: the daemon runs and answers, its links are attached, its
+//! config and trail are as they were, the sibling agent lives unfrozen.
+//!
+//! A `user = "root"` agent can open the control socket; the daemon refuses it all the same,
+//! from the kernel's word on its cgroup, audits `control_refused` and acts on it.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{BufRead as _, BufReader},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use agentwatch_tests::{
+    DaemonEnv, accepting, agentwatch_bin, patience, privileged, scaled_toml, wait_until,
+};
+
+/// The attacker, run inside agent `a` as `python3 -c ATTACK CONFIG SIBLING_PID SIBLING_CG
+/// OWN_CG ALLOWED_PORT`. Prints one JSON object: attempt -> errno (0: it worked), plus what it
+/// found.
+const ATTACK: &str = r#"
+import ctypes, json, os, signal, socket, sys, time, tomllib
+config_path, sibling_pid, sibling_cg, own_cg, port = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+out = {}
+def attempt(name, f):
+    try:
+        f()
+        out[name] = 0
+    except OSError as e:
+        out[name] = e.errno
+def connect_allowed():
+    s = socket.socket()
+    try:
+        s.connect(("127.0.0.1", port))
+    finally:
+        s.close()
+# The lease ends egress: wait until the allowed port is refused.
+deadline = time.time() + float(os.environ.get("WAIT", "20"))
+while time.time() < deadline:
+    try:
+        connect_allowed()
+        time.sleep(0.05)
+    except OSError as e:
+        out["lease_over"] = e.errno
+        break
+# The daemon, found from /proc: the process whose command line names the config.
+daemon = None
+for p in os.listdir("/proc"):
+    if not p.isdigit():
+        continue
+    try:
+        cmd = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")
+    except OSError:
+        continue
+    if b"run" in cmd and config_path.encode() in cmd:
+        daemon = int(p)
+out["daemon_found"] = daemon is not None
+cfg = tomllib.load(open(config_path, "rb"))["daemon"]
+sock, pins, trail = cfg["control_socket"], cfg["pin_dir"], cfg["audit_log"]
+def control(req):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock)
+    s.sendall(json.dumps(req).encode() + b"\n")
+    out[req["cmd"] + "_answer"] = s.recv(4096).decode()
+attempt("approve", lambda: control({"cmd": "approve", "agent": "a", "keep_baseline": False}))
+attempt("extend", lambda: control({"cmd": "extend", "agent": "a", "seconds": 36000}))
+attempt("egress_after", connect_allowed)
+attempt("config_append", lambda: open(config_path, "a").close())
+attempt("config_rename", lambda: os.rename(config_path, config_path + ".old"))
+attempt("socket_unlink", lambda: os.unlink(sock))
+attempt("socket_fake", lambda: socket.socket(socket.AF_UNIX).bind(sock + ".fake"))
+attempt("trail_write", lambda: open(trail, "r+").close())
+attempt("trail_unlink", lambda: os.unlink(trail))
+attempt("child_cgroup", lambda: os.mkdir(own_cg + "/evil"))
+attempt("daemon_move", lambda: open(own_cg + "/cgroup.procs", "w").write(str(daemon)))
+attempt("daemon_stop", lambda: os.kill(daemon, signal.SIGSTOP))
+attempt("daemon_kill", lambda: os.kill(daemon, signal.SIGKILL))
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+class ObjGet(ctypes.Structure):
+    _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32), ("file_flags", ctypes.c_uint32), ("pad", ctypes.c_uint64 * 4)]
+def bpf_obj_get(path):
+    name = ctypes.create_string_buffer(path.encode())
+    attr = ObjGet(ctypes.cast(name, ctypes.c_void_p).value, 0, 0)
+    fd = libc.syscall(321, 7, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    os.close(fd)
+pin_files = []
+for root, dirs, files in os.walk(pins):
+    pin_files += [os.path.join(root, f) for f in files]
+out["pins_seen"] = len(pin_files)
+errs = {}
+for p in pin_files:
+    try:
+        bpf_obj_get(p)
+        errs["0"] = errs.get("0", 0) + 1
+    except OSError as e:
+        errs[str(e.errno)] = errs.get(str(e.errno), 0) + 1
+out["pins_opened"] = errs
+attempt("pin_unlink", lambda: os.unlink(pin_files[0]))
+attempt("sibling_freeze", lambda: open(sibling_cg + "/cgroup.freeze", "w").write("1"))
+attempt("sibling_kill", lambda: open(sibling_cg + "/cgroup.kill", "w").write("1"))
+attempt("sibling_signal", lambda: os.kill(sibling_pid, signal.SIGKILL))
+def ptrace_sibling():
+    if libc.ptrace(16, sibling_pid, None, None) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+attempt("sibling_ptrace", ptrace_sibling)
+print(json.dumps(out), flush=True)
+"#;
+
+/// Launches `sleep` in agent `name` and waits until it is in the agent's cgroup; its pid.
+fn sleeper(env: &DaemonEnv, name: &str) -> (Child, u32) {
+    let mut child = Command::new(agentwatch_bin())
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(["launch", "--agent", name, "--", "/bin/sleep", "600"])
+        .current_dir("/")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("launching the sibling");
+    let procs = env.agent_cgroup(name).join("cgroup.procs");
+    let mut pid = 0;
+    wait_until("the sibling in its cgroup", Duration::from_secs(10), || {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use std::io::Read as _;
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("the sibling exited: {status}: {err}");
+        }
+        pid = fs::read_to_string(&procs)
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.parse().ok()))
+            .unwrap_or(0);
+        pid != 0
+    });
+    (child, pid)
+}
+
+/// Programs attached to each agent's cgroup on the connect4 hook (the kernel's word, not
+/// the pin files').
+fn attached(env: &DaemonEnv) -> Vec<u32> {
+    ["a", "b"]
+        .iter()
+        .map(|n| {
+            let cg = agentwatch::cgroup::Cgroup::open(env.agent_cgroup(n)).expect("cgroup");
+            agentwatch::launch::attached_programs(&cg).expect("BPF_PROG_QUERY")
+        })
+        .collect()
+}
+
+#[test]
+fn a_default_launched_agent_cannot_reach_the_daemon_its_pins_or_its_sibling() {
+    privileged!();
+    let port = accepting();
+    let mut env = DaemonEnv::new();
+    env.write_config(&format!(
+        "[[agents]]\nname = \"a\"\negress = [\"tcp 127.0.0.1 {port}\"]\nlease = \"{}\"\n\n\
+         [[agents]]\nname = \"b\"\negress = [\"tcp 127.0.0.1 {port}\"]\n",
+        scaled_toml(Duration::from_secs(2))
+    ));
+    env.start();
+    let (mut sibling, sibling_pid) = sleeper(&env, "b");
+    let config_before = fs::read(&env.config).expect("config");
+    let links_before = attached(&env);
+    assert_eq!(links_before, vec![1, 1]);
+    let out = Command::new(agentwatch_bin())
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(["launch", "--agent", "a", "--", "python3", "-c", ATTACK])
+        .arg(&env.config)
+        .arg(sibling_pid.to_string())
+        .arg(env.agent_cgroup("b"))
+        .arg(env.agent_cgroup("a"))
+        .arg(port.to_string())
+        .env(
+            "WAIT",
+            patience(Duration::from_secs(20)).as_secs().to_string(),
+        )
+        .current_dir("/")
+        .output()
+        .expect("launching the attacker");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the attacker: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(stdout.trim()).expect("the attacker's report");
+    eprintln!("{got:#?}");
+    let errno = |k: &str| got.get(k).and_then(serde_json::Value::as_i64);
+    let (eacces, eperm) = (i64::from(libc::EACCES), i64::from(libc::EPERM));
+    assert_eq!(
+        got["daemon_found"], true,
+        "it found the daemon as a real agent would"
+    );
+    assert_eq!(errno("lease_over"), Some(eperm), "the lease ended egress");
+    // The control socket is root's, mode 0600: approve and extend never reach the daemon.
+    assert_eq!(errno("approve"), Some(eacces));
+    assert_eq!(errno("extend"), Some(eacces));
+    assert_eq!(errno("egress_after"), Some(eperm), "egress stays ended");
+    // The config, the socket's folder, the trail: root's, writable by nobody else.
+    for k in [
+        "config_append",
+        "config_rename",
+        "socket_unlink",
+        "socket_fake",
+        "trail_write",
+        "trail_unlink",
+    ] {
+        assert_eq!(errno(k), Some(eacces), "{k}");
+    }
+    // Its own cgroup's files are root's: no child cgroup to freeze the daemon in, no move.
+    assert_eq!(errno("child_cgroup"), Some(eacces));
+    assert_eq!(errno("daemon_move"), Some(eacces));
+    // Another uid: no signal reaches the daemon or the sibling, no ptrace.
+    assert_eq!(errno("daemon_stop"), Some(eperm));
+    assert_eq!(errno("daemon_kill"), Some(eperm));
+    assert_eq!(errno("sibling_signal"), Some(eperm));
+    assert_eq!(errno("sibling_ptrace"), Some(eperm));
+    assert_eq!(errno("sibling_freeze"), Some(eacces));
+    assert_eq!(errno("sibling_kill"), Some(eacces));
+    // Every pin seen, none opened: bpffs pins are root's, mode 0600.
+    let seen = got["pins_seen"].as_u64().expect("pins_seen");
+    assert!(seen > 0, "{got:?}");
+    assert_eq!(
+        got["pins_opened"],
+        serde_json::json!({ libc::EACCES.to_string(): seen }),
+        "BPF_OBJ_GET on every pin"
+    );
+    assert_eq!(errno("pin_unlink"), Some(eacces));
+    // Nothing it aimed at changed.
+    assert!(
+        env.pid()
+            .is_some_and(|p| fs::metadata(format!("/proc/{p}")).is_ok()),
+        "the daemon runs"
+    );
+    let status = fs::read_to_string(format!("/proc/{}/status", env.pid().unwrap_or(0)))
+        .expect("daemon status");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("State:") && !l.contains("stopped")),
+        "{status}"
+    );
+    let rows = env.status();
+    assert_eq!(rows["b"]["state"], "running");
+    assert_eq!(rows["b"]["processes"], 1);
+    assert_eq!(rows["a"]["lease"]["expired"], true);
+    assert_eq!(
+        rows["a"]["runs_as"].as_str().map(|s| s.starts_with("uid:")),
+        Some(true)
+    );
+    assert_ne!(
+        rows["a"]["runs_as"], rows["b"]["runs_as"],
+        "two agents, two uids"
+    );
+    assert_eq!(fs::read(&env.config).expect("config"), config_before);
+    assert!(env.socket.exists());
+    assert_eq!(attached(&env), links_before, "every link still attached");
+    let lines = env.audit_lines();
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l["kind"] == "approved" || l["kind"] == "lease_extended"),
+        "{lines:?}"
+    );
+    env.verify_audit();
+    let _ = sibling.kill();
+    let _ = sibling.wait();
+}
+
+#[test]
+fn a_root_agent_is_refused_on_the_control_socket_audited_and_stopped() {
+    privileged!();
+    let mut env = DaemonEnv::new();
+    env.write_config("[[agents]]\nname = \"r\"\nuser = \"root\"\n\n[[agents]]\nname = \"other\"\n");
+    env.start();
+    // Root inside the agent: the socket opens, the daemon refuses what it asks, whatever the
+    // request (approve itself, or launch into another agent).
+    let mut child = Command::new(agentwatch_bin())
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(["launch", "--agent", "r", "--", "/bin/sh", "-c"])
+        .arg(format!(
+            "echo ready; {bin} --socket {sock} approve r; echo \"approve $?\"; sleep 600",
+            bin = agentwatch_bin().display(),
+            sock = env.socket.display()
+        ))
+        .current_dir("/")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("launching the root agent");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("ready"));
+    let refused = env.wait_audit("control_refused", 1);
+    assert_eq!(refused.len(), 1, "{:?}", env.audit_lines());
+    let line = &refused[0];
+    assert_eq!(line["agent"], "r");
+    assert_eq!(line["uid"], 0);
+    assert_eq!(line["comm"], "agentwatch");
+    assert_eq!(line["request"]["cmd"], "approve");
+    assert_eq!(line["request"]["agent"], "r");
+    let pid = line["pid"].as_u64().expect("pid");
+    assert!(pid > 0);
+    // Acted on like an escape attempt: no breaker configured, so the agent is killed.
+    let trips = env.wait_audit("breaker_tripped", 1);
+    assert_eq!(trips.len(), 1, "{:?}", env.audit_lines());
+    assert_eq!(trips[0]["agent"], "r");
+    assert_eq!(trips[0]["signal"], "tamper");
+    assert_eq!(trips[0]["action"], "kill");
+    let status = child.wait().expect("waiting for the launched shell");
+    assert_eq!(status.code(), None, "killed by a signal: {status}");
+    let rows = env.status();
+    // A breaker's kill: the tree is gone and the breaker holds it until a human approves.
+    assert_eq!(rows["r"]["state"], "tripped");
+    assert_eq!(rows["r"]["processes"], 0);
+    assert_eq!(rows["r"]["root"], true);
+    assert_eq!(rows["r"]["runs_as"], "root");
+    assert_eq!(rows["r"]["escape_attempts"]["control_refused"], 1);
+    assert_eq!(rows["other"]["root"], false);
+    assert_eq!(
+        env.metric("agentwatch_escape_attempts_total{agent=\"r\",kind=\"control_refused\"}"),
+        Some(1.0)
+    );
+    assert_eq!(env.metric("agentwatch_agent_root{agent=\"r\"}"), Some(1.0));
+    assert!(
+        !env.audit_lines().iter().any(|l| l["kind"] == "approved"),
+        "the approve never ran"
+    );
+    // The human, outside every agent, still may.
+    let out = env.cli(&["approve", "r"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.verify_audit();
+}
