@@ -404,6 +404,17 @@ impl TempDir {
     }
 }
 
+impl TempDir {
+    /// A scratch folder an agent may write too (mode 1777, like /tmp): agents run as uids of
+    /// their own, not as the test's root.
+    pub fn for_agents() -> Self {
+        use std::os::unix::fs::PermissionsExt as _;
+        let d = Self::new();
+        fs::set_permissions(&d.0, fs::Permissions::from_mode(0o1777)).expect("chmod temp dir");
+        d
+    }
+}
+
 impl Default for TempDir {
     fn default() -> Self {
         Self::new()

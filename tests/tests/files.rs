@@ -53,8 +53,17 @@ fn approve_after_trips(env: &DaemonEnv, lsm: bool, n: usize) {
 /// A file `secret` holding "secret" in `dir`, outside every agent's list.
 fn secret_in(dir: &TempDir) -> PathBuf {
     let secret = dir.0.join("secret");
-    fs::write(&secret, "secret").expect("secret");
+    anyone_may_write(&secret, "secret");
     secret
+}
+
+/// Writes `text` to `path`, mode 0666: the agents are not root, and what must refuse them here
+/// is agentwatch's guard, not the file's mode (nor, for a hard link, the kernel's
+/// protected_hardlinks, which lets a user link only what it may read and write).
+fn anyone_may_write(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::write(path, text).expect("write");
+    fs::set_permissions(path, fs::Permissions::from_mode(0o666)).expect("chmod");
 }
 
 fn file_lines(env: &DaemonEnv) -> Vec<serde_json::Value> {
@@ -68,8 +77,12 @@ fn file_lines(env: &DaemonEnv) -> Vec<serde_json::Value> {
 fn opens_outside_the_list_are_refused_or_found_and_every_one_audited() {
     privileged!();
     let lsm = bpf_lsm_active();
-    let (work, ro, outside) = (TempDir::new(), TempDir::new(), TempDir::new());
-    fs::write(ro.0.join("config"), "ro").expect("ro file");
+    let (work, ro, outside) = (
+        TempDir::for_agents(),
+        TempDir::for_agents(),
+        TempDir::for_agents(),
+    );
+    anyone_may_write(&ro.0.join("config"), "ro");
     let secret = secret_in(&outside);
     let (link, planted) = (work.0.join("link"), work.0.join("new"));
     let mut env = DaemonEnv::new();
@@ -260,7 +273,7 @@ fn opens_outside_the_list_are_refused_or_found_and_every_one_audited() {
 fn without_a_breaker_an_open_outside_costs_the_agent_its_processes_or_is_refused() {
     privileged!();
     let lsm = bpf_lsm_active();
-    let (work, outside) = (TempDir::new(), TempDir::new());
+    let (work, outside) = (TempDir::for_agents(), TempDir::for_agents());
     let secret = secret_in(&outside);
     let mut env = DaemonEnv::new();
     env.write_config(&agent("nobreaker", &[&work.0], &[], ""));
@@ -309,7 +322,7 @@ fn without_a_breaker_an_open_outside_costs_the_agent_its_processes_or_is_refused
 fn a_hard_link_to_an_outside_file_is_refused_where_the_kernel_can() {
     privileged!();
     let lsm = bpf_lsm_active();
-    let (work, outside) = (TempDir::new(), TempDir::new());
+    let (work, outside) = (TempDir::for_agents(), TempDir::for_agents());
     let secret = secret_in(&outside);
     let hard = work.0.join("hard");
     let mut env = DaemonEnv::new();
@@ -346,7 +359,7 @@ fn a_hard_link_to_an_outside_file_is_refused_where_the_kernel_can() {
 #[test]
 fn agents_without_a_file_list_and_processes_outside_agents_are_untouched() {
     privileged!();
-    let outside = TempDir::new();
+    let outside = TempDir::for_agents();
     let secret = secret_in(&outside);
     let mut env = DaemonEnv::new();
     env.write_config(&format!(
@@ -374,7 +387,7 @@ fn agents_without_a_file_list_and_processes_outside_agents_are_untouched() {
 #[test]
 fn the_file_guard_is_attached_only_while_an_agent_needs_it() {
     privileged!();
-    let work = TempDir::new();
+    let work = TempDir::for_agents();
     let mut env = DaemonEnv::new();
     env.write_config("[[agents]]\nname = \"fs\"\negress = []\n");
     env.start();
@@ -410,7 +423,7 @@ fn the_file_guard_is_attached_only_while_an_agent_needs_it() {
 #[test]
 fn a_bad_file_list_is_refused_whole_and_the_old_policy_stays() {
     privileged!();
-    let work = TempDir::new();
+    let work = TempDir::for_agents();
     let mut env = DaemonEnv::new();
     env.write_config(&agent("fs", &[&work.0], &[], ""));
     env.start();
