@@ -104,8 +104,9 @@ impl RuleValue {
     }
 }
 
-/// Per-agent counters, one copy per CPU; userspace sums them. Fields grow at the end, in place
-/// of `_reserved`, so pinned maps of an older daemon stay readable. (The `would_deny` verdict
+/// Per-agent counters, one copy per CPU; userspace sums them. Fields grew at the end, in place
+/// of `_reserved` (the tamper counters took its last two), so pinned maps of an older daemon
+/// stayed readable. (The `would_deny` verdict
 /// widened `egress`, and the per-rule and learn-mode counters widened it again: pins made before
 /// have another size and are refused as incompatible; `agentwatch run --cleanup` removes them.)
 #[repr(C)]
@@ -165,7 +166,10 @@ pub struct AgentCounters {
     /// Packet sockets refused with EPERM (`lsm/socket_create`, where the kernel has BPF LSM;
     /// elsewhere the process is killed: `packet_sockets_killed`).
     pub packet_sockets_denied: u64,
-    pub _reserved: [u64; 2],
+    /// `bpf()` calls and signals to the daemon refused by the tamper guard (BPF LSM).
+    pub tamper_refused: u64,
+    /// Tamper refusals not written one by one (over the agent's event rate).
+    pub tamper_suppressed: u64,
 }
 
 impl AgentCounters {
@@ -187,6 +191,7 @@ impl AgentCounters {
             + self.execs_suppressed
             + self.escapes_suppressed
             + self.files_suppressed
+            + self.tamper_suppressed
     }
 }
 

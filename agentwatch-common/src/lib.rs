@@ -12,6 +12,7 @@ pub mod files;
 pub mod learn;
 pub mod limits;
 pub mod sockets;
+pub mod tamper;
 
 pub use dns::*;
 pub use egress::*;
@@ -20,6 +21,7 @@ pub use files::*;
 pub use learn::*;
 pub use limits::*;
 pub use sockets::*;
+pub use tamper::*;
 
 /// Largest number of agents one daemon guards. Agent ids index per-CPU arrays, so this bounds
 /// their size (and the kernel's memory: counters are per CPU).
@@ -95,6 +97,9 @@ pub const EVENT_FILE_DENIED: u32 = 10;
 /// Without BPF LSM: a file open of a guarded agent that the kernel could not clear, for the
 /// daemon to judge ([`FileEvent`] with the syscall's arguments and result).
 pub const EVENT_FILE_OPENED: u32 = 11;
+/// A `bpf()` call or a signal to the daemon refused at the tamper guard's LSM hooks
+/// ([`TamperEvent`]).
+pub const EVENT_TAMPER_REFUSED: u32 = 12;
 
 /// Daemon-wide settings the kernel programs read (slot 0 of the `SETTINGS` array).
 #[repr(C)]
@@ -140,6 +145,7 @@ mod pod {
     unsafe impl aya::Pod for super::DestKey {}
     unsafe impl aya::Pod for super::SocketEvent {}
     unsafe impl aya::Pod for super::EscapeEvent {}
+    unsafe impl aya::Pod for super::TamperEvent {}
     unsafe impl aya::Pod for super::DnsPorts {}
     unsafe impl aya::Pod for super::DnsKey {}
     unsafe impl aya::Pod for super::DnsValue {}

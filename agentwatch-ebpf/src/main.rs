@@ -19,6 +19,7 @@ mod learn;
 mod lease;
 mod sockets;
 mod syscalls;
+mod tamper;
 
 #[cfg(not(test))]
 #[panic_handler]

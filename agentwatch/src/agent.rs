@@ -218,6 +218,10 @@ impl Agents {
         &self.kernel
     }
 
+    pub fn kernel_mut(&mut self) -> &mut Kernel {
+        &mut self.kernel
+    }
+
     /// The event ring buffer (one reader).
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.kernel.take_events()

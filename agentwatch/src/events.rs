@@ -6,6 +6,7 @@ pub use crate::{
     exec::ExecRecord,
     files::FileRecord,
     sockets::{EscapeRecord, SocketAttempt},
+    tamper::TamperRecord,
 };
 
 /// A decoded record.
@@ -16,6 +17,7 @@ pub enum Event {
     Socket(SocketAttempt),
     Escape(EscapeRecord),
     File(FileRecord),
+    Tamper(TamperRecord),
     /// A record this daemon does not know (a newer kernel object); counted, not dropped silently.
     Unknown {
         kind: u32,
@@ -35,6 +37,7 @@ pub fn decode(bytes: &[u8]) -> Event {
         .or_else(|| crate::sockets::decode_socket(kind, bytes).map(Event::Socket))
         .or_else(|| crate::sockets::decode_escape(kind, bytes).map(Event::Escape))
         .or_else(|| crate::files::decode(kind, bytes).map(Event::File))
+        .or_else(|| crate::tamper::decode(kind, bytes).map(Event::Tamper))
         .unwrap_or(Event::Unknown {
             kind,
             len: bytes.len(),

@@ -123,9 +123,12 @@ pub const LSM_FILE_PROGRAMS: [(&str, &str); 2] = [
 ];
 /// ... and the exec allow-list's and packet-socket guard's, attached for as long as the daemon
 /// guards anything (they replace tracepoints that are always attached).
-pub const LSM_HOST_PROGRAMS: [(&str, &str); 2] = [
+pub const LSM_HOST_PROGRAMS: [(&str, &str); 4] = [
     ("exec_bprm_check_security", "bprm_check_security"),
     ("sockets_socket_create", "socket_create"),
+    // The tamper guard (crate::tamper): no bpf() from agents, no signal to the daemon.
+    ("tamper_bpf", "bpf"),
+    ("tamper_task_kill", "task_kill"),
 ];
 
 /// The open tracepoints that stand in for `lsm/file_open` where the kernel has no BPF LSM.

@@ -56,7 +56,7 @@ pub struct Kernel {
 
 /// Every map of the object with the key and value sizes this build expects of it. A pinned map
 /// of another layout (an older agentwatch) is refused rather than misread.
-const MAPS: [(&str, u32, u32); 32] = [
+const MAPS: [(&str, u32, u32); 33] = [
     ("AGENTS", 8, size_of::<AgentState>() as u32),
     ("COUNTERS", 4, size_of::<AgentCounters>() as u32),
     ("EVENTS", 0, 0),
@@ -114,6 +114,7 @@ const MAPS: [(&str, u32, u32); 32] = [
     // The trie key and a PATH_MAX buffer.
     ("FILE_SCRATCH", 4, 4 + size_of::<FilePath>() as u32 + 4096),
     ("OPENS", 8, 16),
+    ("TAMPER_DAEMON", 4, 4),
 ];
 
 /// The embedded object's bytes (empty in a build without eBPF programs).
@@ -152,7 +153,8 @@ impl Kernel {
             loader
                 .override_global("FILE_F_PATH", &o.file_f_path, true)
                 .override_global("FILE_F_MODE", &o.file_f_mode, true)
-                .override_global("BPRM_FILENAME", &o.bprm_filename, true);
+                .override_global("BPRM_FILENAME", &o.bprm_filename, true)
+                .override_global("TASK_TGID", &o.task_tgid, true);
         }
         if let Some(pins) = &pins {
             pins.create()?;
@@ -213,6 +215,24 @@ impl Kernel {
             trips,
             pins,
             map_ids,
+        })
+    }
+
+    /// Tells the tamper guard which process is the daemon (`lsm/task_kill` refuses agents'
+    /// signals to it). Written at every start: the pinned map holds the last daemon's.
+    pub fn set_daemon_tgid(&mut self, tgid: u32) -> Result<(), KernelError> {
+        let mut map: aya::maps::Array<&mut MapData, u32> = aya::maps::Array::try_from(
+            self.ebpf
+                .map_mut("TAMPER_DAEMON")
+                .ok_or(KernelError::MissingMap("TAMPER_DAEMON"))?,
+        )
+        .map_err(|source| KernelError::Map {
+            name: "TAMPER_DAEMON",
+            source,
+        })?;
+        map.set(0, tgid, 0).map_err(|source| KernelError::Map {
+            name: "TAMPER_DAEMON",
+            source,
         })
     }
 
@@ -320,6 +340,7 @@ struct LsmOffsets {
     file_f_path: u32,
     file_f_mode: u32,
     bprm_filename: u32,
+    task_tgid: u32,
 }
 
 /// The LSM programs' offsets when this kernel runs BPF LSM, else None (the tracepoints stand
@@ -338,6 +359,7 @@ fn lsm_offsets() -> Option<LsmOffsets> {
             file_f_path: btf.member_offset("file", "f_path")?,
             file_f_mode: btf.member_offset("file", "f_mode")?,
             bprm_filename: btf.member_offset("linux_binprm", "filename")?,
+            task_tgid: btf.member_offset("task_struct", "tgid")?,
         })
     });
     match offsets {

@@ -42,5 +42,6 @@ pub mod peer;
 pub mod privileges;
 pub mod sockets;
 pub mod syscalls;
+pub mod tamper;
 pub mod top;
 pub mod uids;

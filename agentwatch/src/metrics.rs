@@ -274,6 +274,7 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
             ),
             ("cgroup_escape", c.cgroup_escapes),
             ("control_refused", a.control_refused),
+            ("tamper_refused", c.tamper_refused),
         ] {
             escapes.with_label_values(&[n, kind]).inc_by(n_);
         }

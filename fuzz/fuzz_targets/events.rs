@@ -8,8 +8,8 @@ use agentwatch::events::{Event, decode};
 use agentwatch_common::{
     EVENT_CGROUP_ESCAPE, EVENT_EGRESS_CAPPED, EVENT_EGRESS_DENIED, EVENT_EGRESS_WOULD_DENY,
     EVENT_EXEC, EVENT_EXEC_DENIED, EVENT_EXEC_REFUSED, EVENT_FILE_DENIED, EVENT_FILE_OPENED,
-    EVENT_SOCKET_DENIED, EVENT_SOCKET_KILLED, EgressEvent, EscapeEvent, ExecEvent, FileEvent,
-    SocketEvent,
+    EVENT_SOCKET_DENIED, EVENT_SOCKET_KILLED, EVENT_TAMPER_REFUSED, EgressEvent, EscapeEvent,
+    ExecEvent, FileEvent, SocketEvent, TamperEvent,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -23,6 +23,7 @@ fn record_len(kind: u32) -> Option<usize> {
         EVENT_FILE_DENIED | EVENT_FILE_OPENED => Some(size_of::<FileEvent>()),
         EVENT_SOCKET_DENIED | EVENT_SOCKET_KILLED => Some(size_of::<SocketEvent>()),
         EVENT_CGROUP_ESCAPE => Some(size_of::<EscapeEvent>()),
+        EVENT_TAMPER_REFUSED => Some(size_of::<TamperEvent>()),
         _ => None,
     }
 }
@@ -64,11 +65,12 @@ fuzz_target!(|data: &[u8]| {
             let _ = agentwatch::files::admitted(&[], &e.path, e.write);
             drop(e.audit_line(&e.path));
         }
+        Event::Tamper(e) => drop(e.audit_line()),
         Event::Unknown { .. } => {}
     }
     // Each decoder under each kind (the reader passes the kind it read, which a buggy caller
     // could get wrong): only its own kinds, only whole records.
-    for kind in 0..=12 {
+    for kind in 0..=13 {
         let fits = |len: usize| data.len() >= len;
         let is = |kinds: &[u32]| kinds.contains(&kind);
         let egress = agentwatch::egress::events::decode(kind, data);
@@ -100,6 +102,11 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(
             escape.is_some(),
             is(&[EVENT_CGROUP_ESCAPE]) && fits(size_of::<EscapeEvent>())
+        );
+        let tamper = agentwatch::tamper::decode(kind, data);
+        assert_eq!(
+            tamper.is_some(),
+            is(&[EVENT_TAMPER_REFUSED]) && fits(size_of::<TamperEvent>())
         );
     }
 });

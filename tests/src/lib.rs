@@ -352,8 +352,12 @@ pub fn read_events(ring: &mut RingBuf<MapData>, n: usize) -> Vec<EgressAttempt> 
         while let Some(item) = ring.next() {
             match events::decode(&item) {
                 Event::Egress(e) => out.push(e),
-                // Exec, socket, escape and file events have their own tests.
-                Event::Exec(_) | Event::Socket(_) | Event::Escape(_) | Event::File(_) => {}
+                // Exec, socket, escape, file and tamper events have their own tests.
+                Event::Exec(_)
+                | Event::Socket(_)
+                | Event::Escape(_)
+                | Event::File(_)
+                | Event::Tamper(_) => {}
                 Event::Unknown { kind, len } => panic!("unknown event kind {kind} ({len} bytes)"),
             }
         }

@@ -349,3 +349,107 @@ fn a_root_agent_is_refused_on_the_control_socket_audited_and_stopped() {
     );
     env.verify_audit();
 }
+
+/// A root agent tries the two things only BPF LSM can refuse a root process here: opening a
+/// pinned link (to detach it) and signalling the daemon. Run as
+/// `python3 -c TRY_AS_ROOT PIN DAEMON_PID`; prints `bpf ERRNO` and `signal ERRNO`.
+const TRY_AS_ROOT: &str = r#"
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+class ObjGet(ctypes.Structure):
+    _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32), ("file_flags", ctypes.c_uint32), ("pad", ctypes.c_uint64 * 4)]
+name = ctypes.create_string_buffer(sys.argv[1].encode())
+attr = ObjGet(ctypes.cast(name, ctypes.c_void_p).value, 0, 0)
+fd = libc.syscall(321, 7, ctypes.byref(attr), ctypes.sizeof(attr))
+print("bpf", 0 if fd >= 0 else ctypes.get_errno())
+if fd >= 0:
+    os.close(fd)
+try:
+    os.kill(int(sys.argv[2]), 0)
+    print("signal 0")
+except OSError as e:
+    print("signal", e.errno)
+"#;
+
+#[test]
+fn a_root_agent_makes_no_bpf_call_and_signals_no_daemon_where_the_kernel_has_bpf_lsm() {
+    privileged!();
+    let lsm = agentwatch_tests::bpf_lsm();
+    let mut env = DaemonEnv::new();
+    // An alerting breaker: the agent lives through the first refusal and makes the second.
+    env.write_config(
+        "[[agents]]\nname = \"r\"\nuser = \"root\"\n[agents.breaker]\nwarmup = \"1h\"\n\
+         action = \"alert\"\nrequire_approval = true\n",
+    );
+    env.start();
+    // Any pinned object will do: the guard refuses every bpf() call of an agent.
+    let link = walk(&env.pin_dir).into_iter().next().expect("a pin");
+    let daemon = env.pid().expect("daemon pid");
+    let out = Command::new(agentwatch_bin())
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(["launch", "--agent", "r", "--", "python3", "-c", TRY_AS_ROOT])
+        .arg(&link)
+        .arg(daemon.to_string())
+        .current_dir("/")
+        .output()
+        .expect("launch");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: BTreeMap<&str, i32> = text
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+        .collect();
+    if lsm {
+        assert_eq!(
+            got,
+            BTreeMap::from([("bpf", libc::EPERM), ("signal", libc::EPERM)])
+        );
+        let lines = env.wait_audit("tamper_refused", 2);
+        assert_eq!(lines.len(), 2, "{lines:#?}");
+        assert_eq!(lines[0]["what"], "bpf");
+        assert_eq!(lines[0]["bpf_cmd"], "BPF_OBJ_GET");
+        assert_eq!(lines[1]["what"], "signal");
+        assert_eq!(lines[1]["signal"], 0);
+        assert_eq!(lines[1]["target_pid"], daemon);
+        let trips = env.wait_audit("breaker_tripped", 1);
+        assert_eq!(trips.len(), 1, "once per trip: {trips:#?}");
+        assert_eq!(
+            (trips[0]["signal"].as_str(), trips[0]["action"].as_str()),
+            (Some("tamper"), Some("alert"))
+        );
+        assert_eq!(env.status()["r"]["escape_attempts"]["tamper_refused"], 2);
+    } else {
+        // No hook to refuse them here: a root agent opens the pin, and the daemon's signal
+        // check passes (what the README's Security model says a root agent can still do).
+        assert_eq!(got, BTreeMap::from([("bpf", 0), ("signal", 0)]));
+        assert!(
+            env.audit_lines()
+                .iter()
+                .all(|l| l["kind"] != "tamper_refused")
+        );
+        assert_eq!(env.status()["r"]["escape_attempts"]["tamper_refused"], 0);
+    }
+}
+
+/// Every file below `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.filter_map(Result::ok) {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}

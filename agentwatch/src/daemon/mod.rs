@@ -165,6 +165,11 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
     if adopting {
         tracing::info!(pin_dir = %config.daemon.pin_dir.display(), "re-adopting pinned maps and links");
     }
+    // The tamper guard (BPF LSM) refuses agents' signals to this process.
+    agents
+        .kernel_mut()
+        .set_daemon_tgid(std::process::id())
+        .context("telling the tamper guard the daemon's pid")?;
     let ring = agents
         .take_events()
         .context("the event ring buffer was already taken")?;

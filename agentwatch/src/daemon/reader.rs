@@ -42,6 +42,8 @@ fn drain(ring: &mut RingBuf<MapData>, state: &Shared, written: &mut HashSet<audi
         let event = events::decode(&item);
         // Without BPF LSM: the agent whose open the daemon found outside its list.
         let mut act_on_file = None;
+        // An agent that tried to reach agentwatch itself: its breaker trips (`tamper`).
+        let mut act_on_tamper = None;
         let line = match &event {
             Event::Egress(e) => e.audit_line(),
             Event::Exec(e) => {
@@ -83,6 +85,16 @@ fn drain(ring: &mut RingBuf<MapData>, state: &Shared, written: &mut HashSet<audi
                 act_on_file = Some(f.agent_id);
                 f.audit_line(&path)
             }
+            Event::Tamper(t) => {
+                tracing::warn!(
+                    pid = t.pid,
+                    what = t.what,
+                    arg = t.arg,
+                    "tamper refused in the kernel"
+                );
+                act_on_tamper = Some(t.agent_id);
+                t.audit_line()
+            }
             Event::Unknown { kind, len } => {
                 tracing::warn!(kind, len, "unknown event kind from the kernel");
                 continue;
@@ -102,6 +114,11 @@ fn drain(ring: &mut RingBuf<MapData>, state: &Shared, written: &mut HashSet<audi
         // The ring buffer forgets a record when its item is dropped: only once its line is
         // written, so a daemon killed in between finds the record again when it restarts.
         // (The kernel's per-agent audit rate bounds how often this waits.)
+        if let Some(id) = act_on_tamper
+            && let Some(name) = s.agents.name_of(id).map(str::to_owned)
+        {
+            s.trip_on(&name, "tamper");
+        }
         s.audit.flush();
         drop(s);
         drop(item);

@@ -109,6 +109,7 @@ impl State {
                     "packet_socket": c.packet_sockets_killed + c.packet_sockets_denied,
                     "cgroup_escape": c.cgroup_escapes,
                     "control_refused": self.control_refusals.get(name).map_or(0, |r| r.total),
+                    "tamper_refused": c.tamper_refused,
                 },
                 "dns": {
                     "allowed": dns.allowed,
