@@ -415,12 +415,14 @@ pub fn modes(lsm: bool) -> serde_json::Value {
             "files": "enforced (BPF LSM: EACCES; hard links refused)",
             "exec_allow": "enforced (BPF LSM: EPERM)",
             "packet_sockets": "enforced (BPF LSM: EPERM)",
+            "tamper": "enforced (BPF LSM: an agent's bpf() calls and signals to the daemon get EPERM)",
         })
     } else {
         json!({
             "files": "detected (no BPF LSM: open tracepoints, then the breaker action; hard links not judged)",
             "exec_allow": "killed (no BPF LSM: SIGKILL at exec)",
             "packet_sockets": "killed (no BPF LSM: SIGKILL at socket())",
+            "tamper": "file modes and uids only (no BPF LSM: an agent with user = \"root\" can open the pins and signal the daemon)",
         })
     }
 }

@@ -245,6 +245,7 @@ fn real_main(cmd: Cmd, socket: PathBuf) -> Result<ExitCode> {
                             c.agents.iter().any(|a| a.exec_allow.is_some()),
                         ),
                         ("packet_sockets", !c.agents.is_empty()),
+                        ("tamper", c.agents.iter().any(|a| a.run_as.is_root())),
                     ] {
                         if used {
                             println!(

@@ -185,12 +185,22 @@ pub fn user_of(uid: u32) -> Option<String> {
 /// there: the home is opened without following links and changed through that descriptor,
 /// and anything at its place that is not a directory is refused.
 pub fn make_home(homes: &Path, name: &str, uid: u32) -> io::Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt as _;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(homes)?;
+    use std::os::unix::fs::PermissionsExt as _;
+    if !homes.exists() {
+        std::fs::create_dir_all(homes)?;
+        // Whatever the daemon's umask (systemd's UMask=0077): each agent must be able to pass
+        // through to its own home.
+        std::fs::set_permissions(homes, std::fs::Permissions::from_mode(0o755))?;
+    }
     let meta = std::fs::symlink_metadata(homes)?;
+    if meta.mode() & 0o001 == 0 {
+        return Err(io::Error::other(format!(
+            "{} (daemon.agent_homes) is mode {:04o}: agents cannot reach their homes through \
+             it; make it 0755",
+            homes.display(),
+            meta.mode() & 0o7777
+        )));
+    }
     // The folder of the homes must be root's and writable by nobody else: the agent could
     // otherwise swap its home for a link to something of root's between the checks below.
     if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {

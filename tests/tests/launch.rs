@@ -468,6 +468,13 @@ fn check_warns_of_a_root_agent() {
         warnings[0].starts_with("  warning: agent `a` runs as root (user = \"root\"):"),
         "{text}"
     );
+    // And what guards the daemon from it on this kernel.
+    let tamper = if agentwatch::files::bpf_lsm_active() {
+        "  tamper on this host: enforced (BPF LSM: an agent's bpf() calls and signals to the daemon get EPERM)"
+    } else {
+        "  tamper on this host: file modes and uids only (no BPF LSM: an agent with user = \"root\" can open the pins and signal the daemon)"
+    };
+    assert!(text.lines().any(|l| l == tamper), "{text}");
 }
 
 #[test]

@@ -96,14 +96,6 @@ pin_files = []
 for root, dirs, files in os.walk(pins):
     pin_files += [os.path.join(root, f) for f in files]
 out["pins_seen"] = len(pin_files)
-errs = {}
-for p in pin_files:
-    try:
-        bpf_obj_get(p)
-        errs["0"] = errs.get("0", 0) + 1
-    except OSError as e:
-        errs[str(e.errno)] = errs.get(str(e.errno), 0) + 1
-out["pins_opened"] = errs
 attempt("pin_unlink", lambda: os.unlink(pin_files[0]))
 attempt("sibling_freeze", lambda: open(sibling_cg + "/cgroup.freeze", "w").write("1"))
 attempt("sibling_kill", lambda: open(sibling_cg + "/cgroup.kill", "w").write("1"))
@@ -114,6 +106,19 @@ def ptrace_sibling():
         raise OSError(e, os.strerror(e))
 attempt("sibling_ptrace", ptrace_sibling)
 print(json.dumps(out), flush=True)
+# Last, as it may cost the agent its life: with BPF LSM the tamper guard refuses every bpf()
+# call of an agent (EPERM) and the daemon acts on it; wait for that here.
+errs = {}
+for p in pin_files:
+    try:
+        bpf_obj_get(p)
+        errs["0"] = errs.get("0", 0) + 1
+    except OSError as e:
+        errs[str(e.errno)] = errs.get(str(e.errno), 0) + 1
+        if e.errno == 1:
+            print(json.dumps({"pin_first": 1}), flush=True)
+            time.sleep(600)
+print(json.dumps({"pins_opened": errs}), flush=True)
 "#;
 
 /// Launches `sleep` in agent `name` and waits until it is in the agent's cgroup; its pid.
@@ -191,13 +196,28 @@ fn a_default_launched_agent_cannot_reach_the_daemon_its_pins_or_its_sibling() {
         .output()
         .expect("launching the attacker");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the attacker: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: BTreeMap<String, serde_json::Value> =
-        serde_json::from_str(stdout.trim()).expect("the attacker's report");
+    let lsm = agentwatch_tests::bpf_lsm();
+    use std::os::unix::process::ExitStatusExt as _;
+    if lsm {
+        // Killed by the daemon for its first bpf() call (no breaker: the tamper trip kills).
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGKILL),
+            "the attacker: {stdout}"
+        );
+    } else {
+        assert!(
+            out.status.success(),
+            "the attacker: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut got: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    for line in stdout.lines() {
+        let part: BTreeMap<String, serde_json::Value> =
+            serde_json::from_str(line).expect("the attacker's report");
+        got.extend(part);
+    }
     eprintln!("{got:#?}");
     let errno = |k: &str| got.get(k).and_then(serde_json::Value::as_i64);
     let (eacces, eperm) = (i64::from(libc::EACCES), i64::from(libc::EPERM));
@@ -231,15 +251,29 @@ fn a_default_launched_agent_cannot_reach_the_daemon_its_pins_or_its_sibling() {
     assert_eq!(errno("sibling_ptrace"), Some(eperm));
     assert_eq!(errno("sibling_freeze"), Some(eacces));
     assert_eq!(errno("sibling_kill"), Some(eacces));
-    // Every pin seen, none opened: bpffs pins are root's, mode 0600.
+    assert_eq!(errno("pin_unlink"), Some(eacces));
     let seen = got["pins_seen"].as_u64().expect("pins_seen");
     assert!(seen > 0, "{got:?}");
-    assert_eq!(
-        got["pins_opened"],
-        serde_json::json!({ libc::EACCES.to_string(): seen }),
-        "BPF_OBJ_GET on every pin"
-    );
-    assert_eq!(errno("pin_unlink"), Some(eacces));
+    if lsm {
+        // The tamper guard came first: EPERM for the bpf() call itself, audited, acted on.
+        assert_eq!(got.get("pin_first"), Some(&serde_json::json!(1)), "{got:?}");
+        let refused = env.wait_audit("tamper_refused", 1);
+        assert_eq!(refused.len(), 1, "{refused:#?}");
+        assert_eq!(refused[0]["agent"], "a");
+        assert_eq!(refused[0]["bpf_cmd"], "BPF_OBJ_GET");
+        let trips = env.wait_audit("breaker_tripped", 1);
+        assert_eq!(
+            (trips[0]["signal"].as_str(), trips[0]["action"].as_str()),
+            (Some("tamper"), Some("kill"))
+        );
+    } else {
+        // Every pin seen, none opened: bpffs pins are root's, mode 0600.
+        assert_eq!(
+            got["pins_opened"],
+            serde_json::json!({ libc::EACCES.to_string(): seen }),
+            "BPF_OBJ_GET on every pin"
+        );
+    }
     // Nothing it aimed at changed.
     assert!(
         env.pid()
