@@ -146,6 +146,7 @@ mod pod {
     unsafe impl aya::Pod for super::SocketEvent {}
     unsafe impl aya::Pod for super::EscapeEvent {}
     unsafe impl aya::Pod for super::TamperEvent {}
+    unsafe impl aya::Pod for super::InodeKey {}
     unsafe impl aya::Pod for super::DnsPorts {}
     unsafe impl aya::Pod for super::DnsKey {}
     unsafe impl aya::Pod for super::DnsValue {}

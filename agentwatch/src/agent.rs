@@ -28,9 +28,9 @@ use crate::{
     egress::{self, Caps, CompiledRules},
     exec,
     files::{self, FileRule},
-    kernel::Kernel,
+    kernel::{Checkpoint, Kernel},
     lease,
-    link::Link,
+    link::{Link, LinkState},
     sockets, syscalls,
 };
 
@@ -109,6 +109,42 @@ struct Guarded {
     state: AgentState,
     policy: Policy,
     links: Vec<Link>,
+    /// Adopted from an earlier daemon's pinned state (not new to the kernel).
+    adopted: bool,
+    /// Links found detached or missing and not attached again yet (it failed): tried again by
+    /// the next [`Agents::check_links`].
+    lost: Vec<Lost>,
+    /// Links this daemon had to attach anew when it adopted the agent because they were gone
+    /// (their pin was removed while no daemon held them), for [`Agents::check_links`] to report.
+    found_at_start: Vec<Restored>,
+}
+
+/// A link found detached or missing, not attached again yet.
+#[derive(Debug, Clone, Copy)]
+struct Lost {
+    program: &'static str,
+    found: LinkState,
+    old_id: Option<u32>,
+}
+
+/// A link of an agent (or a host-wide one) that [`Agents::check_links`] found no longer
+/// attached, and what was done about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    /// The agent whose link it was; None for a host-wide link.
+    pub agent: Option<String>,
+    /// The program's name in the object.
+    pub program: &'static str,
+    /// [`LinkState::Detached`] or [`LinkState::Missing`].
+    pub found: LinkState,
+    /// The kernel id of the link that was found so (None when it was gone before this daemon
+    /// held it).
+    pub old_id: Option<u32>,
+    /// The kernel id of the link attached in its place, or why it could not be attached (tried
+    /// again every time).
+    pub result: Result<u32, String>,
+    /// Found when this daemon started: the link went while no daemon ran.
+    pub at_start: bool,
 }
 
 /// A policy written beside agent `name`'s live one, waiting for [`Agents::commit_policy`] or
@@ -165,6 +201,117 @@ pub struct Agents {
     syscalls: Option<Link>,
     /// The file guard's programs, while some agent has a file list.
     file_guard: Option<Vec<Link>>,
+    /// Host-wide links found detached or missing and not attached again yet: of `host`, of
+    /// `file_guard` and of `syscalls` (each group is attached again on its own).
+    host_lost: [Vec<Lost>; 3],
+    /// Host-wide links attached anew at start because they were gone (see `found_at_start`).
+    host_found_at_start: Vec<Restored>,
+}
+
+/// Attaches (or adopts the pins of) the host-wide programs every daemon runs: the exec/fork
+/// and socket tracepoints, and with BPF LSM the exec and packet-socket programs.
+fn attach_host(
+    kernel: &mut Kernel,
+    dir: Option<&std::path::Path>,
+) -> Result<Vec<Link>, KernelError> {
+    let mut host = exec::attach(&mut kernel.ebpf, dir)?;
+    host.extend(sockets::attach_host(&mut kernel.ebpf, dir)?);
+    let lsm = kernel.files.lsm();
+    host.extend(files::attach_host(&mut kernel.ebpf, lsm, dir)?);
+    Ok(host)
+}
+
+/// Attaches (or adopts the pins of) every program of an agent to `cgroup`: egress, sock_create,
+/// the byte counter, the DNS reply and release hooks. All or nothing: what this call attached
+/// is detached again if a later one fails (adopted pins stay).
+fn attach_agent(
+    ebpf: &mut aya::Ebpf,
+    cgroup: &Cgroup,
+    pin_dir: Option<&std::path::Path>,
+) -> Result<Vec<Link>, KernelError> {
+    egress::attach(ebpf, cgroup, pin_dir).and_then(|mut l| {
+        let more = sockets::attach(ebpf, cgroup, pin_dir).and_then(|link| {
+            let mut more = vec![link, bytes::attach(ebpf, cgroup, pin_dir)?];
+            more.extend(dns::attach(ebpf, cgroup, pin_dir)?);
+            Ok(more)
+        });
+        match more {
+            Ok(more) => {
+                l.extend(more);
+                Ok(l)
+            }
+            Err(e) => {
+                // No half-guarded agent: undo what this call attached.
+                for link in l.into_iter().filter(Link::fresh) {
+                    let _ = link.detach();
+                }
+                Err(e)
+            }
+        }
+    })
+}
+
+/// Finds the links of `links` the kernel no longer has attached (`cgroup_id`: where cgroup
+/// links must be attached), adds them to `lost`, and if any are lost attaches the group again
+/// with `attach`: with the lost links' pins removed, it adopts the pins of those still
+/// attached (never detached, not for an instant) and attaches the lost ones anew, pinned where
+/// they were. Returns what it found lost and what became of each.
+fn restore_group(
+    links: &mut Vec<Link>,
+    cgroup_id: Option<u64>,
+    lost: &mut Vec<Lost>,
+    attach: impl FnOnce() -> Result<Vec<Link>, KernelError>,
+) -> Vec<(Lost, Result<u32, String>)> {
+    let mut kept = Vec::with_capacity(links.len());
+    for link in std::mem::take(links) {
+        let found = link.kernel_state(cgroup_id);
+        if found == LinkState::Attached {
+            kept.push(link);
+            continue;
+        }
+        lost.push(Lost {
+            program: link.name(),
+            found,
+            old_id: link.id(),
+        });
+        if let Err(e) = link.discard() {
+            tracing::warn!("forgetting a link that no longer guards: {e}");
+        }
+    }
+    if lost.is_empty() {
+        *links = kept;
+        return Vec::new();
+    }
+    // Attaching adopts the pins of the links still attached: each must have one (pinned again
+    // if its pin went), or it would be attached a second time beside itself.
+    for link in &kept {
+        if let Err(e) = link.repin() {
+            tracing::warn!(link = link.name(), "pinning a link again: {e}");
+        }
+    }
+    match attach() {
+        Ok(new) => {
+            let out = std::mem::take(lost)
+                .into_iter()
+                .map(|l| {
+                    let id = new
+                        .iter()
+                        .find(|n| n.name() == l.program)
+                        .and_then(Link::id)
+                        .ok_or_else(|| "not attached again".to_owned());
+                    (l, id)
+                })
+                .collect();
+            // The old fds of the links kept close here; their pins hold them.
+            *links = new;
+            out
+        }
+        Err(e) => {
+            *links = kept;
+            let e = e.to_string();
+            lost.iter().map(|l| (*l, Err(e.clone()))).collect()
+        }
+    }
 }
 
 impl Agents {
@@ -181,14 +328,11 @@ impl Agents {
 
     fn new(mut kernel: Kernel) -> Result<Self, KernelError> {
         let host_dir = kernel.pins().map(PinDir::host_links);
-        let mut host = exec::attach(&mut kernel.ebpf, host_dir.as_deref())?;
-        host.extend(sockets::attach_host(&mut kernel.ebpf, host_dir.as_deref())?);
+        // An earlier daemon that got as far as its first checkpoint had every host-wide link
+        // pinned: one it lacks now went while no daemon ran.
+        let had_host = kernel.checkpoint(0).is_some_and(|c| c.links > 0);
+        let host = attach_host(&mut kernel, host_dir.as_deref())?;
         let lsm = kernel.files.lsm();
-        host.extend(files::attach_host(
-            &mut kernel.ebpf,
-            lsm,
-            host_dir.as_deref(),
-        )?);
         // An earlier daemon's file guard is adopted (never a moment detached); sync_files
         // drops it if no agent needs it.
         let file_guard = match &host_dir {
@@ -204,6 +348,11 @@ impl Agents {
             }
             _ => None,
         };
+        let host_found_at_start = if had_host {
+            found_anew(None, host.iter().chain(file_guard.iter().flatten()))
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             kernel,
             mount: cgroup::cgroup2_mount()?,
@@ -211,6 +360,8 @@ impl Agents {
             host,
             syscalls,
             file_guard,
+            host_lost: Default::default(),
+            host_found_at_start,
         })
     }
 
@@ -329,35 +480,7 @@ impl Agents {
         };
         self.write_settings(Some(level))?;
         let pin_dir = self.kernel.pins().map(|p| p.agent_links(name, cgroup_id));
-        let attached =
-            egress::attach(&mut self.kernel.ebpf, &cgroup, pin_dir.as_deref()).and_then(|mut l| {
-                let more = sockets::attach(&mut self.kernel.ebpf, &cgroup, pin_dir.as_deref())
-                    .and_then(|link| {
-                        let mut more = vec![
-                            link,
-                            bytes::attach(&mut self.kernel.ebpf, &cgroup, pin_dir.as_deref())?,
-                        ];
-                        more.extend(dns::attach(
-                            &mut self.kernel.ebpf,
-                            &cgroup,
-                            pin_dir.as_deref(),
-                        )?);
-                        Ok(more)
-                    });
-                match more {
-                    Ok(more) => {
-                        l.extend(more);
-                        Ok(l)
-                    }
-                    Err(e) => {
-                        // No half-guarded agent: undo what this call attached.
-                        for link in l.into_iter().filter(Link::fresh) {
-                            let _ = link.detach();
-                        }
-                        Err(e)
-                    }
-                }
-            });
+        let attached = attach_agent(&mut self.kernel.ebpf, &cgroup, pin_dir.as_deref());
         let links = match attached {
             Ok(links) => links,
             Err(e) => {
@@ -379,6 +502,29 @@ impl Agents {
         let pids = cgroup.all_pids()?;
         self.kernel.sockets.seed_tasks(cgroup_id, &pids)?;
         self.kernel.sockets.sync_nested(cgroup_id, &cgroup)?;
+        let adopted = how == Guarding::Adopted;
+        // An adopted agent whose earlier daemon checkpointed it fully guarded had every link
+        // pinned: one attached anew now was gone while no daemon ran. (A daemon killed halfway
+        // through guarding it never checkpointed it: its links are simply new.)
+        let found_at_start = match self.kernel.checkpoint(state.id) {
+            Some(c) if adopted && c.cgroup_id == cgroup_id && c.links > 0 => {
+                found_anew(Some(name), links.iter())
+            }
+            _ => Vec::new(),
+        };
+        if !adopted {
+            // A checkpoint of an agent that had this slot before is not this one's. Failing
+            // that is no reason to leave the agent unguarded: the next sweep writes it anyway.
+            let fresh = Checkpoint {
+                at_ns: crate::bpf::ktime_ns(),
+                cgroup_id,
+                denied_baseline_milli: crate::kernel::NO_BASELINE,
+                ..Checkpoint::default()
+            };
+            if let Err(e) = self.kernel.set_checkpoint(state.id, fresh) {
+                tracing::warn!(agent = name, "resetting the agent's checkpoint: {e}");
+            }
+        }
         self.by_name.insert(
             name.to_owned(),
             Guarded {
@@ -389,6 +535,9 @@ impl Agents {
                 state,
                 policy,
                 links,
+                adopted,
+                lost: Vec::new(),
+                found_at_start,
             },
         );
         self.sync_syscalls()?;
@@ -679,6 +828,121 @@ impl Agents {
         Ok((maps, links))
     }
 
+    /// Asks the kernel whether every link this daemon holds is still attached: each agent's
+    /// to its cgroup (a detached cgroup link reports cgroup id 0), and the host-wide ones. A
+    /// link found detached or missing is forgotten (its pin removed) and its program attached
+    /// again, pinned where it was, the agent's other links kept as they are. Also returns,
+    /// once, the links found gone when this daemon started. Needs pins (the daemon's way of
+    /// running): without them nothing is attached again, and the result says so.
+    pub fn check_links(&mut self) -> Vec<Restored> {
+        let mut out = std::mem::take(&mut self.host_found_at_start);
+        let pins = self.kernel.pins().cloned();
+        let names: Vec<String> = self.by_name.keys().cloned().collect();
+        for name in names {
+            let Some(g) = self.by_name.get_mut(&name) else {
+                continue;
+            };
+            out.append(&mut g.found_at_start);
+            let cgroup_id = g.cgroup_id;
+            let all_attached = g.lost.is_empty()
+                && g.links
+                    .iter()
+                    .all(|l| l.kernel_state(Some(cgroup_id)) == LinkState::Attached);
+            // A cgroup removed from under the daemon takes its links with it: that is no
+            // tamper, and the sweep guards the agent again when the cgroup is back.
+            if all_attached
+                || !g.cgroup.path().join("cgroup.procs").exists()
+                || g.cgroup.id().ok() != Some(cgroup_id)
+            {
+                continue;
+            }
+            let dir = pins.as_ref().map(|p| p.agent_links(&name, g.cgroup_id));
+            let cgroup = g.cgroup.clone();
+            let ebpf = &mut self.kernel.ebpf;
+            let fixed = restore_group(
+                &mut g.links,
+                Some(g.cgroup_id),
+                &mut g.lost,
+                || match &dir {
+                    Some(dir) => attach_agent(ebpf, &cgroup, Some(dir)),
+                    None => Err(not_pinned()),
+                },
+            );
+            out.extend(fixed.into_iter().map(|(l, result)| Restored {
+                agent: Some(name.clone()),
+                program: l.program,
+                found: l.found,
+                old_id: l.old_id,
+                result,
+                at_start: false,
+            }));
+        }
+        let dir = pins.as_ref().map(PinDir::host_links);
+        let lsm = self.kernel.files.lsm();
+        let [host_lost, guard_lost, syscalls_lost] = &mut self.host_lost;
+        let mut host = std::mem::take(&mut self.host);
+        let mut fixed = restore_group(&mut host, None, host_lost, || match &dir {
+            Some(dir) => attach_host(&mut self.kernel, Some(dir)),
+            None => Err(not_pinned()),
+        });
+        self.host = host;
+        // The file guard and the sys_enter hook come and go with the agents that need them;
+        // while one is not attached, nothing of it is lost.
+        match self.file_guard.as_mut() {
+            Some(guard) => {
+                let ebpf = &mut self.kernel.ebpf;
+                fixed.extend(restore_group(guard, None, guard_lost, || match &dir {
+                    Some(dir) => files::attach_guard(ebpf, lsm, Some(dir)),
+                    None => Err(not_pinned()),
+                }));
+            }
+            None => guard_lost.clear(),
+        }
+        match self.syscalls.take() {
+            Some(link) => {
+                let mut one = vec![link];
+                let ebpf = &mut self.kernel.ebpf;
+                fixed.extend(restore_group(
+                    &mut one,
+                    None,
+                    syscalls_lost,
+                    || match &dir {
+                        Some(dir) => syscalls::attach(ebpf, Some(dir)).map(|l| vec![l]),
+                        None => Err(not_pinned()),
+                    },
+                ));
+                self.syscalls = one.pop();
+            }
+            None => syscalls_lost.clear(),
+        }
+        out.extend(fixed.into_iter().map(|(l, result)| Restored {
+            agent: None,
+            program: l.program,
+            found: l.found,
+            old_id: l.old_id,
+            result,
+            at_start: false,
+        }));
+        out
+    }
+
+    /// Was agent `name` adopted from an earlier daemon's pinned state (rather than new)?
+    pub fn adopted(&self, name: &str) -> bool {
+        self.by_name.get(name).is_some_and(|g| g.adopted)
+    }
+
+    /// How many links this daemon holds for agent `name`.
+    pub fn link_count(&self, name: &str) -> usize {
+        self.by_name.get(name).map_or(0, |g| g.links.len())
+    }
+
+    /// How many host-wide links this daemon holds.
+    pub fn host_link_count(&self) -> usize {
+        self.host.len()
+            + self.syscalls.iter().count()
+            + self.file_guard.as_ref().map_or(0, Vec::len)
+    }
+
     /// Kernel ids of the links of agent `name` (for diagnostics and leak checks).
     pub fn link_ids(&self, name: &str) -> Vec<u32> {
         self.by_name
@@ -730,6 +994,7 @@ impl Agents {
         self.kernel.dns.clear(id)?;
         self.kernel.learn.forget_agent(id)?;
         self.kernel.lease.set(id, None)?;
+        self.kernel.set_checkpoint(id, Checkpoint::default())?;
         self.kernel.reset_counters(id)?;
         self.kernel.reset_trips(id)
     }
@@ -865,4 +1130,27 @@ impl Agents {
         }
         Ok(())
     }
+}
+
+/// The links of `links` attached anew rather than adopted from a pin, as found missing at
+/// start.
+fn found_anew<'a>(agent: Option<&str>, links: impl Iterator<Item = &'a Link>) -> Vec<Restored> {
+    links
+        .filter(|l| l.fresh())
+        .map(|l| Restored {
+            agent: agent.map(str::to_owned),
+            program: l.name(),
+            found: LinkState::Missing,
+            old_id: None,
+            result: l.id().ok_or_else(|| "its id is unknown".to_owned()),
+            at_start: true,
+        })
+        .collect()
+}
+
+/// Why a link cannot be attached again without pins.
+fn not_pinned() -> KernelError {
+    KernelError::Policy(
+        "links are not pinned (the daemon always pins them): not attached again".to_owned(),
+    )
 }

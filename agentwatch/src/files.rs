@@ -123,12 +123,16 @@ pub const LSM_FILE_PROGRAMS: [(&str, &str); 2] = [
 ];
 /// ... and the exec allow-list's and packet-socket guard's, attached for as long as the daemon
 /// guards anything (they replace tracepoints that are always attached).
-pub const LSM_HOST_PROGRAMS: [(&str, &str); 4] = [
+pub const LSM_HOST_PROGRAMS: [(&str, &str); 7] = [
     ("exec_bprm_check_security", "bprm_check_security"),
     ("sockets_socket_create", "socket_create"),
-    // The tamper guard (crate::tamper): no bpf() from agents, no signal to the daemon.
+    // The tamper guard (crate::tamper): no bpf() from agents, no signal to the daemon, no
+    // change to the daemon's files.
     ("tamper_bpf", "bpf"),
     ("tamper_task_kill", "task_kill"),
+    ("tamper_file_open", "file_open"),
+    ("tamper_inode_unlink", "inode_unlink"),
+    ("tamper_inode_rename", "inode_rename"),
 ];
 
 /// The open tracepoints that stand in for `lsm/file_open` where the kernel has no BPF LSM.

@@ -49,6 +49,9 @@ pub struct Kernel {
     /// `child_pid`'s offset in this kernel's `sched_process_fork` record.
     pub(crate) fork_child_pid: u32,
     trips: Array<MapData, [u64; 4]>,
+    /// The daemon's checkpoints (pinned: they outlive it) and the map's kernel id, to pin it
+    /// again if its pin vanishes. None without pins, or if it could not be made (logged).
+    checkpoints: Option<(Array<MapData, Checkpoint>, u32)>,
     pins: Option<PinDir>,
     /// Kernel ids of the pinned maps, to pin them again if their pins vanish.
     map_ids: Vec<(&'static str, u32)>,
@@ -56,7 +59,7 @@ pub struct Kernel {
 
 /// Every map of the object with the key and value sizes this build expects of it. A pinned map
 /// of another layout (an older agentwatch) is refused rather than misread.
-const MAPS: [(&str, u32, u32); 33] = [
+const MAPS: [(&str, u32, u32); 34] = [
     ("AGENTS", 8, size_of::<AgentState>() as u32),
     ("COUNTERS", 4, size_of::<AgentCounters>() as u32),
     ("EVENTS", 0, 0),
@@ -115,7 +118,76 @@ const MAPS: [(&str, u32, u32); 33] = [
     ("FILE_SCRATCH", 4, 4 + size_of::<FilePath>() as u32 + 4096),
     ("OPENS", 8, 16),
     ("TAMPER_DAEMON", 4, 4),
+    ("TAMPER_INODES", 16, 4),
 ];
+
+/// Name of the pinned map of the daemon's checkpoints, beside the object's maps. Not one of
+/// the object's: the kernel programs never read it, and an agentwatch without it simply makes
+/// it.
+pub const CHECKPOINTS: &str = "WATCHDOG";
+
+/// [`Checkpoint::flags`] of slot 0: the daemon that wrote it stopped on SIGTERM or SIGINT.
+pub const STOPPED_CLEAN: u64 = 1;
+
+/// [`Checkpoint::denied_baseline_milli`] when no baseline was learned yet.
+pub const NO_BASELINE: u64 = u64::MAX;
+
+/// What the daemon wrote down, once a second and at a clean stop, in a pinned map that outlives
+/// it: for a daemon started after it, to tell how the last one ended and when, and what the
+/// agents did while no daemon watched (the kernel's counters kept counting). Slot 0 is the
+/// daemon's own (flags, host-wide links); slot `id` is the agent with that kernel id.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// CLOCK_MONOTONIC ns when it was written; 0: never written.
+    pub at_ns: u64,
+    /// The agent's cgroup id (slot 0: 0): a checkpoint of another agent that had the slot
+    /// is not taken for this one's.
+    pub cgroup_id: u64,
+    /// The agent's denied calls so far (the breaker's `denied` signal).
+    pub denied: u64,
+    /// The breaker's learned baseline of denied calls per second, in thousandths
+    /// ([`NO_BASELINE`]: none yet).
+    pub denied_baseline_milli: u64,
+    /// The links the daemon held for the agent (slot 0: host-wide): 0 until it was guarded
+    /// completely.
+    pub links: u64,
+    /// Slot 0: [`STOPPED_CLEAN`].
+    pub flags: u64,
+}
+
+// SAFETY: #[repr(C)] of u64s only, no padding; every bit pattern is a value.
+unsafe impl aya::Pod for Checkpoint {}
+
+/// Opens the checkpoint map pinned under `pins`, or makes and pins it. A pin of another layout
+/// (another version's) is replaced: what it said is lost, nothing else.
+fn open_checkpoints(pins: &PinDir) -> Result<(Array<MapData, Checkpoint>, u32), KernelError> {
+    let name = CHECKPOINTS;
+    let path = pins.map(name);
+    let fits = |info: &MapInfo| {
+        matches!(info.map_type(), Ok(aya::maps::MapType::Array))
+            && info.key_size() == 4
+            && info.value_size() as usize == size_of::<Checkpoint>()
+            && info.max_entries() == agentwatch_common::MAX_AGENTS
+    };
+    let pin_err = |path: &Path, source| KernelError::Pin {
+        path: path.to_owned(),
+        source,
+    };
+    if path.exists() && !MapInfo::from_pin(&path).is_ok_and(|i| fits(&i)) {
+        std::fs::remove_file(&path).map_err(|e| pin_err(&path, e))?;
+    }
+    if !path.exists() {
+        let map = Array::<MapData, Checkpoint>::create(agentwatch_common::MAX_AGENTS, 0)
+            .map_err(map_err(name))?;
+        map.pin(&path)
+            .map_err(|e| pin_err(&path, std::io::Error::other(e.to_string())))?;
+    }
+    let data = MapData::from_pin(&path).map_err(map_err(name))?;
+    let id = data.info().map_err(map_err(name))?.id();
+    let map = Array::try_from(aya::maps::Map::Array(data)).map_err(map_err(name))?;
+    Ok((map, id))
+}
 
 /// The embedded object's bytes (empty in a build without eBPF programs).
 pub fn object() -> &'static [u8] {
@@ -154,7 +226,13 @@ impl Kernel {
                 .override_global("FILE_F_PATH", &o.file_f_path, true)
                 .override_global("FILE_F_MODE", &o.file_f_mode, true)
                 .override_global("BPRM_FILENAME", &o.bprm_filename, true)
-                .override_global("TASK_TGID", &o.task_tgid, true);
+                .override_global("TASK_TGID", &o.task_tgid, true)
+                .override_global("TAMPER_F_MODE", &o.file_f_mode, true)
+                .override_global("FILE_F_INODE", &o.file_f_inode, true)
+                .override_global("INODE_I_INO", &o.inode_i_ino, true)
+                .override_global("INODE_I_SB", &o.inode_i_sb, true)
+                .override_global("SB_S_DEV", &o.sb_s_dev, true)
+                .override_global("DENTRY_D_INODE", &o.dentry_d_inode, true);
         }
         if let Some(pins) = &pins {
             pins.create()?;
@@ -175,6 +253,17 @@ impl Kernel {
             }
         }
         let mut ebpf = loader.load(EBPF_OBJECT)?;
+        // The daemon runs without its checkpoints rather than not at all: they only tell the
+        // next daemon what happened meanwhile.
+        let checkpoints = pins
+            .as_ref()
+            .and_then(|p| match open_checkpoints(p) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::error!("the daemon's checkpoint map: {e}; a daemon started after this one will not know how it ended");
+                    None
+                }
+            });
         let map_ids = pins.as_ref().map_or_else(Vec::new, |p| {
             MAPS.iter()
                 .filter_map(|&(name, _, _)| Some((name, MapInfo::from_pin(p.map(name)).ok()?.id())))
@@ -213,6 +302,7 @@ impl Kernel {
             settings,
             fork_child_pid,
             trips,
+            checkpoints,
             pins,
             map_ids,
         })
@@ -234,6 +324,63 @@ impl Kernel {
             name: "TAMPER_DAEMON",
             source,
         })
+    }
+
+    /// Makes the tamper guard's set of the daemon's files exactly `want`: adds first, then
+    /// removes what is no longer wanted, so a file in both is never unguarded.
+    pub fn sync_protected(
+        &mut self,
+        want: &std::collections::BTreeSet<agentwatch_common::InodeKey>,
+    ) -> Result<(), KernelError> {
+        use agentwatch_common::InodeKey;
+        let name = "TAMPER_INODES";
+        let mut map: aya::maps::HashMap<&mut MapData, InodeKey, u32> =
+            aya::maps::HashMap::try_from(
+                self.ebpf
+                    .map_mut(name)
+                    .ok_or(KernelError::MissingMap(name))?,
+            )
+            .map_err(|source| KernelError::Map { name, source })?;
+        let have: std::collections::BTreeSet<InodeKey> =
+            map.keys().filter_map(Result::ok).collect();
+        for k in want.difference(&have) {
+            map.insert(k, 1, 0)
+                .map_err(|source| KernelError::Map { name, source })?;
+        }
+        for k in have.difference(want) {
+            crate::bpf::ignore_missing(map.remove(k), name)?;
+        }
+        Ok(())
+    }
+
+    /// The checkpoint in `slot` (0: the daemon's, else the agent with that id), if one was
+    /// ever written there.
+    pub fn checkpoint(&self, slot: u32) -> Option<Checkpoint> {
+        let (map, _) = self.checkpoints.as_ref()?;
+        map.get(&slot, 0).ok().filter(|c| c.at_ns != 0)
+    }
+
+    /// Writes the checkpoint in `slot` (nothing without the checkpoint map).
+    pub fn set_checkpoint(&mut self, slot: u32, c: Checkpoint) -> Result<(), KernelError> {
+        match &mut self.checkpoints {
+            Some((map, _)) => map.set(slot, c, 0).map_err(map_err(CHECKPOINTS)),
+            None => Ok(()),
+        }
+    }
+
+    /// Pins the checkpoint map again if its pin is gone (its bpffs was unmounted and mounted
+    /// again); true if it did.
+    pub(crate) fn repin_checkpoints(&self) -> Result<bool, KernelError> {
+        let (Some(pins), Some((_, id))) = (&self.pins, &self.checkpoints) else {
+            return Ok(false);
+        };
+        let path = pins.map(CHECKPOINTS);
+        if path.exists() || !pins.exists() {
+            return Ok(false);
+        }
+        crate::bpf::pin_by_id(crate::bpf::BPF_MAP_GET_FD_BY_ID, *id, &path)
+            .map_err(|source| KernelError::Pin { path, source })?;
+        Ok(true)
     }
 
     /// Where this object's maps and links are pinned, if they are.
@@ -341,6 +488,11 @@ struct LsmOffsets {
     file_f_mode: u32,
     bprm_filename: u32,
     task_tgid: u32,
+    file_f_inode: u32,
+    inode_i_ino: u32,
+    inode_i_sb: u32,
+    sb_s_dev: u32,
+    dentry_d_inode: u32,
 }
 
 /// The LSM programs' offsets when this kernel runs BPF LSM, else None (the tracepoints stand
@@ -360,6 +512,11 @@ fn lsm_offsets() -> Option<LsmOffsets> {
             file_f_mode: btf.member_offset("file", "f_mode")?,
             bprm_filename: btf.member_offset("linux_binprm", "filename")?,
             task_tgid: btf.member_offset("task_struct", "tgid")?,
+            file_f_inode: btf.member_offset("file", "f_inode")?,
+            inode_i_ino: btf.member_offset("inode", "i_ino")?,
+            inode_i_sb: btf.member_offset("inode", "i_sb")?,
+            sb_s_dev: btf.member_offset("super_block", "s_dev")?,
+            dentry_d_inode: btf.member_offset("dentry", "d_inode")?,
         })
     });
     match offsets {

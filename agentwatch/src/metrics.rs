@@ -21,6 +21,8 @@ pub struct AgentSnapshot {
     pub root: bool,
     /// Requests from inside it refused on the control socket.
     pub control_refused: u64,
+    /// Its links found switched off and attached again by the daemon.
+    pub guard_restored: u64,
     /// Per signal (indexed like `Signal::ALL`): current rate and learned baseline.
     pub rates: [f64; SIGNALS],
     pub baselines: [Option<f64>; SIGNALS],
@@ -275,6 +277,7 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
             ("cgroup_escape", c.cgroup_escapes),
             ("control_refused", a.control_refused),
             ("tamper_refused", c.tamper_refused),
+            ("guard_restored", a.guard_restored),
         ] {
             escapes.with_label_values(&[n, kind]).inc_by(n_);
         }
@@ -353,6 +356,7 @@ mod tests {
                 frozen: true,
                 root: true,
                 control_refused: 3,
+                guard_restored: 0,
                 rates: [12.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
                 baselines: [Some(2.0), None, None, None, None, None, None],
                 anomaly_score: 6.25,

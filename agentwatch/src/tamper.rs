@@ -2,7 +2,16 @@
 //! itself (BPF LSM only; see agentwatch-ebpf/src/tamper.rs). Each becomes a `tamper_refused`
 //! line, counts as an escape attempt, and trips the agent's breaker (signal `tamper`).
 
-use agentwatch_common::{EVENT_TAMPER_REFUSED, TAMPER_BPF, TAMPER_SIGNAL, TamperEvent};
+use std::{
+    collections::BTreeMap,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use agentwatch_common::{
+    EVENT_TAMPER_REFUSED, InodeKey, TAMPER_BPF, TAMPER_FILE, TAMPER_OP_RENAME, TAMPER_OP_UNLINK,
+    TAMPER_OP_WRITE, TAMPER_SIGNAL, TamperEvent,
+};
 use serde_json::json;
 
 use crate::{
@@ -17,12 +26,14 @@ pub struct TamperRecord {
     pub pid: u32,
     pub tid: u32,
     pub comm: String,
-    /// `bpf` or `signal`.
+    /// `bpf`, `signal` or `file`.
     pub what: &'static str,
-    /// The bpf command or the signal.
+    /// The bpf command, the signal, or the file operation (`TAMPER_OP_*`).
     pub arg: u32,
     /// The signalled daemon's pid (signals only).
     pub target: u32,
+    /// The file (files only).
+    pub file: InodeKey,
     pub ts_ns: u64,
 }
 
@@ -40,10 +51,16 @@ pub fn decode(kind: u32, bytes: &[u8]) -> Option<TamperRecord> {
         what: match e.what {
             TAMPER_BPF => "bpf",
             TAMPER_SIGNAL => "signal",
+            TAMPER_FILE => "file",
             _ => "unknown",
         },
         arg: e.arg,
         target: e.target,
+        file: InodeKey {
+            dev: e.dev,
+            _pad: 0,
+            ino: e.ino,
+        },
         ts_ns: e.ts_ns,
     })
 }
@@ -96,19 +113,33 @@ fn bpf_cmd(cmd: u32) -> String {
 }
 
 impl TamperRecord {
-    /// `tamper_refused` (pid, tid, comm, what, and the bpf command or the signal and target).
-    pub fn audit_line(&self) -> KernelLine {
+    /// `tamper_refused` (pid, tid, comm, what, and the bpf command, the signal and target, or
+    /// the file operation and `path`: `files` names the daemon's files by inode).
+    pub fn audit_line(&self, files: &BTreeMap<InodeKey, PathBuf>) -> KernelLine {
         let mut fields = json!({
             "pid": self.pid,
             "tid": self.tid,
             "comm": self.comm,
             "what": self.what,
         });
-        if self.what == "signal" {
-            fields["signal"] = json!(self.arg);
-            fields["target_pid"] = json!(self.target);
-        } else {
-            fields["bpf_cmd"] = json!(bpf_cmd(self.arg));
+        match self.what {
+            "signal" => {
+                fields["signal"] = json!(self.arg);
+                fields["target_pid"] = json!(self.target);
+            }
+            "file" => {
+                fields["op"] = json!(match self.arg {
+                    TAMPER_OP_WRITE => "write",
+                    TAMPER_OP_UNLINK => "unlink",
+                    TAMPER_OP_RENAME => "rename",
+                    _ => "unknown",
+                });
+                // The path it had when the daemon last looked (it may have been renamed
+                // since by someone else; the inode is what was guarded).
+                fields["path"] = json!(files.get(&self.file).map(|p| p.display().to_string()));
+                fields["ino"] = json!(self.file.ino);
+            }
+            _ => fields["bpf_cmd"] = json!(bpf_cmd(self.arg)),
         }
         KernelLine {
             agent_id: self.agent_id,
@@ -118,6 +149,52 @@ impl TamperRecord {
             fields,
         }
     }
+}
+
+/// The kernel's name of the inode at `path` (not following a last symbolic link): its file
+/// system's `dev_t` as the kernel keeps it (`MAJOR << 20 | MINOR`) and its number.
+pub fn inode_key(path: &Path) -> Option<InodeKey> {
+    let m = std::fs::symlink_metadata(path).ok()?;
+    let (major, minor) = (libc::major(m.dev()), libc::minor(m.dev()));
+    Some(InodeKey {
+        dev: (major << 20) | minor,
+        _pad: 0,
+        ino: m.ino(),
+    })
+}
+
+/// The daemon's files and folders the tamper guard keeps agents from changing: each of
+/// `paths` that exists, and everything below those that are folders of the daemon's own
+/// (`deep`: the pin folder). Named by inode, with the path for the audit line.
+pub fn protected(paths: &[&Path], deep: &[&Path]) -> BTreeMap<InodeKey, PathBuf> {
+    let mut out = BTreeMap::new();
+    for p in paths {
+        if let Some(k) = inode_key(p) {
+            out.insert(k, p.to_path_buf());
+        }
+    }
+    let mut stack: Vec<PathBuf> = deep.iter().map(|p| p.to_path_buf()).collect();
+    // Bounded like the kernel's map: a pin folder of this size is far beyond any host's.
+    while let Some(dir) = stack.pop() {
+        if out.len() >= 8000 {
+            break;
+        }
+        if let Some(k) = inode_key(&dir) {
+            out.insert(k, dir.clone());
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.filter_map(Result::ok) {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p);
+            } else if let Some(k) = inode_key(&p) {
+                out.insert(k, p);
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -140,7 +217,8 @@ mod tests {
         // SAFETY: TamperEvent is plain old data.
         let bytes: [u8; size_of::<TamperEvent>()] = unsafe { std::mem::transmute(e) };
         let r = decode(EVENT_TAMPER_REFUSED, &bytes).unwrap();
-        let line = r.audit_line();
+        let none = BTreeMap::new();
+        let line = r.audit_line(&none);
         assert_eq!(line.kind, "tamper_refused");
         assert_eq!(
             line.fields,
@@ -151,11 +229,42 @@ mod tests {
         e.target = 77;
         // SAFETY: as above.
         let bytes: [u8; size_of::<TamperEvent>()] = unsafe { std::mem::transmute(e) };
-        let line = decode(EVENT_TAMPER_REFUSED, &bytes).unwrap().audit_line();
+        let line = decode(EVENT_TAMPER_REFUSED, &bytes)
+            .unwrap()
+            .audit_line(&none);
         assert_eq!(line.fields["signal"], 9);
         assert_eq!(line.fields["target_pid"], 77);
         assert_eq!(bpf_cmd(34), "BPF_LINK_DETACH");
         assert_eq!(bpf_cmd(99), "99");
         assert_eq!(decode(1, &bytes), None);
+        // A file: its path from what the daemon guards.
+        let dir = std::env::temp_dir();
+        let key = inode_key(&dir).unwrap();
+        e.what = TAMPER_FILE;
+        e.arg = TAMPER_OP_RENAME;
+        (e.dev, e.ino) = (key.dev, key.ino);
+        // SAFETY: as above.
+        let bytes: [u8; size_of::<TamperEvent>()] = unsafe { std::mem::transmute(e) };
+        let files = protected(&[&dir], &[]);
+        let line = decode(EVENT_TAMPER_REFUSED, &bytes)
+            .unwrap()
+            .audit_line(&files);
+        assert_eq!(line.fields["op"], "rename");
+        assert_eq!(line.fields["path"], dir.display().to_string());
+    }
+
+    #[test]
+    fn inode_keys_use_the_kernels_dev_encoding() {
+        // /proc/self/mountinfo's third field is MAJOR:MINOR as the kernel keeps it.
+        let root = inode_key(Path::new("/")).unwrap();
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        // The last mount on / is the one seen (an initramfs's rootfs may lie below it).
+        let line = info
+            .lines()
+            .rfind(|l| l.split(' ').nth(4) == Some("/"))
+            .unwrap();
+        let (major, minor) = line.split(' ').nth(2).unwrap().split_once(':').unwrap();
+        let (major, minor): (u32, u32) = (major.parse().unwrap(), minor.parse().unwrap());
+        assert_eq!(root.dev, (major << 20) | minor);
     }
 }

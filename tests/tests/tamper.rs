@@ -384,9 +384,10 @@ fn a_root_agent_is_refused_on_the_control_socket_audited_and_stopped() {
     env.verify_audit();
 }
 
-/// A root agent tries the two things only BPF LSM can refuse a root process here: opening a
-/// pinned link (to detach it) and signalling the daemon. Run as
-/// `python3 -c TRY_AS_ROOT PIN DAEMON_PID`; prints `bpf ERRNO` and `signal ERRNO`.
+/// A root agent tries what only BPF LSM can refuse a root process here: opening a pinned
+/// link (to detach it), signalling the daemon, writing its config and trail, moving its
+/// socket, unlinking a pin. Run as `python3 -c TRY_AS_ROOT PIN DAEMON_PID CONFIG TRAIL SOCKET
+/// LSM`; prints `NAME ERRNO` per attempt.
 const TRY_AS_ROOT: &str = r#"
 import ctypes, os, sys
 libc = ctypes.CDLL(None, use_errno=True)
@@ -404,10 +405,25 @@ try:
     print("signal 0")
 except OSError as e:
     print("signal", e.errno)
+def attempt(name, f):
+    try:
+        f()
+        print(name, 0)
+    except OSError as e:
+        print(name, e.errno)
+config, trail, sock, lsm = sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6] == "1"
+# Opened for writing and closed without a byte written: harmless where it works.
+attempt("config_write", lambda: open(config, "a").close())
+attempt("trail_write", lambda: open(trail, "r+").close())
+if lsm:
+    # Where nothing refuses them (no BPF LSM) these would break the test's own daemon.
+    attempt("socket_rename", lambda: os.rename(sock, sock + ".x"))
+    attempt("pin_unlink", lambda: os.unlink(sys.argv[1]))
+sys.stdout.flush()
 "#;
 
 #[test]
-fn a_root_agent_makes_no_bpf_call_and_signals_no_daemon_where_the_kernel_has_bpf_lsm() {
+fn a_root_agent_cannot_reach_the_daemon_its_files_or_its_pins_where_the_kernel_has_bpf_lsm() {
     privileged!();
     let lsm = agentwatch_tests::bpf_lsm();
     let mut env = DaemonEnv::new();
@@ -426,6 +442,10 @@ fn a_root_agent_makes_no_bpf_call_and_signals_no_daemon_where_the_kernel_has_bpf
         .args(["launch", "--agent", "r", "--", "python3", "-c", TRY_AS_ROOT])
         .arg(&link)
         .arg(daemon.to_string())
+        .arg(&env.config)
+        .arg(&env.audit)
+        .arg(&env.socket)
+        .arg(if lsm { "1" } else { "0" })
         .current_dir("/")
         .output()
         .expect("launch");
@@ -443,26 +463,63 @@ fn a_root_agent_makes_no_bpf_call_and_signals_no_daemon_where_the_kernel_has_bpf
     if lsm {
         assert_eq!(
             got,
-            BTreeMap::from([("bpf", libc::EPERM), ("signal", libc::EPERM)])
+            BTreeMap::from([
+                ("bpf", libc::EPERM),
+                ("signal", libc::EPERM),
+                ("config_write", libc::EACCES),
+                ("trail_write", libc::EACCES),
+                ("socket_rename", libc::EPERM),
+                ("pin_unlink", libc::EPERM),
+            ])
         );
-        let lines = env.wait_audit("tamper_refused", 2);
-        assert_eq!(lines.len(), 2, "{lines:#?}");
+        let lines = env.wait_audit("tamper_refused", 6);
+        assert_eq!(lines.len(), 6, "{lines:#?}");
         assert_eq!(lines[0]["what"], "bpf");
         assert_eq!(lines[0]["bpf_cmd"], "BPF_OBJ_GET");
         assert_eq!(lines[1]["what"], "signal");
         assert_eq!(lines[1]["signal"], 0);
         assert_eq!(lines[1]["target_pid"], daemon);
+        let files: Vec<(String, String)> = lines[2..]
+            .iter()
+            .map(|l| {
+                assert_eq!(l["what"], "file", "{l}");
+                (
+                    l["op"].as_str().unwrap_or_default().to_owned(),
+                    l["path"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        let shown = |p: &std::path::Path| p.display().to_string();
+        assert_eq!(
+            files,
+            [
+                ("write".to_owned(), shown(&env.config)),
+                ("write".to_owned(), shown(&env.audit)),
+                ("rename".to_owned(), shown(&env.socket)),
+                ("unlink".to_owned(), shown(&link)),
+            ]
+        );
+        assert!(env.socket.exists() && link.exists());
         let trips = env.wait_audit("breaker_tripped", 1);
         assert_eq!(trips.len(), 1, "once per trip: {trips:#?}");
         assert_eq!(
             (trips[0]["signal"].as_str(), trips[0]["action"].as_str()),
             (Some("tamper"), Some("alert"))
         );
-        assert_eq!(env.status()["r"]["escape_attempts"]["tamper_refused"], 2);
+        assert_eq!(env.status()["r"]["escape_attempts"]["tamper_refused"], 6);
     } else {
-        // No hook to refuse them here: a root agent opens the pin, and the daemon's signal
-        // check passes (what the README's Security model says a root agent can still do).
-        assert_eq!(got, BTreeMap::from([("bpf", 0), ("signal", 0)]));
+        // No hook to refuse them here: a root agent opens the pin, the daemon's signal check
+        // passes, the config and the trail open for writing (what the README's Security model
+        // says a root agent can still do).
+        assert_eq!(
+            got,
+            BTreeMap::from([
+                ("bpf", 0),
+                ("signal", 0),
+                ("config_write", 0),
+                ("trail_write", 0)
+            ])
+        );
         assert!(
             env.audit_lines()
                 .iter()

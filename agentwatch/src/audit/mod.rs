@@ -178,6 +178,56 @@ pub fn recent_kernel_records(path: &Path) -> HashSet<RecordId> {
     out
 }
 
+/// The last whole line of the trail at `path` (or, when that file is empty or missing, of
+/// `<path>.1`: a daemon that stopped just after a rotation), parsed. None for stdout, a new
+/// trail, or a tail that holds no whole JSON line. Read before a new writer opens the trail, it
+/// is the last line the previous daemon wrote.
+pub fn last_record(path: &Path) -> Option<Value> {
+    use std::io::{Read as _, Seek as _};
+    if path == Path::new("-") {
+        return None;
+    }
+    let last_of = |p: &Path| -> Option<Value> {
+        let mut f = std::fs::File::open(p).ok()?;
+        let len = f.metadata().ok()?.len();
+        f.seek(io::SeekFrom::Start(len.saturating_sub(TAIL))).ok()?;
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).ok()?;
+        // From the end: a torn last line (a write cut short) is not JSON; the one before is.
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok())
+    };
+    let empty = std::fs::metadata(path).map_or(true, |m| m.len() == 0);
+    if empty {
+        last_of(&rotated(path, 1))
+    } else {
+        last_of(path)
+    }
+}
+
+/// The time of a line's `ts` as the writer writes it (`2026-11-21T23:59:01.123456Z`, see
+/// [`rfc3339`]); None for anything else.
+pub fn parse_ts(ts: &str) -> Option<time::OffsetDateTime> {
+    let (date, rest) = ts.split_once('T')?;
+    let rest = rest.strip_suffix('Z')?;
+    let mut d = date.splitn(3, '-').map(str::parse::<u32>);
+    let (year, month, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let (hms, micros) = rest.split_once('.').unwrap_or((rest, "0"));
+    let mut t = hms.splitn(3, ':').map(str::parse::<u8>);
+    let (hour, minute, second) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
+    let micros: u32 = micros.parse().ok()?;
+    let date = time::Date::from_calendar_date(
+        i32::try_from(year).ok()?,
+        time::Month::try_from(u8::try_from(month).ok()?).ok()?,
+        u8::try_from(day).ok()?,
+    )
+    .ok()?;
+    let time = time::Time::from_hms_micro(hour, minute, second, micros).ok()?;
+    Some(time::PrimitiveDateTime::new(date, time).assume_utc())
+}
+
 /// The audit log path as shown to people.
 pub fn describe(path: &Path) -> PathBuf {
     if path == Path::new("-") {
@@ -191,6 +241,44 @@ pub fn describe(path: &Path) -> PathBuf {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn parse_ts_reads_what_the_writer_writes() {
+        let ts =
+            time::OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_000).unwrap();
+        assert_eq!(parse_ts(&rfc3339(ts)), Some(ts));
+        assert_eq!(
+            parse_ts("2026-11-21T23:59:01Z").map(|t| t.second()),
+            Some(1)
+        );
+        assert_eq!(parse_ts("2026-11-21 23:59:01Z"), None);
+        assert_eq!(parse_ts("2026-13-21T23:59:01.5Z"), None);
+    }
+
+    #[test]
+    fn last_record_is_the_last_whole_line_or_that_of_the_rotated_file() {
+        let dir = scratch("last");
+        let path = dir.join("a.jsonl");
+        assert_eq!(last_record(&path), None);
+        let audit = Audit::open(&path).unwrap();
+        audit.record("a", "frozen", json!({}));
+        audit.record("a", "thawed", json!({}));
+        audit.sync();
+        assert_eq!(last_record(&path).unwrap()["kind"], "thawed");
+        // A torn last line: the one before it.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut f, br#"{"ts":"2026-"#).unwrap();
+        assert_eq!(last_record(&path).unwrap()["kind"], "thawed");
+        // Stopped just after a rotation: the live file is empty.
+        std::fs::rename(&path, rotated(&path, 1)).unwrap();
+        std::fs::write(&path, b"").unwrap();
+        assert_eq!(last_record(&path).unwrap()["kind"], "thawed");
+        assert_eq!(last_record(Path::new("-")), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn writes_one_json_object_per_line() {

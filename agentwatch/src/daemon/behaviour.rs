@@ -86,6 +86,20 @@ impl State {
 
     /// Runs a trip's action and audits `breaker_tripped`.
     fn run_trip(&mut self, agent: &str, signal: &str, rate: f64, baseline: f64, action: Action) {
+        self.run_trip_with(agent, signal, rate, baseline, action, json!({}));
+    }
+
+    /// [`Self::run_trip`], with `extra` fields (an object) added to the `breaker_tripped` line
+    /// after the usual ones.
+    pub(super) fn run_trip_with(
+        &mut self,
+        agent: &str,
+        signal: &str,
+        rate: f64,
+        baseline: f64,
+        action: Action,
+        extra: serde_json::Value,
+    ) {
         let (name, index) = action_label(action);
         tracing::warn!(
             agent,
@@ -114,6 +128,9 @@ impl State {
             "baseline": round(baseline),
             "action": name,
         });
+        if let (Some(fields), serde_json::Value::Object(extra)) = (fields.as_object_mut(), extra) {
+            fields.extend(extra);
+        }
         if let Err(e) = &result {
             tracing::error!(agent, "breaker action {name}: {e}");
             fields["action_error"] = json!(e);

@@ -91,7 +91,12 @@ async fn control_connection(
             return answer(stream, &Response::err(format!("permission denied: {e}"))).await;
         }
     };
-    let inside = lock(&state).agent_holding(&peer);
+    // The state's lock is a blocking one: taken on a blocking thread, never on the runtime's
+    // workers, which a long reload holding it would otherwise stall one by one.
+    let (inside, peer) = {
+        let st = Arc::clone(&state);
+        tokio::task::spawn_blocking(move || (lock(&st).agent_holding(&peer), peer)).await?
+    };
     if let Some(agent) = inside {
         // The guarded never steers the guard, root or not. What it asked goes in the trail.
         let mut line = Vec::new();

@@ -10,7 +10,8 @@
 //! (the control socket, one function per request), [`status`] (status rows, /metrics),
 //! [`behaviour`] (rates, baselines, breakers), [`reader`] (kernel events into the audit trail),
 //! [`sweep`] (once a second: summaries of what was not written one by one, nested cgroups,
-//! privileged processes).
+//! privileged processes), [`watchdog`] (links switched off are attached again; what the next
+//! daemon needs to know of this one).
 //! This file holds start-up and the tasks' wiring, nothing else.
 
 mod behaviour;
@@ -20,6 +21,7 @@ mod policy;
 mod reader;
 mod status;
 mod sweep;
+mod watchdog;
 
 use std::{
     collections::BTreeMap,
@@ -75,6 +77,15 @@ struct State {
     files_detected: BTreeMap<String, u64>,
     /// Requests refused on the control socket because they came from inside an agent.
     control_refusals: BTreeMap<String, control::Refusals>,
+    /// The daemon's files the tamper guard keeps agents from changing (BPF LSM), by inode.
+    protected: BTreeMap<agentwatch_common::InodeKey, PathBuf>,
+    /// The pin folder's part of `protected`, read again only when `pins_dirty` says the pins
+    /// may have changed (reading a folder holds a descriptor while it lasts: not once a
+    /// second for nothing).
+    protected_pins: BTreeMap<agentwatch_common::InodeKey, PathBuf>,
+    pins_dirty: bool,
+    /// Links found switched off and attached again, and the checkpoints for the next daemon.
+    watchdog: watchdog::Watchdog,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -141,6 +152,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
     tracing::info!(mount = %mount.display(), "cgroup2 found");
     // Read before the trail is opened for writing: what it ends with is what was written.
     let written = audit::recent_kernel_records(&config.daemon.audit_log);
+    let last_line = audit::last_record(&config.daemon.audit_log);
     let rotation = audit::Rotation {
         max_size: config.daemon.audit_max_size.as_u64(),
         keep: config.daemon.audit_keep,
@@ -165,6 +177,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
     if adopting {
         tracing::info!(pin_dir = %config.daemon.pin_dir.display(), "re-adopting pinned maps and links");
     }
+    let previous = watchdog::Previous::read(&agents, last_line.as_ref(), adopting);
     // The tamper guard (BPF LSM) refuses agents' signals to this process.
     agents
         .kernel_mut()
@@ -193,12 +206,18 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         monitors: BTreeMap::new(),
         files_detected: BTreeMap::new(),
         control_refusals: BTreeMap::new(),
+        protected: BTreeMap::new(),
+        protected_pins: BTreeMap::new(),
+        pins_dirty: true,
+        watchdog: watchdog::Watchdog::default(),
         swept: sweep::Swept::default(),
         dns,
         vanished: Vec::new(),
     };
+    state.note_start(previous.as_ref());
     state.apply(config).map_err(|e| anyhow::anyhow!("{e}"))?;
     state.finish_kills();
+    state.judge_gap();
     let stale = state.agents.forget_stale()?;
     if stale.states > 0 || !stale.link_dirs.is_empty() {
         tracing::info!(states = stale.states, links = ?stale.link_dirs, "removed what an earlier daemon left for agents no longer configured");
@@ -225,7 +244,10 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         .admin_group
         .as_deref()
         .and_then(protocol::group_id);
+    // Before the first request: the socket, the config and the trail are guarded from then on.
+    guard_files(&state);
     let tasks = [
+        tokio::spawn(guard_files_every_second(Arc::clone(&state))),
         tokio::spawn(reader::read_events(Arc::clone(&state), ring, written)),
         tokio::spawn(reader::watch_lost(Arc::clone(&state))),
         tokio::spawn(control::serve(Arc::clone(&state), listener, admin_gid)),
@@ -240,14 +262,17 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
     }
     let _ = std::fs::remove_file(&socket_path);
     let n = {
-        let s = lock(&state);
+        let mut s = lock(&state);
+        if let Ok(signal) = &result {
+            s.stopped_clean(signal);
+        }
         s.audit.sync();
         s.agents.names().count()
     };
     tracing::info!(
         "agentwatch stopped; {n} agent(s) stay guarded by pinned programs (`agentwatch run --cleanup` removes them)"
     );
-    result
+    result.map(drop)
 }
 
 /// The DNS forwarder. Its upstream is found now; without one, the daemon still runs, and
@@ -278,14 +303,15 @@ fn start_dns(config: &Config, agents: &Agents, audit: &Audit) -> Result<dns::For
     .context("starting the DNS forwarder")
 }
 
-async fn wait_for_signals(state: &Shared) -> Result<()> {
+/// Waits for SIGINT or SIGTERM (reloading on SIGHUP meanwhile); the name of the one that came.
+async fn wait_for_signals(state: &Shared) -> Result<&'static str> {
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
-            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); return Ok(()); }
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); return Ok(()); }
+            _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); return Ok("SIGINT"); }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); return Ok("SIGTERM"); }
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: reloading");
                 let state = Arc::clone(state);
@@ -392,6 +418,51 @@ fn bind_control(path: &Path, admin_group: Option<&str>) -> Result<UnixListener> 
     Ok(listener)
 }
 
+/// Keeps the tamper guard's set of the daemon's files current (BPF LSM only). The files are
+/// looked at without the state's lock (by `lstat`, no descriptor), the pin folder only after
+/// something may have changed its pins; only the map update takes the lock.
+fn guard_files(state: &Shared) {
+    let (paths, pins, walk) = {
+        let mut s = lock(state);
+        let Some((paths, pins)) = s.guarded_paths() else {
+            return;
+        };
+        (paths, pins, std::mem::take(&mut s.pins_dirty))
+    };
+    let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+    let mut want = crate::tamper::protected(&refs, &[]);
+    let walked = walk.then(|| crate::tamper::protected(&[], &[pins.as_path()]));
+    let mut s = lock(state);
+    if let Some(p) = walked {
+        s.protected_pins = p;
+    }
+    want.extend(s.protected_pins.iter().map(|(k, v)| (*k, v.clone())));
+    // Most seconds nothing changed: no map call at all then.
+    if s.protected == want {
+        return;
+    }
+    let keys = want.keys().copied().collect();
+    match s.agents.kernel_mut().sync_protected(&keys) {
+        Ok(()) => s.protected = want,
+        Err(e) => {
+            s.pins_dirty = true;
+            tracing::error!("keeping the tamper guard's file set: {e}");
+        }
+    }
+}
+
+/// [`guard_files`] once a second, on a blocking thread: a file made since (a rotated trail, a
+/// new agent's pins) is guarded within a second.
+async fn guard_files_every_second(state: Shared) -> Result<()> {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let state = Arc::clone(&state);
+        tokio::task::spawn_blocking(move || guard_files(&state)).await?;
+    }
+}
+
 /// Runs `work` on the state every `period` (on a blocking thread: it takes the lock and may
 /// read the kernel's maps), for as long as the daemon runs. A tick that comes late is not
 /// made up for.
@@ -406,6 +477,34 @@ async fn every(state: Shared, period: std::time::Duration, work: fn(&mut State))
 }
 
 impl State {
+    /// The daemon's files and folders the tamper guard keeps agents from changing: the config
+    /// and its folder, the trail and its folder (a rotation makes a new file), the control
+    /// socket and its folder, the homes folder; and the pin folder, all of whose contents
+    /// count (new agents make new pins). None without BPF LSM (nothing to keep).
+    fn guarded_paths(&self) -> Option<(Vec<PathBuf>, PathBuf)> {
+        if !self.agents.kernel().files.lsm() {
+            return None;
+        }
+        let d = &self.config.daemon;
+        let mut paths: Vec<PathBuf> = vec![d.control_socket.clone(), d.agent_homes.clone()];
+        if let Some(dir) = d.control_socket.parent() {
+            paths.push(dir.to_owned());
+        }
+        if let ConfigSource::File(p) = &self.source {
+            paths.push(p.clone());
+            if let Some(dir) = p.parent() {
+                paths.push(dir.to_owned());
+            }
+        }
+        if d.audit_log != Path::new("-") {
+            paths.push(d.audit_log.clone());
+            if let Some(dir) = d.audit_log.parent() {
+                paths.push(dir.to_owned());
+            }
+        }
+        Some((paths, d.pin_dir.clone()))
+    }
+
     fn audit_agent(&self, agent: &str, kind: &str, fields: serde_json::Value) {
         self.audit.record(agent, kind, fields);
     }

@@ -37,6 +37,8 @@ impl State {
     /// keep running, reported), agents whose policy changed get it swapped atomically. A config
     /// that fails anywhere before the switch changes nothing.
     pub(super) fn apply(&mut self, new: Config) -> Result<String, String> {
+        // Agents guarded or forgotten make and remove pins: the tamper guard looks again.
+        self.pins_dirty = true;
         // Agents waiting for their cgroup to come back are judged by the new config like any
         // agent not guarded now: added if it names them (and their cgroup exists), else gone.
         self.vanished.clear();

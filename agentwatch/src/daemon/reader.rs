@@ -93,7 +93,7 @@ fn drain(ring: &mut RingBuf<MapData>, state: &Shared, written: &mut HashSet<audi
                     "tamper refused in the kernel"
                 );
                 act_on_tamper = Some(t.agent_id);
-                t.audit_line()
+                t.audit_line(&lock(state).protected)
             }
             Event::Unknown { kind, len } => {
                 tracing::warn!(kind, len, "unknown event kind from the kernel");

@@ -110,6 +110,8 @@ impl State {
                     "cgroup_escape": c.cgroup_escapes,
                     "control_refused": self.control_refusals.get(name).map_or(0, |r| r.total),
                     "tamper_refused": c.tamper_refused,
+                    // Its links found detached or gone and attached again (the watchdog).
+                    "guard_restored": self.watchdog.restored(name),
                 },
                 "dns": {
                     "allowed": dns.allowed,
@@ -168,6 +170,7 @@ impl State {
                     counters: self.agent_counters(name),
                     root: self.config.agent(name).is_some_and(|a| a.run_as.is_root()),
                     control_refused: self.control_refusals.get(name).map_or(0, |r| r.total),
+                    guard_restored: self.watchdog.restored(name),
                     frozen: self
                         .agents
                         .cgroup(name)

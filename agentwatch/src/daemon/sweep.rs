@@ -1,7 +1,8 @@
 //! Once a second: what an agent did beyond its audit rate goes into the trail as summaries,
 //! expired DNS-learned addresses leave the kernel, the kernel learns the cgroups agents made
-//! below their own, and processes of an agent that hold a capability able to switch agentwatch
-//! off are audited (once each).
+//! below their own, processes of an agent that hold a capability able to switch agentwatch
+//! off are audited (once each), every link is checked to be still attached and the daemon's
+//! checkpoint written ([`super::watchdog`]).
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -80,6 +81,9 @@ impl State {
         }
         self.sweep_pins();
         self.sweep_vanished();
+        // After sweep_vanished: a removed cgroup's links went with it, which is not tamper.
+        self.watch_links();
+        self.heartbeat();
         self.sweep_dns();
         self.sweep_leases();
         if let Err(e) = self.agents.sync_nested() {
@@ -125,6 +129,11 @@ impl State {
         }
         match self.agents.restore_pins() {
             Ok((maps, links)) => {
+                self.pins_dirty = true;
+                // Not one of the object's maps (`maps` counts those): pinned beside them.
+                if let Err(e) = self.agents.kernel().repin_checkpoints() {
+                    tracing::error!(%pin_dir, "pinning the daemon's checkpoints again: {e}");
+                }
                 self.swept.pins_present = true;
                 self.swept.restore_error = None;
                 tracing::info!(%pin_dir, maps, links, "pinned the maps and links again: enforcement outlives this daemon again");
