@@ -206,7 +206,7 @@ fn protected(inode: *const u8) -> Option<InodeKey> {
     let dev = read::<u32>(sb, s_dev)?;
     let key = InodeKey { dev, _pad: 0, ino };
     // SAFETY: the value is not read, only whether there is one.
-    unsafe { TAMPER_INODES.get(&key) }.map(|_| key)
+    unsafe { TAMPER_INODES.get(key) }.map(|_| key)
 }
 
 #[inline(always)]
