@@ -326,7 +326,11 @@ fn assert_flat_over(launches: usize, reloads: u16) {
 #[test]
 fn memory_and_descriptors_stay_flat_across_launches_and_reloads() {
     privileged!();
-    assert_flat_over(1000, 200);
+    // A leak of one descriptor per launch or reload shows at any count; a guest under TCG
+    // takes 0.3-0.6 s per launch (14 min for the host's count in the 6.1 guest), so it makes
+    // the host's count divided by the time scale. The long run is `cargo xtask soak`.
+    let scale = agentwatch_tests::time_scale();
+    assert_flat_over(1000 / scale as usize, 200 / scale as u16);
 }
 
 /// The full figure (about 10 minutes): `cargo xtask soak --launches 10000 --reloads

@@ -764,6 +764,40 @@ fn quote_path(p: &Path) -> Result<String> {
         .with_context(|| format!("{} is not UTF-8", p.display()))
 }
 
+/// The guest gets a fresh tmpfs on /tmp (the tests' scratch space, in guest memory), which
+/// would hide a checkout or target folder a user cloned under the host's /tmp (`cd: can't cd to
+/// /tmp/.../tests` in every binary). For each top-level entry of /tmp that one of `paths` lies
+/// in: the lines that keep the host's /tmp reachable before the tmpfs goes on, and those that
+/// bind that entry back onto the new /tmp after. Both empty when nothing is under /tmp.
+fn host_tmp_binds(paths: impl Iterator<Item = PathBuf>) -> Result<(String, String)> {
+    let mut entries: Vec<PathBuf> = paths
+        .filter_map(|p| {
+            let rest = p.strip_prefix("/tmp").ok()?;
+            let first = rest.components().next()?;
+            Some(Path::new("/tmp").join(first))
+        })
+        .collect();
+    entries.sort();
+    entries.dedup();
+    if entries.is_empty() {
+        return Ok((String::new(), String::new()));
+    }
+    let keep = "mkdir -p /run/vmtest-host-tmp && mount --bind /tmp /run/vmtest-host-tmp\n";
+    let mut restore =
+        String::from("# The checkout (or its target folder) lives under the host's /tmp.\n");
+    for e in &entries {
+        let name = e.strip_prefix("/tmp").unwrap_or(e);
+        let from = Path::new("/run/vmtest-host-tmp").join(name);
+        restore.push_str(&format!(
+            "mkdir -p {to} && mount --bind {from} {to}\n",
+            to = quote_path(e)?,
+            from = quote_path(&from)?,
+        ));
+    }
+    restore.push_str("umount /run/vmtest-host-tmp\n");
+    Ok((keep.to_owned(), restore))
+}
+
 /// Stage two, PID 1 in the host's root (its /bin/sh): what a systemd host mounts, the guest
 /// kernel's modules where modprobe looks, then each test binary in its package's folder with
 /// the environment `cargo test` gives it.
@@ -776,6 +810,11 @@ fn guest_script(k: &Kernel, binaries: &[TestBinary], test_args: &[String]) -> Re
     let home = home()?;
     let path = env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
     let modules = k.modules();
+    let keep_tmp = host_tmp_binds(
+        [crate::workspace_root(), target_dir()?]
+            .into_iter()
+            .chain(binaries.iter().flat_map(|b| [b.exe.clone(), b.cwd.clone()])),
+    )?;
     let mut s = String::new();
     s.push_str(&format!(
         r#"#!/bin/sh
@@ -787,8 +826,8 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /run
-mount -t tmpfs tmpfs /tmp
-# Pure cgroup v2 where systemd puts it, with nsdelegate, and the controllers systemd enables.
+{keep_tmp}mount -t tmpfs tmpfs /tmp
+{restore_tmp}# Pure cgroup v2 where systemd puts it, with nsdelegate, and the controllers systemd enables.
 mount -t cgroup2 -o nsdelegate cgroup2 /sys/fs/cgroup
 echo '+cpu +memory +pids' > /sys/fs/cgroup/cgroup.subtree_control
 mount -t bpf bpf /sys/fs/bpf
@@ -816,6 +855,8 @@ boot=$(cut -d' ' -f1 /proc/uptime)
 echo "vmtest: kernel $(uname -r), userland up at ${{boot}}s; LSMs: $(cat /sys/kernel/security/lsm)"
 "#,
         version = k.version,
+        keep_tmp = keep_tmp.0,
+        restore_tmp = keep_tmp.1,
         modules = quote_path(&modules)?,
         home = quote_path(&home)?,
         path = quote(&path),
@@ -840,4 +881,46 @@ sleep 30
 "#,
     );
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkout_under_tmp_is_bound_back_onto_the_guests_tmpfs() {
+        let (keep, restore) = host_tmp_binds(
+            [
+                "/tmp/clone/target/debug/deps/egress-1",
+                "/tmp/clone/tests",
+                "/tmp/t2/debug",
+                "/work/main",
+            ]
+            .into_iter()
+            .map(PathBuf::from),
+        )
+        .expect("binds");
+        assert_eq!(
+            keep,
+            "mkdir -p /run/vmtest-host-tmp && mount --bind /tmp /run/vmtest-host-tmp\n"
+        );
+        let binds: Vec<&str> = restore.lines().filter(|l| l.contains("--bind")).collect();
+        assert_eq!(
+            binds,
+            [
+                "mkdir -p '/tmp/clone' && mount --bind '/run/vmtest-host-tmp/clone' '/tmp/clone'",
+                "mkdir -p '/tmp/t2' && mount --bind '/run/vmtest-host-tmp/t2' '/tmp/t2'",
+            ]
+        );
+        assert!(
+            restore.ends_with("umount /run/vmtest-host-tmp\n"),
+            "{restore}"
+        );
+    }
+
+    #[test]
+    fn nothing_under_tmp_changes_nothing() {
+        let binds = host_tmp_binds(["/work/main", "/root/t"].into_iter().map(PathBuf::from));
+        assert_eq!(binds.expect("binds"), (String::new(), String::new()));
+    }
 }
