@@ -297,6 +297,19 @@ fn on_attach(ctx: &TracePointContext) {
     let writer = (bpf_get_current_pid_tgid() >> 32) as u32;
     let self_move = writer == pid;
     let dst = dst_agent(dst_id, self_move);
+    // The daemon is no agent's process, wherever it is put: a root agent on a cgroup2 mount
+    // without nsdelegate can write its pid into its own cgroup.procs (to freeze or kill it
+    // there). It is not taken for the agent's (its move back out would be an escape that
+    // costs its life), and an agent task that put it there dies before its write returns.
+    // The daemon finds itself there within a second and leaves (`daemon_moved`).
+    let daemon = crate::tamper::daemon_tgid();
+    if daemon != 0 && pid == daemon {
+        if dst.is_some() && !self_move && current_agent_key().is_some() {
+            // SAFETY: signals the current task, the agent task that moved the daemon.
+            unsafe { bpf_send_signal(SIGKILL) };
+        }
+        return;
+    }
     let Some((src_key, src_id)) = agent_of_task(pid) else {
         // Not an agent process. Moving into an agent (`agentwatch launch` moves itself in)
         // makes it one.

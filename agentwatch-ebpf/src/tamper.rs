@@ -39,6 +39,12 @@ use crate::{
 #[map]
 static TAMPER_DAEMON: Array<u32> = Array::with_max_entries(1, 0);
 
+/// The daemon's tgid, 0 until it has said.
+#[inline(always)]
+pub fn daemon_tgid() -> u32 {
+    TAMPER_DAEMON.get(0).copied().unwrap_or(0)
+}
+
 /// Offset of `tgid` in `struct task_struct` on the running kernel, from its BTF (written into
 /// `.rodata` by the daemon before loading; aya-ebpf has no CO-RE).
 #[unsafe(no_mangle)]

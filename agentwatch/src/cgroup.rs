@@ -57,6 +57,25 @@ fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
     })
 }
 
+/// Whether the cgroup2 mount carries `nsdelegate` (systemd mounts it so): then a process in a
+/// cgroup namespace of its own (every launched agent) cannot move any process across the
+/// namespace's root, the daemon included. False where it cannot be read.
+pub fn nsdelegate() -> bool {
+    fs::read_to_string("/proc/self/mountinfo").is_ok_and(|info| parse_nsdelegate(&info))
+}
+
+fn parse_nsdelegate(mountinfo: &str) -> bool {
+    mountinfo.lines().any(|line| {
+        // The super block's options are the last field after " - cgroup2 SOURCE ".
+        line.split_once(" - ").is_some_and(|(_, right)| {
+            let mut f = right.split_whitespace();
+            f.next() == Some("cgroup2")
+                && f.nth(1)
+                    .is_some_and(|opts| opts.split(',').any(|o| o == "nsdelegate"))
+        })
+    })
+}
+
 /// mountinfo escapes space, tab, newline and backslash as \ooo.
 fn unescape(s: &str) -> String {
     let b = s.as_bytes();
@@ -294,6 +313,22 @@ mod tests {
             parse_cgroup2_mount(escaped),
             Some(PathBuf::from("/mnt/my cg"))
         );
+    }
+
+    #[test]
+    fn nsdelegate_is_read_from_the_cgroup2_super_options() {
+        let hybrid =
+            "41 32 0:38 / /sys/fs/cgroup/unified rw,relatime shared:10 - cgroup2 cgroup2 rw\n";
+        assert!(!parse_nsdelegate(hybrid));
+        let systemd = "\
+25 30 0:23 / /sys rw,nosuid - sysfs sysfs rw,nsdelegate
+35 25 0:30 / /sys/fs/cgroup rw,nosuid,nodev,noexec shared:9 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
+";
+        assert!(parse_nsdelegate(systemd));
+        // Only cgroup2's options count.
+        assert!(!parse_nsdelegate(
+            "25 30 0:23 / /sys rw - sysfs sysfs rw,nsdelegate\n"
+        ));
     }
 
     #[test]

@@ -419,7 +419,7 @@ pub fn modes(lsm: bool) -> serde_json::Value {
             "files": "enforced (BPF LSM: EACCES; hard links refused)",
             "exec_allow": "enforced (BPF LSM: EPERM)",
             "packet_sockets": "enforced (BPF LSM: EPERM)",
-            "tamper": "enforced (BPF LSM: an agent's bpf() calls and signals to the daemon get EPERM)",
+            "tamper": "enforced (BPF LSM: an agent's bpf() calls, its signals to the daemon and its writes, unlinks and renames of the daemon's files are refused)",
         })
     } else {
         json!({

@@ -254,6 +254,17 @@ fn real_main(cmd: Cmd, socket: PathBuf) -> Result<ExitCode> {
                             );
                         }
                     }
+                    if c.agents.iter().any(|a| a.run_as.is_root())
+                        && !agentwatch::cgroup::nsdelegate()
+                    {
+                        println!(
+                            "  cgroup2 on this host: no nsdelegate: an agent with user = \"root\" \
+                             can write the daemon's pid into its own cgroup.procs; the writer is \
+                             killed and the daemon moves itself back within a second, but one put \
+                             in a frozen cgroup stays frozen (mount cgroup2 with nsdelegate, as \
+                             systemd does)"
+                        );
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {

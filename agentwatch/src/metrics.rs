@@ -23,6 +23,8 @@ pub struct AgentSnapshot {
     pub control_refused: u64,
     /// Its links found switched off and attached again by the daemon.
     pub guard_restored: u64,
+    /// The daemon found in its cgroup (moved there) and moved back out.
+    pub daemon_moved: u64,
     /// Per signal (indexed like `Signal::ALL`): current rate and learned baseline.
     pub rates: [f64; SIGNALS],
     pub baselines: [Option<f64>; SIGNALS],
@@ -278,6 +280,7 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
             ("control_refused", a.control_refused),
             ("tamper_refused", c.tamper_refused),
             ("guard_restored", a.guard_restored),
+            ("daemon_moved", a.daemon_moved),
         ] {
             escapes.with_label_values(&[n, kind]).inc_by(n_);
         }
@@ -357,6 +360,7 @@ mod tests {
                 root: true,
                 control_refused: 3,
                 guard_restored: 0,
+                daemon_moved: 1,
                 rates: [12.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
                 baselines: [Some(2.0), None, None, None, None, None, None],
                 anomaly_score: 6.25,
@@ -384,6 +388,7 @@ mod tests {
             "agentwatch_agent_frozen{agent=\"mailer\"} 1",
             "agentwatch_agent_root{agent=\"mailer\"} 1",
             "agentwatch_escape_attempts_total{agent=\"mailer\",kind=\"control_refused\"} 3",
+            "agentwatch_escape_attempts_total{agent=\"mailer\",kind=\"daemon_moved\"} 1",
             "agentwatch_events_lost_total 2",
             "agentwatch_policy_reloads_total{result=\"ok\"} 4",
             "agentwatch_policy_reloads_total{result=\"rejected\"} 1",

@@ -785,6 +785,11 @@ impl Drop for DaemonEnv {
 /// CLOCK_MONOTONIC in nanoseconds (the clock of the kernel's event timestamps).
 pub use agentwatch::bpf::ktime_ns as monotonic_ns;
 
+/// Does the cgroup2 mount carry `nsdelegate`?
+pub fn cgroup2_nsdelegate() -> bool {
+    agentwatch::cgroup::nsdelegate()
+}
+
 /// Polls `f` every 10 ms until it holds; fails the test after `patience(timeout)`, naming
 /// `what`.
 #[track_caller]

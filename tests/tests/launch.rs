@@ -159,22 +159,6 @@ fn own_status() -> HashMap<String, String> {
         .collect()
 }
 
-/// Does the cgroup2 mount carry `nsdelegate`?
-fn cgroup2_nsdelegate() -> bool {
-    let mount = agentwatch::cgroup::cgroup2_mount().expect("cgroup2 mount");
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    mountinfo
-        .lines()
-        .find(|l| {
-            l.split(' ').nth(4) == mount.to_str()
-                && l.split(" - ")
-                    .nth(1)
-                    .is_some_and(|t| t.starts_with("cgroup2 "))
-        })
-        .and_then(|l| l.split(' ').next_back())
-        .is_some_and(|opts| opts.split(',').any(|o| o == "nsdelegate"))
-}
-
 fn id(args: &[&str]) -> String {
     let out = Command::new("id").args(args).output().expect("running id");
     assert!(out.status.success(), "id {args:?}");
@@ -247,7 +231,7 @@ fn launched_as_root_without_the_eight_capabilities_in_its_own_cgroup_namespace()
     // move happens and agentwatch's escape guard kills the process before the write returns
     // (SIGKILL: the shell sees 137), so it never reports the write.
     assert_eq!(r.attempts.get("cgroup_open"), None, "{:?}", r.attempts);
-    if cgroup2_nsdelegate() {
+    if agentwatch_tests::cgroup2_nsdelegate() {
         assert_eq!(r.attempts.get("cgroup_write"), Some(&libc::ENOENT));
         assert_eq!(r.attempts.get("python"), Some(&0));
     } else {
@@ -470,11 +454,21 @@ fn check_warns_of_a_root_agent() {
     );
     // And what guards the daemon from it on this kernel.
     let tamper = if agentwatch::files::bpf_lsm_active() {
-        "  tamper on this host: enforced (BPF LSM: an agent's bpf() calls and signals to the daemon get EPERM)"
+        "  tamper on this host: enforced (BPF LSM: an agent's bpf() calls, its signals to the daemon and its writes, unlinks and renames of the daemon's files are refused)"
     } else {
         "  tamper on this host: file modes and uids only (no BPF LSM: an agent with user = \"root\" can open the pins and signal the daemon)"
     };
     assert!(text.lines().any(|l| l == tamper), "{text}");
+    // And whether the cgroup2 mount keeps it from moving the daemon into its own cgroup.
+    let moves = text
+        .lines()
+        .filter(|l| l.starts_with("  cgroup2 on this host: no nsdelegate"))
+        .count();
+    assert_eq!(
+        moves,
+        usize::from(!agentwatch::cgroup::nsdelegate()),
+        "{text}"
+    );
 }
 
 #[test]

@@ -312,6 +312,7 @@ fn prometheus_scrapes_the_exact_counts_of_a_known_workload_and_alerts_on_the_esc
         [
             (s(&["cgroup_escape"]), 0.0),
             (s(&["control_refused"]), 0.0),
+            (s(&["daemon_moved"]), 0.0),
             (s(&["guard_restored"]), 0.0),
             (s(&["packet_socket"]), 0.0),
             (s(&["raw_socket"]), 1.0),

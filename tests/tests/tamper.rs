@@ -386,8 +386,9 @@ fn a_root_agent_is_refused_on_the_control_socket_audited_and_stopped() {
 
 /// A root agent tries what only BPF LSM can refuse a root process here: opening a pinned
 /// link (to detach it), signalling the daemon, writing its config and trail, moving its
-/// socket, unlinking a pin. Run as `python3 -c TRY_AS_ROOT PIN DAEMON_PID CONFIG TRAIL SOCKET
-/// LSM`; prints `NAME ERRNO` per attempt.
+/// socket, unlinking a pin, moving the daemon into its own cgroup. Run as `python3 -c
+/// TRY_AS_ROOT PIN DAEMON_PID CONFIG TRAIL SOCKET LSM NSDELEGATE OWN_CGROUP`; prints `NAME
+/// ERRNO` per attempt.
 const TRY_AS_ROOT: &str = r#"
 import ctypes, os, sys
 libc = ctypes.CDLL(None, use_errno=True)
@@ -412,6 +413,11 @@ def attempt(name, f):
     except OSError as e:
         print(name, e.errno)
 config, trail, sock, lsm = sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6] == "1"
+nsdelegate, own_cg = sys.argv[7] == "1", sys.argv[8]
+if nsdelegate:
+    # The daemon into its own cgroup, to freeze it there. Its cgroup namespace (launch) is the
+    # boundary where the mount has nsdelegate; without it, see the README's Security model.
+    attempt("daemon_move", lambda: open(own_cg + "/cgroup.procs", "w").write(sys.argv[2]))
 # Opened for writing and closed without a byte written: harmless where it works.
 attempt("config_write", lambda: open(config, "a").close())
 attempt("trail_write", lambda: open(trail, "r+").close())
@@ -426,6 +432,7 @@ sys.stdout.flush()
 fn a_root_agent_cannot_reach_the_daemon_its_files_or_its_pins_where_the_kernel_has_bpf_lsm() {
     privileged!();
     let lsm = agentwatch_tests::bpf_lsm();
+    let nsdelegate = agentwatch_tests::cgroup2_nsdelegate();
     let mut env = DaemonEnv::new();
     // An alerting breaker: the agent lives through the first refusal and makes the second.
     env.write_config(
@@ -446,6 +453,8 @@ fn a_root_agent_cannot_reach_the_daemon_its_files_or_its_pins_where_the_kernel_h
         .arg(&env.audit)
         .arg(&env.socket)
         .arg(if lsm { "1" } else { "0" })
+        .arg(if nsdelegate { "1" } else { "0" })
+        .arg(env.agent_cgroup("r"))
         .current_dir("/")
         .output()
         .expect("launch");
@@ -455,11 +464,20 @@ fn a_root_agent_cannot_reach_the_daemon_its_files_or_its_pins_where_the_kernel_h
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let got: BTreeMap<&str, i32> = text
+    let mut got: BTreeMap<&str, i32> = text
         .lines()
         .filter_map(|l| l.split_once(' '))
         .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
         .collect();
+    if nsdelegate {
+        // Outside its cgroup namespace: the kernel will not move the daemon, LSM or not.
+        assert_eq!(got.remove("daemon_move"), Some(libc::ENOENT), "{text}");
+        let own = fs::read_to_string(env.agent_cgroup("r").join("cgroup.procs")).expect("procs");
+        assert!(
+            !own.lines().any(|l| l == daemon.to_string()),
+            "the daemon is not in the agent's cgroup"
+        );
+    }
     if lsm {
         assert_eq!(
             got,
@@ -543,4 +561,203 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// What an agent's uid could write is no file of root's: the daemon will not start on a config
+/// anyone may write, nor on a trail another group may write, and a reload of a config made
+/// writable rejects it whole (by the file watcher and by `agentwatch reload`): the policy in
+/// force stays, the port it would open stays denied. Each message names the path and why.
+#[test]
+fn files_an_agent_could_write_are_refused_at_start_and_at_reload() {
+    privileged!();
+    use std::os::unix::fs::PermissionsExt as _;
+    let (_a, allowed) = agentwatch_tests::tcp_listener("127.0.0.1:0");
+    let (_b, denied) = agentwatch_tests::tcp_listener("127.0.0.1:0");
+    let agent =
+        |port: u16| format!("[[agents]]\nname = \"a\"\negress = [\"tcp 127.0.0.1 {port}\"]\n");
+    let mut env = DaemonEnv::new();
+    env.write_config(&agent(allowed));
+    let mode = |p: &std::path::Path, m: u32| {
+        fs::set_permissions(p, fs::Permissions::from_mode(m)).expect("chmod");
+    };
+    let run = |env: &DaemonEnv| {
+        Command::new(agentwatch_bin())
+            .args(["run", "--config"])
+            .arg(&env.config)
+            .output()
+            .expect("agentwatch run")
+    };
+    // A config everyone may write.
+    mode(&env.config, 0o666);
+    let out = run(&env);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "the config {}: everyone may write it (mode 0666); only root may be able to change \
+             it (an agent could otherwise)",
+            env.config.display()
+        )),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    mode(&env.config, 0o644);
+    // A trail a group other than root's may write (gid 1 on Debian: daemon).
+    fs::write(&env.audit, "").expect("trail");
+    std::os::unix::fs::chown(&env.audit, Some(0), Some(1)).expect("chown");
+    mode(&env.audit, 0o660);
+    let out = run(&env);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "the audit trail {}: its group (gid 1) may write it (mode 0660)",
+            env.audit.display()
+        )),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !env.cgroup_parent.join("a").exists(),
+        "a refused daemon guards nothing and makes nothing"
+    );
+    fs::remove_file(&env.audit).expect("rm trail");
+    env.start();
+    let cg = env.agent_cgroup("a");
+    let verdict = |port: u16| {
+        let r = agentwatch_tests::one(agentwatch_tests::probe(
+            Some(&cg),
+            &["connect", "tcp", "127.0.0.1", &port.to_string()],
+        ));
+        (r.ok, r.errno)
+    };
+    assert_eq!(verdict(allowed), (true, 0));
+    assert_eq!(verdict(denied), (false, libc::EPERM));
+    // The rule that would open `denied`, in a file everyone may write, put in place whole
+    // (renamed over the config, so the watcher never sees it root's).
+    let tmp = env.config.with_extension("new");
+    fs::write(&tmp, format!("{}{}", env.daemon_section(), agent(denied))).expect("write");
+    mode(&tmp, 0o666);
+    fs::rename(&tmp, &env.config).expect("rename");
+    let rejected = env.wait_audit("policy_rejected", 1);
+    let want = format!("the config {}: everyone may write it", env.config.display());
+    assert!(
+        rejected[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&want)),
+        "{rejected:?}"
+    );
+    let out = env.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&want),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        verdict(denied),
+        (false, libc::EPERM),
+        "the old policy stays"
+    );
+    assert_eq!(verdict(allowed), (true, 0));
+    assert!(
+        !env.audit_lines()
+            .iter()
+            .any(|l| l["kind"] == "policy_reloaded"),
+        "{:?}",
+        env.audit_lines()
+    );
+    // Root's again: the same file is taken.
+    mode(&env.config, 0o644);
+    let out = env.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(verdict(denied), (true, 0));
+    assert_eq!(verdict(allowed), (false, libc::EPERM));
+}
+
+/// A root agent on a cgroup2 mount without `nsdelegate` (this host) can write the daemon's pid
+/// into its own `cgroup.procs`: the kernel checks only that it may write there. The daemon
+/// finds itself there within a second, writes itself back into its own cgroup, audits
+/// `daemon_moved`, and the agent's breaker trips on `tamper` (no breaker: the agent is killed,
+/// and the daemon, out by then, is not). The process that wrote the pid dies before its write
+/// returns (the escape guard), and the daemon's move back out is not taken for an escape.
+/// With `nsdelegate` the kernel refuses the move (`ENOENT`, in the test above).
+#[test]
+fn a_daemon_moved_into_an_agents_cgroup_moves_itself_back_out() {
+    privileged!();
+    if agentwatch_tests::cgroup2_nsdelegate() {
+        eprintln!("cgroup2 has nsdelegate: the kernel refuses the move (asserted above)");
+        return;
+    }
+    let mut env = DaemonEnv::new();
+    env.write_config("[[agents]]\nname = \"r\"\nuser = \"root\"\n");
+    env.start();
+    let daemon = env.pid().expect("daemon pid");
+    let own_cgroup = |pid: u32| {
+        fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .expect("cgroup")
+            .lines()
+            .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+            .expect("a cgroup2 line")
+    };
+    let home = own_cgroup(daemon);
+    let agent_cg = env.agent_cgroup("r");
+    let mut child = Command::new(agentwatch_bin())
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(["launch", "--agent", "r", "--", "/bin/sh", "-c"])
+        .arg(format!(
+            "sleep 600 & echo ready; echo {daemon} > {procs}; echo survived",
+            procs = agent_cg.join("cgroup.procs").display()
+        ))
+        .current_dir("/")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("launching the root agent");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("ready"));
+    let moved = env.wait_audit("daemon_moved", 1);
+    assert_eq!(moved.len(), 1, "{moved:#?}");
+    let rel = format!(
+        "/{}",
+        agent_cg
+            .strip_prefix(agentwatch::cgroup::cgroup2_mount().expect("mount"))
+            .expect("below the mount")
+            .display()
+    );
+    assert_eq!(moved[0]["agent"], "r");
+    assert_eq!(moved[0]["cgroup"], rel);
+    assert_eq!(moved[0]["moved_back_to"], home);
+    assert_eq!(own_cgroup(daemon), home, "back in its own cgroup");
+    // The writer died at its write: the launched shell, killed by a signal.
+    use std::os::unix::process::ExitStatusExt as _;
+    let status = child.wait().expect("waiting for the agent");
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+    // No breaker: the rest of the agent (its sleep) is killed; the daemon, out by then, lives.
+    let trips = env.wait_audit("breaker_tripped", 1);
+    assert_eq!(
+        (
+            trips[0]["agent"].as_str(),
+            trips[0]["signal"].as_str(),
+            trips[0]["action"].as_str()
+        ),
+        (Some("r"), Some("tamper"), Some("kill"))
+    );
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(rest.is_empty(), "nothing more from the agent: {rest:?}");
+    let rows = env.status();
+    assert_eq!(rows["r"]["processes"], 0);
+    assert_eq!(rows["r"]["escape_attempts"]["daemon_moved"], 1);
+    assert_eq!(
+        env.metric("agentwatch_escape_attempts_total{agent=\"r\",kind=\"daemon_moved\"}"),
+        Some(1.0)
+    );
+    assert!(
+        fs::metadata(format!("/proc/{daemon}")).is_ok(),
+        "the daemon runs"
+    );
+    env.verify_audit();
 }

@@ -116,6 +116,7 @@ impl State {
             Action::Alert => self.set_flags(agent, AGENT_FLAG_TRIPPED),
             Action::Deny => self.set_flags(agent, AGENT_FLAG_TRIPPED | AGENT_FLAG_DENY_ALL),
             Action::Freeze => self.set_flags(agent, AGENT_FLAG_TRIPPED).and_then(|()| {
+                self.leave_agents()?;
                 self.cgroup_of(agent)?
                     .set_frozen(true)
                     .map_err(|e| e.to_string())

@@ -209,15 +209,20 @@ impl State {
     /// agents' parent cgroup but in no configured agent (one removed from the config
     /// meanwhile) is agent ground too: named "" then.
     pub(super) fn agent_holding(&self, peer: &crate::peer::Peer) -> Option<String> {
-        let at = peer.cgroup_path(&self.mount);
+        self.agent_at(&peer.cgroup_path(&self.mount))
+    }
+
+    /// The agent whose cgroup is `at` (absolute) or holds it; "" for agent ground of no
+    /// configured agent (see [`Self::agent_holding`]).
+    pub(super) fn agent_at(&self, at: &std::path::Path) -> Option<String> {
         for name in self.agents.names() {
             if let Some(cg) = self.agents.cgroup(name)
-                && crate::peer::inside(&at, cg.path())
+                && crate::peer::inside(at, cg.path())
             {
                 return Some(name.to_owned());
             }
         }
-        crate::peer::inside(&at, &self.mount.join(&self.config.daemon.cgroup_parent))
+        crate::peer::inside(at, &self.mount.join(&self.config.daemon.cgroup_parent))
             .then(String::new)
     }
 
@@ -337,6 +342,7 @@ impl State {
     }
 
     fn freeze(&mut self, agent: &str, frozen: bool, uid: u32) -> Result<Value, String> {
+        self.leave_agents()?;
         let cg = self.cgroup_of(agent)?;
         cg.set_frozen(frozen).map_err(|e| e.to_string())?;
         cg.wait_frozen(frozen, FREEZE_WAIT)
@@ -397,6 +403,7 @@ impl State {
     /// Egress denied in the kernel first (nothing more leaves, even from a process that
     /// survives a moment), then the whole tree killed at once. Returns how many processes died.
     pub(super) fn kill_tree(&mut self, agent: &str, extra_flags: u32) -> Result<usize, String> {
+        self.leave_agents()?;
         let cg = self.cgroup_of(agent)?;
         self.agents
             .update_flags(agent, AGENT_FLAG_DENY_ALL | extra_flags, 0)

@@ -214,6 +214,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         dns,
         vanished: Vec::new(),
     };
+    state.watchdog.set_home();
     state.note_start(previous.as_ref());
     state.apply(config).map_err(|e| anyhow::anyhow!("{e}"))?;
     state.finish_kills();

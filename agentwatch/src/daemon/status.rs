@@ -112,6 +112,8 @@ impl State {
                     "tamper_refused": c.tamper_refused,
                     // Its links found detached or gone and attached again (the watchdog).
                     "guard_restored": self.watchdog.restored(name),
+                    // The daemon found in its cgroup and moved back out.
+                    "daemon_moved": self.watchdog.moved(name),
                 },
                 "dns": {
                     "allowed": dns.allowed,
@@ -171,6 +173,7 @@ impl State {
                     root: self.config.agent(name).is_some_and(|a| a.run_as.is_root()),
                     control_refused: self.control_refusals.get(name).map_or(0, |r| r.total),
                     guard_restored: self.watchdog.restored(name),
+                    daemon_moved: self.watchdog.moved(name),
                     frozen: self
                         .agents
                         .cgroup(name)

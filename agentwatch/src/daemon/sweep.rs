@@ -75,6 +75,8 @@ fn trim_allocator() {
 
 impl State {
     pub(super) fn sweep(&mut self) {
+        // Before anything that may freeze or kill an agent (leases, breakers).
+        let _ = self.leave_agents();
         let names: Vec<String> = self.agents.names().map(str::to_owned).collect();
         for name in &names {
             self.summarise(name);
@@ -233,7 +235,8 @@ impl State {
             let result = match action {
                 LeaseAction::Deny => Ok(()),
                 LeaseAction::Freeze => self
-                    .cgroup_of(&name)
+                    .leave_agents()
+                    .and_then(|()| self.cgroup_of(&name))
                     .and_then(|cg| cg.set_frozen(true).map_err(|e| e.to_string())),
                 LeaseAction::Kill => self.kill_tree(&name, AGENT_FLAG_KILLED).map(drop),
             };

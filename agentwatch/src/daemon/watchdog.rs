@@ -42,6 +42,14 @@ pub(super) struct Watchdog {
     checkpoint_error: Option<String>,
     /// Set at a clean stop: a sweep that still runs after it must not write over the mark.
     stopping: bool,
+    /// The daemon's own cgroup (relative to the cgroup2 mount), where it goes back to when an
+    /// agent has moved it into its cgroup: taken at start, and again whenever the daemon finds
+    /// itself moved to a cgroup of no agent (an operator's move is kept).
+    home: Option<String>,
+    /// Per agent: times the daemon found itself in that agent's cgroup.
+    moved: BTreeMap<String, u64>,
+    /// The agent cgroup the daemon could not leave, already audited: not again every second.
+    stuck_in: Option<String>,
 }
 
 impl Watchdog {
@@ -50,6 +58,26 @@ impl Watchdog {
     pub(super) fn restored(&self, agent: &str) -> u64 {
         self.restored.get(agent).copied().unwrap_or(0)
     }
+
+    /// Times the daemon found itself moved into agent `agent`'s cgroup since it started.
+    pub(super) fn moved(&self, agent: &str) -> u64 {
+        self.moved.get(agent).copied().unwrap_or(0)
+    }
+
+    /// Takes the daemon's cgroup at start as the one to go back to.
+    pub(super) fn set_home(&mut self) {
+        self.home = own_cgroup();
+    }
+}
+
+/// This process's cgroup v2 path, relative to the cgroup2 mount (`/proc/self/cgroup`'s `0::`
+/// line; the daemon lives in the host's cgroup namespace).
+fn own_cgroup() -> Option<String> {
+    std::fs::read_to_string("/proc/self/cgroup")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_owned)
 }
 
 /// How the last daemon ended, as a daemon that starts after it can tell.
@@ -239,6 +267,68 @@ impl State {
         if let Some(agent) = &r.agent {
             self.trip_on(agent, "tamper");
         }
+    }
+
+    /// The daemon out of every agent's cgroup, before anything freezes or kills one and once a
+    /// second. A root agent on a cgroup2 mount without `nsdelegate` can write the daemon's pid
+    /// into its own `cgroup.procs` (the kernel checks only that it may write there): then
+    /// freezing or killing the agent would freeze or kill the daemon with it, and the agent
+    /// itself could freeze it. Found there, the daemon writes itself back into its own cgroup,
+    /// audits `daemon_moved`, counts it and trips the agent's breaker on `tamper`. Err while
+    /// it is still inside an agent (it could not leave): freezing or killing one would reach it.
+    pub(super) fn leave_agents(&mut self) -> Result<(), String> {
+        let Some(now) = own_cgroup() else {
+            return Ok(());
+        };
+        if self.watchdog.home.as_deref() == Some(now.as_str()) {
+            return Ok(());
+        }
+        let at = self.mount.join(now.trim_start_matches('/'));
+        let Some(agent) = self.agent_at(&at) else {
+            // Moved by someone outside the agents (an operator, a service manager): that is
+            // its cgroup from now on.
+            tracing::info!(cgroup = %now, "the daemon's cgroup changed; it stays there");
+            self.watchdog.home = Some(now);
+            return Ok(());
+        };
+        let result = match &self.watchdog.home {
+            Some(home) => crate::cgroup::Cgroup::open(self.mount.join(home.trim_start_matches('/')))
+                .and_then(|cg| cg.add_pid(std::process::id()))
+                .map_err(|e| format!("moving the daemon back to {home}: {e}")),
+            None => Err("the daemon started inside an agent's cgroup: it has no cgroup of its own to go back to".to_owned()),
+        };
+        if result.is_err() && self.watchdog.stuck_in.as_deref() == Some(now.as_str()) {
+            return result;
+        }
+        self.watchdog.stuck_in = result.is_err().then(|| now.clone());
+        let mut fields = json!({
+            "cgroup": now,
+            "moved_back_to": self.watchdog.home,
+        });
+        match &result {
+            Ok(()) => {
+                tracing::warn!(agent, cgroup = %now, "the daemon was moved into an agent's cgroup; it moved itself back out")
+            }
+            Err(e) => {
+                tracing::error!(agent, cgroup = %now, "the daemon was moved into an agent's cgroup and could not leave it: {e}");
+                fields["moved_back_to"] = Value::Null;
+                fields["error"] = json!(e);
+            }
+        }
+        let who = if agent.is_empty() {
+            None
+        } else {
+            Some(agent.as_str())
+        };
+        *self.watchdog.moved.entry(agent.clone()).or_default() += 1;
+        self.audit_guard(who, "daemon_moved", fields);
+        // Out first, then the breaker: its action may be to kill the agent's whole tree.
+        if result.is_ok()
+            && let Some(agent) = who
+        {
+            self.trip_on(agent, "tamper");
+        }
+        result
     }
 
     fn audit_guard(&self, agent: Option<&str>, kind: &str, fields: Value) {
