@@ -761,3 +761,165 @@ fn a_daemon_moved_into_an_agents_cgroup_moves_itself_back_out() {
     );
     env.verify_audit();
 }
+
+/// What an agent tries on the daemon's /proc entries: `python3 -c PEEK DAEMON_PID`; prints one
+/// JSON object, attempt -> errno (0: it worked).
+const PEEK: &str = r#"
+import ctypes, json, os, sys
+d = int(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+out = {}
+def attempt(name, f):
+    try:
+        f()
+        out[name] = 0
+    except OSError as e:
+        out[name] = e.errno
+def sc(*a):
+    r = libc.syscall(*a)
+    if r < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return r
+attempt("cmdline", lambda: open(f"/proc/{d}/cmdline", "rb").read())
+attempt("environ", lambda: open(f"/proc/{d}/environ", "rb").read())
+attempt("mem", lambda: open(f"/proc/{d}/mem", "rb").close())
+attempt("maps", lambda: open(f"/proc/{d}/maps", "rb").read())
+attempt("fd_list", lambda: os.listdir(f"/proc/{d}/fd"))
+attempt("fd_link", lambda: os.readlink(f"/proc/{d}/fd/2"))
+attempt("fd_open", lambda: open(f"/proc/{d}/fd/2", "rb").close())
+def ptrace():
+    if libc.ptrace(16, d, None, None) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+attempt("ptrace", ptrace)
+pidfd = sc(434, d, 0)
+attempt("pidfd_getfd", lambda: os.close(sc(438, pidfd, 2, 0)))
+print(json.dumps(out))
+"#;
+
+/// The daemon's memory, environment, descriptors and maps are out of every agent's reach: a
+/// default-launched agent (another uid) and a `user = "root"` one (no CAP_SYS_PTRACE, and fewer
+/// capabilities than the daemon, so the kernel's ptrace check refuses it too) read its command
+/// line and nothing else of it.
+#[test]
+fn the_daemons_proc_entries_are_private_to_every_agent() {
+    privileged!();
+    let mut env = DaemonEnv::new();
+    env.write_config("[[agents]]\nname = \"plain\"\n\n[[agents]]\nname = \"r\"\nuser = \"root\"\n");
+    env.start();
+    let daemon = env.pid().expect("daemon pid").to_string();
+    let (eacces, eperm) = (libc::EACCES, libc::EPERM);
+    for (agent, fd_list) in [("plain", eacces), ("r", 0)] {
+        let out = Command::new(agentwatch_bin())
+            .arg("--socket")
+            .arg(&env.socket)
+            .args([
+                "launch", "--agent", agent, "--", "python3", "-c", PEEK, &daemon,
+            ])
+            .current_dir("/")
+            .output()
+            .expect("launch");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{agent}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: BTreeMap<String, i32> = serde_json::from_str(text.trim()).expect("report");
+        let want: BTreeMap<String, i32> = [
+            ("cmdline", 0),
+            ("environ", eacces),
+            ("mem", eacces),
+            ("maps", eacces),
+            // Root reads the folder (CAP_DAC_READ_SEARCH): the numbers, not what they are.
+            ("fd_list", fd_list),
+            ("fd_link", eacces),
+            ("fd_open", eacces),
+            ("ptrace", eperm),
+            ("pidfd_getfd", eperm),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        assert_eq!(got, want, "{agent}");
+    }
+    assert!(fs::metadata(format!("/proc/{daemon}")).is_ok());
+}
+
+/// A fork bomb in a default-launched agent (every process forks two more, down to a depth:
+/// 2,047 processes on the host, 255 in a guest under TCG) is killed whole by the kill switch
+/// while it may still be growing: every process of it dead, none left in the cgroup, and the
+/// daemon answering `status` all along.
+#[test]
+fn a_fork_bomb_is_killed_whole_and_the_daemon_answers_throughout() {
+    privileged!();
+    let depth = if agentwatch_tests::time_scale() > 1 {
+        7
+    } else {
+        10
+    };
+    let total = (1u64 << (depth + 1)) - 1;
+    let mut env = DaemonEnv::new();
+    env.write_config("[[agents]]\nname = \"bomb\"\n");
+    env.start();
+    let mut child = Command::new(agentwatch_bin())
+        .arg("--socket")
+        .arg(&env.socket)
+        .args(["launch", "--agent", "bomb", "--", "/bin/sh", "-c"])
+        .arg(format!(
+            "f() {{ if [ $1 -gt 0 ]; then (f $(($1 - 1))) & (f $(($1 - 1))) & fi; exec sleep 600; }}; f {depth}"
+        ))
+        .current_dir("/")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("launching the bomb");
+    let cg = agentwatch::cgroup::Cgroup::open(env.agent_cgroup("bomb")).expect("cgroup");
+    let count = || cg.all_pids().map_or(0, |p| p.len() as u64);
+    // The daemon answers while it grows: each status within seconds (a hang bound only).
+    let mut slowest = Duration::ZERO;
+    wait_until(
+        "the bomb to reach half its size",
+        Duration::from_secs(60),
+        || {
+            let t = std::time::Instant::now();
+            let rows = env.status();
+            slowest = slowest.max(t.elapsed());
+            assert!(rows.contains_key("bomb"));
+            count() >= total / 2
+        },
+    );
+    assert!(
+        slowest < patience(Duration::from_secs(5)),
+        "status took {slowest:?}"
+    );
+    let seen = count();
+    let t = std::time::Instant::now();
+    let out = env.cli(&["kill", "bomb"]);
+    let took = t.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(count(), 0, "nothing of the bomb is left");
+    let killed = env.wait_audit("killed", 1);
+    let n = killed[0]["processes"].as_u64().expect("processes");
+    assert!(
+        (seen..=total).contains(&n),
+        "killed {n}: at least the {seen} seen, at most the bomb's {total}"
+    );
+    use std::os::unix::process::ExitStatusExt as _;
+    assert_eq!(
+        child.wait().expect("wait").signal(),
+        Some(libc::SIGKILL),
+        "the launched shell"
+    );
+    eprintln!(
+        "fork bomb: {seen} of {total} processes when the kill began, {n} killed in {took:?}; \
+         slowest status meanwhile {slowest:?}"
+    );
+    assert_eq!(env.status()["bomb"]["processes"], 0);
+}
