@@ -655,14 +655,22 @@ impl DaemonEnv {
             .unwrap_or_else(|e| panic!("control request refused: {e}"))
     }
 
+    /// `agentwatch --socket <this socket> launch --agent AGENT -- CMD...`, for the caller to add
+    /// more arguments and run or spawn.
+    pub fn launch_command(&self, agent: &str, cmd: &[&str]) -> Command {
+        let mut c = Command::new(agentwatch_bin());
+        c.arg("--socket")
+            .arg(&self.socket)
+            .args(["launch", "--agent", agent, "--"])
+            .args(cmd);
+        c
+    }
+
     /// `agentwatch --socket <this socket> launch --agent AGENT -- aw-probe`, for the caller to
     /// add aw-probe's arguments and run or spawn.
     pub fn probe_command(&self, agent: &str) -> Command {
-        let mut cmd = Command::new(agentwatch_bin());
-        cmd.arg("--socket")
-            .arg(&self.socket)
-            .args(["launch", "--agent", agent, "--"])
-            .arg(probe_bin());
+        let mut cmd = self.launch_command(agent, &[]);
+        cmd.arg(probe_bin());
         cmd
     }
 

@@ -20,12 +20,12 @@ use agentwatch_tests::{
     DaemonEnv, accepting, agentwatch_bin, patience, privileged, scaled_toml, wait_until,
 };
 
-/// The attacker, run inside agent `a` as `python3 -c ATTACK CONFIG SIBLING_PID SIBLING_CG
-/// OWN_CG ALLOWED_PORT`. Prints one JSON object: attempt -> errno (0: it worked), plus what it
-/// found.
-const ATTACK: &str = r#"
-import ctypes, json, os, signal, socket, sys, time, tomllib
-config_path, sibling_pid, sibling_cg, own_cg, port = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+/// What the JSON-reporting scripts below (ATTACK, PEEK) begin with: `libc` for raw syscalls,
+/// and `attempt(name, f)`, which records in `out` the errno `f` failed with (0: it worked).
+const PRELUDE: &str = r#"
+import ctypes, json, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
 out = {}
 def attempt(name, f):
     try:
@@ -33,6 +33,19 @@ def attempt(name, f):
         out[name] = 0
     except OSError as e:
         out[name] = e.errno
+"#;
+
+/// `python3 -c` of [`PRELUDE`] and `body`.
+fn python(body: &str) -> String {
+    format!("{PRELUDE}{body}")
+}
+
+/// The attacker, run inside agent `a` as `python3 -c ATTACK CONFIG SIBLING_PID SIBLING_CG
+/// OWN_CG ALLOWED_PORT`. Prints one JSON object: attempt -> errno (0: it worked), plus what it
+/// found.
+const ATTACK: &str = r#"
+import signal, socket, time, tomllib
+config_path, sibling_pid, sibling_cg, own_cg, port = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
 def connect_allowed():
     s = socket.socket()
     try:
@@ -80,8 +93,6 @@ attempt("child_cgroup", lambda: os.mkdir(own_cg + "/evil"))
 attempt("daemon_move", lambda: open(own_cg + "/cgroup.procs", "w").write(str(daemon)))
 attempt("daemon_stop", lambda: os.kill(daemon, signal.SIGSTOP))
 attempt("daemon_kill", lambda: os.kill(daemon, signal.SIGKILL))
-libc = ctypes.CDLL(None, use_errno=True)
-libc.syscall.restype = ctypes.c_long
 class ObjGet(ctypes.Structure):
     _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32), ("file_flags", ctypes.c_uint32), ("pad", ctypes.c_uint64 * 4)]
 def bpf_obj_get(path):
@@ -123,10 +134,8 @@ print(json.dumps({"pins_opened": errs}), flush=True)
 
 /// Launches `sleep` in agent `name` and waits until it is in the agent's cgroup; its pid.
 fn sleeper(env: &DaemonEnv, name: &str) -> (Child, u32) {
-    let mut child = Command::new(agentwatch_bin())
-        .arg("--socket")
-        .arg(&env.socket)
-        .args(["launch", "--agent", name, "--", "/bin/sleep", "600"])
+    let mut child = env
+        .launch_command(name, &["/bin/sleep", "600"])
         .current_dir("/")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -179,10 +188,8 @@ fn a_default_launched_agent_cannot_reach_the_daemon_its_pins_or_its_sibling() {
     let config_before = fs::read(&env.config).expect("config");
     let links_before = attached(&env);
     assert_eq!(links_before, vec![1, 1]);
-    let out = Command::new(agentwatch_bin())
-        .arg("--socket")
-        .arg(&env.socket)
-        .args(["launch", "--agent", "a", "--", "python3", "-c", ATTACK])
+    let out = env
+        .launch_command("a", &["python3", "-c", &python(ATTACK)])
         .arg(&env.config)
         .arg(sibling_pid.to_string())
         .arg(env.agent_cgroup("b"))
@@ -323,10 +330,8 @@ fn a_root_agent_is_refused_on_the_control_socket_audited_and_stopped() {
     env.start();
     // Root inside the agent: the socket opens, the daemon refuses what it asks, whatever the
     // request (approve itself, or launch into another agent).
-    let mut child = Command::new(agentwatch_bin())
-        .arg("--socket")
-        .arg(&env.socket)
-        .args(["launch", "--agent", "r", "--", "/bin/sh", "-c"])
+    let mut child = env
+        .launch_command("r", &["/bin/sh", "-c"])
         .arg(format!(
             "echo ready; {bin} --socket {sock} approve r; echo \"approve $?\"; sleep 600",
             bin = agentwatch_bin().display(),
@@ -443,10 +448,8 @@ fn a_root_agent_cannot_reach_the_daemon_its_files_or_its_pins_where_the_kernel_h
     // Any pinned object will do: the guard refuses every bpf() call of an agent.
     let link = walk(&env.pin_dir).into_iter().next().expect("a pin");
     let daemon = env.pid().expect("daemon pid");
-    let out = Command::new(agentwatch_bin())
-        .arg("--socket")
-        .arg(&env.socket)
-        .args(["launch", "--agent", "r", "--", "python3", "-c", TRY_AS_ROOT])
+    let out = env
+        .launch_command("r", &["python3", "-c", TRY_AS_ROOT])
         .arg(&link)
         .arg(daemon.to_string())
         .arg(&env.config)
@@ -704,10 +707,8 @@ fn a_daemon_moved_into_an_agents_cgroup_moves_itself_back_out() {
     };
     let home = own_cgroup(daemon);
     let agent_cg = env.agent_cgroup("r");
-    let mut child = Command::new(agentwatch_bin())
-        .arg("--socket")
-        .arg(&env.socket)
-        .args(["launch", "--agent", "r", "--", "/bin/sh", "-c"])
+    let mut child = env
+        .launch_command("r", &["/bin/sh", "-c"])
         .arg(format!(
             "sleep 600 & echo ready; echo {daemon} > {procs}; echo survived",
             procs = agent_cg.join("cgroup.procs").display()
@@ -765,17 +766,7 @@ fn a_daemon_moved_into_an_agents_cgroup_moves_itself_back_out() {
 /// What an agent tries on the daemon's /proc entries: `python3 -c PEEK DAEMON_PID`; prints one
 /// JSON object, attempt -> errno (0: it worked).
 const PEEK: &str = r#"
-import ctypes, json, os, sys
 d = int(sys.argv[1])
-libc = ctypes.CDLL(None, use_errno=True)
-libc.syscall.restype = ctypes.c_long
-out = {}
-def attempt(name, f):
-    try:
-        f()
-        out[name] = 0
-    except OSError as e:
-        out[name] = e.errno
 def sc(*a):
     r = libc.syscall(*a)
     if r < 0:
@@ -812,12 +803,8 @@ fn the_daemons_proc_entries_are_private_to_every_agent() {
     let daemon = env.pid().expect("daemon pid").to_string();
     let (eacces, eperm) = (libc::EACCES, libc::EPERM);
     for (agent, fd_list) in [("plain", eacces), ("r", 0)] {
-        let out = Command::new(agentwatch_bin())
-            .arg("--socket")
-            .arg(&env.socket)
-            .args([
-                "launch", "--agent", agent, "--", "python3", "-c", PEEK, &daemon,
-            ])
+        let out = env
+            .launch_command(agent, &["python3", "-c", &python(PEEK), &daemon])
             .current_dir("/")
             .output()
             .expect("launch");
@@ -864,10 +851,7 @@ fn a_fork_bomb_is_killed_whole_and_the_daemon_answers_throughout() {
     let mut env = DaemonEnv::new();
     env.write_config("[[agents]]\nname = \"bomb\"\n");
     env.start();
-    let mut child = Command::new(agentwatch_bin())
-        .arg("--socket")
-        .arg(&env.socket)
-        .args(["launch", "--agent", "bomb", "--", "/bin/sh", "-c"])
+    let mut child = env.launch_command("bomb", &["/bin/sh", "-c"])
         .arg(format!(
             "f() {{ if [ $1 -gt 0 ]; then (f $(($1 - 1))) & (f $(($1 - 1))) & fi; exec sleep 600; }}; f {depth}"
         ))
