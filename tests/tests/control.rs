@@ -98,9 +98,14 @@ fn stalled_and_idle_peers_do_not_keep_others_waiting() {
     let idle: Vec<UnixStream> = (0..1000)
         .map(|_| UnixStream::connect(&env.socket).expect("connect idle"))
         .collect();
+    // Each peer is judged from the kernel before it is read (crate::peer: its pidfd or
+    // credentials, its cgroup against the agents'), so a status behind a thousand of them waits
+    // for a thousand judgements: 2.5 s in the 6.1 guest under TCG with the host busy, hence a
+    // bound that follows the time scale (it catches a hang, not a slowdown).
     let took = timed_status(&env);
+    eprintln!("status with 1,001 idle peers: {took:?}");
     assert!(
-        took < Duration::from_secs(2),
+        took < patience(Duration::from_secs(2)),
         "status took {took:?} with 1,001 idle peers"
     );
     // The idle and the stalled are dropped after the daemon's 5 s, without an answer.
@@ -126,7 +131,7 @@ fn stalled_and_idle_peers_do_not_keep_others_waiting() {
     }
     let took = timed_status(&env);
     assert!(
-        took < Duration::from_secs(2),
+        took < patience(Duration::from_secs(2)),
         "status took {took:?} afterwards"
     );
 }

@@ -82,8 +82,24 @@ async fn control_connection(
     accepted: u64,
 ) -> Result<()> {
     use std::os::fd::AsFd as _;
-    // Judged from the kernel before anything else (crate::peer): a peer that cannot be judged
-    // is refused.
+    // The request line first, bounded in size and time: a peer that says nothing costs a task
+    // here, not a judgement, so a human's request is not queued behind a thousand idle peers'
+    // (nothing a peer asks is acted on before it is judged below). Bytes, not a String: a
+    // request that is not UTF-8 gets "bad request" like any other malformed one.
+    let mut line = Vec::new();
+    let said = {
+        let mut reader = BufReader::new((&mut stream).take(control::MAX_REQUEST as u64));
+        match tokio::time::timeout(PEER_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
+            Ok(read) => {
+                read?;
+                true
+            }
+            Err(_) => false,
+        }
+    };
+    // Judged from the kernel (crate::peer): the process is the one that was connected at the
+    // accept (its pidfd, or its start time against the accept's), so judging after the read
+    // is as race-free as before it. A peer that cannot be judged is refused.
     let peer = match crate::peer::identify(stream.as_fd(), accepted) {
         Ok(p) => p,
         Err(e) => {
@@ -98,12 +114,8 @@ async fn control_connection(
         tokio::task::spawn_blocking(move || (lock(&st).agent_holding(&peer), peer)).await?
     };
     if let Some(agent) = inside {
-        // The guarded never steers the guard, root or not. What it asked goes in the trail.
-        let mut line = Vec::new();
-        {
-            let mut reader = BufReader::new((&mut stream).take(control::MAX_REQUEST as u64));
-            let _ = tokio::time::timeout(PEER_TIMEOUT, reader.read_until(b'\n', &mut line)).await;
-        }
+        // The guarded never steers the guard, root or not: what it asked (or that it asked
+        // nothing in time) goes in the trail.
         let request = refused_request(&line);
         let message = format!(
             "refused: this process (pid {}) is inside agent `{agent}`'s cgroup, and an agent \
@@ -136,22 +148,12 @@ async fn control_connection(
         ));
         return answer(stream, &refusal).await;
     }
-    let (read, mut write) = stream.split();
-    let mut reader = BufReader::new(read.take(control::MAX_REQUEST as u64));
-    // Bytes, not a String: a request that is not UTF-8 gets "bad request" like any other
-    // malformed one, rather than a dropped connection.
-    let mut line = Vec::new();
-    match tokio::time::timeout(PEER_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
-        Ok(read) => {
-            read?;
-        }
-        Err(_) => {
-            tracing::debug!(
-                uid,
-                "control socket: dropped a peer that sent no request line in time"
-            );
-            return Ok(());
-        }
+    if !said {
+        tracing::debug!(
+            uid,
+            "control socket: dropped a peer that sent no request line in time"
+        );
+        return Ok(());
     }
     let response = match serde_json::from_slice::<Request>(&line) {
         Ok(req) => {
@@ -168,10 +170,7 @@ async fn control_connection(
         }
         Err(e) => Response::err(format!("bad request: {e}")),
     };
-    let mut out = serde_json::to_vec(&response)?;
-    out.push(b'\n');
-    tokio::time::timeout(PEER_TIMEOUT, write.write_all(&out)).await??;
-    Ok(())
+    answer(stream, &response).await
 }
 
 /// What a refused peer asked, for its audit line: the request as the CLI sends it when it
