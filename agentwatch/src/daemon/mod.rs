@@ -233,6 +233,10 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
     state.agents.kernel().learned().retain_agents(&live)?;
     let state: Shared = Arc::new(Mutex::new(state));
 
+    // Handled from before the daemon says it runs: a SIGTERM or SIGINT right after "agentwatch
+    // running" (a service manager's stop, a test's) is a clean stop, not the default action's
+    // death (seen in the 6.1 guest, where the window between the two was long enough to hit).
+    let signals = Signals::new()?;
     let listener = bind_control(
         &socket_path,
         lock(&state).config.daemon.admin_group.as_deref(),
@@ -257,7 +261,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         tokio::spawn(every(Arc::clone(&state), behaviour::TICK, State::tick)),
         tokio::spawn(every(Arc::clone(&state), sweep::PERIOD, State::sweep)),
     ];
-    let result = wait_for_signals(&state).await;
+    let result = wait_for_signals(&state, signals).await;
     for t in &tasks {
         t.abort();
     }
@@ -305,10 +309,29 @@ fn start_dns(config: &Config, agents: &Agents, audit: &Audit) -> Result<dns::For
 }
 
 /// Waits for SIGINT or SIGTERM (reloading on SIGHUP meanwhile); the name of the one that came.
-async fn wait_for_signals(state: &Shared) -> Result<&'static str> {
-    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let mut sighup = tokio::signal::unix::signal(SignalKind::hangup())?;
+/// The signals the daemon acts on, taken from the default action once made.
+struct Signals {
+    sigint: tokio::signal::unix::Signal,
+    sigterm: tokio::signal::unix::Signal,
+    sighup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self> {
+        Ok(Self {
+            sigint: tokio::signal::unix::signal(SignalKind::interrupt())?,
+            sigterm: tokio::signal::unix::signal(SignalKind::terminate())?,
+            sighup: tokio::signal::unix::signal(SignalKind::hangup())?,
+        })
+    }
+}
+
+async fn wait_for_signals(state: &Shared, signals: Signals) -> Result<&'static str> {
+    let Signals {
+        mut sigint,
+        mut sigterm,
+        mut sighup,
+    } = signals;
     loop {
         tokio::select! {
             _ = sigint.recv() => { tracing::info!("SIGINT: stopping"); return Ok("SIGINT"); }
