@@ -33,6 +33,14 @@ def attempt(name, f):
         out[name] = 0
     except OSError as e:
         out[name] = e.errno
+def write(path, text):
+    # One write(2), its error raised here (a buffered file's would surface at a close that a
+    # garbage collector swallows).
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 "#;
 
 /// `python3 -c` of [`PRELUDE`] and `body`.
@@ -90,7 +98,7 @@ attempt("socket_fake", lambda: socket.socket(socket.AF_UNIX).bind(sock + ".fake"
 attempt("trail_write", lambda: open(trail, "r+").close())
 attempt("trail_unlink", lambda: os.unlink(trail))
 attempt("child_cgroup", lambda: os.mkdir(own_cg + "/evil"))
-attempt("daemon_move", lambda: open(own_cg + "/cgroup.procs", "w").write(str(daemon)))
+attempt("daemon_move", lambda: write(own_cg + "/cgroup.procs", str(daemon)))
 attempt("daemon_stop", lambda: os.kill(daemon, signal.SIGSTOP))
 attempt("daemon_kill", lambda: os.kill(daemon, signal.SIGKILL))
 class ObjGet(ctypes.Structure):
@@ -108,8 +116,8 @@ for root, dirs, files in os.walk(pins):
     pin_files += [os.path.join(root, f) for f in files]
 out["pins_seen"] = len(pin_files)
 attempt("pin_unlink", lambda: os.unlink(pin_files[0]))
-attempt("sibling_freeze", lambda: open(sibling_cg + "/cgroup.freeze", "w").write("1"))
-attempt("sibling_kill", lambda: open(sibling_cg + "/cgroup.kill", "w").write("1"))
+attempt("sibling_freeze", lambda: write(sibling_cg + "/cgroup.freeze", "1"))
+attempt("sibling_kill", lambda: write(sibling_cg + "/cgroup.kill", "1"))
 attempt("sibling_signal", lambda: os.kill(sibling_pid, signal.SIGKILL))
 def ptrace_sibling():
     if libc.ptrace(16, sibling_pid, None, None) != 0:
@@ -422,7 +430,13 @@ nsdelegate, own_cg = sys.argv[7] == "1", sys.argv[8]
 if nsdelegate:
     # The daemon into its own cgroup, to freeze it there. Its cgroup namespace (launch) is the
     # boundary where the mount has nsdelegate; without it, see the README's Security model.
-    attempt("daemon_move", lambda: open(own_cg + "/cgroup.procs", "w").write(sys.argv[2]))
+    def move_daemon():
+        fd = os.open(own_cg + "/cgroup.procs", os.O_WRONLY)
+        try:
+            os.write(fd, sys.argv[2].encode())
+        finally:
+            os.close(fd)
+    attempt("daemon_move", move_daemon)
 # Opened for writing and closed without a byte written: harmless where it works.
 attempt("config_write", lambda: open(config, "a").close())
 attempt("trail_write", lambda: open(trail, "r+").close())
