@@ -308,7 +308,6 @@ fn start_dns(config: &Config, agents: &Agents, audit: &Audit) -> Result<dns::For
     .context("starting the DNS forwarder")
 }
 
-/// Waits for SIGINT or SIGTERM (reloading on SIGHUP meanwhile); the name of the one that came.
 /// The signals the daemon acts on, taken from the default action once made.
 struct Signals {
     sigint: tokio::signal::unix::Signal,
@@ -326,6 +325,7 @@ impl Signals {
     }
 }
 
+/// Waits for SIGINT or SIGTERM (reloading on SIGHUP meanwhile); the name of the one that came.
 async fn wait_for_signals(state: &Shared, signals: Signals) -> Result<&'static str> {
     let Signals {
         mut sigint,
