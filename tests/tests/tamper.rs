@@ -169,6 +169,25 @@ fn sleeper(env: &DaemonEnv, name: &str) -> (Child, u32) {
     (child, pid)
 }
 
+/// `sh -c SCRIPT` launched in agent `agent`, once it has printed its first line, `ready`: the
+/// child and the rest of its output.
+fn ready_shell(
+    env: &DaemonEnv,
+    agent: &str,
+    script: &str,
+) -> (Child, std::io::Lines<BufReader<std::process::ChildStdout>>) {
+    let mut child = env
+        .launch_command(agent, &["/bin/sh", "-c", script])
+        .current_dir("/")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("launching the agent's shell");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("ready"));
+    (child, lines)
+}
+
 /// Programs attached to each agent's cgroup on the connect4 hook (the kernel's word, not
 /// the pin files').
 fn attached(env: &DaemonEnv) -> Vec<u32> {
@@ -338,20 +357,15 @@ fn a_root_agent_is_refused_on_the_control_socket_audited_and_stopped() {
     env.start();
     // Root inside the agent: the socket opens, the daemon refuses what it asks, whatever the
     // request (approve itself, or launch into another agent).
-    let mut child = env
-        .launch_command("r", &["/bin/sh", "-c"])
-        .arg(format!(
+    let (mut child, _lines) = ready_shell(
+        &env,
+        "r",
+        &format!(
             "echo ready; {bin} --socket {sock} approve r; echo \"approve $?\"; sleep 600",
             bin = agentwatch_bin().display(),
             sock = env.socket.display()
-        ))
-        .current_dir("/")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("launching the root agent");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("ready"));
+        ),
+    );
     let refused = env.wait_audit("control_refused", 1);
     assert_eq!(refused.len(), 1, "{:?}", env.audit_lines());
     let line = &refused[0];
@@ -721,19 +735,14 @@ fn a_daemon_moved_into_an_agents_cgroup_moves_itself_back_out() {
     };
     let home = own_cgroup(daemon);
     let agent_cg = env.agent_cgroup("r");
-    let mut child = env
-        .launch_command("r", &["/bin/sh", "-c"])
-        .arg(format!(
+    let (mut child, lines) = ready_shell(
+        &env,
+        "r",
+        &format!(
             "sleep 600 & echo ready; echo {daemon} > {procs}; echo survived",
             procs = agent_cg.join("cgroup.procs").display()
-        ))
-        .current_dir("/")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("launching the root agent");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("ready"));
+        ),
+    );
     let moved = env.wait_audit("daemon_moved", 1);
     assert_eq!(moved.len(), 1, "{moved:#?}");
     let rel = format!(
