@@ -34,6 +34,15 @@ pub const ESCAPE_FLAG_WRITER_KILLED: u32 = 1 << 1;
 /// The moved process could not be signalled from the hook: it is in `DOOMED`, killed by the
 /// daemon when it reads this event, and by the kernel at its next socket() call.
 pub const ESCAPE_FLAG_MOVED_DOOMED: u32 = 1 << 2;
+/// The process came to live outside its agent by `clone3(CLONE_INTO_CGROUP)`, not by a move:
+/// `pid` is the child, `writer` the agent task that cloned it.
+pub const ESCAPE_FLAG_CLONE: u32 = 1 << 3;
+/// The attempt was refused before any process left (BPF LSM `task_alloc`: the clone failed
+/// with EPERM); `pid` and `writer` are the caller.
+pub const ESCAPE_FLAG_REFUSED: u32 = 1 << 4;
+
+/// `clone3()`'s flag that starts the child in the cgroup named by a file descriptor.
+pub const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// An agent's process moved out of its agent's cgroup subtree, or into another agent's
 /// (`EVENT_CGROUP_ESCAPE`). Under the agent's event rate, but for a moved process the daemon

@@ -9,26 +9,34 @@
 //!   otherwise the process is doomed: the daemon kills it as soon as it reads the event, and
 //!   the kernel at its next socket() call. (A hook on every connect and send of the host to
 //!   catch it sooner measured +300-440 ns on each UDP send of every process: not paid.)
+//! - `clone3(CLONE_INTO_CGROUP)` starts a child straight in another cgroup, and no
+//!   `cgroup_attach_task` fires for it. With BPF LSM, `sockets_task_alloc` refuses the flag
+//!   to agent tasks (EPERM: the hook runs before the kernel opens the target cgroup, so it
+//!   cannot tell an inside target from an outside one). Elsewhere, `sockets_task_newtask`
+//!   (raw tracepoint, before the child first runs) reads the child's cgroup: outside its
+//!   agent, the cloning task dies at once and the child is doomed (killed at its first
+//!   socket() call by the kernel, and by the daemon when it reads the event).
 //! - `sockets_sched_process_exit` keeps `TASKS` and `DOOMED` free of dead processes, so a reused
 //!   pid is never taken for an agent's.
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub};
 
 use agentwatch_common::{
-    ESCAPE_FLAG_MOVED_DOOMED, ESCAPE_FLAG_MOVED_KILLED, ESCAPE_FLAG_WRITER_KILLED, ESCAPE_PATH_MAX,
-    EVENT_CGROUP_ESCAPE, EVENT_SOCKET_DENIED, EVENT_SOCKET_KILLED, EscapeEvent, LSM_SOCKETS,
-    SocketEvent, UNKNOWN_AGENT,
+    CLONE_INTO_CGROUP, ESCAPE_FLAG_CLONE, ESCAPE_FLAG_MOVED_DOOMED, ESCAPE_FLAG_MOVED_KILLED,
+    ESCAPE_FLAG_REFUSED, ESCAPE_FLAG_WRITER_KILLED, ESCAPE_PATH_MAX, EVENT_CGROUP_ESCAPE,
+    EVENT_SOCKET_DENIED, EVENT_SOCKET_KILLED, EscapeEvent, LSM_SOCKETS, SocketEvent, UNKNOWN_AGENT,
 };
 use aya_ebpf::{
     EbpfContext as _,
     bindings::BPF_NOEXIST,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes,
         generated::{bpf_ktime_get_ns, bpf_send_signal},
     },
-    macros::{cgroup_sock, lsm, map, tracepoint},
+    macros::{cgroup_sock, lsm, map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap},
-    programs::{LsmContext, SockContext, TracePointContext},
+    programs::{LsmContext, RawTracePointContext, SockContext, TracePointContext},
 };
 
 use crate::{
@@ -194,6 +202,149 @@ pub fn sockets_sys_enter_socket(ctx: TracePointContext) -> u32 {
 pub fn sockets_cgroup_attach_task(ctx: TracePointContext) -> u32 {
     on_attach(&ctx);
     0
+}
+
+/// Offsets from the running kernel's BTF for reading a new task's cgroup id
+/// (`task->cgroups->dfl_cgrp->kn->id`) and its tgid, written into `.rodata` by the daemon
+/// before loading (aya-ebpf has no CO-RE). 0 for all: the kernel's BTF did not say, and a
+/// clone into a cgroup is then taken for an escape (fail closed).
+#[unsafe(no_mangle)]
+static NEW_TASK_CGROUPS: u32 = 0;
+#[unsafe(no_mangle)]
+static NEW_CSS_SET_DFL_CGRP: u32 = 0;
+#[unsafe(no_mangle)]
+static NEW_CGROUP_KN: u32 = 0;
+#[unsafe(no_mangle)]
+static NEW_KERNFS_NODE_ID: u32 = 0;
+#[unsafe(no_mangle)]
+static NEW_TASK_TGID: u32 = 0;
+
+/// With BPF LSM: `clone3(CLONE_INTO_CGROUP)` by an agent task fails with EPERM, whatever the
+/// target (the hook runs before the kernel resolves the cgroup fd; a nested cgroup of the
+/// agent's is refused too: its processes can still move there by `cgroup.procs`).
+#[lsm(hook = "task_alloc")]
+pub fn sockets_task_alloc(ctx: LsmContext) -> i32 {
+    let flags: u64 = ctx.arg(1);
+    if flags & CLONE_INTO_CGROUP == 0 {
+        return 0;
+    }
+    let Some((_, state)) = current_agent_key() else {
+        return 0;
+    };
+    if let Some(c) = counters(state.id) {
+        c.cgroup_escapes += 1;
+    }
+    let me = (bpf_get_current_pid_tgid() >> 32) as u32;
+    emit_clone_escape(state.id, me, me, 0, ESCAPE_FLAG_CLONE | ESCAPE_FLAG_REFUSED);
+    -EPERM
+}
+
+/// A child started by `clone3(CLONE_INTO_CGROUP)`: runs in the parent, after the child's
+/// cgroup is set and before the child first runs (`copy_process`).
+#[raw_tracepoint(tracepoint = "task_newtask")]
+pub fn sockets_task_newtask(ctx: RawTracePointContext) -> i32 {
+    let flags: u64 = ctx.arg(1);
+    if flags & CLONE_INTO_CGROUP == 0 {
+        return 0;
+    }
+    let Some((src_key, state)) = current_agent_key() else {
+        return 0;
+    };
+    let task: *const u8 = ctx.arg(0);
+    let (dst_id, child) = new_task_cgroup(task);
+    if dst_id != 0 && dst_agent(dst_id, false) == Some(src_key) {
+        // Into a cgroup nested below its own agent's: still guarded there.
+        return 0;
+    }
+    if let Some(c) = counters(state.id) {
+        c.cgroup_escapes += 1;
+    }
+    let mut flags = ESCAPE_FLAG_CLONE;
+    // SAFETY: signals the current task, the agent task that cloned outside its agent.
+    if unsafe { bpf_send_signal(SIGKILL) } == 0 {
+        flags |= ESCAPE_FLAG_WRITER_KILLED;
+    }
+    // BPF can signal only the current task: the child dies at its first socket() call, and
+    // the daemon kills it as it reads the event (it never got to run before that either way:
+    // the parent is still in clone3).
+    if child != 0 {
+        match DOOMED.insert(child, state.id, BPF_NOEXIST as u64) {
+            Ok(()) => {
+                add_doomed_count(true);
+                flags |= ESCAPE_FLAG_MOVED_DOOMED;
+            }
+            Err(_) if DOOMED.get_ptr(child).is_some() => flags |= ESCAPE_FLAG_MOVED_DOOMED,
+            Err(_) => {}
+        }
+    }
+    let writer = (bpf_get_current_pid_tgid() >> 32) as u32;
+    emit_clone_escape(state.id, child, writer, dst_id, flags);
+    0
+}
+
+/// The new task's cgroup id (0: unreadable) and tgid (0: unreadable).
+#[inline(always)]
+fn new_task_cgroup(task: *const u8) -> (u64, u32) {
+    // SAFETY: read-only globals the loader fills (volatile: loaded, not folded).
+    let (cgroups, dfl, kn, id, tgid) = unsafe {
+        (
+            core::ptr::read_volatile(&NEW_TASK_CGROUPS) as usize,
+            core::ptr::read_volatile(&NEW_CSS_SET_DFL_CGRP) as usize,
+            core::ptr::read_volatile(&NEW_CGROUP_KN) as usize,
+            core::ptr::read_volatile(&NEW_KERNFS_NODE_ID) as usize,
+            core::ptr::read_volatile(&NEW_TASK_TGID) as usize,
+        )
+    };
+    if cgroups == 0 || kn == 0 || id == 0 {
+        return (0, 0);
+    }
+    // SAFETY: kernel pointers read through the helper, which fails cleanly on a bad one;
+    // `task` is the tracepoint's `struct task_struct *`.
+    unsafe {
+        let child = if tgid == 0 {
+            0
+        } else {
+            bpf_probe_read_kernel(task.add(tgid).cast::<i32>()).unwrap_or(0) as u32
+        };
+        let Ok(css_set) = bpf_probe_read_kernel(task.add(cgroups).cast::<*const u8>()) else {
+            return (0, child);
+        };
+        let Ok(cgrp) = bpf_probe_read_kernel(css_set.add(dfl).cast::<*const u8>()) else {
+            return (0, child);
+        };
+        let Ok(node) = bpf_probe_read_kernel(cgrp.add(kn).cast::<*const u8>()) else {
+            return (0, child);
+        };
+        (
+            bpf_probe_read_kernel(node.add(id).cast::<u64>()).unwrap_or(0),
+            child,
+        )
+    }
+}
+
+/// A `cgroup_escape` record for a clone into a cgroup (no tracepoint record to copy the
+/// destination path from: the daemon names it from `dst_id` or the child's /proc).
+#[inline(always)]
+fn emit_clone_escape(agent: u32, pid: u32, writer: u32, dst_id: u64, flags: u32) {
+    let Some(mut entry) = EVENTS.reserve::<EscapeEvent>(0) else {
+        count_lost_event(agent);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: writing every field of the reserved record before submitting it.
+    unsafe {
+        (*event).kind = EVENT_CGROUP_ESCAPE;
+        (*event).agent = agent;
+        (*event).pid = pid;
+        (*event).writer = writer;
+        (*event).ts_ns = bpf_ktime_get_ns();
+        (*event).dst_id = dst_id;
+        (*event).dst_level = 0;
+        (*event).flags = flags;
+        (*event).comm = bpf_get_current_comm().unwrap_or_default();
+        (*event).dst_path = [0; ESCAPE_PATH_MAX];
+    }
+    entry.submit(0);
 }
 
 #[tracepoint(category = "sched", name = "sched_process_exit")]

@@ -123,9 +123,11 @@ pub const LSM_FILE_PROGRAMS: [(&str, &str); 2] = [
 ];
 /// ... and the exec allow-list's and packet-socket guard's, attached for as long as the daemon
 /// guards anything (they replace tracepoints that are always attached).
-pub const LSM_HOST_PROGRAMS: [(&str, &str); 7] = [
+pub const LSM_HOST_PROGRAMS: [(&str, &str); 8] = [
     ("exec_bprm_check_security", "bprm_check_security"),
     ("sockets_socket_create", "socket_create"),
+    // clone3(CLONE_INTO_CGROUP) by an agent task (crate::sockets).
+    ("sockets_task_alloc", "task_alloc"),
     // The tamper guard (crate::tamper): no bpf() from agents, no signal to the daemon, no
     // change to the daemon's files.
     ("tamper_bpf", "bpf"),

@@ -219,8 +219,19 @@ impl Kernel {
         raise_memlock();
         ensure_tracefs()?;
         let fork_child_pid = tracepoint_field_offset("sched", "sched_process_fork", "child_pid")?;
-        let lsm = lsm_offsets();
+        // Parsed once (megabytes from sysfs) for both sets of offsets.
+        let btf = crate::btf::Btf::vmlinux()
+            .inspect_err(|e| tracing::warn!("reading the kernel's BTF: {e}"))
+            .ok();
+        let lsm = lsm_offsets(btf.as_ref());
+        let clone = clone_offsets(btf.as_ref());
         let mut loader = EbpfLoader::new();
+        loader
+            .override_global("NEW_TASK_CGROUPS", &clone[0], true)
+            .override_global("NEW_CSS_SET_DFL_CGRP", &clone[1], true)
+            .override_global("NEW_CGROUP_KN", &clone[2], true)
+            .override_global("NEW_KERNFS_NODE_ID", &clone[3], true)
+            .override_global("NEW_TASK_TGID", &clone[4], true);
         if let Some(o) = &lsm {
             loader
                 .override_global("FILE_F_PATH", &o.file_f_path, true)
@@ -498,7 +509,7 @@ struct LsmOffsets {
 /// The LSM programs' offsets when this kernel runs BPF LSM, else None (the tracepoints stand
 /// in: files detected, execs and packet sockets killed). Said in the log either way, and by
 /// `status` and `check`.
-fn lsm_offsets() -> Option<LsmOffsets> {
+fn lsm_offsets(btf: Option<&crate::btf::Btf>) -> Option<LsmOffsets> {
     if !crate::files::bpf_lsm_active() {
         tracing::info!(
             "BPF LSM is not active (no `bpf` in /sys/kernel/security/lsm): file opens are \
@@ -506,8 +517,9 @@ fn lsm_offsets() -> Option<LsmOffsets> {
         );
         return None;
     }
-    let offsets = crate::btf::Btf::vmlinux().and_then(|btf| {
-        Ok(LsmOffsets {
+    let btf = btf?;
+    let offsets = (|| {
+        Ok::<_, crate::btf::BtfError>(LsmOffsets {
             file_f_path: btf.member_offset("file", "f_path")?,
             file_f_mode: btf.member_offset("file", "f_mode")?,
             bprm_filename: btf.member_offset("linux_binprm", "filename")?,
@@ -518,7 +530,7 @@ fn lsm_offsets() -> Option<LsmOffsets> {
             sb_s_dev: btf.member_offset("super_block", "s_dev")?,
             dentry_d_inode: btf.member_offset("dentry", "d_inode")?,
         })
-    });
+    })();
     match offsets {
         Ok(o) => Some(o),
         Err(e) => {
@@ -529,6 +541,32 @@ fn lsm_offsets() -> Option<LsmOffsets> {
             None
         }
     }
+}
+
+/// Offsets the clone-into-cgroup check reads a new task's cgroup id and tgid with
+/// (`task_struct.cgroups`, `css_set.dfl_cgrp`, `cgroup.kn`, `kernfs_node.id`,
+/// `task_struct.tgid`), from the running kernel's BTF. All zero when the BTF does not say:
+/// the check then takes every clone into a cgroup by an agent task for an escape.
+fn clone_offsets(btf: Option<&crate::btf::Btf>) -> [u32; 5] {
+    let Some(btf) = btf else {
+        return [0; 5];
+    };
+    let offsets = (|| {
+        Ok::<_, crate::btf::BtfError>([
+            btf.member_offset("task_struct", "cgroups")?,
+            btf.member_offset("css_set", "dfl_cgrp")?,
+            btf.member_offset("cgroup", "kn")?,
+            btf.member_offset("kernfs_node", "id")?,
+            btf.member_offset("task_struct", "tgid")?,
+        ])
+    })();
+    offsets.unwrap_or_else(|e| {
+        tracing::warn!(
+            "the kernel's BTF does not say where a task's cgroup is ({e}): every \
+             clone3(CLONE_INTO_CGROUP) of an agent task is taken for an escape"
+        );
+        [0; 5]
+    })
 }
 
 fn ensure_tracefs() -> Result<(), KernelError> {

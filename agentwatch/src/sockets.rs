@@ -20,13 +20,14 @@ use std::{
 };
 
 use agentwatch_common::{
-    ESCAPE_FLAG_MOVED_DOOMED, ESCAPE_FLAG_MOVED_KILLED, ESCAPE_FLAG_WRITER_KILLED,
-    EVENT_CGROUP_ESCAPE, EVENT_SOCKET_DENIED, EVENT_SOCKET_KILLED, EscapeEvent, SocketEvent,
+    ESCAPE_FLAG_CLONE, ESCAPE_FLAG_MOVED_DOOMED, ESCAPE_FLAG_MOVED_KILLED, ESCAPE_FLAG_REFUSED,
+    ESCAPE_FLAG_WRITER_KILLED, EVENT_CGROUP_ESCAPE, EVENT_SOCKET_DENIED, EVENT_SOCKET_KILLED,
+    EscapeEvent, SocketEvent,
 };
 use aya::{
     Ebpf,
     maps::{HashMap, MapData},
-    programs::{CgroupAttachMode, CgroupSock, TracePoint, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSock, RawTracePoint, TracePoint, links::FdLink},
 };
 
 use serde_json::json;
@@ -54,6 +55,12 @@ pub const HOST_PROGRAMS: [(&str, &str, &str); 3] = [
     ("sockets_sched_process_exit", "sched", "sched_process_exit"),
 ];
 
+/// The host-wide raw tracepoint that catches `clone3(CLONE_INTO_CGROUP)` out of an agent
+/// (its record carries the new task and the clone flags; the plain tracepoint's does not carry
+/// the task). Every fork on the host runs it; it returns at the flag test unless the flag is
+/// set.
+pub const RAW_HOST_PROGRAM: (&str, &str) = ("sockets_task_newtask", "task_newtask");
+
 /// The maps the escape check keeps: which agent each process belongs to, and which cgroups are
 /// nested below an agent's.
 pub struct SocketMaps {
@@ -74,6 +81,12 @@ impl SocketMaps {
         for (name, _, _) in HOST_PROGRAMS {
             load_program(name, program::<TracePoint>(ebpf, name)?, TracePoint::load)?;
         }
+        let (raw, _) = RAW_HOST_PROGRAM;
+        load_program(
+            raw,
+            program::<RawTracePoint>(ebpf, raw)?,
+            RawTracePoint::load,
+        )?;
         Ok(Self {
             tasks: take_map(ebpf, "TASKS")?,
             nested: take_map(ebpf, "NESTED")?,
@@ -182,6 +195,10 @@ pub struct EscapeRecord {
     /// The moved process could not be signalled from the hook: the daemon kills it when it
     /// reads this, the kernel at its next socket() call.
     pub moved_doomed: bool,
+    /// By `clone3(CLONE_INTO_CGROUP)` (the child started outside), not by a move.
+    pub clone: bool,
+    /// Refused before anything left (BPF LSM): the clone failed with EPERM.
+    pub refused: bool,
     pub ts_ns: u64,
 }
 
@@ -208,15 +225,29 @@ impl SocketAttempt {
 
 impl EscapeRecord {
     /// `cgroup_escape` (pid and comm of the moved process, writer and writer_comm, to, action,
-    /// writer_killed). The kernel reports the writer's comm; `moved_comm` is the moved
+    /// writer_killed, via). The kernel reports the writer's comm; `moved_comm` is the moved
     /// process's when the daemon read it, and `killed_by_daemon` says the daemon ended it.
-    pub fn audit_line(&self, moved_comm: Option<String>, killed_by_daemon: bool) -> KernelLine {
+    /// `to` is the destination the kernel named, or for a clone the child's cgroup as the
+    /// daemon read it (`found_in`) before ending it.
+    pub fn audit_line(
+        &self,
+        moved_comm: Option<String>,
+        killed_by_daemon: bool,
+        found_in: Option<String>,
+    ) -> KernelLine {
         let comm = if self.pid == self.writer {
             Some(self.comm.clone())
         } else {
             moved_comm
         };
-        let action = if self.moved_killed {
+        let to = if self.to.is_empty() {
+            found_in.unwrap_or_default()
+        } else {
+            self.to.clone()
+        };
+        let action = if self.refused {
+            "refused"
+        } else if self.moved_killed {
             "killed"
         } else if killed_by_daemon {
             "killed_by_daemon"
@@ -233,9 +264,10 @@ impl EscapeRecord {
                 "comm": comm,
                 "writer": self.writer,
                 "writer_comm": self.comm,
-                "to": self.to,
+                "to": to,
                 "action": action,
                 "writer_killed": self.writer_killed,
+                "via": if self.clone { "clone3" } else { "move" },
             }),
         }
     }
@@ -280,6 +312,8 @@ pub fn decode_escape(kind: u32, bytes: &[u8]) -> Option<EscapeRecord> {
         moved_killed: e.flags & ESCAPE_FLAG_MOVED_KILLED != 0,
         writer_killed: e.flags & ESCAPE_FLAG_WRITER_KILLED != 0,
         moved_doomed: e.flags & ESCAPE_FLAG_MOVED_DOOMED != 0,
+        clone: e.flags & ESCAPE_FLAG_CLONE != 0,
+        refused: e.flags & ESCAPE_FLAG_REFUSED != 0,
         ts_ns: e.ts_ns,
     })
 }
@@ -358,5 +392,17 @@ pub(crate) fn attach_host(
     ebpf: &mut Ebpf,
     pin_dir: Option<&Path>,
 ) -> Result<Vec<Link>, KernelError> {
-    crate::link::attach_tracepoints(ebpf, &HOST_PROGRAMS, pin_dir)
+    let mut links = crate::link::attach_tracepoints(ebpf, &HOST_PROGRAMS, pin_dir)?;
+    let (name, tracepoint) = RAW_HOST_PROGRAM;
+    links.push(Link::pinned_or_attach(pin_dir, name, || {
+        let prog = program::<RawTracePoint>(ebpf, name)?;
+        let id = prog
+            .attach(tracepoint)
+            .map_err(|source| KernelError::Program { name, source })?;
+        let link = prog
+            .take_link(id)
+            .map_err(|source| KernelError::Program { name, source })?;
+        Ok(FdLink::from(link))
+    })?);
+    Ok(links)
 }

@@ -58,7 +58,7 @@ fuzz_target!(|data: &[u8]| {
         Event::Egress(e) => drop(e.audit_line()),
         Event::Exec(e) => drop(e.audit_line()),
         Event::Socket(e) => drop(e.audit_line()),
-        Event::Escape(e) => drop(e.audit_line(Some(String::new()), true)),
+        Event::Escape(e) => drop(e.audit_line(Some(String::new()), true, Some(String::new()))),
         // The daemon judges an opened file by the path as passed (no /proc lookup here: the
         // pid is arbitrary): the rules and the line must take any bytes.
         Event::File(e) => {

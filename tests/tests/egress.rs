@@ -520,20 +520,21 @@ fn nothing_the_test_made_remains_afterwards() {
         let host = agents.host_link_ids();
         assert_eq!(
             host.len(),
-            if lsm { 12 } else { 5 },
-            "exec and fork tracepoints, 3 socket/escape tracepoints, with BPF LSM its exec, \
-             packet-socket and five tamper-guard programs; no sys_enter without monitoring, no \
-             file guard without a file list"
+            if lsm { 14 } else { 6 },
+            "exec and fork tracepoints, 3 socket/escape tracepoints, the clone-into-cgroup raw \
+             tracepoint, with BPF LSM its exec, packet-socket, clone and five tamper-guard \
+             programs; no sys_enter without monitoring, no file guard without a file list"
         );
         link_ids.extend(host);
         let prog_ids = agents.kernel().program_ids();
         assert_eq!(
             prog_ids.len(),
-            if lsm { 26 } else { 25 },
-            "4 egress, 4 DNS reply hooks, 1 DNS release hook, 1 byte counter, 2 exec/fork, 4 \
-             sockets, 1 sys_enter (loaded, not attached), and with BPF LSM its 9 LSM programs \
-             (exec, packet socket, 5 tamper-guard, 2 file guard: loaded, the file guard's not \
-             attached), else the file guard's 8 open tracepoints (loaded, not attached)"
+            if lsm { 28 } else { 26 },
+            "4 egress, 4 DNS reply hooks, 1 DNS release hook, 1 byte counter, 2 exec/fork, 5 \
+             sockets (one the clone raw tracepoint), 1 sys_enter (loaded, not attached), and \
+             with BPF LSM its 10 LSM programs (exec, packet socket, clone, 5 tamper-guard, 2 \
+             file guard: loaded, the file guard's not attached), else the file guard's 8 open \
+             tracepoints (loaded, not attached)"
         );
         (
             cg.path().to_owned(),

@@ -438,3 +438,102 @@ fn an_adopted_agents_privileged_processes_are_shown_audited_once_and_still_caugh
         "the writer was no agent process"
     );
 }
+
+#[test]
+fn a_child_cloned_straight_into_another_cgroup_makes_no_call() {
+    privileged!();
+    let (sink, port) = udp_sink();
+    let mut env = DaemonEnv::new();
+    env.write_config(&one_agent("cloner", port));
+    env.start();
+    let cg = env.agent_cgroup("cloner");
+    let outside = TestCgroup::new();
+    let out = probe_in(
+        &cg,
+        &[
+            "clone-into",
+            outside.path().to_str().expect("utf8"),
+            "127.0.0.1",
+            &port.to_string(),
+            "5",
+        ],
+    );
+    let attempts = parse_attempts(&out.stdout);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(drain(&sink), 0, "a datagram left from outside the agent");
+    assert!(
+        attempts.iter().all(|a| a.op != "sendto"),
+        "the child made calls: {attempts:?}"
+    );
+    let line = &of_kind(&env, "cgroup_escape", 1)[0];
+    assert_eq!(line["agent"], "cloner");
+    assert_eq!(line["via"], "clone3");
+    assert_eq!(line["writer_comm"], "aw-probe");
+    if agentwatch_tests::bpf_lsm() {
+        // lsm/task_alloc: the clone fails, nobody left, the caller lives on.
+        assert!(out.status.success(), "{out:?}");
+        let clone = attempts.iter().find(|a| a.op == "clone3").expect("clone3");
+        assert_eq!(clone.errno, EPERM, "{attempts:?}");
+        assert!(attempts.iter().all(|a| a.op != "child"), "{attempts:?}");
+        assert_eq!(line["action"], "refused");
+    } else {
+        // The raw tracepoint: the cloning task dies as clone3 returns; the child, which the
+        // kernel could not signal, dies at its first socket() (or by the daemon's hand).
+        assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{out:?}");
+        assert_eq!(line["writer_killed"], true);
+        assert!(
+            ["doomed", "killed_by_daemon"].contains(&line["action"].as_str().expect("action")),
+            "{line}"
+        );
+        let to = line["to"].as_str().expect("to");
+        assert!(
+            outside.path().ends_with(to.trim_start_matches('/')) && !to.is_empty(),
+            "{to} vs {}",
+            outside.path().display()
+        );
+        wait_until("the cloned child to die", Duration::from_secs(5), || {
+            std::fs::read_to_string(outside.path().join("cgroup.procs")).is_ok_and(|p| p.is_empty())
+        });
+    }
+    assert_eq!(
+        env.status()["cloner"]["escape_attempts"]["cgroup_escape"],
+        1
+    );
+
+    // Into a cgroup nested in its own agent (once the daemon's sweep has seen it): still
+    // guarded there, so allowed where the kernel can tell (the tracepoint); BPF LSM refuses
+    // the flag before the kernel has resolved the target.
+    let nested = cg.join("worker");
+    std::fs::create_dir(&nested).expect("mkdir nested");
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = probe_in(
+        &cg,
+        &[
+            "clone-into",
+            nested.to_str().expect("utf8"),
+            "127.0.0.1",
+            &port.to_string(),
+            "3",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let attempts = parse_attempts(&out.stdout);
+    std::thread::sleep(Duration::from_millis(100));
+    if agentwatch_tests::bpf_lsm() {
+        assert_eq!(drain(&sink), 0);
+        assert_eq!(env.wait_audit("cgroup_escape", 2).len(), 2);
+    } else {
+        let sent = attempts.iter().filter(|a| a.op == "sendto" && a.ok).count();
+        assert_eq!(sent, 3, "{attempts:?}");
+        assert_eq!(drain(&sink), 3);
+        assert_eq!(
+            env.wait_audit("cgroup_escape", 2).len(),
+            1,
+            "no escape into its own subtree"
+        );
+    }
+    wait_until("the nested cgroup to empty", Duration::from_secs(5), || {
+        std::fs::read_to_string(nested.join("cgroup.procs")).is_ok_and(|p| p.is_empty())
+    });
+    std::fs::remove_dir(&nested).expect("rmdir nested");
+}

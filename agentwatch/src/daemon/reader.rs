@@ -60,13 +60,18 @@ fn drain(ring: &mut RingBuf<MapData>, state: &Shared, written: &mut HashSet<audi
                 // A process someone else moved out of its agent runs unguarded until it dies:
                 // end it before anything else, not even waiting for the state lock (its name
                 // first: the kernel reports the writer's).
-                let (moved_comm, killed) = if e.moved_doomed {
-                    (proc_comm(e.pid), kill(e.pid))
+                let (moved_comm, mut found_in, killed) = if e.moved_doomed {
+                    (proc_comm(e.pid), proc_cgroup(e.pid), kill(e.pid))
                 } else {
-                    (None, false)
+                    (None, None, false)
                 };
-                tracing::warn!(pid = e.pid, writer = e.writer, to = %e.to, "cgroup escape");
-                e.audit_line(moved_comm, killed)
+                if e.to.is_empty() && found_in.is_none() && e.dst_id != 0 {
+                    // The child was already dead (the kernel ended it at its first socket()):
+                    // its cgroup is named by the id the kernel read.
+                    found_in = cgroup_path_of(e.dst_id);
+                }
+                tracing::warn!(pid = e.pid, writer = e.writer, to = %e.to, clone = e.clone, "cgroup escape");
+                e.audit_line(moved_comm, killed, found_in)
             }
             Event::File(f) if f.refused => {
                 tracing::warn!(pid = f.pid, path = %f.path, access = f.access(), "file open refused");
@@ -135,6 +140,39 @@ fn kill(pid: u32) -> bool {
 }
 
 /// The name (comm) of process `pid` from /proc (None if it is gone).
+/// The cgroup2 path of process `pid` (`0::` in /proc/PID/cgroup), as the kernel's escape
+/// records name destinations.
+fn proc_cgroup(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+}
+
+/// The cgroup2 path (from the mount's root, as the kernel names them) of the cgroup with id
+/// `id` (its directory's inode number), found by walking the hierarchy. Only for the rare
+/// clone escape whose child is already gone.
+fn cgroup_path_of(id: u64) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let root = crate::cgroup::cgroup2_mount().ok()?;
+    let mut todo = vec![root.clone()];
+    while let Some(dir) = todo.pop() {
+        if std::fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
+            let rel = dir.strip_prefix(&root).ok()?;
+            return Some(format!("/{}", rel.display()));
+        }
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            todo.extend(
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    None
+}
+
 fn proc_comm(pid: u32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .ok()

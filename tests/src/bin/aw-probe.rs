@@ -209,6 +209,12 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        ["clone-into", dir, addr, port, n] => {
+            let (Some(dest), Ok(n)) = (dest(addr, port), n.parse::<u32>()) else {
+                return usage("bad ADDR PORT N");
+            };
+            clone_into(dir, dest, n)
+        }
         ["move", pid, dir] => {
             let r = std::fs::write(format!("{dir}/cgroup.procs"), pid);
             report("move", "-", &unspecified(), r);
@@ -778,6 +784,82 @@ fn sendto_spread(first: std::net::Ipv4Addr, addrs: u32, ports: u16) -> ExitCode 
         }
     }
     println!("{{\"sent\":{sent},\"failed\":{failed}}}");
+    ExitCode::SUCCESS
+}
+
+/// `clone-into DIR ADDR PORT N`: clone3(CLONE_INTO_CGROUP) a child straight into cgroup DIR;
+/// the child reports `child` and sends N datagrams to ADDR:PORT (as `escape` does after its
+/// move). The parent reports `clone3` and then how the child ended (`child-exit`, dest
+/// `exit N` or `signal N`).
+fn clone_into(dir: &str, dest: SocketAddr, n: u32) -> ExitCode {
+    /// `struct clone_args` up to `cgroup` (CLONE_ARGS_SIZE_VER2).
+    #[repr(C)]
+    #[derive(Default)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    use std::os::fd::AsRawFd as _;
+    let cgroup = match std::fs::File::open(dir) {
+        Ok(f) => f,
+        Err(e) => {
+            report_path("clone3", dir, Err(e));
+            return ExitCode::SUCCESS;
+        }
+    };
+    let args = CloneArgs {
+        flags: agentwatch_common::CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup.as_raw_fd() as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 with a valid, fully initialised clone_args of the size passed; without
+    // CLONE_VM the child gets its own copy of this (single-threaded) process, like fork.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &raw const args,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if pid == 0 {
+        report_path("child", dir, Ok(()));
+        if let Ok(socket) = udp_socket(&dest) {
+            for _ in 0..n {
+                report(
+                    "sendto",
+                    "udp",
+                    &dest,
+                    socket.send_to(b"cloned", dest).map(drop),
+                );
+            }
+        }
+        // SAFETY: ends the child without running the parent's exit handlers twice.
+        unsafe { libc::_exit(0) };
+    }
+    if pid < 0 {
+        report_path("clone3", dir, Err(std::io::Error::last_os_error()));
+        return ExitCode::SUCCESS;
+    }
+    report_path("clone3", dir, Ok(()));
+    let mut status = 0;
+    // SAFETY: waiting for the child just made.
+    unsafe { libc::waitpid(pid as i32, &raw mut status, 0) };
+    let how = if libc::WIFSIGNALED(status) {
+        format!("signal {}", libc::WTERMSIG(status))
+    } else {
+        format!("exit {}", libc::WEXITSTATUS(status))
+    };
+    report_path("child-exit", &how, Ok(()));
     ExitCode::SUCCESS
 }
 
