@@ -26,6 +26,10 @@ pub const NUM_VERDICTS: usize = 4;
 /// Which hook saw the call.
 pub const HOOK_CONNECT: u8 = 0;
 pub const HOOK_SENDMSG: u8 = 1;
+/// The byte counter on the agent's packets (cgroup_skb egress) refused a packet that carries a
+/// routing header (IPv6) or IP options (IPv4): they send it elsewhere than the address the
+/// connect/sendmsg hooks judged. Its destination is the packet's, i.e. the real next hop.
+pub const HOOK_ROUTE: u8 = 2;
 
 /// Most port ranges one destination prefix can carry. The userspace compiler folds the ranges of
 /// every shorter prefix that covers a prefix into it (so one longest-prefix lookup answers), and
@@ -170,6 +174,12 @@ pub struct AgentCounters {
     pub tamper_refused: u64,
     /// Tamper refusals not written one by one (over the agent's event rate).
     pub tamper_suppressed: u64,
+    /// IP packets of sockets opened before the agent's egress was revoked (kill switch,
+    /// tripped breaker, lease end), dropped as they left: a deny holds for open sockets too.
+    pub packets_revoked: u64,
+    /// Packets refused because they carry an IPv6 routing header or IPv4 options
+    /// ([`HOOK_ROUTE`]).
+    pub route_options_refused: u64,
 }
 
 impl AgentCounters {
@@ -253,7 +263,7 @@ const _: () = assert!(core::mem::size_of::<RuleKeyV4>() == 8);
 const _: () = assert!(core::mem::size_of::<RuleKeyV6>() == 20);
 const _: () = assert!(core::mem::size_of::<PortRange>() == 16);
 const _: () = assert!(core::mem::size_of::<RuleValue>() == 8 + 16 * MAX_PORT_RANGES);
-const _: () = assert!(core::mem::size_of::<AgentCounters>() == 36 * 8);
+const _: () = assert!(core::mem::size_of::<AgentCounters>() == 38 * 8);
 const _: () = assert!(core::mem::size_of::<EgressEvent>() == 64);
 const _: () = assert!(core::mem::offset_of!(EgressEvent, addr) == 40);
 const _: () = assert!(core::mem::offset_of!(EgressEvent, port) == 56);

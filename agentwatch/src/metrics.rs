@@ -200,6 +200,13 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
         "Outbound bytes the agent's byte cap dropped in the kernel",
         &["agent"],
     )?;
+    let revoked = counter_vec(
+        &r,
+        "agentwatch_egress_packets_revoked_total",
+        "Packets of sockets the agent opened before its egress was revoked (kill switch, \
+         breaker, lease end), dropped in the kernel as they left",
+        &["agent"],
+    )?;
     let lease_left = float_gauge_vec(
         &r,
         "agentwatch_lease_seconds_left",
@@ -279,6 +286,7 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
             ("cgroup_escape", c.cgroup_escapes),
             ("control_refused", a.control_refused),
             ("tamper_refused", c.tamper_refused),
+            ("route_option", c.route_options_refused),
             ("guard_restored", a.guard_restored),
             ("daemon_moved", a.daemon_moved),
         ] {
@@ -299,6 +307,7 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
         bytes_dropped
             .with_label_values(&[n])
             .inc_by(c.egress_bytes_dropped);
+        revoked.with_label_values(&[n]).inc_by(c.packets_revoked);
         for (rule, hits) in &a.rule_hits {
             rule_hits
                 .with_label_values(&[n, rule.as_str()])

@@ -87,6 +87,9 @@ impl State {
                 "connects": c.connects,
                 "egress_bytes": c.egress_bytes,
                 "egress_bytes_dropped": c.egress_bytes_dropped,
+                // Packets of sockets opened before a deny, kill or lease end, dropped as they
+                // left (the deny holds for open sockets too).
+                "packets_revoked": c.packets_revoked,
                 "sends": c.sends,
                 "syscalls": c.syscalls,
                 "execs": c.execs,
@@ -110,6 +113,8 @@ impl State {
                     "cgroup_escape": c.cgroup_escapes,
                     "control_refused": self.control_refusals.get(name).map_or(0, |r| r.total),
                     "tamper_refused": c.tamper_refused,
+                    // Packets with an IPv6 routing header or IPv4 options, refused.
+                    "route_option": c.route_options_refused,
                     // Its links found detached or gone and attached again (the watchdog).
                     "guard_restored": self.watchdog.restored(name),
                     // The daemon found in its cgroup and moved back out.

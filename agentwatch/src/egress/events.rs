@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use agentwatch_common::{
     EVENT_EGRESS_CAPPED, EVENT_EGRESS_DENIED, EVENT_EGRESS_WOULD_DENY, EgressEvent, HOOK_CONNECT,
-    PROTO_TCP, PROTO_UDP,
+    HOOK_ROUTE, PROTO_TCP, PROTO_UDP,
 };
 use serde_json::json;
 
@@ -26,7 +26,9 @@ pub struct EgressAttempt {
     pub comm: String,
     pub proto: &'static str,
     pub dest: SocketAddr,
-    /// `connect` or `sendmsg`.
+    /// `connect`, `sendmsg`, or `route`: a packet with a routing header or IP options,
+    /// refused as it left (`pid` 0: the packet may leave in softirq, where no task is its
+    /// sender; `dest` is its real next hop).
     pub hook: &'static str,
     /// CLOCK_MONOTONIC nanoseconds.
     pub ts_ns: u64,
@@ -85,10 +87,10 @@ fn egress(e: &EgressEvent) -> EgressAttempt {
         comm: c_string(&e.comm),
         proto: proto_name(e.proto),
         dest: dest_addr(e.family, e.addr, e.port),
-        hook: if e.hook == HOOK_CONNECT {
-            "connect"
-        } else {
-            "sendmsg"
+        hook: match e.hook {
+            HOOK_CONNECT => "connect",
+            HOOK_ROUTE => "route",
+            _ => "sendmsg",
         },
         ts_ns: e.ts_ns,
     }
