@@ -58,6 +58,27 @@ impl Default for LearnName {
     }
 }
 
+/// One agent's share of the learn maps (`LEARN_QUOTA`, by agent id): the daemon writes
+/// `limit` (`daemon.learn_quota`; 0: no quota); the kernel keeps `dests` and `execs`, the
+/// records the agent holds in `LEARN_DESTS` and `LEARN_EXECS`, and records nothing more once
+/// one reaches the limit (counted in `learn_lost`), so one agent filling its share never costs
+/// another agent its records.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LearnQuota {
+    pub limit: u64,
+    pub dests: u64,
+    pub execs: u64,
+}
+
+/// Capacity of `LEARN_DESTS` and of `LEARN_EXECS` (allocated per entry, so it costs nothing
+/// until used). The config refuses learn-mode agents whose quotas add up to more.
+pub const LEARN_CAPACITY: u32 = 1 << 20;
+
+/// `daemon.learn_quota` when the config does not say.
+pub const DEFAULT_LEARN_QUOTA: u64 = 16_384;
+
+const _: () = assert!(core::mem::size_of::<LearnQuota>() == 24);
 const _: () = assert!(core::mem::size_of::<RuleHitKey>() == 16);
 const _: () = assert!(core::mem::size_of::<Seen>() == 24);
 const _: () = assert!(core::mem::size_of::<LearnNameKey>() == 32);

@@ -133,6 +133,7 @@ mod pod {
     // (asserted below), so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::AgentState {}
     unsafe impl aya::Pod for super::AgentCounters {}
+    unsafe impl aya::Pod for super::LearnQuota {}
     unsafe impl aya::Pod for super::RuleKeyV4 {}
     unsafe impl aya::Pod for super::RuleKeyV6 {}
     unsafe impl aya::Pod for super::RuleValue {}

@@ -59,6 +59,9 @@ pub struct Policy {
     pub egress_bytes_per_second: Option<u64>,
     /// Learn mode: what the allow-list would deny goes through, counted and reported.
     pub learn: bool,
+    /// The most destination records, and the most exec records, the kernel keeps for this
+    /// agent in learn mode (`daemon.learn_quota`; 0: no quota of its own).
+    pub learn_quota: u64,
 }
 
 impl From<CompiledRules> for Policy {
@@ -1044,7 +1047,8 @@ impl Agents {
         )?;
         self.kernel
             .bytes
-            .write_cap(id, policy.egress_bytes_per_second)
+            .write_cap(id, policy.egress_bytes_per_second)?;
+        self.kernel.learn.set_quota(id, policy.learn_quota)
     }
 
     /// The levels the kernel looks agents up at: those of the guarded agents (`widen_with`:

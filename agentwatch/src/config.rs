@@ -76,6 +76,10 @@ pub struct DaemonConfig {
     /// The private homes of those agents: `<agent_homes>/<name>`, made by the daemon, owned
     /// by the agent's uid, mode 0700.
     pub agent_homes: PathBuf,
+    /// Each learn-mode agent's share of the kernel's learn records: at most this many
+    /// destinations, and this many exec'd paths. Beyond it the agent's own records are
+    /// counted as lost (`learn` says its proposal is partial); no other agent loses any.
+    pub learn_quota: u64,
 }
 
 /// Deserializers of `[daemon]` values that TOML has no type for.
@@ -142,6 +146,9 @@ impl Default for DaemonConfig {
             // 2^31: no login user, system user, DynamicUser or container has one, and few
             // enough agents share it that their hashed uids seldom collide.
             agent_uids: crate::uids::UidRange::DEFAULT,
+            // 16,384 destinations (and paths): far more than an agent doing one job calls,
+            // and 64 learn-mode agents' worth fit in the kernel's maps.
+            learn_quota: agentwatch_common::DEFAULT_LEARN_QUOTA,
             // Persistent, root's, beside the rest of agentwatch's state.
             agent_homes: PathBuf::from("/var/lib/agentwatch/home"),
         }
@@ -748,7 +755,38 @@ fn validate(
         });
     }
     assign_uids(&daemon, &mut agents, c);
+    check_learn_quota(&daemon, &agents, c);
     Config { daemon, agents }
+}
+
+/// Learn-mode agents' shares must fit the kernel's learn maps together, or one agent filling
+/// its share could still cost another its records.
+fn check_learn_quota(daemon: &DaemonConfig, agents: &[Agent], c: &mut Collector<'_>) {
+    let capacity = u64::from(agentwatch_common::LEARN_CAPACITY);
+    if daemon.learn_quota == 0 || daemon.learn_quota > capacity {
+        c.at(
+            0..0,
+            format!(
+                "daemon.learn_quota must be between 1 and {capacity} (the kernel's learn maps \
+                 hold that many records), not {}",
+                daemon.learn_quota
+            ),
+        );
+        return;
+    }
+    let learning = agents.iter().filter(|a| a.learn).count() as u64;
+    if learning * daemon.learn_quota > capacity {
+        c.at(
+            0..0,
+            format!(
+                "{learning} agents in learn mode with daemon.learn_quota = {} need {} learn \
+                 records, more than the kernel's {capacity}: lower learn_quota to at most {}",
+                daemon.learn_quota,
+                learning * daemon.learn_quota,
+                capacity / learning
+            ),
+        );
+    }
 }
 
 /// Gives every agent without `user` its own uid from `daemon.agent_uids` ([`crate::uids`]).

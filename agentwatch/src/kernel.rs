@@ -59,7 +59,7 @@ pub struct Kernel {
 
 /// Every map of the object with the key and value sizes this build expects of it. A pinned map
 /// of another layout (an older agentwatch) is refused rather than misread.
-const MAPS: [(&str, u32, u32); 34] = [
+const MAPS: [(&str, u32, u32); 35] = [
     ("AGENTS", 8, size_of::<AgentState>() as u32),
     ("COUNTERS", 4, size_of::<AgentCounters>() as u32),
     ("EVENTS", 0, 0),
@@ -112,6 +112,11 @@ const MAPS: [(&str, u32, u32); 34] = [
         "LEARN_NAMES",
         size_of::<LearnNameKey>() as u32,
         size_of::<LearnName>() as u32,
+    ),
+    (
+        "LEARN_QUOTA",
+        4,
+        size_of::<agentwatch_common::LearnQuota>() as u32,
     ),
     ("FILE_ALLOW", 4 + size_of::<FilePath>() as u32, 4),
     // The trie key and a PATH_MAX buffer.

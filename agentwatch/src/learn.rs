@@ -15,12 +15,12 @@ use std::{
 };
 
 use agentwatch_common::{
-    DestKey, EXEC_PATH_MAX, ExecKey, LEARN_NAME_MAX, LearnName, LearnNameKey, PROTO_TCP, PROTO_UDP,
-    RuleHitKey, Seen,
+    DestKey, EXEC_PATH_MAX, ExecKey, LEARN_NAME_MAX, LearnName, LearnNameKey, LearnQuota,
+    PROTO_TCP, PROTO_UDP, RuleHitKey, Seen,
 };
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuHashMap},
+    maps::{Array, HashMap, MapData, PerCpuHashMap},
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
@@ -40,6 +40,7 @@ struct Maps {
     dests: HashMap<MapData, DestKey, Seen>,
     execs: HashMap<MapData, ExecKey, Seen>,
     names: HashMap<MapData, LearnNameKey, LearnName>,
+    quota: Array<MapData, LearnQuota>,
 }
 
 /// What the kernel recorded of one learn-mode agent.
@@ -60,7 +61,23 @@ impl LearnMaps {
             dests: take_map(ebpf, "LEARN_DESTS")?,
             execs: take_map(ebpf, "LEARN_EXECS")?,
             names: take_map(ebpf, "LEARN_NAMES")?,
+            quota: take_map(ebpf, "LEARN_QUOTA")?,
         }))))
+    }
+
+    /// Sets agent `id`'s share of the learn maps (`daemon.learn_quota`; 0: none), keeping the
+    /// kernel's count of the records it holds.
+    pub fn set_quota(&self, id: u32, limit: u64) -> Result<(), KernelError> {
+        let mut maps = self.lock();
+        let old = maps.quota.get(&id, 0).unwrap_or_default();
+        maps.quota
+            .set(id, LearnQuota { limit, ..old }, 0)
+            .map_err(map_err("LEARN_QUOTA"))
+    }
+
+    /// Agent `id`'s share: its limit and the destination and exec records it holds.
+    pub fn quota(&self, id: u32) -> LearnQuota {
+        self.lock().quota.get(&id, 0).unwrap_or_default()
     }
 
     fn lock(&self) -> MutexGuard<'_, Maps> {
@@ -107,9 +124,34 @@ impl LearnMaps {
     /// in learn mode): an agent that left learn mode starts afresh if it comes back.
     pub fn retain_observed(&self, keep: impl Fn(u32) -> bool) -> Result<(), KernelError> {
         let mut maps = self.lock();
-        remove_where(&mut maps.dests, "LEARN_DESTS", |k| !keep(k.agent))?;
-        remove_where(&mut maps.execs, "LEARN_EXECS", |k| !keep(k.agent))?;
-        remove_where(&mut maps.names, "LEARN_NAMES", |k| !keep(k.agent))
+        let mut emptied: BTreeSet<u32> = BTreeSet::new();
+        emptied.extend(
+            remove_where(&mut maps.dests, "LEARN_DESTS", |k| !keep(k.agent))?
+                .iter()
+                .map(|k| k.agent),
+        );
+        emptied.extend(
+            remove_where(&mut maps.execs, "LEARN_EXECS", |k| !keep(k.agent))?
+                .iter()
+                .map(|k| k.agent),
+        );
+        remove_where(&mut maps.names, "LEARN_NAMES", |k| !keep(k.agent))?;
+        // Every record of those agents is gone: so is their count (their limit stays until
+        // the policy writes another).
+        for id in emptied {
+            let old = maps.quota.get(&id, 0).unwrap_or_default();
+            maps.quota
+                .set(
+                    id,
+                    LearnQuota {
+                        limit: old.limit,
+                        ..LearnQuota::default()
+                    },
+                    0,
+                )
+                .map_err(map_err("LEARN_QUOTA"))?;
+        }
+        Ok(())
     }
 
     /// Forgets everything of slot `id` (its agent is gone, or a new one takes the slot).
@@ -188,21 +230,21 @@ pub fn wall(ts_ns: u64) -> String {
     }
 }
 
-/// Removes the entries of `map` whose key `gone` says.
+/// Removes the entries of `map` whose key `gone` says; returns their keys.
 fn remove_where<K: aya::Pod, V: aya::Pod>(
     map: &mut HashMap<MapData, K, V>,
     name: &'static str,
     gone: impl Fn(&K) -> bool,
-) -> Result<(), KernelError> {
+) -> Result<Vec<K>, KernelError> {
     let keys: Vec<K> = map
         .keys()
         .filter_map(Result::ok)
         .filter(|k| gone(k))
         .collect();
-    for k in keys {
-        ignore_missing(map.remove(&k)).map_err(map_err(name))?;
+    for k in &keys {
+        ignore_missing(map.remove(k)).map_err(map_err(name))?;
     }
-    Ok(())
+    Ok(keys)
 }
 
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
@@ -525,7 +567,7 @@ impl Proposal {
         if self.lost > 0 {
             let _ = writeln!(
                 out,
-                "# WARNING: the kernel had no room to record {} call(s) or exec(s): this proposal may miss some.",
+                "# WARNING: {} call(s) or exec(s) found the agent's share of the kernel's learn records full (daemon.learn_quota) and went unrecorded: this proposal may miss some.",
                 self.lost
             );
         }
@@ -779,7 +821,7 @@ connects_per_second = 50
             |_| String::new(),
         );
         assert!(partial.to_toml().contains(
-            "# WARNING: the kernel had no room to record 3 call(s) or exec(s): this proposal may miss some."
+            "# WARNING: 3 call(s) or exec(s) found the agent's share of the kernel's learn records full (daemon.learn_quota) and went unrecorded: this proposal may miss some."
         ));
         let toml = p.to_toml();
         let back = Config::parse(&toml, "proposal.toml").unwrap_or_else(|e| panic!("{e}\n{toml}"));

@@ -426,3 +426,78 @@ fn learn_proposes_a_policy_that_admits_exactly_what_the_agent_did() {
         "the learn-mode calls, and none since: {row}"
     );
 }
+
+#[test]
+fn one_agent_filling_its_learn_quota_costs_no_other_agent_a_record() {
+    privileged!();
+    let (sink, port) = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let port = s.local_addr().expect("addr").port();
+        (s, port)
+    };
+    let mut env = DaemonEnv::new();
+    env.set_daemon_extra("learn_quota = 64\n");
+    env.write_config(
+        "[[agents]]\nname = \"greedy\"\nmode = \"learn\"\negress = []\n\
+         [[agents]]\nname = \"modest\"\nmode = \"learn\"\negress = []\n",
+    );
+    env.start();
+    // 200 destinations (10 addresses x 20 ports), each called once: 64 fit its share.
+    let out = env.launch_probe("greedy", &["sendto-spread", "127.1.0.1", "10", "20"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("\"sent\":200"),
+        "{out:?}"
+    );
+    all_ok(
+        &env,
+        "modest",
+        &["sendto", "127.0.0.1", &port.to_string(), "1"],
+    );
+    drop(sink);
+    let learn = |agent: &str| {
+        let out = env.cli(&["learn", agent, "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json")
+    };
+    let greedy = learn("greedy");
+    assert_eq!(greedy["lost"], 200 - 64, "{greedy}");
+    let modest = learn("modest");
+    assert_eq!(modest["lost"], 0, "{modest}");
+    let rules: Vec<&str> = modest["egress"]
+        .as_array()
+        .expect("egress")
+        .iter()
+        .filter_map(|r| r["rule"].as_str())
+        .collect();
+    assert_eq!(
+        rules,
+        [format!("udp 127.0.0.1 {port}").as_str()],
+        "{modest}"
+    );
+    // The proposal says it is partial, and why.
+    let text = String::from_utf8(env.cli(&["learn", "greedy"]).stdout).expect("utf8");
+    assert!(text.contains("# WARNING: 136 call(s) or exec(s)"), "{text}");
+    assert!(text.contains("learn_quota"), "{text}");
+}
+
+#[test]
+fn learn_quotas_that_do_not_fit_the_kernels_maps_are_refused_whole() {
+    privileged!();
+    let mut env = DaemonEnv::new();
+    env.set_daemon_extra("learn_quota = 1048576\n");
+    env.write_config(
+        "[[agents]]\nname = \"l0\"\nmode = \"learn\"\n[[agents]]\nname = \"l1\"\nmode = \"learn\"\n",
+    );
+    let out = std::process::Command::new(agentwatch_tests::agentwatch_bin())
+        .args(["check", "--config"])
+        .arg(&env.config)
+        .output()
+        .expect("check");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("2 agents in learn mode with daemon.learn_quota = 1048576 need 2097152 learn records, more than the kernel's 1048576: lower learn_quota to at most 524288"),
+        "{err}"
+    );
+}

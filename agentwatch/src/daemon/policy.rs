@@ -101,7 +101,7 @@ impl State {
         }
         if failure.is_none() {
             for a in &changed {
-                let mut policy = policy_of(a, self.config.daemon.audit_rate);
+                let mut policy = policy_of(a, &self.config.daemon);
                 let endpoint = if !self.wants_dns(a) {
                     None
                 } else if let Some(ports) = self.dns.ports(&a.name) {
@@ -227,7 +227,7 @@ impl State {
                     .map_err(|e| format!("agent `{}`: {e}", a.name))?,
             )
         };
-        let mut policy = policy_of(a, self.config.daemon.audit_rate);
+        let mut policy = policy_of(a, &self.config.daemon);
         policy.dns = endpoint.as_ref().map(|e| e.ports);
         let (cgroup, created) = if a.adopted {
             (Cgroup::open(&path).map_err(|e| e.to_string())?, false)
@@ -393,12 +393,12 @@ impl State {
 }
 
 /// The kernel policy of a configured agent.
-fn policy_of(a: &Agent, audit_rate: u32) -> Policy {
+fn policy_of(a: &Agent, daemon: &crate::config::DaemonConfig) -> Policy {
     Policy {
         rules: a.compiled.clone(),
         connects_per_second: a.limits.connects_per_second,
         sends_per_second: a.limits.sends_per_second,
-        events_per_second: Some(audit_rate),
+        events_per_second: Some(daemon.audit_rate),
         exec_allow: a.exec_allow.clone(),
         files: a.files.clone(),
         monitor_syscalls: a.monitor.syscalls,
@@ -407,6 +407,7 @@ fn policy_of(a: &Agent, audit_rate: u32) -> Policy {
         lease: a.lease,
         egress_bytes_per_second: a.limits.egress_bytes_per_second,
         learn: a.learn,
+        learn_quota: daemon.learn_quota,
     }
 }
 
