@@ -67,9 +67,33 @@ type Zone = HashMap<String, Vec<(Rdata, u32)>>;
 /// How many CNAMEs a chain may have before the server gives up (a loop in a test's zone).
 const MAX_CHAIN: usize = 16;
 
+/// One question as it arrived, with who sent it under which id: what a test needs to judge
+/// the forwarder's upstream queries (ids and source ports nobody can predict).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exchange {
+    /// The query's id.
+    pub id: u16,
+    /// Its source address and port.
+    pub from: SocketAddr,
+    /// The name in lower case without the trailing dot, as [`TestDnsServer::queries`] has it.
+    pub name: String,
+    pub qtype: RecordType,
+    /// UDP (else TCP).
+    pub udp: bool,
+}
+
+/// UDP answers held back by [`TestDnsServer::hold_udp`]: (reply, asker).
+#[derive(Default)]
+struct Hold {
+    on: bool,
+    pending: Vec<(Vec<u8>, SocketAddr)>,
+}
+
 struct Shared {
     zone: Mutex<Zone>,
     queries: Mutex<Vec<(String, RecordType)>>,
+    exchanges: Mutex<Vec<Exchange>>,
+    hold: Mutex<Hold>,
     stop: AtomicBool,
     /// Threads serving TCP connections, joined on Drop.
     connections: Mutex<Vec<JoinHandle<()>>>,
@@ -84,6 +108,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// sets. Background threads serve it; Drop stops and joins them.
 pub struct TestDnsServer {
     addr: SocketAddr,
+    /// The UDP socket's twin, for sending held answers from the server's own address and port.
+    udp_out: UdpSocket,
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -112,6 +138,8 @@ impl TestDnsServer {
         let shared = Arc::new(Shared {
             zone: Mutex::new(zone_of(records)),
             queries: Mutex::new(Vec::new()),
+            exchanges: Mutex::new(Vec::new()),
+            hold: Mutex::new(Hold::default()),
             stop: AtomicBool::new(false),
             connections: Mutex::new(Vec::new()),
         });
@@ -120,6 +148,7 @@ impl TestDnsServer {
             .expect("DNS server UDP timeout");
         tcp.set_nonblocking(true)
             .expect("DNS server TCP listener non-blocking");
+        let udp_out = udp.try_clone().expect("DNS server UDP socket clone");
         let threads = vec![
             {
                 let shared = Arc::clone(&shared);
@@ -138,6 +167,7 @@ impl TestDnsServer {
         ];
         Self {
             addr,
+            udp_out,
             shared,
             threads,
         }
@@ -168,9 +198,37 @@ impl TestDnsServer {
             .count()
     }
 
-    /// Forgets the questions received so far.
+    /// Forgets the questions received so far (and their [`exchanges`](Self::exchanges)).
     pub fn clear_queries(&self) {
         lock(&self.shared.queries).clear();
+        lock(&self.shared.exchanges).clear();
+    }
+
+    /// Every question received so far, in order, with its id and its sender's address.
+    pub fn exchanges(&self) -> Vec<Exchange> {
+        lock(&self.shared.exchanges).clone()
+    }
+
+    /// From now on, UDP questions are recorded as they arrive but their answers are held back
+    /// until [`release_udp`](Self::release_udp): a test can act while a query is in flight.
+    pub fn hold_udp(&self) {
+        lock(&self.shared.hold).on = true;
+    }
+
+    /// Sends the held answers (in the order the questions came) and answers at once again.
+    /// Returns how many were sent.
+    pub fn release_udp(&self) -> usize {
+        let pending = {
+            let mut hold = lock(&self.shared.hold);
+            hold.on = false;
+            std::mem::take(&mut hold.pending)
+        };
+        for (reply, to) in &pending {
+            self.udp_out
+                .send_to(reply, to)
+                .expect("sending a held DNS answer");
+        }
+        pending.len()
     }
 }
 
@@ -216,8 +274,14 @@ fn serve_udp(socket: &UdpSocket, shared: &Shared) {
         let Ok((n, from)) = socket.recv_from(&mut buf) else {
             continue;
         };
-        if let Some(reply) = answer(&buf[..n], shared, true) {
-            let _ = socket.send_to(&reply, from);
+        if let Some(reply) = answer(&buf[..n], shared, Some(from), true) {
+            // Held or sent under one lock: a release never misses an answer queued meanwhile.
+            let mut hold = lock(&shared.hold);
+            if hold.on {
+                hold.pending.push((reply, from));
+            } else {
+                let _ = socket.send_to(&reply, from);
+            }
         }
     }
 }
@@ -249,6 +313,7 @@ fn serve_tcp(listener: &TcpListener, shared: &Arc<Shared>) {
 /// Serves length-prefixed messages on one connection until the peer closes it (several
 /// queries per connection, as RFC 7766 allows).
 fn serve_connection(mut stream: TcpStream, shared: &Shared) {
+    let peer = stream.peer_addr().ok();
     if stream.set_nonblocking(false).is_err()
         || stream
             .set_read_timeout(Some(Duration::from_millis(50)))
@@ -278,7 +343,7 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared) {
                 break;
             }
             let message: Vec<u8> = pending.drain(..2 + len).skip(2).collect();
-            if let Some(reply) = answer(&message, shared, false) {
+            if let Some(reply) = answer(&message, shared, peer, false) {
                 let Ok(len) = u16::try_from(reply.len()) else {
                     return;
                 };
@@ -295,7 +360,7 @@ fn serve_connection(mut stream: TcpStream, shared: &Shared) {
 /// The reply to one received message, or None when it gets none (a response, or less than a
 /// header). Over UDP a reply too large for the asker (512 bytes, or its EDNS payload size)
 /// is truncated (TC set, no records), so it retries over TCP as it would with a real server.
-fn answer(bytes: &[u8], shared: &Shared, udp: bool) -> Option<Vec<u8>> {
+fn answer(bytes: &[u8], shared: &Shared, from: Option<SocketAddr>, udp: bool) -> Option<Vec<u8>> {
     let request = match Message::from_vec(bytes) {
         Ok(m) => m,
         Err(_) => {
@@ -333,6 +398,15 @@ fn answer(bytes: &[u8], shared: &Shared, udp: bool) -> Option<Vec<u8>> {
         let query = &request.queries[0];
         let asked = normalize(&query.name.to_ascii());
         lock(&shared.queries).push((asked.clone(), query.query_type));
+        if let Some(from) = from {
+            lock(&shared.exchanges).push(Exchange {
+                id,
+                from,
+                name: asked.clone(),
+                qtype: query.query_type,
+                udp,
+            });
+        }
         let zone = lock(&shared.zone).clone();
         match resolve(&zone, &query.name, &asked, query.query_type) {
             Some(records) => {

@@ -8,7 +8,7 @@
 //! listeners on loopback addresses, and asserts exact errnos, rcodes and counts.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr, TcpListener},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
     path::PathBuf,
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
@@ -22,8 +22,11 @@ use agentwatch_tests::{
     },
     one, parse_attempts, privileged, probe_bin,
 };
-use agentwatch_tests::{scaled, scaled_toml, sleep_until, wait_until};
-use hickory_proto::rr::RecordType;
+use agentwatch_tests::{scaled, scaled_toml, skipped_under_tcg, sleep_until, wait_until};
+use hickory_proto::{
+    op::{Message, OpCode, Query as HickoryQuery},
+    rr::{Name, RData, Record, RecordType, rdata::A},
+};
 
 /// The resolver address the agents ask: nothing listens there; only the redirect answers.
 const RESOLVER: &str = "10.53.0.1";
@@ -1070,4 +1073,235 @@ fn a_flood_of_refused_names_is_summarised_and_every_refusal_accounted_for() {
         "{summarised} summarised in {elapsed:?}"
     );
     assert_eq!(server.queries_for("x.evil.test"), 0);
+}
+
+/// `Udp: NoPorts` of /proc/net/snmp: datagrams the kernel found no socket to take (this
+/// network namespace, every socket).
+fn udp_no_ports() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").expect("/proc/net/snmp");
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (
+        udp.next().expect("Udp names"),
+        udp.next().expect("Udp values"),
+    );
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "NoPorts")
+        .expect("NoPorts");
+    values
+        .split_whitespace()
+        .nth(at)
+        .and_then(|v| v.parse().ok())
+        .expect("the NoPorts value")
+}
+
+/// The peers of the IPv4 UDP sockets bound to local port `port` (0.0.0.0:0 for one not
+/// connected), from /proc/net/udp.
+fn udp_peers(port: u16) -> Vec<SocketAddr> {
+    let table = std::fs::read_to_string("/proc/net/udp").expect("/proc/net/udp");
+    // `ADDR:PORT` in hex: the address as the kernel holds it (network order) printed as a
+    // native-endian u32, the port as a number.
+    let endpoint = |s: &str| -> SocketAddr {
+        let (ip, port) = s.split_once(':').expect("ADDR:PORT");
+        let ip = u32::from_str_radix(ip, 16).expect("hex address");
+        let port = u16::from_str_radix(port, 16).expect("hex port");
+        SocketAddr::from((Ipv4Addr::from(ip.to_ne_bytes()), port))
+    };
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace().skip(1);
+            let (local, remote) = (endpoint(fields.next()?), endpoint(fields.next()?));
+            (local.port() == port).then_some(remote)
+        })
+        .collect()
+}
+
+/// The kernel's ephemeral port range.
+fn ephemeral_ports() -> (u16, u16) {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .expect("ip_local_port_range");
+    let mut it = text.split_whitespace().map(|p| p.parse().expect("a port"));
+    (it.next().expect("low"), it.next().expect("high"))
+}
+
+/// 64 values nobody could have predicted from the ones before: at least 60 distinct, not an
+/// arithmetic sequence (a counter), and not huddled within 1,000 of each other (a counter with
+/// gaps, or the kernel's old sequential port choice).
+#[track_caller]
+fn assert_unpredictable(what: &str, values: &[u16]) {
+    assert_eq!(values.len(), 64, "{what}: {values:?}");
+    let distinct: std::collections::HashSet<u16> = values.iter().copied().collect();
+    assert!(distinct.len() >= 60, "{what}: repeats: {values:?}");
+    let steps: std::collections::HashSet<u16> =
+        values.windows(2).map(|w| w[1].wrapping_sub(w[0])).collect();
+    assert!(
+        steps.len() > 1,
+        "{what}: an arithmetic sequence: {values:?}"
+    );
+    let (min, max) = (
+        values.iter().min().expect("values"),
+        values.iter().max().expect("values"),
+    );
+    assert!(
+        max - min > 1000,
+        "{what}: all within {min}..={max}: {values:?}"
+    );
+}
+
+/// The forwarder asks upstream under query ids and from source ports drawn at random, from a
+/// socket connected to the upstream: a forged answer from any other address or port never
+/// reaches it, even one carrying every possible id and the right question, while the real
+/// answer is held back. The agent gets the real address; the forged one stays closed.
+#[test]
+fn upstream_queries_are_unpredictable_and_forged_answers_never_reach_the_forwarder() {
+    privileged!();
+    let (_l, port) = listen_all(&["127.0.23.1", "127.0.23.66"]);
+    let name = "api.agentwatch.test";
+    let (real, forged) = ("127.0.23.1", Ipv4Addr::new(127, 0, 23, 66));
+    let server = TestDnsServer::start([a(name, [127, 0, 23, 1], 60)]);
+    let env = start_daemon(&server, &agent("spoofed", &[format!("tcp {name} {port}")]));
+    let spoofed = Agent::launched(&env, "spoofed");
+    let from = "10.53.0.1:53";
+
+    // 64 lookups, 64 upstream queries: their ids and source ports.
+    let out = spoofed.run(&["resolve", RESOLVER, "53", name, "A", "udp", "64"]);
+    let lookups = parse_lookups(&out.stdout);
+    assert_eq!(lookups.len(), 64);
+    for l in &lookups {
+        assert_answer(l, &[real], from);
+    }
+    let exchanges = server.exchanges();
+    assert_eq!(exchanges.len(), 64, "{exchanges:?}");
+    assert!(
+        exchanges
+            .iter()
+            .all(|e| e.udp && e.name == name && e.from.ip() == Ipv4Addr::LOCALHOST),
+        "{exchanges:?}"
+    );
+    let ids: Vec<u16> = exchanges.iter().map(|e| e.id).collect();
+    let ports: Vec<u16> = exchanges.iter().map(|e| e.from.port()).collect();
+    assert_unpredictable("query ids", &ids);
+    assert_unpredictable("source ports", &ports);
+    let (lo, hi) = ephemeral_ports();
+    assert!(
+        ports.iter().all(|p| (lo..=hi).contains(p)),
+        "outside {lo}-{hi}: {ports:?}"
+    );
+
+    // The forged answer: the right question, an address of the attacker's, every id in turn.
+    let mut answer = Message::response(0, OpCode::Query);
+    answer.metadata.recursion_desired = true;
+    answer.metadata.recursion_available = true;
+    let qname = Name::from_ascii(format!("{name}.")).expect("name");
+    answer.add_query(HickoryQuery::query(qname.clone(), RecordType::A));
+    answer.add_answer(Record::from_rdata(qname, 3600, RData::A(A(forged))));
+    let mut forgery = answer.to_vec().expect("encoding the forged answer");
+    if skipped_under_tcg(
+        "65,536 forged datagrams take longer under emulation than the agent's 2 s DNS timeout",
+    ) {
+        return;
+    }
+
+    server.clear_queries();
+    server.hold_udp();
+    let no_ports = udp_no_ports();
+    let (l, upstream_port, took) = std::thread::scope(|s| {
+        let lookup = s.spawn(|| spoofed.resolve(name, "A"));
+        let mut asked = None;
+        wait_until(
+            "the forwarder's query at the upstream",
+            Duration::from_secs(10),
+            || {
+                asked = server.exchanges().pop();
+                asked.is_some()
+            },
+        );
+        let asked = asked.expect("waited for");
+        // The forged answers go where the real one will: the forwarder's socket for this
+        // query, which only the upstream's address and port can reach.
+        let target = SocketAddr::from((Ipv4Addr::LOCALHOST, asked.from.port()));
+        assert_eq!(
+            udp_peers(target.port()),
+            [server.addr()],
+            "the forwarder's upstream socket, connected to the upstream"
+        );
+        // On loopback, the upstream's own address, another port. Every id, the query's own
+        // first: a blind spoofer would not know it, but sent into the forwarder's empty receive
+        // buffer it cannot be lost to that buffer filling up with the other 65,535 (which an
+        // unconnected socket would also have taken in, and dropped for want of room).
+        let spoofer = std::net::UdpSocket::bind("127.0.0.1:0").expect("spoofer");
+        let started = Instant::now();
+        for k in 0..=u16::MAX {
+            let id = asked.id.wrapping_add(k);
+            forgery[..2].copy_from_slice(&id.to_be_bytes());
+            spoofer
+                .send_to(&forgery, target)
+                .expect("sending a forged answer");
+        }
+        let took = started.elapsed();
+        assert_eq!(server.release_udp(), 1, "the real answer, held until now");
+        (
+            lookup.join().expect("the agent's lookup"),
+            target.port(),
+            took,
+        )
+    });
+    assert_answer(&l, &[real], from);
+    println!("65,536 forged answers to port {upstream_port} in {took:?}");
+    // The kernel found no socket for any of them: none was ever read by the forwarder.
+    let dropped = udp_no_ports() - no_ports;
+    assert!(
+        dropped >= 65_536,
+        "only {dropped} forged answers had no taker"
+    );
+
+    spoofed.assert_connects(real, port, "the real answer's address");
+    spoofed.assert_eperm(&forged.to_string(), port, "the forged answer's address");
+    assert_eq!(dns_counts(&env, "spoofed"), (65, 0, 0, 0, 1));
+    assert_eq!(server.exchanges().len(), 1);
+}
+
+/// Issue 22: names are judged on their wire labels. The query for the two labels `evil.wild`
+/// and `test` (text `evil\.wild.test`) is not below `wild.test`: refused, never asked upstream,
+/// audited under its escaped text; `evil.wild.test` in three labels is answered.
+#[test]
+fn a_dot_inside_a_label_is_refused_by_a_wildcard_over_the_text_it_reads_as() {
+    privileged!();
+    let (_l, port) = listen_all(&["127.0.23.2"]);
+    let server = TestDnsServer::start([a("evil.wild.test", [127, 0, 23, 2], 60)]);
+    let env = start_daemon(
+        &server,
+        &agent("labels", &[format!("tcp *.wild.test {port}")]),
+    );
+    let labels = Agent::launched(&env, "labels");
+    let mut dotted = Name::from_labels([&b"evil.wild"[..], b"test"]).expect("labels");
+    dotted.set_fqdn(true);
+    let mut query = Message::query();
+    query.metadata.id = 0x2222;
+    query.metadata.recursion_desired = true;
+    query.add_query(HickoryQuery::query(dotted, RecordType::A));
+    for tcp in [false, true] {
+        let r = labels.raw(RESOLVER, &query.to_vec().expect("query"), tcp);
+        assert_eq!(
+            (r.errno, r.rcode.as_deref(), r.id),
+            (0, Some("Refused"), Some(0x2222)),
+            "tcp {tcp}: {r:?}"
+        );
+    }
+    assert_eq!(server.queries(), [], "a refused name is never forwarded");
+    let lines = env.wait_audit("dns_denied", 2);
+    assert!(
+        lines.iter().all(|l| l["name"] == r"evil\.wild.test"),
+        "{lines:#?}"
+    );
+    assert_eq!(dns_counts(&env, "labels"), (0, 2, 0, 0, 0));
+    labels.assert_eperm("127.0.23.2", port, "nothing was learned");
+    assert_answer(
+        &labels.resolve("evil.wild.test", "A"),
+        &["127.0.23.2"],
+        "10.53.0.1:53",
+    );
+    labels.assert_connects("127.0.23.2", port, "the name in three labels");
 }

@@ -6,8 +6,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use agentwatch_tests::{
     dns::{
-        Lookup, Rdata, TestDnsServer, hex, malformed_with_header, oversized_junk, parse_lookups,
-        parse_raw, query_bytes, rec,
+        Exchange, Lookup, Rdata, TestDnsServer, hex, malformed_with_header, oversized_junk,
+        parse_lookups, parse_raw, query_bytes, rec,
     },
     run_probe,
 };
@@ -133,6 +133,71 @@ fn several_lookups_per_run_and_a_changed_zone() {
         server.queries(),
         [("api.agentwatch.test".to_owned(), RecordType::A)]
     );
+}
+
+#[test]
+fn records_ids_and_senders_and_holds_udp_answers_until_released() {
+    let server = TestDnsServer::start(zone());
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    client
+        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .expect("timeout");
+    let mut buf = [0u8; 512];
+    let ask = |id: u16| {
+        client
+            .send_to(
+                &query_bytes(id, "API.agentwatch.test", RecordType::A),
+                server.addr(),
+            )
+            .expect("send");
+    };
+    ask(0x1111);
+    let n = client.recv(&mut buf).expect("an answer at once");
+    assert_eq!(buf[..2], [0x11, 0x11], "{:?}", &buf[..n]);
+    assert_eq!(
+        server.exchanges(),
+        [Exchange {
+            id: 0x1111,
+            from: client.local_addr().expect("addr"),
+            name: "api.agentwatch.test".into(),
+            qtype: RecordType::A,
+            udp: true,
+        }]
+    );
+
+    // Held: recorded on arrival, answered only on release, from the server's address.
+    server.hold_udp();
+    ask(0x2222);
+    ask(0x3333);
+    let e = client.recv(&mut buf).expect_err("no answer while held");
+    assert!(
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "{e}"
+    );
+    let ids: Vec<u16> = server.exchanges().iter().map(|e| e.id).collect();
+    assert_eq!(ids, [0x1111, 0x2222, 0x3333]);
+    assert_eq!(server.release_udp(), 2);
+    for id in [0x2222u16, 0x3333] {
+        let (n, from) = client.recv_from(&mut buf).expect("the held answer");
+        assert_eq!(
+            (&buf[..2], from),
+            (&id.to_be_bytes()[..], server.addr()),
+            "{n}"
+        );
+    }
+    // Released: answered at once again; over TCP the sender is recorded too.
+    ask(0x4444);
+    client.recv(&mut buf).expect("an answer at once");
+    assert_eq!(buf[..2], [0x44, 0x44]);
+    let l = lookup(&server, "api.agentwatch.test", "A", "tcp");
+    assert_eq!(l.errno, 0, "{l:?}");
+    let last = server.exchanges().pop().expect("the TCP question");
+    assert!(!last.udp && last.from.ip().is_loopback(), "{last:?}");
+    server.clear_queries();
+    assert_eq!(server.exchanges(), []);
 }
 
 #[test]

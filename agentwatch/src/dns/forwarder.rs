@@ -10,7 +10,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    hash::{BuildHasher as _, Hasher as _},
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
@@ -504,7 +503,7 @@ async fn handle(
     let allowed = inner
         .learned
         .rules(agent.id)
-        .is_some_and(|rules| rules.allows(&query.name));
+        .is_some_and(|rules| rules.allows(&query.qname));
     // Learn mode: a name no rule allows is answered (and reported); its addresses are not
     // admitted, so a connect to them is a would-be denial of its own.
     let learning = !allowed && agent.learn.load(Ordering::Relaxed);
@@ -517,7 +516,10 @@ async fn handle(
         Some(message::error_reply(&query.message, ResponseCode::ServFail))
     };
     let upstream = inner.settings.upstream?;
-    let id = random_id();
+    let id = match random_id() {
+        Ok(id) => id,
+        Err(e) => return servfail(&e),
+    };
     let answer = match exchange(upstream, &query, id, transport).await {
         Ok(bytes) => match message::read_answer(&bytes, &query, id) {
             Ok(a) => a,
@@ -548,7 +550,7 @@ async fn handle(
         // address it learned is judged with that address in place.
         match inner
             .learned
-            .admit(agent.id, &query.name, &addrs, ktime_ns())
+            .admit(agent.id, &query.qname, &addrs, ktime_ns())
         {
             Ok(true) => crate::crash::point("dns.admitted"),
             // The rules changed while upstream answered: judged by the rules in force now.
@@ -612,14 +614,96 @@ fn report(inner: &Inner, agent: &AgentDns, query: &Query, transport: Transport, 
     }
 }
 
-/// A query id nobody on the path can predict from the agent's (the agent cannot forge an
-/// answer to the forwarder's own query).
-fn random_id() -> u16 {
-    // RandomState is seeded from the OS's randomness; a new one per call.
-    let h = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    (h & 0xffff) as u16
+/// A query id nobody can predict, from the OS's CSPRNG: a blind spoofer must guess it (and the
+/// source port, [`upstream_socket`]) to forge upstream's answer. std's `RandomState` is no
+/// random number generator: its keys are drawn once per thread and then only incremented, so
+/// every id would be a fixed function of one secret and a counter, and std promises nothing
+/// about how hard that is to predict. An error (no entropy source: not on any kernel agentwatch
+/// runs on) fails the query.
+fn random_id() -> Result<u16, String> {
+    let mut id = [0u8; 2];
+    getrandom::fill(&mut id).map_err(|e| format!("no random query id: {e}"))?;
+    Ok(u16::from_ne_bytes(id))
+}
+
+/// Source ports drawn before leaving the choice to the kernel: with a port in use 1 time in
+/// 100, 8 draws all hit one only 1 time in 10^16.
+const PORT_DRAWS: usize = 8;
+/// The kernel's default ephemeral range, for when /proc does not say.
+const DEFAULT_PORTS: (u16, u16) = (32768, 60999);
+
+/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`, which IPv6 uses too):
+/// ports there are meant for exactly this, so a port drawn from it takes none a service binds.
+fn ephemeral_ports() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut it = text.split_whitespace().map(str::parse::<u16>);
+            match (it.next(), it.next()) {
+                (Some(Ok(lo)), Some(Ok(hi))) if 0 < lo && lo <= hi => Some((lo, hi)),
+                _ => None,
+            }
+        })
+        .unwrap_or(DEFAULT_PORTS)
+}
+
+/// Ports set aside by `net.ipv4.ip_local_reserved_ports` (`8080,9000-9010`): the kernel never
+/// picks them on its own, and neither does the forwarder, though an explicit bind would get them.
+fn reserved_ports() -> Vec<(u16, u16)> {
+    let text =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports").unwrap_or_default();
+    text.trim()
+        .split(',')
+        .filter_map(|part| {
+            let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+            Some((lo.trim().parse().ok()?, hi.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// A UDP socket for one upstream query, bound to a source port drawn from the OS's CSPRNG in
+/// the ephemeral range and connected to `upstream`. The random port is the other half of what
+/// a blind spoofer must guess besides the id; the connect makes the kernel drop every datagram
+/// not from `upstream`'s address and port before the forwarder sees it. A drawn port in use
+/// (EADDRINUSE) is drawn again, a few times; then port 0 leaves the choice to the kernel (Linux
+/// also draws it at random in the same range), so a crowded range slows no query down and
+/// fails none. The two /proc files are read per query (a few microseconds, never blocking):
+/// a changed sysctl is followed at once.
+async fn upstream_socket(upstream: SocketAddr) -> io::Result<UdpSocket> {
+    let any = if upstream.is_ipv4() {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    };
+    let (lo, hi) = ephemeral_ports();
+    let reserved = reserved_ports();
+    let span = u32::from(hi - lo) + 1;
+    let mut socket = None;
+    for _ in 0..PORT_DRAWS {
+        let draw = getrandom::u32().map_err(io::Error::other)?;
+        // The modulo's bias is below 2^-16 (span <= 2^16 of 2^32): no port is likelier to
+        // any measurable degree.
+        let Ok(port) = u16::try_from(u32::from(lo) + draw % span) else {
+            continue;
+        };
+        if reserved.iter().any(|&(a, b)| a <= port && port <= b) {
+            continue;
+        }
+        match UdpSocket::bind(SocketAddr::new(any, port)).await {
+            Ok(s) => {
+                socket = Some(s);
+                break;
+            }
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let socket = match socket {
+        Some(s) => s,
+        None => UdpSocket::bind(SocketAddr::new(any, 0)).await?,
+    };
+    socket.connect(upstream).await?;
+    Ok(socket)
 }
 
 /// Asks upstream over `transport`; returns its reply's bytes.
@@ -633,19 +717,14 @@ async fn exchange(
     let io = |e: io::Error| e.to_string();
     match transport {
         Transport::Udp => {
-            let local = if upstream.is_ipv4() {
-                SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
-            } else {
-                SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
-            };
-            let socket = UdpSocket::bind(local).await.map_err(io)?;
-            socket.connect(upstream).await.map_err(io)?;
+            let socket = upstream_socket(upstream).await.map_err(io)?;
             socket.send(&bytes).await.map_err(io)?;
             let mut buf = vec![0u8; 65536];
             let read = async {
                 loop {
                     let n = socket.recv(&mut buf).await?;
-                    // A stray datagram that is not the answer (another id) is skipped.
+                    // A stray datagram that is not the answer (another id) is skipped; one
+                    // with the id but another question is refused by `read_answer`.
                     if n >= 2 && u16::from_be_bytes([buf[0], buf[1]]) == id {
                         return Ok::<_, io::Error>(buf[..n].to_vec());
                     }
@@ -674,5 +753,43 @@ async fn exchange(
                 .map_err(|_| "no answer in time".to_owned())?
                 .map_err(io)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn upstream_sockets_are_connected_from_random_ephemeral_ports() {
+        let upstream = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = upstream.local_addr().unwrap();
+        let (lo, hi) = ephemeral_ports();
+        let mut ports = HashSet::new();
+        // Held open together, so that a port is never handed out twice.
+        let mut sockets = Vec::new();
+        for _ in 0..64 {
+            let s = upstream_socket(addr).await.unwrap();
+            assert_eq!(s.peer_addr().unwrap(), addr);
+            let port = s.local_addr().unwrap().port();
+            assert!((lo..=hi).contains(&port), "{port} outside {lo}-{hi}");
+            ports.insert(port);
+            sockets.push(s);
+        }
+        assert_eq!(ports.len(), 64);
+        // Sequential ports would sit within 64 of each other; 64 draws from thousands do not.
+        let (min, max) = (ports.iter().min().unwrap(), ports.iter().max().unwrap());
+        assert!(max - min > 1000, "{min}..{max}");
+    }
+
+    #[test]
+    fn query_ids_do_not_follow_each_other() {
+        let ids: Vec<u16> = (0..64).map(|_| random_id().unwrap()).collect();
+        let distinct: HashSet<_> = ids.iter().collect();
+        assert!(distinct.len() >= 60, "{ids:?}");
+        let steps: HashSet<u16> = ids.windows(2).map(|w| w[1].wrapping_sub(w[0])).collect();
+        assert!(steps.len() > 1, "an arithmetic sequence: {ids:?}");
     }
 }

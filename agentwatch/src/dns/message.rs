@@ -5,10 +5,10 @@ use std::net::IpAddr;
 
 use hickory_proto::{
     op::{Message, MessageType, OpCode, ResponseCode},
-    rr::{RData, RecordType},
+    rr::{DNSClass, Name, RData, RecordType},
 };
 
-use super::names::canonical;
+use super::names::{canonical, same_name};
 
 /// The DNS header: shorter than this, a packet cannot even be answered with an error.
 const HEADER_LEN: usize = 12;
@@ -17,9 +17,13 @@ const HEADER_LEN: usize = 12;
 #[derive(Debug, Clone)]
 pub struct Query {
     pub message: Message,
-    /// The name asked, canonical (lowercase, no trailing dot).
+    /// The name asked, as its labels: what rules and answers are judged on.
+    pub qname: Name,
+    /// The name asked, canonical text (lowercase, no trailing dot): for logs, audit lines and
+    /// `agentwatch learn`, never for a decision.
     pub name: String,
     pub qtype: RecordType,
+    pub qclass: DNSClass,
 }
 
 /// Why a packet is not a query the forwarder answers.
@@ -57,8 +61,10 @@ pub fn parse_query(bytes: &[u8]) -> Result<Query, Malformed> {
         return Err(formerr);
     };
     Ok(Query {
+        qname: question.name.clone(),
         name: canonical(&question.name),
         qtype: question.query_type,
+        qclass: question.query_class,
         message,
     })
 }
@@ -97,38 +103,44 @@ pub struct Answer {
     pub addrs: Vec<(IpAddr, u32)>,
 }
 
-/// Reads upstream's reply to `query` (sent under `id`).
+/// Reads upstream's reply to `query` (sent under `id`). Besides the id, the answer must carry
+/// the question asked (name by its labels, type and class): a forged answer has to guess the
+/// id and echo the question, as RFC 5452 has resolvers check.
 pub fn read_answer(bytes: &[u8], query: &Query, id: u16) -> Result<Answer, String> {
     let message = Message::from_vec(bytes).map_err(|e| format!("unreadable answer: {e}"))?;
     if message.metadata.id != id || message.metadata.message_type != MessageType::Response {
         return Err("not the answer to this query".to_owned());
     }
     let same_question = match message.queries.as_slice() {
-        [q] => canonical(&q.name) == query.name && q.query_type == query.qtype,
+        [q] => {
+            same_name(&q.name, &query.qname)
+                && q.query_type == query.qtype
+                && q.query_class == query.qclass
+        }
         _ => false,
     };
     if !same_question {
         return Err("the answer is for another question".to_owned());
     }
-    let addrs = chain_addresses(&message, &query.name);
+    let addrs = chain_addresses(&message, &query.qname);
     Ok(Answer { message, addrs })
 }
 
 /// The addresses at the end of `name`'s CNAME chain in the answer section. Only records of
 /// names in the chain count: an answer cannot slip in an address for a name nobody asked.
-fn chain_addresses(message: &Message, name: &str) -> Vec<(IpAddr, u32)> {
-    let mut chain = vec![name.to_owned()];
+/// Names are compared on their labels, like rules.
+fn chain_addresses(message: &Message, name: &Name) -> Vec<(IpAddr, u32)> {
+    let in_chain = |chain: &[&Name], n: &Name| chain.iter().any(|c| same_name(c, n));
+    let mut chain = vec![name];
     // Each pass adds at least one name or stops; the chain is no longer than the answer.
     loop {
         let before = chain.len();
         for r in &message.answers {
             if let RData::CNAME(target) = &r.data
-                && chain.contains(&canonical(&r.name))
+                && in_chain(&chain, &r.name)
+                && !in_chain(&chain, &target.0)
             {
-                let target = canonical(&target.0);
-                if !chain.contains(&target) {
-                    chain.push(target);
-                }
+                chain.push(&target.0);
             }
         }
         if chain.len() == before {
@@ -138,7 +150,7 @@ fn chain_addresses(message: &Message, name: &str) -> Vec<(IpAddr, u32)> {
     message
         .answers
         .iter()
-        .filter(|r| chain.contains(&canonical(&r.name)))
+        .filter(|r| in_chain(&chain, &r.name))
         .filter_map(|r| match &r.data {
             RData::A(a) => Some((IpAddr::V4(a.0), r.ttl)),
             RData::AAAA(a) => Some((IpAddr::V6(a.0), r.ttl)),
@@ -188,6 +200,60 @@ mod tests {
         let q = parse_query(&query("API.Example.com.", RecordType::AAAA)).unwrap();
         assert_eq!(q.name, "api.example.com");
         assert_eq!(q.qtype, RecordType::AAAA);
+        assert_eq!(q.qname, Name::from_ascii("API.Example.com.").unwrap());
+    }
+
+    #[test]
+    fn an_answer_to_another_question_is_refused() {
+        let q = parse_query(&query("api.example.com", RecordType::A)).unwrap();
+        let answer = |question: Question| {
+            let owner = question.name.clone();
+            let mut m = Message::response(42, OpCode::Query);
+            m.add_query(question);
+            m.add_answer(Record::from_rdata(
+                owner,
+                60,
+                RData::A(A(Ipv4Addr::new(192, 0, 2, 66))),
+            ));
+            m.to_vec().unwrap()
+        };
+        let name = |s: &str| Name::from_ascii(s).unwrap();
+        // The question asked, in another case and without the root: the same question.
+        let same = answer(Question::query(name("API.EXAMPLE.COM"), RecordType::A));
+        assert_eq!(
+            read_answer(&same, &q, 42).unwrap().addrs,
+            [(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 66)), 60)]
+        );
+        let mut other_class = Question::query(name("api.example.com."), RecordType::A);
+        other_class.query_class = DNSClass::CH;
+        // The same text with a dot inside a label (`api\.example.com`) is another name.
+        let mut dotted = Name::from_labels([&b"api.example"[..], b"com"]).unwrap();
+        dotted.set_fqdn(true);
+        for question in [
+            Question::query(name("other.example.com."), RecordType::A),
+            Question::query(name("api.example.com."), RecordType::AAAA),
+            other_class,
+            Question::query(dotted, RecordType::A),
+        ] {
+            let bytes = answer(question.clone());
+            assert_eq!(
+                read_answer(&bytes, &q, 42).err().as_deref(),
+                Some("the answer is for another question"),
+                "{question:?}"
+            );
+        }
+        // No question at all, or two.
+        let mut none = Message::response(42, OpCode::Query);
+        none.add_answer(Record::from_rdata(
+            name("api.example.com."),
+            60,
+            RData::A(A(Ipv4Addr::new(192, 0, 2, 66))),
+        ));
+        assert!(read_answer(&none.to_vec().unwrap(), &q, 42).is_err());
+        let mut two = none.clone();
+        two.add_query(Question::query(name("api.example.com."), RecordType::A));
+        two.add_query(Question::query(name("api.example.com."), RecordType::A));
+        assert!(read_answer(&two.to_vec().unwrap(), &q, 42).is_err());
     }
 
     #[test]
@@ -242,6 +308,14 @@ mod tests {
             name("other.example.org."),
             20,
             RData::A(A(Ipv4Addr::new(198, 51, 100, 1))),
+        ));
+        // Nor a name whose text reads like the chain's but whose labels differ.
+        let mut dotted = Name::from_labels([&b"edge.cdn"[..], b"net"]).unwrap();
+        dotted.set_fqdn(true);
+        m.add_answer(Record::from_rdata(
+            dotted,
+            20,
+            RData::A(A(Ipv4Addr::new(198, 51, 100, 2))),
         ));
         let bytes = m.to_vec().unwrap();
         let a = read_answer(&bytes, &q, 99).unwrap();

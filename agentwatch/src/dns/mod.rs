@@ -257,11 +257,12 @@ impl Learned {
     }
 
     /// Admits `addrs`, each for its TTL from `now_ns`, for agent `id` under every rule of its
-    /// that allows `name`. `Ok(false)`: no rule in force allows `name` (nothing written).
+    /// that allows `name` (judged on its labels). `Ok(false)`: no rule in force allows `name`
+    /// (nothing written).
     pub fn admit(
         &self,
         id: u32,
-        name: &str,
+        name: &hickory_proto::rr::Name,
         addrs: &[(IpAddr, Duration)],
         now_ns: u64,
     ) -> Result<bool, KernelError> {

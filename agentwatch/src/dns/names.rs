@@ -1,8 +1,14 @@
 //! Hostname rules: `PROTO NAME PORTS` with NAME `api.example.com` or `*.example.com`.
 //!
-//! Names are compared as DNS compares them: ASCII case-insensitive, a trailing dot (the root)
-//! is the same name. `*.example.com` matches every name below `example.com` (any depth) and not
-//! `example.com` itself, which needs a rule of its own.
+//! Names are compared as DNS compares them: label by label, ASCII case-insensitive, a trailing
+//! dot (the root) is the same name. `*.example.com` matches every name below `example.com` (any
+//! depth) and not `example.com` itself, which needs a rule of its own.
+//!
+//! Matching is on the wire labels, never on the text form: a label may hold any byte, a dot
+//! included, and the text form only escapes it (`evil\.wild.test` is the two labels
+//! `evil.wild` and `test`). Judged on text, that name would end in `.wild.test`; judged on
+//! labels it is not below `wild.test`. The canonical text is kept for what people read (rule
+//! text, rule ids, audit lines).
 
 use std::{fmt, str::FromStr};
 
@@ -10,12 +16,36 @@ use hickory_proto::rr::Name;
 
 use crate::egress::rules::{Ports, Proto};
 
-/// A name or a wildcard over the names below one, lowercase, without the trailing dot.
+/// A name or a wildcard over the names below one.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum NamePattern {
-    Exact(String),
+    Exact(Labels),
     /// `*.suffix`: names strictly below `suffix`.
-    Below(String),
+    Below(Labels),
+}
+
+/// A rule's name: its labels, lowercase and without the root, as matching sees them, and its
+/// canonical text (lowercase, no trailing dot), as the rule prints. The text is a function of
+/// the labels (the escaping is one-to-one), so comparing either compares both.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Labels {
+    labels: Vec<Vec<u8>>,
+    text: String,
+}
+
+impl Labels {
+    /// `name`'s labels, lowercase, with its canonical text.
+    pub fn of(name: &Name) -> Self {
+        Self {
+            labels: name.iter().map(<[u8]>::to_ascii_lowercase).collect(),
+            text: canonical(name),
+        }
+    }
+
+    /// The canonical text (lowercase, no trailing dot).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
 }
 
 /// Why a hostname was refused.
@@ -35,8 +65,9 @@ pub enum NameError {
     SingleLabel(String),
 }
 
-/// The canonical form of a name as asked: lowercase, no trailing dot (the root's: a last
-/// label ending in an escaped dot, `exl\.`, keeps it).
+/// The canonical text of a name as asked: lowercase, no trailing dot (the root's: a last
+/// label ending in an escaped dot, `exl\.`, keeps it). For display and audit only: names are
+/// judged on their labels ([`NamePattern::matches`], [`same_name`]).
 pub fn canonical(name: &Name) -> String {
     let mut s = name.to_ascii().to_ascii_lowercase();
     if name.is_fqdn() && s.ends_with('.') {
@@ -45,16 +76,36 @@ pub fn canonical(name: &Name) -> String {
     s
 }
 
+/// Are `a` and `b` the same DNS name: the same labels, ASCII case-insensitive? Whether either
+/// is written with the root's trailing dot does not matter (hickory's `==` says they differ).
+pub fn same_name(a: &Name, b: &Name) -> bool {
+    a.iter().len() == b.iter().len()
+        && a.iter()
+            .zip(b.iter())
+            .all(|(x, y)| x.eq_ignore_ascii_case(y))
+}
+
 impl NamePattern {
-    /// Does this pattern cover `name` (canonical form)?
-    pub fn matches(&self, name: &str) -> bool {
+    /// Does this pattern cover `name`? Judged on its labels: `Exact` when they are the
+    /// pattern's, `Below` when the pattern's are its last ones and it has at least one more.
+    /// A label is compared whole, so one holding a dot (`evil.wild` in `evil\.wild.test`) never
+    /// equals a label of a pattern written with plain labels, nor a run of them.
+    pub fn matches(&self, name: &Name) -> bool {
+        let asked: Vec<&[u8]> = name.iter().collect();
         match self {
-            Self::Exact(n) => n == name,
-            Self::Below(suffix) => name
-                .strip_suffix(suffix.as_str())
-                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+            Self::Exact(p) => ends_with(&asked, &p.labels) && asked.len() == p.labels.len(),
+            Self::Below(p) => ends_with(&asked, &p.labels) && asked.len() > p.labels.len(),
         }
     }
+}
+
+/// Are `suffix`'s labels the last labels of `asked` (ASCII case-insensitive)?
+fn ends_with(asked: &[&[u8]], suffix: &[Vec<u8>]) -> bool {
+    asked.len() >= suffix.len()
+        && asked[asked.len() - suffix.len()..]
+            .iter()
+            .zip(suffix)
+            .all(|(a, s)| a.eq_ignore_ascii_case(s))
 }
 
 impl FromStr for NamePattern {
@@ -99,11 +150,11 @@ impl FromStr for NamePattern {
         if !wild && labels < 2 {
             return Err(NameError::SingleLabel(s.to_owned()));
         }
-        let canon = canonical(&name);
+        let labels = Labels::of(&name);
         Ok(if wild {
-            Self::Below(canon)
+            Self::Below(labels)
         } else {
-            Self::Exact(canon)
+            Self::Exact(labels)
         })
     }
 }
@@ -111,8 +162,8 @@ impl FromStr for NamePattern {
 impl fmt::Display for NamePattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Exact(n) => f.write_str(n),
-            Self::Below(n) => write!(f, "*.{n}"),
+            Self::Exact(n) => f.write_str(&n.text),
+            Self::Below(n) => write!(f, "*.{}", n.text),
         }
     }
 }
@@ -154,12 +205,12 @@ impl HostRules {
         self.0.is_empty()
     }
 
-    /// The rules that allow `name` (canonical form).
-    pub fn matching<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a HostRule> + 'a {
+    /// The rules that allow `name` (judged on its labels).
+    pub fn matching<'a>(&'a self, name: &'a Name) -> impl Iterator<Item = &'a HostRule> + 'a {
         self.0.iter().filter(move |r| r.name.matches(name))
     }
 
-    pub fn allows(&self, name: &str) -> bool {
+    pub fn allows(&self, name: &Name) -> bool {
         self.matching(name).next().is_some()
     }
 
@@ -214,26 +265,97 @@ mod tests {
         assert_eq!(pat(r"api.exl\.."), pat(r"api.exl\."));
     }
 
+    /// A name from wire labels, as an answer or a query carries them (any byte, dots included).
+    fn wire(labels: &[&[u8]], fqdn: bool) -> Name {
+        let mut n = Name::from_labels(labels.iter().copied()).unwrap();
+        n.set_fqdn(fqdn);
+        n
+    }
+
+    fn ascii(s: &str) -> Name {
+        Name::from_ascii(s).unwrap()
+    }
+
+    #[test]
+    fn a_dot_inside_a_label_is_not_a_label_boundary() {
+        // Issue 22: judged on the text `evil\.wild.test`, this name ended in `.wild.test` and
+        // was admitted by `*.wild.test`; its labels are `evil.wild` and `test`.
+        let evil = wire(&[b"evil.wild", b"test"], true);
+        assert_eq!(canonical(&evil), r"evil\.wild.test");
+        assert!(!pat("*.wild.test").matches(&evil));
+        assert!(!pat("evil.wild.test").matches(&evil));
+        // The same name split at the dot, as a resolver would send it, is covered.
+        let plain = wire(&[b"evil", b"wild", b"test"], true);
+        assert!(pat("*.wild.test").matches(&plain));
+        assert!(pat("evil.wild.test").matches(&plain));
+        // A dot in the last labels: `a.wild` `test` is not below `wild.test` either.
+        assert!(!pat("*.wild.test").matches(&wire(&[b"x", b"a.wild", b"test"], true)));
+        // Other bytes the text escapes: never a plain label.
+        for odd in [
+            &b"ev il"[..],
+            b"ev\\il",
+            b"evil\0",
+            b"\xc3\xa9vil",
+            b"-evil",
+        ] {
+            let n = wire(&[odd, b"wild", b"test"], true);
+            assert!(pat("*.wild.test").matches(&n), "{n:?} is below wild.test");
+            assert!(!pat("evil.wild.test").matches(&n), "{n:?}");
+        }
+        // A rule that names a dotted label (escaped) matches exactly that label.
+        let dotted = pat(r"evil\.wild.test");
+        assert!(dotted.matches(&evil));
+        assert!(!dotted.matches(&plain));
+        assert_eq!(dotted.to_string(), r"evil\.wild.test");
+    }
+
     #[test]
     fn exact_names_ignore_case_and_the_trailing_dot() {
         let p = pat("API.Example.com.");
-        assert_eq!(p, NamePattern::Exact("api.example.com".into()));
-        assert!(p.matches("api.example.com"));
-        assert!(!p.matches("x.api.example.com"));
-        assert!(!p.matches("example.com"));
-        let asked = Name::from_ascii("Api.EXAMPLE.com.").unwrap();
-        assert!(p.matches(&canonical(&asked)));
+        assert_eq!(p, pat("api.example.com"));
+        assert_eq!(p.to_string(), "api.example.com");
+        let NamePattern::Exact(labels) = &p else {
+            panic!("{p:?}")
+        };
+        assert_eq!(labels.labels, [&b"api"[..], b"example", b"com"]);
+        for asked in ["api.example.com", "Api.EXAMPLE.com.", "API.EXAMPLE.COM"] {
+            assert!(p.matches(&ascii(asked)), "{asked}");
+        }
+        assert!(p.matches(&wire(&[b"aPi", b"Example", b"cOm"], false)));
+        assert!(!p.matches(&ascii("x.api.example.com")));
+        assert!(!p.matches(&ascii("example.com")));
+        assert!(!p.matches(&ascii("api.example.co")));
+        assert!(!p.matches(&ascii("api.example.com.x")));
+        // Case folding is ASCII only: a byte above 0x7f is itself.
+        assert!(!pat("xn--bcher-kva.de").matches(&wire(&[b"XN--BCHER-KVA\xc0", b"de"], true)));
+        assert!(same_name(
+            &ascii("Api.EXAMPLE.com."),
+            &ascii("api.example.com")
+        ));
+        assert!(!same_name(
+            &wire(&[b"evil.wild", b"test"], true),
+            &wire(&[b"evil", b"wild", b"test"], true)
+        ));
     }
 
     #[test]
     fn wildcards_cover_names_below_not_the_apex() {
         let p = pat("*.example.com");
-        assert!(p.matches("a.example.com"));
-        assert!(p.matches("a.b.example.com"));
-        assert!(!p.matches("example.com"));
+        assert!(matches!(p, NamePattern::Below(_)));
+        assert!(p.matches(&ascii("a.example.com")));
+        assert!(p.matches(&ascii("A.Example.COM.")));
+        // Any depth below.
+        assert!(p.matches(&ascii("a.b.example.com")));
+        assert!(p.matches(&ascii("a.b.c.d.e.example.com.")));
+        // Not the apex, with or without the root's dot, in any case.
+        assert!(!p.matches(&ascii("example.com")));
+        assert!(!p.matches(&ascii("EXAMPLE.com.")));
         // A suffix that is not at a label boundary is another domain.
-        assert!(!p.matches("badexample.com"));
-        assert!(!p.matches("a.badexample.com"));
+        assert!(!p.matches(&ascii("badexample.com")));
+        assert!(!p.matches(&ascii("a.badexample.com")));
+        assert!(!p.matches(&ascii("com")));
+        // A literal `*` label asked on the wire is just a label below example.com.
+        assert!(p.matches(&wire(&[b"*", b"example", b"com"], true)));
         assert_eq!(p.to_string(), "*.example.com");
     }
 
