@@ -21,6 +21,18 @@ impl Default for ExecKey {
     }
 }
 
+/// Key of the exec allow-list by file (`EXEC_INODES`): agent id and the identity of the file
+/// an allowed path names (`dev` in the kernel's encoding, `MAJOR << 20 | MINOR`). The kernel
+/// judges an exec on the file it actually opened, so a bind mount, a chroot or another mount
+/// namespace cannot put another program behind an allowed path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ExecInodeKey {
+    pub agent: u32,
+    pub dev: u32,
+    pub ino: u64,
+}
+
 /// An exec of an agent process, allowed (`EVENT_EXEC`) or killed (`EVENT_EXEC_DENIED`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,4 +51,5 @@ pub struct ExecEvent {
 }
 
 const _: () = assert!(core::mem::size_of::<ExecKey>() == 256);
+const _: () = assert!(core::mem::size_of::<ExecInodeKey>() == 16);
 const _: () = assert!(core::mem::size_of::<ExecEvent>() == 296);

@@ -134,6 +134,7 @@ mod pod {
     unsafe impl aya::Pod for super::AgentState {}
     unsafe impl aya::Pod for super::AgentCounters {}
     unsafe impl aya::Pod for super::LearnQuota {}
+    unsafe impl aya::Pod for super::ExecInodeKey {}
     unsafe impl aya::Pod for super::RuleKeyV4 {}
     unsafe impl aya::Pod for super::RuleKeyV6 {}
     unsafe impl aya::Pod for super::RuleValue {}

@@ -6,13 +6,13 @@
 
 use agentwatch_common::{
     AGENT_FLAG_EXEC_ALLOW, AGENT_FLAG_LEARN, EVENT_EXEC, EVENT_EXEC_DENIED, EVENT_EXEC_REFUSED,
-    EXEC_PATH_MAX, ExecEvent, ExecKey, MAX_AGENTS,
+    EXEC_PATH_MAX, ExecEvent, ExecInodeKey, ExecKey, MAX_AGENTS,
 };
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_str_bytes,
-        generated::{bpf_ktime_get_ns, bpf_send_signal},
+        generated::{bpf_get_current_task, bpf_ktime_get_ns, bpf_send_signal},
     },
     macros::{lsm, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray},
@@ -27,11 +27,29 @@ use crate::{
     egress::{CapKind, over_limit},
     learn,
     sockets::TASKS,
+    tamper::{file_inode, inode_identity, inode_offsets_known, offset_known, read_at},
 };
 
-/// Allowed exec paths per agent (value unused).
+/// Allowed exec paths per agent (value unused): what an exec is judged on where the kernel's
+/// BTF does not say how to reach the exec'd file.
 #[map]
 static EXEC_ALLOW: HashMap<ExecKey, u8> = HashMap::with_max_entries(MAX_AGENTS * 64, 0);
+
+/// The files those paths name (agent, device, inode; value unused), written by the daemon
+/// (and rewritten when a package upgrade puts a new file at an allowed path): what an exec is
+/// judged on everywhere else.
+#[map]
+static EXEC_INODES: HashMap<ExecInodeKey, u8> = HashMap::with_max_entries(MAX_AGENTS * 64, 0);
+
+/// Offsets from the running kernel's BTF to the exec'd file: `linux_binprm.file` (the LSM
+/// hook), `task_struct.mm` and `mm_struct.exe_file` (the tracepoint, after the exec). 0:
+/// unknown, and execs are judged on the path given to execve.
+#[unsafe(no_mangle)]
+static EXEC_BPRM_FILE: u32 = 0;
+#[unsafe(no_mangle)]
+static EXEC_TASK_MM: u32 = 0;
+#[unsafe(no_mangle)]
+static EXEC_MM_EXE_FILE: u32 = 0;
 
 /// Parent tgid of agent tasks, recorded at fork (the exec tracepoint does not carry it).
 #[map]
@@ -85,10 +103,8 @@ pub fn exec_bprm_check_security(ctx: LsmContext) -> i32 {
         // A path that cannot be read matches no entry: refused, as the tracepoint would kill.
         key.path = [0; EXEC_PATH_MAX + 1];
     }
-    #[allow(clippy::needless_borrows_for_generic_args, reason = "see on_exec")]
-    // SAFETY: HashMap values are copied out at once.
-    let allowed = unsafe { EXEC_ALLOW.get(&*key) }.is_some();
-    if allowed {
+    let bprm_file = read_at::<*const u8>(bprm, &EXEC_BPRM_FILE).unwrap_or(core::ptr::null());
+    if file_allowed(state.id, bprm_file, key) {
         return 0;
     }
     if state.flags & AGENT_FLAG_LEARN != 0 {
@@ -154,12 +170,18 @@ fn on_exec(ctx: &TracePointContext) {
     let _ = unsafe {
         bpf_probe_read_kernel_str_bytes(ctx.as_ptr().cast::<u8>().add(filename), &mut key.path)
     };
-    // The key is passed by reference on purpose: by value it would be a 256-byte copy on the
-    // 512-byte stack; as is, the helper reads it straight from the scratch map.
-    #[allow(clippy::needless_borrows_for_generic_args, reason = "see above")]
-    // SAFETY: HashMap values are copied out at once.
-    let allowed =
-        state.flags & AGENT_FLAG_EXEC_ALLOW == 0 || unsafe { EXEC_ALLOW.get(&*key) }.is_some();
+    let allowed = state.flags & AGENT_FLAG_EXEC_ALLOW == 0 || {
+        // After the exec: the task's new executable is the file the kernel opened.
+        // SAFETY: helper without arguments.
+        let task = unsafe { bpf_get_current_task() } as *const u8;
+        let mm = read_at::<*const u8>(task, &EXEC_TASK_MM).unwrap_or(core::ptr::null());
+        let exe = if mm.is_null() {
+            core::ptr::null()
+        } else {
+            read_at::<*const u8>(mm, &EXEC_MM_EXE_FILE).unwrap_or(core::ptr::null())
+        };
+        file_allowed(state.id, exe, key)
+    };
     if !allowed {
         // SAFETY: signals the current task, which is the agent's exec'ing process.
         unsafe { bpf_send_signal(SIGKILL) };
@@ -180,6 +202,37 @@ fn on_exec(ctx: &TracePointContext) {
         EVENT_EXEC_DENIED
     };
     report(state.id, kind, key);
+}
+
+/// Is the exec'd file on agent `agent`'s allow-list? Judged on the file itself (device and
+/// inode) where this kernel's BTF gave the offsets to reach it; a file that cannot be read
+/// then (`file` null) is refused. Elsewhere on the path given to execve (`key`). Pointers,
+/// not Options: the verifier refuses a register an Option's unset payload leaves unwritten.
+#[inline(always)]
+fn file_allowed(agent: u32, file: *const u8, key: &ExecKey) -> bool {
+    let offsets_known = inode_offsets_known()
+        && offset_known(&EXEC_BPRM_FILE)
+        && offset_known(&EXEC_TASK_MM)
+        && offset_known(&EXEC_MM_EXE_FILE);
+    if !offsets_known {
+        // The key is passed by reference on purpose: by value it would be a 256-byte copy on
+        // the 512-byte stack; as is, the helper reads it straight from the scratch map.
+        // SAFETY: HashMap values are copied out at once.
+        return unsafe { EXEC_ALLOW.get(key) }.is_some();
+    }
+    if file.is_null() {
+        return false;
+    }
+    let Some(id) = file_inode(file).and_then(inode_identity) else {
+        return false;
+    };
+    let key = ExecInodeKey {
+        agent,
+        dev: id.dev,
+        ino: id.ino,
+    };
+    // SAFETY: the value is not read, only whether there is one.
+    unsafe { EXEC_INODES.get(key) }.is_some()
 }
 
 /// Sends the daemon an exec record of `kind` for the current task. Under the agent's event

@@ -203,6 +203,30 @@ fn dentry_inode(dentry: *const u8) -> Option<*const u8> {
 /// The inode's key when it is one of the daemon's files.
 #[inline(always)]
 fn protected(inode: *const u8) -> Option<InodeKey> {
+    let key = inode_identity(inode)?;
+    // SAFETY: the value is not read, only whether there is one.
+    unsafe { TAMPER_INODES.get(key) }.map(|_| key)
+}
+
+/// Did the loader fill in offset `global` (the kernel's BTF had it)?
+#[inline(always)]
+pub fn offset_known(global: &'static u32) -> bool {
+    offset(global) != 0
+}
+
+/// Can [`inode_identity`] and [`file_inode`] read anything on this kernel (its BTF gave the
+/// offsets)?
+#[inline(always)]
+pub fn inode_offsets_known() -> bool {
+    offset(&FILE_F_INODE) != 0
+        && offset(&INODE_I_INO) != 0
+        && offset(&INODE_I_SB) != 0
+        && offset(&SB_S_DEV) != 0
+}
+
+/// Device (the kernel's encoding) and inode number of an inode (None if unreadable).
+#[inline(always)]
+pub fn inode_identity(inode: *const u8) -> Option<InodeKey> {
     let (i_ino, i_sb, s_dev) = (offset(&INODE_I_INO), offset(&INODE_I_SB), offset(&SB_S_DEV));
     if i_ino == 0 || i_sb == 0 || s_dev == 0 {
         return None;
@@ -210,9 +234,28 @@ fn protected(inode: *const u8) -> Option<InodeKey> {
     let ino = read::<u64>(inode, i_ino)?;
     let sb = read::<*const u8>(inode, i_sb)?;
     let dev = read::<u32>(sb, s_dev)?;
-    let key = InodeKey { dev, _pad: 0, ino };
-    // SAFETY: the value is not read, only whether there is one.
-    unsafe { TAMPER_INODES.get(key) }.map(|_| key)
+    Some(InodeKey { dev, _pad: 0, ino })
+}
+
+/// The inode of a `struct file *` (None if unreadable).
+#[inline(always)]
+pub fn file_inode(file: *const u8) -> Option<*const u8> {
+    let off = offset(&FILE_F_INODE);
+    if off == 0 {
+        return None;
+    }
+    read::<*const u8>(file, off).filter(|p| !p.is_null())
+}
+
+/// A `T` at `base + off` in kernel memory, `off` read from a loader-filled global (None if
+/// the offset is unknown or the read faults).
+#[inline(always)]
+pub fn read_at<T>(base: *const u8, off: &'static u32) -> Option<T> {
+    let off = offset(off);
+    if off == 0 {
+        return None;
+    }
+    read::<T>(base, off)
 }
 
 #[inline(always)]

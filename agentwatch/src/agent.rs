@@ -754,6 +754,21 @@ impl Agents {
         Ok(())
     }
 
+    /// Brings the files each exec allow-list names up to date (a package upgrade puts a new
+    /// file at an allowed path; the kernel judges execs on the file). Returns the agents and
+    /// paths whose file changed.
+    pub fn refresh_exec(&mut self) -> Result<Vec<(String, PathBuf)>, KernelError> {
+        let mut changed = Vec::new();
+        for (name, g) in &self.by_name {
+            if let Some(paths) = &g.policy.exec_allow {
+                for p in self.kernel.exec.refresh(g.id, paths)? {
+                    changed.push((name.clone(), p));
+                }
+            }
+        }
+        Ok(changed)
+    }
+
     /// Agent `name`'s suppressed denials per destination since the last call, busiest first.
     pub fn take_suppressed(&mut self, name: &str) -> Result<Vec<egress::Suppressed>, KernelError> {
         let id = self.get(name)?.id;

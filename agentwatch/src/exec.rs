@@ -2,12 +2,13 @@
 //! `agentwatch-ebpf/src/exec.rs`.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap as StdHashMap, HashSet},
     path::{Path, PathBuf},
 };
 
 use agentwatch_common::{
-    EVENT_EXEC, EVENT_EXEC_DENIED, EVENT_EXEC_REFUSED, EXEC_PATH_MAX, ExecEvent, ExecKey,
+    EVENT_EXEC, EVENT_EXEC_DENIED, EVENT_EXEC_REFUSED, EXEC_PATH_MAX, ExecEvent, ExecInodeKey,
+    ExecKey,
 };
 use aya::{
     Ebpf,
@@ -31,9 +32,14 @@ pub const PROGRAMS: [(&str, &str, &str); 2] = [
     ("exec_sched_process_fork", "sched", "sched_process_fork"),
 ];
 
-/// The exec allow-lists of every agent (`EXEC_ALLOW`: agent id + path).
+/// The exec allow-lists of every agent: by path (`EXEC_ALLOW`: agent id + path, for kernels
+/// whose BTF does not say how to reach an exec'd file) and by the files those paths name
+/// (`EXEC_INODES`: agent id + device + inode, what the kernel judges everywhere else).
 pub struct ExecMaps {
     allow: HashMap<MapData, ExecKey, u8>,
+    inodes: HashMap<MapData, ExecInodeKey, u8>,
+    /// What `inodes` holds per agent id, so a refresh compares without reading the map.
+    written: StdHashMap<u32, HashSet<ExecInodeKey>>,
 }
 
 impl ExecMaps {
@@ -44,13 +50,56 @@ impl ExecMaps {
         }
         Ok(Self {
             allow: take_map(ebpf, "EXEC_ALLOW")?,
+            inodes: take_map(ebpf, "EXEC_INODES")?,
+            written: StdHashMap::new(),
         })
     }
 
-    /// Allows agent `id` to exec `path`.
+    /// Allows agent `id` to exec `path`: the path, and the file it names now (a path that
+    /// names no file allows nothing but its own string, for kernels judging on that).
     pub(crate) fn insert(&mut self, id: u32, path: &Path) -> Result<(), KernelError> {
         let key = exec_key(id, path).map_err(|e| KernelError::Policy(e.to_string()))?;
-        self.allow.insert(key, 1, 0).map_err(map_err("EXEC_ALLOW"))
+        self.allow
+            .insert(key, 1, 0)
+            .map_err(map_err("EXEC_ALLOW"))?;
+        if let Some(k) = inode_of(id, path) {
+            self.inodes
+                .insert(k, 1, 0)
+                .map_err(map_err("EXEC_INODES"))?;
+            self.written.entry(id).or_default().insert(k);
+        }
+        Ok(())
+    }
+
+    /// Makes agent `id`'s files exactly those `paths` name now, if that changed since they
+    /// were written (a package upgrade replaces a program with a new file at the same path).
+    /// New files go in before old ones go, so a program on both is never refused. Returns the
+    /// paths whose file changed.
+    pub(crate) fn refresh(
+        &mut self,
+        id: u32,
+        paths: &[PathBuf],
+    ) -> Result<Vec<PathBuf>, KernelError> {
+        let want: HashSet<ExecInodeKey> = paths.iter().filter_map(|p| inode_of(id, p)).collect();
+        let had = self.written.get(&id).cloned().unwrap_or_default();
+        if want == had {
+            return Ok(Vec::new());
+        }
+        for k in want.difference(&had) {
+            self.inodes
+                .insert(*k, 1, 0)
+                .map_err(map_err("EXEC_INODES"))?;
+        }
+        for k in had.difference(&want) {
+            ignore_missing(self.inodes.remove(k), "EXEC_INODES")?;
+        }
+        let changed = paths
+            .iter()
+            .filter(|p| inode_of(id, p).is_some_and(|k| !had.contains(&k)))
+            .cloned()
+            .collect();
+        self.written.insert(id, want);
+        Ok(changed)
     }
 
     /// Makes agent `id`'s allow-list exactly `paths` (None: empty): inserts first, then removes
@@ -73,8 +122,41 @@ impl ExecMaps {
         for k in stale {
             ignore_missing(self.allow.remove(&k), "EXEC_ALLOW")?;
         }
+        // The files: read from the map (a restarted daemon's pins hold an earlier one's).
+        let want: HashSet<ExecInodeKey> = paths
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| inode_of(id, p))
+            .collect();
+        let stale: Vec<ExecInodeKey> = self
+            .inodes
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.agent == id && !want.contains(k))
+            .collect();
+        for k in stale {
+            ignore_missing(self.inodes.remove(&k), "EXEC_INODES")?;
+        }
+        if want.is_empty() {
+            self.written.remove(&id);
+        } else {
+            self.written.insert(id, want);
+        }
         Ok(())
     }
+}
+
+/// The allow-list key of the file `path` names now for agent `id` (symlinks followed, as
+/// execve follows them), in the kernel's device encoding; None if nothing is there.
+fn inode_of(id: u32, path: &Path) -> Option<ExecInodeKey> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    let (major, minor) = (libc::major(m.dev()), libc::minor(m.dev()));
+    Some(ExecInodeKey {
+        agent: id,
+        dev: (major << 20) | minor,
+        ino: m.ino(),
+    })
 }
 
 /// Attaches the tracepoints host-wide (they act only on agents' tasks), pinned under

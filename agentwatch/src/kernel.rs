@@ -59,7 +59,7 @@ pub struct Kernel {
 
 /// Every map of the object with the key and value sizes this build expects of it. A pinned map
 /// of another layout (an older agentwatch) is refused rather than misread.
-const MAPS: [(&str, u32, u32); 35] = [
+const MAPS: [(&str, u32, u32); 36] = [
     ("AGENTS", 8, size_of::<AgentState>() as u32),
     ("COUNTERS", 4, size_of::<AgentCounters>() as u32),
     ("EVENTS", 0, 0),
@@ -68,6 +68,11 @@ const MAPS: [(&str, u32, u32); 35] = [
     ("BREAKER_TRIPS", 4, 32),
     ("LIMITS", 4, size_of::<AgentLimits>() as u32),
     ("EXEC_ALLOW", size_of::<ExecKey>() as u32, 1),
+    (
+        "EXEC_INODES",
+        size_of::<agentwatch_common::ExecInodeKey>() as u32,
+        1,
+    ),
     ("PARENTS", 4, 4),
     ("SCRATCH", 4, size_of::<ExecKey>() as u32),
     (
@@ -230,8 +235,16 @@ impl Kernel {
             .ok();
         let lsm = lsm_offsets(btf.as_ref());
         let clone = clone_offsets(btf.as_ref());
+        let files = file_offsets(btf.as_ref());
         let mut loader = EbpfLoader::new();
         loader
+            .override_global("FILE_F_INODE", &files[0], true)
+            .override_global("INODE_I_INO", &files[1], true)
+            .override_global("INODE_I_SB", &files[2], true)
+            .override_global("SB_S_DEV", &files[3], true)
+            .override_global("EXEC_BPRM_FILE", &files[4], true)
+            .override_global("EXEC_TASK_MM", &files[5], true)
+            .override_global("EXEC_MM_EXE_FILE", &files[6], true)
             .override_global("NEW_TASK_CGROUPS", &clone[0], true)
             .override_global("NEW_CSS_SET_DFL_CGRP", &clone[1], true)
             .override_global("NEW_CGROUP_KN", &clone[2], true)
@@ -244,10 +257,6 @@ impl Kernel {
                 .override_global("BPRM_FILENAME", &o.bprm_filename, true)
                 .override_global("TASK_TGID", &o.task_tgid, true)
                 .override_global("TAMPER_F_MODE", &o.file_f_mode, true)
-                .override_global("FILE_F_INODE", &o.file_f_inode, true)
-                .override_global("INODE_I_INO", &o.inode_i_ino, true)
-                .override_global("INODE_I_SB", &o.inode_i_sb, true)
-                .override_global("SB_S_DEV", &o.sb_s_dev, true)
                 .override_global("DENTRY_D_INODE", &o.dentry_d_inode, true);
         }
         if let Some(pins) = &pins {
@@ -504,10 +513,6 @@ struct LsmOffsets {
     file_f_mode: u32,
     bprm_filename: u32,
     task_tgid: u32,
-    file_f_inode: u32,
-    inode_i_ino: u32,
-    inode_i_sb: u32,
-    sb_s_dev: u32,
     dentry_d_inode: u32,
 }
 
@@ -529,10 +534,6 @@ fn lsm_offsets(btf: Option<&crate::btf::Btf>) -> Option<LsmOffsets> {
             file_f_mode: btf.member_offset("file", "f_mode")?,
             bprm_filename: btf.member_offset("linux_binprm", "filename")?,
             task_tgid: btf.member_offset("task_struct", "tgid")?,
-            file_f_inode: btf.member_offset("file", "f_inode")?,
-            inode_i_ino: btf.member_offset("inode", "i_ino")?,
-            inode_i_sb: btf.member_offset("inode", "i_sb")?,
-            sb_s_dev: btf.member_offset("super_block", "s_dev")?,
             dentry_d_inode: btf.member_offset("dentry", "d_inode")?,
         })
     })();
@@ -571,6 +572,36 @@ fn clone_offsets(btf: Option<&crate::btf::Btf>) -> [u32; 5] {
              clone3(CLONE_INTO_CGROUP) of an agent task is taken for an escape"
         );
         [0; 5]
+    })
+}
+
+/// Offsets that reach a file's identity (`file.f_inode`, `inode.i_ino`, `inode.i_sb`,
+/// `super_block.s_dev`) and the file an exec opened (`linux_binprm.file`, `task_struct.mm`,
+/// `mm_struct.exe_file`), from the running kernel's BTF, with or without BPF LSM: the exec
+/// allow-list judges the file itself with them. All zero when the BTF does not say: execs are
+/// then judged on the path given to execve (said in the log).
+fn file_offsets(btf: Option<&crate::btf::Btf>) -> [u32; 7] {
+    let offsets = btf.ok_or_else(|| "no BTF".to_owned()).and_then(|btf| {
+        (|| {
+            Ok::<_, crate::btf::BtfError>([
+                btf.member_offset("file", "f_inode")?,
+                btf.member_offset("inode", "i_ino")?,
+                btf.member_offset("inode", "i_sb")?,
+                btf.member_offset("super_block", "s_dev")?,
+                btf.member_offset("linux_binprm", "file")?,
+                btf.member_offset("task_struct", "mm")?,
+                btf.member_offset("mm_struct", "exe_file")?,
+            ])
+        })()
+        .map_err(|e| e.to_string())
+    });
+    offsets.unwrap_or_else(|e| {
+        tracing::warn!(
+            "the kernel's BTF does not say how to reach an exec'd file ({e}): exec allow-lists \
+             are judged on the path given to execve, which another mount namespace or a \
+             chroot can put another program behind"
+        );
+        [0; 7]
     })
 }
 

@@ -469,3 +469,73 @@ fn sockets_opened_during_a_lease_send_nothing_after_it_ends() {
             >= 20
     );
 }
+
+/// aw-probe joined to `cgroup` (as root, every capability: an adopted agent's process, the
+/// strongest there is), exec'ing `program ARGS`.
+fn exec_in(cgroup: &std::path::Path, program: &[&str]) -> std::process::Output {
+    std::process::Command::new(agentwatch_tests::probe_bin())
+        .arg("--cgroup")
+        .arg(cgroup)
+        .arg("exec")
+        .args(program)
+        .current_dir("/")
+        .output()
+        .expect("running aw-probe")
+}
+
+#[test]
+fn another_program_behind_an_allowed_path_is_refused() {
+    privileged!();
+    let mut env = DaemonEnv::new();
+    env.write_config(
+        "[[agents]]\nname = \"x\"\nexec_allow = [\"/usr/bin/unshare\", \"/usr/bin/bash\", \
+         \"/usr/bin/mount\", \"/usr/bin/python3\"]\n",
+    );
+    env.start();
+    let cg = env.agent_cgroup("x");
+    // The allowed program runs.
+    let out = exec_in(&cg, &["/usr/bin/python3", "-c", "print('python ran')"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "python ran\n",
+        "{out:?}"
+    );
+    // In a mount namespace of its own (private: the host's mounts are untouched), dash
+    // bind-mounted over the allowed path: the path string still matches, the file does not.
+    let out = exec_in(
+        &cg,
+        &[
+            "/usr/bin/unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "/usr/bin/bash",
+            "-c",
+            "/usr/bin/mount --bind /usr/bin/dash /usr/bin/python3 && exec /usr/bin/python3 -c 'echo dash ran'",
+        ],
+    );
+    println!("{out:?}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("dash ran"),
+        "{out:?}"
+    );
+    if agentwatch_tests::bpf_lsm() {
+        // Refused with EPERM: bash reports it and exits 126.
+        assert_eq!(out.status.code(), Some(126), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
+            "{out:?}"
+        );
+    } else {
+        // Killed by the tracepoint before its first instruction.
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&out.status),
+            Some(libc::SIGKILL),
+            "{out:?}"
+        );
+    }
+    let denied = env.wait_audit("exec_denied", 1);
+    assert_eq!(denied.len(), 1, "{denied:#?}");
+    assert_eq!(denied[0]["path"], "/usr/bin/python3");
+    assert_eq!(denied[0]["agent"], "x");
+}

@@ -91,6 +91,18 @@ impl State {
         if let Err(e) = self.agents.sync_nested() {
             tracing::error!("updating the nested cgroups of agents: {e}");
         }
+        match self.agents.refresh_exec() {
+            Ok(changed) => {
+                for (agent, path) in changed {
+                    self.audit_agent(
+                        &agent,
+                        "exec_allow_refreshed",
+                        serde_json::json!({ "path": path.display().to_string() }),
+                    );
+                }
+            }
+            Err(e) => tracing::error!("updating the files exec allow-lists name: {e}"),
+        }
         for name in &names {
             self.audit_privileged(name);
         }
