@@ -25,6 +25,13 @@
 //!    bounding set (step 2) keeps them from coming back at exec.
 //! 5. **no_new_privs** (PR_SET_NO_NEW_PRIVS): setuid/setgid bits and file capabilities are
 //!    ignored at exec from now on, for the command and everything it starts.
+//! 6. **No new user namespace** (a seccomp filter, inherited by everything it starts):
+//!    `unshare` and `clone` with CLONE_NEWUSER fail with EPERM, and `clone3` (whose flags a
+//!    seccomp filter cannot read) with ENOSYS, which makes glibc and other runtimes fall back
+//!    to `clone`. Inside a user namespace of its own an agent would hold every capability
+//!    again over its own mounts: it could bind-mount another program over an allowed path, or
+//!    another file over one its file guard allows. 32-bit and x32 system calls are refused
+//!    (EPERM) whole: their numbers differ, and agents have no use for them.
 //!
 //! Then every promise is read back from the kernel ([`verify`]) before the caller execs.
 //!
@@ -36,8 +43,9 @@
 //!   cgroup's cgroup.procs needs only write access to that file, which root has: the cgroup
 //!   namespace alone does not stop the move there (the escape guard in [`crate::sockets`] then
 //!   kills the process before its write returns). That is why root is never the default.
-//! - No new mount, network, pid or user namespace, no seccomp filter, no resource limits, no
-//!   changed environment beyond HOME/USER/LOGNAME (set by the caller for a `user`).
+//! - No new mount, network or pid namespace, no seccomp filter beyond the user-namespace one,
+//!   no resource limits, no changed environment beyond HOME/USER/LOGNAME (set by the caller
+//!   for a `user`).
 //! - Processes that are already running, and adopted agents (a systemd unit's or a pod's
 //!   cgroup, not started by `launch`): those get what their unit gives them; see
 //!   [`crate::privileges`] to report what they hold, and the README for the unit settings.
@@ -192,7 +200,111 @@ pub fn harden(user: Option<&User>) -> Result<(), HardenError> {
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(sys("setting no_new_privs"));
     }
+    // 6. No new user namespace (no_new_privs lets an unprivileged process install it).
+    userns::install()?;
     verify(user)
+}
+
+/// The seccomp filter of step 6.
+mod userns {
+    use super::{HardenError, sys};
+
+    /// `struct sock_filter` / `struct sock_fprog` of linux/filter.h.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Insn {
+        code: u16,
+        jt: u8,
+        jf: u8,
+        k: u32,
+    }
+
+    #[repr(C)]
+    struct Prog {
+        len: u16,
+        filter: *const Insn,
+    }
+
+    const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+    const JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
+    const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+
+    /// Offsets in `struct seccomp_data`: nr, arch, the low word of args[0] (little endian).
+    const NR: u32 = 0;
+    const ARCH: u32 = 4;
+    const ARG0_LO: u32 = 16;
+
+    /// linux/audit.h.
+    #[cfg(target_arch = "x86_64")]
+    const NATIVE: u32 = 0xc000_003e;
+    #[cfg(target_arch = "aarch64")]
+    const NATIVE: u32 = 0xc000_00b7;
+    /// x32 system calls carry this bit in their number on x86_64.
+    const X32_BIT: u32 = 0x4000_0000;
+
+    const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
+    const EPERM: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+    const ENOSYS: u32 = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+
+    fn insn(code: u16, jt: u8, jf: u8, k: u32) -> Insn {
+        Insn { code, jt, jf, k }
+    }
+
+    /// The filter: jumps count the instructions skipped after the current one.
+    fn program() -> Vec<Insn> {
+        let unshare = libc::SYS_unshare as u32;
+        let clone = libc::SYS_clone as u32;
+        let clone3 = libc::SYS_clone3 as u32;
+        vec![
+            // 0: another architecture (a 32-bit program): refused whole.
+            insn(LD_W_ABS, 0, 0, ARCH),
+            insn(JEQ_K, 1, 0, NATIVE),
+            insn(RET_K, 0, 0, EPERM),
+            // 3: x32 calls, likewise.
+            insn(LD_W_ABS, 0, 0, NR),
+            insn(JGE_K, 0, 1, X32_BIT),
+            insn(RET_K, 0, 0, EPERM),
+            // 6: clone3: its flags are in memory a filter cannot read.
+            insn(JEQ_K, 0, 1, clone3),
+            insn(RET_K, 0, 0, ENOSYS),
+            // 8: unshare and clone take the flags in their first argument.
+            insn(JEQ_K, 2, 0, unshare),
+            insn(JEQ_K, 1, 0, clone),
+            insn(RET_K, 0, 0, ALLOW),
+            // 11: CLONE_NEWUSER among them: refused.
+            insn(LD_W_ABS, 0, 0, ARG0_LO),
+            insn(JSET_K, 0, 1, libc::CLONE_NEWUSER as u32),
+            insn(RET_K, 0, 0, EPERM),
+            insn(RET_K, 0, 0, ALLOW),
+        ]
+    }
+
+    /// Installs the filter on the calling process (no_new_privs must be set).
+    pub(super) fn install() -> Result<(), HardenError> {
+        let filter = program();
+        let prog = Prog {
+            len: filter.len() as u16,
+            filter: filter.as_ptr(),
+        };
+        // SAFETY: seccomp(SECCOMP_SET_MODE_FILTER) reads `prog` and the instructions it
+        // points to, both alive for the call; the kernel copies them.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0,
+                &raw const prog,
+            )
+        };
+        if r != 0 {
+            return Err(sys(
+                "installing the seccomp filter against new user namespaces",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Reads back from the kernel everything [`harden`] promises for the calling thread.
@@ -224,6 +336,16 @@ pub fn verify(user: Option<&User>) -> Result<(), HardenError> {
     })?;
     if !cgroup.lines().any(|l| l == "0::/") {
         wrong.push("the cgroup namespace is not rooted at the agent's cgroup".to_owned());
+    }
+    let status = fs::read_to_string("/proc/self/status").map_err(|source| HardenError::Sys {
+        step: "reading /proc/self/status",
+        source,
+    })?;
+    if !status
+        .lines()
+        .any(|l| l.split_whitespace().eq(["Seccomp:", "2"]))
+    {
+        wrong.push("no seccomp filter against new user namespaces".to_owned());
     }
     if let Some(u) = user {
         let (mut r, mut e, mut s) = (0, 0, 0);

@@ -35,6 +35,25 @@ def unshare_net():
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
 attempt("unshare_net", unshare_net)
+def unshare_user():
+    if libc.unshare(0x10000000) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+attempt("unshare_user", unshare_user)
+libc.syscall.restype = ctypes.c_long
+def clone3():
+    # Any clone3 at all: the seccomp filter cannot read its flags (a bad size would be EINVAL).
+    if libc.syscall(435, None, ctypes.c_size_t(0)) < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+attempt("clone3", clone3)
+def fork():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(7)
+    if os.waitpid(pid, 0)[1] >> 8 != 7:
+        raise OSError(1, "child")
+attempt("fork", fork)
 if len(sys.argv) > 1:
     try:
         fd = os.open(sys.argv[1] + "/cgroup.procs", os.O_WRONLY)
@@ -201,6 +220,23 @@ fn assert_hardened(r: &Report, env: &DaemonEnv, agent: &str) {
         "{:?}",
         r.attempts
     );
+    // No user namespace of its own (where it would hold every capability over its own
+    // mounts): the seccomp filter, for root and everyone else. clone3 is ENOSYS (runtimes fall
+    // back to clone); fork still works.
+    assert_eq!(r.status.get("Seccomp").map(String::as_str), Some("2"));
+    assert_eq!(
+        r.attempts.get("unshare_user"),
+        Some(&libc::EPERM),
+        "{:?}",
+        r.attempts
+    );
+    assert_eq!(
+        r.attempts.get("clone3"),
+        Some(&libc::ENOSYS),
+        "{:?}",
+        r.attempts
+    );
+    assert_eq!(r.attempts.get("fork"), Some(&0), "{:?}", r.attempts);
     assert_eq!(r.attempts.get("unshare_cmd"), Some(&1), "{:?}", r.attempts);
     assert_eq!(
         r.other,
