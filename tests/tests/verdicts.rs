@@ -539,3 +539,52 @@ fn another_program_behind_an_allowed_path_is_refused() {
     assert_eq!(denied[0]["path"], "/usr/bin/python3");
     assert_eq!(denied[0]["agent"], "x");
 }
+
+#[test]
+fn a_launched_agent_cannot_bind_mount_an_outside_file_into_its_file_guard() {
+    privileged!();
+    let dir = agentwatch_tests::TempDir::new();
+    let allowed = dir.0.join("allowed");
+    std::fs::create_dir(&allowed).expect("mkdir");
+    std::fs::write(allowed.join("f"), "inside\n").expect("write");
+    std::fs::write(dir.0.join("secret"), "outside\n").expect("write");
+    for p in [&dir.0, &allowed] {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+    }
+    std::fs::set_permissions(
+        dir.0.join("secret"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .expect("chmod");
+    let mut env = DaemonEnv::new();
+    env.write_config(&format!(
+        "[[agents]]\nname = \"g\"\n[agents.files]\nallow = [\"/usr/:ro\", \"/lib/:ro\", \
+         \"/lib64/:ro\", \"/etc/:ro\", \"/proc/\", \"/dev/\", \"{}/\"]\n",
+        allowed.display()
+    ));
+    env.start();
+    // As the uid launch gives it: its own user and mount namespace, where it would hold
+    // CAP_SYS_ADMIN over its own mounts, then the outside file bind-mounted inside the list.
+    let script = format!(
+        "/usr/bin/unshare --user --map-root-user --mount /usr/bin/bash -c \
+         '/usr/bin/mount --bind {secret} {inside} && /usr/bin/cat {inside}'",
+        secret = dir.0.join("secret").display(),
+        inside = allowed.join("f").display()
+    );
+    let out = env
+        .launch_command("g", &["/usr/bin/bash", "-c", &script])
+        .current_dir("/")
+        .output()
+        .expect("launch");
+    println!("{out:?}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("outside"),
+        "{out:?}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "unshare: unshare failed: Operation not permitted"
+    );
+}
