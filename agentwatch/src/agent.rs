@@ -754,6 +754,80 @@ impl Agents {
         Ok(())
     }
 
+    /// Closes agent `name`'s open sockets whose peer its policy in force refuses (after a
+    /// reload that removed rules: [`crate::sockdiag`]). A connection or connected UDP socket
+    /// of its cgroup (or one nested below) counts; a connection accepted by one of its
+    /// listeners does not (the agent did not call out), nor does one to its DNS forwarder, nor
+    /// anything of an agent in learn mode. Returns the sockets closed.
+    pub fn close_refused_sockets(
+        &self,
+        name: &str,
+    ) -> Result<Vec<crate::sockdiag::OpenSocket>, String> {
+        use agentwatch_common::{PROTO_TCP, PROTO_UDP};
+        use std::os::unix::fs::MetadataExt as _;
+        let g = self.get(name).map_err(|e| e.to_string())?;
+        if g.policy.learn {
+            return Ok(Vec::new());
+        }
+        let mut cgroups: HashSet<u64> = HashSet::from([g.cgroup_id]);
+        let mut todo = vec![g.cgroup.path().to_owned()];
+        while let Some(dir) = todo.pop() {
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    if let Ok(m) = e.metadata() {
+                        cgroups.insert(m.ino());
+                    }
+                    todo.push(e.path());
+                }
+            }
+        }
+        let all = crate::sockdiag::list().map_err(|e| format!("listing sockets: {e}"))?;
+        let mine: Vec<_> = all
+            .into_iter()
+            .filter(|s| cgroups.contains(&s.cgroup_id))
+            .collect();
+        let listening: HashSet<u16> = mine
+            .iter()
+            .filter(|s| s.state == crate::sockdiag::TCP_LISTEN)
+            .map(|s| s.local.port())
+            .collect();
+        let forwarder: Vec<u16> = g
+            .policy
+            .dns
+            .map(|p| vec![p.udp4, p.tcp4, p.udp6, p.tcp6])
+            .unwrap_or_default();
+        let learned = self.kernel.learned();
+        let mut closed = Vec::new();
+        for s in mine {
+            if !s.connected() {
+                continue;
+            }
+            let tcp = s.protocol == libc::IPPROTO_TCP as u8;
+            if tcp && listening.contains(&s.local.port()) {
+                continue;
+            }
+            // Judged as the hooks judge it: a v4-mapped peer is an IPv4 one.
+            let ip = match s.peer.ip() {
+                std::net::IpAddr::V6(v6) => v6
+                    .to_ipv4_mapped()
+                    .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+                v4 => v4,
+            };
+            if ip.is_loopback() && forwarder.contains(&s.peer.port()) {
+                continue;
+            }
+            let proto = if tcp { PROTO_TCP } else { PROTO_UDP };
+            let admitted = egress::rules::admits(&g.policy.rules, proto, ip, s.peer.port())
+                || (g.policy.dns.is_some() && learned.holds(g.id, ip));
+            if admitted {
+                continue;
+            }
+            crate::sockdiag::destroy(&s).map_err(|e| format!("closing {}: {e}", s.peer))?;
+            closed.push(s);
+        }
+        Ok(closed)
+    }
+
     /// Brings the files each exec allow-list names up to date (a package upgrade puts a new
     /// file at an allowed path; the kernel judges execs on the file). Returns the agents and
     /// paths whose file changed.

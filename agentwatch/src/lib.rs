@@ -40,6 +40,7 @@ pub mod metrics;
 pub mod ownership;
 pub mod peer;
 pub mod privileges;
+pub mod sockdiag;
 pub mod sockets;
 pub mod syscalls;
 pub mod tamper;

@@ -588,3 +588,66 @@ fn a_launched_agent_cannot_bind_mount_an_outside_file_into_its_file_guard() {
         "unshare: unshare failed: Operation not permitted"
     );
 }
+
+#[test]
+fn a_reload_that_removes_a_rule_closes_what_was_opened_under_it() {
+    privileged!();
+    let peers = Peers::new();
+    // A third rule stays: the agent keeps a list, only these two go.
+    let (_keep, keep_port) = agentwatch_tests::tcp_listener("127.0.0.1:0");
+    let mut env = DaemonEnv::new();
+    let with = |rules: &str| format!("[[agents]]\nname = \"cut\"\n{rules}");
+    env.write_config(&with(
+        &peers
+            .rules()
+            .replace("]\n", &format!(", \"tcp 127.0.0.1 {keep_port}\"]\n")),
+    ));
+    env.start();
+    let (mut child, mut lines, mut stream) = peers.hold(&env, "cut");
+    env.write_config(&with(&format!(
+        "egress = [\"tcp 127.0.0.1 {keep_port}\"]\n"
+    )));
+    let out = env.cli(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    let closed = env.wait_audit("sockets_closed", 1);
+    assert_eq!(closed.len(), 1, "{closed:#?}");
+    assert_eq!(closed[0]["reason"], "reload");
+    assert_eq!(closed[0]["count"], 2, "{closed:#?}");
+    let mut peers_closed: Vec<String> = closed[0]["sockets"]
+        .as_array()
+        .expect("sockets")
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {}",
+                s["proto"].as_str().unwrap_or("?"),
+                s["peer"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    peers_closed.sort();
+    assert_eq!(
+        peers_closed,
+        [
+            format!("tcp 127.0.0.1:{}", peers.tcp_port),
+            format!("udp 127.0.0.1:{}", peers.udp_port)
+        ]
+    );
+    let stdin = child.stdin.as_mut().expect("stdin");
+    stdin.write_all(b"go\n").expect("go");
+    stdin.flush().expect("flush");
+    let after = next_json(&mut lines);
+    println!("after the reload: {after}");
+    // The closed UDP socket is no longer connected; the TCP one was aborted.
+    let udp = after["udp"].as_array().expect("udp");
+    assert!(udp.iter().all(|e| e.as_i64() != Some(0)), "{after}");
+    assert_ne!(after["tcp"], 0, "{after}");
+    let mut buf = [0u8; 16];
+    if let Ok(n) = stream.read(&mut buf) {
+        assert_eq!(n, 0, "data arrived after the reload: {:?}", &buf[..n]);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(datagrams(&peers.udp), Vec::<String>::new());
+    let _ = child.stdin.as_mut().expect("stdin").write_all(b"done\n");
+    let _ = child.wait();
+}

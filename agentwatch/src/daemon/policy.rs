@@ -167,6 +167,17 @@ impl State {
                 m.reconfigure(a.breaker);
             }
         }
+        // A rule gone (a hostname rule's learned addresses with it): what the agent opened
+        // under it stops now, not at its next connect.
+        for a in &changed {
+            let removed_rule = self
+                .config
+                .agent(&a.name)
+                .is_some_and(|old| old.rule_texts.iter().any(|r| !a.rule_texts.contains(r)));
+            if removed_rule {
+                self.close_refused_sockets(&a.name, "reload");
+            }
+        }
         for g in guarded {
             self.audit_agent(&g.name, "agent_guarded", g.audit);
             summary.push(format!("+{}", g.name));
@@ -293,6 +304,46 @@ impl State {
     /// Drops the rule counts of rules no longer configured and learn mode's records of agents
     /// no longer in learn mode (or gone), so that neither `status --rules` nor `learn` shows
     /// what the config in force no longer says.
+    /// Closes agent `name`'s open sockets its policy in force refuses; audits
+    /// `sockets_closed` (reason, count, and up to 16 of them: proto, local, peer).
+    fn close_refused_sockets(&mut self, name: &str, reason: &str) {
+        match self.agents.close_refused_sockets(name) {
+            Ok(closed) if closed.is_empty() => {}
+            Ok(closed) => {
+                let shown: Vec<serde_json::Value> = closed
+                    .iter()
+                    .take(16)
+                    .map(|s| {
+                        serde_json::json!({
+                            "proto": if s.protocol == libc::IPPROTO_TCP as u8 { "tcp" } else { "udp" },
+                            "local": s.local.to_string(),
+                            "peer": s.peer.to_string(),
+                        })
+                    })
+                    .collect();
+                tracing::warn!(
+                    agent = name,
+                    count = closed.len(),
+                    reason,
+                    "open sockets closed"
+                );
+                self.audit_agent(
+                    name,
+                    "sockets_closed",
+                    serde_json::json!({ "reason": reason, "count": closed.len(), "sockets": shown }),
+                );
+            }
+            Err(e) => {
+                tracing::error!(agent = name, "closing the sockets its policy refuses: {e}");
+                self.audit_agent(
+                    name,
+                    "sockets_closed",
+                    serde_json::json!({ "reason": reason, "error": e }),
+                );
+            }
+        }
+    }
+
     fn sync_learn(&self) {
         let mut rules: BTreeMap<u32, std::collections::HashSet<u64>> = BTreeMap::new();
         let mut learning = std::collections::HashSet::new();

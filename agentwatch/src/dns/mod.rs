@@ -317,6 +317,11 @@ impl Learned {
         Ok(before - t.mirror.len())
     }
 
+    /// Does agent `id` hold a learned address `addr` (for any protocol and port)?
+    pub fn holds(&self, id: u32, addr: IpAddr) -> bool {
+        self.lock().mirror.contains_key(&key_of(id, addr))
+    }
+
     /// Addresses currently learned for agent `id` (expired ones not yet swept included).
     pub fn addresses(&self, id: u32) -> usize {
         self.lock().mirror.keys().filter(|k| k.agent == id).count()
