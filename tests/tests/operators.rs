@@ -316,6 +316,7 @@ fn prometheus_scrapes_the_exact_counts_of_a_known_workload_and_alerts_on_the_esc
             (s(&["guard_restored"]), 0.0),
             (s(&["packet_socket"]), 0.0),
             (s(&["raw_socket"]), 1.0),
+            (s(&["route_option"]), 0.0),
             (s(&["tamper_refused"]), 0.0),
         ]
     );
