@@ -40,6 +40,9 @@ pub struct ExecMaps {
     inodes: HashMap<MapData, ExecInodeKey, u8>,
     /// What `inodes` holds per agent id, so a refresh compares without reading the map.
     written: StdHashMap<u32, HashSet<ExecInodeKey>>,
+    /// Each allowed path's file, held open: an inode the kernel numbers afresh when it is
+    /// read in again (overlayfs) keeps its number while it is open.
+    held: StdHashMap<PathBuf, std::fs::File>,
 }
 
 impl ExecMaps {
@@ -52,6 +55,7 @@ impl ExecMaps {
             allow: take_map(ebpf, "EXEC_ALLOW")?,
             inodes: take_map(ebpf, "EXEC_INODES")?,
             written: StdHashMap::new(),
+            held: StdHashMap::new(),
         })
     }
 
@@ -62,7 +66,7 @@ impl ExecMaps {
         self.allow
             .insert(key, 1, 0)
             .map_err(map_err("EXEC_ALLOW"))?;
-        if let Some(k) = inode_of(id, path) {
+        if let Some(k) = self.inode_of(id, path) {
             self.inodes
                 .insert(k, 1, 0)
                 .map_err(map_err("EXEC_INODES"))?;
@@ -80,7 +84,11 @@ impl ExecMaps {
         id: u32,
         paths: &[PathBuf],
     ) -> Result<Vec<PathBuf>, KernelError> {
-        let want: HashSet<ExecInodeKey> = paths.iter().filter_map(|p| inode_of(id, p)).collect();
+        let keys: Vec<(PathBuf, Option<ExecInodeKey>)> = paths
+            .iter()
+            .map(|p| (p.clone(), self.inode_of(id, p)))
+            .collect();
+        let want: HashSet<ExecInodeKey> = keys.iter().filter_map(|(_, k)| *k).collect();
         let had = self.written.get(&id).cloned().unwrap_or_default();
         if want == had {
             return Ok(Vec::new());
@@ -93,10 +101,10 @@ impl ExecMaps {
         for k in had.difference(&want) {
             ignore_missing(self.inodes.remove(k), "EXEC_INODES")?;
         }
-        let changed = paths
-            .iter()
-            .filter(|p| inode_of(id, p).is_some_and(|k| !had.contains(&k)))
-            .cloned()
+        let changed = keys
+            .into_iter()
+            .filter(|(_, k)| k.is_some_and(|k| !had.contains(&k)))
+            .map(|(p, _)| p)
             .collect();
         self.written.insert(id, want);
         Ok(changed)
@@ -126,7 +134,7 @@ impl ExecMaps {
         let want: HashSet<ExecInodeKey> = paths
             .unwrap_or_default()
             .iter()
-            .filter_map(|p| inode_of(id, p))
+            .filter_map(|p| self.inode_of(id, p))
             .collect();
         let stale: Vec<ExecInodeKey> = self
             .inodes
@@ -144,19 +152,54 @@ impl ExecMaps {
         }
         Ok(())
     }
+
+    /// The allow-list key of the file `path` names now for agent `id` (symlinks followed, as
+    /// execve follows them), in the kernel's device encoding; None if nothing is there. The
+    /// file stays open (`held`) until the path names another.
+    fn inode_of(&mut self, id: u32, path: &Path) -> Option<ExecInodeKey> {
+        let (dev, ino, file) = kernel_identity(path)?;
+        self.held.insert(path.to_owned(), file);
+        Some(ExecInodeKey {
+            agent: id,
+            dev,
+            ino,
+        })
+    }
 }
 
-/// The allow-list key of the file `path` names now for agent `id` (symlinks followed, as
-/// execve follows them), in the kernel's device encoding; None if nothing is there.
-fn inode_of(id: u32, path: &Path) -> Option<ExecInodeKey> {
-    use std::os::unix::fs::MetadataExt as _;
-    let m = std::fs::metadata(path).ok()?;
-    let (major, minor) = (libc::major(m.dev()), libc::minor(m.dev()));
-    Some(ExecInodeKey {
-        agent: id,
-        dev: (major << 20) | minor,
-        ino: m.ino(),
-    })
+/// The identity the kernel's programs see for the file `path` names: the super block's device
+/// (`MAJOR << 20 | MINOR`) and the inode number of the file an open of it gets. Read from
+/// /proc/self/fdinfo (`ino:`, `mnt_id:`) and /proc/self/mountinfo (the mount's device), not
+/// from stat(2): on overlayfs stat reports the underlying file's device and number while the
+/// file an exec opens is the overlay's, with a number of its own. stat's answer where /proc
+/// does not say (before 5.14 fdinfo has no `ino:`).
+pub fn kernel_identity(path: &Path) -> Option<(u32, u64, std::fs::File)> {
+    use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
+    let file = std::fs::File::open(path).ok()?;
+    let meta = file.metadata().ok()?;
+    let stat_dev = (libc::major(meta.dev()) << 20) | libc::minor(meta.dev());
+    let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", file.as_raw_fd())).ok()?;
+    let field = |key: &str| {
+        fdinfo
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.trim().to_owned())
+    };
+    let ino = field("ino:")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(meta.ino());
+    let dev = field("mnt_id:")
+        .and_then(|id| mount_device(&id))
+        .unwrap_or(stat_dev);
+    Some((dev, ino, file))
+}
+
+/// The device (`MAJOR << 20 | MINOR`) of the mount with id `mnt_id`, from mountinfo.
+fn mount_device(mnt_id: &str) -> Option<u32> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let line = info.lines().find(|l| l.split(' ').next() == Some(mnt_id))?;
+    let (major, minor) = line.split(' ').nth(2)?.split_once(':')?;
+    Some((major.parse::<u32>().ok()? << 20) | minor.parse::<u32>().ok()?)
 }
 
 /// Attaches the tracepoints host-wide (they act only on agents' tasks), pinned under
@@ -268,6 +311,27 @@ pub fn exec_key(agent: u32, path: &Path) -> Result<ExecKey, ExecPathError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kernels_identity_of_a_file_is_its_inode_and_its_mounts_device() {
+        use std::os::unix::fs::MetadataExt as _;
+        let (dev, ino, _file) = kernel_identity(Path::new("/proc/self/exe")).unwrap();
+        let m = std::fs::metadata("/proc/self/exe").unwrap();
+        // SAFETY: statfs fills the struct it is given.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: a NUL-terminated path and a live struct.
+        assert_eq!(
+            unsafe { libc::statfs(c"/proc/self/exe".as_ptr(), &mut fs) },
+            0
+        );
+        const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
+        if fs.f_type as i64 != OVERLAYFS_SUPER_MAGIC {
+            // Elsewhere than on overlayfs: the same as stat says.
+            assert_eq!(ino, m.ino());
+            assert_eq!(dev, (libc::major(m.dev()) << 20) | libc::minor(m.dev()));
+        }
+        assert!(kernel_identity(Path::new("/nonexistent/x")).is_none());
+    }
 
     #[test]
     fn keys_are_nul_padded_and_bounded() {
