@@ -170,3 +170,73 @@ fn other_spellings_of_an_address_get_the_verdict_of_what_they_reach() {
     }
     assert_eq!(received(&s.udp), 0, "a denied datagram arrived");
 }
+
+/// The other ways out the issue tried that already held, kept as tests: UDP-Lite, MPTCP, the
+/// NAT64 well-known prefix, and sendto with another address on a connected UDP socket. Each
+/// from Python inside the agent (root, every capability), `NAME ERRNO` per attempt.
+const HELD: &str = r#"
+import socket, sys
+udp, other = int(sys.argv[1]), int(sys.argv[2])
+def attempt(name, f):
+    try:
+        f()
+        print(name, 0)
+    except OSError as e:
+        print(name, e.errno)
+def udplite():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, 136)
+    s.sendto(b"lite", ("127.0.0.1", udp))
+def mptcp():
+    try:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+    except OSError as e:
+        # No MPTCP in this kernel (or switched off): nothing to get around.
+        print("mptcp_unavailable", e.errno)
+        return
+    s.settimeout(2)
+    s.connect(("127.0.0.1", other))
+def nat64():
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.sendto(b"nat64", ("64:ff9b::7f00:1", udp))
+def connected_sendto():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect(("127.0.0.1", udp))
+    s.send(b"connected")
+    s.sendto(b"elsewhere", ("127.0.0.1", other))
+attempt("udplite", udplite)
+attempt("mptcp", mptcp)
+attempt("nat64", nat64)
+attempt("connected_sendto", connected_sendto)
+"#;
+
+#[test]
+fn what_already_held_stays_held() {
+    privileged!();
+    let s = setup();
+    let out = run_probe(
+        Some(s.cg.path()),
+        &["exec", "python3", "-c", HELD, &s.udp_port, &s.other_port],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!("{text}");
+    let got: std::collections::HashMap<&str, i32> = text
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+        .collect();
+    // UDP-Lite is not UDP: a `udp` rule does not admit it.
+    assert_eq!(got.get("udplite"), Some(&EPERM), "{text}");
+    // MPTCP to a port no rule allows: the hooks see its subflow's connect.
+    if got.contains_key("mptcp_unavailable") {
+        println!("no MPTCP in this kernel");
+    } else {
+        assert_eq!(got.get("mptcp"), Some(&EPERM), "{text}");
+    }
+    // 64:ff9b::/96 is an IPv6 destination like any other: no rule, denied.
+    assert_eq!(got.get("nat64"), Some(&EPERM), "{text}");
+    // sendto names its own destination even on a connected socket: judged on it.
+    assert_eq!(got.get("connected_sendto"), Some(&EPERM), "{text}");
+    // Only the connected send to the allowed port arrived.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(received(&s.udp), 1);
+}
