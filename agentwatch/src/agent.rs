@@ -833,6 +833,7 @@ impl Agents {
     /// paths whose file changed.
     pub fn refresh_exec(&mut self) -> Result<Vec<(String, PathBuf)>, KernelError> {
         let mut changed = Vec::new();
+        self.kernel.exec.begin_refresh();
         for (name, g) in &self.by_name {
             if let Some(paths) = &g.policy.exec_allow {
                 for p in self.kernel.exec.refresh(g.id, paths)? {

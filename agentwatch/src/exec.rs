@@ -43,6 +43,10 @@ pub struct ExecMaps {
     /// Each allowed path's file, held open: an inode the kernel numbers afresh when it is
     /// read in again (overlayfs) keeps its number while it is open.
     held: StdHashMap<PathBuf, std::fs::File>,
+    /// One refresh pass's answers, by path (several agents allow the same programs) ...
+    seen: StdHashMap<PathBuf, Option<(u32, u64)>>,
+    /// ... and the mount table, read once a pass.
+    mountinfo: Option<String>,
 }
 
 impl ExecMaps {
@@ -56,6 +60,8 @@ impl ExecMaps {
             inodes: take_map(ebpf, "EXEC_INODES")?,
             written: StdHashMap::new(),
             held: StdHashMap::new(),
+            seen: StdHashMap::new(),
+            mountinfo: None,
         })
     }
 
@@ -86,7 +92,7 @@ impl ExecMaps {
     ) -> Result<Vec<PathBuf>, KernelError> {
         let keys: Vec<(PathBuf, Option<ExecInodeKey>)> = paths
             .iter()
-            .map(|p| (p.clone(), self.inode_of(id, p)))
+            .map(|p| (p.clone(), self.inode_seen(id, p)))
             .collect();
         let want: HashSet<ExecInodeKey> = keys.iter().filter_map(|(_, k)| *k).collect();
         let had = self.written.get(&id).cloned().unwrap_or_default();
@@ -157,9 +163,36 @@ impl ExecMaps {
     /// execve follows them), in the kernel's device encoding; None if nothing is there. The
     /// file stays open (`held`) until the path names another.
     fn inode_of(&mut self, id: u32, path: &Path) -> Option<ExecInodeKey> {
-        let (dev, ino, file) = kernel_identity(path)?;
+        let (dev, ino, file) = kernel_identity_in(path, &mut None)?;
         self.held.insert(path.to_owned(), file);
         Some(ExecInodeKey {
+            agent: id,
+            dev,
+            ino,
+        })
+    }
+
+    /// Starts a refresh pass over every agent: each path is looked at once in it.
+    pub(crate) fn begin_refresh(&mut self) {
+        self.seen.clear();
+        self.mountinfo = None;
+    }
+
+    /// [`Self::inode_of`], answered once per path in a refresh pass.
+    fn inode_seen(&mut self, id: u32, path: &Path) -> Option<ExecInodeKey> {
+        let identity = match self.seen.get(path) {
+            Some(known) => *known,
+            None => {
+                let found =
+                    kernel_identity_in(path, &mut self.mountinfo).map(|(dev, ino, file)| {
+                        self.held.insert(path.to_owned(), file);
+                        (dev, ino)
+                    });
+                self.seen.insert(path.to_owned(), found);
+                found
+            }
+        };
+        identity.map(|(dev, ino)| ExecInodeKey {
             agent: id,
             dev,
             ino,
@@ -174,6 +207,14 @@ impl ExecMaps {
 /// file an exec opens is the overlay's, with a number of its own. stat's answer where /proc
 /// does not say (before 5.14 fdinfo has no `ino:`).
 pub fn kernel_identity(path: &Path) -> Option<(u32, u64, std::fs::File)> {
+    kernel_identity_in(path, &mut None)
+}
+
+/// [`kernel_identity`] with the mount table read at most once into `mountinfo`.
+fn kernel_identity_in(
+    path: &Path,
+    mountinfo: &mut Option<String>,
+) -> Option<(u32, u64, std::fs::File)> {
     use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
     let file = std::fs::File::open(path).ok()?;
     let meta = file.metadata().ok()?;
@@ -189,14 +230,17 @@ pub fn kernel_identity(path: &Path) -> Option<(u32, u64, std::fs::File)> {
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(meta.ino());
     let dev = field("mnt_id:")
-        .and_then(|id| mount_device(&id))
+        .and_then(|id| mount_device(&id, mountinfo))
         .unwrap_or(stat_dev);
     Some((dev, ino, file))
 }
 
 /// The device (`MAJOR << 20 | MINOR`) of the mount with id `mnt_id`, from mountinfo.
-fn mount_device(mnt_id: &str) -> Option<u32> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+fn mount_device(mnt_id: &str, mountinfo: &mut Option<String>) -> Option<u32> {
+    if mountinfo.is_none() {
+        *mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok();
+    }
+    let info = mountinfo.as_deref()?;
     let line = info.lines().find(|l| l.split(' ').next() == Some(mnt_id))?;
     let (major, minor) = line.split(' ').nth(2)?.split_once(':')?;
     Some((major.parse::<u32>().ok()? << 20) | minor.parse::<u32>().ok()?)

@@ -651,3 +651,39 @@ fn a_reload_that_removes_a_rule_closes_what_was_opened_under_it() {
     let _ = child.stdin.as_mut().expect("stdin").write_all(b"done\n");
     let _ = child.wait();
 }
+
+#[test]
+fn a_program_replaced_at_an_allowed_path_is_allowed_again_once_refreshed() {
+    privileged!();
+    let dir = agentwatch_tests::TempDir::new();
+    let tool = dir.0.join("tool");
+    std::fs::copy("/usr/bin/true", &tool).expect("copy");
+    let mut env = DaemonEnv::new();
+    env.write_config(&format!(
+        "[[agents]]\nname = \"up\"\nexec_allow = [\"{}\"]\n",
+        tool.display()
+    ));
+    env.start();
+    let cg = env.agent_cgroup("up");
+    let out = exec_in(&cg, &[tool.to_str().expect("utf8")]);
+    assert!(out.status.success(), "{out:?}");
+    // A package upgrade: a new file renamed over the old one (another inode, the same path).
+    let fresh = dir.0.join("tool.new");
+    std::fs::copy("/usr/bin/true", &fresh).expect("copy");
+    std::fs::rename(&fresh, &tool).expect("rename");
+    let refreshed = env.wait_audit("exec_allow_refreshed", 1);
+    assert_eq!(refreshed.len(), 1, "{refreshed:#?}");
+    assert_eq!(refreshed[0]["agent"], "up");
+    assert_eq!(refreshed[0]["path"], tool.to_str().expect("utf8"));
+    let out = exec_in(&cg, &[tool.to_str().expect("utf8")]);
+    assert!(
+        out.status.success(),
+        "the new file at the allowed path: {out:?}"
+    );
+    // Nothing was refused along the way.
+    assert!(
+        env.audit_lines().iter().all(|l| l["kind"] != "exec_denied"),
+        "{:#?}",
+        env.audit_lines()
+    );
+}
