@@ -764,23 +764,17 @@ impl Agents {
         name: &str,
     ) -> Result<Vec<crate::sockdiag::OpenSocket>, String> {
         use agentwatch_common::{PROTO_TCP, PROTO_UDP};
-        use std::os::unix::fs::MetadataExt as _;
         let g = self.get(name).map_err(|e| e.to_string())?;
         if g.policy.learn {
             return Ok(Vec::new());
         }
+        // Its own cgroup and every one nested below it, as the escape guard counts them.
         let mut cgroups: HashSet<u64> = HashSet::from([g.cgroup_id]);
-        let mut todo = vec![g.cgroup.path().to_owned()];
-        while let Some(dir) = todo.pop() {
-            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    if let Ok(m) = e.metadata() {
-                        cgroups.insert(m.ino());
-                    }
-                    todo.push(e.path());
-                }
-            }
-        }
+        cgroups.extend(
+            sockets::descendants(g.cgroup.path())
+                .iter()
+                .filter_map(|dir| Cgroup::open(dir).and_then(|c| c.id()).ok()),
+        );
         let all = crate::sockdiag::list().map_err(|e| format!("listing sockets: {e}"))?;
         let mine: Vec<_> = all
             .into_iter()

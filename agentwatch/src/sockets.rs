@@ -343,7 +343,7 @@ pub fn type_name(sock_type: u32) -> String {
 }
 
 /// Every cgroup folder below `root` (not `root` itself).
-fn descendants(root: &Path) -> Vec<PathBuf> {
+pub(crate) fn descendants(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut todo = vec![root.to_owned()];
     while let Some(dir) = todo.pop() {

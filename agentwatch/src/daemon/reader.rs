@@ -155,22 +155,11 @@ fn proc_cgroup(pid: u32) -> Option<String> {
 fn cgroup_path_of(id: u64) -> Option<String> {
     use std::os::unix::fs::MetadataExt as _;
     let root = crate::cgroup::cgroup2_mount().ok()?;
-    let mut todo = vec![root.clone()];
-    while let Some(dir) = todo.pop() {
-        if std::fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
-            let rel = dir.strip_prefix(&root).ok()?;
-            return Some(format!("/{}", rel.display()));
-        }
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            todo.extend(
-                entries
-                    .filter_map(Result::ok)
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path()),
-            );
-        }
-    }
-    None
+    let dir = std::iter::once(root.clone())
+        .chain(crate::sockets::descendants(&root))
+        .find(|dir| std::fs::metadata(dir).is_ok_and(|m| m.ino() == id))?;
+    let rel = dir.strip_prefix(&root).ok()?;
+    Some(format!("/{}", rel.display()))
 }
 
 fn proc_comm(pid: u32) -> Option<String> {
