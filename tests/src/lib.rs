@@ -770,6 +770,17 @@ impl Default for DaemonEnv {
 
 impl Drop for DaemonEnv {
     fn drop(&mut self) {
+        // A failed test's daemon says what it saw: CI keeps only the output, not the files.
+        if std::thread::panicking() {
+            let trail = fs::read_to_string(&self.audit).unwrap_or_default();
+            let log = self.log();
+            eprintln!(
+                "---- daemon audit trail ({}), last 60 lines ----\n{}\n---- daemon log, last 60 lines ----\n{}",
+                self.audit.display(),
+                last_lines(&trail, 60),
+                last_lines(&log, 60)
+            );
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -788,6 +799,12 @@ impl Drop for DaemonEnv {
             eprintln!("daemon env cleanup: {e}");
         }
     }
+}
+
+/// The last `n` lines of `text`.
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// CLOCK_MONOTONIC in nanoseconds (the clock of the kernel's event timestamps).

@@ -73,10 +73,16 @@ pub fn run() -> Result<ExitCode> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async {
+        // Taken over now, not when the select below first polls it: `ctrl_c()` installs its
+        // handler only then, and the story runs its first steps without yielding, so a Ctrl-C
+        // in those seconds killed the demo with its daemon and agents left running.
+        let mut interrupt =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                .context("handling Ctrl-C")?;
         let mut env = Env::create()?;
         let outcome = tokio::select! {
             r = story(&mut env) => r.map(|()| ExitCode::SUCCESS),
-            _ = tokio::signal::ctrl_c() => {
+            _ = interrupt.recv() => {
                 println!("\ninterrupted: cleaning up");
                 Ok(ExitCode::from(130))
             }
