@@ -68,6 +68,10 @@ pub const AGENT_FLAG_LEARN: u32 = 1 << 4;
 /// The agent has a file guard (`[agents.files]`): opens outside its `FILE_ALLOW` prefixes are
 /// refused (BPF LSM) or reported to the daemon (the open tracepoints, elsewhere).
 pub const AGENT_FLAG_FILES: u32 = 1 << 5;
+/// The agent has API scopes: it may reach the daemon's gateway ([`GatewayAddr`]), also while
+/// its egress is revoked (the gateway answers it 403 or 401 itself, rather than the kernel
+/// leaving its SDK waiting on a dropped packet).
+pub const AGENT_FLAG_GATEWAY: u32 = 1 << 6;
 /// Userspace bookkeeping, ignored by the kernel but kept in its map so that it survives a daemon
 /// restart: the agent was killed with the kill switch and awaits `approve`.
 pub const AGENT_FLAG_KILLED: u32 = 1 << 8;
@@ -120,6 +124,22 @@ pub struct Settings {
     pub lsm: u32,
 }
 
+/// Where the daemon's API gateway listens (slot 0 of `GATEWAY`): TCP to it is the one egress
+/// an agent with [`AGENT_FLAG_GATEWAY`] keeps when its egress is revoked.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GatewayAddr {
+    /// IPv4 in the first 4 bytes, or IPv6.
+    pub addr: [u8; 16],
+    pub port: u16,
+    /// 1: IPv6.
+    pub v6: u8,
+    /// 0: no gateway (nothing is exempt).
+    pub set: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<GatewayAddr>() == 20);
+
 /// [`Settings::lsm`]: `lsm/socket_create` refuses agents' packet sockets.
 pub const LSM_SOCKETS: u32 = 1 << 0;
 /// [`Settings::lsm`]: `lsm/file_open` guards agents' files.
@@ -141,6 +161,7 @@ mod pod {
     unsafe impl aya::Pod for super::PortRange {}
     unsafe impl aya::Pod for super::EgressEvent {}
     unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::GatewayAddr {}
     unsafe impl aya::Pod for super::ExecKey {}
     unsafe impl aya::Pod for super::ExecEvent {}
     unsafe impl aya::Pod for super::AgentLimits {}

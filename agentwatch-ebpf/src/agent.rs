@@ -1,6 +1,9 @@
 //! Which agent is the current task? Shared by every hook.
 
-use agentwatch_common::{AgentCounters, AgentState, MAX_AGENTS, MAX_CGROUP_DEPTH, Settings};
+use agentwatch_common::{
+    AGENT_FLAG_GATEWAY, AgentCounters, AgentState, GatewayAddr, MAX_AGENTS, MAX_CGROUP_DEPTH,
+    Settings,
+};
 use aya_ebpf::{
     helpers::generated::bpf_get_current_ancestor_cgroup_id,
     macros::map,
@@ -27,6 +30,31 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 /// lives here so the counts persist with the other pinned maps across daemon restarts.
 #[map]
 pub static BREAKER_TRIPS: Array<[u64; 4]> = Array::with_max_entries(MAX_AGENTS, 0);
+
+/// Where the daemon's API gateway listens (slot 0), written by the daemon at start.
+#[map]
+pub static GATEWAY: Array<GatewayAddr> = Array::with_max_entries(1, 0);
+
+/// Is TCP to `addr` (IPv4 in the first 4 bytes unless `v6`) port `port` a call of an agent
+/// with API scopes to the gateway? Such calls go through when the agent's egress is revoked:
+/// the gateway refuses them itself, with an answer the agent's SDK understands.
+#[inline(always)]
+pub fn to_gateway(state: &AgentState, tcp: bool, v6: bool, addr: &[u8; 16], port: u16) -> bool {
+    if state.flags & AGENT_FLAG_GATEWAY == 0 || !tcp {
+        return false;
+    }
+    let Some(g) = GATEWAY.get(0) else {
+        return false;
+    };
+    if g.set == 0 || g.port != port || (g.v6 != 0) != v6 {
+        return false;
+    }
+    if v6 {
+        g.addr == *addr
+    } else {
+        g.addr[..4] == addr[..4]
+    }
+}
 
 /// Events that could not be reserved in [`EVENTS`] (slot 0).
 #[map]

@@ -57,7 +57,10 @@ pub fn bytes_egress(ctx: SkBuffContext) -> i32 {
         return PASS;
     };
     let id = state.id;
-    if (state.flags & AGENT_FLAG_DENY_ALL != 0 || lease::expired(id)) && !tcp_control_only(&ctx) {
+    if (state.flags & AGENT_FLAG_DENY_ALL != 0 || lease::expired(id))
+        && !tcp_control_only(&ctx)
+        && !bound_for_gateway(&ctx, &state)
+    {
         if let Some(c) = counters(id) {
             c.packets_revoked += 1;
         }
@@ -90,6 +93,39 @@ fn agent_of(skb: *mut __sk_buff) -> Option<AgentState> {
     // SAFETY: the context pointer is what the kernel handed this program.
     agent_among_ancestors(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb.cast(), level) })
         .map(|(_, state)| state)
+}
+
+/// Is this packet TCP to the daemon's API gateway, from an agent with API scopes? It leaves a
+/// revoked agent too: the gateway refuses the call itself (403, 401), so the agent's SDK gets
+/// an answer rather than waiting on a dropped packet (on loopback, never anywhere else).
+#[inline(always)]
+fn bound_for_gateway(ctx: &SkBuffContext, state: &AgentState) -> bool {
+    if state.flags & agentwatch_common::AGENT_FLAG_GATEWAY == 0 {
+        return false;
+    }
+    let Ok(first) = ctx.load::<u8>(0) else {
+        return false;
+    };
+    let mut addr = [0u8; 16];
+    let (v6, proto, l4) = match first >> 4 {
+        4 => {
+            let (Ok(daddr), Ok(proto)) = (ctx.load::<[u8; 4]>(16), ctx.load::<u8>(9)) else {
+                return false;
+            };
+            addr[..4].copy_from_slice(&daddr);
+            (false, proto, usize::from(first & 0x0f) * 4)
+        }
+        6 => {
+            let (Ok(daddr), Ok(proto)) = (ctx.load::<[u8; 16]>(24), ctx.load::<u8>(6)) else {
+                return false;
+            };
+            addr = daddr;
+            (true, proto, 40)
+        }
+        _ => return false,
+    };
+    let port = port_at(ctx, proto, l4);
+    crate::agent::to_gateway(state, proto == IPPROTO_TCP, v6, &addr, port)
 }
 
 /// Is this a TCP segment without payload (an ACK, FIN or RST)? Those still leave a revoked

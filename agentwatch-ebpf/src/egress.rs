@@ -151,7 +151,15 @@ fn judge(ctx: &SockAddrContext, hook: u8, v6_hook: bool) -> i32 {
         None => (false, false, None),
         Some(state) => {
             if state.flags & AGENT_FLAG_DENY_ALL != 0 || lease::expired(state.id) {
-                (false, false, None)
+                // Revoked, but the gateway still answers its API calls (403, 401).
+                let gateway = crate::agent::to_gateway(
+                    &state,
+                    proto == PROTO_TCP,
+                    dest.v6,
+                    &dest.addr,
+                    dest.port,
+                );
+                (gateway, false, None)
             } else if redirect {
                 (true, false, None)
             } else {

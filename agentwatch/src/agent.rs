@@ -62,6 +62,9 @@ pub struct Policy {
     /// The most destination records, and the most exec records, the kernel keeps for this
     /// agent in learn mode (`daemon.learn_quota`; 0: no quota of its own).
     pub learn_quota: u64,
+    /// The agent has API scopes: it may reach the gateway, also while its egress is revoked
+    /// (the gateway refuses it then, with an answer).
+    pub gateway: bool,
 }
 
 impl From<CompiledRules> for Policy {
@@ -91,6 +94,9 @@ impl Policy {
         if self.files.is_some() {
             f |= AGENT_FLAG_FILES;
         }
+        if self.gateway {
+            f |= agentwatch_common::AGENT_FLAG_GATEWAY;
+        }
         f
     }
 }
@@ -100,7 +106,8 @@ const POLICY_FLAGS: u32 = AGENT_FLAG_EXEC_ALLOW
     | AGENT_FLAG_MONITOR_SYSCALLS
     | AGENT_FLAG_DNS
     | AGENT_FLAG_LEARN
-    | AGENT_FLAG_FILES;
+    | AGENT_FLAG_FILES
+    | agentwatch_common::AGENT_FLAG_GATEWAY;
 
 /// One guarded agent.
 struct Guarded {

@@ -28,10 +28,13 @@ pub enum Signal {
     Destinations,
     /// Outbound bytes per second: an agent that suddenly uploads far more than it ever did.
     Bytes,
+    /// Calls per second through the API gateway, all scopes: 500 calls a minute over one
+    /// keep-alive connection are one `connect` to every other signal.
+    ApiCalls,
 }
 
 /// How many signals there are (the length of every per-signal array).
-pub const SIGNALS: usize = 7;
+pub const SIGNALS: usize = 8;
 
 impl Signal {
     pub const ALL: [Self; SIGNALS] = [
@@ -42,6 +45,7 @@ impl Signal {
         Self::Denied,
         Self::Destinations,
         Self::Bytes,
+        Self::ApiCalls,
     ];
 
     pub fn name(self) -> &'static str {
@@ -53,6 +57,7 @@ impl Signal {
             Self::Denied => "denied",
             Self::Destinations => "destinations",
             Self::Bytes => "bytes",
+            Self::ApiCalls => "api_calls",
         }
     }
 }
@@ -316,7 +321,7 @@ mod tests {
         for _ in 0..(secs * 10.0) as usize {
             *t += Duration::from_millis(100);
             *count += rate / 10.0;
-            out.extend(m.observe(*t, [*count as u64, 0, 0, 0, 0, 0, 0]));
+            out.extend(m.observe(*t, [*count as u64, 0, 0, 0, 0, 0, 0, 0]));
         }
         out
     }
@@ -360,7 +365,7 @@ mod tests {
         );
         // require_approval: no half-open however long it waits.
         assert!(run(&mut m, &mut t, &mut n, 0.0, 10.0).is_empty());
-        m.approve(t, [n as u64, 0, 0, 0, 0, 0, 0], true);
+        m.approve(t, [n as u64, 0, 0, 0, 0, 0, 0, 0], true);
         assert_eq!(m.state(), State::Closed);
     }
 
@@ -371,7 +376,7 @@ mod tests {
         let mut m = Monitor::new(Some(cfg()), t0);
         run(&mut m, &mut t, &mut n, 10.0, 5.0);
         assert!(!run(&mut m, &mut t, &mut n, 300.0, 0.5).is_empty());
-        m.approve(t, [n as u64, 0, 0, 0, 0, 0, 0], false);
+        m.approve(t, [n as u64, 0, 0, 0, 0, 0, 0, 0], false);
         assert_eq!(m.baseline(Signal::Connects), None);
         // The burst rate goes on: judged neither during the new warmup nor after it, since the
         // baseline learned it.
@@ -388,7 +393,7 @@ mod tests {
         run(&mut m, &mut t, &mut n, 10.0, 5.0);
         assert!(!run(&mut m, &mut t, &mut n, 300.0, 0.5).is_empty());
         // The burst's calls are still inside the window, but approval restarts the window.
-        m.approve(t, [n as u64, 0, 0, 0, 0, 0, 0], true);
+        m.approve(t, [n as u64, 0, 0, 0, 0, 0, 0, 0], true);
         assert_eq!(run(&mut m, &mut t, &mut n, 10.0, 2.0), vec![]);
         let b = m.baseline(Signal::Connects).unwrap();
         assert!((b - 10.0).abs() < 2.0, "{b}");

@@ -34,6 +34,8 @@ struct RawConfig {
     daemon: DaemonConfig,
     #[serde(default)]
     agents: Vec<RawAgent>,
+    #[serde(default)]
+    secrets: std::collections::BTreeMap<String, Spanned<crate::gateway::scope::RawSecret>>,
 }
 
 /// `[daemon]`.
@@ -80,6 +82,8 @@ pub struct DaemonConfig {
     /// destinations, and this many exec'd paths. Beyond it the agent's own records are
     /// counted as lost (`learn` says its proposal is partial); no other agent loses any.
     pub learn_quota: u64,
+    /// The API gateway's plain-HTTP listener, where agents' scopes are served (loopback).
+    pub gateway_listen: SocketAddr,
 }
 
 /// Deserializers of `[daemon]` values that TOML has no type for.
@@ -151,6 +155,9 @@ impl Default for DaemonConfig {
             learn_quota: agentwatch_common::DEFAULT_LEARN_QUOTA,
             // Persistent, root's, beside the rest of agentwatch's state.
             agent_homes: PathBuf::from("/var/lib/agentwatch/home"),
+            // Loopback, beside metrics: only this host's agents call it, and the kernel says
+            // which one each caller is.
+            gateway_listen: SocketAddr::from(([127, 0, 0, 1], 9751)),
         }
     }
 }
@@ -181,6 +188,8 @@ struct RawAgent {
     lease: Option<Spanned<String>>,
     #[serde(default)]
     lease_action: Option<LeaseAction>,
+    #[serde(default)]
+    apis: Vec<crate::gateway::scope::RawApi>,
 }
 
 /// How an agent's allow-list is applied.
@@ -347,6 +356,8 @@ pub struct Agent {
     /// The agent's table as written, for `agentwatch learn` to carry its other settings into
     /// the policy it proposes.
     pub table: toml::Table,
+    /// `[[agents.apis]]`: the scopes the gateway serves it.
+    pub apis: Vec<crate::gateway::scope::Api>,
 }
 
 /// A validated config.
@@ -354,6 +365,8 @@ pub struct Agent {
 pub struct Config {
     pub daemon: DaemonConfig,
     pub agents: Vec<Agent>,
+    /// `[secrets]`: where each comes from (read by the daemon, never by this check).
+    pub secrets: std::collections::BTreeMap<String, crate::gateway::secrets::SecretSource>,
 }
 
 /// One problem in a config file, with its 1-based line and column.
@@ -566,6 +579,7 @@ fn validate(
             );
         }
     }
+    let secrets = crate::gateway::scope::secrets(&raw.secrets, &mut |span, m| c.at(span, m));
     let mut seen_names: HashMap<String, Range<usize>> = HashMap::new();
     let mut seen_cgroups: Vec<(String, Range<usize>)> = Vec::new();
     let mut agents = Vec::new();
@@ -729,6 +743,9 @@ fn validate(
                 ),
             );
         }
+        let apis = crate::gateway::scope::apis(&a.apis, &secrets, &mut |span, m| {
+            c.at(span, format!("agent `{name}`: {m}"));
+        });
         agents.push(Agent {
             name,
             cgroup,
@@ -752,11 +769,16 @@ fn validate(
             learn: a.mode == Mode::Learn,
             rule_texts,
             table,
+            apis,
         });
     }
     assign_uids(&daemon, &mut agents, c);
     check_learn_quota(&daemon, &agents, c);
-    Config { daemon, agents }
+    Config {
+        daemon,
+        agents,
+        secrets,
+    }
 }
 
 /// Learn-mode agents' shares must fit the kernel's learn maps together, or one agent filling

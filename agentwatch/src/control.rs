@@ -37,6 +37,14 @@ pub enum Request {
         /// Keep the learned baselines (default: learn them again from now).
         #[serde(default)]
         keep_baseline: bool,
+        /// Not the breaker: let this one held API call through.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        call: Option<u64>,
+    },
+    /// Refuse held API call `call` of `agent`.
+    Deny {
+        agent: String,
+        call: u64,
     },
     Reload,
     /// Where to put a process of `agent` (the CLI then moves itself there and execs).

@@ -59,7 +59,7 @@ pub struct Kernel {
 
 /// Every map of the object with the key and value sizes this build expects of it. A pinned map
 /// of another layout (an older agentwatch) is refused rather than misread.
-const MAPS: [(&str, u32, u32); 36] = [
+const MAPS: [(&str, u32, u32); 37] = [
     ("AGENTS", 8, size_of::<AgentState>() as u32),
     ("COUNTERS", 4, size_of::<AgentCounters>() as u32),
     ("EVENTS", 0, 0),
@@ -129,6 +129,11 @@ const MAPS: [(&str, u32, u32); 36] = [
     ("OPENS", 8, 16),
     ("TAMPER_DAEMON", 4, 4),
     ("TAMPER_INODES", 16, 4),
+    (
+        "GATEWAY",
+        4,
+        size_of::<agentwatch_common::GatewayAddr>() as u32,
+    ),
 ];
 
 /// Name of the pinned map of the daemon's checkpoints, beside the object's maps. Not one of
@@ -333,22 +338,39 @@ impl Kernel {
         })
     }
 
+    /// Writes slot 0 of the array map `name` (the one-entry maps the daemon fills at start).
+    fn set_slot0<T: aya::Pod>(&mut self, name: &'static str, value: T) -> Result<(), KernelError> {
+        let err = |source| KernelError::Map { name, source };
+        let mut map: aya::maps::Array<&mut MapData, T> = aya::maps::Array::try_from(
+            self.ebpf
+                .map_mut(name)
+                .ok_or(KernelError::MissingMap(name))?,
+        )
+        .map_err(err)?;
+        map.set(0, value, 0).map_err(err)
+    }
+
+    /// Tells the egress programs where the API gateway listens (see `AGENT_FLAG_GATEWAY`).
+    pub fn set_gateway(&mut self, at: std::net::SocketAddr) -> Result<(), KernelError> {
+        let mut g = agentwatch_common::GatewayAddr {
+            port: at.port(),
+            set: 1,
+            ..Default::default()
+        };
+        match at.ip() {
+            std::net::IpAddr::V4(a) => g.addr[..4].copy_from_slice(&a.octets()),
+            std::net::IpAddr::V6(a) => {
+                g.addr = a.octets();
+                g.v6 = 1;
+            }
+        }
+        self.set_slot0("GATEWAY", g)
+    }
+
     /// Tells the tamper guard which process is the daemon (`lsm/task_kill` refuses agents'
     /// signals to it). Written at every start: the pinned map holds the last daemon's.
     pub fn set_daemon_tgid(&mut self, tgid: u32) -> Result<(), KernelError> {
-        let mut map: aya::maps::Array<&mut MapData, u32> = aya::maps::Array::try_from(
-            self.ebpf
-                .map_mut("TAMPER_DAEMON")
-                .ok_or(KernelError::MissingMap("TAMPER_DAEMON"))?,
-        )
-        .map_err(|source| KernelError::Map {
-            name: "TAMPER_DAEMON",
-            source,
-        })?;
-        map.set(0, tgid, 0).map_err(|source| KernelError::Map {
-            name: "TAMPER_DAEMON",
-            source,
-        })
+        self.set_slot0("TAMPER_DAEMON", tgid)
     }
 
     /// Makes the tamper guard's set of the daemon's files exactly `want`: adds first, then

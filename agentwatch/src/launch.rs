@@ -48,6 +48,13 @@ pub fn launch(socket: &Path, name: &str, cmd: &[OsString]) -> Result<std::conver
     }
     let mut command = Command::new(program);
     command.args(args);
+    // The agent's API scopes: the gateway's URL and a phantom token each, and the variables
+    // its SDKs read (never a real key: the daemon keeps those).
+    for pair in data["env"].as_array().into_iter().flatten() {
+        if let (Some(k), Some(v)) = (pair[0].as_str(), pair[1].as_str()) {
+            command.env(k, v);
+        }
+    }
     if let Some(u) = &run_as {
         // What login and systemd's User= give a process, so the command finds its own home.
         command

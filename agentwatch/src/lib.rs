@@ -30,6 +30,7 @@ pub mod egress;
 pub mod events;
 pub mod exec;
 pub mod files;
+pub mod gateway;
 pub mod harden;
 pub mod kernel;
 pub mod launch;

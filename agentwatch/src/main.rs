@@ -95,8 +95,18 @@ enum Cmd {
     Approve {
         agent: String,
         /// Keep the learned baselines; judge only calls made after the approval against them.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "call")]
         keep_baseline: bool,
+        /// Instead: let this one held API call through (its id is in `status` and `top`).
+        #[arg(long, value_name = "ID")]
+        call: Option<u64>,
+    },
+    /// Refuse a held API call: it gets 403 (`refused`).
+    Deny {
+        agent: String,
+        /// The held call's id (in `status` and `top`).
+        #[arg(long, value_name = "ID")]
+        call: u64,
     },
     /// Reload the daemon's config (same as SIGHUP).
     Reload,
@@ -225,6 +235,18 @@ fn real_main(cmd: Cmd, socket: PathBuf) -> Result<ExitCode> {
                         println!("{}: {e}", config.display());
                         return Ok(ExitCode::FAILURE);
                     }
+                    // The daemon refuses a config whose secrets it cannot read, or that others
+                    // may read: so does check (as the daemon's user, it reads them the same way).
+                    let mut bad = false;
+                    for (name, source) in &c.secrets {
+                        if let Err(e) = agentwatch::gateway::secrets::load(name, source) {
+                            println!("{}: {e}", config.display());
+                            bad = true;
+                        }
+                    }
+                    if bad {
+                        return Ok(ExitCode::FAILURE);
+                    }
                     println!("{}: ok ({} agent(s))", config.display(), c.agents.len());
                     for a in c.agents.iter().filter(|a| a.run_as.is_root()) {
                         println!(
@@ -334,10 +356,13 @@ fn real_main(cmd: Cmd, socket: PathBuf) -> Result<ExitCode> {
         Cmd::Approve {
             agent,
             keep_baseline,
+            call,
         } => Request::Approve {
             agent,
             keep_baseline,
+            call,
         },
+        Cmd::Deny { agent, call } => Request::Deny { agent, call },
         Cmd::Reload => Request::Reload,
         Cmd::Extend { agent, duration } => {
             if duration < Duration::from_secs(1) {
@@ -372,7 +397,13 @@ fn describe(r: &Request) -> String {
         Request::Freeze { agent } => format!("freeze {agent}"),
         Request::Thaw { agent } => format!("thaw {agent}"),
         Request::Kill { agent } => format!("kill {agent}"),
+        Request::Approve {
+            agent,
+            call: Some(id),
+            ..
+        } => format!("approve {agent} call {id}"),
         Request::Approve { agent, .. } => format!("approve {agent}"),
+        Request::Deny { agent, call } => format!("deny {agent} call {call}"),
         Request::Reload => "reload".into(),
         Request::Status { .. } => "status".into(),
         Request::Learn { agent, .. } => format!("learn {agent}"),

@@ -38,6 +38,8 @@ pub struct AgentSnapshot {
     pub lease_seconds_left: Option<f64>,
     /// Every configured rule (its text as written) with the calls it admitted.
     pub rule_hits: Vec<(String, u64)>,
+    /// Per API scope: calls through the gateway by decision.
+    pub api_calls: Vec<(String, Vec<(&'static str, u64)>)>,
 }
 
 const ACTIONS: [&str; 4] = ["alert", "deny", "freeze", "kill"];
@@ -200,6 +202,13 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
         "Outbound bytes the agent's byte cap dropped in the kernel",
         &["agent"],
     )?;
+    let api_calls = counter_vec(
+        &r,
+        "agentwatch_api_calls_total",
+        "Calls through the API gateway, by scope and decision (allowed, approved, denied, \
+         limited, refused, revoked)",
+        &["agent", "api", "decision"],
+    )?;
     let revoked = counter_vec(
         &r,
         "agentwatch_egress_packets_revoked_total",
@@ -308,6 +317,13 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
             .with_label_values(&[n])
             .inc_by(c.egress_bytes_dropped);
         revoked.with_label_values(&[n]).inc_by(c.packets_revoked);
+        for (api, calls) in &a.api_calls {
+            for (decision, count) in calls {
+                api_calls
+                    .with_label_values(&[n, api.as_str(), decision])
+                    .inc_by(*count);
+            }
+        }
         for (rule, hits) in &a.rule_hits {
             rule_hits
                 .with_label_values(&[n, rule.as_str()])
@@ -370,8 +386,8 @@ mod tests {
                 control_refused: 3,
                 guard_restored: 0,
                 daemon_moved: 1,
-                rates: [12.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-                baselines: [Some(2.0), None, None, None, None, None, None],
+                rates: [12.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                baselines: [Some(2.0), None, None, None, None, None, None, None],
                 anomaly_score: 6.25,
                 breaker_open: true,
                 trips: [0, 0, 1, 0],
@@ -383,6 +399,7 @@ mod tests {
                 },
                 lease_seconds_left: Some(42.5),
                 rule_hits: vec![("tcp 10.0.0.0/8 443".into(), 4), ("udp ::1 53".into(), 0)],
+                api_calls: vec![("mail".into(), vec![("allowed", 3), ("limited", 1)])],
             }],
             events_lost: 2,
             reloads_ok: 4,
@@ -418,6 +435,8 @@ mod tests {
             "agentwatch_audit_lines_lost_total 2",
             "agentwatch_rule_hits_total{agent=\"mailer\",rule=\"tcp 10.0.0.0/8 443\"} 4",
             "agentwatch_rule_hits_total{agent=\"mailer\",rule=\"udp ::1 53\"} 0",
+            "agentwatch_api_calls_total{agent=\"mailer\",api=\"mail\",decision=\"allowed\"} 3",
+            "agentwatch_api_calls_total{agent=\"mailer\",api=\"mail\",decision=\"limited\"} 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -230,6 +230,56 @@ fn parse(body: &[u8], protocol: u8) -> Option<OpenSocket> {
     })
 }
 
+/// The TCP socket whose own address is `local` and whose peer is `peer`, if the host has one:
+/// one exact look-up (no dump). The gateway asks this of each connection it accepts, with the
+/// addresses reversed, to learn the cgroup of the socket that called it.
+pub fn find_tcp(local: SocketAddr, peer: SocketAddr) -> io::Result<Option<OpenSocket>> {
+    let family = match (local, peer) {
+        (SocketAddr::V4(_), SocketAddr::V4(_)) => libc::AF_INET as u8,
+        (SocketAddr::V6(_), SocketAddr::V6(_)) => libc::AF_INET6 as u8,
+        _ => return Ok(None),
+    };
+    let mut id = [0u8; SOCKID];
+    id[0..2].copy_from_slice(&local.port().to_be_bytes());
+    id[2..4].copy_from_slice(&peer.port().to_be_bytes());
+    let put = |slot: &mut [u8], ip: IpAddr| match ip {
+        IpAddr::V4(a) => slot[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => slot[..16].copy_from_slice(&a.octets()),
+    };
+    put(&mut id[4..20], local.ip());
+    put(&mut id[20..36], peer.ip());
+    // Interface 0 (any); cookie INET_DIAG_NOCOOKIE: not checked.
+    id[40..48].copy_from_slice(&[0xff; 8]);
+    let fd = open()?;
+    send(
+        &fd,
+        &request(
+            SOCK_DIAG_BY_FAMILY,
+            NLM_F_REQUEST,
+            family,
+            libc::IPPROTO_TCP as u8,
+            &id,
+        ),
+    )?;
+    let mut buf = [0u8; 1024];
+    let n = recv(&fd, &mut buf)?;
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed sock_diag reply");
+    let len = u32_at(&buf[..n], 0).ok_or_else(bad)? as usize;
+    if len < NLMSG_HDR || len > n {
+        return Err(bad());
+    }
+    let body = &buf[NLMSG_HDR..len];
+    match u16_at(&buf[..n], 4).ok_or_else(bad)? {
+        NLMSG_ERROR => match u32_at(body, 0).map(|e| -(e as i32)) {
+            Some(libc::ENOENT) => Ok(None),
+            Some(e) => Err(io::Error::from_raw_os_error(e)),
+            None => Err(bad()),
+        },
+        SOCK_DIAG_BY_FAMILY => Ok(parse(body, libc::IPPROTO_TCP as u8)),
+        _ => Err(bad()),
+    }
+}
+
 /// Closes `s` (SOCK_DESTROY). A socket already gone is not an error.
 pub fn destroy(s: &OpenSocket) -> io::Result<()> {
     let fd = open()?;
@@ -287,5 +337,27 @@ mod tests {
             .find(|o| o.local == peer.local_addr().unwrap())
             .expect("listed");
         assert!(!unconnected.connected());
+    }
+
+    #[test]
+    fn finds_the_calling_end_of_a_tcp_connection_exactly() {
+        for any in ["127.0.0.1:0", "[::1]:0"] {
+            let listener = std::net::TcpListener::bind(any).unwrap();
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (served, from) = listener.accept().unwrap();
+            // As the gateway asks: the socket at the peer's address, whose peer is us.
+            let found = find_tcp(from, served.local_addr().unwrap())
+                .unwrap()
+                .expect("found");
+            assert_eq!(found.local, client.local_addr().unwrap());
+            assert_eq!(found.peer, listener.local_addr().unwrap());
+            assert_eq!(found.state, TCP_ESTABLISHED);
+            let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+            assert_ne!(found.cgroup_id, 0, "{own}");
+            // A port nobody has: nothing, not an error.
+            let mut gone = from;
+            gone.set_port(1);
+            assert_eq!(find_tcp(gone, served.local_addr().unwrap()).unwrap(), None);
+        }
     }
 }

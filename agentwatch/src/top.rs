@@ -65,6 +65,7 @@ impl Action {
             Self::Approve => Request::Approve {
                 agent,
                 keep_baseline: false,
+                call: None,
             },
         }
     }

@@ -14,6 +14,7 @@ use std::{
 pub mod bench;
 pub mod dns;
 pub mod prom;
+pub mod upstream;
 
 use agentwatch::{
     cgroup::{self, Cgroup},
@@ -476,7 +477,8 @@ impl DaemonEnv {
     pub fn daemon_section(&self) -> String {
         format!(
             "[daemon]\ncgroup_parent = \"{}\"\npin_dir = \"{}\"\ncontrol_socket = \"{}\"\n\
-             metrics_listen = \"127.0.0.1:0\"\naudit_log = \"{}\"\nagent_homes = \"{}\"\n{}\n",
+             metrics_listen = \"127.0.0.1:0\"\ngateway_listen = \"127.0.0.1:0\"\naudit_log = \"{}\"\n\
+             agent_homes = \"{}\"\n{}\n",
             self.parent_name,
             self.pin_dir.display(),
             self.socket.display(),

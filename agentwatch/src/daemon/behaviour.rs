@@ -47,7 +47,7 @@ impl State {
             let Ok(c) = self.agents.counters(&name) else {
                 continue;
             };
-            let counts = signal_counts(&c);
+            let counts = signal_counts(&c, self.gateway.api_calls(&name));
             let t = self
                 .monitors
                 .get_mut(&name)
@@ -70,6 +70,7 @@ impl State {
             Transition::HalfOpen => {
                 // Lift the action; the next window decides whether the breaker closes.
                 let _ = self.agents.update_flags(agent, 0, AGENT_FLAG_DENY_ALL);
+                self.sync_gateway(agent);
                 if let Ok(cg) = self.cgroup_of(agent) {
                     let _ = cg.set_frozen(false);
                 }
@@ -164,10 +165,14 @@ impl State {
     }
 
     fn set_flags(&mut self, agent: &str, flags: u32) -> Result<(), String> {
-        self.agents
+        let set = self
+            .agents
             .update_flags(agent, flags, 0)
             .map(drop)
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string());
+        // A breaker that denies denies the agent's API calls too.
+        self.sync_gateway(agent);
+        set
     }
 }
 
@@ -182,7 +187,7 @@ fn action_label(a: Action) -> (&'static str, usize) {
 }
 
 /// The cumulative count behind each breaker signal (indexed like `Signal::ALL`).
-pub(super) fn signal_counts(c: &AgentCounters) -> [u64; SIGNALS] {
+pub(super) fn signal_counts(c: &AgentCounters, api_calls: u64) -> [u64; SIGNALS] {
     [
         c.connects,
         c.sends,
@@ -191,5 +196,6 @@ pub(super) fn signal_counts(c: &AgentCounters) -> [u64; SIGNALS] {
         c.verdict_total(VERDICT_DENIED),
         c.destinations,
         c.egress_bytes,
+        api_calls,
     ]
 }

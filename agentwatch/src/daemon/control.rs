@@ -282,8 +282,15 @@ impl State {
             Request::Kill { agent } => self.kill(&agent, uid),
             Request::Approve {
                 agent,
+                call: Some(id),
+                ..
+            } => self.decide_call(&agent, id, true, uid),
+            Request::Approve {
+                agent,
                 keep_baseline,
+                call: None,
             } => self.approve(&agent, keep_baseline, uid),
+            Request::Deny { agent, call } => self.decide_call(&agent, call, false, uid),
             Request::Launch { agent } => self.launch(&agent),
             Request::Recent { lines } => Ok(json!({ "lines": self.recent(lines) })),
             Request::Extend { agent, seconds } => self.extend(&agent, seconds, uid),
@@ -408,6 +415,12 @@ impl State {
             .update_flags(agent, AGENT_FLAG_DENY_ALL | extra_flags, 0)
             .map_err(|e| e.to_string())?;
         crate::crash::point("kill.denied");
+        // Its tokens die and its calls through the gateway are cut with its processes.
+        let revoked = self.gateway.revoke(agent, "killed");
+        if revoked > 0 {
+            tracing::info!(agent, tokens = revoked, "gateway tokens revoked");
+        }
+        self.sync_gateway(agent);
         let before = cg.all_pids().map_err(|e| e.to_string())?;
         cg.kill().map_err(|e| e.to_string())?;
         cg.wait_empty(KILL_WAIT).map_err(|e| e.to_string())?;
@@ -430,6 +443,7 @@ impl State {
             .agents
             .extend_lease(agent, Duration::from_secs(seconds))
             .map_err(|e| e.to_string())?;
+        self.sync_gateway(agent);
         let action = self.config.agent(agent).map(|a| a.lease_action);
         if reopened && action == Some(LeaseAction::Freeze) {
             cg.set_frozen(false).map_err(|e| e.to_string())?;
@@ -503,10 +517,12 @@ impl State {
                 AGENT_FLAG_KILLED | AGENT_FLAG_TRIPPED | AGENT_FLAG_DENY_ALL,
             )
             .map_err(|e| e.to_string())?;
+        self.sync_gateway(agent);
         // The windows restart from the counts of this instant: what the agent did before the
         // approval is never judged again.
         let counts = super::behaviour::signal_counts(
             &self.agents.counters(agent).map_err(|e| e.to_string())?,
+            self.gateway.api_calls(agent),
         );
         if let Some(m) = self.monitors.get_mut(agent) {
             m.approve(std::time::Instant::now(), counts, keep_baseline);
@@ -523,6 +539,32 @@ impl State {
         );
         tracing::info!(agent, actor_uid = uid, "approved");
         Ok(json!({ "state": "running" }))
+    }
+
+    /// A human's decision on a held API call: audited (`api_decided`, with who), then the call
+    /// goes on or gets 403.
+    fn decide_call(
+        &mut self,
+        agent: &str,
+        id: u64,
+        approve: bool,
+        uid: u32,
+    ) -> Result<Value, String> {
+        let call = self.gateway.decide(agent, id, approve)?;
+        self.audit_agent(
+            agent,
+            "api_decided",
+            json!({
+                "api": call.scope,
+                "call": id,
+                "method": call.method,
+                "path": call.path,
+                "digest": call.digest,
+                "decision": if approve { "approved" } else { "refused" },
+                "actor_uid": uid,
+            }),
+        );
+        Ok(json!({ "call": id, "decision": if approve { "approved" } else { "refused" } }))
     }
 
     fn launch(&self, agent: &str) -> Result<Value, String> {
@@ -544,7 +586,14 @@ impl State {
             .map(|a| a.run_as.clone())
             .ok_or_else(|| format!("agent `{agent}` is not in the config in force"))?;
         let cgroup = cg.path().display().to_string();
-        Ok(match run_as {
+        // A token per API scope for this launch (worthless outside this agent's cgroup).
+        let env: Vec<[String; 2]> = self
+            .gateway
+            .launch(agent)?
+            .into_iter()
+            .map(|(k, v)| [k, v])
+            .collect();
+        let mut reply = match run_as {
             RunAs::Root => json!({ "cgroup": cgroup, "user": "root" }),
             RunAs::User(u) => json!({ "cgroup": cgroup, "user": u }),
             RunAs::Own { uid } => {
@@ -572,6 +621,8 @@ impl State {
                     "home": home.display().to_string(),
                 })
             }
-        })
+        };
+        reply["env"] = json!(env);
+        Ok(reply)
     }
 }

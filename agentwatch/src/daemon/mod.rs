@@ -69,6 +69,9 @@ struct State {
     /// The DNS forwarder of agents with hostname rules (its tasks run beside this state and
     /// never take its lock).
     dns: dns::Forwarder,
+    /// The API gateway (phantom tokens): like the forwarder, its tasks never take this lock;
+    /// the policy tells it the scopes, launches get tokens from it, kills revoke them.
+    gateway: crate::gateway::serve::Gateway,
     /// Configured agents whose cgroup was removed from under the daemon: out of the config in
     /// force until their cgroup exists again (`sweep::sweep_vanished`).
     vanished: Vec<crate::config::Agent>,
@@ -138,6 +141,16 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
     let socket_path = config.daemon.control_socket.clone();
     refuse_if_running(&socket_path)?;
     raise_nofile();
+    // The daemon holds the agents' API secrets: no core file, and its /proc/<pid>/mem, environ
+    // and maps closed to every process without CAP_SYS_PTRACE, a root agent of the same uid
+    // included (launch drops that capability).
+    // SAFETY: prctl with constant arguments.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        tracing::warn!(
+            "could not make the daemon non-dumpable: {}",
+            std::io::Error::last_os_error()
+        );
+    }
     // Bound before anything is guarded: a port in use is a config error reported at once, not
     // a daemon that stops halfway through starting.
     let metrics_addr = config.daemon.metrics_listen;
@@ -165,6 +178,8 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
             )
         })?;
     tracing::info!(audit_log = %audit::describe(&config.daemon.audit_log).display(), "audit trail open");
+    // It binds gateway_listen when the first agent with API scopes is guarded.
+    let gateway = crate::gateway::serve::Gateway::new(config.daemon.gateway_listen, audit.clone());
     let pins = PinDir::new(&config.daemon.pin_dir);
     ensure_bpffs(pins.root())?;
     // Made now, so that it is the daemon's own: an agent that made it first owns it, and the
@@ -178,6 +193,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         tracing::info!(pin_dir = %config.daemon.pin_dir.display(), "re-adopting pinned maps and links");
     }
     let previous = watchdog::Previous::read(&agents, last_line.as_ref(), adopting);
+
     // The tamper guard (BPF LSM) refuses agents' signals to this process.
     agents
         .kernel_mut()
@@ -195,6 +211,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         config: Config {
             daemon: config.daemon.clone(),
             agents: Vec::new(),
+            secrets: BTreeMap::new(),
         },
         source,
         mount,
@@ -212,6 +229,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         watchdog: watchdog::Watchdog::default(),
         swept: sweep::Swept::default(),
         dns,
+        gateway,
         vanished: Vec::new(),
     };
     state.watchdog.set_home();

@@ -55,6 +55,10 @@ impl State {
         if new.daemon != self.config.daemon {
             tracing::warn!("[daemon] settings changed: they take effect at the next restart");
         }
+        // Secrets read and upstream clients built before anything changes: a secret that
+        // cannot be read (or may be read by others) refuses the whole config.
+        let mut gateway_plan = self.prepare_gateway(&new)?;
+        let gateway = self.gateway.addr();
         let old: BTreeMap<String, Agent> = self
             .config
             .agents
@@ -101,7 +105,13 @@ impl State {
         }
         if failure.is_none() {
             for a in &changed {
-                let mut policy = policy_of(a, &self.config.daemon);
+                let mut policy = match policy_of(a, &self.config.daemon, gateway) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                };
                 let endpoint = if !self.wants_dns(a) {
                     None
                 } else if let Some(ports) = self.dns.ports(&a.name) {
@@ -209,9 +219,28 @@ impl State {
         });
         let mut agents = new.agents;
         agents.retain(|a| !late.iter().any(|(n, _)| *n == a.name));
+        // The gateway serves exactly the agents in force; the others' tokens are revoked.
+        for a in &removed {
+            self.gateway.remove_agent(&a.name, "removed");
+        }
+        for (name, _) in &late {
+            self.gateway.remove_agent(name, "removed");
+        }
+        for a in &agents {
+            let scopes = gateway_plan.remove(&a.name).unwrap_or_default();
+            match (self.agents.info(&a.name), self.agents.cgroup(&a.name)) {
+                (Some(info), Some(cg)) => {
+                    self.gateway
+                        .set_agent(&a.name, info.cgroup_id, cg.path(), scopes);
+                }
+                _ => self.gateway.remove_agent(&a.name, "removed"),
+            }
+            self.sync_gateway(&a.name);
+        }
         self.config = Config {
             daemon: self.config.daemon.clone(),
             agents,
+            secrets: new.secrets,
         };
         self.sync_learn();
         if late.is_empty() {
@@ -238,7 +267,7 @@ impl State {
                     .map_err(|e| format!("agent `{}`: {e}", a.name))?,
             )
         };
-        let mut policy = policy_of(a, &self.config.daemon);
+        let mut policy = policy_of(a, &self.config.daemon, self.gateway.addr())?;
         policy.dns = endpoint.as_ref().map(|e| e.ports);
         let (cgroup, created) = if a.adopted {
             (Cgroup::open(&path).map_err(|e| e.to_string())?, false)
@@ -444,9 +473,101 @@ impl State {
 }
 
 /// The kernel policy of a configured agent.
-fn policy_of(a: &Agent, daemon: &crate::config::DaemonConfig) -> Policy {
-    Policy {
-        rules: a.compiled.clone(),
+impl State {
+    /// Every secret of `new` read, and every scope's upstream client built: per agent, its
+    /// scopes ready for the gateway. Nothing is changed; an error refuses the config whole.
+    fn prepare_gateway(
+        &mut self,
+        new: &Config,
+    ) -> Result<BTreeMap<String, Vec<crate::gateway::serve::PreparedScope>>, String> {
+        use crate::gateway::{secrets, serve::PreparedScope, upstream};
+        // The listener first: the agents' rules name where it listens.
+        if new.agents.iter().any(|a| !a.apis.is_empty()) {
+            let listen = new.daemon.gateway_listen;
+            let addr = self.gateway.listen().map_err(|e| {
+                format!(
+                    "binding gateway_listen {listen} (is another daemon or program using it?): {e}"
+                )
+            })?;
+            self.agents.kernel_mut().set_gateway(addr).map_err(|e| {
+                format!("telling the egress programs where the gateway listens: {e}")
+            })?;
+        }
+        let mut errors = Vec::new();
+        let mut loaded = BTreeMap::new();
+        for (name, source) in &new.secrets {
+            match secrets::load(name, source) {
+                Ok(s) => {
+                    loaded.insert(name.clone(), Arc::new(s));
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        // The host's roots are read once, and only if a scope trusts them.
+        let mut system: Option<Result<Arc<rustls::RootCertStore>, String>> = None;
+        let mut plan = BTreeMap::new();
+        for a in &new.agents {
+            let mut scopes = Vec::new();
+            for api in &a.apis {
+                let roots = match &api.ca_file {
+                    Some(path) => upstream::roots_from(path).map_err(|e| e.to_string()),
+                    None => system
+                        .get_or_insert_with(|| upstream::system_roots().map_err(|e| e.to_string()))
+                        .clone(),
+                };
+                let client = roots.and_then(|r| upstream::client(r).map_err(|e| e.to_string()));
+                match (client, loaded.get(&api.secret)) {
+                    (Ok(client), Some(secret)) => {
+                        scopes.push(PreparedScope::new(api.clone(), Arc::clone(secret), client));
+                    }
+                    (Err(e), _) => {
+                        errors.push(format!("agent `{}` api `{}`: {e}", a.name, api.name))
+                    }
+                    // Its secret's own error is already in the list.
+                    (Ok(_), None) => {}
+                }
+            }
+            plan.insert(a.name.clone(), scopes);
+        }
+        if errors.is_empty() {
+            Ok(plan)
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// Tells the gateway what the kernel says of agent `agent`: denied (breaker, kill switch)
+    /// and when its lease ends.
+    pub(super) fn sync_gateway(&self, agent: &str) {
+        let flags = self.agents.info(agent).map_or(0, |i| i.state.flags);
+        self.gateway
+            .set_denied(agent, flags & agentwatch_common::AGENT_FLAG_DENY_ALL != 0);
+        self.gateway
+            .set_lease_end(agent, self.agents.lease_deadline(agent));
+    }
+}
+
+/// The kernel policy of agent `a`. An agent with API scopes may also connect to the gateway
+/// at `gateway` (its own rules need not name it; nothing else of the host is opened).
+fn policy_of(
+    a: &Agent,
+    daemon: &crate::config::DaemonConfig,
+    gateway: Option<std::net::SocketAddr>,
+) -> Result<Policy, String> {
+    let rules = if a.apis.is_empty() {
+        a.compiled.clone()
+    } else {
+        let gateway = gateway
+            .ok_or_else(|| format!("agent `{}`: the API gateway is not listening", a.name))?;
+        let rule: crate::egress::Rule = format!("tcp {} {}", gateway.ip(), gateway.port())
+            .parse()
+            .map_err(|e| format!("agent `{}`: the gateway's rule: {e}", a.name))?;
+        let mut all = a.egress.clone();
+        all.push(rule);
+        crate::egress::compile(&all).map_err(|e| format!("agent `{}`: {e}", a.name))?
+    };
+    Ok(Policy {
+        rules,
         connects_per_second: a.limits.connects_per_second,
         sends_per_second: a.limits.sends_per_second,
         events_per_second: Some(daemon.audit_rate),
@@ -459,7 +580,8 @@ fn policy_of(a: &Agent, daemon: &crate::config::DaemonConfig) -> Policy {
         egress_bytes_per_second: a.limits.egress_bytes_per_second,
         learn: a.learn,
         learn_quota: daemon.learn_quota,
-    }
+        gateway: !a.apis.is_empty(),
+    })
 }
 
 /// Reloads when the config file's content changes (editors that replace the file included).

@@ -42,6 +42,8 @@ impl State {
     /// One row per agent; with `rules`, each row lists the agent's rules and the calls each
     /// admitted.
     pub(super) fn status(&self, rules: bool) -> Vec<Value> {
+        let gateway = self.gateway.counts();
+        let held = self.gateway.held();
         let hits = if rules {
             self.agents.kernel().learn().rule_hits()
         } else {
@@ -129,6 +131,14 @@ impl State {
                     "learned": dns.learned,
                 },
                 "lease": self.lease_row(name),
+                // Per API scope: calls by decision, limits left, calls held for a human.
+                "apis": gateway.get(name).map_or_else(
+                    || json!({}),
+                    |scopes| crate::gateway::serve::status_json(
+                        scopes,
+                        &held.iter().filter(|h| h.agent == name).cloned().collect::<Vec<_>>(),
+                    ),
+                ),
                 "audit_suppressed": c.suppressed(),
                 "privileged_processes": privileged(cg),
             }));
@@ -167,6 +177,7 @@ impl State {
 
     pub(super) fn snapshot(&self) -> Snapshot {
         let hits = self.agents.kernel().learn().rule_hits();
+        let gateway = self.gateway.counts();
         let agents = self
             .agents
             .names()
@@ -203,6 +214,15 @@ impl State {
                             .collect(),
                         _ => Vec::new(),
                     },
+                    api_calls: gateway
+                        .get(name)
+                        .map(|scopes| {
+                            scopes
+                                .iter()
+                                .map(|(api, s)| (api.clone(), s.calls.clone()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                 }
             })
             .collect();

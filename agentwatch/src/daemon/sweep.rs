@@ -88,6 +88,10 @@ impl State {
         self.heartbeat();
         self.sweep_dns();
         self.sweep_leases();
+        // Whatever changed an agent's flags or lease, the gateway agrees within a second.
+        for name in &names {
+            self.sync_gateway(name);
+        }
         if let Err(e) = self.agents.sync_nested() {
             tracing::error!("updating the nested cgroups of agents: {e}");
         }

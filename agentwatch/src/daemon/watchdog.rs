@@ -187,7 +187,7 @@ impl State {
             let Ok(counters) = self.agents.counters(&name) else {
                 continue;
             };
-            let denied = signal_counts(&counters)[Signal::Denied as usize];
+            let denied = signal_counts(&counters, 0)[Signal::Denied as usize];
             let Some(count) = denied.checked_sub(cp.denied) else {
                 continue;
             };
@@ -381,7 +381,7 @@ impl State {
             let c = Checkpoint {
                 at_ns,
                 cgroup_id: info.cgroup_id,
-                denied: signal_counts(&counters)[Signal::Denied as usize],
+                denied: signal_counts(&counters, 0)[Signal::Denied as usize],
                 denied_baseline_milli: baseline.map_or(NO_BASELINE, |b| (b * 1000.0) as u64),
                 links: self.agents.link_count(&name) as u64,
                 flags: 0,

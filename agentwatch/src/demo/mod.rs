@@ -40,6 +40,7 @@ cgroup_parent = "{parent}"
 pin_dir = "{pins}"
 control_socket = "{socket}"
 metrics_listen = "127.0.0.1:0"
+gateway_listen = "127.0.0.1:0"
 audit_log = "{audit}"
 agent_homes = "{homes}"
 
@@ -476,6 +477,7 @@ async fn story(env: &mut Env) -> Result<()> {
     env.ask(Request::Approve {
         agent: AGENT.to_owned(),
         keep_baseline: false,
+        call: None,
     })?;
     cg.wait_frozen(false, Duration::from_secs(5))?;
     let before = served(env);

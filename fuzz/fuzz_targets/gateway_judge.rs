@@ -1,0 +1,61 @@
+//! The API gateway's judging of a call on arbitrary input: the method and request target made
+//! canonical, the scope's patterns, and the credential headers taken out. Never a panic, and:
+//! a canonical path is a fixed point (judging it again gives itself), holds no empty, `.` or
+//! `..` segment and no escaped `/`, `\` or control character (what an upstream could read
+//! differently from the judge); the literal pattern of a canonical path admits it; and after
+//! the token is taken, no credential header is left to go upstream.
+
+#![no_main]
+
+use agentwatch::gateway::{
+    auth::{Auth, take_token},
+    judge::{Pattern, Target},
+};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|input: (&str, &str, Vec<(String, Vec<u8>)>, bool)| {
+    let (method, raw, headers, basic) = input;
+    if let Ok(t) = Target::parse(method, raw) {
+        assert!(t.path.starts_with('/'), "{t:?}");
+        for seg in t.path.split('/').skip(1) {
+            assert!(seg != "." && seg != "..", "{raw:?} -> {t:?}");
+            let lower = seg.to_ascii_lowercase();
+            for bad in ["%2f", "%5c", "%00", "\\"] {
+                assert!(!lower.contains(bad), "{raw:?} -> {t:?}");
+            }
+        }
+        let inner = t.path.trim_end_matches('/');
+        assert!(!inner.contains("//"), "{raw:?} -> {t:?}");
+        let again = Target::parse(&t.method, &t.path_and_query())
+            .unwrap_or_else(|e| panic!("{raw:?} -> {t:?} does not parse again: {e}"));
+        assert_eq!(again.path, t.path);
+        assert_eq!(again.method, t.method);
+        if let Ok(p) = Pattern::parse(&format!("{} {}", t.method, t.path)) {
+            assert!(p.matches(&t), "{p} does not admit {t:?}");
+        }
+    }
+    let mut map = hyper::HeaderMap::new();
+    for (name, value) in headers {
+        if let (Ok(n), Ok(v)) = (
+            hyper::header::HeaderName::from_bytes(name.as_bytes()),
+            hyper::header::HeaderValue::from_bytes(&value),
+        ) {
+            map.append(n, v);
+        }
+    }
+    let auth = if basic {
+        Auth::Basic { user: "api".into() }
+    } else {
+        Auth::Bearer
+    };
+    let _ = take_token(&mut map, &auth);
+    for name in [
+        "authorization",
+        "proxy-authorization",
+        "x-api-key",
+        "api-key",
+        "x-goog-api-key",
+    ] {
+        assert!(!map.contains_key(name), "{name} left in {map:?}");
+    }
+});

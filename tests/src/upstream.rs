@@ -1,0 +1,230 @@
+//! A real HTTPS server on loopback, with a CA of its own made for the test (rcgen), that
+//! records every request that reaches it: the API "upstream" of the gateway tests.
+//!
+//! `GET|POST /stream` answers with server-sent events, one every `STREAM_GAP`, so a test can
+//! tell a streamed answer from a buffered one. Anything else gets 200 and a small JSON body
+//! naming the path.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+/// One request as it arrived.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path_and_query: String,
+    /// Header names lower-cased, values as sent (every copy).
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub version: String,
+}
+
+impl Recorded {
+    /// Every value of header `name`.
+    pub fn header(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// Time between the events of `/stream`.
+pub const STREAM_GAP: Duration = Duration::from_millis(400);
+
+/// The server; stops when dropped.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    /// The test CA's certificate (PEM), for the scope's `ca_file`.
+    pub ca_file: PathBuf,
+    pub seen: Arc<Mutex<Vec<Recorded>>>,
+    _dir: crate::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Upstream {
+    /// Starts it on 127.0.0.1, with a certificate for `127.0.0.1` and `localhost`.
+    pub fn start() -> Self {
+        let dir = crate::TempDir::new();
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "agentwatch test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA cert");
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+                .expect("params");
+        let cert = params.signed_by(&key, &issuer).expect("cert");
+        let ca_file = dir.0.join("ca.pem");
+        std::fs::write(&ca_file, ca_cert.pem()).expect("ca.pem");
+        let chain = vec![cert.der().clone()];
+        let private =
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("private key");
+        // ring, as the gateway uses (see agentwatch/src/gateway/upstream.rs).
+        #[allow(deprecated)]
+        let provider = rustls::crypto::ring::default_provider();
+        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, private)
+            .expect("server config");
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let seen2 = Arc::clone(&seen);
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                let serve = async {
+                    loop {
+                        let Ok((tcp, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        let acceptor = acceptor.clone();
+                        let seen = Arc::clone(&seen2);
+                        tokio::spawn(async move {
+                            let Ok(tls) = acceptor.accept(tcp).await else {
+                                return;
+                            };
+                            let service = hyper::service::service_fn(move |req| {
+                                let seen = Arc::clone(&seen);
+                                async move { Ok::<_, Infallible>(answer(req, seen).await) }
+                            });
+                            let _ =
+                                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                                    .serve_connection(TokioIo::new(tls), service)
+                                    .await;
+                        });
+                    }
+                };
+                tokio::select! {
+                    () = serve => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        Self {
+            addr,
+            ca_file,
+            seen,
+            _dir: dir,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// What arrived so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+async fn answer(
+    req: Request<hyper::body::Incoming>,
+    seen: Arc<Mutex<Vec<Recorded>>>,
+) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes().to_vec())
+        .unwrap_or_default();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+    seen.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(Recorded {
+            method: parts.method.to_string(),
+            path_and_query: path.clone(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body,
+            version: format!("{:?}", parts.version),
+        });
+    if parts.uri.path() == "/stream" {
+        let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(4);
+        tokio::spawn(async move {
+            for i in 0..3 {
+                let event = format!("data: {{\"n\":{i}}}\n\n");
+                if tx.send_data(Bytes::from(event)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(STREAM_GAP).await;
+            }
+            let _ = tx.send_data(Bytes::from_static(b"data: [DONE]\n\n")).await;
+        });
+        let mut r = Response::new(body.boxed());
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("text/event-stream"),
+        );
+        return r;
+    }
+    let body = format!(
+        "{{\"ok\":true,\"path\":{}}}",
+        serde_json::Value::String(path)
+    );
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}

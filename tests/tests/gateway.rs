@@ -1,0 +1,468 @@
+//! The API gateway: an agent holds a phantom token, never the key; the gateway knows from the
+//! kernel which agent calls, judges each call, injects the real secret and audits the call.
+//! The upstream is a real HTTPS server on loopback with a CA made for the test, recording what
+//! reaches it.
+
+use agentwatch_tests::{DaemonEnv, TempDir, privileged, upstream::Upstream};
+
+/// A fake key of the shape users fear losing: it must reach the upstream and nothing else.
+const SECRET: &str = "sk-live-FAKE-7f3a9c0e2b";
+
+/// A python3 agent that makes the calls in argv (`METHOD PATH [TOKEN]`, path under the
+/// scope's URL) with its own token unless one is given, and prints one JSON line per call:
+/// the status and the body's first 200 bytes. It also prints its own token and whether any of
+/// its environment's values holds the secret.
+const AGENT: &str = r#"
+import http.client, json, os, sys, urllib.parse
+url = os.environ["AGENTWATCH_API_MAIL_URL"]
+token = os.environ["AGENTWATCH_API_MAIL_TOKEN"]
+secret = sys.argv[1]
+print(json.dumps({"token": token, "secret_in_env": any(secret in v for v in os.environ.values()),
+                  "mail_base": os.environ.get("MAIL_BASE"), "mail_key_is_token": os.environ.get("MAIL_KEY") == token}))
+u = urllib.parse.urlsplit(url)
+conn = http.client.HTTPConnection(u.hostname, u.port, timeout=float(os.environ["AW_TIMEOUT"]))
+for call in sys.argv[2:]:
+    parts = call.split(" ")
+    method, path = parts[0], parts[1]
+    tok = parts[2] if len(parts) > 2 else token
+    body = b"to=someone@example.com" if method == "POST" else None
+    conn.request(method, u.path + path, body=body, headers={"Authorization": "Bearer " + tok})
+    r = conn.getresponse()
+    data = r.read()
+    print(json.dumps({"call": call.replace(tok, "TOKEN"), "status": r.status, "body": data[:200].decode("utf-8", "replace")}))
+    sys.stdout.flush()
+"#;
+
+/// The agent's command, with its HTTP client's timeout (a hang is a failure, not a wait) on the
+/// test's time scale.
+trait Timed {
+    fn launch_command_timed(&self, agent: &str, cmd: &[&str]) -> std::process::Command;
+}
+
+impl Timed for DaemonEnv {
+    fn launch_command_timed(&self, agent: &str, cmd: &[&str]) -> std::process::Command {
+        let mut c = self.launch_command(agent, cmd);
+        let timeout = agentwatch_tests::scaled(std::time::Duration::from_secs(20));
+        c.env("AW_TIMEOUT", timeout.as_secs_f64().to_string());
+        c
+    }
+}
+
+fn config(up: &Upstream, secret: &std::path::Path) -> String {
+    format!(
+        r#"
+[secrets]
+mail = {{ file = "{secret}" }}
+
+[[agents]]
+name = "mailer"
+
+[[agents.apis]]
+name = "mail"
+upstream = "{url}"
+ca_file = "{ca}"
+secret = "mail"
+allow = ["POST /v3/*/messages", "GET /v3/domains/**"]
+per_minute = 3
+env = {{ MAIL_BASE = "{{url}}/v3", MAIL_KEY = "{{token}}" }}
+"#,
+        secret = secret.display(),
+        url = up.url(),
+        ca = up.ca_file.display(),
+    )
+}
+
+fn secret_file(dir: &TempDir, mode: u32) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let p = dir.0.join("mail.key");
+    std::fs::write(&p, format!("{SECRET}\n")).expect("secret");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    p
+}
+
+/// `python3 -c AGENT SECRET CALLS...` as agent `mailer`, not yet started.
+fn agent(env: &DaemonEnv, calls: &[&str]) -> std::process::Command {
+    let mut args = vec!["python3", "-c", AGENT, SECRET];
+    args.extend(calls);
+    let mut c = env.launch_command_timed("mailer", &args);
+    c.current_dir("/");
+    c
+}
+
+/// The statuses the agent printed, one per call.
+fn statuses(got: &[serde_json::Value]) -> Vec<u64> {
+    got[1..]
+        .iter()
+        .map(|l| l["status"].as_u64().expect("status"))
+        .collect()
+}
+
+fn lines(out: &std::process::Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("agent line"))
+        .collect()
+}
+
+#[test]
+fn an_agent_calls_its_api_with_a_phantom_token_and_only_the_upstream_sees_the_secret() {
+    privileged!();
+    let up = Upstream::start();
+    let dir = TempDir::new();
+    let secret = secret_file(&dir, 0o600);
+    let mut env = DaemonEnv::new();
+    env.write_config(&config(&up, &secret));
+    env.start();
+    let calls = [
+        "POST /v3/example.com/messages",
+        "GET /v3/domains/example.com?api_key=query-secret",
+        // Not in `allow`.
+        "DELETE /v3/domains/example.com",
+        // `..` applied before judging: /v3/admin, not allowed.
+        "GET /v3/domains/../admin",
+        "POST /v3/example.com/messages",
+        // The fourth allowed call in a minute: over per_minute = 3.
+        "POST /v3/example.com/messages",
+        "POST /v3/example.com/messages awp_not-a-token-of-ours",
+    ];
+    let out = agent(&env, &calls).output().expect("launch");
+    assert!(out.status.success(), "{out:?}");
+    let got = lines(&out);
+    let head = &got[0];
+    assert_eq!(head["secret_in_env"], false, "{head}");
+    assert_eq!(head["mail_key_is_token"], true, "{head}");
+    let token = head["token"].as_str().expect("token").to_owned();
+    assert!(token.starts_with("awp_"), "{token}");
+    assert_eq!(
+        statuses(&got),
+        [200, 200, 403, 403, 200, 429, 401],
+        "{got:#?}"
+    );
+
+    // Exactly the three allowed calls arrived, each with the real key and nothing the agent
+    // sent as a credential.
+    let seen = up.requests();
+    assert_eq!(seen.len(), 3, "{seen:#?}");
+    for r in &seen {
+        assert_eq!(
+            r.header("authorization"),
+            [format!("Bearer {SECRET}")],
+            "{r:?}"
+        );
+        assert!(
+            r.headers.iter().all(|(_, v)| !v.contains(&token)),
+            "the token went upstream: {r:?}"
+        );
+        // The upstream offers HTTP/2 (ALPN): the gateway speaks it.
+        assert_eq!(r.version, "HTTP/2.0", "{r:?}");
+    }
+    assert_eq!(seen[0].method, "POST");
+    assert_eq!(seen[0].path_and_query, "/v3/example.com/messages");
+    assert_eq!(seen[0].body, b"to=someone@example.com");
+    // The query is forwarded as sent.
+    assert_eq!(
+        seen[1].path_and_query,
+        "/v3/domains/example.com?api_key=query-secret"
+    );
+
+    // Every call audited, in order, with its decision; the query never in the trail.
+    let audited = env.wait_audit("api_call", 7);
+    let decisions: Vec<&str> = audited
+        .iter()
+        .map(|l| l["decision"].as_str().expect("decision"))
+        .collect();
+    assert_eq!(
+        decisions,
+        [
+            "allowed", "allowed", "denied", "denied", "allowed", "limited", "refused"
+        ],
+        "{audited:#?}"
+    );
+    assert_eq!(audited[1]["path"], "/v3/domains/example.com");
+    assert_eq!(audited[3]["path"], "/v3/admin");
+    assert!(
+        audited
+            .iter()
+            .all(|l| l["agent"] == "mailer" && l["api"] == "mail")
+    );
+    assert_eq!(audited[0]["bytes_out"], 22);
+    assert!(audited[0]["bytes_in"].as_u64().expect("bytes_in") > 0);
+
+    // The same token from outside every agent: refused, audited, never forwarded.
+    let outside = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import http.client,sys\nc=http.client.HTTPConnection(sys.argv[1])\n\
+             c.request('POST','/mail/v3/example.com/messages',body=b'x',headers={'Authorization':'Bearer '+sys.argv[2]})\n\
+             print(c.getresponse().status)",
+            head["mail_base"]
+                .as_str()
+                .expect("MAIL_BASE")
+                .trim_start_matches("http://")
+                .split('/')
+                .next()
+                .expect("host:port"),
+            &token,
+        ])
+        .output()
+        .expect("python3");
+    assert_eq!(
+        String::from_utf8_lossy(&outside.stdout).trim(),
+        "401",
+        "{outside:?}"
+    );
+    assert_eq!(up.requests().len(), 3);
+    let refused = env.wait_audit("api_call", 8);
+    let last = refused.last().expect("line");
+    assert_eq!(last["decision"], "refused", "{last}");
+    assert!(last["agent"].is_null() || last["agent"] == "", "{last}");
+
+    // Status and metrics count the same calls.
+    let row = &env.status()["mailer"]["apis"]["mail"];
+    assert_eq!(row["calls"]["allowed"], 3, "{row}");
+    assert_eq!(row["calls"]["denied"], 2, "{row}");
+    assert_eq!(row["calls"]["limited"], 1, "{row}");
+    assert_eq!(row["per_minute_left"], 0, "{row}");
+    assert_eq!(
+        env.metric(
+            "agentwatch_api_calls_total{agent=\"mailer\",api=\"mail\",decision=\"allowed\"}"
+        ),
+        Some(3.0)
+    );
+
+    // The secret is nowhere but upstream: not in the trail, the log, status or metrics, and
+    // neither is the token.
+    let trail = std::fs::read_to_string(&env.audit).expect("trail");
+    for (what, text) in [
+        ("trail", trail.as_str()),
+        ("log", env.log().as_str()),
+        ("metrics", env.metrics().as_str()),
+    ] {
+        assert!(!text.contains(SECRET), "the secret is in the {what}");
+        assert!(!text.contains(&token), "the token is in the {what}");
+    }
+    let status = String::from_utf8_lossy(&env.cli(&["status", "--json"]).stdout).into_owned();
+    assert!(!status.contains(SECRET) && !status.contains(&token));
+
+    // Killed: its token is revoked. A new process of the approved agent presenting the old
+    // token is refused as `revoked`; a new launch gets a new token that works.
+    let killed = env.cli(&["kill", "mailer"]);
+    assert!(killed.status.success(), "{killed:?}");
+    let approved = env.cli(&["approve", "mailer"]);
+    assert!(approved.status.success(), "{approved:?}");
+    let old = format!("POST /v3/example.com/messages {token}");
+    let out = agent(&env, &[&old]).output().expect("launch");
+    let again = lines(&out);
+    assert_ne!(again[0]["token"], token.as_str());
+    assert_eq!(again[1]["status"], 401, "{again:#?}");
+    let audited = env.wait_audit("api_call", 9);
+    assert_eq!(audited.last().expect("line")["decision"], "revoked");
+    assert_eq!(up.requests().len(), 3);
+}
+
+#[test]
+fn a_secret_file_others_may_read_refuses_the_config_with_its_path_and_never_its_value() {
+    privileged!();
+    let up = Upstream::start();
+    let dir = TempDir::new();
+    let secret = secret_file(&dir, 0o644);
+    let mut env = DaemonEnv::new();
+    env.write_config(&config(&up, &secret));
+    let check = env.cli(&["check", "--config", &env.config.display().to_string()]);
+    let said = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert_eq!(check.status.code(), Some(1), "{check:?}");
+    assert!(said.contains(&secret.display().to_string()), "{said}");
+    assert!(said.contains("mode 0644"), "{said}");
+    assert!(!said.contains(SECRET), "{said}");
+    // A running daemon refuses the same file at a reload, and keeps the config it had.
+    env.write_config("[[agents]]\nname = \"mailer\"\n");
+    env.start();
+    env.write_config(&config(&up, &secret));
+    let reload = env.cli(&["reload"]);
+    assert!(!reload.status.success(), "{reload:?}");
+    let err = String::from_utf8_lossy(&reload.stderr);
+    assert!(err.contains("mode 0644"), "{err}");
+    assert!(!err.contains(SECRET), "{err}");
+    assert_eq!(env.status()["mailer"]["apis"], serde_json::json!({}));
+}
+
+/// The case this project exists for: calls at 5 a second while the breaker learns, then a
+/// flood over the same keep-alive connection (one `connect`, invisible to every other signal).
+/// The breaker trips on `api_calls` and denies: every call after that gets 403 and none of
+/// them reaches the upstream.
+#[test]
+fn a_flood_over_one_connection_trips_the_breaker_on_api_calls_and_the_rest_never_arrive() {
+    privileged!();
+    use agentwatch_tests::{scaled, scaled_rate, scaled_toml};
+    use std::time::Duration;
+    let up = Upstream::start();
+    let dir = TempDir::new();
+    let secret = secret_file(&dir, 0o600);
+    let warmup = Duration::from_secs(3);
+    let mut env = DaemonEnv::new();
+    env.write_config(&format!(
+        "{}\n[agents.breaker]\nwarmup = \"{}\"\nwindow = \"{}\"\ntrip_factor = 5.0\nmin_rate = {:?}\n\
+         action = \"deny\"\nrequire_approval = true\n",
+        config(&up, &secret).replace("per_minute = 3", "per_minute = 100000"),
+        scaled_toml(warmup),
+        scaled_toml(Duration::from_millis(500)),
+        scaled_rate(20.0),
+    ));
+    env.start();
+    let pace = scaled(Duration::from_millis(200)).as_secs_f64();
+    let steady = scaled(warmup + Duration::from_secs(1)).as_secs_f64();
+    let script = r#"
+import http.client, json, os, sys, time, urllib.parse
+u = urllib.parse.urlsplit(os.environ["AGENTWATCH_API_MAIL_URL"])
+token = os.environ["AGENTWATCH_API_MAIL_TOKEN"]
+pace, steady, flood = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+conn = http.client.HTTPConnection(u.hostname, u.port, timeout=float(os.environ["AW_TIMEOUT"]))
+def call():
+    conn.request("GET", u.path + "/v3/domains/example.com", headers={"Authorization": "Bearer " + token})
+    r = conn.getresponse(); r.read(); return r.status
+start = time.monotonic(); normal = []
+while time.monotonic() - start < steady:
+    normal.append(call()); time.sleep(pace)
+burst = [call() for _ in range(flood)]
+print(json.dumps({"normal": normal, "burst": burst}))
+"#;
+    let out = env
+        .launch_command_timed(
+            "mailer",
+            &[
+                "python3",
+                "-c",
+                script,
+                &pace.to_string(),
+                &steady.to_string(),
+                "600",
+            ],
+        )
+        .current_dir("/")
+        .output()
+        .expect("launch");
+    assert!(out.status.success(), "{out:?}");
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the agent's report");
+    let normal: Vec<u64> = serde_json::from_value(got["normal"].clone()).expect("normal");
+    let burst: Vec<u64> = serde_json::from_value(got["burst"].clone()).expect("burst");
+    assert!(normal.iter().all(|s| *s == 200), "{normal:?}");
+    let first_denied = burst
+        .iter()
+        .position(|s| *s == 403)
+        .unwrap_or_else(|| panic!("the flood was never denied: {burst:?}"));
+    // Once denied, denied: the breaker waits for a human.
+    assert!(burst[first_denied..].iter().all(|s| *s == 403), "{burst:?}");
+    assert!(burst[..first_denied].iter().all(|s| *s == 200), "{burst:?}");
+    let tripped = env.wait_audit("breaker_tripped", 1);
+    assert_eq!(tripped.len(), 1, "{tripped:#?}");
+    assert_eq!(tripped[0]["signal"], "api_calls", "{tripped:#?}");
+    assert_eq!(tripped[0]["action"], "deny", "{tripped:#?}");
+    // Exactly the calls answered 200 reached the upstream.
+    let answered = normal.len() + first_denied;
+    assert_eq!(up.requests().len(), answered);
+    let row = &env.status()["mailer"]["apis"]["mail"]["calls"];
+    assert_eq!(row["allowed"], answered, "{row}");
+    assert_eq!(row["denied"], burst.len() - first_denied, "{row}");
+}
+
+/// A call `approve` names waits for a human: approved it goes through once, denied it gets 403,
+/// undecided it gets 403 when `approve_timeout` passes; only the approved one reaches the
+/// upstream, and the trail says who decided what about which exact call.
+#[test]
+fn a_held_call_goes_through_only_when_a_human_approves_that_call() {
+    privileged!();
+    use agentwatch_tests::{scaled, scaled_toml, wait_until};
+    use std::time::Duration;
+    let up = Upstream::start();
+    let dir = TempDir::new();
+    let secret = secret_file(&dir, 0o600);
+    let mut env = DaemonEnv::new();
+    env.write_config(&config(&up, &secret).replace(
+        "per_minute = 3",
+        &format!(
+            "per_minute = 30\napprove = [\"POST /v3/*/messages\"]\napprove_timeout = \"{}\"",
+            scaled_toml(Duration::from_secs(3))
+        ),
+    ));
+    env.start();
+    let calls = [
+        "POST /v3/example.com/messages",
+        "POST /v3/example.com/messages",
+        "POST /v3/example.com/messages",
+        // Not held: GET is not in `approve`.
+        "GET /v3/domains/example.com",
+    ];
+    let child = agent(&env, &calls)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("launch");
+    let held = |env: &DaemonEnv| -> Vec<serde_json::Value> {
+        env.status()["mailer"]["apis"]["mail"]["held"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let wait_held = |env: &DaemonEnv| -> serde_json::Value {
+        let mut one = None;
+        wait_until("a held call", scaled(Duration::from_secs(10)), || {
+            one = held(env).into_iter().next();
+            one.is_some()
+        });
+        one.expect("held")
+    };
+    // 1: approved.
+    let first = wait_held(&env);
+    assert_eq!(first["method"], "POST");
+    assert_eq!(first["path"], "/v3/example.com/messages");
+    assert_eq!(first["digest"].as_str().map(str::len), Some(64), "{first}");
+    let id = first["call"].to_string();
+    // Another agent's call id, or one that does not exist, is refused.
+    let wrong = env.cli(&["approve", "mailer", "--call", "999999"]);
+    assert!(!wrong.status.success());
+    let ok = env.cli(&["approve", "mailer", "--call", &id]);
+    assert!(ok.status.success(), "{ok:?}");
+    // 2: denied.
+    let second = wait_held(&env);
+    assert_ne!(second["call"], first["call"]);
+    let ok = env.cli(&["deny", "mailer", "--call", &second["call"].to_string()]);
+    assert!(ok.status.success(), "{ok:?}");
+    // 3: nobody decides.
+    let _third = wait_held(&env);
+    let out = child.wait_with_output().expect("agent");
+    assert!(out.status.success(), "{out:?}");
+    let got = lines(&out);
+    assert_eq!(statuses(&got), [200, 403, 403, 200], "{got:#?}");
+    assert!(held(&env).is_empty());
+    let seen = up.requests();
+    assert_eq!(seen.len(), 2, "{seen:#?}");
+    assert_eq!(
+        (seen[0].method.as_str(), seen[1].method.as_str()),
+        ("POST", "GET")
+    );
+    // What the human approved is what went: the body the digest was taken over.
+    assert_eq!(seen[0].body, b"to=someone@example.com");
+    let audited = env.wait_audit("api_call", 4);
+    let decisions: Vec<&str> = audited
+        .iter()
+        .map(|l| l["decision"].as_str().expect("decision"))
+        .collect();
+    assert_eq!(
+        decisions,
+        ["approved", "refused", "refused", "allowed"],
+        "{audited:#?}"
+    );
+    assert!(
+        audited[2]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("not approved within")),
+        "{audited:#?}"
+    );
+    let held_lines = env.wait_audit("api_held", 3);
+    assert_eq!(held_lines.len(), 3);
+    assert_eq!(held_lines[0]["digest"], first["digest"]);
+    let decided = env.wait_audit("api_decided", 2);
+    assert_eq!(decided[0]["decision"], "approved");
+    assert_eq!(decided[1]["decision"], "refused");
+    assert_eq!(decided[0]["actor_uid"], 0);
+}
