@@ -31,7 +31,7 @@ pub enum Malformed {
     NotOriginForm,
     #[error("a malformed percent-escape in the path")]
     BadEscape,
-    #[error("an escaped `/`, `\\` or control character in the path")]
+    #[error("a `\\`, an escaped `/`, or a control character in the path")]
     EscapedSeparator,
     #[error("the path climbs above the root with `..`")]
     AboveRoot,
@@ -139,8 +139,9 @@ fn decode(raw: &str) -> Result<Vec<u8>, Malformed> {
             out.push(v);
             i += 3;
         } else {
-            // hyper has already refused raw control characters and spaces in the target.
-            if b == b'\\' {
+            // hyper refuses most raw control characters in a request target, but not all (DEL):
+            // refused here as they are escaped, so a judged path always judges the same again.
+            if b == b'\\' || b < 0x20 || b == 0x7f {
                 return Err(Malformed::EscapedSeparator);
             }
             out.push(b);
@@ -304,6 +305,9 @@ mod tests {
             ("/v3/a%5Cb", Malformed::EscapedSeparator),
             ("/v3/a\\b", Malformed::EscapedSeparator),
             ("/v3/a%00", Malformed::EscapedSeparator),
+            // Found by the fuzz target: a raw DEL was taken, then refused once escaped.
+            ("/a\u{7f}/", Malformed::EscapedSeparator),
+            ("/a\u{1}b", Malformed::EscapedSeparator),
             ("/v3/%zz", Malformed::BadEscape),
             ("/v3/%4", Malformed::BadEscape),
             ("/..", Malformed::AboveRoot),
