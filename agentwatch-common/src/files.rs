@@ -62,8 +62,19 @@ pub struct FileEvent {
     pub dirfd: i32,
     /// EVENT_FILE_OPENED: the open flags as passed.
     pub flags: u32,
+    /// The path as passed (EVENT_FILE_OPENED) or resolved (EVENT_FILE_DENIED); empty when the
+    /// kernel could not read the caller's string (its page was not mapped at the syscall's exit:
+    /// reclaim, migration, or another thread unmapping it on purpose).
     pub path: [u8; FILE_EVENT_PATH],
+    /// EVENT_FILE_OPENED with an empty `path`: the opened file's device (the kernel's
+    /// `MAJOR << 20 | MINOR`) and inode, read through the fd table, so the daemon can name the
+    /// file by its fd and know the fd still holds it. 0, 0: unknown.
+    pub dev: u32,
+    pub _pad: u32,
+    pub ino: u64,
 }
 
 const _: () = assert!(core::mem::size_of::<FilePath>() == 256);
-const _: () = assert!(core::mem::size_of::<FileEvent>() == 312);
+const _: () = assert!(core::mem::size_of::<FileEvent>() == 328);
+const _: () = assert!(core::mem::offset_of!(FileEvent, path) == 56);
+const _: () = assert!(core::mem::offset_of!(FileEvent, ino) == 320);

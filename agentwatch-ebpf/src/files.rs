@@ -14,14 +14,14 @@
 use agentwatch_common::{
     AGENT_FLAG_FILES, EVENT_FILE_DENIED, EVENT_FILE_OPENED, FILE_ACCESS_LINK, FILE_ACCESS_READ,
     FILE_ACCESS_WRITE, FILE_EVENT_PATH, FILE_KEY_AGENT_BITS, FILE_KEY_PATH, FILE_RULE_READ_ONLY,
-    FileEvent, FilePath,
+    FileEvent, FilePath, InodeKey,
 };
 use aya_ebpf::{
     bindings::path,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel_buf,
-        bpf_probe_read_user_str_bytes,
-        generated::{bpf_d_path, bpf_ktime_get_ns},
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_buf, bpf_probe_read_user_str_bytes,
+        generated::{bpf_d_path, bpf_get_current_task, bpf_ktime_get_ns},
     },
     macros::{lsm, map, tracepoint},
     maps::{LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
@@ -31,6 +31,7 @@ use aya_ebpf::{
 use crate::{
     agent::{EVENTS, count_lost_event, counters, current_agent},
     egress::{CapKind, over_limit},
+    tamper::{file_inode, inode_identity, read_at},
 };
 
 /// Allowed path prefixes per agent (`FILE_RULE_*` bits as values).
@@ -128,7 +129,13 @@ pub fn files_file_open(ctx: LsmContext) -> i32 {
     } else {
         FILE_ACCESS_READ
     };
-    emit(state.id, EVENT_FILE_DENIED, access, -1, 0, 0, &scratch.full);
+    emit(
+        state.id,
+        EVENT_FILE_DENIED,
+        access,
+        &Opened::NONE,
+        &scratch.full,
+    );
     -EACCES
 }
 
@@ -152,9 +159,7 @@ pub fn files_path_link(_ctx: LsmContext) -> i32 {
         state.id,
         EVENT_FILE_DENIED,
         FILE_ACCESS_LINK,
-        -1,
-        0,
-        0,
+        &Opened::NONE,
         &[0],
     );
     -EPERM
@@ -179,8 +184,29 @@ fn admitted(scratch: &mut Scratch, agent: u32, write: bool) -> bool {
     }
 }
 
+/// What an EVENT_FILE_OPENED record says about the open beside its path.
+struct Opened {
+    fd: i32,
+    dirfd: i32,
+    flags: u32,
+    file: InodeKey,
+}
+
+impl Opened {
+    const NONE: Opened = Opened {
+        fd: -1,
+        dirfd: 0,
+        flags: 0,
+        file: InodeKey {
+            dev: 0,
+            _pad: 0,
+            ino: 0,
+        },
+    };
+}
+
 #[inline(always)]
-fn emit(agent: u32, kind: u32, access: u32, fd: i32, dirfd: i32, flags: u32, path: &[u8]) {
+fn emit(agent: u32, kind: u32, access: u32, opened: &Opened, path: &[u8]) {
     if over_limit(agent, CapKind::Events) {
         if let Some(c) = counters(agent) {
             c.files_suppressed += 1;
@@ -202,9 +228,12 @@ fn emit(agent: u32, kind: u32, access: u32, fd: i32, dirfd: i32, flags: u32, pat
         (*event).ts_ns = bpf_ktime_get_ns();
         (*event).comm = bpf_get_current_comm().unwrap_or_default();
         (*event).access = access;
-        (*event).fd = fd;
-        (*event).dirfd = dirfd;
-        (*event).flags = flags;
+        (*event).fd = opened.fd;
+        (*event).dirfd = opened.dirfd;
+        (*event).flags = opened.flags;
+        (*event).dev = opened.file.dev;
+        (*event)._pad = 0;
+        (*event).ino = opened.file.ino;
         (*event).path = [0; FILE_EVENT_PATH];
         if path.len() >= FILE_EVENT_PATH - 1 {
             let n = FILE_EVENT_PATH - 1;
@@ -349,15 +378,54 @@ fn exit(ctx: &TracePointContext) {
         _ if write => FILE_ACCESS_WRITE,
         _ => FILE_ACCESS_READ,
     };
-    emit(
-        state.id,
-        EVENT_FILE_OPENED,
-        access,
-        fd as i32,
-        args.dirfd,
-        args.flags,
-        &scratch.full,
-    );
+    // A string the kernel cannot read now (its page unmapped since the syscall read it) reads
+    // as empty: the daemon then names the file by its fd, checked against this identity.
+    let file = if len == 0 {
+        fd_identity(fd as u32).unwrap_or_default()
+    } else {
+        InodeKey::default()
+    };
+    let opened = Opened {
+        fd: fd as i32,
+        dirfd: args.dirfd,
+        flags: args.flags,
+        file,
+    };
+    emit(state.id, EVENT_FILE_OPENED, access, &opened, &scratch.full);
+}
+
+/// Offsets from the running kernel's BTF to the file behind one of the current task's fds
+/// (`task_struct.files`, `files_struct.fdt`, `fdtable.fd`); 0: unknown, and a file opened
+/// under a path the kernel could not read has no identity for the daemon to check.
+#[unsafe(no_mangle)]
+static FILES_TASK_FILES: u32 = 0;
+#[unsafe(no_mangle)]
+static FILES_FILES_FDT: u32 = 0;
+#[unsafe(no_mangle)]
+static FILES_FDT_FD: u32 = 0;
+
+/// Device and inode of the file behind the current task's `fd` (None if unreadable).
+#[inline(always)]
+fn fd_identity(fd: u32) -> Option<InodeKey> {
+    // SAFETY: the helper only returns the current task's address.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let files = read_at::<*const u8>(task, &FILES_TASK_FILES)?;
+    let fdt = read_at::<*const u8>(files, &FILES_FILES_FDT)?;
+    let table = read_at::<*const u8>(fdt, &FILES_FDT_FD)?;
+    if table.is_null() {
+        return None;
+    }
+    // SAFETY: a checked kernel read of one slot of the fd array; `fd` was just returned by
+    // the open, so it is below the table's size (tables only grow).
+    let file = unsafe {
+        bpf_probe_read_kernel(
+            table
+                .wrapping_add(fd as usize * core::mem::size_of::<usize>())
+                .cast::<*const u8>(),
+        )
+    }
+    .ok()?;
+    file_inode(file).and_then(inode_identity)
 }
 
 /// No `/.` in the first FILE_KEY_PATH bytes before the NUL: no `.` or `..` component (nor a

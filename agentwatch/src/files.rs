@@ -9,7 +9,7 @@ use std::path::{Component, Path, PathBuf};
 
 use agentwatch_common::{
     EVENT_FILE_DENIED, EVENT_FILE_OPENED, FILE_ACCESS_LINK, FILE_ACCESS_READ, FILE_ACCESS_WRITE,
-    FILE_KEY_AGENT_BITS, FILE_RULE_MAX, FILE_RULE_READ_ONLY, FileEvent, FilePath,
+    FILE_KEY_AGENT_BITS, FILE_RULE_MAX, FILE_RULE_READ_ONLY, FileEvent, FilePath, InodeKey,
 };
 use aya::{
     Btf, Ebpf,
@@ -311,11 +311,27 @@ pub struct FileRecord {
     pub read: bool,
     /// A hard link refused (no path: the hook names dentries, not paths).
     pub link: bool,
-    /// Refused: the path the kernel resolved. Opened: the path as passed.
+    /// Refused: the path the kernel resolved. Opened: the path as passed. Empty: the kernel
+    /// could not read it (see [`FileRecord::resolve`]).
     pub path: String,
     pub fd: i32,
     pub dirfd: i32,
+    /// Opened with an empty `path`: the file the kernel found behind `fd` (zero: unknown).
+    pub file: InodeKey,
     pub ts_ns: u64,
+}
+
+/// Where the path a detected open is judged on came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathFrom {
+    /// The string the process passed (resolved against its working directory or dirfd).
+    Passed,
+    /// The kernel could not read that string (its page was unmapped by the syscall's exit):
+    /// the name of the fd, which still held the very file the kernel saw opened.
+    Fd,
+    /// Neither: the fd no longer holds that file, or this kernel's BTF gave no way to tell.
+    /// No rule admits an unknown path.
+    Unknown,
 }
 
 /// Decodes a file record (`kind` is its first word); None for other kinds.
@@ -336,6 +352,11 @@ pub fn decode(kind: u32, bytes: &[u8]) -> Option<FileRecord> {
         path: c_string(&e.path),
         fd: e.fd,
         dirfd: e.dirfd,
+        file: InodeKey {
+            dev: e.dev,
+            _pad: 0,
+            ino: e.ino,
+        },
         ts_ns: e.ts_ns,
     })
 }
@@ -359,8 +380,16 @@ impl FileRecord {
     /// against its working directory (or `dirfd`), with symlinks and `..` resolved as they are
     /// now (lexically where the file is gone). Not the fd's /proc link: by the time the daemon
     /// reads the record the process may have closed the fd and opened something else on the
-    /// same number (seen: an fd reused across an exec).
-    pub fn resolve(&self) -> String {
+    /// same number (seen: an fd reused across an exec). Only where the kernel could not read
+    /// the path (an empty one: no open succeeds with that) is the fd asked, and believed only
+    /// while it holds the file the kernel saw (device and inode).
+    pub fn resolve(&self) -> (String, PathFrom) {
+        if self.path.is_empty() {
+            return match self.name_by_fd() {
+                Some(path) => (path, PathFrom::Fd),
+                None => (String::new(), PathFrom::Unknown),
+            };
+        }
         let proc = PathBuf::from(format!("/proc/{}", self.pid));
         let passed = Path::new(&self.path);
         let absolute = if passed.is_absolute() {
@@ -373,28 +402,70 @@ impl FileRecord {
             };
             base.unwrap_or_else(|_| PathBuf::from("/")).join(passed)
         };
-        std::fs::canonicalize(&absolute)
+        let path = std::fs::canonicalize(&absolute)
             .unwrap_or_else(|_| normalize(&absolute))
             .to_string_lossy()
-            .into_owned()
+            .into_owned();
+        (path, PathFrom::Passed)
+    }
+
+    /// The name of the file behind the record's fd, if it is still the file the kernel saw
+    /// opened. The fd is opened once (O_PATH: a FIFO does not block it) and both the identity
+    /// and the name are read from that one open, so the agent cannot swap the file between
+    /// the check and the name.
+    fn name_by_fd(&self) -> Option<String> {
+        use std::os::{fd::AsRawFd, unix::fs::OpenOptionsExt};
+        if self.file == InodeKey::default() {
+            return None;
+        }
+        let open = |link: String| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+                .open(link)
+        };
+        // The thread's fd table first (a task cloned without CLONE_FILES has its own), then
+        // the process's, should the thread have ended since.
+        let held = open(format!(
+            "/proc/{}/task/{}/fd/{}",
+            self.pid, self.tid, self.fd
+        ))
+        .or_else(|_| open(format!("/proc/{}/fd/{}", self.pid, self.fd)))
+        .ok()?;
+        let meta = held.metadata().ok()?;
+        if crate::tamper::kernel_inode_key(&meta) != self.file {
+            return None;
+        }
+        let name = std::fs::read_link(format!("/proc/self/fd/{}", held.as_raw_fd())).ok()?;
+        Some(name.to_string_lossy().into_owned())
     }
 
     /// `file_denied` (pid, tid, comm, path, access, enforced: refused by the kernel, or only
     /// detected after the open).
-    pub fn audit_line(&self, path: &str) -> KernelLine {
+    /// `path_from` ("fd" or "unknown") only where the path is not the one passed.
+    pub fn audit_line(&self, path: &str, from: PathFrom) -> KernelLine {
+        let mut fields = json!({
+            "pid": self.pid,
+            "tid": self.tid,
+            "comm": self.comm,
+            "path": path,
+            "access": self.access(),
+            "enforced": self.refused,
+        });
+        let from = match from {
+            PathFrom::Passed => None,
+            PathFrom::Fd => Some("fd"),
+            PathFrom::Unknown => Some("unknown"),
+        };
+        if let (Some(from), Some(map)) = (from, fields.as_object_mut()) {
+            map.insert("path_from".into(), from.into());
+        }
         KernelLine {
             agent_id: self.agent_id,
             ts_ns: self.ts_ns,
             kind: "file_denied",
             pid: self.pid,
-            fields: json!({
-                "pid": self.pid,
-                "tid": self.tid,
-                "comm": self.comm,
-                "path": path,
-                "access": self.access(),
-                "enforced": self.refused,
-            }),
+            fields,
         }
     }
 }
@@ -512,9 +583,65 @@ mod tests {
             path: "no/such/dir/../file".into(),
             fd: 1_000_000,
             dirfd: AT_FDCWD,
+            file: InodeKey::default(),
             ts_ns: 0,
         };
         let cwd = std::env::current_dir().unwrap();
-        assert_eq!(Path::new(&r.resolve()), cwd.join("no/such/file"));
+        let (path, from) = r.resolve();
+        assert_eq!(Path::new(&path), cwd.join("no/such/file"));
+        assert_eq!(from, PathFrom::Passed);
+    }
+
+    #[test]
+    fn a_path_the_kernel_could_not_read_is_named_by_its_fd_only_while_it_holds_that_file() {
+        use std::os::fd::AsRawFd;
+        let dir = std::env::temp_dir().join(format!("aw-files-fd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        std::fs::write(&a, "a").unwrap();
+        std::fs::write(&b, "b").unwrap();
+        let held = std::fs::File::open(&a).unwrap();
+        let me = std::process::id();
+        // The thread id of this test's thread: its fd table is the process's.
+        let tid = unsafe { libc::gettid() } as u32;
+        let record = |file: InodeKey| FileRecord {
+            refused: false,
+            agent_id: 1,
+            pid: me,
+            tid,
+            comm: String::new(),
+            write: false,
+            read: true,
+            link: false,
+            path: String::new(),
+            fd: held.as_raw_fd(),
+            dirfd: AT_FDCWD,
+            file,
+            ts_ns: 0,
+        };
+        let key = |p: &Path| crate::tamper::kernel_inode_key(&std::fs::metadata(p).unwrap());
+        assert_eq!(
+            record(key(&a)).resolve(),
+            (
+                a.canonicalize().unwrap().display().to_string(),
+                PathFrom::Fd
+            )
+        );
+        // The fd now holds another file than the kernel saw opened (closed and reused, or
+        // swapped with dup2): not believed.
+        assert_eq!(
+            record(key(&b)).resolve(),
+            (String::new(), PathFrom::Unknown)
+        );
+        // No identity from the kernel (its BTF did not say): not believed either.
+        assert_eq!(
+            record(InodeKey::default()).resolve(),
+            (String::new(), PathFrom::Unknown)
+        );
+        // Unknown is outside every list, `/` included.
+        let root = [FileRule::parse("/").unwrap()];
+        assert!(!admitted(&root, "", false));
+        drop(held);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -250,6 +250,9 @@ impl Kernel {
             .override_global("EXEC_BPRM_FILE", &files[4], true)
             .override_global("EXEC_TASK_MM", &files[5], true)
             .override_global("EXEC_MM_EXE_FILE", &files[6], true)
+            .override_global("FILES_TASK_FILES", &files[7], true)
+            .override_global("FILES_FILES_FDT", &files[8], true)
+            .override_global("FILES_FDT_FD", &files[9], true)
             .override_global("NEW_TASK_CGROUPS", &clone[0], true)
             .override_global("NEW_CSS_SET_DFL_CGRP", &clone[1], true)
             .override_global("NEW_CGROUP_KN", &clone[2], true)
@@ -599,10 +602,12 @@ fn clone_offsets(btf: Option<&crate::btf::Btf>) -> [u32; 5] {
 
 /// Offsets that reach a file's identity (`file.f_inode`, `inode.i_ino`, `inode.i_sb`,
 /// `super_block.s_dev`) and the file an exec opened (`linux_binprm.file`, `task_struct.mm`,
-/// `mm_struct.exe_file`), from the running kernel's BTF, with or without BPF LSM: the exec
-/// allow-list judges the file itself with them. All zero when the BTF does not say: execs are
-/// then judged on the path given to execve (said in the log).
-fn file_offsets(btf: Option<&crate::btf::Btf>) -> [u32; 7] {
+/// `mm_struct.exe_file`) and the file behind an fd (`task_struct.files`, `files_struct.fdt`,
+/// `fdtable.fd`), from the running kernel's BTF, with or without BPF LSM: the exec allow-list
+/// judges the file itself with them, and the file guard's tracepoints name a file whose path
+/// they could not read. All zero when the BTF does not say: execs are then judged on the path
+/// given to execve (said in the log).
+fn file_offsets(btf: Option<&crate::btf::Btf>) -> [u32; 10] {
     let offsets = btf.ok_or_else(|| "no BTF".to_owned()).and_then(|btf| {
         (|| {
             Ok::<_, crate::btf::BtfError>([
@@ -613,6 +618,9 @@ fn file_offsets(btf: Option<&crate::btf::Btf>) -> [u32; 7] {
                 btf.member_offset("linux_binprm", "file")?,
                 btf.member_offset("task_struct", "mm")?,
                 btf.member_offset("mm_struct", "exe_file")?,
+                btf.member_offset("task_struct", "files")?,
+                btf.member_offset("files_struct", "fdt")?,
+                btf.member_offset("fdtable", "fd")?,
             ])
         })()
         .map_err(|e| e.to_string())
@@ -623,7 +631,7 @@ fn file_offsets(btf: Option<&crate::btf::Btf>) -> [u32; 7] {
              are judged on the path given to execve, which another mount namespace or a \
              chroot can put another program behind"
         );
-        [0; 7]
+        [0; 10]
     })
 }
 

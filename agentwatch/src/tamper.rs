@@ -154,13 +154,19 @@ impl TamperRecord {
 /// The kernel's name of the inode at `path` (not following a last symbolic link): its file
 /// system's `dev_t` as the kernel keeps it (`MAJOR << 20 | MINOR`) and its number.
 pub fn inode_key(path: &Path) -> Option<InodeKey> {
-    let m = std::fs::symlink_metadata(path).ok()?;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| kernel_inode_key(&m))
+}
+
+/// The kernel's name of the inode `m` describes (see [`inode_key`]).
+pub fn kernel_inode_key(m: &std::fs::Metadata) -> InodeKey {
     let (major, minor) = (libc::major(m.dev()), libc::minor(m.dev()));
-    Some(InodeKey {
+    InodeKey {
         dev: (major << 20) | minor,
         _pad: 0,
         ino: m.ino(),
-    })
+    }
 }
 
 /// The daemon's files and folders the tamper guard keeps agents from changing: each of

@@ -63,7 +63,13 @@ fuzz_target!(|data: &[u8]| {
         // pid is arbitrary): the rules and the line must take any bytes.
         Event::File(e) => {
             let _ = agentwatch::files::admitted(&[], &e.path, e.write);
-            drop(e.audit_line(&e.path));
+            for from in [
+                agentwatch::files::PathFrom::Passed,
+                agentwatch::files::PathFrom::Fd,
+                agentwatch::files::PathFrom::Unknown,
+            ] {
+                drop(e.audit_line(&e.path, from));
+            }
         }
         // No file names known: the line must still be whole (the path is null).
         Event::Tamper(e) => drop(e.audit_line(&std::collections::BTreeMap::new())),

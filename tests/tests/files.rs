@@ -457,3 +457,121 @@ fn a_bad_file_list_is_refused_whole_and_the_old_policy_stays() {
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert!(file_lines(&env).is_empty());
 }
+
+/// The agent blocks in an open of a FIFO outside its list, and while it waits (the kernel has
+/// read the path by then) it unmaps the page the path was in. Without BPF LSM the exit
+/// tracepoint then cannot read the path (no page faults there): the open must still be found
+/// and named, by the file its fd holds, not taken for an open of `/` (what it was before: a
+/// CI run met this by chance, reclaim unmapping the page of a path bash had passed, and the
+/// breaker killed a harmless agent). With BPF LSM the open is refused before it blocks.
+#[test]
+fn an_open_whose_path_page_is_unmapped_meanwhile_is_named_by_its_fd() {
+    use std::{
+        io::{BufRead as _, BufReader},
+        os::unix::fs::OpenOptionsExt as _,
+    };
+    privileged!();
+    let lsm = bpf_lsm_active();
+    let (work, outside) = (TempDir::for_agents(), TempDir::for_agents());
+    let fifo = outside.0.join("fifo");
+    let c_fifo = std::ffi::CString::new(fifo.display().to_string()).expect("path");
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o666) }, 0, "mkfifo");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(&fifo, fs::Permissions::from_mode(0o666)).expect("chmod");
+    }
+    let mut env = DaemonEnv::new();
+    env.write_config(&agent("fd", &[&work.0], &[], ""));
+    env.start();
+    // The path lives in a page of its own, passed to open() by address from a thread; the
+    // main thread waits until that thread sleeps in openat (257), then drops the page.
+    const SCRIPT: &str = r#"
+import ctypes, mmap, os, sys, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+page = mmap.mmap(-1, mmap.PAGESIZE)
+page.write(sys.argv[1].encode() + b"\0")
+addr = ctypes.addressof(ctypes.c_char.from_buffer(page))
+got = {}
+def opener():
+    got["tid"] = threading.get_native_id()
+    fd = libc.open(ctypes.c_void_p(addr), os.O_RDONLY)
+    got["fd"] = (fd, ctypes.get_errno())
+t = threading.Thread(target=opener)
+t.start()
+while "fd" not in got:
+    tid = got.get("tid")
+    if tid:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            with open(f"/proc/self/task/{tid}/syscall") as f:
+                nr = f.read().split()[0]
+        except OSError:
+            # The thread has ended: its open was refused at once (BPF LSM).
+            continue
+        if state == "S" and nr == "257":
+            break
+    time.sleep(0.01)
+page.madvise(mmap.MADV_DONTNEED)
+print("ready", flush=True)
+t.join()
+print("open", *got["fd"], flush=True)
+sys.stdin.read()
+"#;
+    let mut child = env
+        .launch_command(
+            "fd",
+            &[
+                "/usr/bin/python3",
+                "-I",
+                "-c",
+                SCRIPT,
+                &fifo.display().to_string(),
+            ],
+        )
+        .current_dir(&work.0)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("launch");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = lines.next().and_then(Result::ok).unwrap_or_default();
+    if first.is_empty() {
+        let out = child.wait_with_output().expect("wait");
+        panic!("the agent said nothing: {out:?}");
+    }
+    if lsm {
+        assert_eq!(first, "ready");
+        assert_eq!(
+            lines.next().and_then(Result::ok).unwrap_or_default(),
+            format!("open -1 {EACCES}")
+        );
+    } else {
+        assert_eq!(first, "ready");
+        // The writer's end, from outside the agent: the agent's open returns.
+        let _writer = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .expect("open the FIFO for writing");
+        // The breaker kills the agent for the open it found.
+        let trips = env.wait_audit("breaker_tripped", 1);
+        assert_eq!(trips[0]["signal"], "files", "{trips:#?}");
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().expect("wait");
+    if !lsm {
+        assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{out:?}");
+    }
+    let lines = env.wait_audit("file_denied", 1);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert_eq!(lines[0]["path"], fifo.display().to_string(), "{lines:#?}");
+    assert_eq!(lines[0]["access"], "read");
+    assert_eq!(lines[0]["enforced"], lsm);
+    // Without LSM the name came from the fd: proof that the kernel's read of the path failed
+    // here, as the test means it to.
+    let from = if lsm { None } else { Some("fd") };
+    assert_eq!(lines[0]["path_from"].as_str(), from, "{lines:#?}");
+}

@@ -75,20 +75,27 @@ fn drain(ring: &mut RingBuf<MapData>, state: &Shared, written: &mut HashSet<audi
             }
             Event::File(f) if f.refused => {
                 tracing::warn!(pid = f.pid, path = %f.path, access = f.access(), "file open refused");
-                f.audit_line(&f.path)
+                // A refused hard link has no path by nature; any other refusal with none is
+                // one the kernel could not name (`bpf_d_path` failed: refused all the same).
+                let from = if f.path.is_empty() && !f.link {
+                    files::PathFrom::Unknown
+                } else {
+                    files::PathFrom::Passed
+                };
+                f.audit_line(&f.path, from)
             }
             Event::File(f) => {
                 // Judged here, outside the lock: resolving reads /proc.
                 let Some(rules) = lock(state).agents.files_of(f.agent_id) else {
                     continue;
                 };
-                let path = f.resolve();
+                let (path, from) = f.resolve();
                 if files::admitted(&rules, &path, f.write) {
                     continue;
                 }
-                tracing::warn!(pid = f.pid, path = %path, access = f.access(), "file open outside the list (detected)");
+                tracing::warn!(pid = f.pid, path = %path, from = ?from, access = f.access(), "file open outside the list (detected)");
                 act_on_file = Some(f.agent_id);
-                f.audit_line(&path)
+                f.audit_line(&path, from)
             }
             Event::Tamper(t) => {
                 tracing::warn!(
