@@ -437,8 +437,9 @@ fn valid_user_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
-/// Is `name` a valid agent name: `[a-z0-9-]`, 1-63 characters, not starting with `-`?
-fn valid_name(name: &str) -> bool {
+/// Is `name` a valid agent or API scope name: `[a-z0-9-]`, 1-63 characters, not starting
+/// with `-` (what a cgroup, a metric label and an env name all take)?
+pub(crate) fn valid_name(name: &str) -> bool {
     (1..=63).contains(&name.len())
         && !name.starts_with('-')
         && name

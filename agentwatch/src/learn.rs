@@ -343,6 +343,92 @@ pub struct Proposal {
     pub lost: u64,
     /// The agent's other settings as configured, carried into the proposed table.
     pub keep: toml::Table,
+    /// Its API scopes that were called, each with an `allow` proposed from the calls.
+    #[serde(default)]
+    pub apis: Vec<ProposedApi>,
+    /// Its API scopes never called (left out of the proposed table).
+    #[serde(default)]
+    pub unused_apis: Vec<String>,
+}
+
+/// One API scope of a proposal: its configured table with `allow` made of what was called.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProposedApi {
+    pub name: String,
+    /// `METHOD TEMPLATE` patterns of the calls the configured `allow` admitted.
+    pub allow: Vec<ProposedCall>,
+    /// Calls the configured `allow` refused (left out of `allow`).
+    pub refused: Vec<ProposedCall>,
+    /// Configured patterns that admitted no call.
+    pub unused_allow: Vec<String>,
+    /// Calls the gateway had no room to remember: the proposal may miss some.
+    pub lost: u64,
+    /// The scope's table as configured, `allow` aside.
+    pub keep: toml::Table,
+}
+
+/// A `METHOD PATH` pattern and the calls behind it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProposedCall {
+    pub pattern: String,
+    pub calls: u64,
+}
+
+/// Proposes each of `agent`'s API scopes from what the gateway saw (`learned`, per scope):
+/// `allow` becomes one pattern per method and path template the configured `allow` admitted,
+/// in the order of their counts; scopes never called are listed apart.
+pub fn propose_apis(
+    agent: &Agent,
+    learned: &BTreeMap<String, crate::gateway::serve::LearnedCalls>,
+) -> (Vec<ProposedApi>, Vec<String>) {
+    let tables: Vec<&toml::Table> = agent
+        .table
+        .get("apis")
+        .and_then(toml::Value::as_array)
+        .map(|a| a.iter().filter_map(toml::Value::as_table).collect())
+        .unwrap_or_default();
+    let mut used = Vec::new();
+    let mut unused = Vec::new();
+    for api in &agent.apis {
+        let seen = learned.get(&api.name);
+        let Some(seen) = seen.filter(|s| !s.calls.is_empty()) else {
+            unused.push(api.name.clone());
+            continue;
+        };
+        let pick = |admitted: bool| {
+            let mut out: Vec<ProposedCall> = seen
+                .calls
+                .iter()
+                .map(|((method, template), (ok, refused))| ProposedCall {
+                    pattern: format!("{method} {template}"),
+                    calls: if admitted { *ok } else { *refused },
+                })
+                .filter(|c| c.calls > 0)
+                .collect();
+            out.sort_by(|a, b| b.calls.cmp(&a.calls).then(a.pattern.cmp(&b.pattern)));
+            out
+        };
+        let mut keep = tables
+            .iter()
+            .find(|t| t.get("name").and_then(toml::Value::as_str) == Some(api.name.as_str()))
+            .map(|t| (*t).clone())
+            .unwrap_or_default();
+        keep.remove("allow");
+        used.push(ProposedApi {
+            name: api.name.clone(),
+            allow: pick(true),
+            refused: pick(false),
+            unused_allow: api
+                .allow
+                .iter()
+                .map(ToString::to_string)
+                .filter(|p| seen.pattern_hits.get(p).copied().unwrap_or(0) == 0)
+                .collect(),
+            lost: seen.lost,
+            keep,
+        });
+    }
+    (used, unused)
 }
 
 /// Proposes agent `agent`'s least-privilege policy from what the kernel saw. `hits`: calls per
@@ -363,7 +449,8 @@ pub fn propose(
         .map(|(_, text)| text.clone())
         .collect();
     let mut keep = agent.table.clone();
-    for key in ["name", "mode", "egress", "exec_allow"] {
+    // `apis` comes back scope by scope (`propose_apis`).
+    for key in ["name", "mode", "egress", "exec_allow", "apis"] {
         keep.remove(key);
     }
     let mut resolvers = Vec::new();
@@ -434,6 +521,8 @@ pub fn propose(
         unused_rules,
         lost,
         keep,
+        apis: Vec::new(),
+        unused_apis: Vec::new(),
     }
 }
 
@@ -640,6 +729,57 @@ impl Proposal {
                 let _ = writeln!(out, "\n[agents.{k}]");
                 out.push_str(&toml::to_string(t).unwrap_or_default());
             }
+        }
+        for api in &self.apis {
+            out.push_str("\n[[agents.apis]]\n");
+            let _ = writeln!(out, "name = {}", toml::Value::String(api.name.clone()));
+            let mut keep = api.keep.clone();
+            keep.remove("name");
+            for (k, v) in &keep {
+                let _ = writeln!(out, "{k} = {v}");
+            }
+            let allow: Vec<(String, String)> = api
+                .allow
+                .iter()
+                .map(|c| {
+                    (
+                        toml::Value::String(c.pattern.clone()).to_string(),
+                        format!("{} call{}", c.calls, plural(c.calls)),
+                    )
+                })
+                .collect();
+            array(&mut out, "allow", &allow);
+            for c in &api.refused {
+                let _ = writeln!(
+                    out,
+                    "# refused by `allow`, left out: {} ({} call{})",
+                    toml::Value::String(c.pattern.clone()),
+                    c.calls,
+                    plural(c.calls)
+                );
+            }
+            for p in &api.unused_allow {
+                let _ = writeln!(
+                    out,
+                    "# configured, never used: {}",
+                    toml::Value::String(p.clone())
+                );
+            }
+            if api.lost > 0 {
+                let _ = writeln!(
+                    out,
+                    "# WARNING: {} call(s) of paths past the {} the gateway remembers went unrecorded",
+                    api.lost,
+                    crate::gateway::serve::LEARNED_MAX
+                );
+            }
+        }
+        for name in &self.unused_apis {
+            let _ = writeln!(
+                out,
+                "\n# API scope {} was never called: left out",
+                toml::Value::String(name.clone())
+            );
         }
         if !self.unused_rules.is_empty() {
             out.push_str("\n# Configured rules this agent never used (left out above):\n");

@@ -53,6 +53,8 @@ pub struct Snapshot {
     pub reloads_rejected: u64,
     /// Audit lines that could not be written (full or read-only disk).
     pub audit_lines_lost: u64,
+    /// Connections the API gateway closed at once (over its bounds).
+    pub gateway_connections_refused: u64,
 }
 
 const PROTOS: [(u8, &str); NUM_PROTOS] = [
@@ -362,6 +364,15 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
     audit_lost
         .with_label_values(&[] as &[&str])
         .inc_by(s.audit_lines_lost);
+    counter_vec(
+        &r,
+        "agentwatch_gateway_connections_refused_total",
+        "Connections the API gateway closed at once: over its bound in all, an agent's, or \
+         that of processes outside every agent",
+        &[],
+    )?
+    .with_label_values(&[] as &[&str])
+    .inc_by(s.gateway_connections_refused);
     build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
     let mut out = Vec::new();
     TextEncoder::new().encode(&r.gather(), &mut out)?;
@@ -405,6 +416,7 @@ mod tests {
             reloads_ok: 4,
             reloads_rejected: 1,
             audit_lines_lost: 2,
+            gateway_connections_refused: 5,
         })
         .unwrap();
         for line in [
@@ -433,6 +445,7 @@ mod tests {
             "agentwatch_dns_learned_addresses{agent=\"mailer\"} 3",
             "agentwatch_lease_seconds_left{agent=\"mailer\"} 42.5",
             "agentwatch_audit_lines_lost_total 2",
+            "agentwatch_gateway_connections_refused_total 5",
             "agentwatch_rule_hits_total{agent=\"mailer\",rule=\"tcp 10.0.0.0/8 443\"} 4",
             "agentwatch_rule_hits_total{agent=\"mailer\",rule=\"udp ::1 53\"} 0",
             "agentwatch_api_calls_total{agent=\"mailer\",api=\"mail\",decision=\"allowed\"} 3",

@@ -2,8 +2,9 @@
 //!
 //! It asks the daemon over the control socket once a second (status rows and the latest audit
 //! lines) and draws one row per agent, the selected agent's signals (rate against baseline with
-//! a sparkline of the last minute) and the latest audit events. Keys act on the selected agent
-//! (freeze, thaw, kill, approve), each only after a confirmation.
+//! a sparkline of the last minute), the API calls held for a human, and the latest audit
+//! events. Keys act on the selected agent (freeze, thaw, kill, approve, and approve or deny its
+//! oldest held API call), each only after a confirmation.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -37,6 +38,8 @@ use crate::{
 const HISTORY: usize = 60;
 /// Audit lines shown.
 const EVENTS: usize = 12;
+/// Held API calls listed (the oldest first; the rest are counted in the HELD column).
+const HELD_SHOWN: usize = 5;
 
 /// An action on the selected agent, waiting for `y`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,15 +48,20 @@ enum Action {
     Thaw,
     Kill,
     Approve,
+    /// Its held API call with this id, let through or refused.
+    ApproveCall(u64),
+    DenyCall(u64),
 }
 
 impl Action {
-    fn verb(self) -> &'static str {
+    fn verb(self) -> String {
         match self {
-            Self::Freeze => "freeze",
-            Self::Thaw => "thaw",
-            Self::Kill => "kill",
-            Self::Approve => "approve",
+            Self::Freeze => "freeze".into(),
+            Self::Thaw => "thaw".into(),
+            Self::Kill => "kill".into(),
+            Self::Approve => "approve".into(),
+            Self::ApproveCall(id) => format!("approve call {id} of"),
+            Self::DenyCall(id) => format!("deny call {id} of"),
         }
     }
 
@@ -67,8 +75,61 @@ impl Action {
                 keep_baseline: false,
                 call: None,
             },
+            Self::ApproveCall(id) => Request::Approve {
+                agent,
+                keep_baseline: false,
+                call: Some(id),
+            },
+            Self::DenyCall(id) => Request::Deny { agent, call: id },
         }
     }
+}
+
+/// One held API call as `status` lists it, with its agent and scope.
+struct HeldRow {
+    agent: String,
+    scope: String,
+    id: u64,
+    method: String,
+    path: String,
+}
+
+/// Every held call in the status rows, the oldest (lowest id) first.
+fn held_calls(rows: &[Value]) -> Vec<HeldRow> {
+    let mut out = Vec::new();
+    for r in rows {
+        let agent = r["name"].as_str().unwrap_or("?");
+        let Some(scopes) = r["apis"].as_object() else {
+            continue;
+        };
+        for (scope, s) in scopes {
+            for h in s["held"].as_array().into_iter().flatten() {
+                out.push(HeldRow {
+                    agent: agent.to_owned(),
+                    scope: scope.clone(),
+                    id: h["call"].as_u64().unwrap_or(0),
+                    method: h["method"].as_str().unwrap_or("?").to_owned(),
+                    path: h["path"].as_str().unwrap_or("?").to_owned(),
+                });
+            }
+        }
+    }
+    out.sort_by_key(|h| h.id);
+    out
+}
+
+/// Calls through the gateway of every scope of a status row.
+fn api_calls(row: &Value) -> u64 {
+    row["apis"]
+        .as_object()
+        .map(|scopes| {
+            scopes
+                .values()
+                .filter_map(|s| s["calls"].as_object())
+                .flat_map(|c| c.values().filter_map(Value::as_u64))
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 struct App {
@@ -169,6 +230,30 @@ impl App {
             KeyCode::Char('t') => Action::Thaw,
             KeyCode::Char('x') => Action::Kill,
             KeyCode::Char('a') => Action::Approve,
+            KeyCode::Char('c' | 'd') => {
+                let Some(agent) = self.selected_name() else {
+                    return true;
+                };
+                let held = held_calls(&self.rows);
+                let Some(call) = held.iter().find(|h| h.agent == agent) else {
+                    self.message = format!("`{agent}` has no API call held");
+                    return true;
+                };
+                let action = if code == KeyCode::Char('c') {
+                    Action::ApproveCall(call.id)
+                } else {
+                    Action::DenyCall(call.id)
+                };
+                self.message = format!(
+                    "{} `{agent}` ({} {} of {})? y to confirm, any other key to cancel",
+                    action.verb(),
+                    call.method,
+                    call.path,
+                    call.scope
+                );
+                self.pending = Some((action, agent));
+                return true;
+            }
             _ => return true,
         };
         if let Some(agent) = self.selected_name() {
@@ -182,17 +267,25 @@ impl App {
     }
 
     fn draw(&mut self, f: &mut Frame<'_>) {
-        let [head, table, detail, events, foot] = Layout::vertical([
+        let held = held_calls(&self.rows);
+        // The held-calls pane only while something waits for a human.
+        let held_height = if held.is_empty() {
+            0
+        } else {
+            held.len().min(HELD_SHOWN) as u16 + 2
+        };
+        let [head, table, detail, held_area, events, foot] = Layout::vertical([
             Constraint::Length(1),
             Constraint::Min(5),
             Constraint::Length(SIGNALS as u16 + 2),
+            Constraint::Length(held_height),
             Constraint::Length(EVENTS as u16 + 2),
             Constraint::Length(1),
         ])
         .areas(f.area());
         f.render_widget(
             Paragraph::new(format!(
-                "agentwatch top - {} agent(s) - {}   keys: up/down select, f freeze, t thaw, x kill, a approve, q quit",
+                "agentwatch top - {} agent(s) - {}   keys: up/down select, f freeze, t thaw, x kill, a approve, c/d approve/deny held call, q quit",
                 self.rows.len(),
                 self.socket.display()
             ))
@@ -212,6 +305,8 @@ impl App {
                 "BREAKER",
                 "SCORE",
                 "LEASE",
+                "API",
+                "HELD",
             ]
             .map(Cell::from),
         )
@@ -246,6 +341,13 @@ impl App {
                             .map_or("-".to_owned(), |s| format!("{s:.1}")),
                     ),
                     Cell::from(lease_cell(&r["lease"])),
+                    Cell::from(api_calls(r).to_string()),
+                    Cell::from(
+                        held.iter()
+                            .filter(|h| r["name"].as_str() == Some(h.agent.as_str()))
+                            .count()
+                            .to_string(),
+                    ),
                 ])
             })
             .collect();
@@ -261,6 +363,8 @@ impl App {
             Constraint::Length(10),
             Constraint::Length(6),
             Constraint::Length(12),
+            Constraint::Length(7),
+            Constraint::Length(5),
         ];
         f.render_stateful_widget(
             Table::new(rows, widths)
@@ -271,6 +375,26 @@ impl App {
             &mut self.table,
         );
         self.draw_detail(f, detail);
+        if !held.is_empty() {
+            let lines: Vec<Line<'_>> = held
+                .iter()
+                .take(HELD_SHOWN)
+                .map(|h| {
+                    Line::from(format!(
+                        "call {:<6} {:<20} {:<12} {} {}",
+                        h.id, h.agent, h.scope, h.method, h.path
+                    ))
+                })
+                .collect();
+            f.render_widget(
+                Paragraph::new(lines).block(
+                    Block::default()
+                        .borders(Borders::ALL)
+                        .title(format!("API calls held for a human ({})", held.len())),
+                ),
+                held_area,
+            );
+        }
         let lines: Vec<Line<'_>> = self.events.iter().map(event_line).collect();
         f.render_widget(
             Paragraph::new(lines).block(

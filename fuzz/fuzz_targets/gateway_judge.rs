@@ -3,7 +3,8 @@
 //! a canonical path is a fixed point (judging it again gives itself), holds no empty, `.` or
 //! `..` segment and no escaped `/`, `\` or control character (what an upstream could read
 //! differently from the judge); the literal pattern of a canonical path admits it; and after
-//! the token is taken, no credential header is left to go upstream.
+//! the token is taken, no credential header is left to go upstream. The template `learn`
+//! proposes from a call is a pattern that admits that call.
 
 #![no_main]
 
@@ -33,6 +34,11 @@ fuzz_target!(|input: (&str, &str, Vec<(String, Vec<u8>)>, bool)| {
         if let Ok(p) = Pattern::parse(&format!("{} {}", t.method, t.path)) {
             assert!(p.matches(&t), "{p} does not admit {t:?}");
         }
+        // What `learn` proposes from this call is a pattern that admits it.
+        let learned = format!("{} {}", t.method, t.template());
+        let p = Pattern::parse(&learned)
+            .unwrap_or_else(|e| panic!("{raw:?}: learned `{learned}` is no pattern: {e}"));
+        assert!(p.matches(&t), "learned {p} does not admit {t:?}");
     }
     let mut map = hyper::HeaderMap::new();
     for (name, value) in headers {

@@ -1,8 +1,9 @@
 //! A real HTTPS server on loopback, with a CA of its own made for the test (rcgen), that
 //! records every request that reaches it: the API "upstream" of the gateway tests.
 //!
-//! `GET|POST /stream` answers with server-sent events, one every `STREAM_GAP`, so a test can
-//! tell a streamed answer from a buffered one. Anything else gets 200 and a small JSON body
+//! `GET|POST /stream[?n=N]` answers with N (default 3) server-sent events, one every
+//! `STREAM_GAP`, then `[DONE]`, so a test can tell a streamed answer from a buffered one; how
+//! each stream ended (events sent, completed or cut by the reader) is kept in `streams`. Anything else gets 200 and a small JSON body
 //! naming the path.
 
 use std::{
@@ -40,6 +41,17 @@ impl Recorded {
     }
 }
 
+/// How one `/stream` answer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamEnd {
+    /// Events sent before it ended (`[DONE]` not counted).
+    pub sent: usize,
+    /// All sent and `[DONE]` too; false: the reader went away first.
+    pub completed: bool,
+}
+
+type Streams = Arc<Mutex<Vec<StreamEnd>>>;
+
 /// Time between the events of `/stream`.
 pub const STREAM_GAP: Duration = Duration::from_millis(400);
 
@@ -49,6 +61,7 @@ pub struct Upstream {
     /// The test CA's certificate (PEM), for the scope's `ca_file`.
     pub ca_file: PathBuf,
     pub seen: Arc<Mutex<Vec<Recorded>>>,
+    streams: Streams,
     _dir: crate::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -93,6 +106,8 @@ impl Upstream {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let seen2 = Arc::clone(&seen);
+        let streams: Streams = Arc::default();
+        let streams2 = Arc::clone(&streams);
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -108,13 +123,15 @@ impl Upstream {
                         };
                         let acceptor = acceptor.clone();
                         let seen = Arc::clone(&seen2);
+                        let streams = Arc::clone(&streams2);
                         tokio::spawn(async move {
                             let Ok(tls) = acceptor.accept(tcp).await else {
                                 return;
                             };
                             let service = hyper::service::service_fn(move |req| {
                                 let seen = Arc::clone(&seen);
-                                async move { Ok::<_, Infallible>(answer(req, seen).await) }
+                                let streams = Arc::clone(&streams);
+                                async move { Ok::<_, Infallible>(answer(req, seen, streams).await) }
                             });
                             let _ =
                                 hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -133,6 +150,7 @@ impl Upstream {
             addr,
             ca_file,
             seen,
+            streams,
             _dir: dir,
             stop: Some(stop),
             thread: Some(thread),
@@ -142,6 +160,14 @@ impl Upstream {
     /// `https://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
+    }
+
+    /// How the `/stream` answers so far ended.
+    pub fn streams(&self) -> Vec<StreamEnd> {
+        self.streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// What arrived so far.
@@ -169,6 +195,7 @@ type Body = BoxBody<Bytes, Infallible>;
 async fn answer(
     req: Request<hyper::body::Incoming>,
     seen: Arc<Mutex<Vec<Recorded>>>,
+    streams: Streams,
 ) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let body = body
@@ -200,15 +227,30 @@ async fn answer(
         });
     if parts.uri.path() == "/stream" {
         let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(4);
+        let n: usize = parts
+            .uri
+            .query()
+            .and_then(|q| q.strip_prefix("n="))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(3);
         tokio::spawn(async move {
-            for i in 0..3 {
+            let end = |sent, completed| {
+                streams
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(StreamEnd { sent, completed });
+            };
+            for i in 0..n {
                 let event = format!("data: {{\"n\":{i}}}\n\n");
                 if tx.send_data(Bytes::from(event)).await.is_err() {
+                    end(i, false);
                     return;
                 }
+                // The reader gone shows at the next send, one gap later.
                 tokio::time::sleep(STREAM_GAP).await;
             }
-            let _ = tx.send_data(Bytes::from_static(b"data: [DONE]\n\n")).await;
+            let done = tx.send_data(Bytes::from_static(b"data: [DONE]\n\n")).await;
+            end(n, done.is_ok());
         });
         let mut r = Response::new(body.boxed());
         r.headers_mut().insert(

@@ -466,3 +466,533 @@ fn a_held_call_goes_through_only_when_a_human_approves_that_call() {
     assert_eq!(decided[1]["decision"], "refused");
     assert_eq!(decided[0]["actor_uid"], 0);
 }
+
+/// The whole `status --json` reply's `gateway` object.
+fn gateway_status(env: &DaemonEnv) -> serde_json::Value {
+    let out = env.cli(&["status", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    v["gateway"].clone()
+}
+
+/// Has the gateway closed `s` (EOF or reset) within `wait`?
+fn closed_within(s: &mut std::net::TcpStream, wait: std::time::Duration) -> bool {
+    use std::io::Read as _;
+    s.set_read_timeout(Some(wait)).expect("timeout");
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            // An answer before the close (a 408 or 401): read on to the end.
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Any local process can reach the gateway's port, as a hostile agent's accomplice outside
+/// every agent would. It holds few places (32 connections; the rest are closed at once, and
+/// a connection that sends no full request head is closed after 30 s), gets one answer per
+/// connection, and writes at most 10 trail lines a second, every other call counted; the
+/// agent's own calls go through all the while.
+#[test]
+fn outsiders_hold_few_places_get_one_answer_per_connection_and_cannot_flood_the_trail() {
+    use std::io::Write as _;
+    privileged!();
+    let up = Upstream::start();
+    let dir = TempDir::new();
+    let secret = secret_file(&dir, 0o600);
+    let mut env = DaemonEnv::new();
+    env.write_config(&config(&up, &secret));
+    env.start();
+    let listen: std::net::SocketAddr = gateway_status(&env)["listen"]
+        .as_str()
+        .expect("the gateway listens")
+        .parse()
+        .expect("address");
+
+    // 40 connections that never send a request: 32 are held, 8 closed at once.
+    let mut held: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| std::net::TcpStream::connect(listen).expect("connect"))
+        .collect();
+    let started = std::time::Instant::now();
+    agentwatch_tests::wait_until(
+        "the gateway to hold 32 connections and count 8 refused",
+        agentwatch_tests::patience(std::time::Duration::from_secs(10)),
+        || {
+            let g = gateway_status(&env);
+            g["connections_refused"] == 8 && g["connections"] == 32
+        },
+    );
+    let closed: Vec<bool> = held
+        .iter_mut()
+        .map(|s| closed_within(s, std::time::Duration::from_millis(200)))
+        .collect();
+    assert_eq!(
+        closed.iter().filter(|c| **c).count(),
+        8,
+        "closed at once: {closed:?}"
+    );
+
+    // Meanwhile the agent's calls go through: its places are its own.
+    let out = agent(&env, &["POST /v3/example.com/messages"])
+        .output()
+        .expect("launch");
+    assert_eq!(statuses(&lines(&out)), [200], "{out:?}");
+
+    // The held ones are closed once the header timeout has passed, not before 30 s.
+    let mut open: Vec<std::net::TcpStream> = held
+        .into_iter()
+        .zip(&closed)
+        .filter(|(_, c)| !**c)
+        .map(|(s, _)| s)
+        .collect();
+    for s in &mut open {
+        let left = agentwatch_tests::patience(std::time::Duration::from_secs(60))
+            .saturating_sub(started.elapsed());
+        assert!(closed_within(s, left), "a silent connection was kept");
+    }
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(29),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    agentwatch_tests::wait_until(
+        "the places to be given back",
+        agentwatch_tests::patience(std::time::Duration::from_secs(10)),
+        || gateway_status(&env)["connections"] == 0,
+    );
+
+    // 30 calls from outside: each gets its answer (401) and the connection ends.
+    let lines_before = env.audit_lines().len();
+    let flood = std::time::Instant::now();
+    for _ in 0..30 {
+        let mut s = std::net::TcpStream::connect(listen).expect("connect");
+        s.write_all(
+            b"GET /mail/v3/domains/x HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer awp_x\r\n\r\n",
+        )
+        .expect("write");
+        s.set_read_timeout(Some(agentwatch_tests::patience(
+            std::time::Duration::from_secs(10),
+        )))
+        .expect("timeout");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match std::io::Read::read(&mut s, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => panic!("no close after the answer: {e} ({got:?})"),
+            }
+        }
+        let answer = String::from_utf8_lossy(&got);
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
+    }
+    let took = flood.elapsed();
+    // Every call is accounted for: written, or counted as not written.
+    agentwatch_tests::wait_until(
+        "the outsiders' lines",
+        agentwatch_tests::patience(std::time::Duration::from_secs(10)),
+        || {
+            let written = env.audit_lines()[lines_before..]
+                .iter()
+                .filter(|l| l["kind"] == "api_call")
+                .count() as u64;
+            let not_written = gateway_status(&env)["outsider_lines_not_written"]
+                .as_u64()
+                .unwrap_or(0);
+            written + not_written == 30
+        },
+    );
+    let mine: Vec<serde_json::Value> = env.audit_lines()[lines_before..]
+        .iter()
+        .filter(|l| l["kind"] == "api_call")
+        .cloned()
+        .collect();
+    assert!(
+        mine.iter()
+            .all(|l| l["decision"] == "refused" && l["peer"].is_string()),
+        "{mine:#?}"
+    );
+    let seconds = took.as_secs() + 1;
+    assert!(
+        (10..=10 * seconds as usize).contains(&mine.len()),
+        "{} lines for 30 calls in {took:?}",
+        mine.len()
+    );
+    // A line after a gap says how many it follows; those counts and the ones still pending
+    // add up to what status says was not written.
+    let said: u64 = mine
+        .iter()
+        .map(|l| l["not_written_before"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        said <= gateway_status(&env)["outsider_lines_not_written"]
+            .as_u64()
+            .unwrap_or(0)
+    );
+    assert_eq!(
+        env.metric("agentwatch_gateway_connections_refused_total"),
+        Some(8.0)
+    );
+    // Nothing reached the upstream but the agent's one call.
+    assert_eq!(up.requests().len(), 1);
+}
+
+/// A python3 agent that GETs each path in argv over one connection and prints, per call, its
+/// status, then each server-sent event with when it came (seconds since the call), then how
+/// the answer ended (`done`, or the error that cut it).
+const STREAM_AGENT: &str = r#"
+import http.client, json, os, sys, time, urllib.parse
+u = urllib.parse.urlsplit(os.environ["AGENTWATCH_API_MAIL_URL"])
+token = os.environ["AGENTWATCH_API_MAIL_TOKEN"]
+timeout = float(os.environ["AW_TIMEOUT"])
+conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+for path in sys.argv[1:]:
+    start = time.monotonic()
+    try:
+        conn.request("GET", u.path + path, headers={"Authorization": "Bearer " + token})
+        r = conn.getresponse()
+        print(json.dumps({"path": path, "status": r.status, "chunked": r.chunked, "length": r.length}), flush=True)
+        # read1, not readline: http.client's readline takes a chunked answer cut short for
+        # a whole one.
+        pending = b""
+        while True:
+            data = r.read1(65536)
+            if not data:
+                break
+            pending += data
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                if line.startswith(b"data:"):
+                    print(json.dumps({"event": line[5:].strip().decode(), "t": time.monotonic() - start}), flush=True)
+        print(json.dumps({"end": "done"}), flush=True)
+    except Exception as e:
+        print(json.dumps({"end": type(e).__name__}), flush=True)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+"#;
+
+/// [`config`] with `GET /stream` allowed too.
+fn stream_config(up: &Upstream, secret: &std::path::Path) -> String {
+    config(up, secret).replace("allow = [", "allow = [\"GET /stream\", ")
+}
+
+/// `STREAM_AGENT` as `mailer`, its lines readable as they come.
+fn stream_agent(
+    env: &DaemonEnv,
+    paths: &[&str],
+) -> (
+    std::process::Child,
+    impl Iterator<Item = serde_json::Value> + use<>,
+) {
+    use std::io::BufRead as _;
+    let mut args = vec!["python3", "-c", STREAM_AGENT];
+    args.extend(paths);
+    let mut child = env
+        .launch_command_timed("mailer", &args)
+        .current_dir("/")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("launch");
+    let out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let lines = out
+        .lines()
+        .map_while(Result::ok)
+        .map(|l| serde_json::from_str(&l).expect("agent line"));
+    (child, lines)
+}
+
+/// Server-sent events pass through as they come, not buffered to the end; a reload that
+/// rotates the secret mid-stream does not drop that stream, and the next call carries the
+/// new secret.
+#[test]
+fn a_stream_passes_through_as_it_comes_and_survives_a_secret_rotation() {
+    use agentwatch_tests::upstream::{STREAM_GAP, StreamEnd};
+    privileged!();
+    let up = Upstream::start();
+    let dir = TempDir::new();
+    let secret = secret_file(&dir, 0o600);
+    let mut env = DaemonEnv::new();
+    env.write_config(&stream_config(&up, &secret));
+    env.start();
+    let (child, mut lines) = stream_agent(&env, &["/stream?n=6", "/v3/domains/example.com"]);
+    let head = lines.next().expect("status line");
+    assert_eq!(head["status"], 200, "{head}");
+    let first = lines.next().expect("first event");
+    assert_eq!(first["event"], "{\"n\":0}");
+    // The first event is there long before the last is sent (5 gaps later).
+    let first_at = first["t"].as_f64().expect("t");
+    // Rotated while the stream runs: new file contents, then a reload.
+    std::fs::write(&secret, "sk-live-ROTATED-0000\n").expect("rotate");
+    let reload = env.cli(&["reload"]);
+    assert!(reload.status.success(), "{reload:?}");
+    let rest: Vec<serde_json::Value> = lines.by_ref().take(7).collect();
+    let events: Vec<&str> = rest.iter().filter_map(|l| l["event"].as_str()).collect();
+    assert_eq!(
+        events,
+        [
+            "{\"n\":1}",
+            "{\"n\":2}",
+            "{\"n\":3}",
+            "{\"n\":4}",
+            "{\"n\":5}",
+            "[DONE]"
+        ],
+        "{rest:#?}"
+    );
+    assert_eq!(rest[6]["end"], "done", "{rest:#?}");
+    let last_at = rest[5]["t"].as_f64().expect("t");
+    assert!(
+        last_at - first_at >= 4.0 * STREAM_GAP.as_secs_f64(),
+        "events came together: first at {first_at}s, last at {last_at}s"
+    );
+    let after: Vec<serde_json::Value> = lines.collect();
+    assert_eq!(after[0]["status"], 200, "{after:#?}");
+    let out = child.wait_with_output().expect("agent");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        up.streams(),
+        [StreamEnd {
+            sent: 6,
+            completed: true
+        }]
+    );
+    let seen = up.requests();
+    assert_eq!(seen.len(), 2, "{seen:#?}");
+    assert_eq!(
+        seen[0].header("authorization"),
+        [format!("Bearer {SECRET}")]
+    );
+    assert_eq!(
+        seen[1].header("authorization"),
+        ["Bearer sk-live-ROTATED-0000"]
+    );
+}
+
+/// An agent's API scope removed from the config while it reads a long stream: its token dies
+/// and the stream is cut at once, on both sides (the upstream sees its reader go), though the
+/// agent's process lives on; it cannot reach the gateway again.
+#[test]
+fn removing_an_agents_scope_cuts_its_open_stream_on_both_sides() {
+    privileged!();
+    let up = Upstream::start();
+    let dir = TempDir::new();
+    let secret = secret_file(&dir, 0o600);
+    let mut env = DaemonEnv::new();
+    env.write_config(&stream_config(&up, &secret));
+    env.start();
+    // 100 events: 40 s, were it not cut.
+    let (child, mut lines) = stream_agent(&env, &["/stream?n=100", "/v3/domains/example.com"]);
+    let head = lines.next().expect("status");
+    assert_eq!(head["status"], 200, "{head}");
+    // Chunked: the end of the answer is said, so a cut cannot pass for one.
+    assert_eq!(head["chunked"], true, "{head}");
+    for n in 0..2 {
+        assert_eq!(
+            lines.next().expect("event")["event"],
+            format!("{{\"n\":{n}}}")
+        );
+    }
+    let cut_at = std::time::Instant::now();
+    env.write_config("[[agents]]\nname = \"mailer\"\n");
+    let reload = env.cli(&["reload"]);
+    assert!(reload.status.success(), "{reload:?}");
+    let rest: Vec<serde_json::Value> = lines.collect();
+    let took = cut_at.elapsed();
+    let out = child.wait_with_output().expect("agent");
+    assert!(out.status.success(), "{out:?}");
+    // A few events may have been on their way; then the stream ends in an error, not [DONE].
+    let events = rest.iter().filter(|l| l["event"].is_string()).count();
+    assert!(events <= 3, "{rest:#?}");
+    let ends: Vec<&serde_json::Value> = rest.iter().filter(|l| !l["end"].is_null()).collect();
+    assert_eq!(ends.len(), 2, "{rest:#?}");
+    assert_ne!(ends[0]["end"], "done", "{rest:#?}");
+    assert!(
+        took < agentwatch_tests::patience(std::time::Duration::from_secs(10)),
+        "cut after {took:?}"
+    );
+    // The next call cannot even connect: with no scope left the gateway is off the agent's
+    // egress list (EPERM in the kernel).
+    assert_eq!(ends[1]["end"], "PermissionError", "{rest:#?}");
+    assert!(rest.iter().all(|l| l["status"].is_null()), "{rest:#?}");
+    // The upstream saw its reader go well before the 100th event.
+    agentwatch_tests::wait_until(
+        "the upstream to see the stream end",
+        agentwatch_tests::patience(std::time::Duration::from_secs(10)),
+        || !up.streams().is_empty(),
+    );
+    let ends = up.streams();
+    assert!(!ends[0].completed && ends[0].sent < 20, "{ends:?}");
+    assert_eq!(up.requests().len(), 1);
+    let calls = env.wait_audit("api_call", 1);
+    assert_eq!(calls.len(), 1, "{calls:#?}");
+    assert_eq!(calls[0]["path"], "/stream", "{calls:#?}");
+    assert_eq!(calls[0]["decision"], "allowed", "{calls:#?}");
+}
+
+/// 16 clients at once, 32 calls against per_minute = 10: exactly 10 go through, each limit is
+/// reserved before the call is forwarded, so no call crosses it while others are in flight.
+#[test]
+fn per_minute_is_exact_under_sixteen_concurrent_clients() {
+    privileged!();
+    let up = Upstream::start();
+    let dir = TempDir::new();
+    let secret = secret_file(&dir, 0o600);
+    let mut env = DaemonEnv::new();
+    env.write_config(&config(&up, &secret).replace("per_minute = 3", "per_minute = 10"));
+    env.start();
+    const CLIENTS: &str = r#"
+import http.client, json, os, threading, urllib.parse
+u = urllib.parse.urlsplit(os.environ["AGENTWATCH_API_MAIL_URL"])
+token = os.environ["AGENTWATCH_API_MAIL_TOKEN"]
+timeout = float(os.environ["AW_TIMEOUT"])
+start = threading.Barrier(16)
+got = []
+def client():
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    conn.connect()
+    start.wait()
+    for _ in range(2):
+        conn.request("POST", u.path + "/v3/example.com/messages", body=b"x",
+                     headers={"Authorization": "Bearer " + token})
+        r = conn.getresponse()
+        r.read()
+        got.append(r.status)
+threads = [threading.Thread(target=client) for _ in range(16)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps(sorted(got)))
+"#;
+    let out = env
+        .launch_command_timed("mailer", &["python3", "-c", CLIENTS])
+        .current_dir("/")
+        .output()
+        .expect("launch");
+    assert!(out.status.success(), "{out:?}");
+    let got: Vec<u64> = serde_json::from_slice(&out.stdout).expect("statuses");
+    assert_eq!(got.len(), 32, "{got:?}");
+    assert_eq!(got.iter().filter(|s| **s == 200).count(), 10, "{got:?}");
+    assert_eq!(got.iter().filter(|s| **s == 429).count(), 22, "{got:?}");
+    assert_eq!(up.requests().len(), 10);
+    let row = &env.status()["mailer"]["apis"]["mail"];
+    assert_eq!(row["calls"]["allowed"], 10, "{row}");
+    assert_eq!(row["calls"]["limited"], 22, "{row}");
+    assert_eq!(row["per_minute_left"], 0, "{row}");
+}
+
+/// `learn` proposes each scope's `allow` from the calls made (an identifier in a path becomes
+/// `*`), with counts; refused calls and configured patterns never used are said apart, and a
+/// scope never called is left out. The proposal, with the `[secrets]` it names, passes `check`.
+#[test]
+fn learn_proposes_each_scopes_allow_from_the_calls_made() {
+    privileged!();
+    let up = Upstream::start();
+    let dir = TempDir::new();
+    let secret = secret_file(&dir, 0o600);
+    let mut env = DaemonEnv::new();
+    let base = config(&up, &secret).replace("per_minute = 3", "per_minute = 30");
+    env.write_config(&format!(
+        "{base}\n[[agents.apis]]\nname = \"spare\"\nupstream = \"{}\"\nca_file = \"{}\"\n\
+         secret = \"mail\"\nallow = [\"GET /**\"]\n",
+        up.url(),
+        up.ca_file.display()
+    ));
+    env.start();
+    let calls = [
+        "POST /v3/example.com/messages",
+        "POST /v3/example.com/messages",
+        "POST /v3/other.org/messages",
+        "GET /v3/domains/example.com",
+        "DELETE /v3/domains/example.com",
+    ];
+    let out = agent(&env, &calls).output().expect("launch");
+    assert_eq!(statuses(&lines(&out)), [200, 200, 200, 200, 403], "{out:?}");
+    let json = env.cli(&["learn", "mailer", "--json"]);
+    assert!(json.status.success(), "{json:?}");
+    let p: serde_json::Value = serde_json::from_slice(&json.stdout).expect("proposal");
+    assert_eq!(p["unused_apis"], serde_json::json!(["spare"]), "{p:#}");
+    let mail = &p["apis"][0];
+    assert_eq!(mail["name"], "mail");
+    assert_eq!(
+        mail["allow"],
+        serde_json::json!([
+            { "pattern": "POST /v3/*/messages", "calls": 3 },
+            { "pattern": "GET /v3/domains/*", "calls": 1 },
+        ]),
+        "{mail:#}"
+    );
+    assert_eq!(
+        mail["refused"],
+        serde_json::json!([{ "pattern": "DELETE /v3/domains/*", "calls": 1 }]),
+        "{mail:#}"
+    );
+    assert_eq!(mail["unused_allow"], serde_json::json!([]), "{mail:#}");
+
+    let text = env.cli(&["learn", "mailer"]);
+    assert!(text.status.success(), "{text:?}");
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(
+        text.contains("\"POST /v3/*/messages\", # 3 calls"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# refused by `allow`, left out: \"DELETE /v3/domains/*\" (1 call)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# API scope \"spare\" was never called: left out"),
+        "{text}"
+    );
+    let proposed = dir.0.join("proposed.toml");
+    std::fs::write(
+        &proposed,
+        format!(
+            "[secrets]\nmail = {{ file = \"{}\" }}\n\n{text}",
+            secret.display()
+        ),
+    )
+    .expect("write");
+    let check = std::process::Command::new(agentwatch_tests::agentwatch_bin())
+        .args(["check", "--config"])
+        .arg(&proposed)
+        .output()
+        .expect("check");
+    assert!(check.status.success(), "{check:?}\n{text}");
+}
+
+/// A stream that outlasts the gateway's 30 s header and idle timeout (an LLM's long answer) is
+/// not cut by it: the timer runs only while the gateway waits for a request head.
+#[test]
+fn a_stream_longer_than_the_idle_timeout_runs_to_its_end() {
+    use agentwatch_tests::upstream::{STREAM_GAP, StreamEnd};
+    privileged!();
+    let up = Upstream::start();
+    let dir = TempDir::new();
+    let secret = secret_file(&dir, 0o600);
+    let mut env = DaemonEnv::new();
+    env.write_config(&stream_config(&up, &secret));
+    env.start();
+    // 35 s of events, then [DONE].
+    let n = (35_000 / STREAM_GAP.as_millis()) as usize;
+    let path = format!("/stream?n={n}");
+    let (child, lines) = stream_agent(&env, &[&path]);
+    let got: Vec<serde_json::Value> = lines.collect();
+    let out = child.wait_with_output().expect("agent");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(got.last().expect("end")["end"], "done", "{got:#?}");
+    let events = got.iter().filter(|l| l["event"].is_string()).count();
+    assert_eq!(events, n + 1, "{n} events and [DONE]");
+    assert_eq!(
+        up.streams(),
+        [StreamEnd {
+            sent: n,
+            completed: true
+        }]
+    );
+}

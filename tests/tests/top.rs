@@ -196,3 +196,106 @@ fn top_shows_the_agents_and_a_confirmed_key_freezes_and_thaws_one() {
     let _ = spin.kill();
     let _ = spin.wait();
 }
+
+/// An API call held for a human shows in top (its agent, scope, method and path), and `c`
+/// then `y` lets exactly that call through, `d` then `y` refuses the next one.
+#[test]
+fn top_lists_held_api_calls_and_a_confirmed_key_approves_or_denies_one() {
+    use agentwatch_tests::{TempDir, upstream::Upstream};
+    use std::os::unix::fs::PermissionsExt as _;
+    privileged!();
+    let up = Upstream::start();
+    let dir = TempDir::new();
+    let secret = dir.0.join("mail.key");
+    std::fs::write(&secret, "sk-live-FAKE-top\n").expect("secret");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let mut env = DaemonEnv::new();
+    env.write_config(&format!(
+        "[secrets]\nmail = {{ file = \"{}\" }}\n\n[[agents]]\nname = \"mailer\"\n\n\
+         [[agents.apis]]\nname = \"mail\"\nupstream = \"{}\"\nca_file = \"{}\"\nsecret = \"mail\"\n\
+         allow = [\"POST /v3/*/messages\"]\napprove = [\"POST /v3/*/messages\"]\n",
+        secret.display(),
+        up.url(),
+        up.ca_file.display()
+    ));
+    env.start();
+    // Two calls, one after the other, each held until decided.
+    const CALLS: &str = r#"
+import http.client, os, urllib.parse
+u = urllib.parse.urlsplit(os.environ["AGENTWATCH_API_MAIL_URL"])
+token = os.environ["AGENTWATCH_API_MAIL_TOKEN"]
+conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+for n in (1, 2):
+    conn.request("POST", u.path + f"/v3/example.com/messages", body=b"x",
+                 headers={"Authorization": "Bearer " + token})
+    r = conn.getresponse()
+    r.read()
+    print(r.status, flush=True)
+"#;
+    let agent = env
+        .launch_command("mailer", &["python3", "-c", CALLS])
+        .current_dir("/")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("launch");
+
+    let mut cmd = Command::new(agentwatch_bin());
+    cmd.arg("--socket")
+        .arg(&env.socket)
+        .args(["top", "--interval", "200ms"]);
+    let mut top = Pty::spawn(cmd);
+    let held_id = |env: &DaemonEnv| {
+        env.status()["mailer"]["apis"]["mail"]["held"][0]["call"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    wait_until("a held call", Duration::from_secs(10), || {
+        held_id(&env) != 0
+    });
+    let first = held_id(&env);
+    top.wait_for("the held call", |s| {
+        s.contains("API calls held for a human (1)")
+            && s.contains(&format!("call {first:<6} mailer"))
+            && s.contains("POST /v3/example.com/messages")
+    });
+    top.type_key("c");
+    top.wait_for("the confirmation", |s| {
+        s.contains(&format!(
+            "approve call {first} of `mailer` (POST /v3/example.com/messages of mail)? y to confirm"
+        ))
+    });
+    top.type_key("y");
+    top.wait_for("the approval", |s| {
+        s.contains(&format!("approve call {first} of mailer: done"))
+    });
+    wait_until("the second held call", Duration::from_secs(10), || {
+        let id = held_id(&env);
+        id != 0 && id != first
+    });
+    let second = held_id(&env);
+    top.wait_for("the second held call", |s| {
+        s.contains(&format!("call {second:<6} mailer"))
+    });
+    top.type_key("d");
+    top.type_key("y");
+    top.wait_for("the denial", |s| {
+        s.contains(&format!("deny call {second} of mailer: done"))
+    });
+    let out = agent.wait_with_output().expect("agent");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200\n403\n",
+        "{out:?}"
+    );
+    assert_eq!(up.requests().len(), 1);
+    let decided = env.wait_audit("api_decided", 2);
+    assert_eq!(
+        (
+            decided[0]["decision"].as_str(),
+            decided[1]["decision"].as_str()
+        ),
+        (Some("approved"), Some("refused"))
+    );
+    top.type_key("q");
+}

@@ -273,6 +273,7 @@ impl State {
             Request::Status { rules } => Ok(json!({
                 "agents": self.status(rules),
                 "guards": crate::files::modes(self.agents.kernel().files.lsm()),
+                "gateway": self.gateway.status(),
             })),
             Request::Reload => self
                 .reload_from_disk()
@@ -496,6 +497,9 @@ impl State {
             },
             crate::learn::wall,
         );
+        let mut proposal = proposal;
+        (proposal.apis, proposal.unused_apis) =
+            crate::learn::propose_apis(config, &self.gateway.learned(agent));
         serde_json::to_value(&proposal).map_err(|e| e.to_string())
     }
 

@@ -232,6 +232,7 @@ impl State {
             reloads_ok: self.reloads_ok,
             reloads_rejected: self.reloads_rejected,
             audit_lines_lost: self.audit.lines_lost(),
+            gateway_connections_refused: self.gateway.connections_refused(),
         }
     }
 }

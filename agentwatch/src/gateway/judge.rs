@@ -80,6 +80,26 @@ impl Target {
         })
     }
 
+    /// The path as `learn` proposes it in an `allow` pattern: a segment that names a thing
+    /// rather than a place (anything but letters, `-` and `_`, or a version such as `v3` or
+    /// `v1beta`) becomes `*`; a trailing `/` is kept.
+    pub fn template(&self) -> String {
+        let mut out = String::new();
+        for s in &self.segments {
+            out.push('/');
+            if is_place(s) {
+                // Letters, `-` and `_` only: the same text encoded or not.
+                out.push_str(&String::from_utf8_lossy(s));
+            } else {
+                out.push('*');
+            }
+        }
+        if out.is_empty() || self.path.ends_with('/') && !self.segments.is_empty() {
+            out.push('/');
+        }
+        out
+    }
+
     /// The path and query as forwarded upstream.
     pub fn path_and_query(&self) -> String {
         match &self.query {
@@ -87,6 +107,23 @@ impl Target {
             None => self.path.clone(),
         }
     }
+}
+
+/// A path segment that names a place in an API (`messages`, `chat-completions`, `v3`), not
+/// an identifier (`example.com`, `42`, a UUID): what stays literal in a learned template.
+fn is_place(seg: &[u8]) -> bool {
+    if seg.is_empty() || seg.len() > 40 {
+        return false;
+    }
+    let word = seg
+        .iter()
+        .all(|b| b.is_ascii_alphabetic() || *b == b'-' || *b == b'_');
+    // `v` + digits, then letters: `v1`, `v3`, `v1beta`.
+    let version = seg.len() >= 2 && seg[0] == b'v' && seg[1].is_ascii_digit() && {
+        let digits = seg[1..].iter().take_while(|b| b.is_ascii_digit()).count();
+        seg[1 + digits..].iter().all(u8::is_ascii_lowercase)
+    };
+    word || version
 }
 
 /// `method` upper-cased, if it is an HTTP token (RFC 9110 `tchar`).
@@ -273,6 +310,32 @@ pub fn first_match<'p>(patterns: &'p [Pattern], target: &Target) -> Option<&'p P
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn templates_keep_places_and_star_identifiers() {
+        let t = |m: &str, p: &str| Target::parse(m, p).unwrap().template();
+        assert_eq!(t("POST", "/v3/example.com/messages"), "/v3/*/messages");
+        assert_eq!(t("GET", "/v1/chat/completions?x=1"), "/v1/chat/completions");
+        assert_eq!(
+            t("GET", "/v1beta/users/42/repos/"),
+            "/v1beta/users/*/repos/"
+        );
+        assert_eq!(
+            t("GET", "/items/0b5e8c1a-7f3d-4d2e-9a41-3c7b2f6e8d90"),
+            "/items/*"
+        );
+        assert_eq!(t("GET", "/"), "/");
+        assert_eq!(t("GET", "/a%20b/c"), "/*/c");
+        // Every template is a pattern that admits the call it came from.
+        for (m, p) in [
+            ("POST", "/v3/example.com/messages"),
+            ("GET", "/v1beta/users/42/repos/"),
+        ] {
+            let target = Target::parse(m, p).unwrap();
+            let pattern = Pattern::parse(&format!("{m} {}", target.template())).unwrap();
+            assert!(pattern.matches(&target), "{m} {p}");
+        }
+    }
 
     fn t(method: &str, raw: &str) -> Target {
         Target::parse(method, raw).expect("parses")

@@ -114,7 +114,7 @@ pub fn secrets(
     let mut out = BTreeMap::new();
     for (name, s) in raw {
         let span = s.span();
-        if !valid_name(name) {
+        if !crate::config::valid_name(name) {
             err(
                 span.clone(),
                 format!("secret name `{name}` must be 1-63 characters of a-z, 0-9 and `-`"),
@@ -168,13 +168,12 @@ pub fn apis(
     let mut out = Vec::new();
     for a in raw {
         let name = a.name.get_ref().clone();
-        let before = out.len();
         let mut ok = true;
         let mut bad = |span: Range<usize>, msg: String| {
             ok = false;
             err(span, format!("api `{name}`: {msg}"));
         };
-        if !valid_name(&name) {
+        if !crate::config::valid_name(&name) {
             bad(
                 a.name.span(),
                 "the name must be 1-63 characters of a-z, 0-9 and `-`".into(),
@@ -267,7 +266,7 @@ pub fn apis(
                 env.push((k.clone(), v.get_ref().clone()));
             }
         }
-        if ok && out.len() == before {
+        if ok {
             out.push(Api {
                 name,
                 upstream,
@@ -284,14 +283,6 @@ pub fn apis(
         }
     }
     out
-}
-
-fn valid_name(name: &str) -> bool {
-    (1..=63).contains(&name.len())
-        && !name.starts_with('-')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 fn valid_credential(name: &str) -> bool {

@@ -17,6 +17,10 @@
 //!    A call that fails upstream is answered 502 and keeps its place in the limits.
 //!
 //! Every call is audited (`api_call`) when its answer has been sent or the agent hung up.
+//! What the gateway holds is bounded, so that no caller, agent or any local process, can take
+//! the daemon's descriptors or memory: connections in all, per agent and from processes that
+//! are no agent's (those get one answer per connection), the time a request's head may take
+//! and a connection may idle, and the lines a second that outsiders' calls write.
 //! Revoking an agent (kill switch, lease end, removed from the config) drops its tokens and cuts
 //! every connection it has to the gateway at once, with the upstream streams behind them.
 
@@ -41,10 +45,10 @@ use hyper::{
     server::conn::http1,
     service::service_fn,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 
 use super::{
     auth::{self, Presented},
@@ -97,6 +101,46 @@ pub struct LiveScope {
     client: UpstreamClient,
     limits: Arc<Mutex<ScopeLimits>>,
     pub counts: Arc<ScopeCounts>,
+    learned: Arc<Mutex<LearnedCalls>>,
+}
+
+/// What `learn` proposes a scope's `allow` from: per method and path template (see
+/// [`Target::template`]) of the calls the agent made with a valid token, how many the scope's
+/// `allow` admitted and refused; and how many calls each configured pattern admitted. Kept
+/// across reloads like the counts.
+#[derive(Debug, Clone, Default)]
+pub struct LearnedCalls {
+    /// (method, template) -> (admitted, refused).
+    pub calls: BTreeMap<(String, String), (u64, u64)>,
+    /// `allow` pattern as written -> calls it admitted (the first that matched).
+    pub pattern_hits: BTreeMap<String, u64>,
+    /// Calls of templates past [`LEARNED_MAX`]: the proposal may miss some.
+    pub lost: u64,
+}
+
+/// Templates remembered per scope: an agent that calls ever new paths cannot grow the daemon.
+pub const LEARNED_MAX: usize = 1024;
+
+impl LearnedCalls {
+    fn record(&mut self, target: &Target, admitted_by: Option<&super::judge::Pattern>) {
+        if let Some(p) = admitted_by {
+            *self.pattern_hits.entry(p.to_string()).or_default() += 1;
+        }
+        let key = (target.method.clone(), target.template());
+        let full = self.calls.len() >= LEARNED_MAX;
+        match self.calls.get_mut(&key) {
+            Some(c) => bump(c, admitted_by.is_some()),
+            None if full => self.lost += 1,
+            None => bump(self.calls.entry(key).or_default(), admitted_by.is_some()),
+        }
+        fn bump(c: &mut (u64, u64), admitted: bool) {
+            if admitted {
+                c.0 += 1;
+            } else {
+                c.1 += 1;
+            }
+        }
+    }
 }
 
 /// A scope ready to go live (built before a reload is applied: a bad CA file refuses it whole).
@@ -148,6 +192,54 @@ struct LiveAgent {
     lease_timer: u64,
     /// Bumped to cut every connection of the agent.
     cut: watch::Sender<u64>,
+    /// Its connections open (at most [`MAX_AGENT_CONNECTIONS`]).
+    connections: Arc<Semaphore>,
+}
+
+/// Connections open at once, in all: far below the descriptors a daemon has.
+const MAX_CONNECTIONS: usize = 4096;
+/// Connections of one agent: above the thousand a busy agent's connection pools keep, and
+/// one agent cannot take every place.
+const MAX_AGENT_CONNECTIONS: usize = 1024;
+/// Connections of processes that are no agent's: each gets one 401 and is closed.
+const MAX_OUTSIDER_CONNECTIONS: usize = 32;
+/// A request's head must have arrived this long after the gateway starts reading it, and a
+/// keep-alive connection idle this long is closed (hyper's header timer runs while it waits
+/// for the next request): a caller that dribbles bytes holds no place for long.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// `api_call` lines a second for calls from outside every agent; the rest are counted and the
+/// next line written says how many were not (`not_written_before`).
+const OUTSIDER_LINES_PER_SECOND: u32 = 10;
+
+/// What the bounds turned away: said by `status` (`gateway`).
+#[derive(Default)]
+struct Shed {
+    /// Connections closed at once: over [`MAX_CONNECTIONS`] or the caller's own bound.
+    connections_refused: AtomicU64,
+    /// Outsiders' `api_call` lines not written (over [`OUTSIDER_LINES_PER_SECOND`]).
+    lines_not_written: AtomicU64,
+    /// The current second's outsider lines: (its start, lines written, not written since the
+    /// last line).
+    outsider_second: Mutex<Option<(Instant, u32, u64)>>,
+}
+
+impl Shed {
+    /// May an outsider's call line be written now? Some(lines not written before it).
+    fn outsider_line(&self) -> Option<u64> {
+        let mut second = lock(&self.outsider_second);
+        let now = Instant::now();
+        let (start, written, unwritten) = second.get_or_insert((now, 0, 0));
+        if now.duration_since(*start) >= Duration::from_secs(1) {
+            (*start, *written) = (now, 0);
+        }
+        if *written >= OUTSIDER_LINES_PER_SECOND {
+            *unwritten += 1;
+            self.lines_not_written.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *written += 1;
+        Some(std::mem::take(unwritten))
+    }
 }
 
 /// The gateway. Cheap to clone.
@@ -167,6 +259,10 @@ struct Inner {
     next_held: AtomicU64,
     /// Digests of tokens revoked, with why (bounded: the newest kept).
     revoked: Mutex<Revoked>,
+    /// Places for connections: all of them, and those of outsiders.
+    connections: Arc<Semaphore>,
+    outsiders: Arc<Semaphore>,
+    shed: Arc<Shed>,
 }
 
 #[derive(Default)]
@@ -177,6 +273,20 @@ struct Revoked {
 
 /// Revoked tokens remembered to say `revoked` rather than `refused`.
 const REVOKED_KEPT: usize = 65536;
+
+impl Inner {
+    fn agents_read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, LiveAgent>> {
+        self.agents
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn agents_write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, LiveAgent>> {
+        self.agents
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -196,6 +306,9 @@ impl Gateway {
             held: Mutex::new(BTreeMap::new()),
             next_held: AtomicU64::new(1),
             revoked: Mutex::new(Revoked::default()),
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            outsiders: Arc::new(Semaphore::new(MAX_OUTSIDER_CONNECTIONS)),
+            shed: Arc::new(Shed::default()),
         }))
     }
 
@@ -218,8 +331,16 @@ impl Gateway {
             loop {
                 match listener.accept().await {
                     Ok((stream, peer)) => {
+                        // Full: closed at once, before anything is read or asked of the kernel.
+                        let Ok(place) = Arc::clone(&inner.connections).try_acquire_owned() else {
+                            inner
+                                .shed
+                                .connections_refused
+                                .fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        };
                         let inner = Arc::clone(&inner);
-                        tokio::spawn(connection(inner, stream, peer));
+                        tokio::spawn(connection(inner, stream, peer, place));
                     }
                     Err(e) => {
                         // Out of descriptors: the listener is fine, serving pauses a moment.
@@ -234,6 +355,36 @@ impl Gateway {
         Ok(bound)
     }
 
+    /// `status`'s `gateway`: where it listens (null: not bound) and what its bounds turned
+    /// away.
+    pub fn status(&self) -> Value {
+        let shed = &self.0.shed;
+        json!({
+            "listen": self.addr().map(|a| a.to_string()),
+            "connections": MAX_CONNECTIONS - self.0.connections.available_permits(),
+            "connections_refused": shed.connections_refused.load(Ordering::Relaxed),
+            "outsider_lines_not_written": shed.lines_not_written.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Per scope of `agent`: the calls `learn` proposes its `allow` from.
+    pub fn learned(&self, agent: &str) -> BTreeMap<String, LearnedCalls> {
+        self.agents_read()
+            .get(agent)
+            .map(|a| {
+                a.scopes
+                    .iter()
+                    .map(|(name, s)| (name.clone(), lock(&s.learned).clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Connections closed at once by the bounds, since the daemon started.
+    pub fn connections_refused(&self) -> u64 {
+        self.0.shed.connections_refused.load(Ordering::Relaxed)
+    }
+
     /// Where it listens (None: not bound, no agent has API scopes yet).
     pub fn addr(&self) -> Option<SocketAddr> {
         *lock(&self.0.addr)
@@ -245,17 +396,11 @@ impl Gateway {
     }
 
     fn agents_read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, LiveAgent>> {
-        self.0
-            .agents
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0.agents_read()
     }
 
     fn agents_write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, LiveAgent>> {
-        self.0
-            .agents
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0.agents_write()
     }
 
     /// Makes `agent`'s scopes exactly `scopes` (a config applied): limits and counts of scopes
@@ -281,15 +426,20 @@ impl Gateway {
             lease_end: None,
             lease_timer: 0,
             cut: watch::channel(0).0,
+            connections: Arc::new(Semaphore::new(MAX_AGENT_CONNECTIONS)),
         });
         entry.cgroup_id = cgroup_id;
         entry.cgroup = cgroup.to_owned();
         let mut live = BTreeMap::new();
         for p in scopes {
-            let (limits, counts) = match entry.scopes.get(&p.api.name) {
+            let (limits, counts, learned) = match entry.scopes.get(&p.api.name) {
                 Some(old) => {
                     lock(&old.limits).reconfigure(p.api.per_minute, p.api.per_day);
-                    (Arc::clone(&old.limits), Arc::clone(&old.counts))
+                    (
+                        Arc::clone(&old.limits),
+                        Arc::clone(&old.counts),
+                        Arc::clone(&old.learned),
+                    )
                 }
                 None => (
                     Arc::new(Mutex::new(ScopeLimits::new(
@@ -297,6 +447,7 @@ impl Gateway {
                         p.api.per_day,
                     ))),
                     Arc::new(ScopeCounts::default()),
+                    Arc::default(),
                 ),
             };
             live.insert(
@@ -307,6 +458,7 @@ impl Gateway {
                     client: p.client,
                     limits,
                     counts,
+                    learned,
                 }),
             );
         }
@@ -528,10 +680,7 @@ fn identify(inner: &Inner, peer: SocketAddr, local: SocketAddr) -> Option<String
             return None;
         }
     };
-    let agents = inner
-        .agents
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let agents = inner.agents_read();
     if let Some((name, _)) = agents.iter().find(|(_, a)| a.cgroup_id == cgroup_id) {
         return Some(name.clone());
     }
@@ -547,7 +696,12 @@ fn identify(inner: &Inner, peer: SocketAddr, local: SocketAddr) -> Option<String
         .map(|(name, _)| name.clone())
 }
 
-async fn connection(inner: Arc<Inner>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+async fn connection(
+    inner: Arc<Inner>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    _place: OwnedSemaphorePermit,
+) {
     let Ok(local) = stream.local_addr() else {
         return;
     };
@@ -558,14 +712,21 @@ async fn connection(inner: Arc<Inner>, stream: tokio::net::TcpStream, peer: Sock
             .ok()
             .flatten()
     };
-    let cut = who.as_ref().and_then(|a| {
+    let (cut, places) = match &who {
+        Some(a) => match inner.agents_read().get(a) {
+            Some(a) => (Some(a.cut.subscribe()), Arc::clone(&a.connections)),
+            // Forgotten since it was identified.
+            None => return,
+        },
+        None => (None, Arc::clone(&inner.outsiders)),
+    };
+    let Ok(_own_place) = places.try_acquire_owned() else {
         inner
-            .agents
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(a)
-            .map(|a| a.cut.subscribe())
-    });
+            .shed
+            .connections_refused
+            .fetch_add(1, Ordering::Relaxed);
+        return;
+    };
     let service = {
         let inner = Arc::clone(&inner);
         let who = who.clone();
@@ -576,7 +737,10 @@ async fn connection(inner: Arc<Inner>, stream: tokio::net::TcpStream, peer: Sock
         })
     };
     let conn = http1::Builder::new()
-        .keep_alive(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        // An outsider gets its answer and the connection ends: one place, one request.
+        .keep_alive(who.is_some())
         .serve_connection(TokioIo::new(stream), service);
     match cut {
         Some(mut cut) => {
@@ -608,6 +772,7 @@ struct CallLine {
     bytes_in: Arc<AtomicU64>,
     counts: Option<Arc<ScopeCounts>>,
     peer: SocketAddr,
+    shed: Arc<Shed>,
 }
 
 impl CallLine {
@@ -629,6 +794,13 @@ impl CallLine {
             fields["reason"] = json!(r);
         }
         if self.agent.is_empty() {
+            // Any local process can call: its lines are bounded, the rest counted.
+            let Some(unwritten) = self.shed.outsider_line() else {
+                return;
+            };
+            if unwritten > 0 {
+                fields["not_written_before"] = json!(unwritten);
+            }
             fields["peer"] = json!(self.peer.to_string());
             self.audit.record_daemon("api_call", fields);
         } else {
@@ -719,10 +891,7 @@ async fn call(
         .take(256)
         .collect();
     let (scope, denied, lease_over) = {
-        let agents = inner
-            .agents
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let agents = inner.agents_read();
         let a = who.as_ref().and_then(|w| agents.get(w));
         (
             a.and_then(|a| a.scopes.get(&scope_name)).cloned(),
@@ -749,6 +918,7 @@ async fn call(
         bytes_in: Arc::new(AtomicU64::new(0)),
         counts: scope.as_ref().map(|s| Arc::clone(&s.counts)),
         peer,
+        shed: Arc::clone(&inner.shed),
     };
     // 1. Who calls (the kernel), and with a token given to that agent for that scope.
     let Some(agent) = who.clone() else {
@@ -838,7 +1008,9 @@ async fn call(
     };
     line.method = target.method.clone();
     line.path = target.path.clone();
-    if first_match(&scope.api.allow, &target).is_none() {
+    let admitted_by = first_match(&scope.api.allow, &target);
+    lock(&scope.learned).record(&target, admitted_by);
+    if admitted_by.is_none() {
         return refuse(
             &mut line,
             StatusCode::FORBIDDEN,
@@ -1049,6 +1221,7 @@ pub fn status_json(scopes: &BTreeMap<String, ScopeStatus>, held: &[HeldCall]) ->
                         "path": h.path,
                         "digest": h.digest,
                         "body_bytes": h.body_bytes,
+                        "held_seconds": h.since.elapsed().map_or(0.0, |d| (d.as_secs_f64() * 10.0).round() / 10.0),
                     })).collect::<Vec<_>>(),
                 }),
             )
