@@ -782,11 +782,8 @@ impl Agents {
                 .iter()
                 .filter_map(|dir| Cgroup::open(dir).and_then(|c| c.id()).ok()),
         );
-        let all = crate::sockdiag::list().map_err(|e| format!("listing sockets: {e}"))?;
-        let mine: Vec<_> = all
-            .into_iter()
-            .filter(|s| cgroups.contains(&s.cgroup_id))
-            .collect();
+        let ids: Vec<u64> = cgroups.into_iter().collect();
+        let mine = crate::sockdiag::list_in(&ids).map_err(|e| format!("listing sockets: {e}"))?;
         let listening: HashSet<u16> = mine
             .iter()
             .filter(|s| s.state == crate::sockdiag::TCP_LISTEN)
