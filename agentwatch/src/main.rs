@@ -238,10 +238,27 @@ fn real_main(cmd: Cmd, socket: PathBuf) -> Result<ExitCode> {
                     // The daemon refuses a config whose secrets it cannot read, or that others
                     // may read: so does check (as the daemon's user, it reads them the same way).
                     let mut bad = false;
+                    let mut loaded = std::collections::BTreeMap::new();
                     for (name, source) in &c.secrets {
-                        if let Err(e) = agentwatch::gateway::secrets::load(name, source) {
-                            println!("{}: {e}", config.display());
-                            bad = true;
+                        match agentwatch::gateway::secrets::load(name, source) {
+                            Ok(s) => {
+                                loaded.insert(name.clone(), s);
+                            }
+                            Err(e) => {
+                                println!("{}: {e}", config.display());
+                                bad = true;
+                            }
+                        }
+                    }
+                    // And each holds what its scopes' `auth` sends (an AWS key pair).
+                    for a in &c.agents {
+                        for api in &a.apis {
+                            if let Some(s) = loaded.get(&api.secret)
+                                && let Err(e) = agentwatch::gateway::scope::secret_fits(api, s)
+                            {
+                                println!("{}: agent `{}` {e}", config.display(), a.name);
+                                bad = true;
+                            }
                         }
                     }
                     if bad {

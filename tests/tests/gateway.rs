@@ -996,3 +996,253 @@ fn a_stream_longer_than_the_idle_timeout_runs_to_its_end() {
         }]
     );
 }
+
+/// The real AWS key pair, as a secret file holds it (fake, made for the test).
+const AWS_KEY_ID: &str = "AKIDREALEXAMPLE7Q2Z";
+const AWS_SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
+
+/// A python3 agent signing like an AWS SDK that holds the phantom token as its key id (the
+/// signature itself is junk: the gateway never checks it). Each argv item is
+/// `SCOPE METHOD PATH [BODY]`; one JSON line per call with its status.
+const AWS_AGENT: &str = r#"
+import datetime, http.client, json, os, sys, urllib.parse
+for call in sys.argv[1:]:
+    scope, method, path, *body = call.split(" ", 3)
+    body = body[0].encode() if body else b""
+    u = urllib.parse.urlsplit(os.environ[f"AGENTWATCH_API_{scope.upper()}_URL"])
+    token = os.environ[f"AGENTWATCH_API_{scope.upper()}_TOKEN"]
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=float(os.environ["AW_TIMEOUT"]))
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    headers = {
+        "X-Amz-Date": date,
+        "X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD",
+        "X-Amz-Security-Token": "agents-own-session-token",
+        "Authorization": f"AWS4-HMAC-SHA256 Credential={token}/{date[:8]}/us-east-1/{scope}/aws4_request, "
+                         "SignedHeaders=host;x-amz-date, Signature=" + "0" * 64,
+    }
+    if scope == "sqs":
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    conn.request(method, u.path + path, body=body, headers=headers)
+    r = conn.getresponse()
+    r.read()
+    print(json.dumps({"call": call, "status": r.status, "token": token}), flush=True)
+"#;
+
+/// Checks each request's SigV4 signature with botocore (the signer boto3 and the AWS CLI use),
+/// from what the upstream received: stdin a JSON list of {method, url, headers, body (base64),
+/// secret}; stdout, per request, the signature botocore computes over the headers the request
+/// says it signed.
+const BOTOCORE_CHECK: &str = r#"
+import base64, json, sys
+from botocore.auth import S3SigV4Auth, SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+out = []
+for r in json.load(sys.stdin):
+    auth = dict(p.strip().split("=", 1) for p in r["authorization"][len("AWS4-HMAC-SHA256 "):].split(","))
+    key_id, _, region, service, _ = auth["Credential"].split("/")
+    signed = auth["SignedHeaders"].split(";")
+    headers = {k: v for k, v in r["headers"] if k in signed and k != "host"}
+    req = AWSRequest(method=r["method"], url=r["url"], data=base64.b64decode(r["body"]), headers=headers)
+    amz_date = dict(r["headers"])["x-amz-date"]
+    req.context["timestamp"] = amz_date
+    req.context["payload_signing_enabled"] = service != "s3"
+    signer = (S3SigV4Auth if service == "s3" else SigV4Auth)(Credentials(key_id, r["secret"]), service, region)
+    canonical = signer.canonical_request(req)
+    sts = signer.string_to_sign(req, canonical)
+    out.append({"signature": signer.signature(sts, req),
+                "signed": signer.signed_headers(signer.headers_to_sign(req)), "key_id": key_id})
+print(json.dumps(out))
+"#;
+
+/// botocore's signatures of `seen` with `secret`.
+fn botocore_signatures(
+    up: &Upstream,
+    seen: &[agentwatch_tests::upstream::Recorded],
+    secret: &str,
+) -> Vec<serde_json::Value> {
+    use base64::Engine as _;
+    use std::io::Write as _;
+    let input: Vec<serde_json::Value> = seen
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "method": r.method,
+                "url": format!("https://{}{}", up.addr, r.path_and_query),
+                "headers": r.headers,
+                "body": base64::engine::general_purpose::STANDARD.encode(&r.body),
+                "authorization": r.header("authorization")[0],
+                "secret": secret,
+            })
+        })
+        .collect();
+    let python = agentwatch_tests::prom::venv().join("bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run `cargo xtask setup` (it installs botocore)",
+        python.display()
+    );
+    let mut child = std::process::Command::new(python)
+        .args(["-c", BOTOCORE_CHECK])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("botocore");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(serde_json::to_string(&input).expect("json").as_bytes())
+        .expect("write");
+    let out = child.wait_with_output().expect("botocore");
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).expect("botocore's answer")
+}
+
+/// `auth = "aws-sigv4:REGION:SERVICE"`: the agent signs with its phantom token as key id; the
+/// gateway removes that signature and its headers and signs again with the real key pair, S3
+/// as S3 wants (path as sent, body unsigned), others over the body's hash. botocore, not the
+/// code under test, checks each signature the upstream received; with another secret it
+/// would not match. A presigned URL (the credential in the query) is refused.
+#[test]
+fn aws_calls_are_re_signed_with_the_real_key_pair_as_botocore_verifies() {
+    use sha2::Digest as _;
+    privileged!();
+    let up = Upstream::start();
+    let dir = TempDir::new();
+    let secret = dir.0.join("aws.key");
+    std::fs::write(&secret, format!("{AWS_KEY_ID} {AWS_SECRET}\n")).expect("secret");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    let scope = |name: &str, auth: &str, allow: &str| {
+        format!(
+            "\n[[agents.apis]]\nname = \"{name}\"\nupstream = \"{}\"\nca_file = \"{}\"\n\
+             secret = \"aws\"\nauth = \"{auth}\"\nallow = [{allow}]\n",
+            up.url(),
+            up.ca_file.display()
+        )
+    };
+    let mut env = DaemonEnv::new();
+    env.write_config(&format!(
+        "[secrets]\naws = {{ file = \"{}\" }}\n\n[[agents]]\nname = \"mailer\"\n{}{}",
+        secret.display(),
+        scope(
+            "s3",
+            "aws-sigv4:us-east-1:s3",
+            "\"PUT /bucket/**\", \"GET /bucket/**\""
+        ),
+        scope("sqs", "aws-sigv4:eu-west-1:sqs", "\"POST /\""),
+    ));
+    env.start();
+    let calls = [
+        // A key S3 users escape: space, plus, tilde, UTF-8.
+        "s3 PUT /bucket/reports/a%20key%2Bplus~%C3%BC.txt hello",
+        "sqs POST / Action=ListQueues&Version=2012-11-05",
+        "s3 GET /bucket/k?X-Amz-Credential=x%2F20261207&X-Amz-Signature=00",
+    ];
+    let out = env
+        .launch_command_timed(
+            "mailer",
+            &["python3", "-c", AWS_AGENT, calls[0], calls[1], calls[2]],
+        )
+        .current_dir("/")
+        .output()
+        .expect("launch");
+    assert!(out.status.success(), "{out:?}");
+    let got = lines(&out);
+    let status: Vec<u64> = got.iter().filter_map(|l| l["status"].as_u64()).collect();
+    assert_eq!(status, [200, 200, 400], "{got:#?}");
+    let tokens: Vec<&str> = got.iter().filter_map(|l| l["token"].as_str()).collect();
+
+    let seen = up.requests();
+    assert_eq!(seen.len(), 2, "{seen:#?}");
+    for r in &seen {
+        let auth = r.header("authorization");
+        assert_eq!(auth.len(), 1, "{r:?}");
+        assert!(
+            auth[0].starts_with(&format!("AWS4-HMAC-SHA256 Credential={AWS_KEY_ID}/")),
+            "{r:?}"
+        );
+        // Nothing of the agent's signature went upstream.
+        for t in &tokens {
+            assert!(r.headers.iter().all(|(_, v)| !v.contains(t)), "{r:?}");
+        }
+        assert!(r.header("x-amz-security-token").is_empty(), "{r:?}");
+        assert_eq!(r.header("x-amz-date").len(), 1, "{r:?}");
+    }
+    assert_eq!(
+        seen[0].path_and_query,
+        "/bucket/reports/a%20key%2Bplus~%C3%BC.txt"
+    );
+    assert_eq!(seen[0].body, b"hello");
+    assert_eq!(seen[0].header("x-amz-content-sha256"), ["UNSIGNED-PAYLOAD"]);
+    let body_hash = format!("{:x}", sha2::Sha256::digest(&seen[1].body));
+    assert_eq!(seen[1].header("x-amz-content-sha256"), [body_hash.as_str()]);
+
+    let checked = botocore_signatures(&up, &seen, AWS_SECRET);
+    for (r, c) in seen.iter().zip(&checked) {
+        let sent = r.header("authorization")[0]
+            .rsplit("Signature=")
+            .next()
+            .expect("signature");
+        assert_eq!(c["signature"], sent, "botocore disagrees on {r:?}: {c}");
+        assert_eq!(c["key_id"], AWS_KEY_ID);
+        assert!(
+            r.header("authorization")[0].contains(&format!(
+                "SignedHeaders={}",
+                c["signed"].as_str().expect("signed")
+            )),
+            "{r:?}: {c}"
+        );
+    }
+    // The check can fail: another secret gives other signatures.
+    let wrong = botocore_signatures(&up, &seen, &format!("{AWS_SECRET}x"));
+    for (r, c) in seen.iter().zip(&wrong) {
+        assert!(
+            !r.header("authorization")[0].ends_with(c["signature"].as_str().expect("sig")),
+            "{r:?}"
+        );
+    }
+    let audited = env.wait_audit("api_call", 3);
+    assert_eq!(audited[2]["status"], 400, "{audited:#?}");
+    assert!(
+        !std::fs::read_to_string(&env.audit)
+            .expect("trail")
+            .contains(AWS_SECRET)
+    );
+}
+
+/// An aws-sigv4 scope whose secret is not a key pair is refused by `check` (and so by the
+/// daemon), naming the scope and the secret, never what the secret holds.
+#[test]
+fn an_aws_scope_whose_secret_is_no_key_pair_is_refused_without_showing_it() {
+    let dir = TempDir::new();
+    let secret = secret_file(&dir, 0o600);
+    let config = dir.0.join("agentwatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[secrets]\nmail = {{ file = \"{}\" }}\n\n[[agents]]\nname = \"a\"\n\n\
+             [[agents.apis]]\nname = \"s3\"\nupstream = \"https://s3.amazonaws.com\"\n\
+             secret = \"mail\"\nauth = \"aws-sigv4:us-east-1:s3\"\nallow = [\"GET /**\"]\n",
+            secret.display()
+        ),
+    )
+    .expect("config");
+    let out = std::process::Command::new(agentwatch_tests::agentwatch_bin())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .expect("check");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("agent `a` api `s3`: secret `mail`: an aws-sigv4 secret is one line: ACCESS_KEY_ID SECRET_ACCESS_KEY [SESSION_TOKEN]"),
+        "{said}"
+    );
+    assert!(!said.contains(SECRET), "{said}");
+}

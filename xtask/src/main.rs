@@ -207,6 +207,7 @@ fn setup() -> Result<()> {
     mounts()?;
     debian_packages()?;
     kubernetes_validate()?;
+    botocore()?;
     eprintln!("xtask: setup done in {:.1}s", start.elapsed().as_secs_f64());
     Ok(())
 }
@@ -505,6 +506,40 @@ fn kubernetes_validate() -> Result<()> {
             "{} --version says {now:?} after installing {KUBERNETES_VALIDATE_VERSION}",
             bin.display()
         );
+    }
+    Ok(())
+}
+
+/// botocore release the gateway tests check AWS signatures with: an independent signer (the
+/// one boto3 and the AWS CLI use), not the code under test.
+const BOTOCORE_VERSION: &str = "1.44.18";
+
+/// botocore from PyPI into the project's virtualenv (made by `kubernetes_validate`), pinned.
+fn botocore() -> Result<()> {
+    let venv = venv_dir()?;
+    let python = venv.join("bin/python");
+    let version = || {
+        output(Command::new(&python).args(["-c", "import botocore; print(botocore.__version__)"]))
+    };
+    if version().as_deref().map(str::trim) == Some(BOTOCORE_VERSION) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing botocore {BOTOCORE_VERSION} into {}",
+        venv.display()
+    );
+    sh(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .arg(format!("botocore=={BOTOCORE_VERSION}")))
+    .with_context(|| {
+        format!(
+            "installing botocore {BOTOCORE_VERSION} from PyPI into {}",
+            venv.display()
+        )
+    })?;
+    let now = version();
+    if now.as_deref().map(str::trim) != Some(BOTOCORE_VERSION) {
+        bail!("botocore says {now:?} after installing {BOTOCORE_VERSION}");
     }
     Ok(())
 }

@@ -518,7 +518,14 @@ impl State {
                 let client = roots.and_then(|r| upstream::client(r).map_err(|e| e.to_string()));
                 match (client, loaded.get(&api.secret)) {
                     (Ok(client), Some(secret)) => {
-                        scopes.push(PreparedScope::new(api.clone(), Arc::clone(secret), client));
+                        match crate::gateway::scope::secret_fits(api, secret) {
+                            Ok(()) => scopes.push(PreparedScope::new(
+                                api.clone(),
+                                Arc::clone(secret),
+                                client,
+                            )),
+                            Err(e) => errors.push(format!("agent `{}` {e}", a.name)),
+                        }
                     }
                     (Err(e), _) => {
                         errors.push(format!("agent `{}` api `{}`: {e}", a.name, api.name))

@@ -22,6 +22,8 @@ pub enum Auth {
     Basic { user: String },
     /// `NAME: SECRET`.
     Header(HeaderName),
+    /// The request re-signed with the AWS key pair the secret holds ([`super::aws`]).
+    AwsSigV4(super::aws::Target),
 }
 
 impl Auth {
@@ -40,6 +42,9 @@ impl Auth {
                 user: user.to_owned(),
             });
         }
+        if let Some(rest) = text.strip_prefix("aws-sigv4:") {
+            return super::aws::Target::parse(rest).map(Self::AwsSigV4);
+        }
         if let Some(name) = text.strip_prefix("header:") {
             let header = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| format!("auth `{text}`: `{name}` is not a header name"))?;
@@ -51,7 +56,8 @@ impl Auth {
             return Ok(Self::Header(header));
         }
         Err(format!(
-            "auth `{text}`: one of `bearer`, `basic:USER`, `header:NAME`"
+            "auth `{text}`: one of `bearer`, `basic:USER`, `header:NAME`, \
+             `aws-sigv4:REGION:SERVICE`"
         ))
     }
 
@@ -98,6 +104,12 @@ pub fn take_token(headers: &mut HeaderMap, auth: &Auth) -> Presented {
     if let Some(h) = auth.header() {
         names.push(h.clone());
     }
+    if matches!(auth, Auth::AwsSigV4(_)) {
+        // The agent's own signature's headers: the gateway's signature replaces them.
+        for h in super::aws::SIGNATURE_HEADERS {
+            headers.remove(h);
+        }
+    }
     for name in &names {
         for value in headers.get_all(name) {
             let Ok(text) = value.to_str() else {
@@ -123,6 +135,9 @@ pub fn take_token(headers: &mut HeaderMap, auth: &Auth) -> Presented {
 /// The token in an `Authorization` value: Bearer's credential, or Basic's password (its user
 /// when the password is empty or the user is the token).
 fn from_authorization(value: &str) -> Option<String> {
+    if let Some(id) = super::aws::token_of(value) {
+        return Some(id);
+    }
     let (scheme, rest) = value.split_once(' ')?;
     let rest = rest.trim();
     if scheme.eq_ignore_ascii_case("bearer") {
@@ -141,7 +156,8 @@ fn from_authorization(value: &str) -> Option<String> {
     None
 }
 
-/// Puts `secret` into `headers` as `auth` says.
+/// Puts `secret` into `headers` as `auth` says (an AWS signature is made later, over the
+/// whole request).
 pub fn inject(headers: &mut HeaderMap, auth: &Auth, secret: &Secret) -> Result<(), String> {
     let value = |bytes: Vec<u8>| {
         let mut v = HeaderValue::from_bytes(&bytes)
@@ -168,6 +184,8 @@ pub fn inject(headers: &mut HeaderMap, auth: &Auth, secret: &Secret) -> Result<(
         Auth::Header(name) => {
             headers.insert(name.clone(), value(secret.expose().to_vec())?);
         }
+        // Signed once the whole request is known (`aws::sign_request`).
+        Auth::AwsSigV4(_) => {}
     }
     Ok(())
 }

@@ -285,6 +285,17 @@ pub fn apis(
     out
 }
 
+/// Does `secret` hold what `api`'s `auth` sends (an AWS key pair for `aws-sigv4`)? The
+/// error names the scope and the secret, never what it holds.
+pub fn secret_fits(api: &Api, secret: &super::secrets::Secret) -> Result<(), String> {
+    match &api.auth {
+        Auth::AwsSigV4(_) => super::aws::KeyPair::from_secret(secret)
+            .map(|_| ())
+            .map_err(|e| format!("api `{}`: secret `{}`: {e}", api.name, api.secret)),
+        _ => Ok(()),
+    }
+}
+
 fn valid_credential(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
 }

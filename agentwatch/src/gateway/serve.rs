@@ -1008,6 +1008,19 @@ async fn call(
     };
     line.method = target.method.clone();
     line.path = target.path.clone();
+    // A presigned AWS URL carries the agent's credential in its query, which goes upstream
+    // as sent: refused (the gateway signs with headers).
+    if matches!(scope.api.auth, super::auth::Auth::AwsSigV4(_))
+        && super::aws::presigned(target.query.as_deref())
+    {
+        return refuse(
+            &mut line,
+            StatusCode::BAD_REQUEST,
+            "denied",
+            "a presigned URL's query would carry the agent's credential upstream: sign with \
+             the Authorization header",
+        );
+    }
     let admitted_by = first_match(&scope.api.allow, &target);
     lock(&scope.learned).record(&target, admitted_by);
     if admitted_by.is_none() {
@@ -1147,6 +1160,35 @@ async fn forward(
         line.write();
         return own(StatusCode::BAD_GATEWAY, &e);
     }
+    // AWS: the body's hash is signed (S3 aside), so the body is read first.
+    let aws = match &api.auth {
+        auth::Auth::AwsSigV4(t) => Some(t),
+        _ => None,
+    };
+    let (body, signed_body) = match aws {
+        Some(t) if super::aws::signs_body(t) => {
+            match Limited::new(body, super::aws::SIGNED_BODY_MAX)
+                .collect()
+                .await
+            {
+                Ok(b) => {
+                    let bytes = b.to_bytes();
+                    (full(bytes.clone()), Some(bytes))
+                }
+                Err(_) => {
+                    line.status = 413;
+                    line.decision = "denied";
+                    line.reason = Some("a signed AWS body is at most 10 MiB".into());
+                    line.write();
+                    return own(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "a call to this AWS service carries at most 10 MiB (its body is signed)",
+                    );
+                }
+            }
+        }
+        _ => (body, None),
+    };
     let counted_out = Arc::clone(&line.bytes_out);
     let body = body
         .map_frame(move |f: Frame<Bytes>| {
@@ -1167,6 +1209,25 @@ async fn forward(
             line.reason = Some(why.clone());
             line.write();
             return own(StatusCode::BAD_GATEWAY, &why);
+        }
+    }
+    if let Some(t) = aws {
+        let signed = super::aws::KeyPair::from_secret(&scope.secret)
+            .map_err(str::to_owned)
+            .and_then(|keys| {
+                super::aws::sign_request(
+                    &mut up,
+                    signed_body.as_deref(),
+                    &keys,
+                    t,
+                    std::time::SystemTime::now(),
+                )
+            });
+        if let Err(e) = signed {
+            line.status = 502;
+            line.reason = Some(e.clone());
+            line.write();
+            return own(StatusCode::BAD_GATEWAY, &e);
         }
     }
     match scope.client.request(up).await {
