@@ -868,14 +868,50 @@ fn split_scope(path_and_query: &str) -> (&str, String) {
     (name, rest)
 }
 
+/// A request body the gateway answered without reading (a refusal) is read away, up to this
+/// much and for this long, so the connection can carry the agent's next call.
+const DRAIN_MAX: usize = 64 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
 async fn call(
     inner: Arc<Inner>,
     who: Option<String>,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Answer {
+    let (parts, body) = req.into_parts();
+    let mut body = Some(body);
+    let mut answer = judge_and_forward(inner, who, peer, parts, &mut body).await;
+    if let Some(unread) = body {
+        // hyper reads an unread body away only if it has already arrived, else it closes the
+        // connection after the answer: a client that sent its next call on it then fails
+        // (seen: one of 16 Python clients lost a call after a 429). Read it here; one too
+        // large or too slow ends the connection, said to the client with `Connection: close`.
+        let drained =
+            tokio::time::timeout(DRAIN_TIME, Limited::new(unread, DRAIN_MAX).collect()).await;
+        if !matches!(drained, Ok(Ok(_))) {
+            close_after(&mut answer);
+        }
+    }
+    answer
+}
+
+/// Says in `answer` that the connection ends after it (hyper then closes it).
+fn close_after(answer: &mut Answer) {
+    answer
+        .headers_mut()
+        .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+}
+
+/// Judges the call and forwards it; takes `body` out of its slot only to read or send it.
+async fn judge_and_forward(
+    inner: Arc<Inner>,
+    who: Option<String>,
+    peer: SocketAddr,
+    mut parts: hyper::http::request::Parts,
+    body: &mut Option<Incoming>,
+) -> Answer {
     let started = Instant::now();
-    let (mut parts, body) = req.into_parts();
     let raw = parts
         .uri
         .path_and_query()
@@ -1051,16 +1087,25 @@ async fn call(
     }
     // 5. A human, where the scope says so.
     let mut decision = "allowed";
+    let Some(body) = body.take() else {
+        return own(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the request's body is gone",
+        );
+    };
     let body: Body = if first_match(&scope.api.approve, &target).is_some() {
         let bytes = match Limited::new(body, HELD_BODY_MAX).collect().await {
             Ok(b) => b.to_bytes(),
             Err(_) => {
-                return refuse(
+                // Partly read: the connection ends with this answer.
+                let mut answer = refuse(
                     &mut line,
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "denied",
                     "a call held for approval may carry at most 10 MiB",
                 );
+                close_after(&mut answer);
+                return answer;
             }
         };
         match hold(&inner, &agent, &scope.api, &target, &bytes).await {
@@ -1138,13 +1183,30 @@ async fn hold(
     }
 }
 
+/// Sends the call upstream. An answer of the gateway's own here (502, 413) comes after the
+/// request's body was partly read or handed on: the connection ends with it.
 async fn forward(
+    line: CallLine,
+    scope: Arc<LiveScope>,
+    target: Target,
+    parts: hyper::http::request::Parts,
+    body: Body,
+) -> Answer {
+    let (answer, own_answer) = send_upstream(line, scope, target, parts, body).await;
+    let mut answer = answer;
+    if own_answer {
+        close_after(&mut answer);
+    }
+    answer
+}
+
+async fn send_upstream(
     mut line: CallLine,
     scope: Arc<LiveScope>,
     target: Target,
     mut parts: hyper::http::request::Parts,
     body: Body,
-) -> Answer {
+) -> (Answer, bool) {
     let api = &scope.api;
     let uri = format!(
         "https://{}{}{}",
@@ -1158,7 +1220,7 @@ async fn forward(
         line.status = 502;
         line.reason = Some(e.clone());
         line.write();
-        return own(StatusCode::BAD_GATEWAY, &e);
+        return (own(StatusCode::BAD_GATEWAY, &e), true);
     }
     // AWS: the body's hash is signed (S3 aside), so the body is read first.
     let aws = match &api.auth {
@@ -1180,9 +1242,12 @@ async fn forward(
                     line.decision = "denied";
                     line.reason = Some("a signed AWS body is at most 10 MiB".into());
                     line.write();
-                    return own(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "a call to this AWS service carries at most 10 MiB (its body is signed)",
+                    return (
+                        own(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "a call to this AWS service carries at most 10 MiB (its body is signed)",
+                        ),
+                        true,
                     );
                 }
             }
@@ -1208,7 +1273,7 @@ async fn forward(
             line.status = 502;
             line.reason = Some(why.clone());
             line.write();
-            return own(StatusCode::BAD_GATEWAY, &why);
+            return (own(StatusCode::BAD_GATEWAY, &why), true);
         }
     }
     if let Some(t) = aws {
@@ -1227,7 +1292,7 @@ async fn forward(
             line.status = 502;
             line.reason = Some(e.clone());
             line.write();
-            return own(StatusCode::BAD_GATEWAY, &e);
+            return (own(StatusCode::BAD_GATEWAY, &e), true);
         }
     }
     match scope.client.request(up).await {
@@ -1248,7 +1313,7 @@ async fn forward(
                     f
                 })
                 .boxed();
-            Response::from_parts(rp, body)
+            (Response::from_parts(rp, body), false)
         }
         Err(e) => {
             // hyper's errors name the failure (connect, TLS, protocol), never a header.
@@ -1256,9 +1321,12 @@ async fn forward(
             line.status = 502;
             line.reason = Some(why.clone());
             line.write();
-            own(
-                StatusCode::BAD_GATEWAY,
-                "the upstream call failed (it still counts toward the limits)",
+            (
+                own(
+                    StatusCode::BAD_GATEWAY,
+                    "the upstream call failed (it still counts toward the limits)",
+                ),
+                true,
             )
         }
     }
