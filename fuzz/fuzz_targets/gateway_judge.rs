@@ -4,7 +4,8 @@
 //! `..` segment and no escaped `/`, `\` or control character (what an upstream could read
 //! differently from the judge); the literal pattern of a canonical path admits it; and after
 //! the token is taken, no credential header is left to go upstream. The template `learn`
-//! proposes from a call is a pattern that admits that call.
+//! proposes from a call is a pattern that admits that call. For an aws-sigv4 scope, none of
+//! the agent's signature headers is left either.
 
 #![no_main]
 
@@ -14,8 +15,8 @@ use agentwatch::gateway::{
 };
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|input: (&str, &str, Vec<(String, Vec<u8>)>, bool)| {
-    let (method, raw, headers, basic) = input;
+fuzz_target!(|input: (&str, &str, Vec<(String, Vec<u8>)>, u8)| {
+    let (method, raw, headers, kind) = input;
     if let Ok(t) = Target::parse(method, raw) {
         assert!(t.path.starts_with('/'), "{t:?}");
         for seg in t.path.split('/').skip(1) {
@@ -49,12 +50,28 @@ fuzz_target!(|input: (&str, &str, Vec<(String, Vec<u8>)>, bool)| {
             map.append(n, v);
         }
     }
-    let auth = if basic {
-        Auth::Basic { user: "api".into() }
-    } else {
-        Auth::Bearer
+    let auth = match kind % 3 {
+        0 => Auth::Bearer,
+        1 => Auth::Basic { user: "api".into() },
+        _ => Auth::AwsSigV4(agentwatch::gateway::aws::Target {
+            region: "us-east-1".into(),
+            service: "s3".into(),
+        }),
     };
+    // The AWS readers take any text.
+    for value in map.values() {
+        if let Ok(v) = value.to_str() {
+            let _ = agentwatch::gateway::aws::token_of(v);
+        }
+    }
+    let _ = agentwatch::gateway::aws::presigned(Some(raw));
     let _ = take_token(&mut map, &auth);
+    if matches!(auth, Auth::AwsSigV4(_)) {
+        // Nothing of the agent's own signature is left to go upstream.
+        for name in agentwatch::gateway::aws::SIGNATURE_HEADERS {
+            assert!(!map.contains_key(name), "{name} left in {map:?}");
+        }
+    }
     for name in [
         "authorization",
         "proxy-authorization",
