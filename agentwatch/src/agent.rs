@@ -157,6 +157,16 @@ pub struct Restored {
     pub at_start: bool,
 }
 
+/// What a committed policy replaced and [`Agents::retire`] removes: the old rule generation
+/// and, if the new policy has none, the DNS forwarder's ports.
+#[must_use = "the old generation stays in the kernel's maps until retired"]
+pub struct Retired {
+    id: u32,
+    scope: u32,
+    rules: CompiledRules,
+    clear_dns: bool,
+}
+
 /// A policy written beside agent `name`'s live one, waiting for [`Agents::commit_policy`] or
 /// [`Agents::abort_policy`].
 #[derive(Debug)]
@@ -455,6 +465,8 @@ impl Agents {
                 state.generation ^= 1;
                 state.flags = (state.flags & !POLICY_FLAGS) | policy.flags();
                 self.write_state(cgroup_id, state)?;
+                // A call that read the old generation may still be looking its rules up.
+                crate::kernel::wait_for_running_programs();
                 self.kernel.egress.clear_scope(old)?;
                 (state, Guarding::Adopted)
             }
@@ -554,11 +566,29 @@ impl Agents {
         Ok(how)
     }
 
-    /// Replaces the policy of agent `name`: [`Agents::prepare_policy`], then
-    /// [`Agents::commit_policy`].
+    /// Replaces the policy of agent `name`: [`Agents::prepare_policy`],
+    /// [`Agents::commit_policy`], then [`Agents::retire`].
     pub fn set_policy(&mut self, name: &str, policy: impl Into<Policy>) -> Result<(), KernelError> {
         let prepared = self.prepare_policy(name, policy)?;
-        self.commit_policy(prepared)
+        let retired = self.commit_policy(prepared)?;
+        self.retire(vec![retired])
+    }
+
+    /// Removes what committed policies left behind (their old rule generation, DNS ports no
+    /// longer used) once no program can still be using it: after one RCU grace period for
+    /// the whole batch (a reload of a thousand agents waits once, not a thousand times).
+    pub fn retire(&mut self, retired: Vec<Retired>) -> Result<(), KernelError> {
+        if retired.is_empty() {
+            return Ok(());
+        }
+        crate::kernel::wait_for_running_programs();
+        for r in retired {
+            if r.clear_dns {
+                self.kernel.dns.clear(r.id)?;
+            }
+            self.kernel.egress.clear(r.scope, &r.rules)?;
+        }
+        self.sync_syscalls()
     }
 
     /// Writes everything of agent `name`'s new policy that can be written beside the live one:
@@ -618,9 +648,10 @@ impl Agents {
     }
 
     /// Makes a prepared policy live: caps, then one map write flips the rule generation (and
-    /// the policy flags), then the old generation and exec paths no longer listed are removed.
-    /// A destination allowed (or denied) by both policies is allowed (denied) at every instant.
-    pub fn commit_policy(&mut self, prepared: PreparedPolicy) -> Result<(), KernelError> {
+    /// the policy flags), then exec paths no longer listed are removed. The old generation is
+    /// returned, for [`Agents::retire`] once no program can still be reading it. A destination
+    /// allowed (or denied) by both policies is allowed (denied) at every instant.
+    pub fn commit_policy(&mut self, prepared: PreparedPolicy) -> Result<Retired, KernelError> {
         let PreparedPolicy {
             name,
             policy,
@@ -651,11 +682,14 @@ impl Agents {
         let g = self.get_mut(&name)?;
         g.state = state;
         let old = std::mem::replace(&mut g.policy, policy);
-        if g.policy.dns.is_none() && old.dns.is_some() {
-            self.kernel.dns.clear(id)?;
-        }
-        self.kernel.egress.clear(old_scope, &old.rules)?;
-        self.sync_syscalls()
+        // A call that read the old generation (or the old DNS ports) may still be using it:
+        // removed by `retire`.
+        Ok(Retired {
+            id,
+            scope: old_scope,
+            rules: old.rules,
+            clear_dns: g.policy.dns.is_none() && old.dns.is_some(),
+        })
     }
 
     /// Forgets agent `name` without touching the kernel: its pinned links stay attached and

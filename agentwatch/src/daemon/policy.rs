@@ -153,11 +153,14 @@ impl State {
             crate::crash::point("reload.prepared");
         }
         let mut summary = Vec::new();
+        let mut retired = Vec::new();
         for (i, (p, endpoint)) in prepared.into_iter().enumerate() {
             let name = p.name().to_owned();
-            self.agents
-                .commit_policy(p)
-                .map_err(|e| format!("switching a policy: {e}"))?;
+            retired.push(
+                self.agents
+                    .commit_policy(p)
+                    .map_err(|e| format!("switching a policy: {e}"))?,
+            );
             if i == 0 {
                 crate::crash::point("reload.switched_one");
             }
@@ -172,6 +175,10 @@ impl State {
             };
             served.map_err(|e| format!("agent `{name}`: {e}"))?;
         }
+        // The old generations go once no call can still be reading them.
+        self.agents
+            .retire(retired)
+            .map_err(|e| format!("removing the old policies: {e}"))?;
         for a in &changed {
             if let Some(m) = self.monitors.get_mut(&a.name) {
                 m.reconfigure(a.breaker);
