@@ -154,31 +154,40 @@ impl State {
         }
         let mut summary = Vec::new();
         let mut retired = Vec::new();
-        for (i, (p, endpoint)) in prepared.into_iter().enumerate() {
-            let name = p.name().to_owned();
-            retired.push(
-                self.agents
-                    .commit_policy(p)
-                    .map_err(|e| format!("switching a policy: {e}"))?,
-            );
-            if i == 0 {
-                crate::crash::point("reload.switched_one");
-            }
-            let Some(a) = new.agent(&name) else { continue };
-            let served = match (!self.wants_dns(a), endpoint) {
-                (true, _) => {
-                    self.dns.stop(&name);
-                    Ok(())
+        let switched = 'switch: {
+            for (i, (p, endpoint)) in prepared.into_iter().enumerate() {
+                let name = p.name().to_owned();
+                match self.agents.commit_policy(p) {
+                    Ok(r) => retired.push(r),
+                    Err(e) => break 'switch Err(format!("switching a policy: {e}")),
                 }
-                (false, Some(endpoint)) => self.serve_dns(a, endpoint),
-                (false, None) => self.dns.update(&name, a.hostnames.clone(), a.learn),
-            };
-            served.map_err(|e| format!("agent `{name}`: {e}"))?;
-        }
-        // The old generations go once no call can still be reading them.
-        self.agents
+                if i == 0 {
+                    crate::crash::point("reload.switched_one");
+                }
+                let Some(a) = new.agent(&name) else { continue };
+                let served = match (!self.wants_dns(a), endpoint) {
+                    (true, _) => {
+                        self.dns.stop(&name);
+                        Ok(())
+                    }
+                    (false, Some(endpoint)) => self.serve_dns(a, endpoint),
+                    (false, None) => self.dns.update(&name, a.hostnames.clone(), a.learn),
+                };
+                if let Err(e) = served {
+                    break 'switch Err(format!("agent `{name}`: {e}"));
+                }
+            }
+            Ok(())
+        };
+        // The old generations go once no call can still be reading them, also when a later
+        // step failed: a generation left behind would be written over by the next reload
+        // (which does not clear it first), its stale rules mixed into the new ones.
+        let retire_result = self
+            .agents
             .retire(retired)
-            .map_err(|e| format!("removing the old policies: {e}"))?;
+            .map_err(|e| format!("removing the old policies: {e}"));
+        switched?;
+        retire_result?;
         for a in &changed {
             if let Some(m) = self.monitors.get_mut(&a.name) {
                 m.reconfigure(a.breaker);
