@@ -80,6 +80,20 @@ fn secret_file(dir: &TempDir, mode: u32) -> std::path::PathBuf {
     p
 }
 
+/// A test upstream, a secret file of mode 0600 holding [`SECRET`], and a daemon started on the
+/// config `make` writes from them (the folder keeps the secret for reloads).
+fn started(
+    make: impl FnOnce(&Upstream, &std::path::Path) -> String,
+) -> (Upstream, TempDir, std::path::PathBuf, DaemonEnv) {
+    let up = Upstream::start();
+    let dir = TempDir::new();
+    let secret = secret_file(&dir, 0o600);
+    let mut env = DaemonEnv::new();
+    env.write_config(&make(&up, &secret));
+    env.start();
+    (up, dir, secret, env)
+}
+
 /// `python3 -c AGENT SECRET CALLS...` as agent `mailer`, not yet started.
 fn agent(env: &DaemonEnv, calls: &[&str]) -> std::process::Command {
     let mut args = vec!["python3", "-c", AGENT, SECRET];
@@ -107,12 +121,7 @@ fn lines(out: &std::process::Output) -> Vec<serde_json::Value> {
 #[test]
 fn an_agent_calls_its_api_with_a_phantom_token_and_only_the_upstream_sees_the_secret() {
     privileged!();
-    let up = Upstream::start();
-    let dir = TempDir::new();
-    let secret = secret_file(&dir, 0o600);
-    let mut env = DaemonEnv::new();
-    env.write_config(&config(&up, &secret));
-    env.start();
+    let (up, _dir, _, env) = started(config);
     let calls = [
         "POST /v3/example.com/messages",
         "GET /v3/domains/example.com?api_key=query-secret",
@@ -373,18 +382,15 @@ fn a_held_call_goes_through_only_when_a_human_approves_that_call() {
     privileged!();
     use agentwatch_tests::{scaled, scaled_toml, wait_until};
     use std::time::Duration;
-    let up = Upstream::start();
-    let dir = TempDir::new();
-    let secret = secret_file(&dir, 0o600);
-    let mut env = DaemonEnv::new();
-    env.write_config(&config(&up, &secret).replace(
-        "per_minute = 3",
-        &format!(
-            "per_minute = 30\napprove = [\"POST /v3/*/messages\"]\napprove_timeout = \"{}\"",
-            scaled_toml(Duration::from_secs(3))
-        ),
-    ));
-    env.start();
+    let (up, _dir, _, env) = started(|up, secret| {
+        config(up, secret).replace(
+            "per_minute = 3",
+            &format!(
+                "per_minute = 30\napprove = [\"POST /v3/*/messages\"]\napprove_timeout = \"{}\"",
+                scaled_toml(Duration::from_secs(3))
+            ),
+        )
+    });
     let calls = [
         "POST /v3/example.com/messages",
         "POST /v3/example.com/messages",
@@ -500,12 +506,7 @@ fn closed_within(s: &mut std::net::TcpStream, wait: std::time::Duration) -> bool
 fn outsiders_hold_few_places_get_one_answer_per_connection_and_cannot_flood_the_trail() {
     use std::io::Write as _;
     privileged!();
-    let up = Upstream::start();
-    let dir = TempDir::new();
-    let secret = secret_file(&dir, 0o600);
-    let mut env = DaemonEnv::new();
-    env.write_config(&config(&up, &secret));
-    env.start();
+    let (up, _dir, _, env) = started(config);
     let listen: std::net::SocketAddr = gateway_status(&env)["listen"]
         .as_str()
         .expect("the gateway listens")
@@ -715,12 +716,7 @@ fn stream_agent(
 fn a_stream_passes_through_as_it_comes_and_survives_a_secret_rotation() {
     use agentwatch_tests::upstream::{STREAM_GAP, StreamEnd};
     privileged!();
-    let up = Upstream::start();
-    let dir = TempDir::new();
-    let secret = secret_file(&dir, 0o600);
-    let mut env = DaemonEnv::new();
-    env.write_config(&stream_config(&up, &secret));
-    env.start();
+    let (up, _dir, secret, env) = started(stream_config);
     let (child, mut lines) = stream_agent(&env, &["/stream?n=6", "/v3/domains/example.com"]);
     let head = lines.next().expect("status line");
     assert_eq!(head["status"], 200, "{head}");
@@ -781,12 +777,7 @@ fn a_stream_passes_through_as_it_comes_and_survives_a_secret_rotation() {
 #[test]
 fn removing_an_agents_scope_cuts_its_open_stream_on_both_sides() {
     privileged!();
-    let up = Upstream::start();
-    let dir = TempDir::new();
-    let secret = secret_file(&dir, 0o600);
-    let mut env = DaemonEnv::new();
-    env.write_config(&stream_config(&up, &secret));
-    env.start();
+    let (up, _dir, _, env) = started(stream_config);
     // 100 events: 40 s, were it not cut.
     let (child, mut lines) = stream_agent(&env, &["/stream?n=100", "/v3/domains/example.com"]);
     let head = lines.next().expect("status");
@@ -841,12 +832,8 @@ fn removing_an_agents_scope_cuts_its_open_stream_on_both_sides() {
 #[test]
 fn per_minute_is_exact_under_sixteen_concurrent_clients() {
     privileged!();
-    let up = Upstream::start();
-    let dir = TempDir::new();
-    let secret = secret_file(&dir, 0o600);
-    let mut env = DaemonEnv::new();
-    env.write_config(&config(&up, &secret).replace("per_minute = 3", "per_minute = 10"));
-    env.start();
+    let (up, _dir, _, env) =
+        started(|up, secret| config(up, secret).replace("per_minute = 3", "per_minute = 10"));
     const CLIENTS: &str = r#"
 import http.client, json, os, threading, urllib.parse
 u = urllib.parse.urlsplit(os.environ["AGENTWATCH_API_MAIL_URL"])
@@ -972,12 +959,7 @@ fn learn_proposes_each_scopes_allow_from_the_calls_made() {
 fn a_stream_longer_than_the_idle_timeout_runs_to_its_end() {
     use agentwatch_tests::upstream::{STREAM_GAP, StreamEnd};
     privileged!();
-    let up = Upstream::start();
-    let dir = TempDir::new();
-    let secret = secret_file(&dir, 0o600);
-    let mut env = DaemonEnv::new();
-    env.write_config(&stream_config(&up, &secret));
-    env.start();
+    let (up, _dir, _, env) = started(stream_config);
     // 35 s of events, then [DONE].
     let n = (35_000 / STREAM_GAP.as_millis()) as usize;
     let path = format!("/stream?n={n}");
@@ -1254,12 +1236,7 @@ fn an_aws_scope_whose_secret_is_no_key_pair_is_refused_without_showing_it() {
 #[test]
 fn a_refused_call_leaves_its_keep_alive_connection_usable() {
     privileged!();
-    let up = Upstream::start();
-    let dir = TempDir::new();
-    let secret = secret_file(&dir, 0o600);
-    let mut env = DaemonEnv::new();
-    env.write_config(&config(&up, &secret));
-    env.start();
+    let (up, _dir, _, env) = started(config);
     const RAW: &str = r#"
 import os, socket, time, urllib.parse
 u = urllib.parse.urlsplit(os.environ["AGENTWATCH_API_MAIL_URL"])
