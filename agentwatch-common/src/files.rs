@@ -28,7 +28,19 @@ impl Default for FilePath {
     }
 }
 
-/// `FILE_ALLOW` value bits: the prefix admits reads only (`:ro`).
+/// Key of `FILE_DIRS`: an allowed directory of an agent, by identity (the kernel's device
+/// encoding and inode number). Without BPF LSM the open tracepoints clear an open whose file
+/// has one of these among its ancestors: the dentries the kernel opened, walked up across
+/// mounts, never the string the caller passed (which another thread can change meanwhile).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FileDirKey {
+    pub agent: u32,
+    pub dev: u32,
+    pub ino: u64,
+}
+
+/// `FILE_ALLOW` and `FILE_DIRS` value bits: the prefix admits reads only (`:ro`).
 pub const FILE_RULE_READ_ONLY: u32 = 1 << 0;
 
 /// [`FileEvent::access`] bits.
@@ -66,15 +78,16 @@ pub struct FileEvent {
     /// kernel could not read the caller's string (its page was not mapped at the syscall's exit:
     /// reclaim, migration, or another thread unmapping it on purpose).
     pub path: [u8; FILE_EVENT_PATH],
-    /// EVENT_FILE_OPENED with an empty `path`: the opened file's device (the kernel's
-    /// `MAJOR << 20 | MINOR`) and inode, read through the fd table, so the daemon can name the
-    /// file by its fd and know the fd still holds it. 0, 0: unknown.
+    /// EVENT_FILE_OPENED: the opened file's device (the kernel's `MAJOR << 20 | MINOR`) and
+    /// inode, read through the fd table, so the daemon can tell whether the path it resolved
+    /// (or the fd's name) is the file the kernel opened. 0, 0: unknown.
     pub dev: u32,
     pub _pad: u32,
     pub ino: u64,
 }
 
 const _: () = assert!(core::mem::size_of::<FilePath>() == 256);
+const _: () = assert!(core::mem::size_of::<FileDirKey>() == 16);
 const _: () = assert!(core::mem::size_of::<FileEvent>() == 328);
 const _: () = assert!(core::mem::offset_of!(FileEvent, path) == 56);
 const _: () = assert!(core::mem::offset_of!(FileEvent, ino) == 320);

@@ -180,6 +180,7 @@ mod pod {
     unsafe impl aya::Pod for super::LearnNameKey {}
     unsafe impl aya::Pod for super::LearnName {}
     unsafe impl aya::Pod for super::FilePath {}
+    unsafe impl aya::Pod for super::FileDirKey {}
     unsafe impl aya::Pod for super::FileEvent {}
 }
 

@@ -5,16 +5,20 @@
 //!   the agent's prefixes, or a write under a read-only one, fails with EACCES;
 //!   `files_path_link` refuses the agent hard links (EPERM), which would give an outside file
 //!   an allowed path.
-//! - Where the kernel has no BPF LSM, the open syscalls' tracepoints stand in: an agent's
-//!   successful open is reported to the daemon with its arguments and the fd it got, and the
-//!   daemon resolves and judges it (detection, not prevention). Only a clean absolute path
-//!   read under a read-only prefix is cleared here, as the agent cannot plant a symlink there
-//!   through the guard; everything else, writable prefixes included, goes to the daemon.
+//! - Where the kernel has no BPF LSM, the open syscalls' tracepoints stand in (detection, not
+//!   prevention). At an agent's successful open the exit program takes the file the kernel
+//!   opened from the fd table and walks its dentries up, across mounts, looking for one of the
+//!   agent's allowed directories by identity (`FILE_DIRS`): found (and not read-only for a
+//!   write), the open is cleared here. Otherwise it goes to the daemon with the path string
+//!   as passed and the file's identity; the daemon believes the string only where it leads
+//!   to that very file. The string is never what clears an open: it is read from the caller's
+//!   memory at the syscall's exit, after the kernel read it, and another thread of the agent
+//!   (or a stale pointer) can make it name something else.
 
 use agentwatch_common::{
     AGENT_FLAG_FILES, EVENT_FILE_DENIED, EVENT_FILE_OPENED, FILE_ACCESS_LINK, FILE_ACCESS_READ,
     FILE_ACCESS_WRITE, FILE_EVENT_PATH, FILE_KEY_AGENT_BITS, FILE_KEY_PATH, FILE_RULE_READ_ONLY,
-    FileEvent, FilePath, InodeKey,
+    FileDirKey, FileEvent, FilePath, InodeKey,
 };
 use aya_ebpf::{
     bindings::path,
@@ -24,19 +28,24 @@ use aya_ebpf::{
         generated::{bpf_d_path, bpf_get_current_task, bpf_ktime_get_ns},
     },
     macros::{lsm, map, tracepoint},
-    maps::{LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::{LsmContext, TracePointContext},
 };
 
 use crate::{
     agent::{EVENTS, count_lost_event, counters, current_agent},
     egress::{CapKind, over_limit},
-    tamper::{file_inode, inode_identity, read_at},
+    tamper::{file_inode, inode_identity, offset, read_at},
 };
 
 /// Allowed path prefixes per agent (`FILE_RULE_*` bits as values).
 #[map]
 static FILE_ALLOW: LpmTrie<FilePath, u32> = LpmTrie::with_max_entries(65536, 0);
+
+/// Allowed directories per agent by identity (`FILE_RULE_*` bits as values): what the open
+/// tracepoints clear an open by (see the module's doc).
+#[map]
+static FILE_DIRS: HashMap<FileDirKey, u32> = HashMap::with_max_entries(65536, 0);
 
 /// Scratch: the path `bpf_d_path` writes (up to PATH_MAX) and the trie key built from it,
 /// both too large for the 512-byte stack.
@@ -72,6 +81,7 @@ const O_RDWR: u32 = 2;
 const O_CREAT: u32 = 0o100;
 const O_TRUNC: u32 = 0o1000;
 /// `fmode_t` bits of `struct file`.
+const FMODE_READ: u32 = 1;
 const FMODE_WRITE: u32 = 2;
 
 /// Offsets in `struct file` on the running kernel, from its BTF: written into `.rodata` by
@@ -343,70 +353,87 @@ fn exit(ctx: &TracePointContext) {
     let Some(state) = current_agent() else {
         return;
     };
+    let file = fd_file(fd as u32);
+    // How the file was opened, from the file itself where it can be read (the flags saved at
+    // the enter say the same; a create or truncate counts as a write either way).
+    let (read, write) = match file.and_then(|f| read_at::<u32>(f, &FILES_F_MODE)) {
+        Some(mode) => (mode & FMODE_READ != 0, mode & FMODE_WRITE != 0),
+        None => (
+            args.flags & O_ACCMODE != O_WRONLY,
+            args.flags & O_ACCMODE == O_WRONLY || args.flags & O_ACCMODE == O_RDWR,
+        ),
+    };
+    let write = write || args.flags & (O_CREAT | O_TRUNC) != 0;
+    if let Some(file) = file
+        && let Some(rule) = allowed_dir(state.id, file)
+        && (!write || rule & FILE_RULE_READ_ONLY == 0)
+    {
+        return;
+    }
+    let access = match (read, write) {
+        (true, true) => FILE_ACCESS_READ | FILE_ACCESS_WRITE,
+        (false, true) => FILE_ACCESS_WRITE,
+        _ => FILE_ACCESS_READ,
+    };
     let Some(scratch) = FILE_SCRATCH.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: per-CPU scratch slot, this program's alone while it runs.
     let scratch = unsafe { &mut *scratch };
-    // SAFETY: the caller's string, read through the helper (bounded by the buffer).
-    let len = match unsafe {
-        bpf_probe_read_user_str_bytes(args.filename as *const u8, &mut scratch.full)
-    } {
-        Ok(s) => s.len(),
-        Err(_) => 0,
-    };
-    let write = args.flags & O_ACCMODE == O_WRONLY
-        || args.flags & O_ACCMODE == O_RDWR
-        || args.flags & (O_CREAT | O_TRUNC) != 0;
-    if !write && len > 0 && scratch.full[0] == b'/' && clean(&scratch.full) {
-        // Read under a read-only prefix: cleared here.
-        scratch.key.prefix_len = FILE_KEY_AGENT_BITS + 8 * FILE_KEY_PATH as u32;
-        scratch.key.data.agent = state.id;
-        // SAFETY: copying between two parts of the same map value.
-        let copied =
-            unsafe { bpf_probe_read_kernel_buf(scratch.full.as_ptr(), &mut scratch.key.data.path) };
-        if copied.is_ok()
-            && let Some(&rule) = FILE_ALLOW.get(&scratch.key)
-            && rule & FILE_RULE_READ_ONLY != 0
-        {
-            return;
-        }
-    }
-    let access = match args.flags & O_ACCMODE {
-        O_WRONLY => FILE_ACCESS_WRITE,
-        O_RDWR => FILE_ACCESS_READ | FILE_ACCESS_WRITE,
-        _ if write => FILE_ACCESS_WRITE,
-        _ => FILE_ACCESS_READ,
-    };
-    // A string the kernel cannot read now (its page unmapped since the syscall read it) reads
-    // as empty: the daemon then names the file by its fd, checked against this identity.
-    let file = if len == 0 {
-        fd_identity(fd as u32).unwrap_or_default()
-    } else {
-        InodeKey::default()
-    };
+    // SAFETY: the caller's string, read through the helper (bounded by the buffer). What the
+    // daemon is told the caller passed, nothing more: unreadable, the helper leaves it empty.
+    let _ = unsafe { bpf_probe_read_user_str_bytes(args.filename as *const u8, &mut scratch.full) };
     let opened = Opened {
         fd: fd as i32,
         dirfd: args.dirfd,
         flags: args.flags,
-        file,
+        file: file
+            .and_then(file_inode)
+            .and_then(inode_identity)
+            .unwrap_or_default(),
     };
     emit(state.id, EVENT_FILE_OPENED, access, &opened, &scratch.full);
 }
 
 /// Offsets from the running kernel's BTF to the file behind one of the current task's fds
-/// (`task_struct.files`, `files_struct.fdt`, `fdtable.fd`); 0: unknown, and a file opened
-/// under a path the kernel could not read has no identity for the daemon to check.
+/// (`task_struct.files`, `files_struct.fdt`, `fdtable.fd`); 0: unknown, and then no open is
+/// cleared here (all go to the daemon, which judges the path strings).
 #[unsafe(no_mangle)]
 static FILES_TASK_FILES: u32 = 0;
 #[unsafe(no_mangle)]
 static FILES_FILES_FDT: u32 = 0;
 #[unsafe(no_mangle)]
 static FILES_FDT_FD: u32 = 0;
+/// ... its `f_mode`, and up from a file through its dentries and mounts: `file.f_path` plus `path.mnt` and
+/// `path.dentry`, `dentry.d_parent` and `d_inode`, `mount.mnt` (the `vfsmount` inside a
+/// `struct mount`), `mount.mnt` plus `vfsmount.mnt_root`, `mount.mnt_parent` and
+/// `mnt_mountpoint`. Each is non-zero where known (the sums by construction).
+#[unsafe(no_mangle)]
+static FILES_F_MODE: u32 = 0;
+#[unsafe(no_mangle)]
+static FILES_F_PATH_MNT: u32 = 0;
+#[unsafe(no_mangle)]
+static FILES_F_PATH_DENTRY: u32 = 0;
+#[unsafe(no_mangle)]
+static FILES_DENTRY_PARENT: u32 = 0;
+#[unsafe(no_mangle)]
+static FILES_DENTRY_INODE: u32 = 0;
+#[unsafe(no_mangle)]
+static FILES_MOUNT_MNT: u32 = 0;
+#[unsafe(no_mangle)]
+static FILES_MOUNT_MNT_ROOT: u32 = 0;
+#[unsafe(no_mangle)]
+static FILES_MOUNT_PARENT: u32 = 0;
+#[unsafe(no_mangle)]
+static FILES_MOUNT_MOUNTPOINT: u32 = 0;
 
-/// Device and inode of the file behind the current task's `fd` (None if unreadable).
+/// Directories and mount crossings [`allowed_dir`] looks at before giving up (the open then
+/// goes to the daemon): deeper than any real allowed directory sits above a file.
+const WALK_STEPS: u32 = 48;
+
+/// The `struct file` behind the current task's `fd` (None if unreadable).
 #[inline(always)]
-fn fd_identity(fd: u32) -> Option<InodeKey> {
+fn fd_file(fd: u32) -> Option<*const u8> {
     // SAFETY: the helper only returns the current task's address.
     let task = unsafe { bpf_get_current_task() } as *const u8;
     let files = read_at::<*const u8>(task, &FILES_TASK_FILES)?;
@@ -425,26 +452,59 @@ fn fd_identity(fd: u32) -> Option<InodeKey> {
         )
     }
     .ok()?;
-    file_inode(file).and_then(inode_identity)
+    (!file.is_null()).then_some(file)
 }
 
-/// No `/.` in the first FILE_KEY_PATH bytes before the NUL: no `.` or `..` component (nor a
-/// hidden file, which the daemon then judges: harmless).
+/// The bits of the deepest of agent `agent`'s allowed directories that `file` lies under:
+/// its own dentry, then each parent, crossing from a mount's root to where it is mounted, as
+/// the kernel's own path walk would name it (None: none within [`WALK_STEPS`]).
 #[inline(always)]
-fn clean(path: &[u8; PATH_MAX]) -> bool {
-    let mut i = 0;
-    while i < FILE_KEY_PATH - 1 {
-        let c = path[i];
-        if c == 0 {
-            return true;
-        }
-        if c == b'/' && path[i + 1] == b'.' {
-            return false;
-        }
-        i += 1;
+fn allowed_dir(agent: u32, file: *const u8) -> Option<u32> {
+    let mut dentry = read_at::<*const u8>(file, &FILES_F_PATH_DENTRY)?;
+    let vfsmount = read_at::<*const u8>(file, &FILES_F_PATH_MNT)?;
+    let mnt = offset(&FILES_MOUNT_MNT);
+    if mnt == 0 || vfsmount.is_null() {
+        return None;
     }
-    // Longer than the trie compares: the daemon judges it.
-    false
+    let mut mount = vfsmount.wrapping_sub(mnt);
+    let mut step = 0;
+    while step < WALK_STEPS {
+        step += 1;
+        if dentry.is_null() {
+            return None;
+        }
+        if let Some(inode) = read_at::<*const u8>(dentry, &FILES_DENTRY_INODE)
+            && let Some(id) = inode_identity(inode)
+        {
+            let key = FileDirKey {
+                agent,
+                dev: id.dev,
+                ino: id.ino,
+            };
+            // SAFETY: a plain integer value, copied out at once.
+            if let Some(&bits) = unsafe { FILE_DIRS.get(key) } {
+                return Some(bits);
+            }
+        }
+        let root = read_at::<*const u8>(mount, &FILES_MOUNT_MNT_ROOT)?;
+        if dentry == root {
+            // The top of this mount: go on from the dentry it is mounted on, in its parent
+            // (the namespace's root mount is its own parent).
+            let parent = read_at::<*const u8>(mount, &FILES_MOUNT_PARENT)?;
+            if parent.is_null() || parent == mount {
+                return None;
+            }
+            dentry = read_at::<*const u8>(mount, &FILES_MOUNT_MOUNTPOINT)?;
+            mount = parent;
+        } else {
+            let parent = read_at::<*const u8>(dentry, &FILES_DENTRY_PARENT)?;
+            if parent == dentry {
+                return None;
+            }
+            dentry = parent;
+        }
+    }
+    None
 }
 
 /// A u64 field of a tracepoint record.

@@ -174,7 +174,7 @@ pub fn tamper_inode_rename(ctx: LsmContext) -> i32 {
 }
 
 #[inline(always)]
-fn offset(global: &'static u32) -> usize {
+pub fn offset(global: &'static u32) -> usize {
     // SAFETY: read-only global the loader fills; volatile so it is loaded, not folded.
     unsafe { core::ptr::read_volatile(global) as usize }
 }

@@ -9,12 +9,13 @@ use std::path::{Component, Path, PathBuf};
 
 use agentwatch_common::{
     EVENT_FILE_DENIED, EVENT_FILE_OPENED, FILE_ACCESS_LINK, FILE_ACCESS_READ, FILE_ACCESS_WRITE,
-    FILE_KEY_AGENT_BITS, FILE_RULE_MAX, FILE_RULE_READ_ONLY, FileEvent, FilePath, InodeKey,
+    FILE_KEY_AGENT_BITS, FILE_RULE_MAX, FILE_RULE_READ_ONLY, FileDirKey, FileEvent, FilePath,
+    InodeKey,
 };
 use aya::{
     Btf, Ebpf,
     maps::{
-        MapData,
+        HashMap, MapData,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{Lsm, TracePoint, links::FdLink},
@@ -104,6 +105,35 @@ fn key(agent: u32, bytes: &[u8], with_nul: bool) -> Key<FilePath> {
     Key::new(FILE_KEY_AGENT_BITS + 8 * len as u32, data)
 }
 
+/// The directories `rules` name, by identity, as the open tracepoints look them up
+/// (`FILE_DIRS`): each `/dir/` prefix that is a directory now (followed through symlinks, as
+/// an open would be). Two rules on one directory (`/lib/:ro` and `/usr/lib/`) keep the
+/// stricter: the kernel then sends the open to the daemon, which judges the path it names.
+/// A prefix that is not a directory yet is left to the daemon too.
+pub fn dir_keys(agent: u32, rules: &[FileRule]) -> std::collections::BTreeMap<FileDirKey, u32> {
+    let mut out = std::collections::BTreeMap::new();
+    for r in rules {
+        if !r.prefix.ends_with('/') {
+            continue;
+        }
+        let Ok(meta) = std::fs::metadata(&r.prefix) else {
+            continue;
+        };
+        if !meta.is_dir() {
+            continue;
+        }
+        let id = crate::tamper::kernel_inode_key(&meta);
+        let key = FileDirKey {
+            agent,
+            dev: id.dev,
+            ino: id.ino,
+        };
+        let bits = if r.read_only { FILE_RULE_READ_ONLY } else { 0 };
+        *out.entry(key).or_insert(bits) |= bits;
+    }
+    out
+}
+
 /// Does any rule admit `path` for `write`? (What the kernel's trie answers.)
 pub fn admitted(rules: &[FileRule], path: &str, write: bool) -> bool {
     // The longest matching prefix decides, as in the kernel's trie: `/srv/:ro` with
@@ -163,9 +193,10 @@ pub fn bpf_lsm_active() -> bool {
         .is_ok_and(|l| l.trim().split(',').any(|m| m == "bpf"))
 }
 
-/// The file guards' map, and whether BPF LSM programs guard this host.
+/// The file guards' maps, and whether BPF LSM programs guard this host.
 pub struct FilesMaps {
     allow: LpmTrie<MapData, FilePath, u32>,
+    dirs: HashMap<MapData, FileDirKey, u32>,
     lsm: bool,
 }
 
@@ -192,6 +223,7 @@ impl FilesMaps {
         }
         Ok(Self {
             allow: take_map(ebpf, "FILE_ALLOW")?,
+            dirs: take_map(ebpf, "FILE_DIRS")?,
             lsm,
         })
     }
@@ -220,6 +252,16 @@ impl FilesMaps {
         for k in stale {
             ignore_missing(self.allow.remove(&k), "FILE_ALLOW")?;
         }
+        let dirs = dir_keys(id, rules);
+        let stale: Vec<FileDirKey> = self
+            .dirs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.agent == id && !dirs.contains_key(k))
+            .collect();
+        for k in stale {
+            ignore_missing(self.dirs.remove(&k), "FILE_DIRS")?;
+        }
         Ok(())
     }
 
@@ -232,6 +274,9 @@ impl FilesMaps {
                     .insert(&k, value, 0)
                     .map_err(map_err("FILE_ALLOW"))?;
             }
+        }
+        for (k, bits) in dir_keys(id, rules) {
+            self.dirs.insert(k, bits, 0).map_err(map_err("FILE_DIRS"))?;
         }
         Ok(())
     }
@@ -311,12 +356,12 @@ pub struct FileRecord {
     pub read: bool,
     /// A hard link refused (no path: the hook names dentries, not paths).
     pub link: bool,
-    /// Refused: the path the kernel resolved. Opened: the path as passed. Empty: the kernel
-    /// could not read it (see [`FileRecord::resolve`]).
+    /// Refused: the path the kernel resolved. Opened: the path as passed, as read at the
+    /// syscall's exit (empty: unreadable; see [`FileRecord::resolve`]).
     pub path: String,
     pub fd: i32,
     pub dirfd: i32,
-    /// Opened with an empty `path`: the file the kernel found behind `fd` (zero: unknown).
+    /// Opened: the file the kernel found behind `fd` (zero: unknown).
     pub file: InodeKey,
     pub ts_ns: u64,
 }
@@ -326,8 +371,8 @@ pub struct FileRecord {
 pub enum PathFrom {
     /// The string the process passed (resolved against its working directory or dirfd).
     Passed,
-    /// The kernel could not read that string (its page was unmapped by the syscall's exit):
-    /// the name of the fd, which still held the very file the kernel saw opened.
+    /// That string could not be read, or did not lead to the file the kernel opened: the
+    /// name of the fd, which still held that very file.
     Fd,
     /// Neither: the fd no longer holds that file, or this kernel's BTF gave no way to tell.
     /// No rule admits an unknown path.
@@ -378,18 +423,32 @@ impl FileRecord {
 
     /// The opened file's path as the process saw it: the path it passed, made absolute
     /// against its working directory (or `dirfd`), with symlinks and `..` resolved as they are
-    /// now (lexically where the file is gone). Not the fd's /proc link: by the time the daemon
-    /// reads the record the process may have closed the fd and opened something else on the
-    /// same number (seen: an fd reused across an exec). Only where the kernel could not read
-    /// the path (an empty one: no open succeeds with that) is the fd asked, and believed only
-    /// while it holds the file the kernel saw (device and inode).
+    /// now (lexically where the file is gone), believed only where it leads to the file the
+    /// kernel opened (its device and inode in the record). The string is read from the
+    /// caller's memory at the syscall's exit: unreadable by then (its page unmapped), changed
+    /// by another thread since the kernel read it, it names something else or nothing. Then
+    /// the fd is asked, and believed only while it holds that file; else the path is unknown.
+    /// The fd is not asked first: by the time the daemon reads the record the process may
+    /// have closed it and opened something else on the same number (seen: an fd reused
+    /// across an exec). A kernel whose BTF gave no identity leaves the string unchecked.
     pub fn resolve(&self) -> (String, PathFrom) {
-        if self.path.is_empty() {
-            return match self.name_by_fd() {
-                Some(path) => (path, PathFrom::Fd),
-                None => (String::new(), PathFrom::Unknown),
-            };
+        if !self.path.is_empty() {
+            let path = self.resolve_passed();
+            let same = self.file == InodeKey::default()
+                || std::fs::metadata(&path)
+                    .is_ok_and(|m| crate::tamper::kernel_inode_key(&m) == self.file);
+            if same {
+                return (path, PathFrom::Passed);
+            }
         }
+        match self.name_by_fd() {
+            Some(path) => (path, PathFrom::Fd),
+            None => (String::new(), PathFrom::Unknown),
+        }
+    }
+
+    /// The passed path made absolute and resolved (see [`FileRecord::resolve`]).
+    fn resolve_passed(&self) -> String {
         let proc = PathBuf::from(format!("/proc/{}", self.pid));
         let passed = Path::new(&self.path);
         let absolute = if passed.is_absolute() {
@@ -402,11 +461,10 @@ impl FileRecord {
             };
             base.unwrap_or_else(|_| PathBuf::from("/")).join(passed)
         };
-        let path = std::fs::canonicalize(&absolute)
+        std::fs::canonicalize(&absolute)
             .unwrap_or_else(|_| normalize(&absolute))
             .to_string_lossy()
-            .into_owned();
-        (path, PathFrom::Passed)
+            .into_owned()
     }
 
     /// The name of the file behind the record's fd, if it is still the file the kernel saw
@@ -593,6 +651,44 @@ mod tests {
     }
 
     #[test]
+    fn allowed_directories_are_keyed_by_identity_and_the_stricter_rule_wins() {
+        let dir = std::env::temp_dir().join(format!("aw-files-dirs-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::os::unix::fs::symlink(dir.join("sub"), dir.join("link")).unwrap();
+        std::fs::write(dir.join("file"), "x").unwrap();
+        let rule = |p: &Path, ro: bool| {
+            FileRule::parse(&format!("{}{}", p.display(), if ro { ":ro" } else { "" })).unwrap()
+        };
+        let key = |p: &Path| {
+            let id = crate::tamper::kernel_inode_key(&std::fs::metadata(p).unwrap());
+            FileDirKey {
+                agent: 3,
+                dev: id.dev,
+                ino: id.ino,
+            }
+        };
+        let keys = dir_keys(
+            3,
+            &[
+                rule(&dir.join("sub/"), false),
+                // The same directory through a symlink, read-only: the stricter stays.
+                rule(&dir.join("link/"), true),
+                // Not a directory, absent, or not a `/dir/` prefix: left to the daemon.
+                rule(&dir.join("file/"), false),
+                rule(&dir.join("absent/"), false),
+                rule(&dir.join("su"), false),
+                FileRule::parse(&format!("{}/", dir.display())).unwrap(),
+            ],
+        );
+        let want = std::collections::BTreeMap::from([
+            (key(&dir.join("sub")), FILE_RULE_READ_ONLY),
+            (key(&dir), 0),
+        ]);
+        assert_eq!(keys, want);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_path_the_kernel_could_not_read_is_named_by_its_fd_only_while_it_holds_that_file() {
         use std::os::fd::AsRawFd;
         let dir = std::env::temp_dir().join(format!("aw-files-fd-{}", std::process::id()));
@@ -641,6 +737,27 @@ mod tests {
         // Unknown is outside every list, `/` included.
         let root = [FileRule::parse("/").unwrap()];
         assert!(!admitted(&root, "", false));
+        // A string that reads fine but names another file than the kernel opened (changed
+        // by another thread after the kernel read it, or a stale pointer): the fd decides.
+        let passed = |path: &Path, file: InodeKey| FileRecord {
+            path: path.display().to_string(),
+            ..record(file)
+        };
+        let canon_a = a.canonicalize().unwrap().display().to_string();
+        assert_eq!(
+            passed(&b, key(&a)).resolve(),
+            (canon_a.clone(), PathFrom::Fd)
+        );
+        assert_eq!(passed(&a, key(&a)).resolve(), (canon_a, PathFrom::Passed));
+        // ... and with the fd no longer holding it either: unknown, never the string.
+        assert_eq!(
+            FileRecord {
+                fd: 1_000_000,
+                ..passed(&b, key(&a))
+            }
+            .resolve(),
+            (String::new(), PathFrom::Unknown)
+        );
         drop(held);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use agentwatch_common::{
     AgentCounters, AgentLimits, AgentState, ByteCap, DestKey, DnsKey, DnsOrig, DnsPorts, DnsValue,
-    ExecKey, FilePath, LearnName, LearnNameKey, RuleHitKey, RuleKeyV4, RuleKeyV6, RuleValue, Seen,
-    Settings,
+    ExecKey, FileDirKey, FilePath, LearnName, LearnNameKey, RuleHitKey, RuleKeyV4, RuleKeyV6,
+    RuleValue, Seen, Settings,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -59,7 +59,7 @@ pub struct Kernel {
 
 /// Every map of the object with the key and value sizes this build expects of it. A pinned map
 /// of another layout (an older agentwatch) is refused rather than misread.
-const MAPS: [(&str, u32, u32); 37] = [
+const MAPS: [(&str, u32, u32); 38] = [
     ("AGENTS", 8, size_of::<AgentState>() as u32),
     ("COUNTERS", 4, size_of::<AgentCounters>() as u32),
     ("EVENTS", 0, 0),
@@ -127,6 +127,7 @@ const MAPS: [(&str, u32, u32); 37] = [
     // The trie key and a PATH_MAX buffer.
     ("FILE_SCRATCH", 4, 4 + size_of::<FilePath>() as u32 + 4096),
     ("OPENS", 8, 16),
+    ("FILE_DIRS", size_of::<FileDirKey>() as u32, 4),
     ("TAMPER_DAEMON", 4, 4),
     ("TAMPER_INODES", 16, 4),
     (
@@ -241,6 +242,7 @@ impl Kernel {
         let lsm = lsm_offsets(btf.as_ref());
         let clone = clone_offsets(btf.as_ref());
         let files = file_offsets(btf.as_ref());
+        let walk = walk_offsets(btf.as_ref());
         let mut loader = EbpfLoader::new();
         loader
             .override_global("FILE_F_INODE", &files[0], true)
@@ -253,6 +255,15 @@ impl Kernel {
             .override_global("FILES_TASK_FILES", &files[7], true)
             .override_global("FILES_FILES_FDT", &files[8], true)
             .override_global("FILES_FDT_FD", &files[9], true)
+            .override_global("FILES_F_MODE", &walk[8], true)
+            .override_global("FILES_F_PATH_MNT", &walk[0], true)
+            .override_global("FILES_F_PATH_DENTRY", &walk[1], true)
+            .override_global("FILES_DENTRY_PARENT", &walk[2], true)
+            .override_global("FILES_DENTRY_INODE", &walk[3], true)
+            .override_global("FILES_MOUNT_MNT", &walk[4], true)
+            .override_global("FILES_MOUNT_MNT_ROOT", &walk[5], true)
+            .override_global("FILES_MOUNT_PARENT", &walk[6], true)
+            .override_global("FILES_MOUNT_MOUNTPOINT", &walk[7], true)
             .override_global("NEW_TASK_CGROUPS", &clone[0], true)
             .override_global("NEW_CSS_SET_DFL_CGRP", &clone[1], true)
             .override_global("NEW_CGROUP_KN", &clone[2], true)
@@ -604,9 +615,9 @@ fn clone_offsets(btf: Option<&crate::btf::Btf>) -> [u32; 5] {
 /// `super_block.s_dev`) and the file an exec opened (`linux_binprm.file`, `task_struct.mm`,
 /// `mm_struct.exe_file`) and the file behind an fd (`task_struct.files`, `files_struct.fdt`,
 /// `fdtable.fd`), from the running kernel's BTF, with or without BPF LSM: the exec allow-list
-/// judges the file itself with them, and the file guard's tracepoints name a file whose path
-/// they could not read. All zero when the BTF does not say: execs are then judged on the path
-/// given to execve (said in the log).
+/// judges the file itself with them, and the file guard's tracepoints identify the file an
+/// open got. All zero when the BTF does not say: execs are then judged on the path given to
+/// execve (said in the log), and the daemon judges each open on the path string alone.
 fn file_offsets(btf: Option<&crate::btf::Btf>) -> [u32; 10] {
     let offsets = btf.ok_or_else(|| "no BTF".to_owned()).and_then(|btf| {
         (|| {
@@ -633,6 +644,53 @@ fn file_offsets(btf: Option<&crate::btf::Btf>) -> [u32; 10] {
         );
         [0; 10]
     })
+}
+
+/// Offsets that lead from an opened file up through its directories and mounts (see
+/// agentwatch-ebpf's `files::allowed_dir`): `file.f_path` plus `path.mnt` and plus
+/// `path.dentry`, `dentry.d_parent`, `dentry.d_inode`, `mount.mnt`, `mount.mnt` plus
+/// `vfsmount.mnt_root`, `mount.mnt_parent`, `mount.mnt_mountpoint`, and `file.f_mode` (how
+/// the file was opened). All zero when the BTF
+/// does not say (then, without BPF LSM, every open of an agent with a file list goes to the
+/// daemon, said in the log).
+fn walk_offsets(btf: Option<&crate::btf::Btf>) -> [u32; 9] {
+    let offsets = btf.ok_or_else(|| "no BTF".to_owned()).and_then(|btf| {
+        (|| {
+            let f_path = btf.member_offset("file", "f_path")?;
+            let mnt = btf.member_offset("mount", "mnt")?;
+            Ok::<_, crate::btf::BtfError>([
+                f_path + btf.member_offset("path", "mnt")?,
+                f_path + btf.member_offset("path", "dentry")?,
+                btf.member_offset("dentry", "d_parent")?,
+                btf.member_offset("dentry", "d_inode")?,
+                mnt,
+                mnt + btf.member_offset("vfsmount", "mnt_root")?,
+                btf.member_offset("mount", "mnt_parent")?,
+                btf.member_offset("mount", "mnt_mountpoint")?,
+                btf.member_offset("file", "f_mode")?,
+            ])
+        })()
+        .map_err(|e| e.to_string())
+    });
+    match offsets {
+        // Zero is the "unknown" mark on the kernel side: every one of these is past a first
+        // member on every kernel, so a zero here means a layout this code does not know.
+        Ok(o) if o.iter().all(|&v| v != 0) => o,
+        Ok(o) => {
+            tracing::warn!(
+                "unexpected file and mount layout in the kernel's BTF ({o:?}): without BPF LSM, \
+                 every open of an agent with a file list goes to the daemon to be judged"
+            );
+            [0; 9]
+        }
+        Err(e) => {
+            tracing::warn!(
+                "the kernel's BTF does not say how to walk up from a file ({e}): without BPF \
+                 LSM, every open of an agent with a file list goes to the daemon to be judged"
+            );
+            [0; 9]
+        }
+    }
 }
 
 fn ensure_tracefs() -> Result<(), KernelError> {
@@ -746,6 +804,19 @@ fn raise_memlock() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_running_kernel_says_how_to_walk_up_from_a_file() {
+        // Every supported kernel has BTF (the daemon needs it for the LSM and exec offsets).
+        let btf = crate::btf::Btf::vmlinux().expect("the running kernel's BTF");
+        let o = walk_offsets(Some(&btf));
+        assert!(o.iter().all(|&v| v != 0), "{o:?}");
+        // `path` is { mnt, dentry }: the two sums are 8 bytes apart.
+        assert_eq!(o[1], o[0] + 8, "{o:?}");
+        // mnt_root is the vfsmount's first member.
+        assert_eq!(o[5], o[4], "{o:?}");
+        assert_eq!(walk_offsets(None), [0; 9]);
+    }
 
     #[test]
     fn finds_a_field_offset_in_a_tracepoint_format() {

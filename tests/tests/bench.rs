@@ -680,8 +680,9 @@ fn syscalls() {
 
 /// What the file guard costs an open(): attached host-wide while some agent has a file list.
 /// Without BPF LSM (this host) that is the open tracepoints; a process outside every agent
-/// pays a cgroup lookup per open, a guarded agent's open of a read-only prefix is cleared in
-/// the kernel, one under a writable prefix is reported to the daemon.
+/// pays a cgroup lookup per open, a guarded agent's open under an allowed directory is cleared
+/// in the kernel after a walk up from the opened file (`/usr/bin/env`: two steps to `/usr`;
+/// the writable directory's file: one).
 fn file_guard(report: &Report, rounds: usize) {
     let n = pick("100000", "20000");
     let agent = TestCgroup::new();
@@ -725,9 +726,6 @@ fn file_guard(report: &Report, rounds: usize) {
             };
             a.guard("bench", agent.cgroup().clone(), policy)
                 .expect("guard");
-            // The daemon's ring buffer reader is not running: the records of the writable
-            // prefix's opens are written and dropped by the kernel, as a reader that keeps up
-            // would see them (the audit rate caps them).
             for (m, (_, cg, args)) in measures.iter().enumerate() {
                 r[s][m].push(cpu_ns_per_call(cg, args));
             }

@@ -575,3 +575,80 @@ sys.stdin.read()
     let from = if lsm { None } else { Some("fd") };
     assert_eq!(lines[0]["path_from"].as_str(), from, "{lines:#?}");
 }
+
+#[test]
+fn a_path_another_thread_rewrites_during_the_open_neither_hides_nor_invents_an_open() {
+    use std::io::{BufRead as _, BufReader};
+    privileged!();
+    let lsm = bpf_lsm_active();
+    let (work, outside) = (TempDir::for_agents(), TempDir::for_agents());
+    let real = secret_in(&outside);
+    // The decoy: an allowed file whose path is exactly as long as the secret's.
+    let pad = real.as_os_str().len() - work.0.as_os_str().len() - 1;
+    assert!(pad > 0, "{}", real.display());
+    let decoy = work.0.join("d".repeat(pad));
+    anyone_may_write(&decoy, "decoy");
+    let mut env = DaemonEnv::new();
+    let breaker = "[agents.breaker]\nwarmup = \"1h\"\naction = \"alert\"\nrequire_approval = true";
+    // The decoy's folder read-only: a clean path read there is what the open tracepoints once
+    // cleared by its string, read after the kernel's own read.
+    env.write_config(&agent("race", &[], &[&work.0], breaker));
+    env.start();
+    const OPENS: u32 = 40;
+    let mut child = env
+        .probe_command("race")
+        .args([
+            "open-race",
+            &real.display().to_string(),
+            &decoy.display().to_string(),
+            &OPENS.to_string(),
+        ])
+        .current_dir(&work.0)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("launch");
+    let first = BufReader::new(child.stdout.take().expect("stdout"))
+        .lines()
+        .next()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    let got: serde_json::Value = match serde_json::from_str(&first) {
+        Ok(v) => v,
+        Err(e) => {
+            let out = child.wait_with_output();
+            panic!("the probe said {first:?} ({e}): {out:?}")
+        }
+    };
+    let n = |k: &str| got[k].as_u64().expect("count");
+    let (real_opens, decoy_opens, refused) = (n("real"), n("decoy"), n("refused"));
+    println!("{got}");
+    assert_eq!(
+        real_opens + decoy_opens + refused + n("missing"),
+        u64::from(OPENS),
+        "{got}"
+    );
+    // With BPF LSM every open of the secret was refused; without, made and to be found.
+    let want = if lsm {
+        assert_eq!(real_opens, 0, "{got}");
+        refused
+    } else {
+        assert_eq!(refused, 0, "{got}");
+        real_opens
+    };
+    let want = usize::try_from(want).expect("count");
+    env.wait_audit("file_denied", want);
+    // Whatever the caller's memory said at the exit, each open is judged on the file the
+    // kernel opened: every secret open is audited under the secret's name, and no decoy open
+    // is invented into one. A moment more for a line too many to show.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let lines = file_lines(&env);
+    assert_eq!(lines.len(), want, "{got} {lines:#?}");
+    for l in &lines {
+        assert_eq!(l["path"], real.display().to_string(), "{lines:#?}");
+        assert_eq!(l["access"], "read");
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "{out:?}");
+}

@@ -140,6 +140,10 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         ["open", rest @ ..] => open_files(rest),
+        ["open-race", real, decoy, n] => match n.parse() {
+            Ok(n) => open_race(real, decoy, n),
+            Err(_) => usage("open-race REAL DECOY N: N is a count"),
+        },
         ["symlink", target, link] => {
             let r = std::os::unix::fs::symlink(target, link);
             report_path("symlink", link, r.map(drop));
@@ -928,6 +932,93 @@ fn open_files(mut args: &[&str]) -> ExitCode {
     if !args.is_empty() {
         return usage("open needs PATH MODE pairs");
     }
+    ExitCode::SUCCESS
+}
+
+/// `open-race REAL DECOY N`: opens the path in one buffer N times for reading while another
+/// thread rewrites that buffer between REAL and DECOY (the same length) as fast as it can, so
+/// the kernel opens one and a reader of the caller's memory at the syscall's exit may see the
+/// other. Prints how many opens got REAL and how many DECOY (told apart by inode), were
+/// refused (EACCES) or named neither (ENOENT: a string half of each), then holds
+/// every fd open until stdin closes, for the daemon to name them.
+fn open_race(real: &str, decoy: &str, n: u32) -> ExitCode {
+    use std::{
+        os::unix::fs::MetadataExt as _,
+        sync::atomic::{AtomicBool, AtomicU8, Ordering},
+    };
+    let (real_b, decoy_b): (&'static [u8], &'static [u8]) = (
+        Box::leak(real.as_bytes().into()),
+        Box::leak(decoy.as_bytes().into()),
+    );
+    if real_b.len() != decoy_b.len() {
+        return usage("open-race: REAL and DECOY must be the same length");
+    }
+    let inode = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));
+    let (Ok(real_id), Ok(decoy_id)) = (inode(real), inode(decoy)) else {
+        return usage("open-race: REAL and DECOY must exist");
+    };
+    // NUL-terminated, shared with the flipping thread through atomics (no data race in Rust
+    // terms; the kernel reads the bytes as they are).
+    let buf: &'static [AtomicU8] = Box::leak(
+        (0..=real_b.len())
+            .map(|i| AtomicU8::new(real_b.get(i).copied().unwrap_or(0)))
+            .collect(),
+    );
+    let stop: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+    let started: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+    let flipper = std::thread::spawn(move || {
+        started.store(true, Ordering::Relaxed);
+        while !stop.load(Ordering::Relaxed) {
+            for src in [decoy_b, real_b] {
+                for (b, &c) in buf.iter().zip(src) {
+                    b.store(c, Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    let (mut got_real, mut got_decoy, mut refused, mut missing) = (0u32, 0u32, 0u32, 0u32);
+    let mut held = Vec::new();
+    while !started.load(Ordering::Relaxed) {
+        std::thread::yield_now();
+    }
+    for _ in 0..n {
+        // Paced under the daemon's default audit rate (100 lines a second), so that every
+        // line the test counts is written, none summarised.
+        std::thread::sleep(Duration::from_millis(15));
+        // SAFETY: a NUL-terminated buffer that outlives the call (leaked).
+        let fd = unsafe { libc::open(buf.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            // A torn string (half of each) names no file: ENOENT.
+            match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EACCES) => refused += 1,
+                Some(libc::ENOENT) => missing += 1,
+                _ => return ExitCode::from(3),
+            }
+            continue;
+        }
+        // SAFETY: an fd this process just opened and now owns.
+        let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        match file.metadata().map(|m| (m.dev(), m.ino())) {
+            Ok(id) if id == real_id => got_real += 1,
+            Ok(id) if id == decoy_id => got_decoy += 1,
+            _ => return ExitCode::from(4),
+        }
+        held.push(file);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = flipper.join();
+    let line = serde_json::json!({
+        "op": "open-race",
+        "real": got_real,
+        "decoy": got_decoy,
+        "refused": refused,
+        "missing": missing,
+        "pid": std::process::id(),
+    });
+    println!("{line}");
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+    drop(held);
     ExitCode::SUCCESS
 }
 
