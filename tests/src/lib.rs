@@ -280,6 +280,22 @@ pub fn agentwatch_bin() -> PathBuf {
     target_dir().join("agentwatch")
 }
 
+/// The Python of the virtualenv with the official API SDKs (openai, anthropic) that
+/// `cargo xtask setup` makes under target/, where an agent's own uid can read it; a clear
+/// failure when it is missing.
+pub fn sdk_python() -> PathBuf {
+    let python = target_dir()
+        .parent()
+        .map(|t| t.join("sdk-venv/bin/python"))
+        .expect("target/ above target/<profile>");
+    assert!(
+        python.exists(),
+        "{} is missing: `cargo xtask setup` installs the API SDKs the gateway tests run",
+        python.display()
+    );
+    python
+}
+
 /// target/<profile>: the test executable lives in target/<profile>/deps.
 fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");

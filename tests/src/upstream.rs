@@ -3,8 +3,11 @@
 //!
 //! `GET|POST /stream[?n=N]` answers with N (default 3) server-sent events, one every
 //! `STREAM_GAP`, then `[DONE]`, so a test can tell a streamed answer from a buffered one; how
-//! each stream ended (events sent, completed or cut by the reader) is kept in `streams`. Anything else gets 200 and a small JSON body
-//! naming the path.
+//! each stream ended (events sent, completed or cut by the reader) is kept in `streams`.
+//! `POST /v1/chat/completions` answers as OpenAI's API does (with `"stream": true`: one chunk
+//! per word of [`CHAT_REPLY`], one every `STREAM_GAP`, then `[DONE]`), `POST /v1/messages` as
+//! Anthropic's (not streamed), so the official SDKs can talk to it. Anything else gets 200 and
+//! a small JSON body naming the path.
 
 use std::{
     convert::Infallible,
@@ -52,8 +55,11 @@ pub struct StreamEnd {
 
 type Streams = Arc<Mutex<Vec<StreamEnd>>>;
 
-/// Time between the events of `/stream`.
+/// Time between the events of `/stream` and of a streamed chat completion.
 pub const STREAM_GAP: Duration = Duration::from_millis(400);
+
+/// What the chat completion and the message answer say (streamed: a word per chunk).
+pub const CHAT_REPLY: &str = "hello from the upstream";
 
 /// The server; stops when dropped.
 pub struct Upstream {
@@ -207,6 +213,7 @@ async fn answer(
         .uri
         .path_and_query()
         .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+    let asked: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     seen.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .push(Recorded {
@@ -225,6 +232,53 @@ async fn answer(
             body,
             version: format!("{:?}", parts.version),
         });
+    match (parts.method.as_str(), parts.uri.path()) {
+        ("POST", "/v1/chat/completions") if asked["stream"] == true => {
+            let chunk = |delta: serde_json::Value, finish: serde_json::Value| {
+                let c = serde_json::json!({
+                    "id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 0,
+                    "model": asked["model"], "choices": [
+                        {"index": 0, "delta": delta, "finish_reason": finish}
+                    ]
+                });
+                Bytes::from(format!("data: {c}\n\n"))
+            };
+            let mut events: Vec<Bytes> = CHAT_REPLY
+                .split_inclusive(' ')
+                .enumerate()
+                .map(|(i, w)| {
+                    let delta = if i == 0 {
+                        serde_json::json!({"role": "assistant", "content": w})
+                    } else {
+                        serde_json::json!({"content": w})
+                    };
+                    chunk(delta, serde_json::Value::Null)
+                })
+                .collect();
+            events.push(chunk(serde_json::json!({}), "stop".into()));
+            events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+            return sse(events, streams);
+        }
+        ("POST", "/v1/chat/completions") => {
+            return json(serde_json::json!({
+                "id": "chatcmpl-test", "object": "chat.completion", "created": 0,
+                "model": asked["model"],
+                "choices": [{"index": 0, "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": CHAT_REPLY}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5}
+            }));
+        }
+        ("POST", "/v1/messages") => {
+            return json(serde_json::json!({
+                "id": "msg_test", "type": "message", "role": "assistant",
+                "model": asked["model"],
+                "content": [{"type": "text", "text": CHAT_REPLY}],
+                "stop_reason": "end_turn", "stop_sequence": null,
+                "usage": {"input_tokens": 1, "output_tokens": 4}
+            }));
+        }
+        _ => {}
+    }
     if parts.uri.path() == "/stream" {
         let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(4);
         let n: usize = parts
@@ -267,6 +321,53 @@ async fn answer(
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// A JSON answer.
+fn json(v: serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())).boxed());
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// A server-sent event stream of `events`, one every [`STREAM_GAP`] (the last, `[DONE]`,
+/// right after the one before), its end recorded in `streams` like `/stream`'s.
+fn sse(events: Vec<Bytes>, streams: Streams) -> Response<Body> {
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(4);
+    tokio::spawn(async move {
+        let total = events.len().saturating_sub(1);
+        for (i, e) in events.into_iter().enumerate() {
+            if i > 0 && i < total {
+                tokio::time::sleep(STREAM_GAP).await;
+            }
+            if tx.send_data(e).await.is_err() {
+                streams
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(StreamEnd {
+                        sent: i,
+                        completed: false,
+                    });
+                return;
+            }
+        }
+        streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(StreamEnd {
+                sent: total,
+                completed: true,
+            });
+    });
+    let mut r = Response::new(body.boxed());
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/event-stream"),
     );
     r
 }

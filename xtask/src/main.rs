@@ -208,6 +208,7 @@ fn setup() -> Result<()> {
     debian_packages()?;
     kubernetes_validate()?;
     botocore()?;
+    sdks()?;
     eprintln!("xtask: setup done in {:.1}s", start.elapsed().as_secs_f64());
     Ok(())
 }
@@ -540,6 +541,51 @@ fn botocore() -> Result<()> {
     let now = version();
     if now.as_deref().map(str::trim) != Some(BOTOCORE_VERSION) {
         bail!("botocore says {now:?} after installing {BOTOCORE_VERSION}");
+    }
+    Ok(())
+}
+
+/// The official API SDKs the gateway tests run inside an agent (tests/tests/sdks.rs), pinned:
+/// they must work unchanged through the gateway with only their base-URL and key variables set.
+const SDKS: [(&str, &str); 2] = [("openai", "3.63.0"), ("anthropic", "2.17.0")];
+
+/// Where [`sdks`] installs them: a virtualenv of its own under target/, since the agent that
+/// imports them runs as its own uid, which cannot enter root's home (the other virtualenv's
+/// place); target/ is where the agents already run aw-probe from. tests/src/lib.rs looks here.
+fn sdk_venv_dir() -> PathBuf {
+    workspace_root().join("target/sdk-venv")
+}
+
+/// The SDKs from PyPI into [`sdk_venv_dir`], pinned; a second run only asks their versions.
+fn sdks() -> Result<()> {
+    let venv = sdk_venv_dir();
+    let python = venv.join("bin/python");
+    let probe = SDKS
+        .iter()
+        .map(|(m, _)| format!("import {m}; print({m}.__version__)"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let want = SDKS.iter().map(|(_, v)| *v).collect::<Vec<_>>().join("\n");
+    let versions = || output(Command::new(&python).args(["-c", &probe]));
+    if versions().as_deref().map(str::trim) == Some(want.as_str()) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {SDKS:?} into {}", venv.display());
+    if !python.exists() {
+        sh(Command::new(SYSTEM_PYTHON).args(["-m", "venv"]).arg(&venv)).with_context(|| {
+            format!(
+                "creating a virtualenv at {} (needs Debian's python3-venv)",
+                venv.display()
+            )
+        })?;
+    }
+    sh(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(SDKS.iter().map(|(m, v)| format!("{m}=={v}"))))
+    .with_context(|| format!("installing {SDKS:?} from PyPI into {}", venv.display()))?;
+    let now = versions();
+    if now.as_deref().map(str::trim) != Some(want.as_str()) {
+        bail!("the SDKs say {now:?} after installing {SDKS:?}");
     }
     Ok(())
 }
