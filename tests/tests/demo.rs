@@ -83,7 +83,7 @@ fn the_demo_tells_the_story_and_leaves_nothing_behind() {
         start.elapsed()
     );
     for want in [
-        "[1/6] The agent calls its model provider.",
+        "[1/9] The agent calls its model provider.",
         "5 calls, 5 answered with HTTP 200; the kernel counted 5 allowed connects.",
         "connect(): EPERM (Operation not permitted)",
         "\"kind\":\"egress_denied\"",
@@ -95,6 +95,12 @@ fn the_demo_tells_the_story_and_leaves_nothing_behind() {
         "thawed: it carries on",
         "4 processes killed at once (cgroup.kill); 0 left.",
         "\"kind\":\"killed\"",
+        // The second agent: a phantom token, a refused scope, the api_calls breaker.
+        "POST /v1/chat/completions: HTTP 200. The provider received `Authorization: Bearer sk-demo-",
+        "\"kind\":\"api_call\"",
+        "DELETE /v1/files/demo: HTTP 403, judged by the gateway; the provider still saw 1 request.",
+        "The breaker tripped on `api_calls`",
+        "1 connect(s) in all",
         "chain intact",
         "cleaned up: detached",
     ] {
@@ -124,13 +130,13 @@ fn an_interrupted_demo_cleans_up_too() {
             let _ = tx.send(line);
         }
     });
-    // Interrupt it while the agent is working at its normal rate (step 4).
+    // Interrupt it while the agent is working at its normal rate (step 4 of 9).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .expect("the demo reached step 4");
-        if line.starts_with("[4/6]") {
+        if line.starts_with("[4/9]") {
             break;
         }
     }

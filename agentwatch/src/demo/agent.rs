@@ -9,6 +9,11 @@
 //!   for 2 s, then 3 times a second until killed. Pacing never makes up for lost time: a
 //!   process that was frozen carries on at its rate, it does not burst to catch up.
 //! - `sleep`: sleep until killed (a helper process)
+//! - `api`: what an SDK does with `OPENAI_BASE_URL` and `OPENAI_API_KEY` (the gateway's URL and
+//!   a phantom token): a chat completion, then a call outside the scope, over one connection
+//! - `api-pace MARK STEADY_SECS`: over one keep-alive connection to the gateway, 5 chat
+//!   completions a second for STEADY_SECS, the flood's start (CLOCK_MONOTONIC ns) to MARK,
+//!   then as many as it can for 2 s or until 20 were refused; reports how they were answered
 
 use std::{
     io::Write as _,
@@ -72,6 +77,10 @@ pub fn run(args: &[String]) -> Result<()> {
                     .context("starting a helper process")?;
             }
             rt.block_on(pace(addr.parse()?, Path::new(mark), steady.parse()?))
+        }
+        [a] if a == "api" => rt.block_on(api()),
+        [a, mark, steady] if a == "api-pace" => {
+            rt.block_on(api_pace(Path::new(mark), steady.parse()?))
         }
         [a] if a == "sleep" => loop {
             std::thread::sleep(Duration::from_secs(3600));
@@ -138,4 +147,142 @@ async fn pace(addr: SocketAddr, mark: &Path, steady: f64) -> Result<()> {
     paced(addr, 1000, Some(2.0)).await;
     paced(addr, 3, None).await;
     Ok(())
+}
+
+/// One keep-alive HTTP/1.1 connection to the gateway, as an SDK's client keeps, made again
+/// should the gateway close it; counts the connects it took.
+struct ApiConn {
+    base: hyper::Uri,
+    token: String,
+    sender: Option<hyper::client::conn::http1::SendRequest<http_body_util::Full<Bytes>>>,
+    connects: u32,
+}
+
+impl ApiConn {
+    /// From the variables the scope's `env` set, as the OpenAI SDK reads them.
+    fn from_env() -> Result<Self> {
+        let base = std::env::var("OPENAI_BASE_URL").context("OPENAI_BASE_URL is not set")?;
+        let token = std::env::var("OPENAI_API_KEY").context("OPENAI_API_KEY is not set")?;
+        Ok(Self {
+            base: base.parse().context("OPENAI_BASE_URL")?,
+            token,
+            sender: None,
+            connects: 0,
+        })
+    }
+
+    /// `METHOD BASE/path`: the answer's status (0: no answer).
+    async fn call(&mut self, method: hyper::Method, path: &str) -> u16 {
+        for _ in 0..2 {
+            if self.sender.is_none() {
+                let authority = self.base.authority().map(|a| a.as_str().to_owned());
+                let Some(authority) = authority else {
+                    return 0;
+                };
+                let Ok(stream) = tokio::net::TcpStream::connect(&authority).await else {
+                    return 0;
+                };
+                self.connects += 1;
+                let Ok((sender, conn)) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+                else {
+                    return 0;
+                };
+                tokio::spawn(conn);
+                self.sender = Some(sender);
+            }
+            let Some(sender) = self.sender.as_mut() else {
+                return 0;
+            };
+            let body = if method == hyper::Method::POST {
+                Bytes::from_static(
+                    b"{\"model\":\"demo\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}",
+                )
+            } else {
+                Bytes::new()
+            };
+            let request = hyper::Request::builder()
+                .method(method.clone())
+                .uri(format!("{}{path}", self.base.path().trim_end_matches('/')))
+                .header(
+                    hyper::header::HOST,
+                    self.base.authority().map_or("", |a| a.as_str()),
+                )
+                .header(
+                    hyper::header::AUTHORIZATION,
+                    format!("Bearer {}", self.token),
+                )
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .body(http_body_util::Full::new(body));
+            let Ok(request) = request else {
+                return 0;
+            };
+            if sender.ready().await.is_ok()
+                && let Ok(response) = sender.send_request(request).await
+            {
+                let status = response.status().as_u16();
+                let _ = response.into_body().collect().await;
+                return status;
+            }
+            // Closed by the gateway: one new connection, as a client would.
+            self.sender = None;
+        }
+        0
+    }
+}
+
+async fn api() -> Result<()> {
+    let mut conn = ApiConn::from_env()?;
+    report(&json!({
+        "op": "api_env",
+        "key_is_phantom_token": conn.token.starts_with("awp_"),
+        "base": conn.base.to_string(),
+    }));
+    let status = conn.call(hyper::Method::POST, "/chat/completions").await;
+    report(&json!({ "op": "api", "call": "POST /chat/completions", "status": status }));
+    let status = conn.call(hyper::Method::DELETE, "/files/demo").await;
+    report(&json!({ "op": "api", "call": "DELETE /files/demo", "status": status }));
+    Ok(())
+}
+
+async fn api_pace(mark: &Path, steady: f64) -> Result<()> {
+    let mut conn = ApiConn::from_env()?;
+    let start = Instant::now();
+    let mut next = Instant::now();
+    let mut steady_answers = std::collections::BTreeMap::<u16, u32>::new();
+    while start.elapsed().as_secs_f64() < steady {
+        let status = conn.call(hyper::Method::POST, "/chat/completions").await;
+        *steady_answers.entry(status).or_default() += 1;
+        next += Duration::from_millis(200);
+        let now = Instant::now();
+        if next > now {
+            tokio::time::sleep(next - now).await;
+        } else {
+            next = now;
+        }
+    }
+    std::fs::write(mark, crate::bpf::ktime_ns().to_string()).context("writing the mark")?;
+    let mut answered = std::collections::BTreeMap::<u16, u32>::new();
+    let flood = Instant::now();
+    // Until 2 s have passed or 20 calls were refused: enough to show that the refusals go on.
+    while flood.elapsed() < Duration::from_secs(2) && answered.get(&403).copied() < Some(20) {
+        let status = conn.call(hyper::Method::POST, "/chat/completions").await;
+        *answered.entry(status).or_default() += 1;
+    }
+    report(&json!({
+        "op": "api_flood",
+        "steady": by_status(&steady_answers),
+        "answered": by_status(&answered),
+        "connects": conn.connects,
+    }));
+    Ok(())
+}
+
+/// `{"200": n, "403": m}`.
+fn by_status(counts: &std::collections::BTreeMap<u16, u32>) -> serde_json::Value {
+    counts
+        .iter()
+        .map(|(s, n)| (s.to_string(), json!(n)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
