@@ -126,8 +126,9 @@ pub fn files_file_open(ctx: LsmContext) -> i32 {
         )
     };
     let write = mode & FMODE_WRITE != 0;
-    // A path the kernel cannot name is outside every prefix: fail closed.
-    let allowed = len > 0 && admitted(scratch, state.id, write);
+    // A path the kernel cannot name is outside every prefix: fail closed. A pipe or socket
+    // reopened through its /proc link is no file (its name, `pipe:[N]`, is none either).
+    let allowed = (len > 0 && admitted(scratch, state.id, write)) || internal_file(file);
     if allowed {
         return 0;
     }
@@ -365,8 +366,9 @@ fn exit(ctx: &TracePointContext) {
     };
     let write = write || args.flags & (O_CREAT | O_TRUNC) != 0;
     if let Some(file) = file
-        && let Some(rule) = allowed_dir(state.id, file)
-        && (!write || rule & FILE_RULE_READ_ONLY == 0)
+        && (internal_file(file)
+            || allowed_dir(state.id, file)
+                .is_some_and(|rule| !write || rule & FILE_RULE_READ_ONLY == 0))
     {
         return;
     }
@@ -406,8 +408,8 @@ static FILES_FILES_FDT: u32 = 0;
 static FILES_FDT_FD: u32 = 0;
 /// ... its `f_mode`, and up from a file through its dentries and mounts: `file.f_path` plus `path.mnt` and
 /// `path.dentry`, `dentry.d_parent` and `d_inode`, `mount.mnt` (the `vfsmount` inside a
-/// `struct mount`), `mount.mnt` plus `vfsmount.mnt_root`, `mount.mnt_parent` and
-/// `mnt_mountpoint`. Each is non-zero where known (the sums by construction).
+/// `struct mount`), `mount.mnt` plus `vfsmount.mnt_root`, `mount.mnt_parent`,
+/// `mnt_mountpoint` and `mnt_ns`. Each is non-zero where known (the sums by construction).
 #[unsafe(no_mangle)]
 static FILES_F_MODE: u32 = 0;
 #[unsafe(no_mangle)]
@@ -426,6 +428,28 @@ static FILES_MOUNT_MNT_ROOT: u32 = 0;
 static FILES_MOUNT_PARENT: u32 = 0;
 #[unsafe(no_mangle)]
 static FILES_MOUNT_MOUNTPOINT: u32 = 0;
+#[unsafe(no_mangle)]
+static FILES_MOUNT_NS: u32 = 0;
+
+/// `mount.mnt_ns` of the kernel's internal mounts (`kern_mount`: pipes, sockets, anonymous
+/// inodes, memfd, namespaces): `MNT_NS_INTERNAL`, `ERR_PTR(-EINVAL)`.
+const MNT_NS_INTERNAL: usize = -22isize as usize;
+
+/// Is `file` on one of the kernel's internal mounts, reachable by no path: a pipe or socket
+/// reopened through `/dev/fd/N`, `/dev/stdin` or `/proc/PID/fd/N` (bash's process
+/// substitution does it)? Reopening what the process already holds reads no file: no file
+/// list judges it. False when unknown.
+#[inline(always)]
+fn internal_file(file: *const u8) -> bool {
+    let mnt = offset(&FILES_MOUNT_MNT);
+    let Some(vfsmount) = read_at::<*const u8>(file, &FILES_F_PATH_MNT) else {
+        return false;
+    };
+    if mnt == 0 || vfsmount.is_null() {
+        return false;
+    }
+    read_at::<usize>(vfsmount.wrapping_sub(mnt), &FILES_MOUNT_NS) == Some(MNT_NS_INTERNAL)
+}
 
 /// Directories and mount crossings [`allowed_dir`] looks at before giving up (the open then
 /// goes to the daemon): deeper than any real allowed directory sits above a file.

@@ -264,6 +264,7 @@ impl Kernel {
             .override_global("FILES_MOUNT_MNT_ROOT", &walk[5], true)
             .override_global("FILES_MOUNT_PARENT", &walk[6], true)
             .override_global("FILES_MOUNT_MOUNTPOINT", &walk[7], true)
+            .override_global("FILES_MOUNT_NS", &walk[9], true)
             .override_global("NEW_TASK_CGROUPS", &clone[0], true)
             .override_global("NEW_CSS_SET_DFL_CGRP", &clone[1], true)
             .override_global("NEW_CGROUP_KN", &clone[2], true)
@@ -649,11 +650,12 @@ fn file_offsets(btf: Option<&crate::btf::Btf>) -> [u32; 10] {
 /// Offsets that lead from an opened file up through its directories and mounts (see
 /// agentwatch-ebpf's `files::allowed_dir`): `file.f_path` plus `path.mnt` and plus
 /// `path.dentry`, `dentry.d_parent`, `dentry.d_inode`, `mount.mnt`, `mount.mnt` plus
-/// `vfsmount.mnt_root`, `mount.mnt_parent`, `mount.mnt_mountpoint`, and `file.f_mode` (how
-/// the file was opened). All zero when the BTF
+/// `vfsmount.mnt_root`, `mount.mnt_parent`, `mount.mnt_mountpoint`, `file.f_mode` (how the
+/// file was opened) and `mount.mnt_ns` (which tells the kernel's internal mounts: pipes,
+/// sockets). All zero when the BTF
 /// does not say (then, without BPF LSM, every open of an agent with a file list goes to the
 /// daemon, said in the log).
-fn walk_offsets(btf: Option<&crate::btf::Btf>) -> [u32; 9] {
+fn walk_offsets(btf: Option<&crate::btf::Btf>) -> [u32; 10] {
     let offsets = btf.ok_or_else(|| "no BTF".to_owned()).and_then(|btf| {
         (|| {
             let f_path = btf.member_offset("file", "f_path")?;
@@ -668,6 +670,7 @@ fn walk_offsets(btf: Option<&crate::btf::Btf>) -> [u32; 9] {
                 btf.member_offset("mount", "mnt_parent")?,
                 btf.member_offset("mount", "mnt_mountpoint")?,
                 btf.member_offset("file", "f_mode")?,
+                btf.member_offset("mount", "mnt_ns")?,
             ])
         })()
         .map_err(|e| e.to_string())
@@ -681,14 +684,14 @@ fn walk_offsets(btf: Option<&crate::btf::Btf>) -> [u32; 9] {
                 "unexpected file and mount layout in the kernel's BTF ({o:?}): without BPF LSM, \
                  every open of an agent with a file list goes to the daemon to be judged"
             );
-            [0; 9]
+            [0; 10]
         }
         Err(e) => {
             tracing::warn!(
                 "the kernel's BTF does not say how to walk up from a file ({e}): without BPF \
                  LSM, every open of an agent with a file list goes to the daemon to be judged"
             );
-            [0; 9]
+            [0; 10]
         }
     }
 }
@@ -815,7 +818,7 @@ mod tests {
         assert_eq!(o[1], o[0] + 8, "{o:?}");
         // mnt_root is the vfsmount's first member.
         assert_eq!(o[5], o[4], "{o:?}");
-        assert_eq!(walk_offsets(None), [0; 9]);
+        assert_eq!(walk_offsets(None), [0; 10]);
     }
 
     #[test]

@@ -652,3 +652,38 @@ fn a_path_another_thread_rewrites_during_the_open_neither_hides_nor_invents_an_o
     let out = child.wait_with_output().expect("wait");
     assert!(out.status.success(), "{out:?}");
 }
+
+#[test]
+fn a_pipe_reopened_through_its_fd_path_is_no_file_access() {
+    privileged!();
+    let work = TempDir::for_agents();
+    let mut env = DaemonEnv::new();
+    // No breaker: an open judged outside the list would kill the agent (or, with BPF LSM,
+    // fail).
+    env.write_config(&agent("pipes", &[&work.0], &[], ""));
+    env.start();
+    // `cat` opens a pipe it holds by its /proc link, as it does for process substitution's
+    // /dev/fd/63 or for /dev/stdin (links there; the 6.1 guest's /dev has neither, and its
+    // bash then has no process substitution). The opens reach the kernel's pipe filesystem,
+    // which no path leads to: nothing to judge, whatever the list says.
+    let out = env
+        .launch_command(
+            "pipes",
+            &[
+                "/usr/bin/bash",
+                "-c",
+                "echo one | /usr/bin/cat /proc/self/fd/0 \
+                 && echo two | { /usr/bin/cat /proc/self/fd/3; } 3<&0",
+            ],
+        )
+        .current_dir(&work.0)
+        .stdin(Stdio::null())
+        .output()
+        .expect("launch");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "one\ntwo\n");
+    // A moment for a line that should not come.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(file_lines(&env), Vec::<serde_json::Value>::new());
+    assert_eq!(env.status()["pipes"]["state"], "running");
+}
