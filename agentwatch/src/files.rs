@@ -237,7 +237,10 @@ impl FilesMaps {
     /// what is no longer listed, so a prefix on both the old and the new list is never missing.
     pub(crate) fn sync(&mut self, id: u32, rules: Option<&[FileRule]>) -> Result<(), KernelError> {
         let rules = rules.unwrap_or_default();
-        self.insert(id, rules)?;
+        // The allowed directories, stat'ed once: those inserted are exactly those kept.
+        let dirs = dir_keys(id, rules);
+        self.insert_prefixes(id, rules)?;
+        self.insert_dirs(&dirs)?;
         let want: Vec<(u32, FilePath)> = rules
             .iter()
             .flat_map(|r| r.keys(id))
@@ -252,7 +255,6 @@ impl FilesMaps {
         for k in stale {
             ignore_missing(self.allow.remove(&k), "FILE_ALLOW")?;
         }
-        let dirs = dir_keys(id, rules);
         let stale: Vec<FileDirKey> = self
             .dirs
             .keys()
@@ -267,6 +269,11 @@ impl FilesMaps {
 
     /// Adds `rules` for agent `id` without removing anything (a reload's first step).
     pub(crate) fn insert(&mut self, id: u32, rules: &[FileRule]) -> Result<(), KernelError> {
+        self.insert_prefixes(id, rules)?;
+        self.insert_dirs(&dir_keys(id, rules))
+    }
+
+    fn insert_prefixes(&mut self, id: u32, rules: &[FileRule]) -> Result<(), KernelError> {
         for r in rules {
             let value = if r.read_only { FILE_RULE_READ_ONLY } else { 0 };
             for k in r.keys(id) {
@@ -275,7 +282,14 @@ impl FilesMaps {
                     .map_err(map_err("FILE_ALLOW"))?;
             }
         }
-        for (k, bits) in dir_keys(id, rules) {
+        Ok(())
+    }
+
+    fn insert_dirs(
+        &mut self,
+        dirs: &std::collections::BTreeMap<FileDirKey, u32>,
+    ) -> Result<(), KernelError> {
+        for (k, &bits) in dirs {
             self.dirs.insert(k, bits, 0).map_err(map_err("FILE_DIRS"))?;
         }
         Ok(())
