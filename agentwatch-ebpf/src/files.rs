@@ -80,9 +80,11 @@ const O_WRONLY: u32 = 1;
 const O_RDWR: u32 = 2;
 const O_CREAT: u32 = 0o100;
 const O_TRUNC: u32 = 0o1000;
-/// `fmode_t` bits of `struct file`.
+const O_PATH: u32 = 0o10000000;
+/// `fmode_t` bits of `struct file` (the same from 4.x to 6.18).
 const FMODE_READ: u32 = 1;
 const FMODE_WRITE: u32 = 2;
+const FMODE_PATH: u32 = 0x4000;
 
 /// Offsets in `struct file` on the running kernel, from its BTF: written into `.rodata` by
 /// the daemon before loading, so the verifier sees constants (a BTF pointer moved by a known
@@ -278,6 +280,9 @@ pub fn files_sys_enter_openat2(ctx: TracePointContext) -> u32 {
     let how = tp_u64(&ctx, ARG2) as *const u64;
     // SAFETY: reading the caller's memory through the helper (a fault reads as 0).
     let flags = unsafe { aya_ebpf::helpers::bpf_probe_read_user(how) }.unwrap_or(0) as u32;
+    // Read before the kernel copies the struct: another thread can still change it. O_PATH
+    // from here would let an open pass unjudged where the file's own mode is unreadable.
+    let flags = flags & !O_PATH;
     enter(tp_u64(&ctx, ARG0) as i32, tp_u64(&ctx, ARG1), flags);
     0
 }
@@ -357,7 +362,19 @@ fn exit(ctx: &TracePointContext) {
     let file = fd_file(fd as u32);
     // How the file was opened, from the file itself where it can be read (the flags saved at
     // the enter say the same; a create or truncate counts as a write either way).
-    let (read, write) = match file.and_then(|f| read_at::<u32>(f, &FILES_F_MODE)) {
+    let mode = file.and_then(|f| read_at::<u32>(f, &FILES_F_MODE));
+    // An O_PATH descriptor reads and writes nothing (its content only through a real open
+    // of it, e.g. of /proc/self/fd/N, judged then), and BPF LSM's file_open is never called
+    // for one: no file access, as there. glibc's NSS lookups of a uid missing from
+    // /etc/passwd walk "/", "run", "usr" so (nss-systemd's path chasing).
+    let path_only = match mode {
+        Some(mode) => mode & FMODE_PATH != 0,
+        None => args.flags & O_PATH != 0,
+    };
+    if path_only {
+        return;
+    }
+    let (read, write) = match mode {
         Some(mode) => (mode & FMODE_READ != 0, mode & FMODE_WRITE != 0),
         None => (
             args.flags & O_ACCMODE != O_WRONLY,

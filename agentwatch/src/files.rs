@@ -446,8 +446,7 @@ impl FileRecord {
     /// have closed it and opened something else on the same number (seen: an fd reused
     /// across an exec). A kernel whose BTF gave no identity leaves the string unchecked.
     pub fn resolve(&self) -> (String, PathFrom) {
-        if !self.path.is_empty() {
-            let path = self.resolve_passed();
+        if let Some(path) = self.resolve_passed() {
             let same = self.file == InodeKey::default()
                 || std::fs::metadata(&path)
                     .is_ok_and(|m| crate::tamper::kernel_inode_key(&m) == self.file);
@@ -461,11 +460,21 @@ impl FileRecord {
         }
     }
 
-    /// The passed path made absolute and resolved (see [`FileRecord::resolve`]).
-    fn resolve_passed(&self) -> String {
+    /// The passed path made absolute and resolved (see [`FileRecord::resolve`]); None when
+    /// there is none or it is relative to a directory no longer known (the process gone or
+    /// its `dirfd` closed): no guess at a base, which would name some other file.
+    fn resolve_passed(&self) -> Option<String> {
+        if self.path.is_empty() {
+            return None;
+        }
         let proc = PathBuf::from(format!("/proc/{}", self.pid));
         let passed = Path::new(&self.path);
-        let absolute = if passed.is_absolute() {
+        let absolute = if let Ok(rest) = passed.strip_prefix("/proc/self") {
+            // The process's own /proc entry, not the daemon's.
+            proc.join(rest)
+        } else if let Ok(rest) = passed.strip_prefix("/proc/thread-self") {
+            proc.join("task").join(self.tid.to_string()).join(rest)
+        } else if passed.is_absolute() {
             passed.to_path_buf()
         } else {
             let base = if self.dirfd == AT_FDCWD {
@@ -473,12 +482,14 @@ impl FileRecord {
             } else {
                 std::fs::read_link(proc.join("fd").join(self.dirfd.to_string()))
             };
-            base.unwrap_or_else(|_| PathBuf::from("/")).join(passed)
+            base.ok()?.join(passed)
         };
-        std::fs::canonicalize(&absolute)
-            .unwrap_or_else(|_| normalize(&absolute))
-            .to_string_lossy()
-            .into_owned()
+        Some(
+            std::fs::canonicalize(&absolute)
+                .unwrap_or_else(|_| normalize(&absolute))
+                .to_string_lossy()
+                .into_owned(),
+        )
     }
 
     /// The name of the file behind the record's fd, if it is still the file the kernel saw
@@ -662,6 +673,14 @@ mod tests {
         let (path, from) = r.resolve();
         assert_eq!(Path::new(&path), cwd.join("no/such/file"));
         assert_eq!(from, PathFrom::Passed);
+        // Relative to a directory fd that is closed by now: no base is guessed (a guess of
+        // `/` once named `openat(fd_of_/usr, "lib")` as `/lib`).
+        let gone = FileRecord {
+            path: "lib".into(),
+            dirfd: 999_999,
+            ..r
+        };
+        assert_eq!(gone.resolve(), (String::new(), PathFrom::Unknown));
     }
 
     #[test]

@@ -687,3 +687,65 @@ fn a_pipe_reopened_through_its_fd_path_is_no_file_access() {
     assert_eq!(file_lines(&env), Vec::<serde_json::Value>::new());
     assert_eq!(env.status()["pipes"]["state"], "running");
 }
+
+/// An O_PATH descriptor reads and writes nothing: opening one outside the list is no file
+/// access (BPF LSM's file_open is not even called for it), but reading its file through its
+/// /proc link is, and is judged by the file behind it. glibc's user lookup for a uid with no
+/// /etc/passwd entry (the uid `launch` gives) walks "/", "run", "usr" so with O_PATH
+/// (nss-systemd): bash does that lookup at start when SHELL or HOME is unset, as in CI.
+#[test]
+fn path_only_opens_are_no_file_access_but_a_read_through_one_is() {
+    privileged!();
+    let lsm = bpf_lsm_active();
+    let (work, outside) = (TempDir::for_agents(), TempDir::for_agents());
+    let secret = secret_in(&outside);
+    let mut env = DaemonEnv::new();
+    env.write_config(&agent("opath", &[&work.0], &[], ""));
+    env.start();
+    let out = env
+        .launch_command("opath", &["/usr/bin/bash", "-c", "echo started"])
+        .env_remove("SHELL")
+        .env_remove("HOME")
+        .current_dir(&work.0)
+        .output()
+        .expect("launch");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "started\n");
+    let outside_dir = outside.0.display().to_string();
+    let out = env
+        .probe_command("opath")
+        .args(["open", "/", "path", &outside_dir, "path"])
+        .current_dir(&work.0)
+        .output()
+        .expect("launch");
+    assert!(out.status.success(), "{out:?}");
+    let opens = parse_attempts(&out.stdout);
+    assert_eq!(opens.iter().filter(|a| a.ok).count(), 2, "{opens:?}");
+    // A moment for a line that should not come.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(file_lines(&env), Vec::<serde_json::Value>::new());
+    assert_eq!(env.status()["opath"]["state"], "running");
+
+    // Now the secret's content through an O_PATH descriptor of it: refused, or found and the
+    // agent's processes ended (no breaker).
+    let out = env
+        .probe_command("opath")
+        .args(["open", &secret.display().to_string(), "path-read", "60000"])
+        .current_dir(&work.0)
+        .output()
+        .expect("launch");
+    let opens = parse_attempts(&out.stdout);
+    if lsm {
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(opens.len(), 2, "{opens:?}");
+        assert!(opens[0].ok, "{opens:?}");
+        assert_eq!((opens[1].ok, opens[1].errno), (false, EACCES));
+    } else {
+        assert_eq!(out.status.signal(), Some(libc::SIGKILL), "{out:?}");
+    }
+    let lines = env.wait_audit("file_denied", 1);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert_eq!(lines[0]["path"], secret.display().to_string());
+    assert_eq!(lines[0]["access"], "read");
+    assert_eq!(lines[0]["enforced"], lsm);
+}

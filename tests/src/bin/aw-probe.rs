@@ -7,9 +7,10 @@
 //! - `sendto ADDR PORT [COUNT] [PAYLOAD]`: one UDP datagram per attempt
 //! - `exec PROGRAM [ARGS...]`: replace itself with PROGRAM
 //! - `exit CODE`: exit with CODE (to check exit-status passthrough)
-//! - `open PATH read|write|create [HOLD_MS] ...`: open PATH (read-only; write-only; or
-//!   created and truncated), keep it open HOLD_MS (default 0), close it; then the next
-//!   PATH/mode pair. One line per open: op `open`, `dest` = PATH
+//! - `open PATH read|write|create|path|path-read [HOLD_MS] ...`: open PATH (read-only;
+//!   write-only; created and truncated; O_PATH; or O_PATH and then its /proc/self/fd link
+//!   for reading), keep it open HOLD_MS (default 0), close it; then the next PATH/mode pair.
+//!   One line per open: op `open`, `dest` = PATH (or the link)
 //! - `symlink TARGET LINK`: create the symlink LINK -> TARGET (op `symlink`)
 //! - `hardlink TARGET LINK`: create the hard link LINK to TARGET (op `hardlink`)
 //! - `upload ADDR PORT SECS`: one TCP connection, written to as fast as it goes for SECS;
@@ -912,18 +913,34 @@ fn open_files(mut args: &[&str]) -> ExitCode {
             Some(ms) => (ms, &rest[1..]),
             None => (0, rest),
         };
+        use std::os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _};
         let mut o = std::fs::OpenOptions::new();
         match *mode {
             "read" => o.read(true),
             "write" => o.write(true),
             "create" => o.write(true).create(true).truncate(true),
-            _ => return usage("open mode must be read, write or create"),
+            "path" | "path-read" => o.read(true).custom_flags(libc::O_PATH),
+            _ => return usage("open mode must be read, write, create, path or path-read"),
         };
         match o.open(path) {
             Ok(file) => {
                 report_path("open", path, Ok(()));
+                // The O_PATH descriptor's file opened for reading through its /proc link.
+                let reopened = (*mode == "path-read").then(|| {
+                    let link = format!("/proc/self/fd/{}", file.as_raw_fd());
+                    match std::fs::File::open(&link) {
+                        Ok(f) => {
+                            report_path("open", &link, Ok(()));
+                            Some(f)
+                        }
+                        Err(e) => {
+                            report_path("open", &link, Err(e));
+                            None
+                        }
+                    }
+                });
                 std::thread::sleep(Duration::from_millis(hold));
-                drop(file);
+                drop((file, reopened));
             }
             Err(e) => report_path("open", path, Err(e)),
         }
