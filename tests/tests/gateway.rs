@@ -1275,3 +1275,59 @@ print(answer(), flush=True)
     );
     assert_eq!(up.requests().len(), 1);
 }
+
+/// Refusals cost an agent nothing to make: their lines are written at `audit_rate` a second,
+/// as its kernel denials are, and the rest are counted, never lost: in the next line written
+/// (`not_written_before`) and in `status`. Every call is still counted by decision.
+#[test]
+fn an_agent_flooding_refused_calls_writes_audit_rate_lines_a_second_and_the_rest_are_counted() {
+    privileged!();
+    let up = Upstream::start();
+    let dir = TempDir::new();
+    let secret = secret_file(&dir, 0o600);
+    let mut env = DaemonEnv::new();
+    env.set_daemon_extra("audit_rate = 10\n");
+    env.write_config(&config(&up, &secret));
+    env.start();
+    const CALLS: usize = 300;
+    let calls = vec!["DELETE /v3/domains/example.com"; CALLS];
+    let out = agent(&env, &calls).output().expect("launch");
+    assert!(out.status.success(), "{out:?}");
+    let got = lines(&out);
+    assert_eq!(statuses(&got), vec![403; CALLS]);
+    // Every call counted by decision, whatever was written.
+    agentwatch_tests::wait_until(
+        "every call counted",
+        std::time::Duration::from_secs(10),
+        || env.status()["mailer"]["apis"]["mail"]["calls"]["denied"] == CALLS,
+    );
+    let written = env
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["kind"] == "api_call")
+        .collect::<Vec<_>>();
+    let said_before: u64 = written
+        .iter()
+        .map(|l| l["not_written_before"].as_u64().unwrap_or(0))
+        .sum();
+    let status = env.cli(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status");
+    let not_written = status["gateway"]["agent_lines_not_written"]
+        .as_u64()
+        .expect("agent_lines_not_written");
+    // Written and not written add up to every call; at 10 a second, 300 calls over one
+    // connection cannot all be written (they would take 30 s).
+    assert_eq!(
+        written.len() as u64 + not_written,
+        CALLS as u64,
+        "{written:#?}"
+    );
+    assert!(not_written > 0, "{written:#?}");
+    assert!(said_before <= not_written, "{said_before} > {not_written}");
+    assert!(
+        written.iter().all(|l| l["decision"] == "denied"),
+        "{written:#?}"
+    );
+    // The upstream saw none of them.
+    assert!(up.requests().is_empty());
+}

@@ -179,7 +179,11 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         })?;
     tracing::info!(audit_log = %audit::describe(&config.daemon.audit_log).display(), "audit trail open");
     // It binds gateway_listen when the first agent with API scopes is guarded.
-    let gateway = crate::gateway::serve::Gateway::new(config.daemon.gateway_listen, audit.clone());
+    let gateway = crate::gateway::serve::Gateway::new(
+        config.daemon.gateway_listen,
+        audit.clone(),
+        config.daemon.audit_rate,
+    );
     let pins = PinDir::new(&config.daemon.pin_dir);
     ensure_bpffs(pins.root())?;
     // Made now, so that it is the daemon's own: an agent that made it first owns it, and the

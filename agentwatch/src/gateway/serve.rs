@@ -212,8 +212,15 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 const OUTSIDER_LINES_PER_SECOND: u32 = 10;
 
 /// What the bounds turned away: said by `status` (`gateway`).
-#[derive(Default)]
 struct Shed {
+    /// `daemon.audit_rate`: an agent's refused calls written a second (the cap its kernel
+    /// denials have).
+    agent_rate: u32,
+    /// Agents' refused-call lines not written (over `agent_rate`).
+    agent_lines_not_written: AtomicU64,
+    /// Per agent, the current second's refused-call lines: (its start, written, not written
+    /// since the last line).
+    agent_seconds: Mutex<BTreeMap<String, (Instant, u32, u64)>>,
     /// Connections closed at once: over [`MAX_CONNECTIONS`] or the caller's own bound.
     connections_refused: AtomicU64,
     /// Outsiders' `api_call` lines not written (over [`OUTSIDER_LINES_PER_SECOND`]).
@@ -224,22 +231,59 @@ struct Shed {
 }
 
 impl Shed {
+    fn new(agent_rate: u32) -> Self {
+        Self {
+            agent_rate,
+            agent_lines_not_written: AtomicU64::new(0),
+            agent_seconds: Mutex::new(BTreeMap::new()),
+            connections_refused: AtomicU64::new(0),
+            lines_not_written: AtomicU64::new(0),
+            outsider_second: Mutex::new(None),
+        }
+    }
+
     /// May an outsider's call line be written now? Some(lines not written before it).
     fn outsider_line(&self) -> Option<u64> {
         let mut second = lock(&self.outsider_second);
-        let now = Instant::now();
-        let (start, written, unwritten) = second.get_or_insert((now, 0, 0));
-        if now.duration_since(*start) >= Duration::from_secs(1) {
-            (*start, *written) = (now, 0);
-        }
-        if *written >= OUTSIDER_LINES_PER_SECOND {
-            *unwritten += 1;
+        let taken = take_line(
+            second.get_or_insert((Instant::now(), 0, 0)),
+            OUTSIDER_LINES_PER_SECOND,
+        );
+        if taken.is_none() {
             self.lines_not_written.fetch_add(1, Ordering::Relaxed);
-            return None;
         }
-        *written += 1;
-        Some(std::mem::take(unwritten))
+        taken
     }
+
+    /// May a line of `agent`'s refused call be written now? Some(lines not written before
+    /// it). Allowed calls are always written: each reached the upstream.
+    fn agent_line(&self, agent: &str) -> Option<u64> {
+        let mut seconds = lock(&self.agent_seconds);
+        let second = seconds
+            .entry(agent.to_owned())
+            .or_insert((Instant::now(), 0, 0));
+        let taken = take_line(second, self.agent_rate);
+        if taken.is_none() {
+            self.agent_lines_not_written.fetch_add(1, Ordering::Relaxed);
+        }
+        taken
+    }
+}
+
+/// One line of a `rate` a second, from `second` (its start, lines written, not written since
+/// the last line): Some(lines not written before this one), or None (counted).
+fn take_line(second: &mut (Instant, u32, u64), rate: u32) -> Option<u64> {
+    let (start, written, unwritten) = second;
+    let now = Instant::now();
+    if now.duration_since(*start) >= Duration::from_secs(1) {
+        (*start, *written) = (now, 0);
+    }
+    if *written >= rate {
+        *unwritten += 1;
+        return None;
+    }
+    *written += 1;
+    Some(std::mem::take(unwritten))
 }
 
 /// The gateway. Cheap to clone.
@@ -295,7 +339,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Gateway {
     /// A gateway that will listen on `listen` (see [`Self::listen`]), serving on the current
     /// tokio runtime.
-    pub fn new(listen: SocketAddr, audit: Audit) -> Self {
+    /// `audit_rate`: an agent's refused calls audited a second (`daemon.audit_rate`).
+    pub fn new(listen: SocketAddr, audit: Audit, audit_rate: u32) -> Self {
         Self(Arc::new(Inner {
             listen,
             addr: Mutex::new(None),
@@ -308,7 +353,7 @@ impl Gateway {
             revoked: Mutex::new(Revoked::default()),
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             outsiders: Arc::new(Semaphore::new(MAX_OUTSIDER_CONNECTIONS)),
-            shed: Arc::new(Shed::default()),
+            shed: Arc::new(Shed::new(audit_rate)),
         }))
     }
 
@@ -364,6 +409,7 @@ impl Gateway {
             "connections": MAX_CONNECTIONS - self.0.connections.available_permits(),
             "connections_refused": shed.connections_refused.load(Ordering::Relaxed),
             "outsider_lines_not_written": shed.lines_not_written.load(Ordering::Relaxed),
+            "agent_lines_not_written": shed.agent_lines_not_written.load(Ordering::Relaxed),
         })
     }
 
@@ -803,7 +849,17 @@ impl CallLine {
             }
             fields["peer"] = json!(self.peer.to_string());
             self.audit.record_daemon("api_call", fields);
+        } else if matches!(self.decision, "allowed" | "approved") {
+            self.audit.record(&self.agent, "api_call", fields);
         } else {
+            // Refusals cost the agent nothing to make: at `audit_rate` a second like its
+            // kernel denials, the rest counted (in `status`, and in the next line written).
+            let Some(unwritten) = self.shed.agent_line(&self.agent) else {
+                return;
+            };
+            if unwritten > 0 {
+                fields["not_written_before"] = json!(unwritten);
+            }
             self.audit.record(&self.agent, "api_call", fields);
         }
     }
