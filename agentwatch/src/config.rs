@@ -1,7 +1,7 @@
 //! The TOML config: schema, defaults, and validation that reports every error with its place.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap, HashSet},
     fmt,
     net::SocketAddr,
     ops::Range,
@@ -582,7 +582,10 @@ fn validate(
     }
     let secrets = crate::gateway::scope::secrets(&raw.secrets, &mut |span, m| c.at(span, m));
     let mut seen_names: HashMap<String, Range<usize>> = HashMap::new();
-    let mut seen_cgroups: Vec<(String, Range<usize>)> = Vec::new();
+    // Each cgroup so far (without a trailing `/`) -> where it was written, as written: an
+    // overlap is found among its own ancestors and a range of descendants, not by comparing
+    // with every earlier agent (10,000 agents).
+    let mut seen_cgroups: BTreeMap<String, Vec<(String, Range<usize>)>> = BTreeMap::new();
     let mut agents = Vec::new();
     for a in raw.agents {
         let table = tables.next().unwrap_or_default();
@@ -619,8 +622,12 @@ fn validate(
         }
         // A duplicate name without its own cgroup clashes by construction: said once above.
         let derived_clash = duplicate && !adopted;
-        for (other, other_span) in &seen_cgroups {
-            if !derived_clash && nested(&cgroup, other) {
+        let key = cgroup.trim_end_matches('/').to_owned();
+        if !derived_clash {
+            let mut overlaps: Vec<&(String, Range<usize>)> = overlapping(&seen_cgroups, &key);
+            // In the order they were written, as a reader goes through the file.
+            overlaps.sort_by_key(|(_, span)| span.start);
+            for (other, other_span) in overlaps {
                 let (l, _) = line_col(c.text, other_span.start);
                 c.at(
                     cg_span.clone(),
@@ -631,15 +638,19 @@ fn validate(
                 );
             }
         }
-        seen_cgroups.push((cgroup.clone(), cg_span));
+        seen_cgroups
+            .entry(key)
+            .or_default()
+            .push((cgroup.clone(), cg_span));
         let mut egress = Vec::new();
         let mut hostnames = HostRules::default();
         let mut rule_texts: Vec<(u64, String)> = Vec::new();
+        let mut rule_ids: HashSet<u64> = HashSet::new();
         for r in &a.egress {
             match r.get_ref().parse::<EgressRule>() {
                 Ok(rule) => {
                     let id = rule.id();
-                    if !rule_texts.iter().any(|(seen, _)| *seen == id) {
+                    if rule_ids.insert(id) {
                         rule_texts.push((id, r.get_ref().trim().to_owned()));
                     }
                     match rule {
@@ -843,9 +854,27 @@ fn assign_uids(daemon: &DaemonConfig, agents: &mut [Agent], c: &mut Collector<'_
 }
 
 /// Is one cgroup path equal to, or below, the other?
-fn nested(a: &str, b: &str) -> bool {
-    let (a, b) = (a.trim_end_matches('/'), b.trim_end_matches('/'));
-    a == b || a.starts_with(&format!("{b}/")) || b.starts_with(&format!("{a}/"))
+/// The cgroups in `seen` that `key` (no trailing `/`) is, lies under or holds: its own path and
+/// each ancestor's looked up, its descendants a range of the ordered map (every path that
+/// starts with `key/` sorts between `key/` and `key0`, `0` following `/`).
+fn overlapping<'a>(
+    seen: &'a BTreeMap<String, Vec<(String, Range<usize>)>>,
+    key: &str,
+) -> Vec<&'a (String, Range<usize>)> {
+    let mut found = Vec::new();
+    let ancestors = key
+        .match_indices('/')
+        .map(|(i, _)| &key[..i])
+        .chain(std::iter::once(key));
+    for path in ancestors {
+        if let Some(entries) = seen.get(path) {
+            found.extend(entries);
+        }
+    }
+    for (_, entries) in seen.range(format!("{key}/")..format!("{key}0")) {
+        found.extend(entries);
+    }
+    found
 }
 
 fn breaker(b: &Spanned<RawBreaker>, c: &mut Collector<'_>) -> Breaker {
@@ -910,6 +939,50 @@ fn breaker(b: &Spanned<RawBreaker>, c: &mut Collector<'_>) -> Breaker {
 
 #[cfg(test)]
 mod tests {
+    /// Do two cgroups overlap (one is, or lies under, the other)? The plain definition that
+    /// [`overlapping`] must agree with.
+    fn nested(a: &str, b: &str) -> bool {
+        let (a, b) = (a.trim_end_matches('/'), b.trim_end_matches('/'));
+        a == b || a.starts_with(&format!("{b}/")) || b.starts_with(&format!("{a}/"))
+    }
+
+    #[test]
+    fn overlapping_cgroups_are_found_as_comparing_each_pair_finds_them() {
+        let paths = [
+            "a",
+            "a/b",
+            "a/b/",
+            "a/bc",
+            "a/b/c",
+            "ab",
+            "a0",
+            "a.b",
+            "b",
+            "b/a",
+            "a/b/c/d/e",
+            "x/y",
+            "x/y-z",
+            "x/yz/a",
+        ];
+        let mut seen: BTreeMap<String, Vec<(String, Range<usize>)>> = BTreeMap::new();
+        for (i, p) in paths.iter().enumerate() {
+            seen.entry(p.trim_end_matches('/').to_owned())
+                .or_default()
+                .push(((*p).to_owned(), i..i + 1));
+        }
+        for key in paths.iter().chain(&["a/b/c/d", "x", "x/y/z", "c", "a/b0"]) {
+            let key = key.trim_end_matches('/');
+            let mut got: Vec<&str> = overlapping(&seen, key)
+                .into_iter()
+                .map(|(p, _)| p.as_str())
+                .collect();
+            got.sort_unstable();
+            let mut want: Vec<&str> = paths.iter().copied().filter(|p| nested(key, p)).collect();
+            want.sort_unstable();
+            assert_eq!(got, want, "{key}");
+        }
+    }
+
     use super::*;
     use crate::uids::UidRange;
 
