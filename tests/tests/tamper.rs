@@ -290,7 +290,13 @@ fn a_default_launched_agent_cannot_reach_the_daemon_its_pins_or_its_sibling() {
     assert!(seen > 0, "{got:?}");
     if lsm {
         // The tamper guard came first: EPERM for the bpf() call itself, audited, acted on.
-        assert_eq!(got.get("pin_first"), Some(&serde_json::json!(1)), "{got:?}");
+        // The attacker's own word of that EPERM races the kill the refusal brings (a few ms
+        // later; in the TCG guest python lost it once): missing, it must not have gone on to
+        // open pins (it would say `pins_opened`), and the refusal is the kernel's line below.
+        match got.get("pin_first") {
+            Some(v) => assert_eq!(v, &serde_json::json!(1), "{got:?}"),
+            None => assert!(!got.contains_key("pins_opened"), "{got:?}"),
+        }
         let refused = env.wait_audit("tamper_refused", 1);
         assert_eq!(refused.len(), 1, "{refused:#?}");
         assert_eq!(refused[0]["agent"], "a");
