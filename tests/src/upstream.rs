@@ -1,8 +1,8 @@
 //! A real HTTPS server on loopback, with a CA of its own made for the test (rcgen), that
 //! records every request that reaches it: the API "upstream" of the gateway tests.
 //!
-//! `GET|POST /stream[?n=N]` answers with N (default 3) server-sent events, one every
-//! `STREAM_GAP`, then `[DONE]`, so a test can tell a streamed answer from a buffered one; how
+//! `GET|POST /stream[?n=N][&gap_ms=MS]` answers with N (default 3) server-sent events, one
+//! every `STREAM_GAP` (or MS), then `[DONE]`, so a test can tell a streamed answer from a buffered one; how
 //! each stream ended (events sent, completed or cut by the reader) is kept in `streams`.
 //! `POST /v1/chat/completions` answers as OpenAI's API does (with `"stream": true`: one chunk
 //! per word of [`CHAT_REPLY`], one every `STREAM_GAP`, then `[DONE]`), `POST /v1/messages` as
@@ -76,6 +76,16 @@ pub struct Upstream {
 impl Upstream {
     /// Starts it on 127.0.0.1, with a certificate for `127.0.0.1` and `localhost`.
     pub fn start() -> Self {
+        Self::start_with(true)
+    }
+
+    /// The same, keeping no record of the requests (`requests` stays empty): the bench
+    /// sends hundreds of thousands.
+    pub fn start_unrecorded() -> Self {
+        Self::start_with(false)
+    }
+
+    fn start_with(record: bool) -> Self {
         let dir = crate::TempDir::new();
         let ca_key = rcgen::KeyPair::generate().expect("CA key");
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA");
@@ -127,6 +137,9 @@ impl Upstream {
                         let Ok((tcp, _)) = listener.accept().await else {
                             continue;
                         };
+                        // As API servers do: a stream's first event leaves at once, not after
+                        // the reader's delayed ACK of the headers.
+                        let _ = tcp.set_nodelay(true);
                         let acceptor = acceptor.clone();
                         let seen = Arc::clone(&seen2);
                         let streams = Arc::clone(&streams2);
@@ -137,7 +150,11 @@ impl Upstream {
                             let service = hyper::service::service_fn(move |req| {
                                 let seen = Arc::clone(&seen);
                                 let streams = Arc::clone(&streams);
-                                async move { Ok::<_, Infallible>(answer(req, seen, streams).await) }
+                                async move {
+                                    Ok::<_, Infallible>(
+                                        answer(req, record.then_some(seen), streams).await,
+                                    )
+                                }
                             });
                             let _ =
                                 hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -200,7 +217,7 @@ type Body = BoxBody<Bytes, Infallible>;
 
 async fn answer(
     req: Request<hyper::body::Incoming>,
-    seen: Arc<Mutex<Vec<Recorded>>>,
+    seen: Option<Arc<Mutex<Vec<Recorded>>>>,
     streams: Streams,
 ) -> Response<Body> {
     let (parts, body) = req.into_parts();
@@ -214,24 +231,26 @@ async fn answer(
         .path_and_query()
         .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
     let asked: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    seen.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .push(Recorded {
-            method: parts.method.to_string(),
-            path_and_query: path.clone(),
-            headers: parts
-                .headers
-                .iter()
-                .map(|(k, v)| {
-                    (
-                        k.as_str().to_owned(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
-                .collect(),
-            body,
-            version: format!("{:?}", parts.version),
-        });
+    if let Some(seen) = seen {
+        seen.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Recorded {
+                method: parts.method.to_string(),
+                path_and_query: path.clone(),
+                headers: parts
+                    .headers
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.as_str().to_owned(),
+                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                        )
+                    })
+                    .collect(),
+                body,
+                version: format!("{:?}", parts.version),
+            });
+    }
     match (parts.method.as_str(), parts.uri.path()) {
         ("POST", "/v1/chat/completions") if asked["stream"] == true => {
             let chunk = |delta: serde_json::Value, finish: serde_json::Value| {
@@ -281,12 +300,15 @@ async fn answer(
     }
     if parts.uri.path() == "/stream" {
         let (mut tx, body) = http_body_util::channel::Channel::<Bytes, Infallible>::new(4);
-        let n: usize = parts
-            .uri
-            .query()
-            .and_then(|q| q.strip_prefix("n="))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(3);
+        let param = |name: &str| {
+            parts.uri.query().and_then(|q| {
+                q.split('&')
+                    .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+        };
+        let n = param("n").map_or(3, |n| n as usize);
+        let gap = param("gap_ms").map_or(STREAM_GAP, Duration::from_millis);
         tokio::spawn(async move {
             let end = |sent, completed| {
                 streams
@@ -301,7 +323,7 @@ async fn answer(
                     return;
                 }
                 // The reader gone shows at the next send, one gap later.
-                tokio::time::sleep(STREAM_GAP).await;
+                tokio::time::sleep(gap).await;
             }
             let done = tx.send_data(Bytes::from_static(b"data: [DONE]\n\n")).await;
             end(n, done.is_ok());

@@ -10,7 +10,10 @@
 //! 3. `workload`: a Python HTTP client, `git clone` and `pip install` with agentwatch on and off;
 //! 4. `containment`: burst to trip, to frozen, to a 200-process tree dead; the hard cap;
 //! 5. `events`: denials written one by one, a flood's cost and its exact accounting;
-//! 6. `scale`: 1 to 1,000 agents.
+//! 6. `scale`: 1 to 1,000 agents;
+//! 7. `gateway`: the API gateway against nginx as the same key-injecting proxy and against the
+//!    upstream called directly: per-call latency, throughput, first streamed byte, 1,000 held
+//!    connections.
 //!
 //! Every comparison interleaves its variants (A B C A B C ...) in one run; medians of the
 //! rounds, ratios to the baseline of the same run. `AGENTWATCH_BENCH_QUICK=1`: fewer rounds and
@@ -1545,4 +1548,455 @@ fn scale() {
             cpu <= 0.02,
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. API gateway
+// ---------------------------------------------------------------------------------------------
+
+const NGINX: &str = "/usr/sbin/nginx";
+
+/// The fake key nginx and the gateway inject (never a real one).
+const BENCH_SECRET: &str = "sk-bench-FAKE-0b1c2d3e";
+
+/// nginx as users run it for the same job: a reverse proxy that sets the real key on every call
+/// to the HTTPS upstream, verifying its certificate, keep-alive on both sides, streaming
+/// unbuffered (`proxy_buffering off`, as LLM proxies are told to), an access log line per call
+/// (the gateway audits every call).
+fn nginx_conf(prefix: &Path, port: u16, upstream: u16, ca: &Path) -> String {
+    let p = prefix.display();
+    format!(
+        r#"
+user www-data;
+worker_processes 2;
+worker_rlimit_nofile 20000;
+pid {p}/nginx.pid;
+error_log {p}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log {p}/access.log;
+    client_body_temp_path {p}/tmp/body;
+    proxy_temp_path {p}/tmp/proxy;
+    fastcgi_temp_path {p}/tmp/fastcgi;
+    uwsgi_temp_path {p}/tmp/uwsgi;
+    scgi_temp_path {p}/tmp/scgi;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    upstream api {{
+        server 127.0.0.1:{upstream};
+        keepalive 64;
+        keepalive_requests 10000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass https://api;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer {BENCH_SECRET}";
+            proxy_ssl_trusted_certificate {ca};
+            proxy_ssl_verify on;
+            proxy_ssl_name localhost;
+            proxy_ssl_session_reuse on;
+            proxy_buffering off;
+        }}
+    }}
+}}
+"#,
+        ca = ca.display()
+    )
+}
+
+/// nginx's master and its workers (children), for their CPU time and memory.
+fn process_tree(master: u32) -> Vec<u32> {
+    let mut pids = vec![master];
+    for entry in fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(master) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// nginx's master process; stopped when dropped (SIGTERM: it stops its workers and waits for
+/// them; a worker left after 10 s is killed, with the master).
+struct Nginx(std::process::Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let master = self.0.id();
+        let workers = process_tree(master);
+        // SAFETY: signalling the nginx master this test started.
+        unsafe { libc::kill(master as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for pid in workers.into_iter().skip(1) {
+            // SAFETY: a worker of the nginx this test started (still its child: the master
+            // has not exited).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One way to the upstream, as aw-http is told it.
+struct Way {
+    name: &'static str,
+    url: String,
+    extra: Vec<String>,
+}
+
+/// `aw-http ARGS` inside agent `gw`, to its end: its JSON lines.
+fn aw_http(env: &DaemonEnv, way: &Way, args: &[&str], path: &str) -> Vec<serde_json::Value> {
+    let url = format!("{}{path}", way.url);
+    let mut argv = vec![env!("CARGO_BIN_EXE_aw-http"), args[0], url.as_str()];
+    argv.extend(&args[1..]);
+    argv.extend(way.extra.iter().map(String::as_str));
+    let out = env
+        .launch_command("gw", &argv)
+        .output()
+        .expect("launching aw-http");
+    assert!(
+        out.status.success(),
+        "{} {args:?}: {:?}\n{}",
+        way.name,
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("aw-http line"))
+        .collect()
+}
+
+fn samples(lines: &[serde_json::Value], key: &str) -> Vec<f64> {
+    lines[0][key]
+        .as_array()
+        .expect("samples")
+        .iter()
+        .map(|v| v.as_f64().expect("sample"))
+        .collect()
+}
+
+#[test]
+#[ignore = "benchmark: run with `cargo xtask bench`"]
+fn gateway() {
+    privileged!();
+    assert!(
+        Path::new(NGINX).exists(),
+        "{NGINX} is missing: `cargo xtask setup` installs Debian's nginx"
+    );
+    let report = Report::new("gateway");
+    let rounds = pick(5, 2);
+    let calls = pick(2000, 300);
+    let seconds = pick(5.0, 2.0);
+    let conns = 16;
+    let held = pick(1000, 200);
+    let up = agentwatch_tests::upstream::Upstream::start_unrecorded();
+    // What the agent's uid may read: the CA for its direct calls.
+    let shared = TempDir::for_agents();
+    let ca = shared.0.join("ca.pem");
+    fs::copy(&up.ca_file, &ca).expect("ca");
+    let private = TempDir::new();
+    let secret = private.0.join("bench.key");
+    fs::write(&secret, format!("{BENCH_SECRET}\n")).expect("secret");
+    fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    // nginx on loopback, outside every agent.
+    let prefix = private.0.join("nginx");
+    fs::create_dir_all(prefix.join("tmp")).expect("nginx prefix");
+    let nginx_port = closed_port(Ipv4Addr::LOCALHOST.into());
+    fs::write(
+        prefix.join("nginx.conf"),
+        nginx_conf(&prefix, nginx_port, up.addr.port(), &up.ca_file),
+    )
+    .expect("nginx.conf");
+    let nginx = Nginx(
+        Command::new(NGINX)
+            .arg("-p")
+            .arg(&prefix)
+            .arg("-c")
+            .arg(prefix.join("nginx.conf"))
+            .args(["-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("nginx"),
+    );
+    agentwatch_tests::wait_until("nginx", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", nginx_port)).is_ok()
+    });
+    let mut env = DaemonEnv::new();
+    env.write_config(&format!(
+        r#"
+[secrets]
+bench = {{ file = "{secret}" }}
+
+[[agents]]
+name = "gw"
+egress = ["tcp 127.0.0.1 {nginx_port}", "tcp 127.0.0.1 {up_port}"]
+[agents.limits]
+connects_per_second = 20000
+sends_per_second = 200000
+
+[[agents.apis]]
+name = "bench"
+upstream = "{url}"
+ca_file = "{ca}"
+secret = "bench"
+allow = ["GET /**"]
+"#,
+        secret = secret.display(),
+        up_port = up.addr.port(),
+        url = up.url(),
+        ca = up.ca_file.display(),
+    ));
+    env.start();
+    let daemon = env.pid().expect("daemon pid");
+    let ways = [
+        Way {
+            name: "upstream directly (TLS)",
+            url: up.url(),
+            extra: vec![
+                "--ca".into(),
+                ca.display().to_string(),
+                "--token".into(),
+                BENCH_SECRET.into(),
+            ],
+        },
+        Way {
+            name: "nginx",
+            url: format!("http://127.0.0.1:{nginx_port}"),
+            extra: vec![],
+        },
+        Way {
+            name: "agentwatch gateway",
+            url: "$AGENTWATCH_API_BENCH_URL".into(),
+            extra: vec!["--token".into(), "$AGENTWATCH_API_BENCH_TOKEN".into()],
+        },
+    ];
+    // Warm-up: a call each way (TLS sessions, the upstream's pool, page cache).
+    for way in &ways {
+        aw_http(&env, way, &["latency", "20"], "/v1/ping");
+    }
+    let n = ways.len();
+    let (mut lat, mut rate, mut first, mut cpu_call) = (
+        vec![Vec::new(); n],
+        vec![Vec::new(); n],
+        vec![Vec::new(); n],
+        vec![Vec::new(); n],
+    );
+    for round in 0..rounds {
+        // Each round starts with another way, so a drift of the machine falls on all.
+        for k in 0..n {
+            let w = (round + k) % n;
+            let calls = calls.to_string();
+            lat[w].extend(samples(
+                &aw_http(&env, &ways[w], &["latency", &calls], "/v1/ping"),
+                "latency_ns",
+            ));
+            // The proxy's CPU time over the run (the upstream's own is in this process).
+            let pids = match w {
+                1 => process_tree(nginx.0.id()),
+                2 => vec![daemon],
+                _ => Vec::new(),
+            };
+            let cpu = |pids: &[u32]| pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>();
+            let c0 = cpu(&pids);
+            let got = aw_http(
+                &env,
+                &ways[w],
+                &["throughput", &conns.to_string(), &seconds.to_string()],
+                "/v1/ping",
+            );
+            let done = got[0]["calls"].as_f64().expect("calls");
+            rate[w].push(done / got[0]["seconds"].as_f64().expect("seconds"));
+            cpu_call[w].push((cpu(&pids) - c0) / done);
+            first[w].extend(samples(
+                &aw_http(
+                    &env,
+                    &ways[w],
+                    &["ttfb", &pick(200, 50).to_string()],
+                    "/stream?n=2&gap_ms=1",
+                ),
+                "ttfb_ns",
+            ));
+        }
+    }
+    let (p50, p99): (Vec<f64>, Vec<f64>) = lat
+        .iter_mut()
+        .map(|v| (percentile(v, 50.0), percentile(v, 99.0)))
+        .unzip();
+    for (w, way) in ways.iter().enumerate() {
+        report.row(
+            "Per call, one keep-alive connection (loopback)",
+            &["way", "p50", "p99", "p50 added", "p99 added"],
+            &[
+                way.name.into(),
+                format!("{:.0} us", p50[w] / 1e3),
+                format!("{:.0} us", p99[w] / 1e3),
+                if w == 0 {
+                    "-".into()
+                } else {
+                    format!("{:+.0} us", (p50[w] - p50[0]) / 1e3)
+                },
+                if w == 0 {
+                    "-".into()
+                } else {
+                    format!("{:+.0} us", (p99[w] - p99[0]) / 1e3)
+                },
+            ],
+            json!({"way": way.name, "p50_ns": p50[w], "p99_ns": p99[w], "samples": lat[w].len()}),
+        );
+    }
+    for (w, way) in ways.iter().enumerate() {
+        let r = median(&mut rate[w]);
+        let t = percentile(&mut first[w], 50.0);
+        report.row(
+            "Throughput and time to first streamed byte",
+            &["way", "calls/s", "ratio to direct", "proxy CPU per call", "first byte p50"],
+            &[
+                way.name.into(),
+                thousands(r.round() as u64),
+                if w == 0 {
+                    "-".into()
+                } else {
+                    format!("x{:.2}", r / median(&mut rate[0].clone()))
+                },
+                if w == 0 {
+                    "-".into()
+                } else {
+                    format!("{:.1} us", median(&mut cpu_call[w]) * 1e6)
+                },
+                format!("{:.0} us", t / 1e3),
+            ],
+            json!({"way": way.name, "calls_per_s": r, "ttfb_p50_ns": t,
+                   "proxy_cpu_per_call_s": if w == 0 { None } else { Some(median(&mut cpu_call[w])) }}),
+        );
+    }
+    let (gw_rate, ng_rate) = (median(&mut rate[2]), median(&mut rate[1]));
+    report.target(
+        "gateway p50 added <= nginx's",
+        &format!(
+            "{:+.0} us vs {:+.0} us",
+            (p50[2] - p50[0]) / 1e3,
+            (p50[1] - p50[0]) / 1e3
+        ),
+        p50[2] - p50[0] <= p50[1] - p50[0],
+    );
+    report.target(
+        "gateway p99 added <= 1 ms on loopback",
+        &format!("{:+.0} us", (p99[2] - p99[0]) / 1e3),
+        p99[2] - p99[0] <= 1e6,
+    );
+    report.target(
+        &format!("gateway throughput >= nginx's ({conns} connections, 2 cores)"),
+        &format!(
+            "{} vs {} calls/s",
+            thousands(gw_rate as u64),
+            thousands(ng_rate as u64)
+        ),
+        gw_rate >= ng_rate,
+    );
+
+    // Held connections: each proxy's memory and CPU with `held` keep-alive connections open.
+    for (w, pids) in [(1, process_tree(nginx.0.id())), (2, vec![daemon])] {
+        let cpu = |pids: &[u32]| pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>();
+        let rss = |pids: &[u32]| pids.iter().map(|&p| rss_kib(p)).sum::<u64>();
+        let url = format!("{}/v1/ping", ways[w].url);
+        let mut argv = vec![env!("CARGO_BIN_EXE_aw-http"), "hold", url.as_str()];
+        let held_s = held.to_string();
+        argv.push(&held_s);
+        argv.extend(ways[w].extra.iter().map(String::as_str));
+        let rss_before = rss(&pids);
+        let mut child = env
+            .launch_command("gw", &argv)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("aw-http hold");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        let mut next = |line: &mut String| {
+            line.clear();
+            std::io::BufRead::read_line(&mut stdout, line).expect("aw-http line");
+            serde_json::from_str::<serde_json::Value>(line)
+                .unwrap_or_else(|_| panic!("aw-http said {line:?}"))
+        };
+        let said = next(&mut line);
+        assert_eq!(said["held"], held, "{said}");
+        let window = pick(3.0, 1.0);
+        let c0 = cpu(&pids);
+        std::thread::sleep(Duration::from_secs_f64(window));
+        let idle = (cpu(&pids) - c0) / window;
+        let rss_held = rss(&pids);
+        let mut stdin = child.stdin.take().expect("stdin");
+        let waves = 3;
+        let (c0, mut wall) = (cpu(&pids), Vec::new());
+        for _ in 0..waves {
+            std::io::Write::write_all(&mut stdin, b"wave\n").expect("wave");
+            let said = next(&mut line);
+            assert_eq!(said["calls"], held, "{said}");
+            wall.push(said["wave_ns"].as_f64().expect("wave_ns"));
+        }
+        let per_call = (cpu(&pids) - c0) / f64::from(waves * held as u32);
+        drop(stdin);
+        let status = child.wait().expect("aw-http");
+        assert!(status.success(), "{status:?}");
+        report.row(
+            &format!("{} held keep-alive connections", thousands(held as u64)),
+            &[
+                "proxy",
+                "memory before",
+                "memory held",
+                "CPU idle",
+                "CPU per call",
+                "a call on each (wall)",
+            ],
+            &[
+                ways[w].name.into(),
+                format!("{} KiB", thousands(rss_before)),
+                format!("{} KiB", thousands(rss_held)),
+                format!("{:.2}%", idle * 100.0),
+                format!("{:.0} us", per_call * 1e6),
+                ms(median(&mut wall) / 1e6),
+            ],
+            json!({"proxy": ways[w].name, "rss_before_kib": rss_before, "rss_held_kib": rss_held,
+                   "cpu_idle": idle, "cpu_per_call_s": per_call, "wave_ns": wall}),
+        );
+    }
+    report.note(&format!(
+        "The upstream: a hyper HTTPS server on loopback (tests/src/upstream.rs, 2 threads) with a \
+         CA made per run. The client: aw-http, one thread, HTTP/1.1 keep-alive, run inside the \
+         agent (the gateway answers only its agents; the agent's egress allows nginx and the \
+         upstream). nginx {NGINX}, 2 workers, sets the key and verifies the upstream's \
+         certificate, HTTP/1.1 with a keep-alive pool to the upstream, an access log; the \
+         gateway judges each call, injects the key, audits an api_call line and speaks HTTP/2 \
+         or 1.1 to the upstream (ALPN). Per call: {rounds} rounds of {calls} calls each way, \
+         interleaved, percentiles over all. Throughput: {conns} connections for {seconds} s. \
+         First byte: a stream of 2 events 1 ms apart, timed from the request to its \
+         first byte, on one keep-alive connection. Held: CPU of nginx's master and workers, or of the whole daemon, \
+         over {} s idle and over 3 waves of one call on each connection; memory is RSS.",
+        pick(3.0, 1.0)
+    ));
+    drop(nginx);
 }

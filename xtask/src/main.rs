@@ -50,6 +50,11 @@ enum Cmd {
         /// never rot). Writes target/BENCHMARKS.quick.md instead of BENCHMARKS.md.
         #[arg(long)]
         quick: bool,
+        /// Only this section (egress, syscalls, workload, containment, events, scale,
+        /// gateway): writes target/BENCHMARKS.SECTION.md and target/bench.SECTION.json,
+        /// leaving BENCHMARKS.md as it is.
+        #[arg(long)]
+        section: Option<String>,
     },
     /// Set up, then SIGKILL the daemon ROUNDS times inside reloads, guards, kill switches and
     /// DNS answers while an agent probes: zero wrong verdicts, nothing leaked (needs root).
@@ -116,7 +121,7 @@ fn main() -> ExitCode {
         Cmd::Run { args } => setup().and_then(|()| run(&args)),
         Cmd::Test => setup().and_then(|()| lint()).and_then(|()| test()),
         Cmd::Lint => setup().and_then(|()| lint()),
-        Cmd::Bench { quick } => setup().and_then(|()| bench(quick)),
+        Cmd::Bench { quick, section } => setup().and_then(|()| bench(quick, section.as_deref())),
         Cmd::Chaos { rounds } => setup().and_then(|()| chaos::chaos(rounds)),
         Cmd::Vmtest {
             kernels,
@@ -367,7 +372,7 @@ enum Present {
 /// systemd (`systemd-analyze verify`, which checks the units in deploy/systemd/ without a
 /// running systemd) and nftables (`nft`: the benchmarks compare the egress hooks with an
 /// nftables table holding the same allow-list).
-const DEBIAN_PACKAGES: [(Present, &str); 7] = [
+const DEBIAN_PACKAGES: [(Present, &str); 8] = [
     (Present::Bin("ip"), "iproute2"),
     (Present::Bin("setpriv"), "util-linux"),
     (Present::File("/usr/bin/prometheus"), "prometheus"),
@@ -375,6 +380,9 @@ const DEBIAN_PACKAGES: [(Present, &str); 7] = [
     (Present::PyModule("ensurepip"), "python3-venv"),
     (Present::File("/usr/bin/systemd-analyze"), "systemd"),
     (Present::File("/usr/sbin/nft"), "nftables"),
+    // The bench's gateway section compares the gateway with nginx as the same
+    // credential-injecting reverse proxy.
+    (Present::File("/usr/sbin/nginx"), "nginx"),
 ];
 
 /// The system's own Python, not whatever a version manager (pyenv, conda) put first on PATH:
@@ -421,8 +429,11 @@ fn install_debian_packages(packages: &[(Present, &str)]) -> Result<()> {
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
     .with_context(|| format!("installing the Debian packages {missing:?}"))?;
-    if missing.contains(&"prometheus") {
-        disable_system_prometheus()?;
+    // Services the packages enable and start that the tests and the bench run their own of.
+    for service in ["prometheus", "nginx"] {
+        if missing.contains(&service) {
+            disable_system_service(service)?;
+        }
     }
     for (p, pkg) in packages {
         if !present(p) {
@@ -434,27 +445,30 @@ fn install_debian_packages(packages: &[(Present, &str)]) -> Result<()> {
     Ok(())
 }
 
-/// Debian's prometheus package enables (and, where services may start, starts) a system-wide
-/// Prometheus on :9090 that scrapes this host. The tests start their own on loopback; a
-/// machine set up for them should not keep a second one running and collecting.
-fn disable_system_prometheus() -> Result<()> {
+/// Debian's prometheus and nginx packages enable (and, where services may start, start) a
+/// system-wide service: Prometheus on :9090 scraping this host, nginx on :80. The tests and the
+/// bench start their own on loopback; a machine set up for them should not keep a second one
+/// running.
+fn disable_system_service(name: &str) -> Result<()> {
     let systemd_runs = Path::new("/run/systemd/system").exists();
+    let unit = format!("{name}.service");
     if systemd_runs {
-        sh(Command::new("systemctl").args(["disable", "--now", "prometheus.service"]))
-            .context("stopping and disabling the prometheus service the package started")?;
+        sh(Command::new("systemctl").args(["disable", "--now", &unit])).with_context(|| {
+            format!("stopping and disabling the {name} service the package started")
+        })?;
     } else {
         // No systemd as init (a container): the package's SysV script is what could run.
         // `stop` of a service that is not running succeeds.
-        sh(Command::new("/etc/init.d/prometheus").arg("stop"))
-            .context("stopping the prometheus service the package started")?;
-        sh(Command::new("update-rc.d").args(["prometheus", "disable"]))
-            .context("disabling the prometheus SysV service")?;
+        sh(Command::new(format!("/etc/init.d/{name}")).arg("stop"))
+            .with_context(|| format!("stopping the {name} service the package started"))?;
+        sh(Command::new("update-rc.d").args([name, "disable"]))
+            .with_context(|| format!("disabling the {name} SysV service"))?;
         // The package also enabled its systemd unit (symlinks only): remove them too, so a
         // later boot with systemd does not start it.
-        sh(Command::new("systemctl").args(["disable", "prometheus.service"]))
-            .context("disabling the prometheus systemd unit")?;
+        sh(Command::new("systemctl").args(["disable", &unit]))
+            .with_context(|| format!("disabling the {name} systemd unit"))?;
     }
-    eprintln!("xtask: stopped and disabled the system prometheus service; the tests run their own");
+    eprintln!("xtask: stopped and disabled the system {name} service; the tests run their own");
     Ok(())
 }
 
@@ -673,13 +687,14 @@ fn test() -> Result<()> {
 
 /// The benchmark sections of issue 11, in the order BENCHMARKS.md shows them: the test in
 /// tests/tests/bench.rs and the heading.
-const SECTIONS: [(&str, &str); 6] = [
+const SECTIONS: [(&str, &str); 7] = [
     ("egress", "1. Egress hook cost"),
     ("syscalls", "2. Syscall monitor cost"),
     ("workload", "3. A real agent's workload"),
     ("containment", "4. Containment"),
     ("events", "5. Events and the trail"),
     ("scale", "6. Scale"),
+    ("gateway", "7. API gateway"),
 ];
 
 fn target_dir() -> PathBuf {
@@ -698,15 +713,28 @@ fn target_dir() -> PathBuf {
 /// Runs every section (one `cargo test` of tests/tests/bench.rs each, so one that fails does
 /// not stop the others), then renders what they wrote. Fails if a section failed or produced
 /// no numbers.
-fn bench(quick: bool) -> Result<()> {
+fn bench(quick: bool, only: Option<&str>) -> Result<()> {
     if !is_root() {
         bail!("the benchmarks load BPF programs and make cgroups: run them as root");
     }
-    let command = if quick {
-        "cargo xtask bench --quick"
-    } else {
-        "cargo xtask bench"
+    let sections: Vec<(&str, &str)> = match only {
+        None => SECTIONS.to_vec(),
+        Some(name) => {
+            let Some(s) = SECTIONS.iter().find(|(key, _)| *key == name) else {
+                let keys: Vec<&str> = SECTIONS.iter().map(|(key, _)| *key).collect();
+                bail!("no bench section {name:?}; the sections are {keys:?}");
+            };
+            vec![*s]
+        }
     };
+    let mut command = String::from("cargo xtask bench");
+    if quick {
+        command.push_str(" --quick");
+    }
+    if let Some(name) = only {
+        command.push_str(&format!(" --section {name}"));
+    }
+    let command = command.as_str();
     let started = Instant::now();
     cargo(&["build", "--release", "--bins"])?;
     let target = target_dir();
@@ -716,7 +744,7 @@ fn bench(quick: bool) -> Result<()> {
     let bench_exe = bench_executable()?;
     let mut seconds = Vec::new();
     let mut failed = Vec::new();
-    for (key, title) in SECTIONS {
+    for &(key, title) in &sections {
         eprintln!("xtask: bench section {title}");
         let t = Instant::now();
         let ok = Command::new(&bench_exe)
@@ -747,16 +775,19 @@ fn bench(quick: bool) -> Result<()> {
         .context("reading the sections' results")?;
     let total = started.elapsed().as_secs_f64();
     let host = Host::read(command, quick, total);
-    let json_path = target.join("bench.json");
+    let json_path = match only {
+        Some(name) => target.join(format!("bench.{name}.json")),
+        None => target.join("bench.json"),
+    };
     fs::write(
         &json_path,
-        serde_json::to_string_pretty(&bench_json(&host, &records, &seconds))?,
+        serde_json::to_string_pretty(&bench_json(&host, &records, &sections, &seconds))?,
     )?;
-    let md = render_markdown(&host, &records, &seconds);
-    let md_path = if quick {
-        target.join("BENCHMARKS.quick.md")
-    } else {
-        workspace_root().join("BENCHMARKS.md")
+    let md = render_markdown(&host, &records, &sections, &seconds);
+    let md_path = match (only, quick) {
+        (Some(name), _) => target.join(format!("BENCHMARKS.{name}.md")),
+        (None, true) => target.join("BENCHMARKS.quick.md"),
+        (None, false) => workspace_root().join("BENCHMARKS.md"),
     };
     fs::write(&md_path, md)?;
     eprintln!(
@@ -764,7 +795,7 @@ fn bench(quick: bool) -> Result<()> {
         md_path.display(),
         json_path.display()
     );
-    let empty: Vec<&str> = SECTIONS
+    let empty: Vec<&str> = sections
         .iter()
         .map(|(key, _)| *key)
         .filter(|key| {
@@ -846,8 +877,8 @@ impl Host {
     }
 }
 
-fn bench_json(host: &Host, records: &[Value], seconds: &[f64]) -> Value {
-    let sections: serde_json::Map<String, Value> = SECTIONS
+fn bench_json(host: &Host, records: &[Value], sections: &[(&str, &str)], seconds: &[f64]) -> Value {
+    let sections: serde_json::Map<String, Value> = sections
         .iter()
         .zip(seconds)
         .map(|((key, title), secs)| {
@@ -879,7 +910,12 @@ fn cell(v: &Value) -> String {
     s.replace('|', "\\|").replace('\n', " ")
 }
 
-fn render_markdown(host: &Host, records: &[Value], seconds: &[f64]) -> String {
+fn render_markdown(
+    host: &Host,
+    records: &[Value],
+    sections: &[(&str, &str)],
+    seconds: &[f64],
+) -> String {
     use std::fmt::Write as _;
     let mut md = String::new();
     let _ = writeln!(md, "# agentwatch benchmarks\n");
@@ -909,7 +945,7 @@ fn render_markdown(host: &Host, records: &[Value], seconds: &[f64]) -> String {
         md,
         "| section | target | measured | standing |\n| --- | --- | --- | --- |"
     );
-    for (key, title) in SECTIONS {
+    for &(key, title) in sections {
         for t in targets.iter().filter(|t| t["section"] == key) {
             let _ = writeln!(
                 md,
@@ -922,7 +958,7 @@ fn render_markdown(host: &Host, records: &[Value], seconds: &[f64]) -> String {
         }
     }
     md.push('\n');
-    for ((key, title), secs) in SECTIONS.iter().zip(seconds) {
+    for ((key, title), secs) in sections.iter().zip(seconds) {
         let _ = writeln!(md, "## {title}\n");
         let rows: Vec<&Value> = records
             .iter()

@@ -751,6 +751,9 @@ async fn connection(
     let Ok(local) = stream.local_addr() else {
         return;
     };
+    // Small writes go out at once: a streamed answer's first event must not wait for the
+    // agent's ACK of the headers (Nagle with delayed ACKs: 40 ms).
+    let _ = stream.set_nodelay(true);
     let who = {
         let inner = Arc::clone(&inner);
         tokio::task::spawn_blocking(move || identify(&inner, peer, local))

@@ -70,9 +70,9 @@ pub fn roots_from(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
 /// A client that trusts `roots` only.
 pub fn client(roots: Arc<RootCertStore>) -> Result<UpstreamClient, TlsError> {
     // ring, not aws-lc-rs: aws-lc needs cmake and a C build this project's setup does not
-    // have yet. rustls 0.23.48 deprecates ring's provider for lacking post-quantum key
-    // exchange (X25519MLKEM768); TODO(issue 23): move to aws-lc-rs with the setup installing
-    // cmake.
+    // have. rustls 0.23.48 deprecates ring's provider for lacking post-quantum key exchange
+    // (X25519MLKEM768): a known limit, in README "Credentials"; moving means aws-lc-rs here
+    // and cmake in `cargo xtask setup`.
     #[allow(deprecated)]
     let provider = rustls::crypto::ring::default_provider();
     let tls = ClientConfig::builder_with_provider(Arc::new(provider))
@@ -80,11 +80,16 @@ pub fn client(roots: Arc<RootCertStore>) -> Result<UpstreamClient, TlsError> {
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    // No Nagle towards the upstream either: a request's headers and body, or HTTP/2's frames,
+    // leave as written (see the listener's side in serve.rs).
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()
         .enable_http1()
         .enable_http2()
-        .build();
+        .wrap_connector(http);
     Ok(Client::builder(TokioExecutor::new()).build(https))
 }
