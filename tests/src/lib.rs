@@ -436,6 +436,18 @@ impl TempDir {
     }
 }
 
+impl TempDir {
+    /// A gateway secret file `name` holding `value` and a newline, mode 0600 (root's alone,
+    /// as the daemon requires).
+    pub fn secret(&self, name: &str, value: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let p = self.0.join(name);
+        fs::write(&p, format!("{value}\n")).expect("secret");
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).expect("chmod");
+        p
+    }
+}
+
 impl Default for TempDir {
     fn default() -> Self {
         Self::new()

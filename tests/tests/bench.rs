@@ -1659,6 +1659,16 @@ impl Drop for Nginx {
     }
 }
 
+/// CPU seconds used so far by the processes `pids`, together.
+fn cpu(pids: &[u32]) -> f64 {
+    pids.iter().map(|&p| cpu_seconds(p)).sum()
+}
+
+/// Their resident memory together, in KiB.
+fn rss(pids: &[u32]) -> u64 {
+    pids.iter().map(|&p| rss_kib(p)).sum()
+}
+
 /// One way to the upstream, as aw-http is told it.
 struct Way {
     name: &'static str,
@@ -1718,10 +1728,7 @@ fn gateway() {
     let ca = shared.0.join("ca.pem");
     fs::copy(&up.ca_file, &ca).expect("ca");
     let private = TempDir::new();
-    let secret = private.0.join("bench.key");
-    fs::write(&secret, format!("{BENCH_SECRET}\n")).expect("secret");
-    fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .expect("chmod");
+    let secret = private.secret("bench.key", BENCH_SECRET);
     // nginx on loopback, outside every agent.
     let prefix = private.0.join("nginx");
     fs::create_dir_all(prefix.join("tmp")).expect("nginx prefix");
@@ -1820,7 +1827,6 @@ allow = ["GET /**"]
                 2 => vec![daemon],
                 _ => Vec::new(),
             };
-            let cpu = |pids: &[u32]| pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>();
             let c0 = cpu(&pids);
             let got = aw_http(
                 &env,
@@ -1920,8 +1926,6 @@ allow = ["GET /**"]
 
     // Held connections: each proxy's memory and CPU with `held` keep-alive connections open.
     for (w, pids) in [(1, process_tree(nginx.0.id())), (2, vec![daemon])] {
-        let cpu = |pids: &[u32]| pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>();
-        let rss = |pids: &[u32]| pids.iter().map(|&p| rss_kib(p)).sum::<u64>();
         let url = format!("{}/v1/ping", ways[w].url);
         let mut argv = vec![env!("CARGO_BIN_EXE_aw-http"), "hold", url.as_str()];
         let held_s = held.to_string();

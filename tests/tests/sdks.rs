@@ -42,14 +42,6 @@ except openai.APIStatusError as e:
 print(json.dumps(out))
 "#;
 
-fn secret(dir: &TempDir, name: &str, value: &str) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt as _;
-    let p = dir.0.join(name);
-    std::fs::write(&p, format!("{value}\n")).expect("secret");
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    p
-}
-
 #[test]
 fn the_official_sdks_work_unchanged_through_the_gateway_with_phantom_tokens() {
     privileged!();
@@ -57,8 +49,8 @@ fn the_official_sdks_work_unchanged_through_the_gateway_with_phantom_tokens() {
     let up = Upstream::start();
     let dir = TempDir::new();
     let (openai_key, anthropic_key) = (
-        secret(&dir, "openai", OPENAI_KEY),
-        secret(&dir, "anthropic", ANTHROPIC_KEY),
+        dir.secret("openai", OPENAI_KEY),
+        dir.secret("anthropic", ANTHROPIC_KEY),
     );
     let mut env = DaemonEnv::new();
     env.write_config(&format!(

@@ -100,10 +100,8 @@ fn lock(state: &Shared) -> MutexGuard<'_, State> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Raises the soft limit on open files to the hard one: the daemon holds a descriptor per map,
-/// program, link and control peer, and the usual soft limit (1,024) is far below what the
-/// control socket's connection cap allows.
-fn raise_nofile() {
+/// Raises this process's soft limit on open files to the hard one; the limit now.
+pub fn raise_nofile_limit() -> std::io::Result<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -116,12 +114,18 @@ fn raise_nofile() {
         }
     };
     if raised {
-        tracing::debug!(limit = lim.rlim_cur, "open files limit");
+        Ok(lim.rlim_cur)
     } else {
-        tracing::warn!(
-            "could not raise the open files limit: {}",
-            std::io::Error::last_os_error()
-        );
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The daemon holds a descriptor per map, program, link and control peer, and the usual soft
+/// limit (1,024) is far below what the control socket's connection cap allows.
+fn raise_nofile() {
+    match raise_nofile_limit() {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(e) => tracing::warn!("could not raise the open files limit: {e}"),
     }
 }
 

@@ -293,31 +293,13 @@ fn run() -> Result<()> {
             }
             "ttfb" => ttfb(&t, count(0)?).await,
             "hold" => {
-                raise_nofile()?;
+                // A thousand connections need more descriptors than the usual soft limit.
+                agentwatch::daemon::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
                 hold(Arc::clone(&t), count(0)?).await
             }
             other => bail!("unknown mode {other}"),
         }
     })
-}
-
-/// A thousand connections need more descriptors than the usual soft limit of 1,024.
-fn raise_nofile() -> Result<()> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit write and read the struct given.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            bail!("getrlimit: {}", std::io::Error::last_os_error());
-        }
-        lim.rlim_cur = lim.rlim_max;
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-            bail!("setrlimit: {}", std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 fn main() -> ExitCode {
