@@ -121,3 +121,11 @@ pub fn count_lost_event(id: u32) {
         c.events_lost += 1;
     }
 }
+
+/// A destination as judged: IPv4 (also when it arrived v4-mapped through an AF_INET6 socket) or
+/// IPv6, address bytes in network order.
+pub struct Dest {
+    pub v6: bool,
+    pub addr: [u8; 16],
+    pub port: u16,
+}

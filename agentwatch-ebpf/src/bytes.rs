@@ -26,8 +26,8 @@ use aya_ebpf::{
 
 use crate::{
     agent::{EVENTS, agent_among_ancestors, count_lost_event, counters},
-    egress::{CapKind, gcra_over, over_limit},
     lease,
+    limits::{CapKind, gcra_over, over_limit},
 };
 
 /// Agent id -> its byte cap.

@@ -18,7 +18,7 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext},
 };
 
-use crate::egress::Dest;
+use crate::agent::Dest;
 
 /// Most learned addresses over all agents. Allocated per entry, so the bound costs nothing
 /// until used; a full map makes the forwarder answer SERVFAIL (fail closed), never drop rules.

@@ -7,38 +7,30 @@
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
 use agentwatch_common::{
-    AGENT_FLAG_DENY_ALL, AGENT_FLAG_DNS, AGENT_FLAG_LEARN, AgentLimits, Cap, DestKey,
-    EVENT_EGRESS_CAPPED, EVENT_EGRESS_DENIED, EVENT_EGRESS_WOULD_DENY, EgressEvent, HOOK_CONNECT,
-    HOOK_SENDMSG, MAX_AGENTS, PROTO_OTHER, PROTO_TCP, PROTO_UDP, RuleKeyV4, RuleKeyV6, RuleValue,
-    SCOPE_BITS, UNKNOWN_AGENT, VERDICT_ALLOWED, VERDICT_CAPPED, VERDICT_DENIED, VERDICT_WOULD_DENY,
-    egress_slot, rule_scope,
+    AGENT_FLAG_DENY_ALL, AGENT_FLAG_DNS, AGENT_FLAG_LEARN, DestKey, EVENT_EGRESS_CAPPED,
+    EVENT_EGRESS_DENIED, EVENT_EGRESS_WOULD_DENY, EgressEvent, HOOK_CONNECT, HOOK_SENDMSG,
+    PROTO_OTHER, PROTO_TCP, PROTO_UDP, RuleKeyV4, RuleKeyV6, RuleValue, SCOPE_BITS, UNKNOWN_AGENT,
+    VERDICT_ALLOWED, VERDICT_CAPPED, VERDICT_DENIED, VERDICT_WOULD_DENY, egress_slot, rule_scope,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_ktime_get_ns},
     macros::{cgroup_sock_addr, map},
-    maps::{Array, LpmTrie, LruHashMap, lpm_trie::Key},
+    maps::{LpmTrie, LruHashMap, lpm_trie::Key},
     programs::SockAddrContext,
 };
 
 use crate::{
-    agent::{EVENTS, count_lost_event, counters, current_agent},
+    agent::{Dest, EVENTS, count_lost_event, counters, current_agent},
     dns, learn, lease,
+    limits::{CapKind, MAX_RULES, over_limit},
 };
-
-/// Upper bound for rules across all agents and both generations; LPM tries allocate per entry
-/// (BPF_F_NO_PREALLOC), so the bound costs nothing until used.
-pub const MAX_RULES: u32 = 1 << 20;
 
 #[map]
 static RULES_V4: LpmTrie<RuleKeyV4, RuleValue> = LpmTrie::with_max_entries(MAX_RULES, 0);
 
 #[map]
 static RULES_V6: LpmTrie<RuleKeyV6, RuleValue> = LpmTrie::with_max_entries(MAX_RULES, 0);
-
-/// Per-agent hard caps (connects, sends, events per second), indexed by agent id.
-#[map]
-static LIMITS: Array<AgentLimits> = Array::with_max_entries(MAX_AGENTS, 0);
 
 /// Destination -> the 1-second epoch (`ktime / 1e9`) in which it was last counted in
 /// `destinations`. LRU: a destination evicted and seen again in the same second counts twice,
@@ -77,22 +69,6 @@ pub fn egress_sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn egress_sendmsg6(ctx: SockAddrContext) -> i32 {
     judge(&ctx, HOOK_SENDMSG, true)
-}
-
-/// Which cap of an agent's [`AgentLimits`].
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum CapKind {
-    Connects,
-    Sends,
-    Events,
-}
-
-/// A destination as judged: IPv4 (also when it arrived v4-mapped through an AF_INET6 socket) or
-/// IPv6, address bytes in network order.
-pub struct Dest {
-    pub v6: bool,
-    pub addr: [u8; 16],
-    pub port: u16,
 }
 
 #[inline(always)]
@@ -226,72 +202,6 @@ fn judge(ctx: &SockAddrContext, hook: u8, v6_hook: bool) -> i32 {
     };
     emit(kind, id, proto, hook, &dest);
     DENY
-}
-
-/// Is this call over agent `id`'s cap of `kind`? Takes a slot of the cap if not.
-#[inline(always)]
-pub fn over_limit(id: u32, kind: CapKind) -> bool {
-    let Some(limits) = LIMITS.get_ptr_mut(id) else {
-        return false;
-    };
-    // SAFETY: a valid map value; only the atomic in `over_cap` writes it concurrently.
-    let cap: *mut Cap = unsafe {
-        match kind {
-            CapKind::Connects => &raw mut (*limits).connects,
-            CapKind::Sends => &raw mut (*limits).sends,
-            CapKind::Events => &raw mut (*limits).events,
-        }
-    };
-    over_cap(cap)
-}
-
-/// GCRA step on one cap inside a `LIMITS` value (`interval_ns == 0`: no cap).
-#[inline(always)]
-fn over_cap(cap: *mut Cap) -> bool {
-    // SAFETY: `cap` points into a map value, which outlives this call.
-    let (interval, tolerance) = unsafe { ((*cap).interval_ns, (*cap).tolerance_ns) };
-    if interval == 0 {
-        return false;
-    }
-    // SAFETY: tat_ns is an aligned u64 inside the map value, which outlives this call.
-    let tat = unsafe { &raw mut (*cap).tat_ns };
-    gcra_over(tat, interval, tolerance)
-}
-
-/// One GCRA step on the theoretical arrival time `tat`: over the limit if it runs more than
-/// `tolerance` ns ahead of now; otherwise takes `cost` ns of it. Shared by the call caps and
-/// the byte cap (where the cost is the packet's length in time).
-#[inline(always)]
-pub fn gcra_over(tat: *mut u64, cost: u64, tolerance: u64) -> bool {
-    // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    // A few attempts under contention; if every one loses the race, refuse (fail closed).
-    // core's AtomicU64 has no compare_exchange on the BPF target (its spec predates ISA v3's
-    // cmpxchg), so the intrinsic is used directly (the kernel runs BPF_CMPXCHG from 5.12).
-    let mut tries = 0;
-    while tries < 4 {
-        // SAFETY: the caller's `tat` is an aligned u64 in a map value. An aligned 64-bit load
-        // is single-copy atomic on every JIT; the BPF backend has no "atomic load" below ISA
-        // v4, so it is a volatile read.
-        let old = unsafe { core::ptr::read_volatile(tat) };
-        let base = if old > now { old } else { now };
-        if base - now > tolerance {
-            return true;
-        }
-        // SAFETY: as above.
-        let (_, swapped) = unsafe {
-            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::Relaxed }>(
-                tat,
-                old,
-                base + cost,
-            )
-        };
-        if swapped {
-            return false;
-        }
-        tries += 1;
-    }
-    true
 }
 
 /// The rule of `scope`'s allow-list that admits this call, if any.

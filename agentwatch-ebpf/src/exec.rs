@@ -24,8 +24,8 @@ use crate::{
         BREAKER_TRIPS, EVENTS, SETTINGS, count_lost_event, counters, current_agent,
         current_agent_key,
     },
-    egress::{CapKind, over_limit},
     learn,
+    limits::{CapKind, over_limit},
     sockets::TASKS,
     tamper::{file_inode, inode_identity, inode_offsets_known, offset_known, read_at},
 };

@@ -34,7 +34,7 @@ use aya_ebpf::{
 
 use crate::{
     agent::{EVENTS, count_lost_event, counters, current_agent},
-    egress::{CapKind, over_limit},
+    limits::{CapKind, over_limit},
     tamper::{file_inode, inode_identity, offset, read_at},
 };
 

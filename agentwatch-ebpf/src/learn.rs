@@ -18,7 +18,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuHashMap},
 };
 
-use crate::{agent::counters, egress::MAX_RULES};
+use crate::{agent::counters, limits::MAX_RULES};
 
 /// (agent, rule id) -> calls that rule admitted, per CPU (a hot rule is not a contended
 /// cache line). Allocated per entry: only rules that admitted something have one.

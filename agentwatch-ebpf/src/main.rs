@@ -1,5 +1,6 @@
 //! agentwatch's kernel programs. One module per concern, named like its userspace half
-//! (`agentwatch/src/egress.rs` loads and feeds `egress.rs` here).
+//! (`agentwatch/src/egress/mod.rs` loads and feeds `egress.rs` here); `agent.rs` (which agent
+//! calls, and what a call is) and `limits.rs` (bounds and caps) are what they share.
 #![no_std]
 #![no_main]
 // Compare-and-swap and atomic add on map values (caps, counters in hash maps).
@@ -17,6 +18,7 @@ mod exec;
 mod files;
 mod learn;
 mod lease;
+mod limits;
 mod sockets;
 mod syscalls;
 mod tamper;

@@ -43,7 +43,7 @@ use crate::{
     agent::{
         AGENTS, EVENTS, SETTINGS, count_lost_event, counters, current_agent, current_agent_key,
     },
-    egress::{CapKind, over_limit},
+    limits::{CapKind, over_limit},
 };
 
 /// Process (tgid) -> key in `AGENTS` of the agent it belongs to. Filled at fork (exec.rs), by

@@ -32,7 +32,7 @@ use aya_ebpf::{
 
 use crate::{
     agent::{EVENTS, count_lost_event, counters, current_agent},
-    egress::{CapKind, over_limit},
+    limits::{CapKind, over_limit},
 };
 
 /// The daemon's tgid (slot 0; 0: no daemon has said yet).

@@ -5,7 +5,9 @@
 //! agent is ever judged without a complete policy: state and rules are written before programs
 //! attach, a new rule generation is complete before one map write makes it live, exec paths
 //! allowed by both the old and the new list stay allowed throughout, and a daemon that
-//! re-adopts pinned agents never detaches anything.
+//! re-adopts pinned agents never detaches anything. Guarding, re-applying and forgetting are
+//! one loop over the concerns ([`crate::concern`]), phase by phase; what is here is the
+//! switch between the phases (one write of the agent's state) and the links.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -14,100 +16,20 @@ use std::{
 };
 
 use agentwatch_common::{
-    AGENT_FLAG_DNS, AGENT_FLAG_EXEC_ALLOW, AGENT_FLAG_FILES, AGENT_FLAG_LEARN,
-    AGENT_FLAG_MONITOR_SYSCALLS, AgentCounters, AgentState, DnsPorts, LSM_EXEC, LSM_FILES,
-    LSM_SOCKETS, MAX_AGENTS, Settings, rule_scope,
+    AgentCounters, AgentState, LSM_EXEC, LSM_FILES, LSM_SOCKETS, MAX_AGENTS, Settings,
 };
 use aya::maps::{MapData, RingBuf};
 
+pub use crate::concern::Policy;
 use crate::{
-    bpf::{KernelError, PinDir, map_err, remove_link_dir},
-    bytes,
+    bpf::{KernelError, Link, LinkSet, LinkState, PinDir, map_err, remove_link_dir},
     cgroup::{self, Cgroup},
-    dns,
-    egress::{self, Caps, CompiledRules},
-    exec,
+    concern::{History, POLICY_FLAGS, Slot},
+    egress, exec,
     files::{self, FileRule},
     kernel::{Checkpoint, Kernel},
-    lease,
-    link::{Link, LinkState},
-    sockets, syscalls,
+    lease, sockets, syscalls,
 };
-
-/// Everything the kernel enforces for one agent.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Policy {
-    pub rules: CompiledRules,
-    /// Hard caps per second (None: no cap).
-    pub connects_per_second: Option<u32>,
-    pub sends_per_second: Option<u32>,
-    /// Denial events per second written one by one; the rest are counted and summarised.
-    pub events_per_second: Option<u32>,
-    /// Exec allow-list (None: any exec is allowed; Some(empty): every exec is killed).
-    pub exec_allow: Option<Vec<PathBuf>>,
-    /// File guard prefixes (None: no file guard; Some(empty): every open is outside).
-    pub files: Option<Vec<FileRule>>,
-    /// Count the agent's syscalls (attaches the host-wide sys_enter hook).
-    pub monitor_syscalls: bool,
-    /// The agent has hostname rules and its DNS forwarder listens here: its DNS calls go
-    /// there, and addresses the forwarder learned for it are allowed.
-    pub dns: Option<DnsPorts>,
-    /// Egress lease: every call is denied from this long after the agent is guarded (or the
-    /// lease extended) on.
-    pub lease: Option<Duration>,
-    /// Outbound bytes per second; over it packets are dropped in the kernel (None: no cap).
-    pub egress_bytes_per_second: Option<u64>,
-    /// Learn mode: what the allow-list would deny goes through, counted and reported.
-    pub learn: bool,
-    /// The most destination records, and the most exec records, the kernel keeps for this
-    /// agent in learn mode (`daemon.learn_quota`; 0: no quota of its own).
-    pub learn_quota: u64,
-    /// The agent has API scopes: it may reach the gateway, also while its egress is revoked
-    /// (the gateway refuses it then, with an answer).
-    pub gateway: bool,
-}
-
-impl From<CompiledRules> for Policy {
-    fn from(rules: CompiledRules) -> Self {
-        Self {
-            rules,
-            ..Self::default()
-        }
-    }
-}
-
-impl Policy {
-    fn flags(&self) -> u32 {
-        let mut f = 0;
-        if self.exec_allow.is_some() {
-            f |= AGENT_FLAG_EXEC_ALLOW;
-        }
-        if self.monitor_syscalls {
-            f |= AGENT_FLAG_MONITOR_SYSCALLS;
-        }
-        if self.dns.is_some() {
-            f |= AGENT_FLAG_DNS;
-        }
-        if self.learn {
-            f |= AGENT_FLAG_LEARN;
-        }
-        if self.files.is_some() {
-            f |= AGENT_FLAG_FILES;
-        }
-        if self.gateway {
-            f |= agentwatch_common::AGENT_FLAG_GATEWAY;
-        }
-        f
-    }
-}
-
-/// Flags owned by the policy (the rest belong to the kill switch and breaker).
-const POLICY_FLAGS: u32 = AGENT_FLAG_EXEC_ALLOW
-    | AGENT_FLAG_MONITOR_SYSCALLS
-    | AGENT_FLAG_DNS
-    | AGENT_FLAG_LEARN
-    | AGENT_FLAG_FILES
-    | agentwatch_common::AGENT_FLAG_GATEWAY;
 
 /// One guarded agent.
 struct Guarded {
@@ -127,6 +49,18 @@ struct Guarded {
     /// Links this daemon had to attach anew when it adopted the agent because they were gone
     /// (their pin was removed while no daemon held them), for [`Agents::check_links`] to report.
     found_at_start: Vec<Restored>,
+}
+
+impl Guarded {
+    /// Its slot as the phases see it: this daemon wrote its live policy.
+    fn slot(&self) -> Slot {
+        Slot {
+            id: self.id,
+            cgroup_id: self.cgroup_id,
+            generation: self.state.generation,
+            history: History::Live,
+        }
+    }
 }
 
 /// A link found detached or missing, not attached again yet.
@@ -157,14 +91,14 @@ pub struct Restored {
     pub at_start: bool,
 }
 
-/// What a committed policy replaced and [`Agents::retire`] removes: the old rule generation
-/// and, if the new policy has none, the DNS forwarder's ports.
+/// What a committed policy replaced, for [`Agents::retire`] to remove (each concern's
+/// [`crate::concern::Concern::retire`]: the old rule generation, DNS ports no longer used).
 #[must_use = "the old generation stays in the kernel's maps until retired"]
 pub struct Retired {
-    id: u32,
-    scope: u32,
-    rules: CompiledRules,
-    clear_dns: bool,
+    name: String,
+    /// The slot as it was before the switch.
+    slot: Slot,
+    old: Policy,
 }
 
 /// A policy written beside agent `name`'s live one, waiting for [`Agents::commit_policy`] or
@@ -173,8 +107,8 @@ pub struct Retired {
 pub struct PreparedPolicy {
     name: String,
     policy: Policy,
-    /// The rule scope (generation) it was written to.
-    scope: u32,
+    /// The slot it was written beside (its live generation).
+    slot: Slot,
 }
 
 impl PreparedPolicy {
@@ -229,45 +163,33 @@ pub struct Agents {
 }
 
 /// Attaches (or adopts the pins of) the host-wide programs every daemon runs: the exec/fork
-/// and socket tracepoints, and with BPF LSM the exec and packet-socket programs.
+/// and socket tracepoints, and with BPF LSM the exec and packet-socket programs. All or
+/// nothing: what this call attached is detached again if a later one fails (adopted pins stay).
 fn attach_host(
     kernel: &mut Kernel,
     dir: Option<&std::path::Path>,
 ) -> Result<Vec<Link>, KernelError> {
-    let mut host = exec::attach(&mut kernel.ebpf, dir)?;
-    host.extend(sockets::attach_host(&mut kernel.ebpf, dir)?);
     let lsm = kernel.files.lsm();
-    host.extend(files::attach_host(&mut kernel.ebpf, lsm, dir)?);
-    Ok(host)
+    let ebpf = &mut kernel.ebpf;
+    LinkSet::build(|links| {
+        exec::attach(ebpf, dir, links)?;
+        sockets::attach_host(ebpf, dir, links)?;
+        files::attach_host(ebpf, lsm, dir, links)
+    })
 }
 
-/// Attaches (or adopts the pins of) every program of an agent to `cgroup`: egress, sock_create,
-/// the byte counter, the DNS reply and release hooks. All or nothing: what this call attached
-/// is detached again if a later one fails (adopted pins stay).
+/// Attaches (or adopts the pins of) every concern's programs to `cgroup`. All or nothing: what
+/// this call attached is detached again if a later one fails (adopted pins stay).
 fn attach_agent(
-    ebpf: &mut aya::Ebpf,
+    kernel: &mut Kernel,
     cgroup: &Cgroup,
     pin_dir: Option<&std::path::Path>,
 ) -> Result<Vec<Link>, KernelError> {
-    egress::attach(ebpf, cgroup, pin_dir).and_then(|mut l| {
-        let more = sockets::attach(ebpf, cgroup, pin_dir).and_then(|link| {
-            let mut more = vec![link, bytes::attach(ebpf, cgroup, pin_dir)?];
-            more.extend(dns::attach(ebpf, cgroup, pin_dir)?);
-            Ok(more)
-        });
-        match more {
-            Ok(more) => {
-                l.extend(more);
-                Ok(l)
-            }
-            Err(e) => {
-                // No half-guarded agent: undo what this call attached.
-                for link in l.into_iter().filter(Link::fresh) {
-                    let _ = link.detach();
-                }
-                Err(e)
-            }
-        }
+    let (ebpf, concerns) = kernel.concerns();
+    LinkSet::build(|links| {
+        concerns
+            .into_iter()
+            .try_for_each(|c| c.attach(ebpf, cgroup, pin_dir, links))
     })
 }
 
@@ -356,9 +278,9 @@ impl Agents {
         // An earlier daemon's file guard is adopted (never a moment detached); sync_files
         // drops it if no agent needs it.
         let file_guard = match &host_dir {
-            Some(dir) if files::guard_pinned(dir, lsm) => {
-                Some(files::attach_guard(&mut kernel.ebpf, lsm, Some(dir))?)
-            }
+            Some(dir) if files::guard_pinned(dir, lsm) => Some(LinkSet::build(|links| {
+                files::attach_guard(&mut kernel.ebpf, lsm, Some(dir), links)
+            })?),
             _ => None,
         };
         // An earlier daemon's sys_enter pin is adopted; sync_syscalls drops it if unneeded.
@@ -439,85 +361,80 @@ impl Agents {
             )));
         }
         self.attach_file_guard(policy.files.is_some())?;
-        let existing = self.kernel.agents.get(&cgroup_id, 0).ok();
-        let (state, how) = match existing {
-            Some(mut state) => {
-                let old = rule_scope(state.id, state.generation);
-                let next = rule_scope(state.id, state.generation ^ 1);
-                // The other generation may hold a half-written policy of a crashed daemon.
-                self.kernel.egress.clear_scope(next)?;
-                self.kernel.egress.write(next, &policy.rules)?;
-                self.write_limits(state.id, &policy)?;
-                self.kernel
-                    .dns
-                    .write_ports(state.id, policy.dns.unwrap_or_default())?;
-                // A lease keeps running across daemon restarts: only a new one starts now.
-                let deadline = match (policy.lease, self.kernel.lease.deadline(state.id)) {
-                    (Some(_), Some(kept)) => Some(kept),
-                    (Some(length), None) => Some(lease::deadline_in(length)),
-                    (None, _) => None,
-                };
-                self.kernel.lease.set(state.id, deadline)?;
-                self.kernel
-                    .exec
-                    .sync(state.id, policy.exec_allow.as_deref())?;
-                self.kernel.files.sync(state.id, policy.files.as_deref())?;
-                state.generation ^= 1;
-                state.flags = (state.flags & !POLICY_FLAGS) | policy.flags();
-                self.write_state(cgroup_id, state)?;
-                // A call that read the old generation may still be looking its rules up.
-                crate::kernel::wait_for_running_programs();
-                self.kernel.egress.clear_scope(old)?;
-                (state, Guarding::Adopted)
-            }
+        let (mut state, slot) = match self.kernel.agents.get(&cgroup_id, 0).ok() {
+            Some(state) => (
+                state,
+                Slot {
+                    id: state.id,
+                    cgroup_id,
+                    generation: state.generation,
+                    history: History::Adopted,
+                },
+            ),
             None => {
+                // A fresh slot has no live generation: its first is 0, written as the next
+                // after an (empty) 1.
                 let id = self.free_id()?;
                 let state = AgentState {
                     id,
-                    generation: 0,
-                    flags: policy.flags(),
+                    generation: 1,
+                    flags: 0,
                     _pad: 0,
                 };
+                let slot = Slot {
+                    id,
+                    cgroup_id,
+                    generation: 1,
+                    history: History::Fresh,
+                };
                 // Leftovers of an agent that had this slot when a daemon crashed.
-                self.kernel.egress.clear_scope(rule_scope(id, 0))?;
-                self.kernel.egress.clear_scope(rule_scope(id, 1))?;
-                self.kernel.reset_counters(id)?;
-                self.kernel.reset_trips(id)?;
-                self.kernel.dns.clear(id)?;
-                self.kernel.learn.forget_agent(id)?;
-                self.kernel.egress.write(rule_scope(id, 0), &policy.rules)?;
-                self.write_limits(id, &policy)?;
-                self.kernel
-                    .dns
-                    .write_ports(id, policy.dns.unwrap_or_default())?;
-                self.kernel
-                    .lease
-                    .set(id, policy.lease.map(lease::deadline_in))?;
-                self.kernel.exec.sync(id, policy.exec_allow.as_deref())?;
-                self.kernel.files.sync(id, policy.files.as_deref())?;
-                self.write_state(cgroup_id, state)?;
-                crate::crash::point("guard.state");
-                (state, Guarding::New)
+                self.forget_slot(slot, None)?;
+                (state, slot)
             }
         };
+        let how = match slot.history {
+            History::Fresh => Guarding::New,
+            _ => Guarding::Adopted,
+        };
+        self.write_policy(slot, &policy)?;
+        state.generation = slot.generation ^ 1;
+        state.flags = (state.flags & !POLICY_FLAGS) | policy.flags();
+        self.write_state(cgroup_id, state)?;
+        if how == Guarding::New {
+            crate::crash::point("guard.state");
+        }
         self.write_settings(Some(level))?;
         let pin_dir = self.kernel.pins().map(|p| p.agent_links(name, cgroup_id));
-        let attached = attach_agent(&mut self.kernel.ebpf, &cgroup, pin_dir.as_deref());
-        let links = match attached {
+        let links = match attach_agent(&mut self.kernel, &cgroup, pin_dir.as_deref()) {
             Ok(links) => links,
             Err(e) => {
                 if how == Guarding::New {
+                    // No half-guarded agent: nothing of it stays in the kernel.
                     self.undo_state(cgroup_id);
-                    let _ = self
-                        .kernel
-                        .egress
-                        .clear(rule_scope(state.id, 0), &policy.rules);
-                    let _ = self.kernel.exec.sync(state.id, None);
-                    let _ = self.kernel.files.sync(state.id, None);
+                    let written = Slot {
+                        generation: state.generation,
+                        history: History::Live,
+                        ..slot
+                    };
+                    let (_, concerns) = self.kernel.concerns();
+                    for c in concerns {
+                        if let Err(e) = c.forget(written, Some(&policy)) {
+                            tracing::warn!(agent = name, "undoing {}: {e}", c.name());
+                        }
+                    }
                 }
                 return Err(e);
             }
         };
+        self.settle(slot, &policy)?;
+        if how == Guarding::Adopted {
+            // A call that read the old generation may still be looking its rules up.
+            crate::bpf::load::wait_for_running_programs();
+            let (_, concerns) = self.kernel.concerns();
+            for c in concerns {
+                c.retire(slot, None, &policy)?;
+            }
+        }
         // The processes already in the cgroup belong to the agent (the kernel records later
         // ones itself, at fork and when they move in). Listed after the state is written, so a
         // fork in between is seen by one or the other.
@@ -581,49 +498,39 @@ impl Agents {
         if retired.is_empty() {
             return Ok(());
         }
-        crate::kernel::wait_for_running_programs();
+        crate::bpf::load::wait_for_running_programs();
+        // An agent unguarded since has no policy in force: whatever it had goes.
+        let none = Policy::default();
         for r in retired {
-            if r.clear_dns {
-                self.kernel.dns.clear(r.id)?;
+            let new = self.by_name.get(&r.name).map_or(&none, |g| &g.policy);
+            let (_, concerns) = self.kernel.concerns();
+            for c in concerns {
+                c.retire(r.slot, Some(&r.old), new)?;
             }
-            self.kernel.egress.clear(r.scope, &r.rules)?;
         }
         self.sync_syscalls()
     }
 
-    /// Writes everything of agent `name`'s new policy that can be written beside the live one:
-    /// its rules into the agent's other generation, and the exec paths it adds (an exec path on
-    /// both lists is allowed at every instant). Nothing the kernel judges by changes yet, but for
-    /// those added exec paths. On failure what was written is removed again.
+    /// Writes everything of agent `name`'s new policy that can be written beside the live one
+    /// (each concern's `prepare`): its rules into the agent's other generation, and the exec
+    /// paths and file prefixes it adds (one on both lists is allowed at every instant).
+    /// Nothing the kernel judges by changes yet, but for those additions. On failure what was
+    /// written is removed again.
     pub fn prepare_policy(
         &mut self,
         name: &str,
         policy: impl Into<Policy>,
     ) -> Result<PreparedPolicy, KernelError> {
-        let policy = policy.into();
-        let g = self.get(name)?;
-        let (id, generation) = (g.id, g.state.generation);
-        let scope = rule_scope(id, generation ^ 1);
+        let slot = self.get(name)?.slot();
         let prepared = PreparedPolicy {
             name: name.to_owned(),
-            policy,
-            scope,
+            policy: policy.into(),
+            slot,
         };
-        let written = self
-            .kernel
-            .egress
-            .write(scope, &prepared.policy.rules)
-            .and_then(|()| {
-                // New exec paths go in before the flag can turn the list on; stale ones go
-                // when the policy is committed.
-                for p in prepared.policy.exec_allow.iter().flatten() {
-                    self.kernel.exec.insert(id, p)?;
-                }
-                if let Some(rules) = &prepared.policy.files {
-                    self.kernel.files.insert(id, rules)?;
-                }
-                Ok(())
-            });
+        let (_, concerns) = self.kernel.concerns();
+        let written = concerns
+            .into_iter()
+            .try_for_each(|c| c.prepare(slot, &prepared.policy));
         match written {
             Ok(()) => Ok(prepared),
             Err(e) => {
@@ -633,63 +540,72 @@ impl Agents {
         }
     }
 
-    /// Drops a prepared policy: the other generation and the exec paths it added are removed.
+    /// Drops a prepared policy: what its `prepare` wrote is removed, the live policy stays.
     pub fn abort_policy(&mut self, prepared: PreparedPolicy) {
-        let _ = self
-            .kernel
-            .egress
-            .clear(prepared.scope, &prepared.policy.rules);
-        if let Some(g) = self.by_name.get(&prepared.name) {
-            let (id, live) = (g.id, g.policy.exec_allow.clone());
-            let files = g.policy.files.clone();
-            let _ = self.kernel.exec.sync(id, live.as_deref());
-            let _ = self.kernel.files.sync(id, files.as_deref());
+        let none = Policy::default();
+        let live = self
+            .by_name
+            .get(&prepared.name)
+            .map_or(&none, |g| &g.policy);
+        let (_, concerns) = self.kernel.concerns();
+        for c in concerns {
+            if let Err(e) = c.abort(prepared.slot, &prepared.policy, live) {
+                tracing::warn!(agent = prepared.name, "undoing {}: {e}", c.name());
+            }
         }
     }
 
-    /// Makes a prepared policy live: caps, then one map write flips the rule generation (and
-    /// the policy flags), then exec paths no longer listed are removed. The old generation is
-    /// returned, for [`Agents::retire`] once no program can still be reading it. A destination
-    /// allowed (or denied) by both policies is allowed (denied) at every instant.
+    /// Makes a prepared policy live: each concern applies what the kernel reads under any
+    /// generation (caps, DNS ports, the lease), then one map write flips the rule generation
+    /// and the policy flags, then each concern settles (exec paths and file prefixes no longer
+    /// listed go). What the switch replaced is returned, for [`Agents::retire`] once no
+    /// program can still be reading it. A destination allowed (or denied) by both policies is
+    /// allowed (denied) at every instant.
     pub fn commit_policy(&mut self, prepared: PreparedPolicy) -> Result<Retired, KernelError> {
-        let PreparedPolicy {
-            name,
-            policy,
-            scope,
-        } = prepared;
-        let g = self.get(&name)?;
-        let (id, cgroup_id, mut state) = (g.id, g.cgroup_id, g.state);
-        let lease_changed = policy.lease != g.policy.lease;
-        let old_scope = rule_scope(id, state.generation);
-        self.write_limits(id, &policy)?;
-        // A new forwarder's ports are in place before the flag sends DNS there; a dropped
-        // one's stay until the flag no longer does.
-        if let Some(ports) = policy.dns {
-            self.kernel.dns.write_ports(id, ports)?;
+        let PreparedPolicy { name, policy, slot } = prepared;
+        let g = self
+            .by_name
+            .get(&name)
+            .ok_or_else(|| KernelError::UnknownAgent(name.clone()))?;
+        if g.slot() != slot {
+            return Err(KernelError::Policy(format!(
+                "agent `{name}`'s policy changed since this one was prepared"
+            )));
         }
-        // A changed lease starts again from now; an unchanged one keeps running.
-        if lease_changed {
-            self.kernel
-                .lease
-                .set(id, policy.lease.map(lease::deadline_in))?;
+        let (cgroup_id, mut state) = (g.cgroup_id, g.state);
+        let (_, concerns) = self.kernel.concerns();
+        for c in concerns {
+            c.apply(slot, Some(&g.policy), &policy)?;
         }
         self.attach_file_guard(policy.files.is_some())?;
-        state.generation = scope & 1;
+        state.generation = slot.generation ^ 1;
         state.flags = (state.flags & !POLICY_FLAGS) | policy.flags();
         self.write_state(cgroup_id, state)?;
-        self.kernel.exec.sync(id, policy.exec_allow.as_deref())?;
-        self.kernel.files.sync(id, policy.files.as_deref())?;
+        self.settle(slot, &policy)?;
         let g = self.get_mut(&name)?;
         g.state = state;
         let old = std::mem::replace(&mut g.policy, policy);
-        // A call that read the old generation (or the old DNS ports) may still be using it:
-        // removed by `retire`.
-        Ok(Retired {
-            id,
-            scope: old_scope,
-            rules: old.rules,
-            clear_dns: g.policy.dns.is_none() && old.dns.is_some(),
-        })
+        Ok(Retired { name, slot, old })
+    }
+
+    /// Writes `new` for a slot this daemon did not write (a fresh or adopted agent) up to the
+    /// switch: every concern prepares, then every concern applies.
+    fn write_policy(&mut self, slot: Slot, new: &Policy) -> Result<(), KernelError> {
+        let (_, concerns) = self.kernel.concerns();
+        for c in concerns {
+            c.prepare(slot, new)?;
+        }
+        let (_, concerns) = self.kernel.concerns();
+        for c in concerns {
+            c.apply(slot, None, new)?;
+        }
+        Ok(())
+    }
+
+    /// After the switch: every concern drops what only the old policy allowed.
+    fn settle(&mut self, slot: Slot, new: &Policy) -> Result<(), KernelError> {
+        let (_, concerns) = self.kernel.concerns();
+        concerns.into_iter().try_for_each(|c| c.settle(slot, new))
     }
 
     /// Forgets agent `name` without touching the kernel: its pinned links stay attached and
@@ -723,6 +639,7 @@ impl Agents {
             .by_name
             .remove(name)
             .ok_or_else(|| KernelError::UnknownAgent(name.to_owned()))?;
+        let slot = g.slot();
         for link in g.links {
             link.detach().map_err(|source| KernelError::Pin {
                 path: g.cgroup.path().to_owned(),
@@ -733,11 +650,7 @@ impl Agents {
             let _ = std::fs::remove_dir(pins.agent_links(name, g.cgroup_id));
         }
         self.undo_state(g.cgroup_id);
-        self.kernel.sockets.forget(g.cgroup_id)?;
-        self.kernel
-            .egress
-            .clear(rule_scope(g.id, g.state.generation), &g.policy.rules)?;
-        self.forget_slot(g.id)?;
+        self.forget_slot(slot, Some(&g.policy))?;
         self.write_settings(None)?;
         self.sync_syscalls()?;
         Ok(g.cgroup)
@@ -775,10 +688,13 @@ impl Agents {
                 continue;
             }
             self.undo_state(cgroup_id);
-            self.kernel.sockets.forget(cgroup_id)?;
-            self.kernel.egress.clear_scope(rule_scope(state.id, 0))?;
-            self.kernel.egress.clear_scope(rule_scope(state.id, 1))?;
-            self.forget_slot(state.id)?;
+            let slot = Slot {
+                id: state.id,
+                cgroup_id,
+                generation: state.generation,
+                history: History::Adopted,
+            };
+            self.forget_slot(slot, None)?;
             stale.states += 1;
         }
         self.write_settings(None)?;
@@ -849,7 +765,7 @@ impl Agents {
                 continue;
             }
             let proto = if tcp { PROTO_TCP } else { PROTO_UDP };
-            let admitted = egress::rules::admits(&g.policy.rules, proto, ip, s.peer.port())
+            let admitted = crate::rules::egress::admits(&g.policy.rules, proto, ip, s.peer.port())
                 || (g.policy.dns.is_some() && learned.holds(g.id, ip));
             if admitted {
                 continue;
@@ -983,13 +899,13 @@ impl Agents {
             }
             let dir = pins.as_ref().map(|p| p.agent_links(&name, g.cgroup_id));
             let cgroup = g.cgroup.clone();
-            let ebpf = &mut self.kernel.ebpf;
+            let kernel = &mut self.kernel;
             let fixed = restore_group(
                 &mut g.links,
                 Some(g.cgroup_id),
                 &mut g.lost,
                 || match &dir {
-                    Some(dir) => attach_agent(ebpf, &cgroup, Some(dir)),
+                    Some(dir) => attach_agent(kernel, &cgroup, Some(dir)),
                     None => Err(not_pinned()),
                 },
             );
@@ -1017,7 +933,9 @@ impl Agents {
             Some(guard) => {
                 let ebpf = &mut self.kernel.ebpf;
                 fixed.extend(restore_group(guard, None, guard_lost, || match &dir {
-                    Some(dir) => files::attach_guard(ebpf, lsm, Some(dir)),
+                    Some(dir) => {
+                        LinkSet::build(|links| files::attach_guard(ebpf, lsm, Some(dir), links))
+                    }
                     None => Err(not_pinned()),
                 }));
             }
@@ -1110,18 +1028,14 @@ impl Agents {
         }
     }
 
-    /// Clears everything indexed by slot `id` so the next agent in it starts clean.
-    fn forget_slot(&mut self, id: u32) -> Result<(), KernelError> {
-        self.kernel.exec.sync(id, None)?;
-        self.kernel.files.sync(id, None)?;
-        self.kernel.egress.clear_caps(id)?;
-        self.kernel.bytes.write_cap(id, None)?;
-        self.kernel.dns.clear(id)?;
-        self.kernel.learn.forget_agent(id)?;
-        self.kernel.lease.set(id, None)?;
-        self.kernel.set_checkpoint(id, Checkpoint::default())?;
-        self.kernel.reset_counters(id)?;
-        self.kernel.reset_trips(id)
+    /// Clears everything of `slot` in every concern and in the shared maps, so the next agent
+    /// in it starts clean (`last`: the policy this daemon wrote there, if it did).
+    fn forget_slot(&mut self, slot: Slot, last: Option<&Policy>) -> Result<(), KernelError> {
+        let (_, concerns) = self.kernel.concerns();
+        for c in concerns {
+            c.forget(slot, last)?;
+        }
+        self.kernel.forget_slot(slot.id)
     }
 
     /// Agent `name`'s lease deadline (CLOCK_MONOTONIC ns), if it has a lease.
@@ -1156,21 +1070,6 @@ impl Agents {
         let (id, deadline) = (g.id, lease::deadline_in(length));
         self.kernel.lease.set(id, Some(deadline))?;
         Ok(deadline)
-    }
-
-    fn write_limits(&mut self, id: u32, policy: &Policy) -> Result<(), KernelError> {
-        self.kernel.egress.write_caps(
-            id,
-            Caps {
-                connects_per_second: policy.connects_per_second,
-                sends_per_second: policy.sends_per_second,
-                events_per_second: policy.events_per_second,
-            },
-        )?;
-        self.kernel
-            .bytes
-            .write_cap(id, policy.egress_bytes_per_second)?;
-        self.kernel.learn.set_quota(id, policy.learn_quota)
     }
 
     /// The levels the kernel looks agents up at: those of the guarded agents (`widen_with`:
@@ -1210,11 +1109,10 @@ impl Agents {
         if needed && self.file_guard.is_none() {
             let dir = self.kernel.pins().map(PinDir::host_links);
             let lsm = self.kernel.files.lsm();
-            self.file_guard = Some(files::attach_guard(
-                &mut self.kernel.ebpf,
-                lsm,
-                dir.as_deref(),
-            )?);
+            let ebpf = &mut self.kernel.ebpf;
+            self.file_guard = Some(LinkSet::build(|links| {
+                files::attach_guard(ebpf, lsm, dir.as_deref(), links)
+            })?);
         }
         Ok(())
     }

@@ -14,9 +14,9 @@ use aya::{
 };
 
 use crate::{
-    bpf::{KernelError, load_program, map_err, program, take_map},
+    bpf::{KernelError, Link, LinkSet, load::LoadEnv, load_program, map_err, program, take_map},
     cgroup::Cgroup,
-    link::Link,
+    concern::{Concern, Load, MapSpec, Policy, Slot},
 };
 
 /// The per-agent program.
@@ -27,8 +27,10 @@ pub struct BytesMaps {
     caps: Array<MapData, ByteCap>,
 }
 
-impl BytesMaps {
-    pub(crate) fn load(ebpf: &mut Ebpf) -> Result<Self, KernelError> {
+impl Load for BytesMaps {
+    const MAPS: &'static [MapSpec] = &[MapSpec::new("BYTE_CAPS", 4, size_of::<ByteCap>())];
+
+    fn load(ebpf: &mut Ebpf, _env: &LoadEnv) -> Result<Self, KernelError> {
         load_program(
             PROGRAM,
             program::<CgroupSkb>(ebpf, PROGRAM)?,
@@ -38,7 +40,39 @@ impl BytesMaps {
             caps: take_map(ebpf, "BYTE_CAPS")?,
         })
     }
+}
 
+impl Concern for BytesMaps {
+    fn name(&self) -> &'static str {
+        "bytes"
+    }
+
+    fn forget(&mut self, slot: Slot, _last: Option<&Policy>) -> Result<(), KernelError> {
+        self.write_cap(slot.id, None)
+    }
+
+    fn apply(
+        &mut self,
+        slot: Slot,
+        _old: Option<&Policy>,
+        new: &Policy,
+    ) -> Result<(), KernelError> {
+        self.write_cap(slot.id, new.egress_bytes_per_second)
+    }
+
+    fn attach(
+        &mut self,
+        obj: &mut Ebpf,
+        cgroup: &Cgroup,
+        pin_dir: Option<&Path>,
+        links: &mut LinkSet,
+    ) -> Result<(), KernelError> {
+        links.push(attach(obj, cgroup, pin_dir)?);
+        Ok(())
+    }
+}
+
+impl BytesMaps {
     /// Writes agent `id`'s cap (None: no cap), keeping its running state so a reload grants no
     /// burst.
     pub(crate) fn write_cap(
@@ -56,11 +90,7 @@ impl BytesMaps {
 }
 
 /// Attaches the byte counter to `cgroup` (pinned under `pin_dir` like the egress programs).
-pub(crate) fn attach(
-    ebpf: &mut Ebpf,
-    cgroup: &Cgroup,
-    pin_dir: Option<&Path>,
-) -> Result<Link, KernelError> {
+fn attach(ebpf: &mut Ebpf, cgroup: &Cgroup, pin_dir: Option<&Path>) -> Result<Link, KernelError> {
     let dir = cgroup.dir()?;
     Link::pinned_or_attach(pin_dir, PROGRAM, || {
         let attach_err = |source| KernelError::Attach {

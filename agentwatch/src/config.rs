@@ -14,10 +14,9 @@ use toml::Spanned;
 
 use crate::{
     cgroup,
-    dns::names::HostRules,
-    egress::{
-        CompiledRules,
-        rules::{EgressRule, Rule},
+    rules::{
+        egress::{CompiledRules, EgressRule, Rule},
+        names::HostRules,
     },
 };
 
@@ -437,16 +436,6 @@ fn valid_user_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
-/// Is `name` a valid agent or API scope name: `[a-z0-9-]`, 1-63 characters, not starting
-/// with `-` (what a cgroup, a metric label and an env name all take)?
-pub(crate) fn valid_name(name: &str) -> bool {
-    (1..=63).contains(&name.len())
-        && !name.starts_with('-')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
 impl Config {
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
@@ -591,7 +580,7 @@ fn validate(
         let table = tables.next().unwrap_or_default();
         let name = a.name.get_ref().clone();
         let name_span = a.name.span();
-        if !valid_name(&name) {
+        if !crate::rules::valid_name(&name) {
             c.at(name_span.clone(), format!(
                 "agent name `{name}` must be 1-63 characters of a-z, 0-9 and `-`, not starting with `-`"
             ));

@@ -20,10 +20,10 @@ use serde_json::json;
 use crate::{
     audit::KernelLine,
     bpf::{
-        KernelError, c_string, ignore_missing, load_program, map_err, program, read_record,
-        take_map,
+        KernelError, LinkSet, c_string, ignore_missing, load::LoadEnv, load_program, map_err,
+        program, read_record, take_map,
     },
-    link::Link,
+    concern::{Concern, History, Load, MapSpec, Policy, Slot},
 };
 
 /// The tracepoint programs: (name in the object, category, tracepoint).
@@ -49,9 +49,16 @@ pub struct ExecMaps {
     mountinfo: Option<String>,
 }
 
-impl ExecMaps {
+impl Load for ExecMaps {
+    const MAPS: &'static [MapSpec] = &[
+        MapSpec::new("EXEC_ALLOW", size_of::<ExecKey>(), 1),
+        MapSpec::new("EXEC_INODES", size_of::<ExecInodeKey>(), 1),
+        MapSpec::new("PARENTS", 4, 4),
+        MapSpec::new("SCRATCH", 4, size_of::<ExecKey>()),
+    ];
+
     /// Loads (verifies) the programs and takes the allow-list map out of the object.
-    pub(crate) fn load(ebpf: &mut Ebpf) -> Result<Self, KernelError> {
+    fn load(ebpf: &mut Ebpf, _env: &LoadEnv) -> Result<Self, KernelError> {
         for (name, _, _) in PROGRAMS {
             load_program(name, program::<TracePoint>(ebpf, name)?, TracePoint::load)?;
         }
@@ -64,7 +71,49 @@ impl ExecMaps {
             mountinfo: None,
         })
     }
+}
 
+/// An exec path on both the old and the new list is allowed at every instant: a reload's new
+/// paths go in beside the live list, stale ones go after the switch.
+impl Concern for ExecMaps {
+    fn name(&self) -> &'static str {
+        "exec"
+    }
+
+    fn forget(&mut self, slot: Slot, _last: Option<&Policy>) -> Result<(), KernelError> {
+        match slot.history {
+            // Guarding makes the slot's list exactly the policy's (`prepare`).
+            History::Fresh => Ok(()),
+            _ => self.sync(slot.id, None),
+        }
+    }
+
+    fn prepare(&mut self, slot: Slot, new: &Policy) -> Result<(), KernelError> {
+        match slot.history {
+            History::Live => {
+                for p in new.exec_allow.iter().flatten() {
+                    self.insert(slot.id, p)?;
+                }
+                Ok(())
+            }
+            // Whatever the slot held (an earlier daemon's list, a crashed agent's) goes now.
+            History::Fresh | History::Adopted => self.sync(slot.id, new.exec_allow.as_deref()),
+        }
+    }
+
+    fn abort(&mut self, slot: Slot, _prepared: &Policy, live: &Policy) -> Result<(), KernelError> {
+        self.sync(slot.id, live.exec_allow.as_deref())
+    }
+
+    fn settle(&mut self, slot: Slot, new: &Policy) -> Result<(), KernelError> {
+        match slot.history {
+            History::Live => self.sync(slot.id, new.exec_allow.as_deref()),
+            History::Fresh | History::Adopted => Ok(()),
+        }
+    }
+}
+
+impl ExecMaps {
     /// Allows agent `id` to exec `path`: the path, and the file it names now (a path that
     /// names no file allows nothing but its own string, for kernels judging on that).
     pub(crate) fn insert(&mut self, id: u32, path: &Path) -> Result<(), KernelError> {
@@ -248,8 +297,12 @@ fn mount_device(mnt_id: &str, mountinfo: &mut Option<String>) -> Option<u32> {
 
 /// Attaches the tracepoints host-wide (they act only on agents' tasks), pinned under
 /// `pin_dir` when given; pins of an earlier daemon are adopted.
-pub(crate) fn attach(ebpf: &mut Ebpf, pin_dir: Option<&Path>) -> Result<Vec<Link>, KernelError> {
-    crate::link::attach_tracepoints(ebpf, &PROGRAMS, pin_dir)
+pub(crate) fn attach(
+    ebpf: &mut Ebpf,
+    pin_dir: Option<&Path>,
+    links: &mut LinkSet,
+) -> Result<(), KernelError> {
+    crate::bpf::link::attach_tracepoints(ebpf, &PROGRAMS, pin_dir, links)
 }
 
 /// An exec of an agent process.

@@ -9,8 +9,7 @@ use std::path::{Component, Path, PathBuf};
 
 use agentwatch_common::{
     EVENT_FILE_DENIED, EVENT_FILE_OPENED, FILE_ACCESS_LINK, FILE_ACCESS_READ, FILE_ACCESS_WRITE,
-    FILE_KEY_AGENT_BITS, FILE_RULE_MAX, FILE_RULE_READ_ONLY, FileDirKey, FileEvent, FilePath,
-    InodeKey,
+    FILE_KEY_AGENT_BITS, FILE_RULE_READ_ONLY, FileDirKey, FileEvent, FilePath, InodeKey,
 };
 use aya::{
     Btf, Ebpf,
@@ -22,77 +21,26 @@ use aya::{
 };
 use serde_json::json;
 
+pub use crate::rules::files::{FileRule, admitted};
 use crate::{
     audit::KernelLine,
     bpf::{
-        KernelError, c_string, ignore_missing, load_program, map_err, program, read_record,
-        take_map,
+        KernelError, Link, LinkSet, c_string, ignore_missing, load::LoadEnv, load_program, map_err,
+        program, read_record, take_map,
     },
-    link::Link,
+    concern::{Concern, History, Load, MapSpec, Policy, Slot},
 };
 
-/// One `[agents.files] allow` entry: a path prefix, read-only with `:ro`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileRule {
-    pub prefix: String,
-    pub read_only: bool,
-}
-
-impl FileRule {
-    /// Parses `"/srv/app/"` or `"/usr/:ro"`: an absolute path without `.` or `..` components
-    /// (the kernel compares the resolved path, which never has them), at most
-    /// FILE_RULE_MAX bytes.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let (prefix, read_only) = match text.strip_suffix(":ro") {
-            Some(p) => (p, true),
-            None => (text, false),
-        };
-        if !prefix.starts_with('/') {
-            return Err(format!("`{text}` must be an absolute path prefix"));
-        }
-        if prefix.contains('\0') {
-            return Err(format!("`{text}` contains a NUL byte"));
-        }
-        if prefix.len() > FILE_RULE_MAX {
-            return Err(format!(
-                "`{text}` is longer than {FILE_RULE_MAX} bytes, the longest prefix the kernel compares"
-            ));
-        }
-        if prefix.split('/').any(|c| c == "." || c == "..") || prefix.contains("//") {
-            return Err(format!(
-                "`{text}` must be a plain path: no `.` or `..` components and no `//` (the \
-                 kernel compares the path it resolved, which has none)"
-            ));
-        }
-        Ok(Self {
-            prefix: prefix.to_owned(),
-            read_only,
-        })
+/// A rule's entries in the kernel's trie: the prefix, and for `/dir/` the directory itself
+/// (`/dir` followed by its NUL, an exact match).
+fn keys(rule: &FileRule, agent: u32) -> Vec<Key<FilePath>> {
+    let mut out = vec![key(agent, rule.prefix.as_bytes(), false)];
+    if let Some(dir) = rule.prefix.strip_suffix('/')
+        && !dir.is_empty()
+    {
+        out.push(key(agent, dir.as_bytes(), true));
     }
-
-    /// Does this rule admit `path` (absolute, resolved) for `write`?
-    pub fn admits(&self, path: &str, write: bool) -> bool {
-        if write && self.read_only {
-            return false;
-        }
-        path.starts_with(&self.prefix)
-            || self
-                .prefix
-                .strip_suffix('/')
-                .is_some_and(|dir| !dir.is_empty() && path == dir)
-    }
-
-    /// Its entries in the kernel's trie: the prefix, and for `/dir/` the directory itself
-    /// (`/dir` followed by its NUL, an exact match).
-    fn keys(&self, agent: u32) -> Vec<Key<FilePath>> {
-        let mut out = vec![key(agent, self.prefix.as_bytes(), false)];
-        if let Some(dir) = self.prefix.strip_suffix('/')
-            && !dir.is_empty()
-        {
-            out.push(key(agent, dir.as_bytes(), true));
-        }
-        out
-    }
+    out
 }
 
 fn key(agent: u32, bytes: &[u8], with_nul: bool) -> Key<FilePath> {
@@ -132,17 +80,6 @@ pub fn dir_keys(agent: u32, rules: &[FileRule]) -> std::collections::BTreeMap<Fi
         *out.entry(key).or_insert(bits) |= bits;
     }
     out
-}
-
-/// Does any rule admit `path` for `write`? (What the kernel's trie answers.)
-pub fn admitted(rules: &[FileRule], path: &str, write: bool) -> bool {
-    // The longest matching prefix decides, as in the kernel's trie: `/srv/:ro` with
-    // `/srv/app/` lets the agent write under /srv/app/ only.
-    let best = rules
-        .iter()
-        .filter(|r| r.admits(path, false))
-        .max_by_key(|r| r.prefix.len());
-    best.is_some_and(|r| !write || !r.read_only)
 }
 
 /// LSM programs and their hooks: the file guard's, attached while some agent has a file list
@@ -187,12 +124,6 @@ fn load_lsm(ebpf: &mut Ebpf) -> Result<(), KernelError> {
     Ok(())
 }
 
-/// Is BPF LSM active on this kernel (`bpf` among /sys/kernel/security/lsm)?
-pub fn bpf_lsm_active() -> bool {
-    std::fs::read_to_string("/sys/kernel/security/lsm")
-        .is_ok_and(|l| l.trim().split(',').any(|m| m == "bpf"))
-}
-
 /// The file guards' maps, and whether BPF LSM programs guard this host.
 pub struct FilesMaps {
     allow: LpmTrie<MapData, FilePath, u32>,
@@ -200,12 +131,20 @@ pub struct FilesMaps {
     lsm: bool,
 }
 
-impl FilesMaps {
-    /// Loads (verifies) the LSM programs when `lsm`, else (or if this kernel refuses one of
-    /// them: a hook built out, a helper not allowed there) the open tracepoints, saying so in
-    /// the log; `status` and `check` show the mode that resulted.
-    pub(crate) fn load(ebpf: &mut Ebpf, lsm: bool) -> Result<Self, KernelError> {
-        let lsm = lsm
+impl Load for FilesMaps {
+    const MAPS: &'static [MapSpec] = &[
+        MapSpec::new("FILE_ALLOW", 4 + size_of::<FilePath>(), 4),
+        // The trie key and a PATH_MAX buffer.
+        MapSpec::new("FILE_SCRATCH", 4, 4 + size_of::<FilePath>() + 4096),
+        MapSpec::new("OPENS", 8, 16),
+        MapSpec::new("FILE_DIRS", size_of::<FileDirKey>(), 4),
+    ];
+
+    /// Loads (verifies) the LSM programs when the kernel runs BPF LSM, else (or if this kernel
+    /// refuses one of them: a hook built out, a helper not allowed there) the open tracepoints,
+    /// saying so in the log; `status` and `check` show the mode that resulted.
+    fn load(ebpf: &mut Ebpf, env: &LoadEnv) -> Result<Self, KernelError> {
+        let lsm = env.lsm()
             && match load_lsm(ebpf) {
                 Ok(()) => true,
                 Err(e) => {
@@ -227,7 +166,45 @@ impl FilesMaps {
             lsm,
         })
     }
+}
 
+/// A prefix on both the old and the new list is allowed at every instant: a reload's new
+/// prefixes go in beside the live list, stale ones go after the switch.
+impl Concern for FilesMaps {
+    fn name(&self) -> &'static str {
+        "files"
+    }
+
+    fn forget(&mut self, slot: Slot, _last: Option<&Policy>) -> Result<(), KernelError> {
+        match slot.history {
+            // Guarding makes the slot's list exactly the policy's (`prepare`).
+            History::Fresh => Ok(()),
+            _ => self.sync(slot.id, None),
+        }
+    }
+
+    fn prepare(&mut self, slot: Slot, new: &Policy) -> Result<(), KernelError> {
+        match (slot.history, &new.files) {
+            (History::Live, Some(rules)) => self.insert(slot.id, rules),
+            (History::Live, None) => Ok(()),
+            // Whatever the slot held (an earlier daemon's list, a crashed agent's) goes now.
+            (History::Fresh | History::Adopted, files) => self.sync(slot.id, files.as_deref()),
+        }
+    }
+
+    fn abort(&mut self, slot: Slot, _prepared: &Policy, live: &Policy) -> Result<(), KernelError> {
+        self.sync(slot.id, live.files.as_deref())
+    }
+
+    fn settle(&mut self, slot: Slot, new: &Policy) -> Result<(), KernelError> {
+        match slot.history {
+            History::Live => self.sync(slot.id, new.files.as_deref()),
+            History::Fresh | History::Adopted => Ok(()),
+        }
+    }
+}
+
+impl FilesMaps {
     /// BPF LSM programs guard files, execs and packet sockets (else: tracepoints detect).
     pub fn lsm(&self) -> bool {
         self.lsm
@@ -243,7 +220,7 @@ impl FilesMaps {
         self.insert_dirs(&dirs)?;
         let want: Vec<(u32, FilePath)> = rules
             .iter()
-            .flat_map(|r| r.keys(id))
+            .flat_map(|r| keys(r, id))
             .map(|k| (k.prefix_len(), k.data()))
             .collect();
         let stale: Vec<Key<FilePath>> = self
@@ -276,7 +253,7 @@ impl FilesMaps {
     fn insert_prefixes(&mut self, id: u32, rules: &[FileRule]) -> Result<(), KernelError> {
         for r in rules {
             let value = if r.read_only { FILE_RULE_READ_ONLY } else { 0 };
-            for k in r.keys(id) {
+            for k in keys(r, id) {
                 self.allow
                     .insert(&k, value, 0)
                     .map_err(map_err("FILE_ALLOW"))?;
@@ -303,11 +280,12 @@ pub(crate) fn attach_guard(
     ebpf: &mut Ebpf,
     lsm: bool,
     pin_dir: Option<&Path>,
-) -> Result<Vec<Link>, KernelError> {
+    links: &mut LinkSet,
+) -> Result<(), KernelError> {
     if lsm {
-        attach_lsm(ebpf, &LSM_FILE_PROGRAMS, pin_dir)
+        attach_lsm(ebpf, &LSM_FILE_PROGRAMS, pin_dir, links)
     } else {
-        crate::link::attach_tracepoints(ebpf, &TRACEPOINTS, pin_dir)
+        crate::bpf::link::attach_tracepoints(ebpf, &TRACEPOINTS, pin_dir, links)
     }
 }
 
@@ -328,11 +306,12 @@ pub(crate) fn attach_host(
     ebpf: &mut Ebpf,
     lsm: bool,
     pin_dir: Option<&Path>,
-) -> Result<Vec<Link>, KernelError> {
+    links: &mut LinkSet,
+) -> Result<(), KernelError> {
     if lsm {
-        attach_lsm(ebpf, &LSM_HOST_PROGRAMS, pin_dir)
+        attach_lsm(ebpf, &LSM_HOST_PROGRAMS, pin_dir, links)
     } else {
-        Ok(Vec::new())
+        Ok(())
     }
 }
 
@@ -340,8 +319,8 @@ fn attach_lsm(
     ebpf: &mut Ebpf,
     programs: &[(&'static str, &str)],
     pin_dir: Option<&Path>,
-) -> Result<Vec<Link>, KernelError> {
-    let mut links = Vec::new();
+    links: &mut LinkSet,
+) -> Result<(), KernelError> {
     for &(name, _) in programs {
         links.push(Link::pinned_or_attach(pin_dir, name, || {
             let prog = program::<Lsm>(ebpf, name)?;
@@ -354,7 +333,7 @@ fn attach_lsm(
             Ok(FdLink::from(link))
         })?);
     }
-    Ok(links)
+    Ok(())
 }
 
 /// A file open of an agent: refused by the kernel, or (without BPF LSM) made, to be judged.
@@ -592,59 +571,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_prefixes_and_refuses_what_the_kernel_could_not_match() {
-        assert_eq!(
-            FileRule::parse("/usr/:ro"),
-            Ok(FileRule {
-                prefix: "/usr/".into(),
-                read_only: true
-            })
-        );
-        assert_eq!(
-            FileRule::parse("/tmp/x"),
-            Ok(FileRule {
-                prefix: "/tmp/x".into(),
-                read_only: false
-            })
-        );
-        for bad in ["usr/", "", ":ro", "/a/../b", "/a/./b", "/a//b", "/a/.."] {
-            assert!(FileRule::parse(bad).is_err(), "{bad}");
-        }
-        let long = format!("/{}", "a".repeat(FILE_RULE_MAX));
-        assert!(FileRule::parse(&long).unwrap_err().contains("longer than"));
-    }
-
-    #[test]
-    fn judges_like_the_kernel_trie() {
-        let rules: Vec<FileRule> = ["/srv/app/", "/usr/:ro", "/srv/:ro"]
-            .iter()
-            .map(|r| FileRule::parse(r).unwrap())
-            .collect();
-        assert!(admitted(&rules, "/srv/app/data", true));
-        assert!(admitted(&rules, "/srv/app", true), "the directory itself");
-        assert!(!admitted(&rules, "/srv/application", true));
-        assert!(
-            admitted(&rules, "/srv/application", false),
-            "/srv/ is readable"
-        );
-        assert!(admitted(&rules, "/usr/lib/x", false));
-        assert!(!admitted(&rules, "/usr/lib/x", true), "read-only");
-        assert!(!admitted(&rules, "/etc/shadow", false));
-        assert!(!admitted(&rules, "/", false));
-    }
-
-    #[test]
     fn trie_keys_cover_the_prefix_and_the_directory() {
         let r = FileRule::parse("/tmp/").unwrap();
-        let keys = r.keys(7);
-        assert_eq!(keys.len(), 2);
-        assert_eq!(keys[0].prefix_len(), 32 + 8 * 5);
-        assert_eq!(&keys[0].data().path[..5], b"/tmp/");
-        assert_eq!(keys[1].prefix_len(), 32 + 8 * 5, "`/tmp` and its NUL");
-        assert_eq!(&keys[1].data().path[..5], b"/tmp\0");
-        assert!(keys.iter().all(|k| k.data().agent == 7));
-        assert_eq!(FileRule::parse("/").unwrap().keys(1).len(), 1);
-        const { assert!(agentwatch_common::FILE_KEY_PATH > FILE_RULE_MAX + 1) };
+        let k = keys(&r, 7);
+        assert_eq!(k.len(), 2);
+        assert_eq!(k[0].prefix_len(), 32 + 8 * 5);
+        assert_eq!(&k[0].data().path[..5], b"/tmp/");
+        assert_eq!(k[1].prefix_len(), 32 + 8 * 5, "`/tmp` and its NUL");
+        assert_eq!(&k[1].data().path[..5], b"/tmp\0");
+        assert!(k.iter().all(|k| k.data().agent == 7));
+        assert_eq!(keys(&FileRule::parse("/").unwrap(), 1).len(), 1);
+        const { assert!(agentwatch_common::FILE_KEY_PATH > agentwatch_common::FILE_RULE_MAX + 1) };
     }
 
     #[test]

@@ -26,7 +26,8 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    bpf::{KernelError, map_err, take_map},
+    bpf::{KernelError, load::LoadEnv, map_err, take_map},
+    concern::{Concern, Load, MapSpec, Policy, Slot},
     config::Agent,
 };
 
@@ -54,8 +55,20 @@ pub struct Observed {
     pub names: StdHashMap<IpAddr, BTreeSet<String>>,
 }
 
-impl LearnMaps {
-    pub(crate) fn load(ebpf: &mut Ebpf) -> Result<Self, KernelError> {
+impl Load for LearnMaps {
+    const MAPS: &'static [MapSpec] = &[
+        MapSpec::new("RULE_HITS", size_of::<RuleHitKey>(), 8),
+        MapSpec::new("LEARN_DESTS", size_of::<DestKey>(), size_of::<Seen>()),
+        MapSpec::new("LEARN_EXECS", size_of::<ExecKey>(), size_of::<Seen>()),
+        MapSpec::new(
+            "LEARN_NAMES",
+            size_of::<LearnNameKey>(),
+            size_of::<LearnName>(),
+        ),
+        MapSpec::new("LEARN_QUOTA", 4, size_of::<LearnQuota>()),
+    ];
+
+    fn load(ebpf: &mut Ebpf, _env: &LoadEnv) -> Result<Self, KernelError> {
         Ok(Self(Arc::new(Mutex::new(Maps {
             hits: take_map(ebpf, "RULE_HITS")?,
             dests: take_map(ebpf, "LEARN_DESTS")?,
@@ -64,7 +77,28 @@ impl LearnMaps {
             quota: take_map(ebpf, "LEARN_QUOTA")?,
         }))))
     }
+}
 
+impl Concern for LearnMaps {
+    fn name(&self) -> &'static str {
+        "learn"
+    }
+
+    fn forget(&mut self, slot: Slot, _last: Option<&Policy>) -> Result<(), KernelError> {
+        self.forget_agent(slot.id)
+    }
+
+    fn apply(
+        &mut self,
+        slot: Slot,
+        _old: Option<&Policy>,
+        new: &Policy,
+    ) -> Result<(), KernelError> {
+        self.set_quota(slot.id, new.learn_quota)
+    }
+}
+
+impl LearnMaps {
     /// Sets agent `id`'s share of the learn maps (`daemon.learn_quota`; 0: none), keeping the
     /// kernel's count of the records it holds.
     pub fn set_quota(&self, id: u32, limit: u64) -> Result<(), KernelError> {
@@ -180,7 +214,7 @@ impl LearnMaps {
             family,
             _pad: [0; 3],
             addr: bytes,
-            name: crate::egress::rules::text_id(name),
+            name: crate::rules::egress::text_id(name),
         };
         self.lock()
             .names

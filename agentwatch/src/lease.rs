@@ -12,7 +12,10 @@ use aya::{
     maps::{Array, MapData},
 };
 
-use crate::bpf::{KernelError, ktime_ns, map_err, take_map};
+use crate::{
+    bpf::{KernelError, ktime_ns, load::LoadEnv, map_err, take_map},
+    concern::{Concern, Load, MapSpec, Policy, Slot},
+};
 
 /// The deadlines, per agent id, and which of them the daemon audited the expiry of.
 pub struct LeaseMaps {
@@ -22,14 +25,47 @@ pub struct LeaseMaps {
     audited: Array<MapData, u64>,
 }
 
-impl LeaseMaps {
-    pub(crate) fn load(ebpf: &mut Ebpf) -> Result<Self, KernelError> {
+impl Load for LeaseMaps {
+    const MAPS: &'static [MapSpec] = &[
+        MapSpec::new("LEASES", 4, 8),
+        MapSpec::new("LEASE_AUDITED", 4, 8),
+    ];
+
+    fn load(ebpf: &mut Ebpf, _env: &LoadEnv) -> Result<Self, KernelError> {
         Ok(Self {
             deadlines: take_map(ebpf, "LEASES")?,
             audited: take_map(ebpf, "LEASE_AUDITED")?,
         })
     }
+}
 
+impl Concern for LeaseMaps {
+    fn name(&self) -> &'static str {
+        "lease"
+    }
+
+    fn forget(&mut self, slot: Slot, _last: Option<&Policy>) -> Result<(), KernelError> {
+        self.set(slot.id, None)
+    }
+
+    fn apply(&mut self, slot: Slot, old: Option<&Policy>, new: &Policy) -> Result<(), KernelError> {
+        let deadline = match old {
+            // Guarding: a lease keeps running across daemon restarts; only a new one starts
+            // now (a fresh slot's was forgotten).
+            None => match (new.lease, self.deadline(slot.id)) {
+                (Some(_), Some(kept)) => Some(kept),
+                (Some(length), None) => Some(deadline_in(length)),
+                (None, _) => None,
+            },
+            // A changed lease starts again from now; an unchanged one keeps running.
+            Some(old) if old.lease != new.lease => new.lease.map(deadline_in),
+            Some(_) => return Ok(()),
+        };
+        self.set(slot.id, deadline)
+    }
+}
+
+impl LeaseMaps {
     /// Was the expiry of agent `id`'s current deadline audited? A new deadline (extend, a
     /// reload that changes the lease) is a new expiry, audited again.
     pub(crate) fn expiry_audited(&self, id: u32) -> bool {

@@ -276,7 +276,7 @@ fn real_main(cmd: Cmd, socket: PathBuf) -> Result<ExitCode> {
                         );
                     }
                     // What the guards do here depends on the kernel: say it before a reload.
-                    let modes = agentwatch::files::modes(agentwatch::files::bpf_lsm_active());
+                    let modes = agentwatch::files::modes(agentwatch::bpf::load::bpf_lsm_active());
                     for (key, used) in [
                         ("files", c.agents.iter().any(|a| a.files.is_some())),
                         (

@@ -35,11 +35,11 @@ use serde_json::json;
 use crate::{
     audit::KernelLine,
     bpf::{
-        KernelError, c_string, ignore_missing, load_program, map_err, program, read_record,
-        take_map,
+        KernelError, Link, LinkSet, c_string, ignore_missing, load::LoadEnv, load_program, map_err,
+        program, read_record, take_map,
     },
     cgroup::Cgroup,
-    link::Link,
+    concern::{Concern, History, Load, MapSpec, Policy, Slot},
 };
 
 /// The per-agent program (cgroup sock_create).
@@ -70,9 +70,16 @@ pub struct SocketMaps {
     nested: HashMap<MapData, u64, u64>,
 }
 
-impl SocketMaps {
+impl Load for SocketMaps {
+    const MAPS: &'static [MapSpec] = &[
+        MapSpec::new("TASKS", 4, 8),
+        MapSpec::new("NESTED", 8, 8),
+        MapSpec::new("DOOMED", 4, 4),
+        MapSpec::new("DOOMED_COUNT", 4, 8),
+    ];
+
     /// Loads (verifies) the programs and takes the maps out of the object.
-    pub(crate) fn load(ebpf: &mut Ebpf) -> Result<Self, KernelError> {
+    fn load(ebpf: &mut Ebpf, _env: &LoadEnv) -> Result<Self, KernelError> {
         load_program(
             CGROUP_PROGRAM,
             program::<CgroupSock>(ebpf, CGROUP_PROGRAM)?,
@@ -92,7 +99,35 @@ impl SocketMaps {
             nested: take_map(ebpf, "NESTED")?,
         })
     }
+}
 
+impl Concern for SocketMaps {
+    fn name(&self) -> &'static str {
+        "sockets"
+    }
+
+    fn forget(&mut self, slot: Slot, _last: Option<&Policy>) -> Result<(), KernelError> {
+        match slot.history {
+            // A cgroup new to the kernel has no processes or nested cgroups recorded (and
+            // forgetting scans every process the kernel tracks).
+            History::Fresh => Ok(()),
+            _ => self.forget_cgroup(slot.cgroup_id),
+        }
+    }
+
+    fn attach(
+        &mut self,
+        obj: &mut Ebpf,
+        cgroup: &Cgroup,
+        pin_dir: Option<&Path>,
+        links: &mut LinkSet,
+    ) -> Result<(), KernelError> {
+        links.push(attach(obj, cgroup, pin_dir)?);
+        Ok(())
+    }
+}
+
+impl SocketMaps {
     /// Records `pids` as processes of the agent keyed `agent_key` (those already in its cgroup
     /// when it is guarded; later ones are recorded by the kernel at fork and at moves in).
     pub(crate) fn seed_tasks(&mut self, agent_key: u64, pids: &[u32]) -> Result<(), KernelError> {
@@ -128,7 +163,7 @@ impl SocketMaps {
 
     /// Forgets everything about the agent keyed `agent_key` (it is no longer guarded): its
     /// nested cgroups and its processes, so none of them counts as an escape any more.
-    pub(crate) fn forget(&mut self, agent_key: u64) -> Result<(), KernelError> {
+    pub(crate) fn forget_cgroup(&mut self, agent_key: u64) -> Result<(), KernelError> {
         self.drop_nested(agent_key, &HashSet::new())?;
         let stale: Vec<u32> = self
             .tasks
@@ -362,11 +397,7 @@ pub(crate) fn descendants(root: &Path) -> Vec<PathBuf> {
 
 /// Attaches the sock_create program to `cgroup` (single mode, pinned under `pin_dir` when
 /// given; a pin of an earlier daemon is adopted).
-pub(crate) fn attach(
-    ebpf: &mut Ebpf,
-    cgroup: &Cgroup,
-    pin_dir: Option<&Path>,
-) -> Result<Link, KernelError> {
+fn attach(ebpf: &mut Ebpf, cgroup: &Cgroup, pin_dir: Option<&Path>) -> Result<Link, KernelError> {
     let dir = cgroup.dir()?;
     Link::pinned_or_attach(pin_dir, CGROUP_PROGRAM, || {
         let attach_err = |source| KernelError::Attach {
@@ -391,8 +422,9 @@ pub(crate) fn attach(
 pub(crate) fn attach_host(
     ebpf: &mut Ebpf,
     pin_dir: Option<&Path>,
-) -> Result<Vec<Link>, KernelError> {
-    let mut links = crate::link::attach_tracepoints(ebpf, &HOST_PROGRAMS, pin_dir)?;
+    links: &mut LinkSet,
+) -> Result<(), KernelError> {
+    crate::bpf::link::attach_tracepoints(ebpf, &HOST_PROGRAMS, pin_dir, links)?;
     let (name, tracepoint) = RAW_HOST_PROGRAM;
     links.push(Link::pinned_or_attach(pin_dir, name, || {
         let prog = program::<RawTracePoint>(ebpf, name)?;
@@ -404,5 +436,5 @@ pub(crate) fn attach_host(
             .map_err(|source| KernelError::Program { name, source })?;
         Ok(FdLink::from(link))
     })?);
-    Ok(links)
+    Ok(())
 }

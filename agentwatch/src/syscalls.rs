@@ -7,10 +7,7 @@ use std::path::Path;
 
 use aya::{Ebpf, programs::RawTracePoint, programs::links::FdLink};
 
-use crate::{
-    bpf::{KernelError, load_program},
-    link::Link,
-};
+use crate::bpf::{KernelError, Link, load_program};
 
 pub const PROGRAM: &str = "syscalls_sys_enter";
 

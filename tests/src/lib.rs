@@ -397,7 +397,7 @@ pub const EPERM: i32 = libc::EPERM;
 /// Does this kernel run BPF LSM? Then agentwatch refuses (EPERM) an exec outside an agent's
 /// allow-list where it otherwise kills it: tests expect one or the other from this.
 pub fn bpf_lsm() -> bool {
-    agentwatch::files::bpf_lsm_active()
+    agentwatch::bpf::load::bpf_lsm_active()
 }
 
 /// Asserts how a spawn-each line of an exec outside the allow-list ended: refused with EPERM

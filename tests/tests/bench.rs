@@ -735,7 +735,7 @@ fn file_guard(report: &Report, rounds: usize) {
             drop(a);
         }
     }
-    let lsm = agentwatch::files::bpf_lsm_active();
+    let lsm = agentwatch::bpf::load::bpf_lsm_active();
     for (m, (call, _, _)) in measures.iter().enumerate() {
         let off = median(&mut r[0][m]);
         let on = median(&mut r[1][m]);

@@ -493,6 +493,88 @@ fn two_agents_do_not_see_each_others_rules() {
     );
 }
 
+/// Pins of one test under bpffs, removed (links detached) on Drop.
+struct TestPins(agentwatch::kernel::PinDir);
+
+impl Drop for TestPins {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.remove_all() {
+            eprintln!("removing {}: {e}", self.0.root().display());
+        }
+    }
+}
+
+#[test]
+fn a_guard_that_fails_halfway_leaves_nothing_attached_and_no_state() {
+    privileged!();
+    let (_a, port) = tcp_listener("127.0.0.1:0");
+    let cg = TestCgroup::new();
+    let cgroup_id = cg.cgroup().id().expect("cgroup id");
+    let pins = TestPins(agentwatch::kernel::PinDir::new(format!(
+        "/sys/fs/bpf/agentwatch-test-{}-{}",
+        std::process::id(),
+        agentwatch_tests::unique_name()
+    )));
+    // Where the byte counter's link would be pinned, something that is no link: the egress
+    // and sock_create programs attach (fresh) before the byte counter fails to adopt it.
+    let agent_links = pins.0.root().join("links").join(format!("t10@{cgroup_id}"));
+    std::fs::create_dir_all(&agent_links).expect("pin folder");
+    let bogus = aya::maps::Array::<aya::maps::MapData, u32>::create(1, 0).expect("a map");
+    bogus
+        .pin(agent_links.join("bytes_egress"))
+        .expect("pinning the bogus object");
+    let before: std::collections::HashSet<u32> = aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .map(|l| l.id())
+        .collect();
+    let mut agents = Agents::load_pinned(pins.0.clone()).expect("load");
+    let host: std::collections::HashSet<u32> = agents.host_link_ids().into_iter().collect();
+    let policy = rules(&[&format!("tcp 127.0.0.1 {port}")]);
+    let err = agents
+        .guard("t10", cg.cgroup().clone(), policy.clone())
+        .expect_err("guarding over a bogus pin fails");
+    assert!(err.to_string().contains("bytes_egress"), "{err}");
+    assert_eq!(agents.link_count("t10"), 0);
+    // The links attached before the failure went, pins and all: only the bogus pin is left.
+    let left: Vec<String> = std::fs::read_dir(&agent_links)
+        .expect("pin folder")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["bytes_egress"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let fresh: Vec<u32> = aya::programs::loaded_links()
+            .filter_map(Result::ok)
+            .map(|l| l.id())
+            .filter(|id| !before.contains(id) && !host.contains(id))
+            .collect();
+        if fresh.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "links of the failed guard still loaded: {fresh:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Nothing of the agent stayed in the kernel: once the pin is fixed it is guarded as new
+    // (not adopted), and its egress is enforced.
+    std::fs::remove_file(agent_links.join("bytes_egress")).expect("removing the bogus pin");
+    assert_eq!(
+        agents
+            .guard("t10", cg.cgroup().clone(), policy)
+            .expect("guard"),
+        agentwatch::agent::Guarding::New
+    );
+    assert_eq!(agents.link_count("t10"), 11);
+    assert!(connect(&cg, "tcp", "127.0.0.1", port).ok);
+    let (_b, other) = tcp_listener("127.0.0.1:0");
+    let r = connect(&cg, "tcp", "127.0.0.1", other);
+    assert_eq!((r.ok, r.errno), (false, EPERM), "{r:?}");
+    agents.unguard("t10").expect("unguard");
+}
+
 #[test]
 fn nothing_the_test_made_remains_afterwards() {
     privileged!();

@@ -138,7 +138,7 @@ fn raw_sockets_are_refused_in_the_kernel_counted_and_audited() {
 #[test]
 fn a_packet_socket_is_refused_or_costs_the_process_its_life() {
     privileged!();
-    let lsm = agentwatch::files::bpf_lsm_active();
+    let lsm = agentwatch::bpf::load::bpf_lsm_active();
     let (_sink, port) = udp_sink();
     let mut env = DaemonEnv::new();
     env.write_config(&one_agent("pkt", port));

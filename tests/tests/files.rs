@@ -12,7 +12,7 @@ use std::{
     process::Stdio,
 };
 
-use agentwatch::files::bpf_lsm_active;
+use agentwatch::bpf::load::bpf_lsm_active;
 use agentwatch_tests::{DaemonEnv, TempDir, parse_attempts, patience, privileged, wait_until};
 
 const EACCES: i32 = libc::EACCES;

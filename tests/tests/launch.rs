@@ -489,7 +489,7 @@ fn check_warns_of_a_root_agent() {
         "{text}"
     );
     // And what guards the daemon from it on this kernel.
-    let tamper = if agentwatch::files::bpf_lsm_active() {
+    let tamper = if agentwatch::bpf::load::bpf_lsm_active() {
         "  tamper on this host: enforced (BPF LSM: an agent's bpf() calls, its signals to the daemon and its writes, unlinks and renames of the daemon's files are refused)"
     } else {
         "  tamper on this host: file modes and uids only (no BPF LSM: an agent with user = \"root\" can open the pins and signal the daemon)"

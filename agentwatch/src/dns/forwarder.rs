@@ -37,8 +37,8 @@ use tokio::{
 use super::{
     Learned,
     message::{self, Malformed, Query},
-    names::HostRules,
 };
+use crate::rules::names::HostRules;
 use crate::{audit::Audit, bpf::ktime_ns, learn::LearnMaps};
 
 /// How long upstream has to answer one query (stub resolvers retry after about 5 s).

@@ -8,7 +8,7 @@ use hickory_proto::{
     rr::{DNSClass, Name, RData, RecordType},
 };
 
-use super::names::{canonical, same_name};
+use crate::rules::names::{canonical, same_name};
 
 /// The DNS header: shorter than this, a packet cannot even be answered with an error.
 const HEADER_LEN: usize = 12;

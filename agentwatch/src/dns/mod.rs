@@ -8,13 +8,12 @@
 //! addresses into that agent's kernel allow-list ([`Learned`]) with the rule's protocol and
 //! ports and a deadline the kernel checks itself, and only then answers.
 //!
-//! - [`names`]: hostname rules and how names match them;
+//! - [`crate::rules::names`]: hostname rules and how names match them;
 //! - [`message`]: reading queries and answers, building replies (hickory-proto);
 //! - [`forwarder`]: the per-agent sockets and the query path.
 
 pub mod forwarder;
 pub mod message;
-pub mod names;
 
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
@@ -32,13 +31,16 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, links::FdLink},
 };
 
+pub use crate::rules::names::{HostRule, HostRules, NamePattern};
 use crate::{
-    bpf::{KernelError, ignore_missing, load_program, map_err, program, take_map},
+    bpf::{
+        KernelError, Link, LinkSet, ignore_missing, load::LoadEnv, load_program, map_err, program,
+        take_map,
+    },
     cgroup::Cgroup,
-    link::Link,
+    concern::{Concern, Load, MapSpec, Policy, Slot},
 };
 pub use forwarder::{Endpoint, Forwarder, Settings, Stats};
-pub use names::{HostRule, HostRules, NamePattern};
 
 /// The reply hooks, attached to every agent's cgroup beside the egress programs: they show a
 /// redirected socket the resolver it asked as its peer.
@@ -58,9 +60,16 @@ pub struct DnsMaps {
     learned: Learned,
 }
 
-impl DnsMaps {
+impl Load for DnsMaps {
+    const MAPS: &'static [MapSpec] = &[
+        MapSpec::new("DNS_PORTS", 4, size_of::<DnsPorts>()),
+        MapSpec::new("DNS_ALLOW", size_of::<DnsKey>(), size_of::<DnsValue>()),
+        MapSpec::new("DNS_ORIG", 8, size_of::<agentwatch_common::DnsOrig>()),
+        MapSpec::new("DNS_COUNTS", 4, 8 * DNS_VERDICTS),
+    ];
+
     /// Takes the maps out of the object and loads (verifies) the programs.
-    pub(crate) fn load(ebpf: &mut Ebpf) -> Result<Self, KernelError> {
+    fn load(ebpf: &mut Ebpf, _env: &LoadEnv) -> Result<Self, KernelError> {
         for name in PROGRAMS {
             load_program(name, program(ebpf, name)?, CgroupSockAddr::load)?;
         }
@@ -74,7 +83,52 @@ impl DnsMaps {
             learned: Learned::new(take_map(ebpf, "DNS_ALLOW")?, take_map(ebpf, "DNS_COUNTS")?),
         })
     }
+}
 
+/// A forwarder's ports go in before the flag sends the agent's DNS there; a dropped one's stay
+/// until the flag no longer does.
+impl Concern for DnsMaps {
+    fn name(&self) -> &'static str {
+        "dns"
+    }
+
+    fn forget(&mut self, slot: Slot, _last: Option<&Policy>) -> Result<(), KernelError> {
+        self.clear(slot.id)
+    }
+
+    fn apply(&mut self, slot: Slot, old: Option<&Policy>, new: &Policy) -> Result<(), KernelError> {
+        match (old, new.dns) {
+            // Guarding: the ports are exactly the policy's.
+            (None, ports) => self.write_ports(slot.id, ports.unwrap_or_default()),
+            (Some(_), Some(ports)) => self.write_ports(slot.id, ports),
+            (Some(_), None) => Ok(()),
+        }
+    }
+
+    fn attach(
+        &mut self,
+        obj: &mut Ebpf,
+        cgroup: &Cgroup,
+        pin_dir: Option<&Path>,
+        links: &mut LinkSet,
+    ) -> Result<(), KernelError> {
+        attach(obj, cgroup, pin_dir, links)
+    }
+
+    fn retire(
+        &mut self,
+        slot: Slot,
+        old: Option<&Policy>,
+        new: &Policy,
+    ) -> Result<(), KernelError> {
+        if new.dns.is_none() && old.is_some_and(|o| o.dns.is_some()) {
+            self.clear(slot.id)?;
+        }
+        Ok(())
+    }
+}
+
+impl DnsMaps {
     /// Writes where agent `id`'s forwarder listens (default: nowhere, its DNS is denied).
     pub(crate) fn write_ports(&mut self, id: u32, ports: DnsPorts) -> Result<(), KernelError> {
         self.ports.set(id, ports, 0).map_err(map_err("DNS_PORTS"))
@@ -94,12 +148,13 @@ impl DnsMaps {
 
 /// Attaches the reply hooks and the release hook to `cgroup` (pinned like the egress
 /// programs; pins of an earlier daemon are adopted).
-pub(crate) fn attach(
+fn attach(
     ebpf: &mut Ebpf,
     cgroup: &Cgroup,
     pin_dir: Option<&Path>,
-) -> Result<Vec<Link>, KernelError> {
-    let mut links = crate::egress::attach_sock_addr(ebpf, cgroup, pin_dir, &PROGRAMS)?;
+    links: &mut LinkSet,
+) -> Result<(), KernelError> {
+    crate::egress::attach_sock_addr(ebpf, cgroup, pin_dir, &PROGRAMS, links)?;
     let dir = cgroup.dir()?;
     let release = Link::pinned_or_attach(pin_dir, RELEASE_PROGRAM, || {
         let attach_err = |source| KernelError::Attach {
@@ -116,20 +171,9 @@ pub(crate) fn attach(
             name: RELEASE_PROGRAM,
             source,
         })
-    });
-    match release {
-        Ok(link) => {
-            links.push(link);
-            Ok(links)
-        }
-        Err(e) => {
-            // No half-guarded agent: undo what this call attached (adopted pins stay).
-            for link in links.into_iter().filter(Link::fresh) {
-                let _ = link.detach();
-            }
-            Err(e)
-        }
-    }
+    })?;
+    links.push(release);
+    Ok(())
 }
 
 /// The addresses DNS answers admitted, per agent: the kernel's `DNS_ALLOW` with a copy kept

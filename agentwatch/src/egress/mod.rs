@@ -4,14 +4,13 @@
 //! rules into the kernel's LPM tries, one rule generation at a time.
 
 pub mod events;
-pub mod rules;
 
 use std::{os::fd::AsFd as _, path::Path};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use agentwatch_common::{
-    AgentLimits, Cap, RuleKeyV4, RuleKeyV6, RuleValue, SCOPE_BITS, SuppressedKey,
+    AgentLimits, Cap, DestKey, RuleKeyV4, RuleKeyV6, RuleValue, SCOPE_BITS, SuppressedKey,
 };
 use aya::{
     Ebpf,
@@ -19,12 +18,14 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 
+pub use crate::rules::egress::{CompiledRules, Proto, Rule, RuleError, compile};
 use crate::{
-    bpf::{KernelError, ignore_missing, load_program, map_err, take_map},
+    bpf::{
+        KernelError, Link, LinkSet, ignore_missing, load::LoadEnv, load_program, map_err, take_map,
+    },
     cgroup::Cgroup,
-    link::Link,
+    concern::{Concern, History, Load, MapSpec, Policy, Slot},
 };
-pub use rules::{CompiledRules, Proto, Rule, RuleError, compile};
 
 /// The four egress programs, by their names in the object.
 pub const PROGRAMS: [&str; 4] = [
@@ -61,9 +62,25 @@ pub struct Caps {
     pub events_per_second: Option<u32>,
 }
 
-impl EgressMaps {
+impl Load for EgressMaps {
+    const MAPS: &'static [MapSpec] = &[
+        MapSpec::new("LIMITS", 4, size_of::<AgentLimits>()),
+        MapSpec::new(
+            "RULES_V4",
+            4 + size_of::<RuleKeyV4>(),
+            size_of::<RuleValue>(),
+        ),
+        MapSpec::new(
+            "RULES_V6",
+            4 + size_of::<RuleKeyV6>(),
+            size_of::<RuleValue>(),
+        ),
+        MapSpec::new("DEST_SEEN", size_of::<DestKey>(), 8),
+        MapSpec::new("SUPPRESSED", size_of::<DestKey>(), 8),
+    ];
+
     /// Takes the maps out of the object and loads (verifies) the programs.
-    pub(crate) fn load(ebpf: &mut Ebpf) -> Result<Self, KernelError> {
+    fn load(ebpf: &mut Ebpf, _env: &LoadEnv) -> Result<Self, KernelError> {
         for name in PROGRAMS {
             load_program(name, program(ebpf, name)?, CgroupSockAddr::load)?;
         }
@@ -74,7 +91,82 @@ impl EgressMaps {
             suppressed: take_map(ebpf, "SUPPRESSED")?,
         })
     }
+}
 
+/// The rules go in generations: a new policy's rules are written beside the live ones, the
+/// agent state's switch makes them live, and the old generation is retired once no program
+/// can still be reading it.
+impl Concern for EgressMaps {
+    fn name(&self) -> &'static str {
+        "egress"
+    }
+
+    fn forget(&mut self, slot: Slot, last: Option<&Policy>) -> Result<(), KernelError> {
+        self.clear_caps(slot.id)?;
+        match last {
+            Some(p) => self.clear(slot.live_scope(), &p.rules),
+            // Whatever an earlier daemon (or a crash halfway through a write) left there.
+            None => {
+                self.clear_scope(slot.live_scope())?;
+                self.clear_scope(slot.next_scope()).map(drop)
+            }
+        }
+    }
+
+    fn prepare(&mut self, slot: Slot, new: &Policy) -> Result<(), KernelError> {
+        if slot.history == History::Adopted {
+            // The other generation may hold a half-written policy of a crashed daemon.
+            self.clear_scope(slot.next_scope())?;
+        }
+        self.write(slot.next_scope(), &new.rules)
+    }
+
+    fn abort(&mut self, slot: Slot, prepared: &Policy, _live: &Policy) -> Result<(), KernelError> {
+        self.clear(slot.next_scope(), &prepared.rules)
+    }
+
+    fn apply(
+        &mut self,
+        slot: Slot,
+        _old: Option<&Policy>,
+        new: &Policy,
+    ) -> Result<(), KernelError> {
+        self.write_caps(
+            slot.id,
+            Caps {
+                connects_per_second: new.connects_per_second,
+                sends_per_second: new.sends_per_second,
+                events_per_second: new.events_per_second,
+            },
+        )
+    }
+
+    fn attach(
+        &mut self,
+        obj: &mut Ebpf,
+        cgroup: &Cgroup,
+        pin_dir: Option<&Path>,
+        links: &mut LinkSet,
+    ) -> Result<(), KernelError> {
+        attach_sock_addr(obj, cgroup, pin_dir, &PROGRAMS, links)
+    }
+
+    fn retire(
+        &mut self,
+        slot: Slot,
+        old: Option<&Policy>,
+        _new: &Policy,
+    ) -> Result<(), KernelError> {
+        match (old, slot.history) {
+            (Some(old), _) => self.clear(slot.live_scope(), &old.rules),
+            // What an earlier daemon wrote is found by scanning; a fresh slot's was forgotten.
+            (None, History::Adopted) => self.clear_scope(slot.live_scope()).map(drop),
+            (None, _) => Ok(()),
+        }
+    }
+}
+
+impl EgressMaps {
     /// Writes agent `id`'s caps, keeping each cap's running state (`tat`) so a reload grants
     /// no burst.
     pub(crate) fn write_caps(&mut self, id: u32, caps: Caps) -> Result<(), KernelError> {
@@ -209,27 +301,18 @@ fn program<'a>(
     crate::bpf::program(ebpf, name)
 }
 
-/// Attaches the egress programs to `cgroup` (single mode: nothing below it can override them).
-/// With `pin_dir`, each link is pinned there, and a link already pinned there by an earlier
-/// daemon is kept as it is: re-adopting an agent never detaches it, not even for an instant.
-pub(crate) fn attach(
-    ebpf: &mut Ebpf,
-    cgroup: &Cgroup,
-    pin_dir: Option<&Path>,
-) -> Result<Vec<Link>, KernelError> {
-    attach_sock_addr(ebpf, cgroup, pin_dir, &PROGRAMS)
-}
-
-/// Attaches cgroup sock_addr programs `names` to `cgroup` as [`attach`] does (the DNS concern's
-/// reply hooks go the same way).
+/// Attaches cgroup sock_addr programs `names` to `cgroup` (single mode: nothing below it can
+/// override them; the egress programs, and the DNS concern's reply hooks). With `pin_dir`,
+/// each link is pinned there, and a link already pinned there by an earlier daemon is kept as
+/// it is: re-adopting an agent never detaches it, not even for an instant.
 pub(crate) fn attach_sock_addr(
     ebpf: &mut Ebpf,
     cgroup: &Cgroup,
     pin_dir: Option<&Path>,
     names: &[&'static str],
-) -> Result<Vec<Link>, KernelError> {
+    links: &mut LinkSet,
+) -> Result<(), KernelError> {
     let dir = cgroup.dir()?;
-    let mut links = Vec::with_capacity(names.len());
     for &name in names {
         let link = Link::pinned_or_attach(pin_dir, name, || {
             let attach_err = |source| KernelError::Attach {
@@ -245,16 +328,7 @@ pub(crate) fn attach_sock_addr(
             // Only kernels before 5.7 lack bpf_link; there the link is not fd-based.
             FdLink::try_from(link).map_err(|source| KernelError::Link { name, source })
         });
-        match link {
-            Ok(link) => links.push(link),
-            Err(e) => {
-                // No half-guarded agent: undo what this call attached (adopted pins stay).
-                for link in links.into_iter().filter(Link::fresh) {
-                    let _ = link.detach();
-                }
-                return Err(e);
-            }
-        }
+        links.push(link?);
     }
-    Ok(links)
+    Ok(())
 }

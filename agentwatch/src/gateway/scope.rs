@@ -114,7 +114,7 @@ pub fn secrets(
     let mut out = BTreeMap::new();
     for (name, s) in raw {
         let span = s.span();
-        if !crate::config::valid_name(name) {
+        if !crate::rules::valid_name(name) {
             err(
                 span.clone(),
                 format!("secret name `{name}` must be 1-63 characters of a-z, 0-9 and `-`"),
@@ -173,7 +173,7 @@ pub fn apis(
             ok = false;
             err(span, format!("api `{name}`: {msg}"));
         };
-        if !crate::config::valid_name(&name) {
+        if !crate::rules::valid_name(&name) {
             bad(
                 a.name.span(),
                 "the name must be 1-63 characters of a-z, 0-9 and `-`".into(),

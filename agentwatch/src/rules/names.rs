@@ -14,7 +14,7 @@ use std::{fmt, str::FromStr};
 
 use hickory_proto::rr::Name;
 
-use crate::egress::rules::{Ports, Proto};
+use super::egress::{Ports, Proto};
 
 /// A name or a wildcard over the names below one.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -186,7 +186,7 @@ impl HostRule {
     /// kernel keeps it with each address the rule admitted, so a reload (or a new daemon) keeps
     /// exactly the addresses whose rule is still configured, with no other state.
     pub fn id(&self) -> u64 {
-        crate::egress::rules::text_id(&self.to_string())
+        super::egress::text_id(&self.to_string())
     }
 }
 
@@ -234,7 +234,7 @@ mod tests {
         // (`udp apixap2\.0.2 587`) was refused.
         let rule = r"udp APIxap2\.0.2.\ 587";
         let err = rule
-            .parse::<crate::egress::rules::EgressRule>()
+            .parse::<crate::rules::egress::EgressRule>()
             .expect_err(rule);
         assert!(
             err.to_string().contains("no top-level domain is numeric"),
@@ -251,10 +251,10 @@ mod tests {
         // ending the last label was taken for the root's trailing dot and dropped, leaving a
         // dangling `\` in the canonical text (`tcp api.exl\ 22`), which reads as another name.
         let rule = r"tcp api.exl\.\ 22";
-        let parsed: crate::egress::rules::EgressRule = rule.parse().expect(rule);
+        let parsed: crate::rules::egress::EgressRule = rule.parse().expect(rule);
         let canonical = parsed.to_string();
         assert_eq!(
-            canonical.parse::<crate::egress::rules::EgressRule>(),
+            canonical.parse::<crate::rules::egress::EgressRule>(),
             Ok(parsed),
             "{canonical}"
         );

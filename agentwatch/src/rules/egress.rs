@@ -13,7 +13,7 @@ use agentwatch_common::{
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use sha2::{Digest as _, Sha256};
 
-use crate::dns::names::{HostRule, NameError, looks_like_name};
+use super::names::{HostRule, NameError, looks_like_name};
 
 /// Protocols a rule can name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -294,14 +294,66 @@ impl Link {
     }
 }
 
+/// Links attached as one group (an agent's cgroup, a host-wide set): on Drop, the links this
+/// process attached are detached again (pins removed) unless [`LinkSet::keep`] took them, so
+/// a group that fails halfway leaves nothing attached. Links adopted from an earlier daemon's
+/// pins are never detached: they stay as they were found.
+#[derive(Debug, Default)]
+#[must_use = "dropping a LinkSet detaches the links it attached"]
+pub struct LinkSet {
+    links: Vec<Link>,
+}
+
+impl LinkSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `link` to the group.
+    pub fn push(&mut self, link: Link) {
+        self.links.push(link);
+    }
+
+    /// The links so far.
+    pub fn links(&self) -> &[Link] {
+        &self.links
+    }
+
+    /// Runs `attach` on a new group and keeps what it attached if it succeeds (else nothing it
+    /// attached stays).
+    pub fn build(
+        attach: impl FnOnce(&mut LinkSet) -> Result<(), KernelError>,
+    ) -> Result<Vec<Link>, KernelError> {
+        let mut set = Self::new();
+        attach(&mut set)?;
+        Ok(set.keep())
+    }
+
+    /// The group is complete: its links are the caller's to hold.
+    pub fn keep(mut self) -> Vec<Link> {
+        std::mem::take(&mut self.links)
+    }
+}
+
+impl Drop for LinkSet {
+    fn drop(&mut self) {
+        for link in self.links.drain(..).filter(Link::fresh) {
+            let name = link.name();
+            if let Err(e) = link.detach() {
+                tracing::warn!(link = name, "detaching a link of a group that failed: {e}");
+            }
+        }
+    }
+}
+
 /// Attaches tracepoint programs host-wide: (name in the object, category, tracepoint). Pinned
 /// under `pin_dir` when given; pins of an earlier daemon are adopted.
 pub(crate) fn attach_tracepoints(
     ebpf: &mut Ebpf,
     programs: &[(&'static str, &str, &str)],
     pin_dir: Option<&Path>,
-) -> Result<Vec<Link>, KernelError> {
-    let mut links = Vec::new();
+    links: &mut LinkSet,
+) -> Result<(), KernelError> {
     for &(name, category, tracepoint) in programs {
         links.push(Link::pinned_or_attach(pin_dir, name, || {
             let prog = program::<TracePoint>(ebpf, name)?;
@@ -314,5 +366,5 @@ pub(crate) fn attach_tracepoints(
             FdLink::try_from(link).map_err(|source| KernelError::Link { name, source })
         })?);
     }
-    Ok(links)
+    Ok(())
 }
