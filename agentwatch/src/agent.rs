@@ -852,6 +852,17 @@ impl Agents {
         self.kernel.counters(self.get(name)?.id)
     }
 
+    /// Counters of every agent, summed over CPUs, by name (sorted), read in one call.
+    pub fn all_counters(&self) -> Result<Vec<(&str, AgentCounters)>, KernelError> {
+        let slots = self.by_name.values().map(|g| g.id + 1).max().unwrap_or(0);
+        let all = self.kernel.all_counters(slots)?;
+        Ok(self
+            .by_name
+            .iter()
+            .filter_map(|(name, g)| Some((name.as_str(), *all.get(g.id as usize)?)))
+            .collect())
+    }
+
     /// Pins again what this daemon holds whose pin is gone (bpffs unmounted and mounted again,
     /// the folder removed): every map and every link, so enforcement outlives this process
     /// again. Returns (maps, links) pinned.

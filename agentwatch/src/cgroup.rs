@@ -172,7 +172,13 @@ impl Cgroup {
 
     /// Processes in this cgroup and every cgroup below it.
     pub fn all_pids(&self) -> Result<Vec<u32>, CgroupError> {
+        use std::os::unix::fs::MetadataExt as _;
         let mut pids = self.pids()?;
+        // A cgroup directory's link count is 2 plus its subdirectories (kernfs keeps it): with
+        // none, one stat instead of listing its dozens of control files.
+        if fs::metadata(&self.path).is_ok_and(|m| m.nlink() == 2) {
+            return Ok(pids);
+        }
         let entries = fs::read_dir(&self.path).map_err(io_err("listing", &self.path))?;
         for entry in entries.filter_map(Result::ok) {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {

@@ -406,19 +406,71 @@ impl Kernel {
     /// Counters of agent `id`, summed over CPUs.
     pub fn counters(&self, id: u32) -> Result<AgentCounters, KernelError> {
         let per_cpu = self.counters.get(&id, 0).map_err(map_err("COUNTERS"))?;
-        // Every field is a u64 (asserted in agentwatch-common): sum them word by word, so a
-        // counter added later cannot be forgotten here.
-        const WORDS: usize = size_of::<AgentCounters>() / 8;
-        let mut sum = [0u64; WORDS];
-        for c in per_cpu.iter() {
-            // SAFETY: AgentCounters is #[repr(C)] of u64s only, WORDS words long.
-            let words: [u64; WORDS] = unsafe { std::mem::transmute(*c) };
-            for (s, v) in sum.iter_mut().zip(words) {
-                *s += v;
+        Ok(sum_cpus(per_cpu.iter()))
+    }
+
+    /// Counters of slots `0..slots`, each summed over CPUs, read in one BPF_MAP_LOOKUP_BATCH
+    /// (Linux 5.6): the behaviour monitor reads every agent ten times a second, and one
+    /// syscall per agent was most of an idle daemon's time. A kernel that refuses the batch
+    /// is read slot by slot.
+    pub fn all_counters(&self, slots: u32) -> Result<Vec<AgentCounters>, KernelError> {
+        const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+        /// union bpf_attr's `batch`.
+        #[repr(C)]
+        struct Batch {
+            in_batch: u64,
+            out_batch: u64,
+            keys: u64,
+            values: u64,
+            count: u32,
+            map_fd: u32,
+            elem_flags: u64,
+            flags: u64,
+        }
+        use aya::maps::IterableMap as _;
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let err = |e: std::io::Error| KernelError::Map {
+            name: "COUNTERS",
+            source: MapError::IoError(e),
+        };
+        let slots = slots.min(agentwatch_common::MAX_AGENTS);
+        let n = slots as usize;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| err(e))?;
+        // A per-CPU value is its size rounded up to 8 bytes, once per possible CPU:
+        // AgentCounters is u64s only, so no rounding.
+        let mut keys = vec![0u32; n];
+        let mut values = vec![AgentCounters::default(); n * cpus];
+        let mut next = 0u32;
+        let fd = self.counters.map().fd().as_fd().as_raw_fd();
+        let mut attr = Batch {
+            in_batch: 0,
+            out_batch: std::ptr::from_mut(&mut next) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: slots,
+            map_fd: u32::try_from(fd).map_err(|e| err(std::io::Error::other(e)))?,
+            elem_flags: 0,
+            flags: 0,
+        };
+        let got = match crate::bpf::bpf_call(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+            Ok(_) => attr.count as usize,
+            // The end of the map was reached: `count` says how many were read.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => attr.count as usize,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP)) => {
+                return (0..slots).map(|id| self.counters(id)).collect();
+            }
+            Err(e) => return Err(err(e)),
+        };
+        let mut out = vec![AgentCounters::default(); n];
+        for (i, &key) in keys.iter().enumerate().take(got.min(n)) {
+            if let (Some(slot), Some(per_cpu)) = (
+                out.get_mut(key as usize),
+                values.get(i * cpus..(i + 1) * cpus),
+            ) {
+                *slot = sum_cpus(per_cpu.iter());
             }
         }
-        // SAFETY: as above; every bit pattern is a valid AgentCounters.
-        Ok(unsafe { std::mem::transmute::<[u64; WORDS], AgentCounters>(sum) })
+        Ok(out)
     }
 
     /// Breaker trips of agent `id` by action (alert, deny, freeze, kill).
@@ -471,4 +523,20 @@ impl Kernel {
             .filter_map(|(_, p)| p.info().ok().map(|i| i.id()))
             .collect()
     }
+}
+
+/// The sum of one slot's per-CPU counters. Every field is a u64 (asserted in
+/// agentwatch-common): summed word by word, so a counter added later cannot be forgotten here.
+fn sum_cpus<'a>(per_cpu: impl Iterator<Item = &'a AgentCounters>) -> AgentCounters {
+    const WORDS: usize = size_of::<AgentCounters>() / 8;
+    let mut sum = [0u64; WORDS];
+    for c in per_cpu {
+        // SAFETY: AgentCounters is #[repr(C)] of u64s only, WORDS words long.
+        let words: [u64; WORDS] = unsafe { std::mem::transmute(*c) };
+        for (s, v) in sum.iter_mut().zip(words) {
+            *s += v;
+        }
+    }
+    // SAFETY: as above; every bit pattern is a valid AgentCounters.
+    unsafe { std::mem::transmute::<[u64; WORDS], AgentCounters>(sum) }
 }

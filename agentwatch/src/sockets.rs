@@ -14,7 +14,7 @@
 //! guarded, and keeps `NESTED` (cgroups below an agent's) up to date.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap as StdHashMap, HashSet},
     os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
@@ -68,6 +68,10 @@ pub struct SocketMaps {
     tasks: HashMap<MapData, u32, u64>,
     /// cgroup id -> agent key, for every cgroup below an agent's own.
     nested: HashMap<MapData, u64, u64>,
+    /// `nested` as written, by agent key. The daemon is the map's only writer, so it is read
+    /// once (at load: an earlier daemon's entries) and the sweep's sync scans nothing: a
+    /// scan walks every bucket of the map, and it ran once per agent a second.
+    nested_of: StdHashMap<u64, HashSet<u64>>,
 }
 
 impl Load for SocketMaps {
@@ -94,9 +98,15 @@ impl Load for SocketMaps {
             program::<RawTracePoint>(ebpf, raw)?,
             RawTracePoint::load,
         )?;
+        let nested: HashMap<MapData, u64, u64> = take_map(ebpf, "NESTED")?;
+        let mut nested_of: StdHashMap<u64, HashSet<u64>> = StdHashMap::new();
+        for (id, key) in nested.iter().filter_map(Result::ok) {
+            nested_of.entry(key).or_default().insert(id);
+        }
         Ok(Self {
             tasks: take_map(ebpf, "TASKS")?,
-            nested: take_map(ebpf, "NESTED")?,
+            nested,
+            nested_of,
         })
     }
 }
@@ -152,13 +162,17 @@ impl SocketMaps {
                 want.insert(id);
             }
         }
-        for &id in &want {
+        let have = self.nested_of.entry(agent_key).or_default();
+        let new: Vec<u64> = want.difference(have).copied().collect();
+        for id in new {
             self.nested
                 .insert(id, agent_key, 0)
                 .map_err(map_err("NESTED"))?;
+            have.insert(id);
         }
+        let n = want.len();
         self.drop_nested(agent_key, &want)?;
-        Ok(want.len())
+        Ok(n)
     }
 
     /// Forgets everything about the agent keyed `agent_key` (it is no longer guarded): its
@@ -179,15 +193,16 @@ impl SocketMaps {
     }
 
     fn drop_nested(&mut self, agent_key: u64, keep: &HashSet<u64>) -> Result<(), KernelError> {
-        let stale: Vec<u64> = self
-            .nested
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|&(id, key)| key == agent_key && !keep.contains(&id))
-            .map(|(id, _)| id)
-            .collect();
+        let Some(have) = self.nested_of.get_mut(&agent_key) else {
+            return Ok(());
+        };
+        let stale: Vec<u64> = have.difference(keep).copied().collect();
         for id in stale {
             ignore_missing(self.nested.remove(&id), "NESTED")?;
+            have.remove(&id);
+        }
+        if have.is_empty() {
+            self.nested_of.remove(&agent_key);
         }
         Ok(())
     }
@@ -379,9 +394,15 @@ pub fn type_name(sock_type: u32) -> String {
 
 /// Every cgroup folder below `root` (not `root` itself).
 pub(crate) fn descendants(root: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
     let mut out = Vec::new();
     let mut todo = vec![root.to_owned()];
     while let Some(dir) = todo.pop() {
+        // A cgroup directory's link count is 2 plus its subdirectories (kernfs keeps it): one
+        // stat instead of listing its dozens of control files, for every agent every second.
+        if std::fs::metadata(&dir).is_ok_and(|m| m.nlink() == 2) {
+            continue;
+        }
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };

@@ -493,6 +493,46 @@ fn two_agents_do_not_see_each_others_rules() {
     );
 }
 
+#[test]
+fn every_agents_counters_read_at_once_are_each_agents_own() {
+    privileged!();
+    let (_a, port) = tcp_listener("127.0.0.1:0");
+    let (_b, closed) = tcp_listener("127.0.0.1:0");
+    let (cg1, cg2) = (TestCgroup::new(), TestCgroup::new());
+    let mut agents = Agents::load().expect("load");
+    let allow = [format!("tcp 127.0.0.1 {port}")];
+    let allow: Vec<&str> = allow.iter().map(String::as_str).collect();
+    agents
+        .guard("c1", cg1.cgroup().clone(), rules(&allow))
+        .expect("guard");
+    agents
+        .guard("c2", cg2.cgroup().clone(), rules(&allow))
+        .expect("guard");
+    for _ in 0..3 {
+        assert!(connect(&cg1, "tcp", "127.0.0.1", port).ok);
+    }
+    assert!(!connect(&cg2, "tcp", "127.0.0.1", closed).ok);
+    let all = agents.all_counters().expect("all counters");
+    let names: Vec<&str> = all.iter().map(|(n, _)| *n).collect();
+    assert_eq!(names, ["c1", "c2"]);
+    for (name, c) in &all {
+        assert_eq!(*c, agents.counters(name).expect("counters"), "{name}");
+    }
+    let (c1, c2) = (all[0].1, all[1].1);
+    assert_eq!(
+        (count(&c1, PROTO_TCP, VERDICT_ALLOWED), c1.connects),
+        (3, 3)
+    );
+    assert_eq!(
+        (
+            count(&c2, PROTO_TCP, VERDICT_ALLOWED),
+            count(&c2, PROTO_TCP, VERDICT_DENIED),
+            c2.connects
+        ),
+        (0, 1, 1)
+    );
+}
+
 /// Pins of one test under bpffs, removed (links detached) on Drop.
 struct TestPins(agentwatch::kernel::PinDir);
 

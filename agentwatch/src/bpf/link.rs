@@ -14,7 +14,7 @@ use aya::{
     },
 };
 
-use crate::bpf::{KernelError, program};
+use crate::bpf::{KernelError, bpf_call, program};
 
 /// One attached program. Dropping an owned link detaches it; a pinned one stays attached until
 /// its pin is removed ([`Link::detach`]).
@@ -77,25 +77,6 @@ struct RawLinkInfo {
 }
 
 /// One bpf(2) call with `attr`, a #[repr(C)] prefix of `union bpf_attr` for `cmd`.
-fn bpf_call<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is valid for reads and writes of size_of::<T>() bytes for the call, and
-    // the kernel reads (and for the info call writes through pointers in it) no more than the
-    // size given.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr),
-            std::mem::size_of::<T>(),
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
 /// A new fd of the link with kernel id `id` (ENOENT: the kernel no longer knows it).
 fn link_fd_by_id(id: u32) -> io::Result<OwnedFd> {
     #[repr(C)]

@@ -229,6 +229,27 @@ pub(crate) fn ignore_missing(
     }
 }
 
+/// bpf(2) `cmd` with `attr`, a #[repr(C)] prefix of union bpf_attr for `cmd`: for what aya does
+/// not offer (pinning again by id, a link's info, batch lookups).
+pub(crate) fn bpf_call<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+    // SAFETY: `attr` is valid for reads and writes of size_of::<T>() bytes for the call; the
+    // kernel reads (and for some commands writes back, or writes through pointers in it, which
+    // the caller made valid for that) no more than the size given.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<T>(),
+        )
+    };
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`, so of the kernel's event
 /// timestamps and of the deadlines it checks.
 pub fn ktime_ns() -> u64 {

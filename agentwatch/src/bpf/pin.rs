@@ -11,7 +11,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use super::KernelError;
+use super::{KernelError, bpf_call};
 
 /// Name of the host-wide links' folder under `links/`.
 pub(crate) const HOST_LINKS: &str = "_host";
@@ -158,24 +158,6 @@ pub(crate) const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
 pub(crate) const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 const BPF_OBJ_PIN: libc::c_long = 6;
 
-fn bpf_call<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a #[repr(C)] prefix of union bpf_attr for `cmd`, alive for the call;
-    // the kernel reads at most size_of::<T>() bytes of it.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_ref(attr),
-            std::mem::size_of::<T>(),
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
 /// Pins the map or link with kernel id `id` (`get_cmd`: `BPF_MAP_GET_FD_BY_ID` or
 /// `BPF_LINK_GET_FD_BY_ID`) at `path`, which must be on a bpffs.
 pub(crate) fn pin_by_id(get_cmd: libc::c_long, id: u32, path: &Path) -> io::Result<()> {
@@ -195,7 +177,7 @@ pub(crate) fn pin_by_id(get_cmd: libc::c_long, id: u32, path: &Path) -> io::Resu
     }
     let raw = bpf_call(
         get_cmd,
-        &GetFd {
+        &mut GetFd {
             id,
             next_id: 0,
             open_flags: 0,
@@ -205,12 +187,12 @@ pub(crate) fn pin_by_id(get_cmd: libc::c_long, id: u32, path: &Path) -> io::Resu
     // SAFETY: the kernel just returned this fd to us; nothing else owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     let name = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let attr = ObjPin {
+    let mut attr = ObjPin {
         pathname: name.as_ptr() as u64,
         bpf_fd: u32::try_from(fd.as_raw_fd()).map_err(io::Error::other)?,
         file_flags: 0,
         path_fd: 0,
         _pad: 0,
     };
-    bpf_call(BPF_OBJ_PIN, &attr).map(drop)
+    bpf_call(BPF_OBJ_PIN, &mut attr).map(drop)
 }

@@ -42,11 +42,20 @@ impl State {
         let _timer = TICK_SECONDS
             .as_ref()
             .map(prometheus::Histogram::start_timer);
-        let names: Vec<String> = self.agents.names().map(str::to_owned).collect();
-        for name in names {
-            let Ok(c) = self.agents.counters(&name) else {
-                continue;
-            };
+        let all: Vec<(String, AgentCounters)> = match self.agents.all_counters() {
+            Ok(all) => all.into_iter().map(|(n, c)| (n.to_owned(), c)).collect(),
+            Err(e) => {
+                // Said once: ten times a second would drown the log.
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    tracing::error!(
+                        "reading the agents' counters: {e}; no breaker judges until it succeeds"
+                    );
+                });
+                return;
+            }
+        };
+        for (name, c) in all {
             let counts = signal_counts(&c, self.gateway.api_calls(&name));
             let t = self
                 .monitors

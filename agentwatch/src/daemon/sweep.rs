@@ -110,9 +110,15 @@ impl State {
         for name in &names {
             self.audit_privileged(name);
         }
-        // Forget agents that are gone.
-        self.swept.counters.retain(|n, _| names.contains(n));
-        self.swept.privileged.retain(|(n, _)| names.contains(n));
+        // Forget agents that are gone (a set: a list would compare every name with every
+        // other, a million string compares a second at 1,000 agents).
+        let names: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+        self.swept
+            .counters
+            .retain(|n, _| names.contains(n.as_str()));
+        self.swept
+            .privileged
+            .retain(|(n, _)| names.contains(n.as_str()));
         self.swept.sweeps += 1;
         if self.swept.sweeps.is_multiple_of(TRIM_EVERY) {
             trim_allocator();
