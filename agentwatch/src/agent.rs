@@ -160,6 +160,11 @@ pub struct Agents {
     host_lost: [Vec<Lost>; 3],
     /// Host-wide links attached anew at start because they were gone (see `found_at_start`).
     host_found_at_start: Vec<Restored>,
+    /// Free slots that may not be clean: freed while this daemon ran (a program that found
+    /// the agent's state just before it went may still have counted for it after it was
+    /// forgotten), or forgotten halfway. Guarding one forgets it in full first, by scanning,
+    /// as for a stale agent; only slots free since load are clean by construction.
+    unclean: HashSet<u32>,
 }
 
 /// Attaches (or adopts the pins of) the host-wide programs every daemon runs: the exec/fork
@@ -290,6 +295,13 @@ impl Agents {
             }
             _ => None,
         };
+        // Every free slot clean from the start (an earlier daemon may have crashed while it
+        // forgot an agent), one pass over each map: guarding a new agent then scans none.
+        let live: HashSet<u32> = kernel.agent_states().iter().map(|(_, s)| s.id).collect();
+        let (_, concerns) = kernel.concerns();
+        for c in concerns {
+            c.sweep_free_slots(&live)?;
+        }
         let host_found_at_start = if had_host {
             found_anew(None, host.iter().chain(file_guard.iter().flatten()))
         } else {
@@ -304,6 +316,7 @@ impl Agents {
             file_guard,
             host_lost: Default::default(),
             host_found_at_start,
+            unclean: HashSet::new(),
         })
     }
 
@@ -387,7 +400,18 @@ impl Agents {
                     generation: 1,
                     history: History::Fresh,
                 };
-                // Leftovers of an agent that had this slot when a daemon crashed.
+                // The shared maps' slot (counters, trips, checkpoint), and each concern's O(1)
+                // part; a slot freed since load is first forgotten in full.
+                if self.unclean.contains(&id) {
+                    self.forget_slot(
+                        Slot {
+                            history: History::Adopted,
+                            ..slot
+                        },
+                        None,
+                    )?;
+                    self.unclean.remove(&id);
+                }
                 self.forget_slot(slot, None)?;
                 (state, slot)
             }
@@ -411,6 +435,7 @@ impl Agents {
                 if how == Guarding::New {
                     // No half-guarded agent: nothing of it stays in the kernel.
                     self.undo_state(cgroup_id);
+                    self.unclean.insert(slot.id);
                     let written = Slot {
                         generation: state.generation,
                         history: History::Live,
@@ -650,6 +675,7 @@ impl Agents {
             let _ = std::fs::remove_dir(pins.agent_links(name, g.cgroup_id));
         }
         self.undo_state(g.cgroup_id);
+        self.unclean.insert(slot.id);
         self.forget_slot(slot, Some(&g.policy))?;
         self.write_settings(None)?;
         self.sync_syscalls()?;
@@ -683,11 +709,15 @@ impl Agents {
             }
         }
         let live: HashSet<u64> = self.by_name.values().map(|g| g.cgroup_id).collect();
-        for (cgroup_id, state) in self.kernel.agent_states() {
-            if live.contains(&cgroup_id) {
-                continue;
-            }
+        let gone: Vec<(u64, AgentState)> = self
+            .kernel
+            .agent_states()
+            .into_iter()
+            .filter(|(cgroup_id, _)| !live.contains(cgroup_id))
+            .collect();
+        for (cgroup_id, state) in gone {
             self.undo_state(cgroup_id);
+            self.unclean.insert(state.id);
             let slot = Slot {
                 id: state.id,
                 cgroup_id,

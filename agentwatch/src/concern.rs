@@ -15,7 +15,7 @@
 //! - [`Concern::retire`] removes what a program may have found through the state the switch
 //!   replaced: after an RCU grace period ([`crate::bpf::load::wait_for_running_programs`]).
 
-use std::{path::PathBuf, time::Duration};
+use std::{collections::HashSet, path::PathBuf, time::Duration};
 
 use agentwatch_common::{
     AGENT_FLAG_DNS, AGENT_FLAG_EXEC_ALLOW, AGENT_FLAG_FILES, AGENT_FLAG_GATEWAY, AGENT_FLAG_LEARN,
@@ -99,8 +99,10 @@ impl Policy {
 /// What the kernel knew of a slot before this policy is written to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum History {
-    /// New to the kernel: the slot may hold leftovers of an agent a crashed daemon had there,
-    /// forgotten first.
+    /// New to the kernel, in a clean slot: one free since load, when
+    /// [`Concern::sweep_free_slots`] cleared every free slot (a daemon that crashed while
+    /// forgetting an agent leaves it half forgotten). A slot freed since is forgotten in full
+    /// again before it is used. Guarding a fresh slot scans no map.
     Fresh,
     /// An earlier daemon's pinned agent: its live generation is whatever that daemon wrote
     /// (unknown here), and its other one may be half-written.
@@ -165,6 +167,14 @@ pub trait Load: Sized {
 pub trait Concern {
     /// Its name, for logs and errors.
     fn name(&self) -> &'static str;
+
+    /// At load, before any agent is guarded: removes, in one pass over its maps, what it keeps
+    /// of every slot not in `live` (the ids in the kernel's agent state), which a daemon that
+    /// crashed while forgetting an agent leaves behind. Every free slot is then clean, so
+    /// guarding a [`History::Fresh`] one scans nothing: start-up is linear in agents.
+    fn sweep_free_slots(&mut self, _live: &HashSet<u32>) -> Result<(), KernelError> {
+        Ok(())
+    }
 
     /// Clears slot `slot.id` (and what is keyed by `slot.cgroup_id`), so the next agent in it
     /// starts clean. `last`: the policy written there, when this daemon knows it (what it wrote

@@ -80,9 +80,31 @@ impl Concern for ExecMaps {
         "exec"
     }
 
+    fn sweep_free_slots(&mut self, live: &HashSet<u32>) -> Result<(), KernelError> {
+        let stale: Vec<ExecKey> = self
+            .allow
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live.contains(&k.agent))
+            .collect();
+        for k in stale {
+            ignore_missing(self.allow.remove(&k), "EXEC_ALLOW")?;
+        }
+        let stale: Vec<ExecInodeKey> = self
+            .inodes
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live.contains(&k.agent))
+            .collect();
+        for k in stale {
+            ignore_missing(self.inodes.remove(&k), "EXEC_INODES")?;
+        }
+        self.written.retain(|id, _| live.contains(id));
+        Ok(())
+    }
+
     fn forget(&mut self, slot: Slot, _last: Option<&Policy>) -> Result<(), KernelError> {
         match slot.history {
-            // Guarding makes the slot's list exactly the policy's (`prepare`).
             History::Fresh => Ok(()),
             _ => self.sync(slot.id, None),
         }
@@ -90,14 +112,15 @@ impl Concern for ExecMaps {
 
     fn prepare(&mut self, slot: Slot, new: &Policy) -> Result<(), KernelError> {
         match slot.history {
-            History::Live => {
+            // A clean slot, or new paths beside a live list: only additions.
+            History::Live | History::Fresh => {
                 for p in new.exec_allow.iter().flatten() {
                     self.insert(slot.id, p)?;
                 }
                 Ok(())
             }
-            // Whatever the slot held (an earlier daemon's list, a crashed agent's) goes now.
-            History::Fresh | History::Adopted => self.sync(slot.id, new.exec_allow.as_deref()),
+            // Whatever an earlier daemon's list had that this one has not goes now.
+            History::Adopted => self.sync(slot.id, new.exec_allow.as_deref()),
         }
     }
 

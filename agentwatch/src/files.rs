@@ -175,9 +175,33 @@ impl Concern for FilesMaps {
         "files"
     }
 
+    fn sweep_free_slots(
+        &mut self,
+        live: &std::collections::HashSet<u32>,
+    ) -> Result<(), KernelError> {
+        let stale: Vec<Key<FilePath>> = self
+            .allow
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live.contains(&k.data().agent))
+            .collect();
+        for k in stale {
+            ignore_missing(self.allow.remove(&k), "FILE_ALLOW")?;
+        }
+        let stale: Vec<FileDirKey> = self
+            .dirs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live.contains(&k.agent))
+            .collect();
+        for k in stale {
+            ignore_missing(self.dirs.remove(&k), "FILE_DIRS")?;
+        }
+        Ok(())
+    }
+
     fn forget(&mut self, slot: Slot, _last: Option<&Policy>) -> Result<(), KernelError> {
         match slot.history {
-            // Guarding makes the slot's list exactly the policy's (`prepare`).
             History::Fresh => Ok(()),
             _ => self.sync(slot.id, None),
         }
@@ -185,10 +209,11 @@ impl Concern for FilesMaps {
 
     fn prepare(&mut self, slot: Slot, new: &Policy) -> Result<(), KernelError> {
         match (slot.history, &new.files) {
-            (History::Live, Some(rules)) => self.insert(slot.id, rules),
-            (History::Live, None) => Ok(()),
-            // Whatever the slot held (an earlier daemon's list, a crashed agent's) goes now.
-            (History::Fresh | History::Adopted, files) => self.sync(slot.id, files.as_deref()),
+            // A clean slot, or new prefixes beside a live list: only additions.
+            (History::Live | History::Fresh, Some(rules)) => self.insert(slot.id, rules),
+            (History::Live | History::Fresh, None) => Ok(()),
+            // Whatever an earlier daemon's list had that this one has not goes now.
+            (History::Adopted, files) => self.sync(slot.id, files.as_deref()),
         }
     }
 

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     bpf::{KernelError, load::LoadEnv, map_err, take_map},
-    concern::{Concern, Load, MapSpec, Policy, Slot},
+    concern::{Concern, History, Load, MapSpec, Policy, Slot},
     config::Agent,
 };
 
@@ -84,8 +84,25 @@ impl Concern for LearnMaps {
         "learn"
     }
 
+    fn sweep_free_slots(
+        &mut self,
+        live: &std::collections::HashSet<u32>,
+    ) -> Result<(), KernelError> {
+        self.retain_hits(|agent, _| live.contains(&agent))?;
+        self.retain_observed(|agent| live.contains(&agent))
+    }
+
     fn forget(&mut self, slot: Slot, _last: Option<&Policy>) -> Result<(), KernelError> {
-        self.forget_agent(slot.id)
+        match slot.history {
+            // A clean slot has no records: only its share starts from nothing.
+            History::Fresh => {
+                let mut maps = self.lock();
+                maps.quota
+                    .set(slot.id, LearnQuota::default(), 0)
+                    .map_err(map_err("LEARN_QUOTA"))
+            }
+            _ => self.forget_agent(slot.id),
+        }
     }
 
     fn apply(

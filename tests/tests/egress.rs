@@ -616,6 +616,57 @@ fn a_guard_that_fails_halfway_leaves_nothing_attached_and_no_state() {
 }
 
 #[test]
+fn a_slot_a_crashed_daemon_left_half_forgotten_is_clean_for_the_next_agent() {
+    privileged!();
+    let (_a, port) = tcp_listener("127.0.0.1:0");
+    let (first, second) = (TestCgroup::new(), TestCgroup::new());
+    let pins = TestPins(agentwatch::kernel::PinDir::new(format!(
+        "/sys/fs/bpf/agentwatch-test-{}-{}",
+        std::process::id(),
+        agentwatch_tests::unique_name()
+    )));
+    let first_id = {
+        let mut agents = Agents::load_pinned(pins.0.clone()).expect("load");
+        agents
+            .guard(
+                "first",
+                first.cgroup().clone(),
+                rules(&[&format!("tcp 127.0.0.1 {port}")]),
+            )
+            .expect("guard");
+        assert!(connect(&first, "tcp", "127.0.0.1", port).ok);
+        let info = agents.info("first").expect("info");
+        // A daemon killed while forgetting the agent: its state is gone, its rules are not.
+        let agents_map =
+            aya::maps::MapData::from_pin(pins.0.root().join("maps/AGENTS")).expect("AGENTS pin");
+        let mut states: aya::maps::HashMap<_, u64, agentwatch_common::AgentState> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(agents_map)).expect("AGENTS");
+        states.remove(&info.cgroup_id).expect("removing the state");
+        agents.release("first");
+        info.id
+    };
+    // The next daemon guards a new agent: it gets the free slot, and nothing of the first
+    // agent's allow-list.
+    let mut agents = Agents::load_pinned(pins.0.clone()).expect("load");
+    assert_eq!(
+        agents
+            .guard("second", second.cgroup().clone(), rules(&[]))
+            .expect("guard"),
+        agentwatch::agent::Guarding::New
+    );
+    assert_eq!(agents.info("second").expect("info").id, first_id);
+    let r = connect(&second, "tcp", "127.0.0.1", port);
+    assert_eq!((r.ok, r.errno), (false, EPERM), "{r:?}");
+    let c = agents.counters("second").expect("counters");
+    assert_eq!(
+        (count(&c, PROTO_TCP, VERDICT_DENIED), c.connects),
+        (1, 1),
+        "the slot's counters start from nothing"
+    );
+    agents.unguard("second").expect("unguard");
+}
+
+#[test]
 fn nothing_the_test_made_remains_afterwards() {
     privileged!();
     let (_a, port) = tcp_listener("127.0.0.1:0");

@@ -92,6 +92,10 @@ impl Concern for DnsMaps {
         "dns"
     }
 
+    fn sweep_free_slots(&mut self, live: &HashSet<u32>) -> Result<(), KernelError> {
+        self.learned.retain_agents(live)
+    }
+
     fn forget(&mut self, slot: Slot, _last: Option<&Policy>) -> Result<(), KernelError> {
         self.clear(slot.id)
     }

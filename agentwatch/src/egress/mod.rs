@@ -103,14 +103,40 @@ impl Concern for EgressMaps {
 
     fn forget(&mut self, slot: Slot, last: Option<&Policy>) -> Result<(), KernelError> {
         self.clear_caps(slot.id)?;
-        match last {
-            Some(p) => self.clear(slot.live_scope(), &p.rules),
+        match (last, slot.history) {
+            (Some(p), _) => self.clear(slot.live_scope(), &p.rules),
+            (None, History::Fresh) => Ok(()),
             // Whatever an earlier daemon (or a crash halfway through a write) left there.
-            None => {
+            (None, _) => {
                 self.clear_scope(slot.live_scope())?;
                 self.clear_scope(slot.next_scope()).map(drop)
             }
         }
+    }
+
+    fn sweep_free_slots(
+        &mut self,
+        live: &std::collections::HashSet<u32>,
+    ) -> Result<(), KernelError> {
+        let v4: Vec<Key<RuleKeyV4>> = self
+            .v4
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live.contains(&(k.data().scope >> 1)))
+            .collect();
+        let v6: Vec<Key<RuleKeyV6>> = self
+            .v6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live.contains(&(k.data().scope >> 1)))
+            .collect();
+        for k in &v4 {
+            ignore_missing(self.v4.remove(k), "RULES_V4")?;
+        }
+        for k in &v6 {
+            ignore_missing(self.v6.remove(k), "RULES_V6")?;
+        }
+        Ok(())
     }
 
     fn prepare(&mut self, slot: Slot, new: &Policy) -> Result<(), KernelError> {
