@@ -14,7 +14,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use agentwatch::egress::rules::{
+use agentwatch::rules::egress::{
     CompiledRules, EgressRule, Proto, Rule, admits, admitting_rule, compile,
 };
 use agentwatch_common::{
