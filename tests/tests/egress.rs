@@ -563,11 +563,10 @@ fn a_guard_that_fails_halfway_leaves_nothing_attached_and_no_state() {
     bogus
         .pin(agent_links.join("bytes_egress"))
         .expect("pinning the bogus object");
-    let before: std::collections::HashSet<u32> = aya::programs::loaded_links()
-        .filter_map(Result::ok)
-        .map(|l| l.id())
-        .collect();
     let mut agents = Agents::load_pinned(pins.0.clone()).expect("load");
+    // This object's programs only: the other tests of this binary run beside this one, each
+    // with an object of its own.
+    let ours: std::collections::HashSet<u32> = agents.kernel().program_ids().into_iter().collect();
     let host: std::collections::HashSet<u32> = agents.host_link_ids().into_iter().collect();
     let policy = rules(&[&format!("tcp 127.0.0.1 {port}")]);
     let err = agents
@@ -586,8 +585,8 @@ fn a_guard_that_fails_halfway_leaves_nothing_attached_and_no_state() {
     loop {
         let fresh: Vec<u32> = aya::programs::loaded_links()
             .filter_map(Result::ok)
+            .filter(|l| ours.contains(&l.program_id()) && !host.contains(&l.id()))
             .map(|l| l.id())
-            .filter(|id| !before.contains(id) && !host.contains(id))
             .collect();
         if fresh.is_empty() {
             break;
