@@ -21,7 +21,7 @@ use crate::{
     audit::KernelLine,
     bpf::{
         KernelError, LinkSet, c_string, ignore_missing, load::LoadEnv, load_program, map_err,
-        program, read_record, take_map,
+        program, read_record, remove_where, take_map,
     },
     concern::{Concern, History, Load, MapSpec, Policy, Slot},
 };
@@ -81,24 +81,10 @@ impl Concern for ExecMaps {
     }
 
     fn sweep_free_slots(&mut self, live: &HashSet<u32>) -> Result<(), KernelError> {
-        let stale: Vec<ExecKey> = self
-            .allow
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !live.contains(&k.agent))
-            .collect();
-        for k in stale {
-            ignore_missing(self.allow.remove(&k), "EXEC_ALLOW")?;
-        }
-        let stale: Vec<ExecInodeKey> = self
-            .inodes
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !live.contains(&k.agent))
-            .collect();
-        for k in stale {
-            ignore_missing(self.inodes.remove(&k), "EXEC_INODES")?;
-        }
+        remove_where(&mut self.allow, "EXEC_ALLOW", |k| !live.contains(&k.agent))?;
+        remove_where(&mut self.inodes, "EXEC_INODES", |k| {
+            !live.contains(&k.agent)
+        })?;
         self.written.retain(|id, _| live.contains(id));
         Ok(())
     }

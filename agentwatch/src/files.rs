@@ -26,7 +26,7 @@ use crate::{
     audit::KernelLine,
     bpf::{
         KernelError, Link, LinkSet, c_string, ignore_missing, load::LoadEnv, load_program, map_err,
-        program, read_record, take_map,
+        program, read_record, remove_where, take_map,
     },
     concern::{Concern, History, Load, MapSpec, Policy, Slot},
 };
@@ -188,15 +188,7 @@ impl Concern for FilesMaps {
         for k in stale {
             ignore_missing(self.allow.remove(&k), "FILE_ALLOW")?;
         }
-        let stale: Vec<FileDirKey> = self
-            .dirs
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !live.contains(&k.agent))
-            .collect();
-        for k in stale {
-            ignore_missing(self.dirs.remove(&k), "FILE_DIRS")?;
-        }
+        remove_where(&mut self.dirs, "FILE_DIRS", |k| !live.contains(&k.agent))?;
         Ok(())
     }
 

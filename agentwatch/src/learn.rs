@@ -26,7 +26,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    bpf::{KernelError, load::LoadEnv, map_err, take_map},
+    bpf::{KernelError, ignore_missing, load::LoadEnv, map_err, remove_where, take_map},
     concern::{Concern, History, Load, MapSpec, Policy, Slot},
     config::Agent,
 };
@@ -166,7 +166,7 @@ impl LearnMaps {
             .filter(|k| !keep(k.agent, k.rule))
             .collect();
         for k in gone {
-            ignore_missing(maps.hits.remove(&k)).map_err(map_err("RULE_HITS"))?;
+            ignore_missing(maps.hits.remove(&k), "RULE_HITS")?;
         }
         Ok(())
     }
@@ -282,29 +282,6 @@ pub fn wall(ts_ns: u64) -> String {
 }
 
 /// Removes the entries of `map` whose key `gone` says; returns their keys.
-fn remove_where<K: aya::Pod, V: aya::Pod>(
-    map: &mut HashMap<MapData, K, V>,
-    name: &'static str,
-    gone: impl Fn(&K) -> bool,
-) -> Result<Vec<K>, KernelError> {
-    let keys: Vec<K> = map
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| gone(k))
-        .collect();
-    for k in &keys {
-        ignore_missing(map.remove(k)).map_err(map_err(name))?;
-    }
-    Ok(keys)
-}
-
-fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
-    match r {
-        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        other => other,
-    }
-}
-
 /// An address as the egress hooks judge it: family 4 (also for a v4-mapped one) with the
 /// address in the first 4 bytes, or family 6.
 fn judged(addr: IpAddr) -> (u8, [u8; 16]) {

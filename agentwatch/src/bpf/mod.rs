@@ -229,6 +229,24 @@ pub(crate) fn ignore_missing(
     }
 }
 
+/// Removes every key of hash map `map` (named `name`) for which `gone` holds, in one pass
+/// over the map; returns the keys removed.
+pub(crate) fn remove_where<K: aya::Pod, V: aya::Pod>(
+    map: &mut aya::maps::HashMap<aya::maps::MapData, K, V>,
+    name: &'static str,
+    gone: impl Fn(&K) -> bool,
+) -> Result<Vec<K>, KernelError> {
+    let keys: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| gone(k))
+        .collect();
+    for k in &keys {
+        ignore_missing(map.remove(k), name)?;
+    }
+    Ok(keys)
+}
+
 /// bpf(2) `cmd` with `attr`, a #[repr(C)] prefix of union bpf_attr for `cmd`: for what aya does
 /// not offer (pinning again by id, a link's info, batch lookups).
 pub(crate) fn bpf_call<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
