@@ -196,21 +196,57 @@ impl Cgroup {
 
     /// Waits until cgroup.events reports `frozen` equal to `frozen`.
     pub fn wait_frozen(&self, frozen: bool, timeout: Duration) -> Result<(), CgroupError> {
-        let start = Instant::now();
-        while self.frozen()? != frozen {
-            if start.elapsed() > timeout {
-                return Err(CgroupError::Io {
-                    op: if frozen { "freezing" } else { "thawing" },
-                    path: self.path.clone(),
-                    source: io::Error::new(
-                        ErrorKind::TimedOut,
-                        format!("not done after {timeout:?}"),
-                    ),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(2));
+        let op = if frozen { "freezing" } else { "thawing" };
+        if self.wait_event("frozen", u64::from(frozen), timeout)? {
+            return Ok(());
         }
-        Ok(())
+        Err(CgroupError::Io {
+            op,
+            path: self.path.clone(),
+            source: io::Error::new(ErrorKind::TimedOut, format!("not done after {timeout:?}")),
+        })
+    }
+
+    /// Waits until cgroup.events has `key` equal to `want`; false when `timeout` passed first.
+    /// The kernel wakes pollers of cgroup.events (POLLPRI) whenever a value in it changes, so
+    /// this returns as soon as the change happens, and the daemon never sleeps on a guess
+    /// (it waits here under its state lock: a kill holds the daemon no longer than the kernel
+    /// takes). A change between the read and the poll is not missed: a read marks what the
+    /// opener has seen, and poll returns at once when the file changed since.
+    fn wait_event(&self, key: &str, want: u64, timeout: Duration) -> Result<bool, CgroupError> {
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::fs::FileExt as _;
+        let path = self.path.join("cgroup.events");
+        let file = fs::File::open(&path).map_err(io_err("opening", &path))?;
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 256];
+        loop {
+            let n = file
+                .read_at(&mut buf, 0)
+                .map_err(io_err("reading", &path))?;
+            let text = String::from_utf8_lossy(&buf[..n]);
+            if events_value(&text, key) == Some(want) {
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            let mut fds = [libc::pollfd {
+                fd: file.as_raw_fd(),
+                events: libc::POLLPRI,
+                revents: 0,
+            }];
+            // At least 1 ms: a sub-millisecond remainder must not become a busy poll.
+            let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+            // SAFETY: one valid pollfd for an fd `file` keeps open for the call.
+            if unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) } < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != ErrorKind::Interrupted {
+                    return Err(io_err("polling", &path)(e));
+                }
+            }
+        }
     }
 
     /// Does this cgroup or any cgroup below it hold a process? (`populated` in cgroup.events.)
@@ -226,10 +262,7 @@ impl Cgroup {
     fn event(&self, key: &str) -> Result<Option<u64>, CgroupError> {
         let events = self.path.join("cgroup.events");
         let text = fs::read_to_string(&events).map_err(io_err("reading", &events))?;
-        Ok(text.lines().find_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            (k == key).then(|| v.trim().parse().ok()).flatten()
-        }))
+        Ok(events_value(&text, key))
     }
 
     /// Freezes (true) or thaws (false) every process in the subtree.
@@ -244,25 +277,29 @@ impl Cgroup {
         fs::write(&f, "1").map_err(io_err("writing", &f))
     }
 
-    /// Waits until no process is left in the subtree.
+    /// Waits until no process is left in the subtree (`populated 0` in cgroup.events).
     pub fn wait_empty(&self, timeout: Duration) -> Result<(), CgroupError> {
-        let start = Instant::now();
-        while self.populated()? {
-            if start.elapsed() > timeout {
-                return Err(CgroupError::NotEmpty {
-                    path: self.path.clone(),
-                    waited: timeout,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        if self.wait_event("populated", 0, timeout)? {
+            return Ok(());
         }
-        Ok(())
+        Err(CgroupError::NotEmpty {
+            path: self.path.clone(),
+            waited: timeout,
+        })
     }
 
     /// Removes the cgroup and every cgroup below it; they must hold no processes.
     pub fn remove(&self) -> Result<(), CgroupError> {
         remove_tree(&self.path)
     }
+}
+
+/// The value of `key` in cgroup.events' text (`populated 1\nfrozen 0\n`).
+fn events_value(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
 }
 
 fn remove_tree(path: &Path) -> Result<(), CgroupError> {

@@ -649,3 +649,70 @@ fn approve_keeping_the_baseline_judges_only_calls_made_after_it() {
     let _ = child.wait();
     assert_eq!(env.wait_audit("breaker_tripped", 2).len(), 2);
 }
+
+/// The waits behind freeze and kill (`Cgroup::wait_frozen`, `wait_empty`) follow cgroup.events
+/// as the kernel changes it: a process that exits on its own ends the wait without anyone
+/// poking the cgroup, a freeze and a kill are seen done, and a wait that cannot be met gives up
+/// after its timeout with an error naming the cgroup. The daemon waits this way under its state
+/// lock, so each of these must end when the event happens, not a poll interval later.
+#[test]
+fn cgroup_waits_end_when_cgroup_events_changes() {
+    privileged!();
+    let test = agentwatch_tests::TestCgroup::new();
+    let cg = test.cgroup();
+    let in_cgroup = |seconds: &str| {
+        let child = Command::new("sleep").arg(seconds).spawn().expect("sleep");
+        cg.add_pid(child.id()).expect("moving sleep in");
+        child
+    };
+
+    // Met at once: nothing runs there yet.
+    cg.wait_empty(Duration::ZERO)
+        .expect("an empty cgroup is empty");
+
+    // Not met: the wait gives up after its timeout, not before, and names the cgroup.
+    let mut long = in_cgroup("30");
+    let start = Instant::now();
+    let err = cg
+        .wait_empty(Duration::from_millis(300))
+        .expect_err("a sleeping process keeps the cgroup populated");
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < scaled(Duration::from_secs(3)),
+        "gave up after {waited:?}"
+    );
+    assert!(
+        err.to_string().contains(&cg.path().display().to_string()),
+        "{err}"
+    );
+
+    // Freeze and thaw, each seen done.
+    cg.set_frozen(true).expect("freeze");
+    cg.wait_frozen(true, scaled(Duration::from_secs(5)))
+        .expect("frozen");
+    assert!(cg.frozen().expect("cgroup.events"));
+    cg.set_frozen(false).expect("thaw");
+    cg.wait_frozen(false, scaled(Duration::from_secs(5)))
+        .expect("thawed");
+    assert!(!cg.frozen().expect("cgroup.events"));
+
+    // The kill: every process gone when the wait returns.
+    cg.kill().expect("cgroup.kill");
+    cg.wait_empty(scaled(Duration::from_secs(5)))
+        .expect("empty after the kill");
+    assert!(!cg.populated().expect("cgroup.events"));
+    use std::os::unix::process::ExitStatusExt as _;
+    assert_eq!(long.wait().expect("reaping").signal(), Some(libc::SIGKILL));
+
+    // A process that ends by itself: the wait returns when it exits, with nothing else done.
+    let mut short = in_cgroup("0.5");
+    let start = Instant::now();
+    cg.wait_empty(scaled(Duration::from_secs(10)))
+        .expect("empty once sleep 0.5 exits");
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400) && waited < scaled(Duration::from_secs(5)),
+        "returned after {waited:?}"
+    );
+    assert!(short.wait().expect("reaping").success());
+}
