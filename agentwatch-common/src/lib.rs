@@ -124,6 +124,19 @@ pub struct Settings {
     pub lsm: u32,
 }
 
+/// The syscall monitor's per-CPU memo of the agent it found last (`CURRENT`, slot 0): valid
+/// while the task's cgroup is `cgroup` and `AGENTS_GEN` is `generation`. Only the kernel
+/// reads and writes it; it is here for its size, which the daemon checks pins against.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyscallsCache {
+    pub cgroup: u64,
+    pub generation: u64,
+    /// The agent whose syscalls are counted; 0: none (no agent, or one not monitored).
+    pub slot: u32,
+    pub _pad: u32,
+}
+
 /// Where the daemon's API gateway listens (slot 0 of `GATEWAY`): TCP to it is the one egress
 /// an agent with [`AGENT_FLAG_GATEWAY`] keeps when its egress is revoked.
 #[repr(C)]

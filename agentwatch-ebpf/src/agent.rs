@@ -18,6 +18,12 @@ pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 #[map]
 pub static AGENTS: HashMap<u64, AgentState> = HashMap::with_max_entries(MAX_AGENTS, 0);
 
+/// Slot 0: how many times the daemon changed [`AGENTS`]; it adds one after every write. What a
+/// cache of an `AGENTS` lookup (the syscall monitor's) is valid for: an entry made under
+/// another count is looked up again.
+#[map]
+pub static AGENTS_GEN: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Per-agent counters, indexed by agent id.
 #[map]
 pub static COUNTERS: PerCpuArray<AgentCounters> = PerCpuArray::with_max_entries(MAX_AGENTS, 0);

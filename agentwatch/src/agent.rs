@@ -1057,16 +1057,21 @@ impl Agents {
     }
 
     fn write_state(&mut self, cgroup_id: u64, state: AgentState) -> Result<(), KernelError> {
-        self.kernel
+        let written = self
+            .kernel
             .agents
             .insert(cgroup_id, state, 0)
-            .map_err(map_err("AGENTS"))
+            .map_err(map_err("AGENTS"));
+        // Also after a failed write: whatever it left is looked up again.
+        self.kernel.agents_changed();
+        written
     }
 
     fn undo_state(&mut self, cgroup_id: u64) {
         if let Err(e) = self.kernel.agents.remove(&cgroup_id) {
             tracing::warn!(cgroup_id, "removing agent state: {e}");
         }
+        self.kernel.agents_changed();
     }
 
     /// Clears everything of `slot` in every concern and in the shared maps, so the next agent
@@ -1138,10 +1143,14 @@ impl Agents {
                 0
             },
         };
-        self.kernel
+        let written = self
+            .kernel
             .settings
             .set(0, settings, 0)
-            .map_err(map_err("SETTINGS"))
+            .map_err(map_err("SETTINGS"));
+        // The levels decide which agent a task is found in, as `AGENTS` does.
+        self.kernel.agents_changed();
+        written
     }
 
     /// Attaches the file guard if `needed` and it is not attached yet: before an agent's flag

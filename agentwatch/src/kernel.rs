@@ -43,6 +43,8 @@ pub struct Kernel {
     pub(crate) bytes: BytesMaps,
     pub(crate) learn: LearnMaps,
     pub(crate) settings: Array<MapData, Settings>,
+    /// Slot 0: writes to `agents` and `settings` so far ([`Self::agents_changed`]).
+    agents_gen: Array<MapData, u64>,
     /// `child_pid`'s offset in this kernel's `sched_process_fork` record.
     pub(crate) fork_child_pid: u32,
     trips: Array<MapData, [u64; 4]>,
@@ -62,6 +64,8 @@ const SHARED_MAPS: &[MapSpec] = &[
     MapSpec::new("EVENTS", 0, 0),
     MapSpec::new("EVENTS_LOST", 4, 8),
     MapSpec::new("SETTINGS", 4, size_of::<Settings>()),
+    MapSpec::new("AGENTS_GEN", 4, 8),
+    MapSpec::new("CURRENT", 4, size_of::<agentwatch_common::SyscallsCache>()),
     MapSpec::new("BREAKER_TRIPS", 4, 32),
     MapSpec::new("TAMPER_DAEMON", 4, 4),
     MapSpec::new("TAMPER_INODES", 16, 4),
@@ -224,6 +228,7 @@ impl Kernel {
         let lost = take_map(&mut ebpf, "EVENTS_LOST")?;
         let events = Some(take_map(&mut ebpf, "EVENTS")?);
         let settings = take_map(&mut ebpf, "SETTINGS")?;
+        let agents_gen = take_map(&mut ebpf, "AGENTS_GEN")?;
         let trips = take_map(&mut ebpf, "BREAKER_TRIPS")?;
         // Each concern loads (verifies) its own programs and takes its own maps.
         let egress = EgressMaps::load(&mut ebpf, &env)?;
@@ -250,6 +255,7 @@ impl Kernel {
             bytes,
             learn,
             settings,
+            agents_gen,
             fork_child_pid: env.fork_child_pid,
             trips,
             checkpoints,
@@ -281,6 +287,18 @@ impl Kernel {
         self.set_checkpoint(id, Checkpoint::default())?;
         self.reset_counters(id)?;
         self.reset_trips(id)
+    }
+
+    /// Tells the programs that cache an `AGENTS` lookup (the syscall monitor) that `AGENTS` or
+    /// `SETTINGS` changed: called after every write to either. Only this daemon writes the
+    /// count, under its state lock, so a read and a write do not race.
+    pub(crate) fn agents_changed(&mut self) {
+        let next = self.agents_gen.get(&0, 0).unwrap_or(0).wrapping_add(1);
+        if let Err(e) = self.agents_gen.set(0, next, 0) {
+            // Only counting depends on it: syscalls of an agent changed now may be counted
+            // for what it was until the next change.
+            tracing::error!("AGENTS_GEN: {e}");
+        }
     }
 
     /// Writes slot 0 of the array map `name` (the one-entry maps the daemon fills at start).

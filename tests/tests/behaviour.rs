@@ -529,6 +529,157 @@ fn syscalls_are_counted_per_agent_and_the_hook_is_attached_only_while_needed() {
     let _ = fs::metadata(&cg);
 }
 
+/// The sys_enter hook stays attached while another agent is monitored: an agent whose
+/// `monitor.syscalls` a reload turns off is not counted from then on, and one it turns on again
+/// is counted exactly. The hook caches per CPU which agent it found last, valid until the daemon
+/// changes an agent: this is what that cache must never get wrong.
+#[test]
+fn syscall_counting_follows_each_reload_while_the_hook_stays() {
+    privileged!();
+    let mut env = DaemonEnv::new();
+    let agents = |monitor: bool| {
+        format!(
+            "[[agents]]\nname = \"sys\"\n[agents.monitor]\nsyscalls = {monitor}\n\
+             [[agents]]\nname = \"watched\"\n[agents.monitor]\nsyscalls = true\n"
+        )
+    };
+    env.write_config(&agents(true));
+    env.start();
+    let hook = env.pin_dir.join("links/_host/syscalls_sys_enter");
+    let syscalls = |agent: &str| env.status()[agent]["syscalls"].as_u64().expect("syscalls");
+    let run = |agent: &str, n: &str| {
+        let out = Command::new(probe_bin())
+            .arg("--cgroup")
+            .arg(env.agent_cgroup(agent))
+            .args(["getppid", n])
+            .output()
+            .expect("probe");
+        assert!(out.status.success());
+    };
+    // Counted: 100000 calls more than a bare run of the same probe.
+    let counts_exactly = |agent: &str| {
+        let s0 = syscalls(agent);
+        run(agent, "0");
+        let s1 = syscalls(agent);
+        run(agent, "100000");
+        let s2 = syscalls(agent);
+        let counted = (s2 - s1) - (s1 - s0);
+        assert!(
+            counted.abs_diff(100_000) <= 20,
+            "{agent}: counted {counted} of 100000"
+        );
+    };
+    counts_exactly("sys");
+    for round in 0..2 {
+        env.write_config(&agents(false));
+        assert!(env.cli(&["reload"]).status.success());
+        assert!(hook.exists(), "`watched` keeps the hook attached");
+        let before = syscalls("sys");
+        run("sys", "100000");
+        assert_eq!(
+            syscalls("sys"),
+            before,
+            "round {round}: `sys` is not monitored any more"
+        );
+        counts_exactly("watched");
+        env.write_config(&agents(true));
+        assert!(env.cli(&["reload"]).status.success());
+        counts_exactly("sys");
+    }
+
+    // Then one process of `sys` that never stops calling, on the last CPU (this thread and the
+    // daemon are kept off it), through two reloads. Only a syscall of another cgroup on that
+    // CPU, or the daemon's count of agent changes (AGENTS_GEN), refreshes its cache there:
+    // with the count switched off, the wait for counting below timed out in 3 runs of 3. A
+    // task of the host that calls on that CPU would hide that, so the count is checked too:
+    // each reload that changed `sys` moved it.
+    let changes = || {
+        let map = aya::maps::MapData::from_pin(env.pin_dir.join("maps/AGENTS_GEN"))
+            .expect("AGENTS_GEN pin");
+        let map: aya::maps::Array<_, u64> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(map)).expect("AGENTS_GEN");
+        map.get(&0, 0).expect("AGENTS_GEN slot 0")
+    };
+    let reload = |config: &str| {
+        let before = changes();
+        env.write_config(config);
+        assert!(env.cli(&["reload"]).status.success());
+        assert!(
+            changes() > before,
+            "a reload that changed `sys` moves AGENTS_GEN"
+        );
+    };
+    reload(&agents(false));
+    // SAFETY: sysconf has no preconditions.
+    let cpus = usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }).unwrap_or(1);
+    let last = cpus.max(1) - 1;
+    let only_on = |pid: libc::pid_t, cpu: usize| {
+        // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET stays within it (cpu < 1024).
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+        // SAFETY: a valid set of its own size, for a task this test started (or itself).
+        unsafe { libc::sched_setaffinity(pid, size_of::<libc::cpu_set_t>(), &set) == 0 }
+    };
+    assert!(only_on(0, 0), "this thread onto CPU 0");
+    let daemon = env.pid().expect("daemon pid");
+    for task in fs::read_dir(format!("/proc/{daemon}/task")).expect("daemon tasks") {
+        let tid: libc::pid_t = task
+            .expect("task")
+            .file_name()
+            .to_string_lossy()
+            .parse()
+            .expect("tid");
+        // Threads made later inherit the mask of the thread that makes them.
+        assert!(only_on(tid, 0), "daemon thread {tid} onto CPU 0");
+    }
+    let mut looper = {
+        let mut cmd = Command::new(probe_bin());
+        cmd.arg("--cgroup")
+            .arg(env.agent_cgroup("sys"))
+            .args(["getppid", "100000000000"]);
+        use std::os::unix::process::CommandExt as _;
+        // SAFETY: only sched_setaffinity (async-signal-safe) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(last, &mut set);
+                if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        cmd.spawn().expect("looper")
+    };
+    let steady = |what: &str| {
+        // Past the tick that refreshes the status, then two reads with time between.
+        std::thread::sleep(Duration::from_millis(300));
+        let a = syscalls("sys");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(syscalls("sys"), a, "{what}");
+    };
+    steady("`sys` is not monitored while it loops");
+    reload(&agents(true));
+    let from = syscalls("sys");
+    wait_until(
+        "the looping `sys` counted once monitored",
+        scaled(Duration::from_secs(5)),
+        || syscalls("sys") >= from + 100_000,
+    );
+    reload(&agents(false));
+    steady("`sys` is not counted once it is not monitored again");
+    let _ = looper.kill();
+    let _ = looper.wait();
+    let all: usize = cpus.max(1);
+    // SAFETY: as `only_on`, with every CPU in the set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for cpu in 0..all {
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: as above.
+    unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
+}
+
 /// Trips `agent`'s breaker with a burst (10/s for 3 s, then 300/s), waits until it is frozen,
 /// and ends the burst. Returns the agent's cgroup and the baseline the trip was judged on.
 fn trip_and_freeze(env: &DaemonEnv, agent: &str, port: u16) -> (Cgroup, f64) {

@@ -497,7 +497,7 @@ fn pins_that_vanish_under_a_running_daemon_are_reported_and_pinned_again_when_bp
     // Every map of the object; the host-wide links (2 exec/fork, 3 socket guards, the clone
     // raw tracepoint, and with BPF LSM its exec, packet-socket, clone and five tamper-guard
     // programs) and the agent's 11 (4 egress, 4 DNS replies, DNS release, sock_create, bytes).
-    assert_eq!(restored[0]["maps"], 38, "{restored:?}");
+    assert_eq!(restored[0]["maps"], 40, "{restored:?}");
     let lsm_links = if agentwatch_tests::bpf_lsm() { 8 } else { 0 };
     assert_eq!(restored[0]["links"], 17 + lsm_links, "{restored:?}");
     assert_eq!(
