@@ -1,7 +1,7 @@
 //! Egress rules: parsing `PROTO DEST PORTS` strings and compiling them into trie entries.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     str::FromStr,
@@ -264,39 +264,86 @@ pub(crate) fn text_id(text: &str) -> u64 {
 /// written first). Ranges of different rules are never merged, so that attribution stays
 /// exact; a range wholly shadowed by earlier ones is left out (it could never be first).
 pub fn compile(rules: &[Rule]) -> Result<CompiledRules, CompileError> {
-    let mut by_prefix: HashMap<IpNet, Vec<(usize, PortRange)>> = HashMap::new();
-    for (index, rule) in rules.iter().enumerate() {
-        by_prefix.entry(rule.dest).or_default().push((
-            index,
-            PortRange {
-                lo: rule.ports.lo,
-                hi: rule.ports.hi,
-                protos: rule.proto.bits(),
-                _pad: [0; 3],
-                rule: rule.id(),
-            },
-        ));
+    // Linear in rules up to a sort: a million rules compile in about a second. Each rule's id
+    // is computed once (a rule covering many prefixes is copied into each), each prefix's
+    // rules are one run of a sorted list, and a prefix looks for covering prefixes only at
+    // the lengths some rule has (a handful), not at all 33 or 129.
+    let ids: Vec<u64> = rules.iter().map(Rule::id).collect();
+    let range_of = |index: usize| {
+        let rule = &rules[index];
+        PortRange {
+            lo: rule.ports.lo,
+            hi: rule.ports.hi,
+            protos: rule.proto.bits(),
+            _pad: [0; 3],
+            rule: ids[index],
+        }
+    };
+    // (destination, config index), sorted: the rules of a prefix are one run, in config order,
+    // and the prefixes come in the order the compiled lists keep (deterministic, which keeps
+    // kernel writes, errors and tests reproducible).
+    let mut sorted: Vec<(IpNet, usize)> = rules
+        .iter()
+        .enumerate()
+        .map(|(index, rule)| (rule.dest, index))
+        .collect();
+    sorted.sort_unstable();
+    let mut runs: HashMap<IpNet, (usize, usize)> = HashMap::new();
+    let mut prefixes: Vec<IpNet> = Vec::new();
+    let (mut lens_v4, mut lens_v6) = ([false; 33], [false; 129]);
+    let mut start = 0;
+    while let Some(&(prefix, _)) = sorted.get(start) {
+        let end = start + sorted[start..].partition_point(|&(p, _)| p == prefix);
+        runs.insert(prefix, (start, end));
+        prefixes.push(prefix);
+        match prefix {
+            IpNet::V4(n) => lens_v4[usize::from(n.prefix_len())] = true,
+            IpNet::V6(n) => lens_v6[usize::from(n.prefix_len())] = true,
+        }
+        start = end;
     }
-    // BTreeMap: deterministic output order, which keeps kernel writes and tests reproducible.
-    let mut out: BTreeMap<IpNet, RuleValue> = BTreeMap::new();
-    for prefix in by_prefix.keys() {
+    let v4_count = prefixes
+        .iter()
+        .filter(|p| matches!(p, IpNet::V4(_)))
+        .count();
+    let mut compiled = CompiledRules {
+        v4: Vec::with_capacity(v4_count),
+        v6: Vec::with_capacity(prefixes.len() - v4_count),
+    };
+    for prefix in prefixes {
+        let lens: &[bool] = match prefix {
+            IpNet::V4(_) => &lens_v4,
+            IpNet::V6(_) => &lens_v6,
+        };
         // (prefix length, config index, range) of this prefix and every prefix covering it.
         let mut ranges = Vec::new();
-        for len in 0..=prefix.prefix_len() {
+        for (len, _) in lens
+            .iter()
+            .enumerate()
+            .take(usize::from(prefix.prefix_len()) + 1)
+            .filter(|&(_, &some)| some)
+        {
+            let Ok(len) = u8::try_from(len) else {
+                continue;
+            };
             let covering = match prefix {
                 IpNet::V4(n) => Ipv4Net::new(n.network(), len).map(|n| IpNet::V4(n.trunc())),
                 IpNet::V6(n) => Ipv6Net::new(n.network(), len).map(|n| IpNet::V6(n.trunc())),
             };
             if let Ok(covering) = covering
-                && let Some(r) = by_prefix.get(&covering)
+                && let Some(&(a, b)) = runs.get(&covering)
             {
-                ranges.extend(r.iter().map(|&(index, range)| (len, index, range)));
+                ranges.extend(
+                    sorted[a..b]
+                        .iter()
+                        .map(|&(_, index)| (len, index, range_of(index))),
+                );
             }
         }
         let ranges = order(ranges);
         if ranges.len() > MAX_PORT_RANGES {
             return Err(CompileError {
-                prefix: *prefix,
+                prefix,
                 count: ranges.len(),
             });
         }
@@ -305,10 +352,6 @@ pub fn compile(rules: &[Rule]) -> Result<CompiledRules, CompileError> {
             ..RuleValue::default()
         };
         value.ranges[..ranges.len()].copy_from_slice(&ranges);
-        out.insert(*prefix, value);
-    }
-    let mut compiled = CompiledRules::default();
-    for (prefix, value) in out {
         match prefix {
             IpNet::V4(n) => compiled.v4.push((n, value)),
             IpNet::V6(n) => compiled.v6.push((n, value)),
