@@ -437,6 +437,56 @@ fn reload_adds_and_removes_agents_and_follows_file_edits_and_sighup() {
         "SIGHUP did not reload:\n{}",
         env.log()
     );
+    // The watcher reads the file only when its metadata moves, and reloads only when its bytes
+    // did: a touch (new mtime, same bytes) reloads nothing...
+    let reloads = || {
+        env.metric("agentwatch_policy_reloads_total{result=\"ok\"}")
+            .expect("metric")
+    };
+    let settled = reloads();
+    let now = fs::File::options()
+        .write(true)
+        .open(&env.config)
+        .expect("config");
+    now.set_modified(std::time::SystemTime::now())
+        .expect("touch");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(reloads(), settled, "a touch is no change:\n{}", env.log());
+    // ...and an edit in place (same inode, same length, written over without truncating, so
+    // the watcher can never read half a file) is seen and applied, once.
+    let text = fs::read_to_string(&env.config).expect("config");
+    let other = if port == 10009 { 10010 } else { 10009 };
+    let edited = text.replace(
+        &format!("tcp 127.0.0.1 {port}"),
+        &format!("tcp 127.0.0.1 {other}"),
+    );
+    assert!(
+        edited != text && edited.len() == text.len(),
+        "a 5-digit port: {port}"
+    );
+    {
+        use std::io::Write as _;
+        let mut f = fs::File::options()
+            .write(true)
+            .open(&env.config)
+            .expect("config");
+        f.write_all(edited.as_bytes())
+            .expect("editing the config in place");
+    }
+    let refused = || {
+        let out = env.launch_probe(
+            "second",
+            &["connect", "tcp", "127.0.0.1", &port.to_string()],
+        );
+        one(parse_attempts(&out.stdout)).errno == EPERM
+    };
+    wait_until(
+        "the in-place edit applied",
+        Duration::from_secs(10),
+        refused,
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(reloads(), settled + 1.0, "{}", env.log());
     let _ = spinner.kill();
     let _ = spinner.wait();
     // `first`'s cgroup was agentwatch's; its cgroup goes once empty at the next cleanup.

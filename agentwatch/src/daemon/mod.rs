@@ -60,8 +60,8 @@ struct State {
     audit: Audit,
     reloads_ok: u64,
     reloads_rejected: u64,
-    /// The config file's bytes last seen by the watcher (applied or rejected).
-    last_seen: Option<Vec<u8>>,
+    /// The config file as last seen by the watcher (applied or rejected).
+    last_seen: policy::SeenConfig,
     /// Rates, baselines and breakers, per agent.
     monitors: BTreeMap<String, Monitor>,
     /// What the once-a-second sweep has accounted for.
@@ -212,8 +212,8 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         .context("the event ring buffer was already taken")?;
     let dns = start_dns(&config, &agents, &audit)?;
     let last_seen = match &source {
-        ConfigSource::File(p) => std::fs::read(p).ok(),
-        ConfigSource::EmbeddedDefault => None,
+        ConfigSource::File(p) => policy::SeenConfig::read(p),
+        ConfigSource::EmbeddedDefault => policy::SeenConfig::default(),
     };
     let mut state = State {
         config: Config {

@@ -466,7 +466,7 @@ impl State {
             );
         };
         let path = path.clone();
-        self.last_seen = std::fs::read(&path).ok();
+        self.last_seen = SeenConfig::read(&path);
         // A config someone else could have written is no config of root's (crate::ownership).
         let result = crate::ownership::check("the config", &path)
             .map_err(|e| e.to_string())
@@ -615,17 +615,74 @@ pub(super) async fn watch_config(state: Shared) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let Ok(now) = tokio::fs::read(&path).await else {
+        // The file is read only when its metadata changed: a config of a million rules is
+        // 25 MB, which the idle daemon used to read and compare every second.
+        let Ok(meta) = tokio::fs::metadata(&path).await else {
             continue;
         };
-        let state = Arc::clone(&state);
+        let stamp = Stamp::of(&meta);
+        let (state, path) = (Arc::clone(&state), path.clone());
         let _ = tokio::task::spawn_blocking(move || {
             let mut s = lock(&state);
-            if s.last_seen.as_deref() != Some(now.as_slice()) {
+            if s.last_seen.stamp == Some(stamp) {
+                return;
+            }
+            let Ok(now) = std::fs::read(&path) else {
+                return;
+            };
+            if s.last_seen.bytes.as_deref() != Some(now.as_slice()) {
                 tracing::info!("config file changed: reloading");
                 let _ = s.reload_from_disk();
+            } else {
+                // Touched, not changed (or changed back): nothing to apply.
+                s.last_seen.stamp = Some(stamp);
             }
         })
         .await;
+    }
+}
+
+/// What the config watcher saw of the file last: its bytes (what decides whether to reload),
+/// and its metadata when they were read (what decides whether to read them again).
+#[derive(Default)]
+pub(super) struct SeenConfig {
+    stamp: Option<Stamp>,
+    bytes: Option<Vec<u8>>,
+}
+
+impl SeenConfig {
+    /// The file at `path` now. The metadata is taken before the bytes: a write between the two
+    /// leaves an old stamp beside new bytes, so the next look reads the file again; the other
+    /// order could pair a new stamp with old bytes and miss the write for good.
+    pub(super) fn read(path: &std::path::Path) -> Self {
+        let stamp = std::fs::metadata(path).ok().map(|m| Stamp::of(&m));
+        Self {
+            stamp,
+            bytes: std::fs::read(path).ok(),
+        }
+    }
+}
+
+/// A file's identity and change times. An edit in place moves mtime and ctime (ctime cannot be
+/// set back by the writer); a rename over it (editors, Kubernetes ConfigMaps) changes the inode.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
     }
 }
