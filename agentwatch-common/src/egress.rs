@@ -36,6 +36,17 @@ pub const HOOK_ROUTE: u8 = 2;
 /// rejects a policy that needs more than this for one prefix.
 pub const MAX_PORT_RANGES: usize = 16;
 
+/// Entries each rule trie (IPv4, IPv6) holds, across all agents and both rule generations. A
+/// reload writes every changed agent's next generation beside its live one, so a config may use
+/// at most half ([`MAX_CONFIG_RULE_ENTRIES`]). The tries allocate per entry
+/// (BPF_F_NO_PREALLOC), so the bound costs nothing until used.
+pub const RULE_TRIE_CAPACITY: u32 = 1 << 21;
+
+/// Most compiled entries (one per distinct destination prefix of an agent) of one family that
+/// a config may have across all its agents: half the trie, so that any reload (every agent
+/// changed at once included) fits beside the policy in force.
+pub const MAX_CONFIG_RULE_ENTRIES: usize = (RULE_TRIE_CAPACITY / 2) as usize;
+
 /// Key of the IPv4 rule trie: an agent's rule generation ([`crate::rule_scope`]) followed by the
 /// address in network byte order. The LPM prefix length is 32 (scope) + the CIDR length.
 #[repr(C)]

@@ -9,8 +9,9 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 use agentwatch_common::{
     AGENT_FLAG_DENY_ALL, AGENT_FLAG_DNS, AGENT_FLAG_LEARN, DestKey, EVENT_EGRESS_CAPPED,
     EVENT_EGRESS_DENIED, EVENT_EGRESS_WOULD_DENY, EgressEvent, HOOK_CONNECT, HOOK_SENDMSG,
-    PROTO_OTHER, PROTO_TCP, PROTO_UDP, RuleKeyV4, RuleKeyV6, RuleValue, SCOPE_BITS, UNKNOWN_AGENT,
-    VERDICT_ALLOWED, VERDICT_CAPPED, VERDICT_DENIED, VERDICT_WOULD_DENY, egress_slot, rule_scope,
+    PROTO_OTHER, PROTO_TCP, PROTO_UDP, RULE_TRIE_CAPACITY, RuleKeyV4, RuleKeyV6, RuleValue,
+    SCOPE_BITS, UNKNOWN_AGENT, VERDICT_ALLOWED, VERDICT_CAPPED, VERDICT_DENIED, VERDICT_WOULD_DENY,
+    egress_slot, rule_scope,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -23,14 +24,14 @@ use aya_ebpf::{
 use crate::{
     agent::{Dest, EVENTS, count_lost_event, counters, current_agent},
     dns, learn, lease,
-    limits::{CapKind, MAX_RULES, over_limit},
+    limits::{CapKind, over_limit},
 };
 
 #[map]
-static RULES_V4: LpmTrie<RuleKeyV4, RuleValue> = LpmTrie::with_max_entries(MAX_RULES, 0);
+static RULES_V4: LpmTrie<RuleKeyV4, RuleValue> = LpmTrie::with_max_entries(RULE_TRIE_CAPACITY, 0);
 
 #[map]
-static RULES_V6: LpmTrie<RuleKeyV6, RuleValue> = LpmTrie::with_max_entries(MAX_RULES, 0);
+static RULES_V6: LpmTrie<RuleKeyV6, RuleValue> = LpmTrie::with_max_entries(RULE_TRIE_CAPACITY, 0);
 
 /// Destination -> the 1-second epoch (`ktime / 1e9`) in which it was last counted in
 /// `destinations`. LRU: a destination evicted and seen again in the same second counts twice,

@@ -18,13 +18,13 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuHashMap},
 };
 
-use crate::{agent::counters, limits::MAX_RULES};
+use crate::{agent::counters, limits::MAX_RULE_HITS};
 
 /// (agent, rule id) -> calls that rule admitted, per CPU (a hot rule is not a contended
 /// cache line). Allocated per entry: only rules that admitted something have one.
 #[map]
 static RULE_HITS: PerCpuHashMap<RuleHitKey, u64> =
-    PerCpuHashMap::with_max_entries(MAX_RULES, BPF_F_NO_PREALLOC);
+    PerCpuHashMap::with_max_entries(MAX_RULE_HITS, BPF_F_NO_PREALLOC);
 
 /// (agent, proto, destination) -> calls. Allocated per entry.
 #[map]

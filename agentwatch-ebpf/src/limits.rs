@@ -1,4 +1,4 @@
-//! Bounds and caps every concern shares: how many rules the tries hold, and the per-agent
+//! Bounds and caps every concern shares: how many rule hits are counted, and the per-agent
 //! hard caps (connects, sends, events per second: GCRA in `LIMITS`, the byte cap's step too).
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg};
@@ -6,9 +6,9 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 use agentwatch_common::{AgentLimits, Cap, MAX_AGENTS};
 use aya_ebpf::{helpers::generated::bpf_ktime_get_ns, macros::map, maps::Array};
 
-/// Upper bound for rules across all agents and both generations; LPM tries allocate per entry
-/// (BPF_F_NO_PREALLOC), so the bound costs nothing until used.
-pub const MAX_RULES: u32 = 1 << 20;
+/// Upper bound for distinct rules whose hits are counted (`RULE_HITS`, allocated per entry;
+/// its hash buckets are sized by it).
+pub const MAX_RULE_HITS: u32 = 1 << 20;
 
 /// Per-agent hard caps (connects, sends, events per second), indexed by agent id.
 #[map]

@@ -775,6 +775,7 @@ fn validate(
     }
     assign_uids(&daemon, &mut agents, c);
     check_learn_quota(&daemon, &agents, c);
+    check_rule_capacity(&daemon, &agents, c);
     Config {
         daemon,
         agents,
@@ -810,6 +811,40 @@ fn check_learn_quota(daemon: &DaemonConfig, agents: &[Agent], c: &mut Collector<
             ),
         );
     }
+}
+
+/// The agents' compiled rules must fit half of each kernel rule trie, so that a reload (which
+/// writes every changed agent's next rules beside the live ones) always fits. Refused here, the
+/// config never reaches the kernel, where a full trie would fail a reload halfway.
+fn check_rule_capacity(daemon: &DaemonConfig, agents: &[Agent], c: &mut Collector<'_>) {
+    for e in rule_capacity_errors(daemon, agents, agentwatch_common::MAX_CONFIG_RULE_ENTRIES) {
+        c.at(0..0, e);
+    }
+}
+
+/// [`check_rule_capacity`] against any `limit` (the tests' small ones).
+fn rule_capacity_errors(daemon: &DaemonConfig, agents: &[Agent], limit: usize) -> Vec<String> {
+    // The gateway's own rule, one entry more for each agent with API scopes.
+    let gateway = agents.iter().filter(|a| !a.apis.is_empty()).count();
+    let (gateway_v4, gateway_v6) = if daemon.gateway_listen.is_ipv4() {
+        (gateway, 0)
+    } else {
+        (0, gateway)
+    };
+    let v4 = agents.iter().map(|a| a.compiled.v4.len()).sum::<usize>() + gateway_v4;
+    let v6 = agents.iter().map(|a| a.compiled.v6.len()).sum::<usize>() + gateway_v6;
+    [("IPv4", v4), ("IPv6", v6)]
+        .into_iter()
+        .filter(|&(_, entries)| entries > limit)
+        .map(|(family, entries)| {
+            format!(
+                "the agents' {family} egress rules need {entries} kernel entries (one per \
+                 distinct destination prefix of each agent), more than the {limit} a config \
+                 may use (half the kernel's rule trie: a reload writes the next rules beside \
+                 the live ones); merge addresses into wider prefixes"
+            )
+        })
+        .collect()
 }
 
 /// Gives every agent without `user` its own uid from `daemon.agent_uids` ([`crate::uids`]).
@@ -928,6 +963,34 @@ fn breaker(b: &Spanned<RawBreaker>, c: &mut Collector<'_>) -> Breaker {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rules_beyond_half_the_kernel_trie_are_refused_per_family_gateway_rule_included() {
+        let text = "[secrets]\nk = { file = \"/etc/k\" }\n\
+            [[agents]]\nname = \"a\"\negress = [\"tcp 10.0.0.1 443\", \"tcp 10.0.0.2 443\", \
+            \"tcp 10.0.0.2 80\", \"udp ::1 53\"]\n\
+            [[agents]]\nname = \"b\"\negress = [\"tcp 10.0.0.1 443\"]\n\
+            [[agents.apis]]\nname = \"x\"\nupstream = \"https://api.example.com\"\nsecret = \"k\"\n\
+            allow = [\"GET /**\"]\n";
+        let c = Config::parse(text, "t.toml").unwrap();
+        // IPv4: a's two prefixes (10.0.0.2's two rules share one), b's one, b's gateway rule
+        // (127.0.0.1, the default listener): 4. IPv6: 1.
+        assert!(rule_capacity_errors(&c.daemon, &c.agents, 4).is_empty());
+        let e = rule_capacity_errors(&c.daemon, &c.agents, 3);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("the agents' IPv4 egress rules need 4 kernel entries"),
+            "{}",
+            e[0]
+        );
+        let e = rule_capacity_errors(&c.daemon, &c.agents, 0);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e[1].contains("IPv6 egress rules need 1 kernel entries"),
+            "{}",
+            e[1]
+        );
+    }
+
     /// Do two cgroups overlap (one is, or lies under, the other)? The plain definition that
     /// [`overlapping`] must agree with.
     fn nested(a: &str, b: &str) -> bool {

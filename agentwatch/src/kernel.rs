@@ -202,6 +202,21 @@ impl Kernel {
                             want: (key, value),
                         });
                     }
+                    // The same layout, but made by an older agentwatch with smaller tries: it is
+                    // used as it is (its rules are in force), and `check` counts on the larger.
+                    if matches!(name, "RULES_V4" | "RULES_V6")
+                        && info.max_entries() < agentwatch_common::RULE_TRIE_CAPACITY
+                    {
+                        tracing::warn!(
+                            map = name,
+                            pinned = info.max_entries(),
+                            this_build = agentwatch_common::RULE_TRIE_CAPACITY,
+                            "this pinned rule trie holds fewer entries than this agentwatch \
+                             makes: a config that `check` accepts may be refused at reload when \
+                             it is full; stopping the daemon and `agentwatch run --cleanup` \
+                             makes the tries anew (the agents are unguarded until it starts)"
+                        );
+                    }
                 }
                 loader.map_pin_path(name, path);
             }

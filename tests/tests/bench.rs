@@ -1536,6 +1536,7 @@ fn scale() {
          same windows (p99: the bucket bound). Reload: a config whose first agent's allow-list \
          has the N rules written and `agentwatch reload` returned."
     ));
+    million_rules(&report);
     if let Some(cpu) = idle_1000 {
         let n = counts.last().copied().unwrap_or(0);
         report.target(
@@ -1548,6 +1549,132 @@ fn scale() {
             cpu <= 0.02,
         );
     }
+}
+
+/// A config of a million rules (quick: 100,000) for one agent, through the operator's path:
+/// `agentwatch check`, the daemon's start until it serves, and a reload that changes one rule
+/// (so the agent's whole next generation is written beside the live one) while a prober in the
+/// agent checks that no call is judged wrong meanwhile (no gap).
+fn million_rules(report: &Report) {
+    let n = pick(1_000_000u32, 100_000);
+    let good_port = agentwatch_tests::accepting();
+    let agent = |first_port: u16| {
+        let mut text =
+            format!("[[agents]]\nname = \"big\"\negress = [\"any 127.0.0.1 {good_port}\"");
+        for i in 0..n {
+            let port = if i == 0 { first_port } else { 443 };
+            text.push_str(&format!(", \"tcp {} {port}\"", filler(i, false)));
+        }
+        text.push_str("]\n");
+        text
+    };
+    let mut env = DaemonEnv::new();
+    env.write_config(&agent(443));
+    let t = Instant::now();
+    let out = Command::new(agentwatch_tests::agentwatch_bin())
+        .args(["check", "--config"])
+        .arg(&env.config)
+        .output()
+        .expect("agentwatch check");
+    let check_ms = t.elapsed().as_secs_f64() * 1000.0;
+    assert!(
+        out.status.success(),
+        "check: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = Instant::now();
+    env.start();
+    let start_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let pid = env.pid().expect("pid");
+    let rss_start = rss_kib(pid);
+    let stop = env.scratch().join("stop-prober");
+    let prober = env
+        .probe_command("big")
+        .args([
+            "alternate",
+            "127.0.0.1",
+            &good_port.to_string(),
+            "127.0.0.1",
+            "9",
+        ])
+        .arg(&stop)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("prober");
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    env.write_config(&agent(444));
+    let out = env.cli(&["reload"]);
+    let reload_ms = t.elapsed().as_secs_f64() * 1000.0;
+    assert!(
+        out.status.success(),
+        "reload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    fs::write(&stop, "").expect("stop file");
+    let out = prober.wait_with_output().expect("prober");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "prober output {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let (attempts, wrong) = (
+        summary["attempts"].as_u64().unwrap_or(0),
+        summary["wrong"].as_u64().unwrap_or(u64::MAX),
+    );
+    assert!(attempts > 0, "the prober made no call: {summary}");
+    let rss_reload = rss_kib(pid);
+    let mib = |k: u64| format!("{:.0} MiB", k as f64 / 1024.0);
+    report.row(
+        "A config of many rules (one agent)",
+        &[
+            "rules",
+            "`agentwatch check`",
+            "daemon start (until it serves)",
+            "reload changing one rule",
+            "calls judged wrong during the reload",
+            "daemon RSS after start / reload",
+        ],
+        &[
+            thousands(u64::from(n) + 1),
+            ms(check_ms),
+            ms(start_ms),
+            ms(reload_ms),
+            format!("{wrong} of {attempts}"),
+            format!("{} / {}", mib(rss_start), mib(rss_reload)),
+        ],
+        json!({"rules": n + 1, "check_ms": check_ms, "start_ms": start_ms,
+            "reload_ms": reload_ms, "prober_attempts": attempts, "prober_wrong": wrong,
+            "rss_start_kib": rss_start, "rss_reload_kib": rss_reload}),
+    );
+    report.note(
+        "Many rules: one agent with an allow rule for a local port and N rules `tcp 10.x.y.z 443` \
+         (distinct /32s). Check: `agentwatch check` of the config file. Start: `agentwatch run` \
+         until it serves. Reload: the first of the N rules changed to port 444 (so the agent's \
+         whole next generation is written beside the live one), then `agentwatch reload` \
+         returned. Meanwhile a prober in the agent alternates UDP and TCP calls to the allowed \
+         port and to a denied one (127.0.0.1:9): each must be allowed, or refused with EPERM.",
+    );
+    let full = !quick();
+    let scope = if full { "" } else { " (quick: 100,000 rules)" };
+    report.target(
+        &format!("1,000,000-rule config: `check` <= 5 s{scope}"),
+        &ms(check_ms),
+        check_ms <= 5000.0,
+    );
+    report.target(
+        &format!("1,000,000-rule config: daemon start to enforcing <= 15 s{scope}"),
+        &ms(start_ms),
+        start_ms <= 15_000.0,
+    );
+    report.target(
+        &format!("1,000,000-rule config: reload <= 15 s with no gap{scope}"),
+        &format!("{}, {wrong} wrong of {attempts} calls", ms(reload_ms)),
+        reload_ms <= 15_000.0 && wrong == 0,
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

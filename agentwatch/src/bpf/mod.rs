@@ -33,7 +33,7 @@ pub enum KernelError {
     NoObject,
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
-    #[error("eBPF map {name}: {source}")]
+    #[error("eBPF map {name}: {}", map_detail(.source))]
     Map {
         name: &'static str,
         #[source]
@@ -92,6 +92,24 @@ pub enum KernelError {
 /// The error of a failed write to map `name`, for `map_err`.
 pub(crate) fn map_err(name: &'static str) -> impl FnOnce(MapError) -> KernelError {
     move |source| KernelError::Map { name, source }
+}
+
+/// What went wrong with a map, with the kernel's errno (aya's message alone names only the
+/// syscall: "`bpf_map_update_elem` failed").
+fn map_detail(source: &MapError) -> String {
+    let mut text = source.to_string();
+    let mut next = std::error::Error::source(source);
+    while let Some(e) = next {
+        text.push_str(&format!(": {e}"));
+        if e.downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            == Some(libc::ENOSPC)
+        {
+            text.push_str(" (the map is full)");
+        }
+        next = e.source();
+    }
+    text
 }
 
 /// What went wrong attaching a program, with the kernel's errno (aya's message alone names
