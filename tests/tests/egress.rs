@@ -556,8 +556,7 @@ fn a_guard_that_fails_halfway_leaves_nothing_attached_and_no_state() {
         agentwatch_tests::unique_name()
     )));
     // Where the byte counter's link would be pinned, something that is no link (a folder:
-    // BPF_OBJ_GET refuses it on every kernel; a map pinned there is still taken for a link on
-    // 6.1 when its id matches a live link's, a daemon bug not fixed yet): the egress and
+    // BPF_OBJ_GET refuses it on every kernel; a map there is the next test's): the egress and
     // sock_create programs attach (fresh) before the byte counter fails to adopt it.
     let agent_links = pins.0.root().join("links").join(format!("t10@{cgroup_id}"));
     std::fs::create_dir_all(agent_links.join("bytes_egress")).expect("the bogus pin");
@@ -610,6 +609,106 @@ fn a_guard_that_fails_halfway_leaves_nothing_attached_and_no_state() {
     let r = connect(&cg, "tcp", "127.0.0.1", other);
     assert_eq!((r.ok, r.errno), (false, EPERM), "{r:?}");
     agents.unguard("t10").expect("unguard");
+}
+
+/// Pins a new one-entry array map at `path` (made and pinned with bpf(2) directly: a map of
+/// no object of agentwatch's).
+fn pin_a_map(path: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt as _;
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let mut create = MapCreate {
+        map_type: BPF_MAP_TYPE_ARRAY,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+        map_flags: 0,
+    };
+    // SAFETY: BPF_MAP_CREATE (0) with a valid attr prefix of its own size.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, &raw mut create, size_of::<MapCreate>()) };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+    let mut pin = ObjPin {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: u32::try_from(fd).expect("fd"),
+        file_flags: 0,
+    };
+    // SAFETY: BPF_OBJ_PIN (6) with a valid attr prefix; `c_path` outlives the call.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, 6, &raw mut pin, size_of::<ObjPin>()) };
+    assert_eq!(r, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: our own fd; the pin keeps the map.
+    unsafe { libc::close(i32::try_from(fd).expect("fd")) };
+}
+
+/// A map pinned where an agent's link pin goes (root outside the agents could do it, or an
+/// older daemon's bug) is refused, not adopted as the link: on 6.1 aya's `from_pin` took any
+/// bpf object, and the map's info read as a link's named a link id that could be live. The
+/// guard fails naming the pin, and nothing of it stays attached.
+#[test]
+fn a_map_pinned_where_a_link_goes_is_refused_not_adopted() {
+    privileged!();
+    let (_a, port) = tcp_listener("127.0.0.1:0");
+    let cg = TestCgroup::new();
+    let cgroup_id = cg.cgroup().id().expect("cgroup id");
+    let pins = TestPins(agentwatch::kernel::PinDir::new(format!(
+        "/sys/fs/bpf/agentwatch-test-{}-{}",
+        std::process::id(),
+        agentwatch_tests::unique_name()
+    )));
+    let agent_links = pins.0.root().join("links").join(format!("t11@{cgroup_id}"));
+    std::fs::create_dir_all(&agent_links).expect("pin folder");
+    let bogus = agent_links.join("bytes_egress");
+    pin_a_map(&bogus);
+    let mut agents = Agents::load_pinned(pins.0.clone()).expect("load");
+    let policy = rules(&[&format!("tcp 127.0.0.1 {port}")]);
+    let err = agents
+        .guard("t11", cg.cgroup().clone(), policy.clone())
+        .expect_err("a map where a link goes is no link");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!(
+            "{} is not a BPF link (anon_inode:bpf-map)",
+            bogus.display()
+        )),
+        "{text}"
+    );
+    assert_eq!(agents.link_count("t11"), 0);
+    let left: Vec<String> = std::fs::read_dir(&agent_links)
+        .expect("pin folder")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["bytes_egress"], "only the planted map is left");
+    // With the map gone, the agent is guarded as new and enforced.
+    std::fs::remove_file(&bogus).expect("removing the map pin");
+    assert_eq!(
+        agents
+            .guard("t11", cg.cgroup().clone(), policy)
+            .expect("guard"),
+        agentwatch::agent::Guarding::New
+    );
+    assert!(connect(&cg, "tcp", "127.0.0.1", port).ok);
+    let (_b, other) = tcp_listener("127.0.0.1:0");
+    let r = connect(&cg, "tcp", "127.0.0.1", other);
+    assert_eq!((r.ok, r.errno), (false, EPERM), "{r:?}");
+    agents.unguard("t11").expect("unguard");
 }
 
 #[test]

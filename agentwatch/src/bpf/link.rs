@@ -98,6 +98,35 @@ fn link_fd_by_id(id: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
+/// What the bpf object pinned at `pin` is, as /proc names its fd: `anon_inode:bpf-link` for a
+/// link (`anon_inode:bpf-map`, `anon_inode:bpf-prog` otherwise).
+fn pinned_kind(pin: &Path) -> io::Result<String> {
+    use std::os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _};
+    /// The head of `union bpf_attr` for BPF_OBJ_GET.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let raw = bpf_call(
+        BPF_OBJ_GET,
+        &mut ObjGet {
+            pathname: path.as_ptr() as u64,
+            bpf_fd: 0,
+            // Read-write: the kernel opens links no other way (EINVAL for BPF_F_RDONLY).
+            file_flags: 0,
+        },
+    )?;
+    let raw = i32::try_from(raw).map_err(io::Error::other)?;
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    Ok(target.to_string_lossy().into_owned())
+}
+
 /// The kernel's `bpf_link_info` of the link open at `fd`.
 fn link_info(fd: &OwnedFd) -> io::Result<RawLinkInfo> {
     use std::os::fd::AsRawFd as _;
@@ -131,6 +160,27 @@ impl Link {
         };
         let pin = dir.join(name);
         if pin.exists() {
+            // aya opens any bpf object pinned there as a link, and a map's info read as a link's
+            // names a link id that may be live (seen on 6.1): what is adopted must be a link.
+            match pinned_kind(&pin) {
+                Ok(kind) if kind == "anon_inode:bpf-link" => {}
+                Ok(found) => {
+                    return Err(KernelError::NotALink {
+                        name,
+                        path: pin,
+                        found,
+                    });
+                }
+                Err(io_error) => {
+                    return Err(KernelError::Link {
+                        name,
+                        source: LinkError::SyscallError(aya::sys::SyscallError {
+                            call: "BPF_OBJ_GET",
+                            io_error,
+                        }),
+                    });
+                }
+            }
             let link =
                 PinnedLink::from_pin(&pin).map_err(|source| KernelError::Link { name, source })?;
             return Self::new(FdLink::from(link), name, Some(pin), false);

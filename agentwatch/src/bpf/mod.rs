@@ -56,6 +56,16 @@ pub enum KernelError {
         #[source]
         source: ProgramError,
     },
+    #[error(
+        "{path} is not a BPF link ({found}), though the link of {name} is pinned there: \
+         something else was pinned in its place; remove it (`agentwatch run --cleanup` removes \
+         every pin) and start again"
+    )]
+    NotALink {
+        name: &'static str,
+        path: std::path::PathBuf,
+        found: String,
+    },
     #[error("eBPF link of {name}: {source}")]
     Link {
         name: &'static str,
