@@ -1479,15 +1479,7 @@ fn scale() {
             list.join(", "),
             config.split_once("\n\n").map_or("", |(_, rest)| rest)
         );
-        let t = Instant::now();
-        env.write_config(&reload_config);
-        let out = env.cli(&["reload"]);
-        let reload_ms = t.elapsed().as_secs_f64() * 1000.0;
-        assert!(
-            out.status.success(),
-            "reload: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let reload_ms = timed_reload(&env, &reload_config);
         if n == *counts.last().unwrap_or(&0) {
             idle_1000 = Some(idle.0);
         }
@@ -1551,6 +1543,21 @@ fn scale() {
     }
 }
 
+/// Writes `agents` as the config and runs `agentwatch reload`: the milliseconds until it
+/// returned (success asserted).
+fn timed_reload(env: &DaemonEnv, agents: &str) -> f64 {
+    let t = Instant::now();
+    env.write_config(agents);
+    let out = env.cli(&["reload"]);
+    let reload_ms = t.elapsed().as_secs_f64() * 1000.0;
+    assert!(
+        out.status.success(),
+        "reload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    reload_ms
+}
+
 /// A config of a million rules (quick: 100,000) for one agent, through the operator's path:
 /// `agentwatch check`, the daemon's start until it serves, and a reload that changes one rule
 /// (so the agent's whole next generation is written beside the live one) while a prober in the
@@ -1603,15 +1610,7 @@ fn million_rules(report: &Report) {
         .spawn()
         .expect("prober");
     std::thread::sleep(Duration::from_millis(500));
-    let t = Instant::now();
-    env.write_config(&agent(444));
-    let out = env.cli(&["reload"]);
-    let reload_ms = t.elapsed().as_secs_f64() * 1000.0;
-    assert!(
-        out.status.success(),
-        "reload: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let reload_ms = timed_reload(&env, &agent(444));
     std::thread::sleep(Duration::from_millis(500));
     fs::write(&stop, "").expect("stop file");
     let out = prober.wait_with_output().expect("prober");

@@ -536,6 +536,50 @@ fn every_agents_counters_read_at_once_are_each_agents_own() {
 /// Pins of one test under bpffs, removed (links detached) on Drop.
 struct TestPins(agentwatch::kernel::PinDir);
 
+impl TestPins {
+    /// A pin folder of this test's own under /sys/fs/bpf.
+    fn new() -> Self {
+        Self(agentwatch::kernel::PinDir::new(format!(
+            "/sys/fs/bpf/agentwatch-test-{}-{}",
+            std::process::id(),
+            agentwatch_tests::unique_name()
+        )))
+    }
+}
+
+/// The names in pin folder `dir`.
+fn pin_names(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("pin folder")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Guards agent `name` in `cg` with `policy` (which admits TCP to `port`) and checks that it
+/// is guarded as new (nothing of an earlier attempt adopted), holds its 11 links, and is
+/// enforced: `port` allowed, another port EPERM. Then unguards it.
+fn guarded_anew_and_enforced(
+    agents: &mut Agents,
+    name: &str,
+    cg: &TestCgroup,
+    policy: CompiledRules,
+    port: u16,
+) {
+    assert_eq!(
+        agents
+            .guard(name, cg.cgroup().clone(), policy)
+            .expect("guard"),
+        agentwatch::agent::Guarding::New
+    );
+    assert_eq!(agents.link_count(name), 11);
+    assert!(connect(cg, "tcp", "127.0.0.1", port).ok);
+    let (_b, other) = tcp_listener("127.0.0.1:0");
+    let r = connect(cg, "tcp", "127.0.0.1", other);
+    assert_eq!((r.ok, r.errno), (false, EPERM), "{r:?}");
+    agents.unguard(name).expect("unguard");
+}
+
 impl Drop for TestPins {
     fn drop(&mut self) {
         if let Err(e) = self.0.remove_all() {
@@ -550,11 +594,7 @@ fn a_guard_that_fails_halfway_leaves_nothing_attached_and_no_state() {
     let (_a, port) = tcp_listener("127.0.0.1:0");
     let cg = TestCgroup::new();
     let cgroup_id = cg.cgroup().id().expect("cgroup id");
-    let pins = TestPins(agentwatch::kernel::PinDir::new(format!(
-        "/sys/fs/bpf/agentwatch-test-{}-{}",
-        std::process::id(),
-        agentwatch_tests::unique_name()
-    )));
+    let pins = TestPins::new();
     // Where the byte counter's link would be pinned, something that is no link (a folder:
     // BPF_OBJ_GET refuses it on every kernel; a map there is the next test's): the egress and
     // sock_create programs attach (fresh) before the byte counter fails to adopt it.
@@ -572,12 +612,7 @@ fn a_guard_that_fails_halfway_leaves_nothing_attached_and_no_state() {
     assert!(err.to_string().contains("bytes_egress"), "{err}");
     assert_eq!(agents.link_count("t10"), 0);
     // The links attached before the failure went, pins and all: only the bogus pin is left.
-    let left: Vec<String> = std::fs::read_dir(&agent_links)
-        .expect("pin folder")
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(left, ["bytes_egress"]);
+    assert_eq!(pin_names(&agent_links), ["bytes_egress"]);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
         let fresh: Vec<u32> = aya::programs::loaded_links()
@@ -597,18 +632,7 @@ fn a_guard_that_fails_halfway_leaves_nothing_attached_and_no_state() {
     // Nothing of the agent stayed in the kernel: once the pin is fixed it is guarded as new
     // (not adopted), and its egress is enforced.
     std::fs::remove_dir(agent_links.join("bytes_egress")).expect("removing the bogus pin");
-    assert_eq!(
-        agents
-            .guard("t10", cg.cgroup().clone(), policy)
-            .expect("guard"),
-        agentwatch::agent::Guarding::New
-    );
-    assert_eq!(agents.link_count("t10"), 11);
-    assert!(connect(&cg, "tcp", "127.0.0.1", port).ok);
-    let (_b, other) = tcp_listener("127.0.0.1:0");
-    let r = connect(&cg, "tcp", "127.0.0.1", other);
-    assert_eq!((r.ok, r.errno), (false, EPERM), "{r:?}");
-    agents.unguard("t10").expect("unguard");
+    guarded_anew_and_enforced(&mut agents, "t10", &cg, policy, port);
 }
 
 /// Pins a new one-entry array map at `path` (made and pinned with bpf(2) directly: a map of
@@ -667,11 +691,7 @@ fn a_map_pinned_where_a_link_goes_is_refused_not_adopted() {
     let (_a, port) = tcp_listener("127.0.0.1:0");
     let cg = TestCgroup::new();
     let cgroup_id = cg.cgroup().id().expect("cgroup id");
-    let pins = TestPins(agentwatch::kernel::PinDir::new(format!(
-        "/sys/fs/bpf/agentwatch-test-{}-{}",
-        std::process::id(),
-        agentwatch_tests::unique_name()
-    )));
+    let pins = TestPins::new();
     let agent_links = pins.0.root().join("links").join(format!("t11@{cgroup_id}"));
     std::fs::create_dir_all(&agent_links).expect("pin folder");
     let bogus = agent_links.join("bytes_egress");
@@ -690,25 +710,14 @@ fn a_map_pinned_where_a_link_goes_is_refused_not_adopted() {
         "{text}"
     );
     assert_eq!(agents.link_count("t11"), 0);
-    let left: Vec<String> = std::fs::read_dir(&agent_links)
-        .expect("pin folder")
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(left, ["bytes_egress"], "only the planted map is left");
+    assert_eq!(
+        pin_names(&agent_links),
+        ["bytes_egress"],
+        "only the planted map is left"
+    );
     // With the map gone, the agent is guarded as new and enforced.
     std::fs::remove_file(&bogus).expect("removing the map pin");
-    assert_eq!(
-        agents
-            .guard("t11", cg.cgroup().clone(), policy)
-            .expect("guard"),
-        agentwatch::agent::Guarding::New
-    );
-    assert!(connect(&cg, "tcp", "127.0.0.1", port).ok);
-    let (_b, other) = tcp_listener("127.0.0.1:0");
-    let r = connect(&cg, "tcp", "127.0.0.1", other);
-    assert_eq!((r.ok, r.errno), (false, EPERM), "{r:?}");
-    agents.unguard("t11").expect("unguard");
+    guarded_anew_and_enforced(&mut agents, "t11", &cg, policy, port);
 }
 
 #[test]
@@ -716,11 +725,7 @@ fn a_slot_a_crashed_daemon_left_half_forgotten_is_clean_for_the_next_agent() {
     privileged!();
     let (_a, port) = tcp_listener("127.0.0.1:0");
     let (first, second) = (TestCgroup::new(), TestCgroup::new());
-    let pins = TestPins(agentwatch::kernel::PinDir::new(format!(
-        "/sys/fs/bpf/agentwatch-test-{}-{}",
-        std::process::id(),
-        agentwatch_tests::unique_name()
-    )));
+    let pins = TestPins::new();
     let first_id = {
         let mut agents = Agents::load_pinned(pins.0.clone()).expect("load");
         agents

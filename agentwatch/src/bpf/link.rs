@@ -59,6 +59,7 @@ impl LinkState {
 /// `BPF_LINK_TYPE_CGROUP` of linux/bpf.h.
 const BPF_LINK_TYPE_CGROUP: u32 = 3;
 /// bpf(2) commands (linux/bpf.h).
+const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
 /// The head of `struct bpf_link_info` and, for a cgroup link, its `cgroup` member (the union
@@ -109,7 +110,6 @@ fn pinned_kind(pin: &Path) -> io::Result<String> {
         bpf_fd: u32,
         file_flags: u32,
     }
-    const BPF_OBJ_GET: libc::c_long = 7;
     let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).map_err(io::Error::other)?;
     let raw = bpf_call(
         BPF_OBJ_GET,
