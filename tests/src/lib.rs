@@ -734,11 +734,9 @@ impl DaemonEnv {
         self.cgroup_parent.join(name)
     }
 
-    /// The audit trail, parsed.
+    /// The audit trail's written lines, parsed.
     pub fn audit_lines(&self) -> Vec<serde_json::Value> {
-        fs::read_to_string(&self.audit)
-            .unwrap_or_default()
-            .lines()
+        written_lines(&fs::read_to_string(&self.audit).unwrap_or_default())
             .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
             .collect()
     }
@@ -790,6 +788,14 @@ impl DaemonEnv {
             .lines()
             .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
     }
+}
+
+/// The lines of a file another process appends to, without the last one if it has no newline
+/// yet: a reader can see a line's start before its end even though the daemon writes each line
+/// in one write(2) (the kernel copies and publishes a write page by page).
+pub fn written_lines(text: &str) -> impl Iterator<Item = &str> {
+    let end = text.rfind('\n').map_or(0, |i| i + 1);
+    text[..end].lines()
 }
 
 impl Default for DaemonEnv {

@@ -14,6 +14,7 @@ use std::{
 use agentwatch::audit::{link, rotated};
 use agentwatch_tests::{
     DaemonEnv, EPERM, TempDir, agentwatch_bin, holds_within, parse_attempts, patience, privileged,
+    written_lines,
 };
 
 /// Rotated files kept: more than this test writes, so the trail starts at its first line.
@@ -35,9 +36,7 @@ fn trail_lines(audit: &Path) -> Vec<String> {
     trail_files(audit)
         .iter()
         .flat_map(|f| {
-            fs::read_to_string(f)
-                .unwrap_or_default()
-                .lines()
+            written_lines(&fs::read_to_string(f).unwrap_or_default())
                 .map(str::to_owned)
                 .collect::<Vec<_>>()
         })

@@ -160,8 +160,11 @@ impl Sink {
 }
 
 impl Out {
-    /// Writes `line` and its newline in one write: a reader never sees half a line from this
-    /// writer. A line that would take the file past its maximum size goes to a new file.
+    /// Writes `line` and its newline in one write, so lines never interleave and a failed write
+    /// can be taken back whole. A reader that reads while the write runs can still see a line's
+    /// start without its end (the kernel publishes a write page by page): a line is written
+    /// once its newline is there. A line that would take the file past its maximum size goes to
+    /// a new file.
     /// `prev` is the chain's end, updated only when a failed write leaves a torn line behind.
     fn write_line(&mut self, line: &[u8], prev: &mut String) -> io::Result<()> {
         match self {
