@@ -23,7 +23,7 @@ use aya::maps::{MapData, RingBuf};
 pub use crate::concern::Policy;
 use crate::{
     bpf::{KernelError, Link, LinkSet, LinkState, PinDir, map_err, remove_link_dir},
-    cgroup::{self, Cgroup},
+    cgroup::{self, Cgroup, Presence},
     concern::{History, POLICY_FLAGS, Slot},
     egress, exec,
     files::{self, FileRule},
@@ -35,6 +35,11 @@ use crate::{
 struct Guarded {
     id: u32,
     cgroup: Cgroup,
+    /// The cgroup's cgroup.events, held open: the sweep asks it every second whether the
+    /// cgroup is still there and whether anything runs in it ([`Agents::refresh_presence`]).
+    events: cgroup::Events,
+    /// What `events` said when last read.
+    presence: Presence,
     cgroup_id: u64,
     /// Depth of the cgroup below the cgroup2 root.
     level: u32,
@@ -149,6 +154,8 @@ pub struct Agents {
     kernel: Kernel,
     mount: PathBuf,
     by_name: BTreeMap<String, Guarded>,
+    /// Moves on whenever an agent is guarded or forgotten ([`Agents::membership`]).
+    membership: u64,
     /// Exec/fork tracepoints, attached host-wide for as long as this object lives.
     host: Vec<Link>,
     /// The sys_enter hook, while some agent monitors syscalls.
@@ -311,6 +318,7 @@ impl Agents {
             kernel,
             mount: cgroup::cgroup2_mount()?,
             by_name: BTreeMap::new(),
+            membership: 0,
             host,
             syscalls,
             file_guard,
@@ -366,6 +374,10 @@ impl Agents {
         if self.by_name.contains_key(name) {
             return Err(KernelError::AlreadyGuarded(name.to_owned()));
         }
+        // Opened before the id is read: if the cgroup is replaced in between, these events are
+        // of the old one, found gone by the next sweep, which guards the agent again.
+        let events = cgroup.events()?;
+        let presence = events.presence()?;
         let cgroup_id = cgroup.id()?;
         let level = self.level_of(&cgroup);
         if level == 0 {
@@ -489,11 +501,14 @@ impl Agents {
                 tracing::warn!(agent = name, "resetting the agent's checkpoint: {e}");
             }
         }
+        self.membership += 1;
         self.by_name.insert(
             name.to_owned(),
             Guarded {
                 id: state.id,
                 cgroup,
+                events,
+                presence,
                 cgroup_id,
                 level,
                 state,
@@ -637,7 +652,19 @@ impl Agents {
     /// its state stays (a daemon that gives up re-adopting an agent leaves it as it found it).
     /// Without pins, dropping the links detaches them.
     pub fn release(&mut self, name: &str) {
+        self.membership += 1;
         self.by_name.remove(name);
+    }
+
+    /// A number that changes whenever the set of agents (or an agent's slot) changes: what a
+    /// cache of [`Agents::slots`] is checked against.
+    pub fn membership(&self) -> u64 {
+        self.membership
+    }
+
+    /// Every agent's name and slot (its index in [`Kernel::all_counters`]), by name.
+    pub fn slots(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.by_name.iter().map(|(name, g)| (name.as_str(), g.id))
     }
 
     /// Sets and clears `AGENT_FLAG_*` bits of agent `name` in one map write.
@@ -736,9 +763,36 @@ impl Agents {
     /// cgroups below their own; a move into one is not an escape).
     pub fn sync_nested(&mut self) -> Result<(), KernelError> {
         for g in self.by_name.values() {
+            // Also while no process is in it: a process can enter it and move to a cgroup
+            // made there meanwhile within the same second, and such a move must be known
+            // as one inside the agent.
             self.kernel.sockets.sync_nested(g.cgroup_id, &g.cgroup)?;
         }
         Ok(())
+    }
+
+    /// Whether agent `name`'s cgroup is still the one it guards and whether anything runs in
+    /// it, as of the last [`Agents::refresh_presence`]: None for an agent not guarded.
+    pub fn presence(&self, name: &str) -> Option<Presence> {
+        self.by_name.get(name).map(|g| g.presence)
+    }
+
+    /// Reads again the cgroup.events of every agent whose file changed since it was last read
+    /// (one poll for all, [`cgroup::changed`]): an idle agent costs no read. A file that
+    /// cannot be read counts as populated, so nothing is skipped on a guess. The kernel may
+    /// tell of a change up to 10 ms late (it spaces cgroup.events notifications): a cgroup
+    /// populated just before a sweep can be seen so only by the next one.
+    pub fn refresh_presence(&mut self) {
+        let events: Vec<&cgroup::Events> = self.by_name.values().map(|g| &g.events).collect();
+        let changed = cgroup::changed(&events);
+        for ((name, g), changed) in self.by_name.iter_mut().zip(changed) {
+            if changed {
+                g.presence = g.events.presence().unwrap_or_else(|e| {
+                    tracing::warn!(agent = %name, "{e}");
+                    Presence::Populated
+                });
+            }
+        }
     }
 
     /// Closes agent `name`'s open sockets whose peer its policy in force refuses (after a
@@ -933,7 +987,7 @@ impl Agents {
             // A cgroup removed from under the daemon takes its links with it: that is no
             // tamper, and the sweep guards the agent again when the cgroup is back.
             if all_attached
-                || !g.cgroup.path().join("cgroup.procs").exists()
+                || g.events.presence().is_ok_and(|p| p == Presence::Gone)
                 || g.cgroup.id().ok() != Some(cgroup_id)
             {
                 continue;

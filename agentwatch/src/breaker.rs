@@ -260,6 +260,37 @@ impl Monitor {
         }
     }
 
+    /// Until when observing this monitor with the counts it saw last would change nothing
+    /// but its samples' times: while it is closed (or has no breaker), every sample holds the
+    /// last counts (so every rate stays 0 and nothing can trip: the floors are at least 0),
+    /// and no window ends before the time returned. None when it is not quiet. The tick skips
+    /// such a monitor while its counts stay put, and [`Self::skipped`] makes up for it.
+    pub fn quiet_until(&self) -> Option<Instant> {
+        let last = self.samples.back()?.1;
+        let quiet = self.state == State::Closed
+            && self.samples.iter().all(|(_, c)| *c == last)
+            && self.tracks.iter().all(|t| t.rate == 0.0)
+            && self
+                .config
+                .is_none_or(|c| c.min_rate >= 0.0 && c.min_bytes_rate >= 0.0);
+        quiet.then(|| self.last_learned + self.window)
+    }
+
+    /// The ticks at `times` (in order) this monitor was not shown because it was quiet
+    /// ([`Self::quiet_until`], which must still hold at each) and its counts had not moved.
+    /// Exactly what observing it at each would have done: keep the samples a window needs.
+    pub fn skipped(&mut self, times: impl Iterator<Item = Instant>) {
+        let Some(&(_, last)) = self.samples.back() else {
+            return;
+        };
+        for t in times {
+            self.samples.push_back((t, last));
+            while self.samples.len() > 2 && self.samples[1].0 + self.window <= t {
+                self.samples.pop_front();
+            }
+        }
+    }
+
     fn learn_all(&mut self, now: Instant) {
         for t in &mut self.tracks {
             t.learn();
@@ -477,5 +508,68 @@ mod tests {
             "below min_rate"
         );
         assert!(!run(&mut m, &mut t, &mut n, 100.0, 1.0).is_empty());
+    }
+
+    /// A monitor the tick skips while it is quiet ends exactly where one observed every tick
+    /// does: same samples, rates, baselines, state and transitions, through bursts, quiet
+    /// spells longer and shorter than a window, trips and approvals. Ticks are uneven (as a
+    /// busy daemon's are), counts sometimes go back (a reset slot).
+    #[test]
+    fn skipping_quiet_ticks_changes_nothing() {
+        let t0 = Instant::now();
+        let every = [
+            Some(cfg()),
+            None,
+            Some(BreakerConfig {
+                min_rate: 0.0,
+                warmup: Duration::ZERO,
+                require_approval: false,
+                ..cfg()
+            }),
+        ];
+        for config in every {
+            let mut full = Monitor::new(config, t0);
+            let mut lazy = Monitor::new(config, t0);
+            let (mut t, mut counts) = (t0, [0u64; SIGNALS]);
+            let (mut skipped, mut pending) = (0, Vec::new());
+            let mut last_seen: Option<[u64; SIGNALS]> = None;
+            // A fixed pseudo-random sequence: quiet stretches and bursts.
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            for i in 0..6000u32 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                t += Duration::from_millis(95 + x % 11);
+                match (i / 300) % 4 {
+                    // Quiet.
+                    0 | 2 => {}
+                    // A burst now and then.
+                    1 => counts[(x % SIGNALS as u64) as usize] += x % 40,
+                    _ if x.is_multiple_of(97) => counts = [0; SIGNALS],
+                    _ => counts[0] += x % 3,
+                }
+                if i % 1500 == 1499 && full.is_open() {
+                    full.approve(t, counts, i % 3000 == 1499);
+                    lazy.skipped(pending.drain(..));
+                    lazy.approve(t, counts, i % 3000 == 1499);
+                    last_seen = None;
+                    continue;
+                }
+                let want = full.observe(t, counts);
+                let quiet = lazy.quiet_until().is_some_and(|until| t < until);
+                if quiet && last_seen == Some(counts) {
+                    assert_eq!(want, None, "a quiet monitor has nothing to say");
+                    pending.push(t);
+                    skipped += 1;
+                    continue;
+                }
+                lazy.skipped(pending.drain(..));
+                let got = lazy.observe(t, counts);
+                last_seen = Some(counts);
+                assert_eq!(got, want, "tick {i}");
+                assert_eq!(format!("{lazy:?}"), format!("{full:?}"), "tick {i}");
+            }
+            assert!(skipped > 900, "quiet ticks were skipped: {skipped}");
+        }
     }
 }

@@ -249,6 +249,13 @@ impl Cgroup {
         }
     }
 
+    /// This cgroup's cgroup.events, held open: see [`Events`].
+    pub fn events(&self) -> Result<Events, CgroupError> {
+        let path = self.path.join("cgroup.events");
+        let file = fs::File::open(&path).map_err(io_err("opening", &path))?;
+        Ok(Events { file, path })
+    }
+
     /// Does this cgroup or any cgroup below it hold a process? (`populated` in cgroup.events.)
     pub fn populated(&self) -> Result<bool, CgroupError> {
         Ok(self.event("populated")? == Some(1))
@@ -292,6 +299,81 @@ impl Cgroup {
     pub fn remove(&self) -> Result<(), CgroupError> {
         remove_tree(&self.path)
     }
+}
+
+/// A cgroup's cgroup.events, held open. One pread(2) of it says whether that cgroup still
+/// exists and whether any process is in it or below it, with no path walk: what the daemon
+/// asks of every agent every second. It answers for the cgroup it was opened in, not for its
+/// path: a cgroup removed and made again under the same name (a service restarted) is
+/// another cgroup, and this one is gone.
+#[derive(Debug)]
+pub struct Events {
+    file: fs::File,
+    path: PathBuf,
+}
+
+/// What [`Events::presence`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// The cgroup was removed (its path may hold another one by now).
+    Gone,
+    /// No process in the cgroup or below it.
+    Empty,
+    /// Some process in the cgroup or below it.
+    Populated,
+}
+
+impl Events {
+    /// Reads the file: whether the cgroup is still there and whether a process is in it.
+    pub fn presence(&self) -> Result<Presence, CgroupError> {
+        use std::os::unix::fs::FileExt as _;
+        let mut buf = [0u8; 256];
+        match self.file.read_at(&mut buf, 0) {
+            Ok(n) => {
+                let text = String::from_utf8_lossy(&buf[..n]);
+                Ok(match events_value(&text, "populated") {
+                    Some(0) => Presence::Empty,
+                    _ => Presence::Populated,
+                })
+            }
+            // kernfs answers a file of a removed node with ENODEV.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENODEV | libc::ENOENT)) => {
+                Ok(Presence::Gone)
+            }
+            Err(e) => Err(io_err("reading", &self.path)(e)),
+        }
+    }
+}
+
+/// Which of `events` may have changed since each was last read, in one poll(2) per 1,024
+/// files and no read: kernfs marks a file ready (POLLPRI) once its value changed after the
+/// opener's last read, and ready with POLLERR once its cgroup is removed. (A poll of every
+/// file, not epoll: epoll is woken by the change but not by the removal.) Where the poll
+/// fails, every file counts as changed.
+pub fn changed(events: &[&Events]) -> Vec<bool> {
+    use std::os::fd::AsRawFd as _;
+    let mut out = Vec::with_capacity(events.len());
+    // At most RLIMIT_NOFILE descriptors per call, which is at least 1,024.
+    for chunk in events.chunks(1024) {
+        let mut fds: Vec<libc::pollfd> = chunk
+            .iter()
+            .map(|e| libc::pollfd {
+                fd: e.file.as_raw_fd(),
+                events: libc::POLLPRI,
+                revents: 0,
+            })
+            .collect();
+        let n = libc::nfds_t::try_from(fds.len()).unwrap_or(libc::nfds_t::MAX);
+        // SAFETY: `fds` is a valid array of `n` pollfds for fds `chunk` keeps open; a zero
+        // timeout only asks, never waits.
+        let polled = unsafe { libc::poll(fds.as_mut_ptr(), n, 0) };
+        if polled < 0 {
+            out.extend(std::iter::repeat_n(true, fds.len()));
+        } else {
+            out.extend(fds.iter().map(|f| f.revents != 0));
+        }
+    }
+    out
 }
 
 /// The value of `key` in cgroup.events' text (`populated 1\nfrozen 0\n`).

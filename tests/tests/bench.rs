@@ -1533,12 +1533,12 @@ fn scale() {
         let n = counts.last().copied().unwrap_or(0);
         report.target(
             &format!(
-                "{} agents at idle <= 2% of a CPU{}",
+                "{} agents at idle <= 1% of a CPU{}",
                 thousands(n as u64),
                 if quick() { " (quick: 100 agents)" } else { "" }
             ),
             &format!("{:.2}%", cpu * 100.0),
-            cpu <= 0.02,
+            cpu <= 0.01,
         );
     }
 }

@@ -250,6 +250,30 @@ fn an_agent_whose_cgroup_is_removed_from_under_the_daemon_is_guarded_again() {
     assert_eq!(verdict(svc.path(), allowed), (true, 0));
     assert_eq!(verdict(svc.path(), unlisted), (false, EPERM));
     assert_eq!(env.status()["svc"]["state"], "running");
+
+    // A restart: removed and made again within one sweep, so the path never goes missing when
+    // the daemon looks. The new cgroup is another cgroup (another id, none of the old links):
+    // it is guarded again all the same.
+    let old_id = agentwatch::cgroup::Cgroup::open(svc.path())
+        .and_then(|c| c.id())
+        .expect("id");
+    fs::remove_dir(svc.path()).expect("rmdir svc");
+    fs::create_dir(svc.path()).expect("mkdir svc");
+    let new_id = agentwatch::cgroup::Cgroup::open(svc.path())
+        .and_then(|c| c.id())
+        .expect("id");
+    assert_ne!(old_id, new_id);
+    let removed = env.wait_audit("agent_cgroup_removed", 3);
+    assert_eq!(removed.len(), 3, "the restart is seen: {removed:?}");
+    assert_eq!(removed[2]["agent"], "svc", "{removed:?}");
+    wait_until(
+        "svc to be guarded after its restart",
+        Duration::from_secs(10),
+        || guarded_again("svc", 5) == 2,
+    );
+    assert_eq!(verdict(svc.path(), allowed), (true, 0));
+    assert_eq!(verdict(svc.path(), unlisted), (false, EPERM));
+    assert_eq!(env.status()["svc"]["state"], "running");
 }
 
 /// The daemon's resident memory (KiB) and open descriptors.

@@ -37,7 +37,6 @@ pub use cleanup::cleanup;
 use crate::{
     agent::Agents,
     audit::{self, Audit},
-    breaker::Monitor,
     cgroup,
     config::Config,
     control as protocol, dns,
@@ -63,7 +62,7 @@ struct State {
     /// The config file as last seen by the watcher (applied or rejected).
     last_seen: policy::SeenConfig,
     /// Rates, baselines and breakers, per agent.
-    monitors: BTreeMap<String, Monitor>,
+    monitors: behaviour::Monitors,
     /// What the once-a-second sweep has accounted for.
     swept: sweep::Swept,
     /// The DNS forwarder of agents with hostname rules (its tasks run beside this state and
@@ -228,7 +227,7 @@ pub async fn run(config: Config, source: ConfigSource) -> Result<()> {
         reloads_ok: 0,
         reloads_rejected: 0,
         last_seen,
-        monitors: BTreeMap::new(),
+        monitors: behaviour::Monitors::default(),
         files_detected: BTreeMap::new(),
         control_refusals: BTreeMap::new(),
         protected: BTreeMap::new(),

@@ -13,7 +13,7 @@ use agentwatch_common::{AGENT_FLAG_KILLED, AgentCounters};
 use serde_json::json;
 
 use super::State;
-use crate::{bpf::ktime_ns, config::LeaseAction, privileges};
+use crate::{bpf::ktime_ns, cgroup::Presence, config::LeaseAction, privileges};
 
 /// How many destinations an `egress_denied_summary` names (the busiest).
 const SUMMARY_DESTS: usize = 10;
@@ -77,9 +77,19 @@ impl State {
     pub(super) fn sweep(&mut self) {
         // Before anything that may freeze or kill an agent (leases, breakers).
         let _ = self.leave_agents();
+        // Which cgroups are gone, empty or populated: read by the steps below.
+        self.agents.refresh_presence();
         let names: Vec<String> = self.agents.names().map(str::to_owned).collect();
-        for name in &names {
-            self.summarise(name);
+        // Every agent's counters in one read.
+        match self.agents.all_counters() {
+            Ok(all) => {
+                let all: Vec<(String, AgentCounters)> =
+                    all.into_iter().map(|(n, c)| (n.to_owned(), c)).collect();
+                for (name, now) in all {
+                    self.summarise(&name, now);
+                }
+            }
+            Err(e) => tracing::error!("reading the agents' counters for their summaries: {e}"),
         }
         self.sweep_pins();
         self.sweep_vanished();
@@ -188,9 +198,9 @@ impl State {
             .agents
             .iter()
             .filter(|a| {
-                self.agents
-                    .cgroup(&a.name)
-                    .is_some_and(|cg| !cg.path().join("cgroup.procs").exists())
+                // The guarded cgroup itself, not its path: one removed and made again at once
+                // (a service restarted) is another cgroup, with none of the agent's links.
+                self.agents.presence(&a.name) == Some(Presence::Gone)
             })
             .cloned()
             .collect();
@@ -299,10 +309,7 @@ impl State {
 
     /// Writes what the kernel counted instead of reporting it one by one since the last sweep:
     /// `egress_denied_summary` (count, busiest destinations) and `socket_denied_summary`.
-    fn summarise(&mut self, name: &str) {
-        let Ok(now) = self.agents.counters(name) else {
-            return;
-        };
+    fn summarise(&mut self, name: &str, now: AgentCounters) {
         let before = self
             .swept
             .counters
@@ -364,6 +371,11 @@ impl State {
     /// Audits, once per process, an agent's processes that hold a capability that could switch
     /// agentwatch off or walk around it (adopted agents are not hardened by `launch`).
     fn audit_privileged(&mut self, name: &str) {
+        if self.agents.presence(name) == Some(Presence::Empty) {
+            // No process left: none to look at, and none to remember.
+            self.swept.privileged.retain(|(n, _)| n != name);
+            return;
+        }
         let Some(pids) = self.agents.cgroup(name).and_then(|cg| cg.all_pids().ok()) else {
             return;
         };

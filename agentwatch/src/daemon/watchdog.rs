@@ -359,7 +359,8 @@ impl State {
     fn checkpoint(&mut self, flags: u64) {
         let at_ns = ktime_ns();
         let host_links = self.agents.host_link_count() as u64;
-        let mut result = self.agents.kernel_mut().set_checkpoint(
+        // The daemon's first: one batch is written in order.
+        let mut all = vec![(
             0,
             Checkpoint {
                 at_ns,
@@ -367,31 +368,40 @@ impl State {
                 flags,
                 ..Checkpoint::default()
             },
-        );
-        let names: Vec<String> = self.agents.names().map(str::to_owned).collect();
-        for name in names {
-            let (Some(info), Ok(counters)) = (self.agents.info(&name), self.agents.counters(&name))
-            else {
+        )];
+        // Every agent's counters in one read, every checkpoint in one write: the sweep does
+        // this each second for every agent.
+        let counters = self.agents.all_counters();
+        let mut result = counters.as_ref().map(drop).map_err(|e| e.to_string());
+        for (name, counters) in counters.iter().flatten() {
+            let Some(info) = self.agents.info(name) else {
                 continue;
             };
             let baseline = self
                 .monitors
-                .get(&name)
+                .get(name)
                 .and_then(|m| m.baseline(Signal::Denied));
-            let c = Checkpoint {
-                at_ns,
-                cgroup_id: info.cgroup_id,
-                denied: signal_counts(&counters, 0)[Signal::Denied as usize],
-                denied_baseline_milli: baseline.map_or(NO_BASELINE, |b| (b * 1000.0) as u64),
-                links: self.agents.link_count(&name) as u64,
-                flags: 0,
-            };
-            result = result.and(self.agents.kernel_mut().set_checkpoint(info.id, c));
+            all.push((
+                info.id,
+                Checkpoint {
+                    at_ns,
+                    cgroup_id: info.cgroup_id,
+                    denied: signal_counts(counters, 0)[Signal::Denied as usize],
+                    denied_baseline_milli: baseline.map_or(NO_BASELINE, |b| (b * 1000.0) as u64),
+                    links: self.agents.link_count(name) as u64,
+                    flags: 0,
+                },
+            ));
         }
+        let written = self
+            .agents
+            .kernel_mut()
+            .set_checkpoints(&all)
+            .map_err(|e| e.to_string());
+        result = written.and(result);
         match result {
             Ok(()) => self.watchdog.checkpoint_error = None,
             Err(e) => {
-                let e = e.to_string();
                 if self.watchdog.checkpoint_error.as_ref() != Some(&e) {
                     tracing::error!(
                         "writing the daemon's checkpoint: {e}; a daemon started after this one will know less of what happened"

@@ -660,6 +660,18 @@ impl Gateway {
 
     /// Every call `agent` made through the gateway, whatever the decision (breaker signal
     /// `api_calls`).
+    /// [`Self::api_calls`] of every agent the gateway serves, under one lock: what the
+    /// behaviour tick reads ten times a second (agents without scopes are not in it).
+    pub fn all_api_calls(&self) -> BTreeMap<String, u64> {
+        self.agents_read()
+            .iter()
+            .map(|(name, a)| {
+                let n = a.scopes.values().map(|s| s.counts.total()).sum();
+                (name.clone(), n)
+            })
+            .collect()
+    }
+
     pub fn api_calls(&self, agent: &str) -> u64 {
         self.agents_read()
             .get(agent)
