@@ -27,6 +27,19 @@ use crate::{
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agentwatch-ebpf"));
 
+/// union bpf_attr's `batch`: the attributes of BPF_MAP_LOOKUP_BATCH and BPF_MAP_UPDATE_BATCH.
+#[repr(C)]
+struct Batch {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
 /// The loaded object and its shared maps.
 pub struct Kernel {
     pub(crate) ebpf: Ebpf,
@@ -402,18 +415,6 @@ impl Kernel {
     /// writes for arrays.
     pub fn set_checkpoints(&mut self, all: &[(u32, Checkpoint)]) -> Result<(), KernelError> {
         const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-        /// union bpf_attr's `batch`.
-        #[repr(C)]
-        struct Batch {
-            in_batch: u64,
-            out_batch: u64,
-            keys: u64,
-            values: u64,
-            count: u32,
-            map_fd: u32,
-            elem_flags: u64,
-            flags: u64,
-        }
         use aya::maps::IterableMap as _;
         use std::os::fd::{AsFd as _, AsRawFd as _};
         let Some((map, _)) = &mut self.checkpoints else {
@@ -506,18 +507,6 @@ impl Kernel {
     /// is read slot by slot.
     pub fn all_counters(&self, slots: u32) -> Result<Vec<AgentCounters>, KernelError> {
         const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-        /// union bpf_attr's `batch`.
-        #[repr(C)]
-        struct Batch {
-            in_batch: u64,
-            out_batch: u64,
-            keys: u64,
-            values: u64,
-            count: u32,
-            map_fd: u32,
-            elem_flags: u64,
-            flags: u64,
-        }
         use aya::maps::IterableMap as _;
         use std::os::fd::{AsFd as _, AsRawFd as _};
         let err = |e: std::io::Error| KernelError::Map {
