@@ -48,7 +48,8 @@ pub(super) struct Monitors {
 /// miss or several) was most of an idle daemon's time. An agent is passed over while its
 /// counts have not moved since its monitor last saw them and the monitor said it would stay
 /// quiet until now ([`Monitor::quiet_until`]); the ticks it missed are made up for
-/// ([`Monitor::skipped`]) before anything else looks at or changes it.
+/// ([`Monitor::skipped`]) before its next observe or any change from outside the tick. (A
+/// look needs nothing made up: a quiet monitor's rates and baselines stay as they are.)
 #[derive(Default)]
 struct Quiet {
     /// The [`crate::agent::Agents::membership`] `seen` is for; None: rebuilt next tick.
