@@ -54,7 +54,7 @@ pub(super) struct Monitors {
 struct Quiet {
     /// The [`crate::agent::Agents::membership`] `seen` is for; None: rebuilt next tick.
     membership: Option<u64>,
-    /// Every agent, by name (as the tick reads them).
+    /// Every agent, in name order (as [`crate::agent::Agents::slots`] gives them).
     seen: Vec<Seen>,
     /// The last [`HISTORY`] ticks (number, time), oldest first.
     ticks: VecDeque<(u64, Instant)>,
@@ -104,9 +104,11 @@ impl Monitors {
     /// the counts whatever they are.
     fn settle(&mut self, name: &str) {
         let q = &mut self.quiet;
-        let Some(seen) = q.seen.iter_mut().find(|s| s.name == name) else {
+        // `seen` is in name order (the agents'): a reload settles every agent, so no walk.
+        let Ok(i) = q.seen.binary_search_by(|s| s.name.as_str().cmp(name)) else {
             return;
         };
+        let seen = &mut q.seen[i];
         if let Some(m) = self.by_name.get_mut(name) {
             m.skipped(missed(&q.ticks, seen.tick, q.tick + 1));
         }
@@ -114,24 +116,19 @@ impl Monitors {
         seen.quiet_until = None;
     }
 
-    /// Shows every agent's counts (`counters`, by slot) to its monitor, at tick time `now`,
-    /// passing over the quiet ones; returns the transitions, by agent.
-    fn tick(
-        &mut self,
-        now: Instant,
-        membership: u64,
-        slots: impl FnOnce() -> Vec<(String, u32)>,
-        counters: &[AgentCounters],
-        api_calls: &BTreeMap<String, u64>,
-    ) -> Vec<(String, Transition)> {
-        if self.quiet.membership != Some(membership) {
-            // Agents came or went: every monitor is brought up to date, and shown this tick.
-            let names: Vec<String> = self.quiet.seen.iter().map(|s| s.name.clone()).collect();
-            for name in names {
-                self.settle(&name);
+    /// Makes the tick's list of agents that of `membership` (read with `slots` when agents
+    /// came or went, every monitor brought up to date first); returns how many counter slots
+    /// the next [`Self::tick`] needs.
+    fn prepare(&mut self, membership: u64, slots: impl FnOnce() -> Vec<(String, u32)>) -> u32 {
+        let q = &mut self.quiet;
+        if q.membership != Some(membership) {
+            for seen in &q.seen {
+                if let Some(m) = self.by_name.get_mut(&seen.name) {
+                    m.skipped(missed(&q.ticks, seen.tick, q.tick + 1));
+                }
             }
-            let tick = self.quiet.tick;
-            self.quiet.seen = slots()
+            let tick = q.tick;
+            q.seen = slots()
                 .into_iter()
                 .map(|(name, slot)| Seen {
                     name,
@@ -141,8 +138,20 @@ impl Monitors {
                     tick,
                 })
                 .collect();
-            self.quiet.membership = Some(membership);
+            q.membership = Some(membership);
         }
+        q.seen.iter().map(|s| s.slot + 1).max().unwrap_or(0)
+    }
+
+    /// Shows every agent's counts (`counters`, by slot) to its monitor, at tick time `now`,
+    /// passing over the quiet ones; returns the transitions, by agent. After
+    /// [`Self::prepare`].
+    fn tick(
+        &mut self,
+        now: Instant,
+        counters: &[AgentCounters],
+        api_calls: &BTreeMap<String, u64>,
+    ) -> Vec<(String, Transition)> {
         let q = &mut self.quiet;
         q.tick += 1;
         q.ticks.push_back((q.tick, now));
@@ -204,7 +213,9 @@ impl State {
             .as_ref()
             .map(prometheus::Histogram::start_timer);
         let agents = &self.agents;
-        let slots = agents.slots().map(|(_, id)| id + 1).max().unwrap_or(0);
+        let slots = self.monitors.prepare(agents.membership(), || {
+            agents.slots().map(|(n, id)| (n.to_owned(), id)).collect()
+        });
         let counters = match agents.kernel().all_counters(slots) {
             Ok(all) => all,
             Err(e) => {
@@ -219,13 +230,7 @@ impl State {
             }
         };
         let api_calls = self.gateway.all_api_calls();
-        let transitions = self.monitors.tick(
-            now,
-            agents.membership(),
-            || agents.slots().map(|(n, id)| (n.to_owned(), id)).collect(),
-            &counters,
-            &api_calls,
-        );
+        let transitions = self.monitors.tick(now, &counters, &api_calls);
         for (name, t) in transitions {
             self.on_transition(&name, t);
         }
@@ -449,7 +454,8 @@ mod tests {
                 .filter(|(n, _)| full.contains_key(**n))
                 .map(|(n, slot)| ((*n).to_owned(), slot))
                 .collect();
-            let got = lazy.tick(t, membership, || present.clone(), &counters, &api);
+            lazy.prepare(membership, || present.clone());
+            let got = lazy.tick(t, &counters, &api);
             let mut want = Vec::new();
             for (name, slot) in &present {
                 let api = api.get(name).copied().unwrap_or(0);

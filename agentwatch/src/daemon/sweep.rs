@@ -73,6 +73,16 @@ fn trim_allocator() {
     }
 }
 
+/// Every agent's counters, by name, in one read ([`crate::agent::Agents::all_counters`]).
+pub(super) fn read_counters(
+    agents: &crate::agent::Agents,
+) -> Result<Vec<(String, AgentCounters)>, String> {
+    agents
+        .all_counters()
+        .map(|all| all.into_iter().map(|(n, c)| (n.to_owned(), c)).collect())
+        .map_err(|e| e.to_string())
+}
+
 impl State {
     pub(super) fn sweep(&mut self) {
         // Before anything that may freeze or kill an agent (leases, breakers).
@@ -80,13 +90,12 @@ impl State {
         // Which cgroups are gone, empty or populated: read by the steps below.
         self.agents.refresh_presence();
         let names: Vec<String> = self.agents.names().map(str::to_owned).collect();
-        // Every agent's counters in one read.
-        match self.agents.all_counters() {
+        // Every agent's counters in one read, for the summaries and the checkpoints.
+        let counters = read_counters(&self.agents);
+        match &counters {
             Ok(all) => {
-                let all: Vec<(String, AgentCounters)> =
-                    all.into_iter().map(|(n, c)| (n.to_owned(), c)).collect();
                 for (name, now) in all {
-                    self.summarise(&name, now);
+                    self.summarise(name, *now);
                 }
             }
             Err(e) => tracing::error!("reading the agents' counters for their summaries: {e}"),
@@ -95,7 +104,7 @@ impl State {
         self.sweep_vanished();
         // After sweep_vanished: a removed cgroup's links went with it, which is not tamper.
         self.watch_links();
-        self.heartbeat();
+        self.heartbeat(counters.as_deref().map_err(String::as_str));
         self.sweep_dns();
         self.sweep_leases();
         // Whatever changed an agent's flags or lease, the gateway agrees within a second.

@@ -19,6 +19,7 @@ use std::{
     time::Instant,
 };
 
+use agentwatch_common::AgentCounters;
 use serde_json::{Value, json};
 
 use super::{State, behaviour::signal_counts, status::round};
@@ -340,11 +341,12 @@ impl State {
 
     /// Once a second: the daemon's checkpoint and every agent's, for a daemon started after
     /// this one.
-    pub(super) fn heartbeat(&mut self) {
+    /// `counters`: every agent's, as the sweep read them.
+    pub(super) fn heartbeat(&mut self, counters: Result<&[(String, AgentCounters)], &str>) {
         if self.watchdog.stopping {
             return;
         }
-        self.checkpoint(0);
+        self.checkpoint_with(0, counters);
     }
 
     /// At a clean stop (SIGTERM, SIGINT): `daemon_stopped` in the trail, then a checkpoint
@@ -357,6 +359,13 @@ impl State {
 
     /// Writes the daemon's checkpoint (slot 0, with `flags`) and every agent's.
     fn checkpoint(&mut self, flags: u64) {
+        let counters = super::sweep::read_counters(&self.agents);
+        self.checkpoint_with(flags, counters.as_deref().map_err(String::as_str));
+    }
+
+    /// [`Self::checkpoint`] with every agent's `counters` read already: every checkpoint in
+    /// one write.
+    fn checkpoint_with(&mut self, flags: u64, counters: Result<&[(String, AgentCounters)], &str>) {
         let at_ns = ktime_ns();
         let host_links = self.agents.host_link_count() as u64;
         // The daemon's first: one batch is written in order.
@@ -369,11 +378,8 @@ impl State {
                 ..Checkpoint::default()
             },
         )];
-        // Every agent's counters in one read, every checkpoint in one write: the sweep does
-        // this each second for every agent.
-        let counters = self.agents.all_counters();
-        let mut result = counters.as_ref().map(drop).map_err(|e| e.to_string());
-        for (name, counters) in counters.iter().flatten() {
+        let mut result = counters.map(drop).map_err(str::to_owned);
+        for (name, counters) in counters.into_iter().flatten() {
             let Some(info) = self.agents.info(name) else {
                 continue;
             };

@@ -196,6 +196,13 @@ struct LiveAgent {
     connections: Arc<Semaphore>,
 }
 
+impl LiveAgent {
+    /// Calls made through all its scopes, whatever the decision.
+    fn calls(&self) -> u64 {
+        self.scopes.values().map(|s| s.counts.total()).sum()
+    }
+}
+
 /// Connections open at once, in all: far below the descriptors a daemon has.
 const MAX_CONNECTIONS: usize = 4096;
 /// Connections of one agent: above the thousand a busy agent's connection pools keep, and
@@ -658,24 +665,19 @@ impl Gateway {
             .collect()
     }
 
-    /// Every call `agent` made through the gateway, whatever the decision (breaker signal
-    /// `api_calls`).
     /// [`Self::api_calls`] of every agent the gateway serves, under one lock: what the
     /// behaviour tick reads ten times a second (agents without scopes are not in it).
     pub fn all_api_calls(&self) -> BTreeMap<String, u64> {
         self.agents_read()
             .iter()
-            .map(|(name, a)| {
-                let n = a.scopes.values().map(|s| s.counts.total()).sum();
-                (name.clone(), n)
-            })
+            .map(|(name, a)| (name.clone(), a.calls()))
             .collect()
     }
 
+    /// Every call `agent` made through the gateway, whatever the decision (breaker signal
+    /// `api_calls`).
     pub fn api_calls(&self, agent: &str) -> u64 {
-        self.agents_read()
-            .get(agent)
-            .map_or(0, |a| a.scopes.values().map(|s| s.counts.total()).sum())
+        self.agents_read().get(agent).map_or(0, LiveAgent::calls)
     }
 
     /// Calls waiting for a human.
