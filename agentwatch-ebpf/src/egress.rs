@@ -119,6 +119,11 @@ fn judge(ctx: &SockAddrContext, hook: u8, v6_hook: bool) -> i32 {
         s.flags & (AGENT_FLAG_DNS | AGENT_FLAG_DENY_ALL) == AGENT_FLAG_DNS
             && dns::is_dns(proto, &dest)
     });
+    // DNS redirected earlier, judged again on its way to the forwarder.
+    let forwarder = agent.is_some_and(|s| {
+        s.flags & (AGENT_FLAG_DNS | AGENT_FLAG_DENY_ALL) == AGENT_FLAG_DNS
+            && dns::to_own_forwarder(s.id, proto, &dest)
+    });
     // `learn`: the allow-list alone said no, and the agent is in learn mode: the call goes
     // through as a would-be denial. What holds an agent (kill switch, breaker, lease) never
     // turns into a would-be denial. `rule`: the rule that admitted the call (none for DNS
@@ -137,7 +142,7 @@ fn judge(ctx: &SockAddrContext, hook: u8, v6_hook: bool) -> i32 {
                     dest.port,
                 );
                 (gateway, false, None)
-            } else if redirect {
+            } else if redirect || forwarder {
                 (true, false, None)
             } else {
                 let mut rule = admitting_rule(rule_scope(state.id, state.generation), proto, &dest);
@@ -181,9 +186,11 @@ fn judge(ctx: &SockAddrContext, hook: u8, v6_hook: bool) -> i32 {
     }
     if let Some(state) = agent
         && state.flags & AGENT_FLAG_LEARN != 0
+        && !forwarder
     {
         // Every call a learn-mode agent makes, whatever its verdict: what it tried is as much
-        // part of its behaviour as what it reached.
+        // part of its behaviour as what it reached. Not its forwarder's address: the call was
+        // recorded as the DNS it was when it was redirected.
         learn::record_dest(&dest_key(id, proto, &dest), learn);
     }
     if verdict == VERDICT_ALLOWED {
