@@ -222,9 +222,10 @@ impl Drop for NftTable {
     }
 }
 
-/// An empty BPF program (`r0 = 0; exit`) attached host-wide to a tracepoint: the floor that any
-/// monitor hooked there pays. Loaded with the bpf syscall directly, because it is not part of
-/// agentwatch's object. Detached and unloaded on Drop (closing its fds).
+/// Empty BPF programs (`r0 = 0; exit`, or `r0 = 1` where that allows the call) attached where
+/// agentwatch's are: the floor that anything hooked there pays. Loaded with the bpf syscall
+/// directly, because they are not part of agentwatch's object. Detached and unloaded on Drop
+/// (closing their fds).
 pub struct EmptyProgram {
     _fds: Vec<std::os::fd::OwnedFd>,
 }
@@ -420,6 +421,44 @@ impl EmptyProgram {
                 );
             }
             fds.push(event);
+            fds.push(prog);
+        }
+        Self { _fds: fds }
+    }
+
+    /// On `cgroup`'s connect4, connect6, sendmsg4 and sendmsg6 hooks, programs that allow
+    /// every call (`r0 = 1`): the floor that any egress filter hooked there pays. Attached
+    /// with BPF_LINK_CREATE, so closing the links detaches them.
+    pub fn cgroup_egress(cgroup: &Path) -> Self {
+        use std::os::fd::AsRawFd as _;
+        const BPF_LINK_CREATE: libc::c_long = 28;
+        const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+        // BPF_CGROUP_INET4_CONNECT, _INET6_CONNECT, _UDP4_SENDMSG, _UDP6_SENDMSG.
+        const HOOKS: [u32; 4] = [10, 11, 14, 15];
+        #[repr(C)]
+        struct LinkCreateAttr {
+            prog_fd: u32,
+            target_fd: u32,
+            attach_type: u32,
+            flags: u32,
+        }
+        let dir = fs::File::open(cgroup).expect("opening the cgroup");
+        let mut fds = Vec::new();
+        for hook in HOOKS {
+            let prog = load_trivial(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, hook, 1);
+            let attr = LinkCreateAttr {
+                prog_fd: u32::try_from(prog.as_raw_fd()).expect("fd"),
+                target_fd: u32::try_from(dir.as_raw_fd()).expect("fd"),
+                attach_type: hook,
+                flags: 0,
+            };
+            let link = bpf(
+                BPF_LINK_CREATE,
+                (&raw const attr).cast(),
+                std::mem::size_of::<LinkCreateAttr>(),
+            )
+            .expect("attaching an empty egress program");
+            fds.push(link);
             fds.push(prog);
         }
         Self { _fds: fds }

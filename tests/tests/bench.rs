@@ -95,7 +95,11 @@ fn egress() {
     let mount = cgroup::cgroup2_mount().expect("cgroup2 mount");
     let mut agents = Agents::load().expect("load");
     let bare = TestCgroup::new();
+    // The floor: programs that allow everything on the same four hooks.
+    let floor = TestCgroup::new();
+    let _empty = EmptyProgram::cgroup_egress(floor.path());
     let mut at_100k = Vec::new();
+    let mut at_1 = Vec::new();
     for v6 in [false, true] {
         let lo: IpAddr = if v6 {
             Ipv6Addr::LOCALHOST.into()
@@ -157,9 +161,9 @@ fn egress() {
                     vec!["time-send", &lo_s, &udp_s, n_send],
                 ),
             ];
-            let variants = [bare.path(), aw.path(), nft_cg.path()];
+            let variants = [bare.path(), floor.path(), aw.path(), nft_cg.path()];
             // [call][variant] -> per-round ns.
-            let mut results = vec![vec![Vec::new(); 3]; calls.len()];
+            let mut results = vec![vec![Vec::new(); variants.len()]; calls.len()];
             for _ in 0..rounds {
                 for (c, (_, args)) in calls.iter().enumerate() {
                     for (v, cg) in variants.iter().enumerate() {
@@ -168,7 +172,7 @@ fn egress() {
                 }
             }
             for (c, (call, _)) in calls.iter().enumerate() {
-                let [b, a, f] = [0, 1, 2].map(|v| median(&mut results[c][v]));
+                let [b, e, a, f] = [0, 1, 2, 3].map(|v| median(&mut results[c][v]));
                 // Agentwatch's added cost as a share of nftables' (negative: within noise).
                 let share = (a - b) / (f - b);
                 report.row(
@@ -178,7 +182,9 @@ fn egress() {
                         "family",
                         "call",
                         "bare cgroup",
+                        "empty programs",
                         "agentwatch",
+                        "agentwatch over the empty programs",
                         "nftables",
                         "agentwatch's added cost / nftables'",
                     ],
@@ -187,7 +193,9 @@ fn egress() {
                         family.into(),
                         (*call).into(),
                         ns(b),
+                        format!("{} ({})", ns(e), ratio(e, b)),
                         format!("{} ({})", ns(a), ratio(a, b)),
+                        format!("+{} ({})", ns(a - e), ratio(a, e)),
                         format!("{} ({})", ns(f), ratio(f, b)),
                         if f > b {
                             format!("{share:.2}")
@@ -196,10 +204,14 @@ fn egress() {
                         },
                     ],
                     json!({"rules": n, "family": family, "call": call, "bare_ns": b,
-                        "agentwatch_ns": a, "nftables_ns": f, "agentwatch_ratio": a / b,
+                        "empty_programs_ns": e, "agentwatch_ns": a,
+                        "agentwatch_over_empty": a / e, "nftables_ns": f, "agentwatch_ratio": a / b,
                         "nftables_ratio": f / b, "share_of_nftables_added": share,
                         "rounds": rounds}),
                 );
+                if n == 1 && *call != "connected UDP send" {
+                    at_1.push((family, *call, a / e, a - e));
+                }
                 if n == 100_000 || (quick() && n == *sizes.last().unwrap_or(&0)) {
                     at_100k.push((family, *call, a / b, share, f > b));
                 }
@@ -226,11 +238,21 @@ fn egress() {
          not count; the loopback packet's own kernel work runs in its context and does): the median \
          batch of 1,000 calls of {n_connect} connects to an allowed port nothing listens on (ECONNREFUSED: the hook runs, the accept \
          queue does not) or {n_send} sends to an allowed loopback UDP receiver; {rounds} rounds, the \
-         three variants interleaved in each. The allow-list is N filler rules (`udp 10.x.y.z 53` / \
+         four variants interleaved in each. Empty programs: `r0 = 1; exit` (allow) on the same four \
+         hooks (connect4/6, sendmsg4/6), loaded with the bpf syscall: the floor of any egress filter \
+         hooked there. The allow-list is N filler rules (`udp 10.x.y.z 53` / \
          `udp fd00::x 53`) plus the two the calls use. nftables: a table of its own with `socket \
          cgroupv2 level 1 \"<cgroup>\"` jumping to a chain that accepts `daddr . l4proto . dport` in \
          an interval set holding the same list and drops the rest."
     ));
+    // Issue 24: with one rule, agentwatch adds at most 3% to what the hooks themselves cost.
+    for (family, call, r, added) in at_1 {
+        report.target(
+            &format!("{call}, {family}, 1 rule: <= x1.03 over the empty programs"),
+            &format!("x{r:.3} (+{})", ns(added)),
+            r <= 1.03,
+        );
+    }
     let size = if quick() { "10,000 (quick)" } else { "100,000" };
     for (family, call, r, share, nft_shows) in at_100k {
         let limit = if call == "connect (closed port)" {
@@ -427,11 +449,17 @@ fn per_run_cost(report: &Report) {
     let _restore = Restore(fs::read_to_string(STATS).expect("bpf_stats_enabled"));
     let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let port = rx.local_addr().expect("addr").port();
+    let closed = closed_port(Ipv4Addr::LOCALHOST.into());
     let cg = TestCgroup::new();
     let mut agents = Agents::load().expect("load");
-    let rules = compile(&[format!("udp 127.0.0.1 {port}")
-        .parse::<Rule>()
-        .expect("rule")])
+    let rules = compile(&[
+        format!("udp 127.0.0.1 {port}")
+            .parse::<Rule>()
+            .expect("rule"),
+        format!("tcp 127.0.0.1 {closed}")
+            .parse::<Rule>()
+            .expect("rule"),
+    ])
     .expect("compile");
     let policy = Policy {
         monitor_syscalls: true,
@@ -465,12 +493,16 @@ fn per_run_cost(report: &Report) {
             .collect()
     };
     fs::write(STATS, "1").expect("enabling bpf_stats");
-    let port_s = port.to_string();
-    let (n_send, n_fork) = pick(("200000", "400"), ("20000", "100"));
-    let workloads: [(&str, Vec<&str>); 2] = [
+    let (port_s, closed_s) = (port.to_string(), closed.to_string());
+    let (n_send, n_connect, n_fork) = pick(("200000", "50000", "400"), ("20000", "5000", "100"));
+    let workloads: [(&str, Vec<&str>); 3] = [
         (
             "UDP sends",
             vec!["time-sendto", "127.0.0.1", &port_s, n_send],
+        ),
+        (
+            "socket + connect (closed port) + close",
+            vec!["time-connect", "127.0.0.1", &closed_s, n_connect],
         ),
         (
             "fork + exec + wait of /bin/true",
