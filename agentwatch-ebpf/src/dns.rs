@@ -231,15 +231,8 @@ fn restore_peer(ctx: &SockAddrContext, v6_hook: bool) {
     if port == 0 {
         return;
     }
-    // SAFETY: the context pointer is what the kernel handed this program.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    // SAFETY: copied out at once.
-    let Some(orig) = (unsafe { DNS_ORIG.get(cookie) }).copied() else {
-        return;
-    };
-    if orig.fwd_port != port {
-        return;
-    }
+    // Only a peer where forwarders listen can be one; checked before the cookie, which costs
+    // most of this hook (a socket's first call allocates it), on every receive of the agent.
     let from_forwarder = if v6_hook {
         let ip = sa.user_ip6;
         ip[0] == 0
@@ -250,6 +243,15 @@ fn restore_peer(ctx: &SockAddrContext, v6_hook: bool) {
         sa.user_ip4 == LOOPBACK4
     };
     if !from_forwarder {
+        return;
+    }
+    // SAFETY: the context pointer is what the kernel handed this program.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    // SAFETY: copied out at once.
+    let Some(orig) = (unsafe { DNS_ORIG.get(cookie) }).copied() else {
+        return;
+    };
+    if orig.fwd_port != port {
         return;
     }
     let word = |i: usize| {

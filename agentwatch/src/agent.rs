@@ -24,7 +24,7 @@ pub use crate::concern::Policy;
 use crate::{
     bpf::{KernelError, Link, LinkSet, LinkState, PinDir, map_err, remove_link_dir},
     cgroup::{self, Cgroup, Presence},
-    concern::{History, POLICY_FLAGS, Slot},
+    concern::{Concern, History, POLICY_FLAGS, Slot},
     egress, exec,
     files::{self, FileRule},
     kernel::{Checkpoint, Kernel},
@@ -190,19 +190,28 @@ fn attach_host(
     })
 }
 
-/// Attaches (or adopts the pins of) every concern's programs to `cgroup`. All or nothing: what
-/// this call attached is detached again if a later one fails (adopted pins stay).
+/// Attaches (or adopts the pins of) the programs of the concerns `want` picks to `cgroup`.
+/// All or nothing: what this call attached is detached again if a later one fails (adopted
+/// pins stay).
 fn attach_agent(
     kernel: &mut Kernel,
     cgroup: &Cgroup,
     pin_dir: Option<&std::path::Path>,
+    want: impl Fn(&dyn Concern) -> bool,
 ) -> Result<Vec<Link>, KernelError> {
     let (ebpf, concerns) = kernel.concerns();
     LinkSet::build(|links| {
         concerns
             .into_iter()
+            .filter(|c| want(&**c))
             .try_for_each(|c| c.attach(ebpf, cgroup, pin_dir, links))
     })
+}
+
+/// The concerns an agent under `policy` has attached: those the policy needs, and those whose
+/// programs it had (`had`: a link of that name attached, lost or pinned), which stay.
+fn attached_for(policy: &Policy, had: impl Fn(&str) -> bool) -> impl Fn(&dyn Concern) -> bool {
+    move |c| c.needed_by(policy) || c.programs().iter().any(|p| had(p))
 }
 
 /// Finds the links of `links` the kernel no longer has attached (`cgroup_id`: where cgroup
@@ -441,7 +450,10 @@ impl Agents {
         }
         self.write_settings(Some(level))?;
         let pin_dir = self.kernel.pins().map(|p| p.agent_links(name, cgroup_id));
-        let links = match attach_agent(&mut self.kernel, &cgroup, pin_dir.as_deref()) {
+        // An earlier daemon's pinned links are adopted, needed or not.
+        let pinned = |p: &str| pin_dir.as_ref().is_some_and(|d| d.join(p).exists());
+        let want = attached_for(&policy, pinned);
+        let links = match attach_agent(&mut self.kernel, &cgroup, pin_dir.as_deref(), want) {
             Ok(links) => links,
             Err(e) => {
                 if how == Guarding::New {
@@ -571,6 +583,7 @@ impl Agents {
         let written = concerns
             .into_iter()
             .try_for_each(|c| c.prepare(slot, &prepared.policy));
+        let written = written.and_then(|()| self.attach_newly_needed(name, &prepared.policy));
         match written {
             Ok(()) => Ok(prepared),
             Err(e) => {
@@ -578,6 +591,32 @@ impl Agents {
                 Err(e)
             }
         }
+    }
+
+    /// Attaches the concerns `policy` needs that agent `name` has none of the programs of
+    /// (hostname rules added by a reload): before the switch, so the first call judged under
+    /// the new policy finds them. They stay attached if the policy is then dropped.
+    fn attach_newly_needed(&mut self, name: &str, policy: &Policy) -> Result<(), KernelError> {
+        let pins = self.kernel.pins().cloned();
+        let g = self
+            .by_name
+            .get_mut(name)
+            .ok_or_else(|| KernelError::UnknownAgent(name.to_owned()))?;
+        let had: HashSet<&'static str> = g
+            .links
+            .iter()
+            .map(Link::name)
+            .chain(g.lost.iter().map(|l| l.program))
+            .collect();
+        let pin_dir = pins.map(|p| p.agent_links(name, g.cgroup_id));
+        let want = |c: &dyn Concern| {
+            c.needed_by(policy)
+                && !c.programs().is_empty()
+                && !c.programs().iter().any(|p| had.contains(p))
+        };
+        let new = attach_agent(&mut self.kernel, &g.cgroup, pin_dir.as_deref(), want)?;
+        g.links.extend(new);
+        Ok(())
     }
 
     /// Drops a prepared policy: what its `prepare` wrote is removed, the live policy stays.
@@ -995,12 +1034,20 @@ impl Agents {
             let dir = pins.as_ref().map(|p| p.agent_links(&name, g.cgroup_id));
             let cgroup = g.cgroup.clone();
             let kernel = &mut self.kernel;
+            // The agent's links, attached or lost: restored are exactly the concerns it had.
+            let had: HashSet<&'static str> = g
+                .links
+                .iter()
+                .map(Link::name)
+                .chain(g.lost.iter().map(|l| l.program))
+                .collect();
+            let want = attached_for(&g.policy, |p| had.contains(p));
             let fixed = restore_group(
                 &mut g.links,
                 Some(g.cgroup_id),
                 &mut g.lost,
                 || match &dir {
-                    Some(dir) => attach_agent(kernel, &cgroup, Some(dir)),
+                    Some(dir) => attach_agent(kernel, &cgroup, Some(dir), want),
                     None => Err(not_pinned()),
                 },
             );

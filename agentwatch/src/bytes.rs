@@ -60,6 +60,10 @@ impl Concern for BytesMaps {
         self.write_cap(slot.id, new.egress_bytes_per_second)
     }
 
+    fn programs(&self) -> &'static [&'static str] {
+        &[PROGRAM]
+    }
+
     fn attach(
         &mut self,
         obj: &mut Ebpf,

@@ -209,6 +209,20 @@ pub trait Concern {
         Ok(())
     }
 
+    /// The names of the programs [`Concern::attach`] attaches to an agent's cgroup (their
+    /// links' names).
+    fn programs(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// Does an agent under `policy` need this concern's programs on its cgroup? A program
+    /// runs on every call of its hook, so a concern an agent does not use is not attached
+    /// (pay only for what is used). Once attached, it stays attached while the agent is
+    /// guarded: what an earlier policy started may still need it (a socket redirected).
+    fn needed_by(&self, _policy: &Policy) -> bool {
+        true
+    }
+
     /// Attaches its programs to the agent's cgroup (pinned under `pin_dir`; pins of an earlier
     /// daemon adopted, never detached) and records what was attached in `links`, which undoes
     /// them if a later concern fails.

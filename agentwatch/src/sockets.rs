@@ -125,6 +125,10 @@ impl Concern for SocketMaps {
         }
     }
 
+    fn programs(&self) -> &'static [&'static str] {
+        &[CGROUP_PROGRAM]
+    }
+
     fn attach(
         &mut self,
         obj: &mut Ebpf,

@@ -196,9 +196,10 @@ fn launch_runs_in_the_agent_denials_are_audited_and_cleanup_removes_everything()
         env.config.to_str().expect("utf8"),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    // With BPF LSM, its exec, packet-socket, clone and five tamper-guard programs are eight
-    // more host-wide links.
-    let links = if agentwatch_tests::bpf_lsm() { 25 } else { 17 };
+    // The agent's 6 (4 egress hooks, sock_create, the byte counter: no hostname rules, so no
+    // DNS hooks) and 6 host-wide; with BPF LSM, its exec, packet-socket, clone and five
+    // tamper-guard programs are eight more host-wide links.
+    let links = if agentwatch_tests::bpf_lsm() { 20 } else { 12 };
     assert!(
         String::from_utf8_lossy(&out.stdout).starts_with(&format!("detached {links} link(s)")),
         "{}",
@@ -523,10 +524,10 @@ fn sigkill_keeps_enforcement_and_a_restart_readopts_without_a_gap() {
     let links_before = link_ids(&env.pin_dir);
     assert_eq!(
         links_before.len(),
-        if agentwatch_tests::bpf_lsm() { 25 } else { 17 },
-        "4 egress hooks + sock_create + 4 DNS reply hooks + the DNS release hook + the byte \
-         counter, exec and fork tracepoints, 3 socket/escape tracepoints, the clone raw \
-         tracepoint, with BPF LSM its exec, packet-socket, clone and five tamper-guard programs"
+        if agentwatch_tests::bpf_lsm() { 20 } else { 12 },
+        "4 egress hooks + sock_create + the byte counter (no DNS hooks: no hostname rules), \
+         exec and fork tracepoints, 3 socket/escape tracepoints, the clone raw tracepoint, \
+         with BPF LSM its exec, packet-socket, clone and five tamper-guard programs"
     );
 
     env.stop_with(libc::SIGKILL);

@@ -8,6 +8,7 @@
 //! listeners on loopback addresses, and asserts exact errnos, rcodes and counts.
 
 use std::{
+    fs,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
     path::PathBuf,
     process::{Command, Output, Stdio},
@@ -1311,4 +1312,88 @@ fn a_dot_inside_a_label_is_refused_by_a_wildcard_over_the_text_it_reads_as() {
         "10.53.0.1:53",
     );
     labels.assert_connects("127.0.23.2", port, "the name in three labels");
+}
+
+/// The pinned links of agent `name` (a folder `name@CGROUP_ID` of them).
+fn pinned_links(env: &DaemonEnv, name: &str) -> Vec<String> {
+    let dirs: Vec<_> = fs::read_dir(env.pin_dir.join("links"))
+        .expect("links folder")
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{name}@"))
+        })
+        .collect();
+    assert_eq!(dirs.len(), 1, "one link folder of {name}");
+    let mut links: Vec<String> = fs::read_dir(dirs[0].path())
+        .expect("agent links")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    links.sort();
+    links
+}
+
+/// The DNS hooks run on every receive and close of an agent's sockets, so only agents with
+/// hostname rules have them. A reload that gives an agent its first hostname rule attaches
+/// them before the new rules are live (the first lookup is answered as from the resolver
+/// asked); one that takes its last away leaves them attached (a socket redirected just before
+/// still needs them), and its DNS is judged by its rules again.
+#[test]
+fn only_agents_with_hostname_rules_have_the_dns_hooks_and_a_reload_attaches_them() {
+    privileged!();
+    let (_l, port) = listen_all(&["127.0.22.1"]);
+    let server = TestDnsServer::start([a("late.agentwatch.test", [127, 0, 22, 1], 600)]);
+    let plain = |rules: &[String]| {
+        format!(
+            "{}{}",
+            agent("plain", rules),
+            agent("named", &[format!("tcp late.agentwatch.test {port}")])
+        )
+    };
+    let addresses = [format!("tcp 127.0.22.2 {port}")];
+    let env = start_daemon(&server, &plain(&addresses));
+    let dns_hooks = [
+        "dns_getpeername4",
+        "dns_getpeername6",
+        "dns_recvmsg4",
+        "dns_recvmsg6",
+        "dns_release",
+    ];
+    let without = [
+        "bytes_egress",
+        "egress_connect4",
+        "egress_connect6",
+        "egress_sendmsg4",
+        "egress_sendmsg6",
+        "sockets_create",
+    ];
+    let mut with: Vec<&str> = without.iter().chain(&dns_hooks).copied().collect();
+    with.sort_unstable();
+    assert_eq!(pinned_links(&env, "plain"), without);
+    assert_eq!(pinned_links(&env, "named"), with);
+    let bot = Agent::launched(&env, "plain");
+    // Not redirected: DNS is a call like any other, and no rule admits it.
+    for mode in ["udp", "udp-connected", "tcp"] {
+        let l = bot.resolve_at(RESOLVER, "late.agentwatch.test", "A", mode);
+        assert_eq!(l.errno, EPERM, "{mode}: {l:?}");
+    }
+
+    reload(&env, &plain(&[format!("tcp late.agentwatch.test {port}")]));
+    assert_eq!(pinned_links(&env, "plain"), with);
+    for mode in ["udp", "udp-connected", "tcp"] {
+        let l = bot.resolve_at(RESOLVER, "late.agentwatch.test", "A", mode);
+        assert_answer(&l, &["127.0.22.1"], "10.53.0.1:53");
+    }
+    bot.assert_connects("127.0.22.1", port, "learned after the reload");
+
+    reload(&env, &plain(&addresses));
+    assert_eq!(pinned_links(&env, "plain"), with, "kept once attached");
+    let l = bot.resolve("late.agentwatch.test", "A");
+    assert_eq!(l.errno, EPERM, "judged by its rules again: {l:?}");
+    assert_eq!(
+        agentwatch_tests::pinned_entries(&env.pin_dir, "DNS_ORIG"),
+        Some(0)
+    );
 }

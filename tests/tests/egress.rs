@@ -557,8 +557,9 @@ fn pin_names(dir: &std::path::Path) -> Vec<String> {
 }
 
 /// Guards agent `name` in `cg` with `policy` (which admits TCP to `port`) and checks that it
-/// is guarded as new (nothing of an earlier attempt adopted), holds its 11 links, and is
-/// enforced: `port` allowed, another port EPERM. Then unguards it.
+/// is guarded as new (nothing of an earlier attempt adopted), holds its 6 links (no hostname
+/// rules: no DNS hooks), and is enforced: `port` allowed, another port EPERM. Then unguards
+/// it.
 fn guarded_anew_and_enforced(
     agents: &mut Agents,
     name: &str,
@@ -572,7 +573,7 @@ fn guarded_anew_and_enforced(
             .expect("guard"),
         agentwatch::agent::Guarding::New
     );
-    assert_eq!(agents.link_count(name), 11);
+    assert_eq!(agents.link_count(name), 6);
     assert!(connect(cg, "tcp", "127.0.0.1", port).ok);
     let (_b, other) = tcp_listener("127.0.0.1:0");
     let r = connect(cg, "tcp", "127.0.0.1", other);
@@ -786,9 +787,9 @@ fn nothing_the_test_made_remains_afterwards() {
         let mut link_ids = agents.link_ids("t9");
         assert_eq!(
             link_ids.len(),
-            11,
-            "one link per egress hook, one for sock_create, one per DNS reply hook, one for the \
-             DNS sock_release hook, one for the byte counter"
+            6,
+            "one link per egress hook, one for sock_create, one for the byte counter (no DNS \
+             hooks: no hostname rules)"
         );
         let lsm = agentwatch_tests::bpf_lsm();
         let host = agents.host_link_ids();

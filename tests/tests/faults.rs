@@ -520,10 +520,11 @@ fn pins_that_vanish_under_a_running_daemon_are_reported_and_pinned_again_when_bp
     assert_eq!(restored.len(), 1, "{restored:?}");
     // Every map of the object; the host-wide links (2 exec/fork, 3 socket guards, the clone
     // raw tracepoint, and with BPF LSM its exec, packet-socket, clone and five tamper-guard
-    // programs) and the agent's 11 (4 egress, 4 DNS replies, DNS release, sock_create, bytes).
+    // programs) and the agent's 6 (4 egress, sock_create, bytes; no hostname rules, so no DNS
+    // hooks).
     assert_eq!(restored[0]["maps"], 40, "{restored:?}");
     let lsm_links = if agentwatch_tests::bpf_lsm() { 8 } else { 0 };
-    assert_eq!(restored[0]["links"], 17 + lsm_links, "{restored:?}");
+    assert_eq!(restored[0]["links"], 12 + lsm_links, "{restored:?}");
     assert_eq!(
         env.audit_lines()
             .iter()
@@ -539,7 +540,7 @@ fn pins_that_vanish_under_a_running_daemon_are_reported_and_pinned_again_when_bp
         .filter(|e| e.file_name().to_string_lossy().starts_with("a@"))
         .map(|e| fs::read_dir(e.path()).expect("agent links").count())
         .collect();
-    assert_eq!(agent_links, [11]);
+    assert_eq!(agent_links, [6]);
 
     // The pins hold enforcement again: with the daemon SIGKILLed, a process put in the
     // agent's cgroup is still refused, and a new daemon adopts the pins (counters kept).

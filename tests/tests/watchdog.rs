@@ -178,9 +178,12 @@ fn links_detached_under_a_running_daemon_are_attached_again_audited_and_trip_the
     privileged!();
     let (_a, allowed) = tcp_listener("127.0.0.1:0");
     let (_d, denied) = tcp_listener("127.0.0.1:0");
-    let mut env = DaemonEnv::new();
-    env.write_config(&alert_agent("guarded", allowed));
-    env.start();
+    // A hostname rule, so the agent has every link there is (the DNS hooks too); the name is
+    // never looked up.
+    let server = agentwatch_tests::dns::TestDnsServer::start([]);
+    let config = alert_agent("guarded", allowed)
+        .replace("egress = [", "egress = [\"tcp api.agentwatch.test 443\", ");
+    let env = agentwatch_tests::dns::start_daemon(&server, &config);
     let cg = env.agent_cgroup("guarded");
     let cgroup_id = Cgroup::open(&cg).expect("agent cgroup").id().expect("id");
     assert_eq!(connect_from(&cg, denied), (false, EPERM), "guarded");

@@ -54,6 +54,15 @@ pub const PROGRAMS: [&str; 4] = [
 /// The sock_release hook that forgets a redirected socket's resolver when the socket goes.
 pub const RELEASE_PROGRAM: &str = "dns_release";
 
+/// Every program the DNS concern attaches to an agent's cgroup.
+const ALL_PROGRAMS: [&str; 5] = [
+    PROGRAMS[0],
+    PROGRAMS[1],
+    PROGRAMS[2],
+    PROGRAMS[3],
+    RELEASE_PROGRAM,
+];
+
 /// The forwarder ports per agent, and the learned addresses.
 pub struct DnsMaps {
     ports: Array<MapData, DnsPorts>,
@@ -107,6 +116,16 @@ impl Concern for DnsMaps {
             (Some(_), Some(ports)) => self.write_ports(slot.id, ports),
             (Some(_), None) => Ok(()),
         }
+    }
+
+    fn programs(&self) -> &'static [&'static str] {
+        &ALL_PROGRAMS
+    }
+
+    /// Only agents with hostname rules: the reply hooks run on every receive and the release
+    /// hook on every close of the agent's sockets, and only redirected sockets need them.
+    fn needed_by(&self, policy: &Policy) -> bool {
+        policy.dns.is_some()
     }
 
     fn attach(

@@ -167,6 +167,10 @@ impl Concern for EgressMaps {
         )
     }
 
+    fn programs(&self) -> &'static [&'static str] {
+        &PROGRAMS
+    }
+
     fn attach(
         &mut self,
         obj: &mut Ebpf,
