@@ -72,6 +72,10 @@ pub const AGENT_FLAG_FILES: u32 = 1 << 5;
 /// its egress is revoked (the gateway answers it 403 or 401 itself, rather than the kernel
 /// leaving its SDK waiting on a dropped packet).
 pub const AGENT_FLAG_GATEWAY: u32 = 1 << 6;
+/// Count the agent's distinct destinations per second (`AgentCounters::destinations`). Only a
+/// breaker judges them, and counting costs every call of the agent a clock read and an LRU
+/// lookup.
+pub const AGENT_FLAG_DESTINATIONS: u32 = 1 << 7;
 /// Userspace bookkeeping, ignored by the kernel but kept in its map so that it survives a daemon
 /// restart: the agent was killed with the kill switch and awaits `approve`.
 pub const AGENT_FLAG_KILLED: u32 = 1 << 8;

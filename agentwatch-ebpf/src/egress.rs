@@ -7,11 +7,11 @@
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
 use agentwatch_common::{
-    AGENT_FLAG_DENY_ALL, AGENT_FLAG_DNS, AGENT_FLAG_LEARN, DestKey, EVENT_EGRESS_CAPPED,
-    EVENT_EGRESS_DENIED, EVENT_EGRESS_WOULD_DENY, EgressEvent, HOOK_CONNECT, HOOK_SENDMSG,
-    PROTO_OTHER, PROTO_TCP, PROTO_UDP, RULE_TRIE_CAPACITY, RuleKeyV4, RuleKeyV6, RuleValue,
-    SCOPE_BITS, UNKNOWN_AGENT, VERDICT_ALLOWED, VERDICT_CAPPED, VERDICT_DENIED, VERDICT_WOULD_DENY,
-    egress_slot, rule_scope,
+    AGENT_FLAG_DENY_ALL, AGENT_FLAG_DESTINATIONS, AGENT_FLAG_DNS, AGENT_FLAG_LEARN, DestKey,
+    EVENT_EGRESS_CAPPED, EVENT_EGRESS_DENIED, EVENT_EGRESS_WOULD_DENY, EgressEvent, HOOK_CONNECT,
+    HOOK_SENDMSG, PROTO_OTHER, PROTO_TCP, PROTO_UDP, RULE_TRIE_CAPACITY, RuleKeyV4, RuleKeyV6,
+    RuleValue, SCOPE_BITS, UNKNOWN_AGENT, VERDICT_ALLOWED, VERDICT_CAPPED, VERDICT_DENIED,
+    VERDICT_WOULD_DENY, egress_slot, rule_scope,
 };
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -110,7 +110,9 @@ fn judge(ctx: &SockAddrContext, hook: u8, v6_hook: bool) -> i32 {
     let dest = Dest { v6, addr, port };
 
     let agent = current_agent();
-    if let Some(state) = agent {
+    if let Some(state) = agent
+        && state.flags & AGENT_FLAG_DESTINATIONS != 0
+    {
         count_destination(state.id, proto, &dest);
     }
     // DNS of an agent with hostname rules goes to its forwarder, whatever resolver it names

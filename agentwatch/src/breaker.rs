@@ -48,6 +48,17 @@ impl Signal {
         Self::ApiCalls,
     ];
 
+    /// Which signals the kernel counts for an agent: `syscalls` only with the syscall monitor
+    /// (`monitor.syscalls`) and `destinations` only with a breaker (each costs every call of
+    /// the agent something, and only a breaker judges destinations); the rest always.
+    pub fn counted(monitor_syscalls: bool, breaker: bool) -> [bool; SIGNALS] {
+        Self::ALL.map(|s| match s {
+            Self::Syscalls => monitor_syscalls,
+            Self::Destinations => breaker,
+            _ => true,
+        })
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Connects => "connects",
@@ -124,6 +135,13 @@ pub struct Monitor {
     state: State,
     /// How long an open breaker waits before half-opening (without require_approval).
     cooldown: Duration,
+    /// The signals the kernel counts for the agent ([`Signal::counted`]); the others have no
+    /// rate and are never judged.
+    counted: [bool; SIGNALS],
+    /// When a signal began to be counted after the monitor started (a reload turned it on):
+    /// it is judged once it has learned for `warmup` from then, not against a baseline
+    /// learned while it read 0.
+    counted_since: [Option<Instant>; SIGNALS],
 }
 
 impl Monitor {
@@ -139,7 +157,34 @@ impl Monitor {
             tracks: Default::default(),
             samples: VecDeque::new(),
             state: State::Closed,
+            counted: [true; SIGNALS],
+            counted_since: [None; SIGNALS],
         }
+    }
+
+    /// As [`Self::new`], for an agent whose kernel counts only the signals `counted` picks.
+    pub fn counting(mut self, counted: [bool; SIGNALS]) -> Self {
+        self.counted = counted;
+        self
+    }
+
+    /// The signals counted changed at `now` (a reload): a signal no longer counted has no
+    /// rate or baseline; one counted anew learns its baseline from now on, and is judged once
+    /// it has learned for `warmup`.
+    pub fn set_counted(&mut self, counted: [bool; SIGNALS], now: Instant) {
+        for (i, &on) in counted.iter().enumerate() {
+            if on == self.counted[i] {
+                continue;
+            }
+            self.tracks[i] = Track::default();
+            self.counted_since[i] = on.then_some(now);
+        }
+        self.counted = counted;
+    }
+
+    /// Does the kernel count `signal` for this agent?
+    pub fn counts(&self, signal: Signal) -> bool {
+        self.counted[signal as usize]
     }
 
     /// Takes a new configuration, keeping what was learned.
@@ -175,7 +220,9 @@ impl Monitor {
     pub fn anomaly_score(&self) -> f64 {
         self.tracks
             .iter()
-            .map(|t| t.rate / t.baseline.unwrap_or(t.rate).max(1.0))
+            .zip(self.counted)
+            .filter(|(_, counted)| *counted)
+            .map(|(t, _)| t.rate / t.baseline.unwrap_or(t.rate).max(1.0))
             .fold(0.0, f64::max)
     }
 
@@ -300,7 +347,13 @@ impl Monitor {
 
     fn trip(&mut self, cfg: &BreakerConfig, now: Instant) -> Option<Transition> {
         for signal in Signal::ALL {
-            let t = &self.tracks[signal as usize];
+            let i = signal as usize;
+            let learning =
+                self.counted_since[i].is_some_and(|since| now.duration_since(since) < cfg.warmup);
+            if !self.counted[i] || learning {
+                continue;
+            }
+            let t = &self.tracks[i];
             let baseline = t.baseline.unwrap_or(0.0);
             // Bytes come thousands at a time: they have a floor of their own.
             let floor = if signal == Signal::Bytes {
@@ -354,6 +407,72 @@ mod tests {
             out.extend(m.observe(*t, [*count as u64, 0, 0, 0, 0, 0, 0, 0]));
         }
         out
+    }
+
+    /// Runs `rate` distinct destinations per second (and 10 connects) for `secs`, ticking
+    /// every 100 ms; returns transitions.
+    fn fan_out(
+        m: &mut Monitor,
+        t: &mut Instant,
+        counts: &mut [f64; 2],
+        rate: f64,
+        secs: f64,
+    ) -> Vec<Transition> {
+        let mut out = Vec::new();
+        for _ in 0..(secs * 10.0) as usize {
+            *t += Duration::from_millis(100);
+            counts[0] += 1.0;
+            counts[1] += rate / 10.0;
+            let d = counts[1] as u64;
+            out.extend(m.observe(*t, [counts[0] as u64, 0, 0, 0, 0, d, 0, 0]));
+        }
+        out
+    }
+
+    /// A signal the kernel does not count has no rate that could trip (whatever its count
+    /// does); one counted from a reload on is judged only once it has learned for `warmup`
+    /// from then, not against the 0 it read before.
+    #[test]
+    fn a_signal_is_judged_only_while_counted_and_learned_anew_when_counting_starts() {
+        let t0 = Instant::now();
+        let mut t = t0;
+        let mut c = [0.0; 2];
+        let no_destinations = Signal::counted(false, false);
+        let mut m = Monitor::new(Some(cfg()), t0).counting(no_destinations);
+        assert!(!m.counts(Signal::Destinations) && m.counts(Signal::Connects));
+        // Stale or moving, an uncounted signal is never judged.
+        assert!(fan_out(&mut m, &mut t, &mut c, 0.0, 5.0).is_empty());
+        assert!(fan_out(&mut m, &mut t, &mut c, 500.0, 3.0).is_empty());
+        assert_eq!(m.baseline(Signal::Destinations), Some(0.0));
+        // Counted from now on: a rate far above the 0 learned before does not trip while it
+        // learns (warmup, 2 s), and what it learns is the new rate.
+        m.set_counted(Signal::counted(false, true), t);
+        assert_eq!(m.baseline(Signal::Destinations), None);
+        assert_eq!(m.rate(Signal::Destinations), 0.0);
+        assert!(fan_out(&mut m, &mut t, &mut c, 100.0, 4.0).is_empty());
+        let b = m.baseline(Signal::Destinations).expect("learned");
+        assert!((b - 100.0).abs() < 10.0, "{b}");
+        // Judged now: ten times that trips on destinations.
+        let tr = fan_out(&mut m, &mut t, &mut c, 1000.0, 1.0);
+        assert!(
+            matches!(
+                tr.as_slice(),
+                [Transition::Tripped {
+                    signal: Signal::Destinations,
+                    ..
+                }]
+            ),
+            "{tr:?}"
+        );
+        // No longer counted: no rate, no baseline.
+        m.set_counted(no_destinations, t);
+        assert_eq!(
+            (
+                m.rate(Signal::Destinations),
+                m.baseline(Signal::Destinations)
+            ),
+            (0.0, None)
+        );
     }
 
     #[test]

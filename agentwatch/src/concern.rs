@@ -18,8 +18,8 @@
 use std::{collections::HashSet, path::PathBuf, time::Duration};
 
 use agentwatch_common::{
-    AGENT_FLAG_DNS, AGENT_FLAG_EXEC_ALLOW, AGENT_FLAG_FILES, AGENT_FLAG_GATEWAY, AGENT_FLAG_LEARN,
-    AGENT_FLAG_MONITOR_SYSCALLS, DnsPorts, rule_scope,
+    AGENT_FLAG_DESTINATIONS, AGENT_FLAG_DNS, AGENT_FLAG_EXEC_ALLOW, AGENT_FLAG_FILES,
+    AGENT_FLAG_GATEWAY, AGENT_FLAG_LEARN, AGENT_FLAG_MONITOR_SYSCALLS, DnsPorts, rule_scope,
 };
 use aya::Ebpf;
 
@@ -60,6 +60,8 @@ pub struct Policy {
     /// The agent has API scopes: it may reach the gateway, also while its egress is revoked
     /// (the gateway refuses it then, with an answer).
     pub gateway: bool,
+    /// Count the agent's distinct destinations per second (it has a breaker to judge them).
+    pub count_destinations: bool,
 }
 
 impl From<CompiledRules> for Policy {
@@ -72,7 +74,8 @@ impl From<CompiledRules> for Policy {
 }
 
 /// Flags owned by the policy (the rest belong to the kill switch and breaker).
-pub const POLICY_FLAGS: u32 = AGENT_FLAG_EXEC_ALLOW
+pub const POLICY_FLAGS: u32 = AGENT_FLAG_DESTINATIONS
+    | AGENT_FLAG_EXEC_ALLOW
     | AGENT_FLAG_MONITOR_SYSCALLS
     | AGENT_FLAG_DNS
     | AGENT_FLAG_LEARN
@@ -89,6 +92,7 @@ impl Policy {
             (self.learn, AGENT_FLAG_LEARN),
             (self.files.is_some(), AGENT_FLAG_FILES),
             (self.gateway, AGENT_FLAG_GATEWAY),
+            (self.count_destinations, AGENT_FLAG_DESTINATIONS),
         ]
         .into_iter()
         .filter(|&(on, _)| on)

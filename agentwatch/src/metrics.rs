@@ -26,7 +26,8 @@ pub struct AgentSnapshot {
     /// The daemon found in its cgroup (moved there) and moved back out.
     pub daemon_moved: u64,
     /// Per signal (indexed like `Signal::ALL`): current rate and learned baseline.
-    pub rates: [f64; SIGNALS],
+    /// None: the kernel does not count the signal for this agent (no series, rather than 0).
+    pub rates: [Option<f64>; SIGNALS],
     pub baselines: [Option<f64>; SIGNALS],
     pub anomaly_score: f64,
     pub breaker_open: bool,
@@ -344,7 +345,9 @@ pub fn render(s: &Snapshot) -> prometheus::Result<String> {
             .with_label_values(&[n])
             .set(i64::try_from(a.dns.learned).unwrap_or(i64::MAX));
         for (i, signal) in Signal::ALL.iter().map(|s| s.name()).enumerate() {
-            rate.with_label_values(&[n, signal]).set(a.rates[i]);
+            if let Some(r) = a.rates[i] {
+                rate.with_label_values(&[n, signal]).set(r);
+            }
             // No baseline before the first window: absent, rather than a misleading 0.
             if let Some(b) = a.baselines[i] {
                 baseline.with_label_values(&[n, signal]).set(b);
@@ -397,7 +400,16 @@ mod tests {
                 control_refused: 3,
                 guard_restored: 0,
                 daemon_moved: 1,
-                rates: [12.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                rates: [
+                    Some(12.5),
+                    Some(0.0),
+                    None,
+                    Some(0.0),
+                    Some(0.0),
+                    None,
+                    Some(0.0),
+                    Some(0.0),
+                ],
                 baselines: [Some(2.0), None, None, None, None, None, None, None],
                 anomaly_score: 6.25,
                 breaker_open: true,
@@ -464,5 +476,15 @@ mod tests {
         assert!(
             !text.contains("agentwatch_baseline_per_second{agent=\"mailer\",signal=\"sends\"}")
         );
+        // Signals the kernel does not count for the agent have no series, rather than a 0.
+        assert!(text.contains("agentwatch_rate_per_second{agent=\"mailer\",signal=\"sends\"} 0"));
+        for signal in ["syscalls", "destinations"] {
+            assert!(
+                !text.contains(&format!(
+                    "agentwatch_rate_per_second{{agent=\"mailer\",signal=\"{signal}\"}}"
+                )),
+                "{signal}"
+            );
+        }
     }
 }

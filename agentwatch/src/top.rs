@@ -425,11 +425,14 @@ impl App {
         for (i, s) in Signal::ALL.map(Signal::name).iter().enumerate() {
             let [label, spark] =
                 Layout::horizontal([Constraint::Length(48), Constraint::Min(10)]).areas(lines[i]);
-            let rate = row["rates"][s].as_f64().unwrap_or(0.0);
+            let rate = row["rates"][s].as_f64();
             let base = row["baselines"][s].as_f64();
-            let text = match base {
-                Some(b) => format!("{s:<13} {rate:>9.1}/s  baseline {b:>9.1}/s"),
-                None => format!("{s:<13} {rate:>9.1}/s  baseline  learning"),
+            let text = match (rate, base) {
+                // Null: the kernel does not count it for this agent (no syscall monitor, or
+                // no breaker to judge destinations).
+                (None, _) => format!("{s:<13}  not counted"),
+                (Some(rate), Some(b)) => format!("{s:<13} {rate:>9.1}/s  baseline {b:>9.1}/s"),
+                (Some(rate), None) => format!("{s:<13} {rate:>9.1}/s  baseline  learning"),
             };
             f.render_widget(Paragraph::new(text), label);
             let data: Vec<u64> = self

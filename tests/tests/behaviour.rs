@@ -867,3 +867,82 @@ fn cgroup_waits_end_when_cgroup_events_changes() {
     );
     assert!(short.wait().expect("reaping").success());
 }
+
+/// Distinct destinations cost every call of an agent a clock read and an LRU lookup, and only
+/// a breaker judges them: they are counted for agents with a breaker only. Without one the
+/// signal has no rate (null in `status`, no series in /metrics), rather than a made-up 0; the
+/// other signals are counted as before.
+#[test]
+fn destinations_are_counted_only_for_agents_with_a_breaker() {
+    privileged!();
+    let mut env = DaemonEnv::new();
+    // A window of 5 s keeps the spread's rate in view for 5 s; a warmup of 10 min: no trip.
+    env.write_config(
+        "[[agents]]\nname = \"judged\"\negress = [\"udp 127.1.0.0/16 *\"]\n\
+         [agents.breaker]\nwarmup = \"10m\"\nwindow = \"5s\"\naction = \"alert\"\n\n\
+         [[agents]]\nname = \"plain\"\negress = [\"udp 127.1.0.0/16 *\"]\n",
+    );
+    env.start();
+    for agent in ["judged", "plain"] {
+        let out = env.launch_probe(agent, &["sendto-spread", "127.1.0.1", "1", "300"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let r = json(&out.stdout);
+        assert_eq!(
+            (r["sent"].as_u64(), r["failed"].as_u64()),
+            (Some(300), Some(0))
+        );
+    }
+    // 300 destinations in one burst: at least 150 of them within the 5 s window, a rate of
+    // 30 per second, as soon as the daemon's tick has seen them.
+    wait_until(
+        "the destinations of `judged` to be counted",
+        scaled(Duration::from_secs(4)),
+        || env.status()["judged"]["rates"]["destinations"].as_f64() >= Some(30.0),
+    );
+    let s = env.status();
+    assert!(
+        s["plain"]["rates"]["destinations"].is_null(),
+        "{}",
+        s["plain"]
+    );
+    assert!(
+        s["plain"]["baselines"]["destinations"].is_null(),
+        "{}",
+        s["plain"]
+    );
+    // Both count their sends; neither has the syscall monitor.
+    for agent in ["judged", "plain"] {
+        assert!(
+            s[agent]["rates"]["sends"].as_f64() > Some(0.0),
+            "{}",
+            s[agent]
+        );
+        assert!(s[agent]["rates"]["syscalls"].is_null(), "{}", s[agent]);
+    }
+    // In the kernel: 300 for `judged`, none for `plain` (the hook skipped the count).
+    let counted = |agent: &str| {
+        let cgroup_id = Cgroup::open(env.agent_cgroup(agent))
+            .and_then(|c| c.id())
+            .expect("agent cgroup id");
+        let map = aya::maps::MapData::from_pin(env.pin_dir.join("maps/AGENTS")).expect("AGENTS");
+        let agents: aya::maps::HashMap<_, u64, agentwatch_common::AgentState> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).expect("AGENTS");
+        let id = agents.get(&cgroup_id, 0).expect("agent state").id;
+        let map =
+            aya::maps::MapData::from_pin(env.pin_dir.join("maps/COUNTERS")).expect("COUNTERS");
+        let counters: aya::maps::PerCpuArray<_, agentwatch_common::AgentCounters> =
+            aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(map)).expect("COUNTERS");
+        let per_cpu = counters.get(&id, 0).expect("counters");
+        per_cpu.iter().map(|c| c.destinations).sum::<u64>()
+    };
+    assert_eq!((counted("judged"), counted("plain")), (300, 0));
+    let metrics = env.metrics();
+    assert!(
+        metrics.contains("agentwatch_rate_per_second{agent=\"judged\",signal=\"destinations\"}"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("agentwatch_rate_per_second{agent=\"plain\",signal=\"destinations\"}"),
+        "{metrics}"
+    );
+}

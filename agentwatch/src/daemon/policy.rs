@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use super::{ConfigSource, Shared, State, lock};
 use crate::{
     agent::{Guarding, Policy, PreparedPolicy},
-    breaker::Monitor,
+    breaker::{Monitor, Signal},
     cgroup::Cgroup,
     config::{Agent, Config},
     dns::Endpoint,
@@ -191,6 +191,10 @@ impl State {
         for a in &changed {
             if let Some(m) = self.monitors.get_mut(&a.name) {
                 m.reconfigure(a.breaker);
+                m.set_counted(
+                    Signal::counted(a.monitor.syscalls, a.breaker.is_some()),
+                    Instant::now(),
+                );
             }
         }
         // A rule gone (a hostname rule's learned addresses with it): what the agent opened
@@ -300,7 +304,8 @@ impl State {
             }
         };
         let adopted = how == Guarding::Adopted;
-        let mut monitor = Monitor::new(a.breaker, Instant::now());
+        let mut monitor = Monitor::new(a.breaker, Instant::now())
+            .counting(Signal::counted(a.monitor.syscalls, a.breaker.is_some()));
         // A breaker that was open when the last daemon stopped is still open.
         if self
             .agents
@@ -604,6 +609,7 @@ fn policy_of(
         learn: a.learn,
         learn_quota: daemon.learn_quota,
         gateway: !a.apis.is_empty(),
+        count_destinations: a.breaker.is_some(),
     })
 }
 
