@@ -1489,9 +1489,21 @@ fn scale() {
                 .map_or(f64::NAN, |((le, _), _)| *le);
             (cpu, mean, p99, rss_kib(pid), ticks)
         };
+        // RSS sampled through the idle window: the daemon returns freed memory to the system
+        // every 10 s (malloc_trim), so one sample may catch start-up's garbage. The least is
+        // what it settles at (after a trim, when the window holds one), the most its peak.
+        let mut idle_rss = Vec::new();
         let idle = measure(&env, &mut || {
-            std::thread::sleep(Duration::from_secs_f64(window))
+            let end = Instant::now() + Duration::from_secs_f64(window);
+            while Instant::now() < end {
+                idle_rss.push(rss_kib(pid));
+                std::thread::sleep(Duration::from_millis(250));
+            }
         });
+        let (rss_least, rss_most) = (
+            idle_rss.iter().copied().min().unwrap_or(idle.3),
+            idle_rss.iter().copied().max().unwrap_or(idle.3),
+        );
         // Load: every agent's counters move (one allowed UDP flood, from agent a0, for the
         // window; the daemon reads every agent's counters whatever they do).
         let port_s = port.to_string();
@@ -1523,7 +1535,7 @@ fn scale() {
                 "guard all (library)",
                 "daemon start (guards all)",
                 "BPF map memory (daemon)",
-                "daemon RSS idle / load",
+                "daemon RSS idle, least-most / load",
                 "daemon CPU idle",
                 "daemon CPU under load",
                 "tick mean idle / load",
@@ -1535,7 +1547,12 @@ fn scale() {
                 ms(guard_ms),
                 ms(start_ms),
                 format!("{} ({map_count} maps)", mib(maps)),
-                format!("{} / {}", mib(idle.3 * 1024), mib(load.3 * 1024)),
+                format!(
+                    "{}-{} / {}",
+                    mib(rss_least * 1024),
+                    mib(rss_most * 1024),
+                    mib(load.3 * 1024)
+                ),
                 format!("{:.2}%", idle.0 * 100.0),
                 format!("{:.1}%", load.0 * 100.0),
                 format!("{} / {}", ms(idle.1 * 1000.0), ms(load.1 * 1000.0)),
@@ -1544,7 +1561,8 @@ fn scale() {
             ],
             json!({"agents": n, "guard_ms": guard_ms, "daemon_start_ms": start_ms,
                 "map_memlock_bytes": maps, "maps": map_count, "library_map_memlock_bytes": lib_maps,
-                "library_maps": lib_map_count, "rss_idle_kib": idle.3, "rss_load_kib": load.3,
+                "library_maps": lib_map_count, "rss_idle_kib": idle.3, "rss_idle_least_kib": rss_least,
+                "rss_idle_most_kib": rss_most, "rss_load_kib": load.3,
                 "cpu_idle": idle.0, "cpu_load": load.0, "tick_mean_idle_s": idle.1,
                 "tick_mean_load_s": load.1, "tick_p99_bucket_idle_s": idle.2,
                 "tick_p99_bucket_load_s": load.2, "ticks_idle": idle.4,
@@ -1556,7 +1574,9 @@ fn scale() {
          run` with N agents (one rule each, breaker on with action alert); start = until it \
          serves. Map memory: the memlock the kernel reports in the fdinfo of each map the daemon \
          holds. CPU: user + system time over {window} s idle, then over {window} s of one agent \
-         flooding allowed UDP sends. Tick: the daemon's agentwatch_tick_seconds histogram over the \
+         flooding allowed UDP sends. RSS idle: the least and the most of samples every 250 ms \
+         through the idle window (the daemon trims its allocator every 10 s; a window shorter \
+         than that may hold no trim). Tick: the daemon's agentwatch_tick_seconds histogram over the \
          same windows (p99: the bucket bound). Reload: a config whose first agent's allow-list \
          has the N rules written and `agentwatch reload` returned."
     ));
