@@ -57,6 +57,15 @@ struct Guarded {
 }
 
 impl Guarded {
+    /// The programs it has links of, attached or lost (awaiting `check_links`).
+    fn program_names(&self) -> HashSet<&'static str> {
+        self.links
+            .iter()
+            .map(Link::name)
+            .chain(self.lost.iter().map(|l| l.program))
+            .collect()
+    }
+
     /// Its slot as the phases see it: this daemon wrote its live policy.
     fn slot(&self) -> Slot {
         Slot {
@@ -602,12 +611,7 @@ impl Agents {
             .by_name
             .get_mut(name)
             .ok_or_else(|| KernelError::UnknownAgent(name.to_owned()))?;
-        let had: HashSet<&'static str> = g
-            .links
-            .iter()
-            .map(Link::name)
-            .chain(g.lost.iter().map(|l| l.program))
-            .collect();
+        let had = g.program_names();
         let pin_dir = pins.map(|p| p.agent_links(name, g.cgroup_id));
         let want = |c: &dyn Concern| {
             c.needed_by(policy)
@@ -1034,13 +1038,8 @@ impl Agents {
             let dir = pins.as_ref().map(|p| p.agent_links(&name, g.cgroup_id));
             let cgroup = g.cgroup.clone();
             let kernel = &mut self.kernel;
-            // The agent's links, attached or lost: restored are exactly the concerns it had.
-            let had: HashSet<&'static str> = g
-                .links
-                .iter()
-                .map(Link::name)
-                .chain(g.lost.iter().map(|l| l.program))
-                .collect();
+            // Restored are exactly the concerns it had.
+            let had = g.program_names();
             let want = attached_for(&g.policy, |p| had.contains(p));
             let fixed = restore_group(
                 &mut g.links,
