@@ -613,11 +613,8 @@ impl Agents {
             .ok_or_else(|| KernelError::UnknownAgent(name.to_owned()))?;
         let had = g.program_names();
         let pin_dir = pins.map(|p| p.agent_links(name, g.cgroup_id));
-        let want = |c: &dyn Concern| {
-            c.needed_by(policy)
-                && !c.programs().is_empty()
-                && !c.programs().iter().any(|p| had.contains(p))
-        };
+        let want =
+            |c: &dyn Concern| c.needed_by(policy) && !c.programs().iter().any(|p| had.contains(p));
         let new = attach_agent(&mut self.kernel, &g.cgroup, pin_dir.as_deref(), want)?;
         g.links.extend(new);
         Ok(())

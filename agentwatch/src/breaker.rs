@@ -187,6 +187,16 @@ impl Monitor {
         self.counted[signal as usize]
     }
 
+    /// [`Self::rate`] of a signal the kernel counts; None for one it does not.
+    pub fn counted_rate(&self, signal: Signal) -> Option<f64> {
+        self.counts(signal).then(|| self.rate(signal))
+    }
+
+    /// [`Self::baseline`] of a signal the kernel counts; None for one it does not.
+    pub fn counted_baseline(&self, signal: Signal) -> Option<f64> {
+        self.baseline(signal).filter(|_| self.counts(signal))
+    }
+
     /// Takes a new configuration, keeping what was learned.
     pub fn reconfigure(&mut self, config: Option<BreakerConfig>) {
         self.window = config.map_or(Duration::from_secs(1), |c| c.window);

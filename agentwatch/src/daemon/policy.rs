@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use super::{ConfigSource, Shared, State, lock};
 use crate::{
     agent::{Guarding, Policy, PreparedPolicy},
-    breaker::{Monitor, Signal},
+    breaker::{Monitor, SIGNALS, Signal},
     cgroup::Cgroup,
     config::{Agent, Config},
     dns::Endpoint,
@@ -191,10 +191,7 @@ impl State {
         for a in &changed {
             if let Some(m) = self.monitors.get_mut(&a.name) {
                 m.reconfigure(a.breaker);
-                m.set_counted(
-                    Signal::counted(a.monitor.syscalls, a.breaker.is_some()),
-                    Instant::now(),
-                );
+                m.set_counted(counted_signals(a), Instant::now());
             }
         }
         // A rule gone (a hostname rule's learned addresses with it): what the agent opened
@@ -304,8 +301,7 @@ impl State {
             }
         };
         let adopted = how == Guarding::Adopted;
-        let mut monitor = Monitor::new(a.breaker, Instant::now())
-            .counting(Signal::counted(a.monitor.syscalls, a.breaker.is_some()));
+        let mut monitor = Monitor::new(a.breaker, Instant::now()).counting(counted_signals(a));
         // A breaker that was open when the last daemon stopped is still open.
         if self
             .agents
@@ -609,8 +605,14 @@ fn policy_of(
         learn: a.learn,
         learn_quota: daemon.learn_quota,
         gateway: !a.apis.is_empty(),
-        count_destinations: a.breaker.is_some(),
+        count_destinations: counted_signals(a)[Signal::Destinations as usize],
     })
+}
+
+/// The signals the kernel counts for agent `a`: what its policy turns on in the kernel and
+/// what its monitor judges, from one rule ([`Signal::counted`]).
+fn counted_signals(a: &Agent) -> [bool; SIGNALS] {
+    Signal::counted(a.monitor.syscalls, a.breaker.is_some())
 }
 
 /// Reloads when the config file's content changes (editors that replace the file included).

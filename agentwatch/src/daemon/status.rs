@@ -103,8 +103,8 @@ impl State {
                     (Some(_), BreakerState::Open { .. }) => "open",
                     (Some(_), BreakerState::HalfOpen { .. }) => "half_open",
                 }),
-                "rates": self.monitors.get(name).map(|m| Signal::ALL.iter().map(|s| (s.name().to_owned(), json!(m.counts(*s).then(|| round(m.rate(*s)))))).collect::<serde_json::Map<_, _>>()),
-                "baselines": self.monitors.get(name).map(|m| Signal::ALL.iter().map(|s| (s.name().to_owned(), json!(m.baseline(*s).filter(|_| m.counts(*s)).map(round)))).collect::<serde_json::Map<_, _>>()),
+                "rates": self.monitors.get(name).map(|m| Signal::ALL.iter().map(|s| (s.name().to_owned(), json!(m.counted_rate(*s).map(round)))).collect::<serde_json::Map<_, _>>()),
+                "baselines": self.monitors.get(name).map(|m| Signal::ALL.iter().map(|s| (s.name().to_owned(), json!(m.counted_baseline(*s).map(round)))).collect::<serde_json::Map<_, _>>()),
                 "anomaly_score": self.monitors.get(name).map(|m| round(m.anomaly_score())),
                 "egress": per_proto,
                 "files_denied": c.files_denied,
@@ -194,10 +194,8 @@ impl State {
                         .agents
                         .cgroup(name)
                         .is_some_and(|cg| cg.frozen().unwrap_or(false)),
-                    rates: Signal::ALL
-                        .map(|s| m.map_or(Some(0.0), |m| m.counts(s).then(|| m.rate(s)))),
-                    baselines: Signal::ALL
-                        .map(|s| m.and_then(|m| m.baseline(s).filter(|_| m.counts(s)))),
+                    rates: Signal::ALL.map(|s| m.map_or(Some(0.0), |m| m.counted_rate(s))),
+                    baselines: Signal::ALL.map(|s| m.and_then(|m| m.counted_baseline(s))),
                     anomaly_score: m.map_or(0.0, Monitor::anomaly_score),
                     breaker_open: m.is_some_and(Monitor::is_open),
                     trips: self.agents.trips(name),
