@@ -11,7 +11,7 @@ use agentwatch_common::{
     DNS_PORT, DNS_VERDICTS, DnsKey, DnsOrig, DnsPorts, DnsValue, MAX_AGENTS, PROTO_OTHER, PROTO_TCP,
 };
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, bpf_sock},
+    bindings::BPF_F_NO_PREALLOC,
     helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{cgroup_sock, cgroup_sock_addr, map},
     maps::{Array, HashMap, LruHashMap},
@@ -168,9 +168,15 @@ pub fn dns_release(ctx: SockContext) -> i32 {
     // Most sockets were never redirected, and the cookie costs most of this hook (the first
     // call gives the socket one: 170 of 210 ns a close, measured with bpf_stats). A redirected
     // socket is either unconnected (a UDP sendto redirected) or connected to its forwarder on
-    // loopback; one connected elsewhere was not redirected, or connected again since, when
-    // its record stays until the LRU evicts it.
-    if sk.dst_port != 0 && !loopback(sk) {
+    // loopback (the redirect writes exactly the forwarder's address); one connected elsewhere
+    // was not redirected, or connected again since, when its record stays until the LRU
+    // evicts it.
+    let to_forwarder = if sk.family == AF_INET {
+        forwarder4(sk.dst_ip4)
+    } else {
+        forwarder6(sk.dst_ip6)
+    };
+    if sk.dst_port != 0 && !to_forwarder {
         return PASS;
     }
     // SAFETY: the context pointer is what the kernel handed this program.
@@ -183,18 +189,21 @@ pub fn dns_release(ctx: SockContext) -> i32 {
     PASS
 }
 
-/// Is the socket connected to a loopback address (where the forwarders listen)?
+/// Is `ip` (as `bpf_sock` and `bpf_sock_addr` keep an IPv4 address) where the IPv4
+/// forwarders listen, 127.0.0.1?
 #[inline(always)]
-fn loopback(sk: &bpf_sock) -> bool {
-    let first = |ip4: u32| ip4.to_ne_bytes()[0] == 127;
-    if sk.family == AF_INET {
-        first(sk.dst_ip4)
-    } else {
-        let w = sk.dst_ip6;
-        w[0] == 0
-            && w[1] == 0
-            && ((w[2] == 0 && w[3] == LOOPBACK6_LAST) || (w[2] == MAPPED_PREFIX && first(w[3])))
-    }
+fn forwarder4(ip: u32) -> bool {
+    ip == LOOPBACK4
+}
+
+/// Is `ip` (the words of an IPv6 address, as above) where the forwarders listen: ::1, or
+/// ::ffff:127.0.0.1 for an AF_INET6 socket sent to the IPv4 one?
+#[inline(always)]
+fn forwarder6(ip: [u32; 4]) -> bool {
+    ip[0] == 0
+        && ip[1] == 0
+        && ((ip[2] == 0 && ip[3] == LOOPBACK6_LAST)
+            || (ip[2] == MAPPED_PREFIX && ip[3] == LOOPBACK4))
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -234,13 +243,9 @@ fn restore_peer(ctx: &SockAddrContext, v6_hook: bool) {
     // Only a peer where forwarders listen can be one; checked before the cookie, which costs
     // most of this hook (a socket's first call allocates it), on every receive of the agent.
     let from_forwarder = if v6_hook {
-        let ip = sa.user_ip6;
-        ip[0] == 0
-            && ip[1] == 0
-            && ((ip[2] == 0 && ip[3] == LOOPBACK6_LAST)
-                || (ip[2] == MAPPED_PREFIX && ip[3] == LOOPBACK4))
+        forwarder6(sa.user_ip6)
     } else {
-        sa.user_ip4 == LOOPBACK4
+        forwarder4(sa.user_ip4)
     };
     if !from_forwarder {
         return;
