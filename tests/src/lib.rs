@@ -734,6 +734,19 @@ impl DaemonEnv {
         self.cgroup_parent.join(name)
     }
 
+    /// The folder of agent `name`'s link pins (`links/NAME@CGROUP_ID`): there is exactly one.
+    pub fn agent_link_dir(&self, name: &str) -> PathBuf {
+        let prefix = format!("{name}@");
+        let dirs: Vec<PathBuf> = fs::read_dir(self.pin_dir.join("links"))
+            .expect("links folder")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect();
+        assert_eq!(dirs.len(), 1, "one link folder of {name}: {dirs:?}");
+        dirs.into_iter().next().expect("one folder")
+    }
+
     /// The audit trail's written lines, parsed.
     pub fn audit_lines(&self) -> Vec<serde_json::Value> {
         written_lines(&fs::read_to_string(&self.audit).unwrap_or_default())

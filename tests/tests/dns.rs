@@ -1314,19 +1314,9 @@ fn a_dot_inside_a_label_is_refused_by_a_wildcard_over_the_text_it_reads_as() {
     labels.assert_connects("127.0.23.2", port, "the name in three labels");
 }
 
-/// The pinned links of agent `name` (a folder `name@CGROUP_ID` of them).
+/// The names of agent `name`'s pinned links, sorted.
 fn pinned_links(env: &DaemonEnv, name: &str) -> Vec<String> {
-    let dirs: Vec<_> = fs::read_dir(env.pin_dir.join("links"))
-        .expect("links folder")
-        .filter_map(Result::ok)
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("{name}@"))
-        })
-        .collect();
-    assert_eq!(dirs.len(), 1, "one link folder of {name}");
-    let mut links: Vec<String> = fs::read_dir(dirs[0].path())
+    let mut links: Vec<String> = fs::read_dir(env.agent_link_dir(name))
         .expect("agent links")
         .filter_map(Result::ok)
         .map(|e| e.file_name().to_string_lossy().into_owned())

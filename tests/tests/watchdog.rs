@@ -116,17 +116,6 @@ fn link_info(fd: &OwnedFd) -> (u32, u64) {
     (info.id, info.cgroup_id)
 }
 
-/// The folder of agent `name`'s link pins (`links/NAME@CGROUP_ID`).
-fn agent_links(env: &DaemonEnv, name: &str) -> PathBuf {
-    let prefix = format!("{name}@");
-    fs::read_dir(env.pin_dir.join("links"))
-        .expect("links folder")
-        .filter_map(Result::ok)
-        .find(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-        .map(|e| e.path())
-        .unwrap_or_else(|| panic!("no pinned links of {name}"))
-}
-
 /// The pins in `dir`, sorted.
 fn pins(dir: &Path) -> Vec<PathBuf> {
     let mut pins: Vec<PathBuf> = fs::read_dir(dir)
@@ -191,7 +180,7 @@ fn links_detached_under_a_running_daemon_are_attached_again_audited_and_trip_the
 
     // A process outside the agent, root, switches every link of the agent off through its pin.
     // It keeps its fds: the detached links live on as objects, attached to nothing.
-    let dir = agent_links(&env, "guarded");
+    let dir = env.agent_link_dir("guarded");
     let pinned = pins(&dir);
     assert_eq!(pinned.len(), 11, "{pinned:?}");
     let mut held = Vec::new();
@@ -439,7 +428,7 @@ fn a_link_gone_while_no_daemon_ran_is_found_missing_at_restart() {
     env.stop_with(libc::SIGKILL);
     // The connect4 pin removed while nobody holds the link: the link is gone, and with it the
     // judging of TCP connects over IPv4.
-    let pin = agent_links(&env, "holed").join("egress_connect4");
+    let pin = env.agent_link_dir("holed").join("egress_connect4");
     fs::remove_file(&pin).expect("removing the pin");
     wait_until("the connect hook to go", Duration::from_secs(5), || {
         connect_from(&cg, denied) == (true, 0)
