@@ -40,6 +40,9 @@ struct Guarded {
     events: cgroup::Events,
     /// What `events` said when last read.
     presence: Presence,
+    /// Whether the cgroup may have cgroups below it, as of the last
+    /// [`Agents::refresh_presence`] ([`cgroup::Events::has_nested`]).
+    nested: bool,
     cgroup_id: u64,
     /// Depth of the cgroup below the cgroup2 root.
     level: u32,
@@ -498,7 +501,7 @@ impl Agents {
         // fork in between is seen by one or the other.
         let pids = cgroup.all_pids()?;
         self.kernel.sockets.seed_tasks(cgroup_id, &pids)?;
-        self.kernel.sockets.sync_nested(cgroup_id, &cgroup)?;
+        self.kernel.sockets.sync_nested(cgroup_id, &cgroup, true)?;
         let adopted = how == Guarding::Adopted;
         // An adopted agent whose earlier daemon checkpointed it fully guarded had every link
         // pinned: one attached anew now was gone while no daemon ran. (A daemon killed halfway
@@ -528,6 +531,7 @@ impl Agents {
             Guarded {
                 id: state.id,
                 cgroup,
+                nested: events.has_nested(),
                 events,
                 presence,
                 cgroup_id,
@@ -806,9 +810,24 @@ impl Agents {
             // Also while no process is in it: a process can enter it and move to a cgroup
             // made there meanwhile within the same second, and such a move must be known
             // as one inside the agent.
-            self.kernel.sockets.sync_nested(g.cgroup_id, &g.cgroup)?;
+            self.kernel
+                .sockets
+                .sync_nested(g.cgroup_id, &g.cgroup, g.nested)?;
         }
         Ok(())
+    }
+
+    /// The processes of agent `name`, in its cgroup and every cgroup below it (None: not
+    /// guarded). With no cgroup below as of the last [`Self::refresh_presence`] (the common
+    /// case), one read from the held directory and no path walk: the sweep asks this of
+    /// every populated agent every second.
+    pub fn all_pids(&self, name: &str) -> Option<Result<Vec<u32>, cgroup::CgroupError>> {
+        let g = self.by_name.get(name)?;
+        Some(if g.nested {
+            g.cgroup.all_pids()
+        } else {
+            g.events.pids()
+        })
     }
 
     /// Whether agent `name`'s cgroup is still the one it guards and whether anything runs in
@@ -821,11 +840,13 @@ impl Agents {
     /// (one poll for all, [`cgroup::changed`]): an idle agent costs no read. A file that
     /// cannot be read counts as populated, so nothing is skipped on a guess. The kernel may
     /// tell of a change up to 10 ms late (it spaces cgroup.events notifications): a cgroup
-    /// populated just before a sweep can be seen so only by the next one.
+    /// populated just before a sweep can be seen so only by the next one. Also reads whether
+    /// each has cgroups below it (one fstat(2) each), for the rest of the sweep.
     pub fn refresh_presence(&mut self) {
         let events: Vec<&cgroup::Events> = self.by_name.values().map(|g| &g.events).collect();
         let changed = cgroup::changed(&events);
         for ((name, g), changed) in self.by_name.iter_mut().zip(changed) {
+            g.nested = g.events.has_nested();
             if changed {
                 g.presence = g.events.presence().unwrap_or_else(|e| {
                     tracing::warn!(agent = %name, "{e}");

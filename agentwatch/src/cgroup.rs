@@ -3,7 +3,7 @@
 use std::{
     fs,
     io::{self, ErrorKind},
-    os::unix::fs::MetadataExt as _,
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
     path::{Component, Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -253,7 +253,19 @@ impl Cgroup {
     pub fn events(&self) -> Result<Events, CgroupError> {
         let path = self.path.join("cgroup.events");
         let file = fs::File::open(&path).map_err(io_err("opening", &path))?;
-        Ok(Events { file, path })
+        let dir = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+            .open(&self.path)
+            .map_err(io_err("opening cgroup", &self.path))?;
+        let procs_path = self.path.join("cgroup.procs");
+        let procs = fs::File::open(&procs_path).map_err(io_err("opening", &procs_path))?;
+        Ok(Events {
+            file,
+            dir,
+            procs,
+            path,
+        })
     }
 
     /// Does this cgroup or any cgroup below it hold a process? (`populated` in cgroup.events.)
@@ -301,14 +313,18 @@ impl Cgroup {
     }
 }
 
-/// A cgroup's cgroup.events, held open. One pread(2) of it says whether that cgroup still
-/// exists and whether any process is in it or below it, with no path walk: what the daemon
-/// asks of every agent every second. It answers for the cgroup it was opened in, not for its
+/// A cgroup's cgroup.events (with its directory and cgroup.procs), held open. One pread(2) of
+/// it says whether that cgroup still exists and whether any process is in it or below it,
+/// with no path walk: what the daemon asks of every agent every second. It answers for the cgroup it was opened in, not for its
 /// path: a cgroup removed and made again under the same name (a service restarted) is
 /// another cgroup, and this one is gone.
 #[derive(Debug)]
 pub struct Events {
     file: fs::File,
+    /// The cgroup's directory (O_PATH): its link count without a path walk.
+    dir: fs::File,
+    /// Its cgroup.procs. (Read to the end, the kernel's walk of its tasks holds nothing.)
+    procs: fs::File,
     path: PathBuf,
 }
 
@@ -324,6 +340,35 @@ pub enum Presence {
 }
 
 impl Events {
+    /// Whether the cgroup may have cgroups below it: a cgroup directory's link count is 2
+    /// plus its subdirectories (kernfs keeps it), read with fstat(2) on the held directory,
+    /// so no path walk. True where it cannot be read, so a walk is never skipped on a guess.
+    pub fn has_nested(&self) -> bool {
+        self.dir.metadata().map_or(true, |m| m.nlink() != 2)
+    }
+
+    /// Processes directly in the cgroup (its cgroup.procs, held open: a read from offset 0
+    /// lists them anew, with no open, path walk or close).
+    pub fn pids(&self) -> Result<Vec<u32>, CgroupError> {
+        use std::os::unix::fs::FileExt as _;
+        let mut text = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match self.procs.read_at(&mut chunk, text.len() as u64) {
+                Ok(0) => break,
+                Ok(n) => text.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(io_err("reading", &self.path.with_file_name("cgroup.procs"))(e));
+                }
+            }
+        }
+        Ok(String::from_utf8_lossy(&text)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect())
+    }
+
     /// Reads the file: whether the cgroup is still there and whether a process is in it.
     pub fn presence(&self) -> Result<Presence, CgroupError> {
         use std::os::unix::fs::FileExt as _;

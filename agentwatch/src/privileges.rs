@@ -3,9 +3,13 @@
 //!
 //! `agentwatch launch` takes these away ([`crate::harden`]); an adopted agent (a systemd unit's
 //! or a pod's cgroup) runs with whatever its unit gave it, so the daemon can only report them.
-//! This module reads `CapEff`, `CapPrm` and `CapBnd` from `/proc/PID/status`: a capability in
-//! the effective or permitted set can be used now, one in the bounding set can be gained again
-//! by executing a file that carries it (unless no_new_privs is set).
+//! This module reads `CapEff`, `CapPrm`, `CapBnd` and `CapInh` from `/proc/PID/status`: a
+//! capability in the effective or permitted set can be used now, one in the bounding set can be
+//! gained again by executing a file that carries it (unless no_new_privs is set), and so can
+//! one in the inheritable set (by executing a file whose inheritable set names it). No exec
+//! or change of user id gains one outside these four, and none of them can grow beyond what
+//! the four held, so what a process could ever hold is known at its first read (a new user
+//! namespace's full sets count only inside that namespace).
 
 use std::{fs, io};
 
@@ -40,11 +44,11 @@ pub enum PrivilegeError {
     BadMask { key: &'static str, value: String },
 }
 
-/// The [`DANGEROUS`] capabilities present in the effective, permitted or bounding mask of a
-/// `/proc/PID/status` text, in the order of [`DANGEROUS`]. Pure: no system access.
+/// The [`DANGEROUS`] capabilities present in the effective, permitted, bounding or inheritable
+/// mask of a `/proc/PID/status` text, in the order of [`DANGEROUS`]. Pure: no system access.
 pub fn dangerous_in_status(status: &str) -> Result<Vec<Capability>, PrivilegeError> {
     let mut any = 0u64;
-    for key in ["CapEff", "CapPrm", "CapBnd"] {
+    for key in ["CapEff", "CapPrm", "CapBnd", "CapInh"] {
         any |= mask(status, key)?;
     }
     Ok(DANGEROUS
@@ -54,7 +58,8 @@ pub fn dangerous_in_status(status: &str) -> Result<Vec<Capability>, PrivilegeErr
         .collect())
 }
 
-/// The [`DANGEROUS`] capabilities process `pid` holds (effective, permitted or bounding set).
+/// The [`DANGEROUS`] capabilities process `pid` holds (effective, permitted, bounding or
+/// inheritable set).
 pub fn dangerous_held(pid: u32) -> Result<Vec<Capability>, PrivilegeError> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|source| PrivilegeError::Read { pid, source })?;
@@ -97,10 +102,30 @@ mod tests {
     use caps::CapSet;
 
     fn status(eff: &str, prm: &str, bnd: &str) -> String {
+        status_inh(eff, prm, bnd, "0000000000000000")
+    }
+
+    fn status_inh(eff: &str, prm: &str, bnd: &str, inh: &str) -> String {
         format!(
-            "Name:\tx\nCapInh:\t0000000000000000\nCapPrm:\t{prm}\nCapEff:\t{eff}\n\
+            "Name:\tx\nCapInh:\t{inh}\nCapPrm:\t{prm}\nCapEff:\t{eff}\n\
              CapBnd:\t{bnd}\nCapAmb:\t0000000000000000\nNoNewPrivs:\t0\n"
         )
+    }
+
+    /// One left only in the inheritable set (the bounding and permitted sets dropped it) comes
+    /// back at the exec of a file whose inheritable set names it: it counts.
+    #[test]
+    fn the_inheritable_set_counts_too() {
+        let s = status_inh(
+            "0000000000000000",
+            "0000000000000000",
+            "0000000000000000",
+            "0000000000200000",
+        );
+        assert_eq!(
+            dangerous_in_status(&s).unwrap(),
+            vec![Capability::CAP_SYS_ADMIN]
+        );
     }
 
     #[test]
@@ -155,12 +180,14 @@ mod tests {
         // test is run (root or not).
         let eff = caps::read(None, CapSet::Effective).unwrap();
         let prm = caps::read(None, CapSet::Permitted).unwrap();
+        let inh = caps::read(None, CapSet::Inheritable).unwrap();
         let expected: Vec<Capability> = DANGEROUS
             .iter()
             .copied()
             .filter(|c| {
                 eff.contains(c)
                     || prm.contains(c)
+                    || inh.contains(c)
                     || caps::has_cap(None, CapSet::Bounding, *c).unwrap()
             })
             .collect();

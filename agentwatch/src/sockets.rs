@@ -154,14 +154,21 @@ impl SocketMaps {
     }
 
     /// Makes `NESTED` hold exactly the cgroups below `cgroup` (the agent keyed `agent_key`).
-    /// Returns how many there are.
+    /// `nested`: whether it may have any ([`crate::cgroup::Events::has_nested`]); without,
+    /// no walk. Returns how many there are.
     pub(crate) fn sync_nested(
         &mut self,
         agent_key: u64,
         cgroup: &Cgroup,
+        nested: bool,
     ) -> Result<usize, KernelError> {
         let mut want = HashSet::new();
-        for dir in descendants(cgroup.path()) {
+        let below = if nested {
+            descendants(cgroup.path())
+        } else {
+            Vec::new()
+        };
+        for dir in below {
             if let Ok(id) = Cgroup::open(&dir).and_then(|c| c.id()) {
                 want.insert(id);
             }

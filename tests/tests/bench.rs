@@ -843,6 +843,39 @@ fn sh(cmd: &mut Command) {
     );
 }
 
+/// One sleeping process in each of agents a0..aN, killed and reaped on Drop (before the
+/// daemon's environment removes the cgroups).
+struct Sleepers(Vec<std::process::Child>);
+
+impl Sleepers {
+    fn in_agents(env: &DaemonEnv, n: usize) -> Self {
+        let mut out = Self(Vec::with_capacity(n));
+        for i in 0..n {
+            let child = Command::new("sleep")
+                .arg("3600")
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("sleep");
+            let procs = env.agent_cgroup(&format!("a{i}")).join("cgroup.procs");
+            let pid = child.id();
+            out.0.push(child);
+            fs::write(&procs, pid.to_string()).expect("move the sleeper into its agent");
+        }
+        out
+    }
+}
+
+impl Drop for Sleepers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+        }
+        for c in &mut self.0 {
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Kills the HTTP server on Drop.
 struct Server(std::process::Child);
 
@@ -1468,8 +1501,12 @@ fn scale() {
         env.start();
         let start_ms = t.elapsed().as_secs_f64() * 1000.0;
         let pid = env.pid().expect("pid");
-        // Let start-up work finish before measuring idle.
-        std::thread::sleep(Duration::from_secs(1));
+        // An idle agent is one waiting (on its model, on a human), not an empty cgroup: one
+        // sleeping process in each, so the per-process work of the sweep is measured too.
+        let _sleepers = Sleepers::in_agents(&env, n);
+        // Let start-up work finish before measuring idle (and the sweep audit each sleeper
+        // once: they run as root, with every capability).
+        std::thread::sleep(Duration::from_secs(2));
         let (maps, map_count) = map_memlock(pid);
         let measure = |env: &DaemonEnv, during: &mut dyn FnMut()| {
             let (s0, c0, b0) = tick_histogram(&env.metrics());
@@ -1573,8 +1610,8 @@ fn scale() {
         "Guard all: Agents::guard of each agent's cgroup from one process. Daemon: `agentwatch \
          run` with N agents (one rule each, breaker on with action alert); start = until it \
          serves. Map memory: the memlock the kernel reports in the fdinfo of each map the daemon \
-         holds. CPU: user + system time over {window} s idle, then over {window} s of one agent \
-         flooding allowed UDP sends. RSS idle: the least and the most of samples every 250 ms \
+         holds. CPU: user + system time over {window} s idle (each agent holds one sleeping \
+         process), then over {window} s of one agent flooding allowed UDP sends. RSS idle: the least and the most of samples every 250 ms \
          through the idle window (the daemon trims its allocator every 10 s; a window shorter \
          than that may hold no trim). Tick: the daemon's agentwatch_tick_seconds histogram over the \
          same windows (p99: the bucket bound). Reload: a config whose first agent's allow-list \

@@ -422,6 +422,19 @@ fn an_adopted_agents_privileged_processes_are_shown_audited_once_and_still_caugh
     let lines = of_kind(&env, "privileged_process", 1);
     assert_eq!(lines[0]["pid"], early_pid);
     assert_eq!(lines[0]["comm"], "aw-probe");
+    // One that arrives later, in a cgroup made below the unit's, is audited too, once, and
+    // the first is not again (each process is read once).
+    let inner = unit.child("inner");
+    let mut late = spawn_in(inner.path(), &["fork-tree", "0", "0"]);
+    let late_pid = late.id();
+    std::thread::sleep(Duration::from_millis(2500));
+    let lines = of_kind(&env, "privileged_process", 2);
+    assert_eq!(
+        (lines[0]["pid"].as_u64(), lines[1]["pid"].as_u64()),
+        (Some(u64::from(early_pid)), Some(u64::from(late_pid)))
+    );
+    let _ = late.kill();
+    let _ = late.wait();
     // It was in the cgroup before the daemon: moving it out is an escape all the same.
     let outside = TestCgroup::new();
     std::fs::write(outside.path().join("cgroup.procs"), early_pid.to_string())

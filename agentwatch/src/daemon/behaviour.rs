@@ -193,16 +193,19 @@ impl Monitors {
     }
 }
 
-/// The times of the ticks numbered after `after` and before `before`.
+/// The times of the ticks numbered after `after` and before `before`. `ticks` are numbered
+/// one after another, so the range is found by index, not by a walk of all [`HISTORY`]: a
+/// settle of every agent would otherwise walk it once per agent.
 fn missed(
     ticks: &VecDeque<(u64, Instant)>,
     after: u64,
     before: u64,
 ) -> impl Iterator<Item = Instant> + '_ {
-    ticks
-        .iter()
-        .filter(move |(n, _)| *n > after && *n < before)
-        .map(|(_, t)| *t)
+    let first = ticks.front().map_or(0, |(n, _)| *n);
+    let index = |n: u64| usize::try_from(n.saturating_sub(first)).unwrap_or(usize::MAX);
+    let start = index(after.saturating_add(1)).min(ticks.len());
+    let end = index(before).clamp(start, ticks.len());
+    ticks.range(start..end).map(|(_, t)| *t)
 }
 
 impl State {
@@ -394,6 +397,27 @@ mod tests {
             require_approval: false,
             cooldown: Duration::from_secs(2),
         }
+    }
+
+    /// `missed` by index gives exactly the ticks a walk of the whole history would.
+    #[test]
+    fn missed_ticks_by_index_are_those_a_walk_finds() {
+        let t0 = Instant::now();
+        let ticks: VecDeque<(u64, Instant)> = (40..60u64)
+            .map(|n| (n, t0 + Duration::from_millis(n)))
+            .collect();
+        for after in 0..70 {
+            for before in 0..70 {
+                let walk: Vec<Instant> = ticks
+                    .iter()
+                    .filter(|(n, _)| *n > after && *n < before)
+                    .map(|(_, t)| *t)
+                    .collect();
+                let got: Vec<Instant> = missed(&ticks, after, before).collect();
+                assert_eq!(got, walk, "after {after}, before {before}");
+            }
+        }
+        assert_eq!(missed(&VecDeque::new(), 3, 9).count(), 0);
     }
 
     /// The tick's bookkeeping: monitors it passes over end exactly where monitors shown every

@@ -5,7 +5,7 @@
 //! checkpoint written ([`super::watchdog`]).
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     time::Duration,
 };
 
@@ -22,8 +22,9 @@ const SUMMARY_DESTS: usize = 10;
 pub(super) struct Swept {
     /// Per agent: the counters as of the last sweep (or as of its guarding).
     counters: BTreeMap<String, AgentCounters>,
-    /// (agent, pid) already audited as holding a dangerous capability.
-    privileged: HashSet<(String, u32)>,
+    /// Per agent: its live processes already checked for a dangerous capability (and audited
+    /// if they held one). Each is read once: see [`State::audit_privileged`].
+    checked: HashMap<String, HashSet<u32>>,
     /// The pins were there at the last sweep.
     pins_present: bool,
     /// The last error pinning again, so that a sweep that fails alike says nothing new.
@@ -39,7 +40,7 @@ impl Default for Swept {
     fn default() -> Self {
         Self {
             counters: BTreeMap::new(),
-            privileged: HashSet::new(),
+            checked: HashMap::new(),
             // The daemon made or found them at its start.
             pins_present: true,
             restore_error: None,
@@ -135,9 +136,7 @@ impl State {
         self.swept
             .counters
             .retain(|n, _| names.contains(n.as_str()));
-        self.swept
-            .privileged
-            .retain(|(n, _)| names.contains(n.as_str()));
+        self.swept.checked.retain(|n, _| names.contains(n.as_str()));
         self.swept.sweeps += 1;
         if self.swept.sweeps.is_multiple_of(TRIM_EVERY) {
             trim_allocator();
@@ -379,41 +378,54 @@ impl State {
 
     /// Audits, once per process, an agent's processes that hold a capability that could switch
     /// agentwatch off or walk around it (adopted agents are not hardened by `launch`).
+    ///
+    /// Each process is read once (its /proc/PID/status, the dearest read of an idle sweep),
+    /// when it first shows up in the agent: what it could ever hold is known by then
+    /// ([`privileges`]: the four sets read never gain a capability none of them held). A pid
+    /// freed and taken again between two sweeps is taken for the process read before: a fork
+    /// inside the agent holds no more than its parent, and a process put in from outside
+    /// under the same number needs the pid space to wrap within that second.
     fn audit_privileged(&mut self, name: &str) {
         if self.agents.presence(name) == Some(Presence::Empty) {
             // No process left: none to look at, and none to remember.
-            self.swept.privileged.retain(|(n, _)| n != name);
+            self.swept.checked.remove(name);
             return;
         }
-        let Some(pids) = self.agents.cgroup(name).and_then(|cg| cg.all_pids().ok()) else {
+        let Some(Ok(pids)) = self.agents.all_pids(name) else {
             return;
         };
+        let checked = self.swept.checked.entry(name.to_owned()).or_default();
         // Processes that left (exited) are forgotten: the set holds live processes only, not
-        // one entry per privileged process the agent ever ran.
-        self.swept
-            .privileged
-            .retain(|(n, pid)| n != name || pids.contains(pid));
-        let Ok(held) = privileges::dangerous_held_by(&pids) else {
+        // one entry per process the agent ever ran.
+        if checked.len() > pids.len() || pids.iter().any(|p| !checked.contains(p)) {
+            let live: HashSet<u32> = pids.iter().copied().collect();
+            checked.retain(|pid| live.contains(pid));
+        }
+        let new: Vec<u32> = pids.into_iter().filter(|p| !checked.contains(p)).collect();
+        if new.is_empty() {
+            return;
+        }
+        let Ok(held) = privileges::dangerous_held_by(&new) else {
             return;
         };
+        // One that exited before its read is marked too: it is gone from the next list.
+        checked.extend(new);
         for (pid, caps) in held {
-            if self.swept.privileged.insert((name.to_owned(), pid)) {
-                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .map(|c| c.trim_end().to_owned())
-                    .unwrap_or_default();
-                let caps: Vec<String> = caps.iter().map(ToString::to_string).collect();
-                tracing::warn!(
-                    agent = name,
-                    pid,
-                    ?caps,
-                    "agent process holds dangerous capabilities"
-                );
-                self.audit_agent(
-                    name,
-                    "privileged_process",
-                    json!({ "pid": pid, "comm": comm, "capabilities": caps }),
-                );
-            }
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.trim_end().to_owned())
+                .unwrap_or_default();
+            let caps: Vec<String> = caps.iter().map(ToString::to_string).collect();
+            tracing::warn!(
+                agent = name,
+                pid,
+                ?caps,
+                "agent process holds dangerous capabilities"
+            );
+            self.audit_agent(
+                name,
+                "privileged_process",
+                json!({ "pid": pid, "comm": comm, "capabilities": caps }),
+            );
         }
     }
 }
