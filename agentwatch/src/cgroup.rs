@@ -315,9 +315,9 @@ impl Cgroup {
 
 /// A cgroup's cgroup.events (with its directory and cgroup.procs), held open. One pread(2) of
 /// it says whether that cgroup still exists and whether any process is in it or below it,
-/// with no path walk: what the daemon asks of every agent every second. It answers for the cgroup it was opened in, not for its
-/// path: a cgroup removed and made again under the same name (a service restarted) is
-/// another cgroup, and this one is gone.
+/// with no path walk: what the daemon asks of every agent every second. It answers for the
+/// cgroup it was opened in, not for its path: a cgroup removed and made again under the same
+/// name (a service restarted) is another cgroup, and this one is gone.
 #[derive(Debug)]
 pub struct Events {
     file: fs::File,
