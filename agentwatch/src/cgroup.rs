@@ -167,16 +167,13 @@ impl Cgroup {
     pub fn pids(&self) -> Result<Vec<u32>, CgroupError> {
         let procs = self.path.join("cgroup.procs");
         let text = fs::read_to_string(&procs).map_err(io_err("reading", &procs))?;
-        Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        Ok(parse_pids(&text))
     }
 
     /// Processes in this cgroup and every cgroup below it.
     pub fn all_pids(&self) -> Result<Vec<u32>, CgroupError> {
-        use std::os::unix::fs::MetadataExt as _;
         let mut pids = self.pids()?;
-        // A cgroup directory's link count is 2 plus its subdirectories (kernfs keeps it): with
-        // none, one stat instead of listing its dozens of control files.
-        if fs::metadata(&self.path).is_ok_and(|m| m.nlink() == 2) {
+        if is_leaf(fs::metadata(&self.path)) {
             return Ok(pids);
         }
         let entries = fs::read_dir(&self.path).map_err(io_err("listing", &self.path))?;
@@ -340,11 +337,10 @@ pub enum Presence {
 }
 
 impl Events {
-    /// Whether the cgroup may have cgroups below it: a cgroup directory's link count is 2
-    /// plus its subdirectories (kernfs keeps it), read with fstat(2) on the held directory,
-    /// so no path walk. True where it cannot be read, so a walk is never skipped on a guess.
+    /// Whether the cgroup may have cgroups below it ([`is_leaf`] of the held directory's
+    /// fstat(2), so no path walk). True where it cannot be read.
     pub fn has_nested(&self) -> bool {
-        self.dir.metadata().map_or(true, |m| m.nlink() != 2)
+        !is_leaf(self.dir.metadata())
     }
 
     /// Processes directly in the cgroup (its cgroup.procs, held open: a read from offset 0
@@ -363,10 +359,7 @@ impl Events {
                 }
             }
         }
-        Ok(String::from_utf8_lossy(&text)
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect())
+        Ok(parse_pids(&String::from_utf8_lossy(&text)))
     }
 
     /// Reads the file: whether the cgroup is still there and whether a process is in it.
@@ -419,6 +412,19 @@ pub fn changed(events: &[&Events]) -> Vec<bool> {
         }
     }
     out
+}
+
+/// The pids of a cgroup.procs text, one per line.
+fn parse_pids(text: &str) -> Vec<u32> {
+    text.lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+/// Whether a cgroup directory (its metadata) has no cgroup below it: a cgroup directory's
+/// link count is 2 plus its subdirectories (kernfs keeps it), so one stat answers instead of
+/// listing its dozens of control files. False where it cannot be read, so a walk is never
+/// skipped on a guess.
+pub(crate) fn is_leaf(meta: io::Result<fs::Metadata>) -> bool {
+    meta.is_ok_and(|m| m.nlink() == 2)
 }
 
 /// The value of `key` in cgroup.events' text (`populated 1\nfrozen 0\n`).

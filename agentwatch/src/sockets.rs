@@ -405,13 +405,10 @@ pub fn type_name(sock_type: u32) -> String {
 
 /// Every cgroup folder below `root` (not `root` itself).
 pub(crate) fn descendants(root: &Path) -> Vec<PathBuf> {
-    use std::os::unix::fs::MetadataExt as _;
     let mut out = Vec::new();
     let mut todo = vec![root.to_owned()];
     while let Some(dir) = todo.pop() {
-        // A cgroup directory's link count is 2 plus its subdirectories (kernfs keeps it): one
-        // stat instead of listing its dozens of control files, for every agent every second.
-        if std::fs::metadata(&dir).is_ok_and(|m| m.nlink() == 2) {
+        if crate::cgroup::is_leaf(std::fs::metadata(&dir)) {
             continue;
         }
         let Ok(entries) = std::fs::read_dir(&dir) else {

@@ -395,13 +395,18 @@ impl State {
             return;
         };
         let checked = self.swept.checked.entry(name.to_owned()).or_default();
+        let new: Vec<u32> = pids
+            .iter()
+            .copied()
+            .filter(|p| !checked.contains(p))
+            .collect();
         // Processes that left (exited) are forgotten: the set holds live processes only, not
-        // one entry per process the agent ever ran.
-        if checked.len() > pids.len() || pids.iter().any(|p| !checked.contains(p)) {
-            let live: HashSet<u32> = pids.iter().copied().collect();
+        // one entry per process the agent ever ran. (Some left when it holds more than the
+        // listed processes it already has.)
+        if checked.len() > pids.len().saturating_sub(new.len()) {
+            let live: HashSet<u32> = pids.into_iter().collect();
             checked.retain(|pid| live.contains(pid));
         }
-        let new: Vec<u32> = pids.into_iter().filter(|p| !checked.contains(p)).collect();
         if new.is_empty() {
             return;
         }
